@@ -1,0 +1,329 @@
+"""analyze: trace a model, run the op rules over its graph, and count c(A), U(θ) and r(θ).
+
+The analysis never runs the model's weights: shapes come from meta tensors, costs from the
+parameter layouts and MAC terms the rules registered, and liveliness from the masks (norm
+scales or the user's) pushed through the zero rules of every value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from . import rules as _rules  # noqa: F401 - registers the built-in rules
+from .context import Context, ParamInfo
+from .errors import ShapeError
+from .masks import check_masks, norm_masks
+from .rules.registry import lookup
+from .spaces import Layout
+from .specs import iter_tensor_specs
+from .trace import propagate_shapes, trace
+
+__all__ = ["analyze", "Analysis", "Space", "Utilization"]
+
+
+@dataclass(frozen=True)
+class Space:
+    """A channel space: one width shared by tied dims; frozen spaces keep their width."""
+
+    index: int
+    width: int
+    frozen: tuple[str, ...]
+
+    @property
+    def is_frozen(self) -> bool:
+        """Whether the space keeps its width and counts as fully alive."""
+        return bool(self.frozen)
+
+
+@dataclass(frozen=True)
+class Utilization:
+    """U(θ) and r(θ) in params and MACs, and the live channels of every space."""
+
+    params: int
+    flops: int
+    live_params: int
+    live_flops: int
+    alive: tuple[torch.Tensor, ...]
+
+    @property
+    def r_params(self) -> float:
+        """Utilization ratio in parameters."""
+        return self.live_params / self.params if self.params else 1.0
+
+    @property
+    def r_flops(self) -> float:
+        """Utilization ratio in MACs."""
+        return self.live_flops / self.flops if self.flops else 1.0
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """A tuple of example tensors (a single tensor is accepted)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
+        return tuple(example_inputs)
+    raise ShapeError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
+        "pass e.g. torch.randn(1, 3, 224, 224)"
+    )
+
+
+def _batch_size(inputs: Sequence[torch.Tensor]) -> int:
+    """Batch size of the example inputs: the first dim of the first tensor that has one."""
+    for x in inputs:
+        if x.dim() > 0:
+            return max(int(x.shape[0]), 1)
+    return 1
+
+
+class Analysis:
+    """The channel graph of a model: spaces, parameter layouts, MAC terms and consumers."""
+
+    def __init__(self, model: nn.Module, traced, ctx: Context, batch: int, inputs: tuple) -> None:
+        self.model_name = type(model).__name__
+        self.gm = traced.gm
+        self.auto_leaves = dict(traced.auto_leaves)
+        self.batch = batch
+        self.input_shapes = tuple(tuple(x.shape) for x in inputs)
+        self.ctx = ctx
+        self.atoms = ctx.atoms
+        self.unknown_ops = {k: tuple(v) for k, v in ctx.unknown.items()}
+        self.records = ctx.records
+        self.param_info: dict[str, ParamInfo] = dict(ctx.params)
+        self._index_spaces()
+        self._constant_params = self._count_constant_params()
+        self.mask_sites = self._mask_sites()
+        full = [torch.ones(s.width, dtype=torch.bool) for s in self.spaces]
+        self.params = self.params_under(full)
+        self.flops = self.flops_under(full)
+        self._default_masks = norm_masks(model)
+
+    # -- structure ------------------------------------------------------------------------
+    def _index_spaces(self) -> None:
+        """Number the classes of leaf atoms that some layout uses."""
+        used: set[int] = set()
+        layouts = [d for t in self.ctx.tensors for d in t.dims if d is not None]
+        layouts += [d for p in self.param_info.values() for d in p.dims if d is not None]
+        for layout in layouts:
+            used.update(self.atoms.leaves(layout.atoms))
+        index: dict[int, int] = {}
+        spaces: list[Space] = []
+        for leaf in sorted(used):
+            root = self.atoms.find(leaf)
+            if root not in index:
+                index[root] = len(spaces)
+                reasons = tuple(self.atoms.frozen.get(root, ()))
+                spaces.append(Space(len(spaces), self.atoms.width[leaf], reasons))
+        self.spaces: list[Space] = spaces
+        self._space_of_root = index
+
+    def space_ids(self, layout: Layout) -> list[int]:
+        """Space index of each leaf atom of a layout, in channel order."""
+        return [self._space_of_root[self.atoms.find(a)] for a in self.atoms.leaves(layout.atoms)]
+
+    def width(self, layout: Layout, live: Sequence[int]) -> int:
+        """Features a layout carries when space ``s`` has ``live[s]`` channels."""
+        return layout.inner * sum(live[s] for s in self.space_ids(layout))
+
+    def _count_constant_params(self) -> int:
+        """Parameters no rule claimed: they count at their full size."""
+        claimed = {n for n, p in self.param_info.items() if not p.buffer}
+        return sum(p.numel() for n, p in self.gm.named_parameters() if n not in claimed)
+
+    def _mask_sites(self) -> dict[str, int]:
+        """Module names a mask may be keyed by, with their channel count."""
+        sites: dict[str, int] = {}
+        for tensor in self.ctx.tensors:
+            for layout, zero in zip(tensor.dims, tensor.zero, strict=True):
+                if zero is not None and zero.mask is not None:
+                    sites[zero.mask] = self.atoms.channels(layout)
+        return sites
+
+    # -- costs ----------------------------------------------------------------------------
+    def _counts(self, alive: Sequence[torch.Tensor]) -> list[int]:
+        """Live channel count per space (frozen spaces count whole)."""
+        return [s.width if s.is_frozen else int(a.sum()) for s, a in zip(self.spaces, alive, strict=True)]
+
+    def params_under(self, alive: Sequence[torch.Tensor]) -> int:
+        """Parameters of the network with only the ``alive`` channels of every space."""
+        live = self._counts(alive)
+        total = self._constant_params
+        for info in self.param_info.values():
+            if not info.buffer:
+                total += self._param_size(info, live)
+        return total
+
+    def _param_size(self, info: ParamInfo, live: Sequence[int]) -> int:
+        """Elements of one parameter at the given widths."""
+        size = 1
+        for extent, layout in zip(info.shape, info.dims, strict=True):
+            size *= extent if layout is None else self.width(layout, live)
+        return size
+
+    def flops_under(self, alive: Sequence[torch.Tensor]) -> int:
+        """MACs per example of the network with only the ``alive`` channels."""
+        live = self._counts(alive)
+        total = 0
+        for term in self.ctx.macs:
+            value = term.coef
+            for layout in term.layouts:
+                value *= self.width(layout, live)
+            total += value
+        return total // self.batch
+
+    # -- liveliness -----------------------------------------------------------------------
+    def alive(self, masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """Live channels per space: dead only where zero at every weight that reads the space."""
+        masks = self._default_masks if masks is None else check_masks(masks, self.mask_sites, self.gm)
+        zeros = _propagate_zeros(self, masks)
+        dead: list[torch.Tensor | None] = [None] * len(self.spaces)
+        for consumer in self.ctx.consumers:
+            vector = zeros.get((consumer.vid, consumer.dim))
+            offset = 0
+            for s in self.space_ids(consumer.layout):
+                width = self.spaces[s].width
+                part = vector[offset:offset + width] if vector is not None else torch.zeros(width, dtype=torch.bool)
+                dead[s] = part.clone() if dead[s] is None else dead[s] & part
+                offset += width
+        return tuple(
+            torch.ones(s.width, dtype=torch.bool) if d is None or s.is_frozen else ~d
+            for s, d in zip(self.spaces, dead, strict=True)
+        )
+
+    def utilization(self, masks: dict[str, torch.Tensor] | None = None) -> Utilization:
+        """U(θ) and r(θ) under the given masks (None: masks read from the norm scales)."""
+        alive = self.alive(masks)
+        return Utilization(self.params, self.flops, self.params_under(alive), self.flops_under(alive), alive)
+
+    @property
+    def live_params(self) -> int:
+        """U(θ) in parameters under the masks read from the norms at analysis time."""
+        return self.utilization().live_params
+
+    @property
+    def live_flops(self) -> int:
+        """U(θ) in MACs per example under the masks read from the norms at analysis time."""
+        return self.utilization().live_flops
+
+    def refresh_masks(self, model: nn.Module, threshold: float = 0.01) -> None:
+        """Re-read the default masks from the norm scales of ``model`` (no forward pass)."""
+        self._default_masks = norm_masks(model, threshold)
+
+    def report(self, masks: dict[str, torch.Tensor] | None = None):
+        """A per-layer report of channels, params and MACs under the masks."""
+        from .report import build_report
+
+        return build_report(self, masks)
+
+    @property
+    def frozen_spaces(self) -> list[Space]:
+        """Spaces that keep their width, with the reasons."""
+        return [s for s in self.spaces if s.is_frozen]
+
+
+def _propagate_zeros(analysis: Analysis, masks: dict[str, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
+    """Known-zero channels of every (value, dim), following each value's zero rules in order."""
+    zeros: dict[tuple[int, int], torch.Tensor] = {}
+    channels = analysis.atoms.channels
+    for tensor in analysis.ctx.tensors:
+        for dim, (layout, zero) in enumerate(zip(tensor.dims, tensor.zero, strict=True)):
+            if layout is None or zero is None:
+                continue
+            width = channels(layout)
+            vector = _apply_zero_rule(zero, zeros, width)
+            if zero.mask is not None and zero.mask in masks:
+                vector = vector | ~masks[zero.mask].to(torch.bool)
+            zeros[(tensor.vid, dim)] = vector
+    return zeros
+
+
+def _gather(segments, zeros, width: int) -> torch.Tensor:
+    """Concatenate the zero vectors of a segment list (unknown parts count as non-zero)."""
+    parts = []
+    for seg in segments:
+        source = zeros.get((seg.vid, seg.dim))
+        parts.append(source[seg.start:seg.stop] if source is not None else torch.zeros(seg.stop - seg.start, dtype=torch.bool))
+    vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+    return vector if vector.numel() == width else torch.zeros(width, dtype=torch.bool)
+
+
+def _apply_zero_rule(zero, zeros, width: int) -> torch.Tensor:
+    """Evaluate one zero rule: none, copy, and (add/sub) or or (mul)."""
+    if zero.op == "none" or not zero.sources:
+        return torch.zeros(width, dtype=torch.bool)
+    vectors = [_gather(src, zeros, width) for src in zero.sources]
+    if zero.op == "copy":
+        return vectors[0]
+    result = vectors[0].clone()
+    for v in vectors[1:]:
+        result = result & v if zero.op == "and" else result | v
+    return result
+
+
+def _analyze_graph(ctx: Context) -> None:
+    """Run the rule of every node in order, storing its output spec."""
+    for node in ctx.gm.graph.nodes:
+        ctx.node = node
+        ctx.specs[node] = _node_spec(ctx, node)
+
+
+def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
+    """The spec of one node: placeholders and attributes carry no channels, output freezes."""
+    if node.op in ("placeholder", "get_attr"):
+        return ctx.blank(ctx.out)
+    if node.op == "output":
+        for arg in node.all_input_nodes:
+            ctx.freeze_all(ctx.spec(arg), "reaches the model output")
+        return None
+    module = ctx.module if node.op == "call_module" else None
+    rule = lookup(node.op, node.target, module)
+    if rule is None:
+        return ctx.unknown_op(_label(node, module))
+    return rule(ctx, node)
+
+
+def _label(node: torch.fx.Node, module: nn.Module | None) -> str:
+    """A readable name for an op: module type, function or method name."""
+    if module is not None:
+        return f"module {type(module).__module__}.{type(module).__qualname__}"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
+    target = node.target
+    return f"function {getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    autowrap_functions: Sequence[Callable] = (),
+) -> Analysis:
+    """Trace ``model``, follow its channels and count c(A) and U(θ); the model is not modified."""
+    inputs = _as_inputs(example_inputs)
+    traced = trace(model, leaf_modules, concrete_args, autowrap_functions)
+    values = propagate_shapes(traced.gm, inputs)
+    ctx = Context(traced.gm, values)
+    _analyze_graph(ctx)
+    for name, reason in traced.auto_leaves.items():
+        _freeze_module(ctx, name, reason)
+    return Analysis(model, traced, ctx, _batch_size(inputs), inputs)
+
+
+def _freeze_module(ctx: Context, qualname: str, reason: str) -> None:
+    """Freeze the inputs and outputs of every call of an automatic leaf."""
+    for node in ctx.gm.graph.nodes:
+        if node.op == "call_module" and node.target == qualname:
+            ctx.node = node
+            ctx.freeze_all(ctx.specs.get(node), f"automatic leaf: {reason}")
+            for arg in node.all_input_nodes:
+                ctx.freeze_all(ctx.spec(arg), f"automatic leaf: {reason}")
+
+

@@ -1,0 +1,239 @@
+"""The analysis context handed to every op rule: spaces, specs, parameters, MACs, consumers."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import UnknownOpWarning, node_location
+from .spaces import AtomTable, Layout
+from .specs import Segment, TensorSpec, Zero, iter_tensor_specs
+
+__all__ = ["Context", "ParamInfo", "MacTerm", "Consumer"]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A parameter or buffer and the layout each of its dims carries."""
+
+    name: str
+    shape: tuple[int, ...]
+    dims: tuple[Layout | None, ...]
+    buffer: bool = False
+
+
+@dataclass(frozen=True)
+class MacTerm:
+    """``coef × Π width(layouts)`` multiply-accumulates over the whole example batch."""
+
+    node: str
+    coef: int
+    layouts: tuple[Layout, ...]
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A place where the channels of dim ``dim`` of value ``vid`` are read by a weight."""
+
+    node: str
+    vid: int
+    dim: int
+    layout: Layout
+
+
+class Context:
+    """Mutable state of one analysis run; rules read inputs and write through its methods."""
+
+    def __init__(self, gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any]) -> None:
+        self.gm, self.values = gm, values
+        self.atoms = AtomTable()
+        self.specs: dict[torch.fx.Node, Any] = {}
+        self.tensors: list[TensorSpec] = []
+        self.params: dict[str, ParamInfo] = {}
+        self.macs: list[MacTerm] = []
+        self.consumers: list[Consumer] = []
+        self.unknown: dict[str, list[str]] = {}
+        self.records: dict[str, dict[str, Any]] = {}
+        self._memo: dict[Any, Layout | None] = {}
+        self._names = {id(t): n for n, t in gm.named_parameters()}
+        self._names.update({id(t): n for n, t in gm.named_buffers()})
+        self.node: torch.fx.Node | None = None
+
+    # -- reading ------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The submodule a ``call_module`` node calls."""
+        return self.gm.get_submodule(self.node.target)
+
+    @property
+    def out(self) -> Any:
+        """The meta value of the current node."""
+        return self.values[self.node]
+
+    def value(self, x: Any) -> Any:
+        """Meta value of an argument (a node's value, or the constant itself)."""
+        return self.values[x] if isinstance(x, torch.fx.Node) else x
+
+    def spec(self, x: Any) -> Any:
+        """Spec of an argument: a node's spec, or None for constants."""
+        return self.specs.get(x) if isinstance(x, torch.fx.Node) else None
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """A call argument by position or keyword."""
+        args, kwargs = self.node.args, self.node.kwargs
+        if index < len(args):
+            return args[index]
+        return kwargs.get(name, default)
+
+    def name_of(self, tensor: torch.Tensor) -> str | None:
+        """Qualified name of a parameter or buffer of the model."""
+        return self._names.get(id(tensor))
+
+    @property
+    def where(self) -> str:
+        """Where the current node is, for messages and freeze reasons."""
+        return node_location(self.node)
+
+    # -- building specs -------------------------------------------------------------------
+    def tensor(self, shape: Any, dims: tuple[Layout | None, ...] | None = None,
+               zero: tuple[Zero | None, ...] | None = None) -> TensorSpec:
+        """A new tensor spec; dims default to no layouts, zero rules to 'nothing known'."""
+        shape = tuple(int(s) for s in shape)
+        dims = tuple(dims) if dims is not None else (None,) * len(shape)
+        if zero is None:
+            zero = tuple(None if d is None else Zero("none") for d in dims)
+        spec = TensorSpec(len(self.tensors), shape, dims, tuple(zero))
+        self.tensors.append(spec)
+        return spec
+
+    def blank(self, value: Any) -> Any:
+        """A spec mirroring ``value``'s structure with no channel layouts."""
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value.shape)
+        if isinstance(value, (list, tuple)):
+            return tuple(self.blank(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.blank(v) for k, v in value.items()}
+        return None
+
+    def like(self, spec: TensorSpec, shape: Any = None, mask: str | None = None) -> TensorSpec:
+        """Same layouts as ``spec`` (channel-wise op), zeros copied through, optional mask."""
+        zero = tuple(
+            None if d is None else Zero("copy", (spec.whole(i, self.atoms.channels(d)),), mask)
+            for i, d in enumerate(spec.dims)
+        )
+        return self.tensor(spec.shape if shape is None else shape, spec.dims, zero)
+
+    # -- spaces ---------------------------------------------------------------------------
+    def fresh(self, width: int, key: Any = None) -> Layout:
+        """A new channel space of ``width`` (the same one again for the same key)."""
+        if key is not None and key in self._memo:
+            return self._memo[key]
+        layout = self.atoms.layout(width)
+        if key is not None:
+            self._memo[key] = layout
+        return layout
+
+    def freeze(self, layout: Layout | None, reason: str) -> None:
+        """Freeze the spaces of a layout, recording the reason and the node."""
+        if layout is not None:
+            self.atoms.freeze(layout, f"{reason} [{self.where}]")
+
+    def freeze_all(self, spec: Any, reason: str) -> None:
+        """Freeze every layout inside a spec structure."""
+        for tensor in iter_tensor_specs(spec):
+            for layout in tensor.dims:
+                self.freeze(layout, reason)
+
+    def unify(self, a: Layout | None, b: Layout | None, reason: str = "layouts do not align") -> Layout | None:
+        """Tie two layouts; a layout tied to a plain dim, or misaligned, is frozen instead."""
+        if a is None or b is None:
+            self.freeze(a or b, f"channels meet a non-channel dim ({reason})")
+            return a or b
+        if not self.atoms.unify(a, b):
+            self.freeze(a, reason)
+            self.freeze(b, reason)
+        return a
+
+    def share(self, key: Any, layout: Layout | None) -> None:
+        """Weight sharing: the layouts a shared weight meets on each call are one space."""
+        if key not in self._memo:
+            self._memo[key] = layout
+            return
+        first = self._memo[key]
+        if first is not None or layout is not None:
+            self.unify(first, layout, "weight shared across calls with different channels")
+
+    # -- costs and consumers ----------------------------------------------------------------
+    def consume(self, spec: TensorSpec | None, dim: int) -> Layout | None:
+        """Record that a weight reads the channels of ``spec``'s ``dim``; returns its layout."""
+        if spec is None:
+            return None
+        layout = spec.dims[dim]
+        if layout is not None:
+            self.consumers.append(Consumer(self.node.name, spec.vid, dim, layout))
+        return layout
+
+    def param(self, tensor: torch.Tensor | None, dims: tuple[Layout | None, ...]) -> None:
+        """Register the layout of each dim of a module's parameter or buffer."""
+        if tensor is None:
+            return
+        name = self.name_of(tensor)
+        if name is not None:
+            self.param_named(name, tuple(tensor.shape), dims, not isinstance(tensor, nn.Parameter))
+
+    def param_named(self, name: str, shape: tuple[int, ...], dims: tuple[Layout | None, ...],
+                    buffer: bool = False) -> None:
+        """Register a parameter by qualified name; a reused parameter ties its layouts."""
+        known = self.params.get(name)
+        if known is None:
+            self.params[name] = ParamInfo(name, tuple(shape), tuple(dims), buffer)
+            return
+        for old, new in zip(known.dims, dims, strict=True):
+            if old is not None or new is not None:
+                self.unify(old, new, "parameter used with different channels")
+
+    def add_macs(self, coef: int, *layouts: Layout | None) -> None:
+        """Add ``coef × Π width(layouts)`` MACs (a None layout must already be in ``coef``)."""
+        kept = tuple(x for x in layouts if x is not None)
+        if coef:
+            self.macs.append(MacTerm(self.node.name, int(coef), kept))
+
+    def record(self, **info: Any) -> None:
+        """Remember what the rewrite stage needs to know about this node."""
+        self.records[self.node.name] = info
+
+    # -- unknown ops ----------------------------------------------------------------------
+    def unknown_op(self, label: str) -> Any:
+        """No rule: freeze every space the node touches, measure its MACs, warn once per op."""
+        for arg in self.node.all_input_nodes:
+            self.freeze_all(self.spec(arg), f"input of unknown op {label}")
+        first = label not in self.unknown
+        self.unknown.setdefault(label, []).append(self.node.name)
+        if first:
+            warnings.warn(
+                f"nrfx has no rule for {label} ({self.where}); the channels it touches are frozen "
+                "(kept at full width and counted alive). Register a rule with nrfx.rules.module_rule/"
+                "function_rule/method_rule to analyse through it.",
+                UnknownOpWarning,
+                stacklevel=4,
+            )
+        self.add_macs(self.measured_macs())
+        spec = self.blank(self.out)
+        self.freeze_all(spec, f"output of unknown op {label}")
+        return spec
+
+    def measured_macs(self) -> int:
+        """MACs of the current node measured by FlopCounterMode on meta tensors (2 FLOPs = 1 MAC)."""
+        from .measure import measure_node_macs
+
+        return measure_node_macs(self.gm, self.node, self.values)
+
+    def segment(self, spec: TensorSpec, dim: int, start: int, stop: int) -> Segment:
+        """A channel range of one dim of a value."""
+        return Segment(spec.vid, dim, start, stop)

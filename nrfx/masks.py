@@ -1,0 +1,66 @@
+"""Channel masks: read from norm scales, or given by the user as {module_name: BoolTensor}.
+
+True means alive.  A channel is dead when ``|γ| < threshold · max|γ|`` of its norm layer
+(the paper's rule, threshold 0.01).  User masks are keyed by a norm or by a layer that
+produces channels (conv, linear); they replace the masks read from the norms.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import MaskError, NrfxWarning
+
+__all__ = ["norm_masks", "check_masks", "PER_CHANNEL_NORMS"]
+
+PER_CHANNEL_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def norm_masks(model: nn.Module, threshold: float = 0.01) -> dict[str, torch.BoolTensor]:
+    """Live channels of every per-channel norm with a scale: ``|γ| >= threshold · max|γ|``."""
+    if not 0.0 <= threshold < 1.0:
+        raise MaskError(f"threshold must be in [0, 1), got {threshold}")
+    masks: dict[str, torch.BoolTensor] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, PER_CHANNEL_NORMS) or weight is None:
+            continue
+        gamma = weight.detach().abs()
+        if gamma.is_meta:
+            continue
+        if not torch.isfinite(gamma).all():
+            raise MaskError(
+                f"norm '{name}' has non-finite scales (γ contains NaN or inf); the model has diverged: "
+                "restore a checkpoint or lower the learning rate before measuring utilization"
+            )
+        masks[name] = (gamma >= threshold * gamma.max()).cpu() if gamma.numel() else gamma.bool().cpu()
+    return masks
+
+
+def check_masks(masks: dict[str, torch.Tensor], sites: dict[str, int], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Validate user masks against the analysed mask sites; masks on frozen or unused layers warn."""
+    if not isinstance(masks, dict):
+        raise MaskError(f"masks must be a dict {{module_name: BoolTensor}}, got {type(masks).__name__}")
+    modules = dict(model.named_modules())
+    checked: dict[str, torch.Tensor] = {}
+    for name, mask in masks.items():
+        if name not in modules:
+            close = [m for m in modules if m and (name in m or m in name)][:3]
+            raise MaskError(f"mask for unknown module '{name}'" + (f"; did you mean {close}?" if close else "") +
+                            " Keys are module names as in model.named_modules().")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise MaskError(f"mask for '{name}' must be a torch.bool tensor (True = alive), got {got}; "
+                            "use e.g. gamma.abs() > 1e-3")
+        if name not in sites:
+            warnings.warn(f"mask for '{name}' is ignored: it is not a norm or channel-producing layer "
+                          "whose channels nrfx follows", NrfxWarning, stacklevel=3)
+            continue
+        if mask.dim() != 1 or mask.numel() != sites[name]:
+            raise MaskError(f"mask for '{name}' has shape {tuple(mask.shape)}, expected ({sites[name]},): "
+                            "one entry per output channel of that layer")
+        checked[name] = mask.detach().cpu()
+    return checked

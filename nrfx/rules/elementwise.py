@@ -1,0 +1,129 @@
+"""Rules for channel-wise ops: activations, dropout, identity-like methods, binary arithmetic."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..specs import TensorSpec
+from .common import broadcast
+from .registry import function_rule, method_rule, module_rule
+
+__all__: list[str] = []
+
+# f(0) == 0: a dead channel stays dead through these
+_ZERO_KEEPING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
+)
+_ZERO_BREAKING_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
+
+_ZERO_KEEPING_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu,
+    F.mish, F.hardswish, F.hardtanh, F.hardtanh_, F.tanh, F.softsign, F.tanhshrink, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.relu_, torch.tanh, torch.abs, torch.neg,
+    torch.clone, torch.sin, torch.square, torch.sqrt, torch.nn.functional.threshold, torch.clamp, torch.clip,
+)
+_ZERO_BREAKING_FUNCTIONS = (
+    F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.log,
+    torch.rsqrt, torch.reciprocal, torch.erf, torch.nan_to_num,
+)
+_ZERO_KEEPING_METHODS = (
+    "relu", "relu_", "tanh", "tanh_", "abs", "abs_", "neg", "neg_", "clone", "contiguous", "detach", "to", "type",
+    "float", "double", "half", "bfloat16", "cpu", "cuda", "clamp", "clamp_", "clip", "clamp_min", "clamp_min_",
+    "clamp_max", "sqrt", "square", "sin", "requires_grad_", "type_as", "hardtanh_", "silu", "gelu",
+)
+_ZERO_BREAKING_METHODS = ("sigmoid", "sigmoid_", "exp", "exp_", "cos", "log", "rsqrt", "reciprocal", "erf")
+
+
+def _unary(ctx, node, keeps_zero: bool) -> TensorSpec:
+    """Same spaces in and out; zeros pass through only when f(0) == 0."""
+    x = ctx.spec(node.args[0])
+    if not isinstance(x, TensorSpec):
+        return ctx.blank(ctx.out)
+    spec = ctx.like(x, ctx.out.shape)
+    if keeps_zero:
+        return spec
+    return ctx.tensor(spec.shape, spec.dims)
+
+
+@module_rule(*_ZERO_KEEPING_MODULES)
+def zero_keeping_module(ctx, node):
+    """Channel-wise activation/dropout with f(0) = 0: same space, zeros kept."""
+    return _unary(ctx, node, True)
+
+
+@module_rule(*_ZERO_BREAKING_MODULES)
+def zero_breaking_module(ctx, node):
+    """Channel-wise activation with f(0) ≠ 0 (sigmoid, softplus): same space, zeros lost."""
+    return _unary(ctx, node, False)
+
+
+@module_rule(nn.PReLU)
+def prelu(ctx, node):
+    """PReLU: same space; its per-channel slope follows the channel dim."""
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    if m.weight.numel() > 1:
+        ctx.param(m.weight, (x.dims[1] if x.ndim > 1 else x.dims[0],))
+    return ctx.like(x, ctx.out.shape)
+
+
+@function_rule(*_ZERO_KEEPING_FUNCTIONS)
+def zero_keeping_function(ctx, node):
+    """Channel-wise function with f(0) = 0: same space, zeros kept."""
+    return _unary(ctx, node, True)
+
+
+@function_rule(*_ZERO_BREAKING_FUNCTIONS)
+def zero_breaking_function(ctx, node):
+    """Channel-wise function with f(0) ≠ 0: same space, zeros lost."""
+    return _unary(ctx, node, False)
+
+
+@method_rule(*_ZERO_KEEPING_METHODS)
+def zero_keeping_method(ctx, node):
+    """Channel-wise tensor method with f(0) = 0 (relu, clone, to, ...): same space."""
+    return _unary(ctx, node, True)
+
+
+@method_rule(*_ZERO_BREAKING_METHODS)
+def zero_breaking_method(ctx, node):
+    """Channel-wise tensor method with f(0) ≠ 0: same space, zeros lost."""
+    return _unary(ctx, node, False)
+
+
+def _binary(zero_op: str):
+    """Rule factory for elementwise binary ops with broadcasting."""
+
+    def rule(ctx, node):
+        """Elementwise: aligned channel dims are one space; size-1 dims broadcast without coupling."""
+        operands = [a for a in node.args[:2]]
+        if not isinstance(ctx.out, torch.Tensor):
+            return None
+        return broadcast(ctx, operands, zero_op)
+
+    return rule
+
+
+_ADD = _binary("and")
+_MUL = _binary("or")
+_DIV = _binary("first")
+
+function_rule(operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, torch.subtract,
+              torch.maximum, torch.minimum)(_ADD)
+function_rule(operator.mul, operator.imul, torch.mul, torch.multiply)(_MUL)
+function_rule(operator.truediv, operator.itruediv, torch.div, torch.true_divide, operator.floordiv)(_DIV)
+method_rule("add", "add_", "sub", "sub_", "maximum", "minimum")(_ADD)
+method_rule("mul", "mul_", "multiply")(_MUL)
+method_rule("div", "div_", "true_divide", "floor_divide")(_DIV)
+
+
+@function_rule(operator.neg, operator.pos)
+def negate(ctx, node):
+    """-x: same space, zeros kept."""
+    return _unary(ctx, node, True)

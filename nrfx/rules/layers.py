@@ -1,0 +1,204 @@
+"""Rules for layers with weights: conv, conv-transpose, linear, embedding and the norms."""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..specs import TensorSpec, Zero
+from .common import copy_zero, param_of
+from .registry import function_rule, module_rule
+
+__all__: list[str] = []
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _channel_dim(x: TensorSpec, weight_ndim: int) -> int:
+    """Channel dim of a conv input: 1 when batched, 0 when not."""
+    return 1 if x.ndim == weight_ndim else 0
+
+
+def _conv(ctx, x: TensorSpec, w_shape, groups: int, key, transposed: bool, mask: str | None):
+    """Conv rule: input channels consume a space, output channels produce a new one.
+
+    Depthwise (groups == in == out) keeps the input space; other grouped convs freeze both.
+    Returns (out spec, in layout, out layout, weight dims).
+    """
+    cdim = _channel_dim(x, len(w_shape))
+    cin = w_shape[0] if transposed else w_shape[1] * groups
+    cout = w_shape[1] * groups if transposed else w_shape[0]
+    in_l = ctx.consume(x, cdim)
+    ctx.share((key, "in"), in_l)
+    kernel = math.prod(w_shape[2:])
+    out = ctx.out
+    # MACs per weight element: output positions (conv) or input positions (transposed, fvcore's rule)
+    positions = ctx.value(ctx.node.args[0]).numel() // cin if transposed else out.numel() // cout
+    if groups > 1 and groups == cin == cout and not transposed:
+        out_l = in_l if in_l is not None else ctx.fresh(cout, (key, "out"))
+        if in_l is None:
+            ctx.freeze(out_l, "depthwise conv over a plain dim")
+        w_dims = (out_l,) + (None,) * (len(w_shape) - 1)
+        ctx.add_macs(kernel * positions, out_l)
+    elif groups > 1:
+        out_l = ctx.fresh(cout, (key, "out"))
+        ctx.freeze(in_l, f"grouped conv (groups={groups})")
+        ctx.freeze(out_l, f"grouped conv (groups={groups})")
+        w_dims = (None,) * len(w_shape)
+        ctx.add_macs(math.prod(w_shape) * positions)
+    else:
+        out_l = ctx.fresh(cout, (key, "out"))
+        w_dims = ((in_l, out_l) if transposed else (out_l, in_l)) + (None,) * (len(w_shape) - 2)
+        ctx.add_macs(kernel * positions * (cin if in_l is None else 1), in_l, out_l)
+    dims = [None] * x.ndim
+    dims[cdim] = out_l
+    zero = [None] * x.ndim
+    zero[cdim] = Zero("none", (), mask)
+    spec = ctx.tensor(out.shape, tuple(dims), tuple(zero))
+    return spec, in_l, out_l, w_dims
+
+
+@module_rule(*_CONVS, *_TRANSPOSED)
+def conv_module(ctx, node):
+    """Conv / ConvTranspose module: in consumes a space, out produces one (depthwise: same space)."""
+    m = ctx.module
+    transposed = isinstance(m, _TRANSPOSED)
+    x = ctx.spec(node.args[0])
+    spec, in_l, out_l, w_dims = _conv(ctx, x, tuple(m.weight.shape), m.groups, node.target, transposed, node.target)
+    ctx.param(m.weight, w_dims)
+    ctx.param(m.bias, (out_l,))
+    ctx.record(kind="conv", module=node.target, input=in_l, output=out_l, groups=m.groups, transposed=transposed)
+    return spec
+
+
+@function_rule(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+def conv_function(ctx, node):
+    """F.conv*(x, weight, bias, ...) on model parameters: as the conv module."""
+    name, w_shape = param_of(ctx, ctx.arg(1, "weight"))
+    if name is None:
+        return ctx.unknown_op(f"function {node.target.__name__} with a computed weight")
+    transposed = "transpose" in node.target.__name__
+    groups = ctx.arg(6, "groups", 1)
+    x = ctx.spec(node.args[0])
+    spec, in_l, out_l, w_dims = _conv(ctx, x, w_shape, int(groups), name, transposed, None)
+    ctx.param_named(name, w_shape, w_dims)
+    bias_name, bias_shape = param_of(ctx, ctx.arg(2, "bias"))
+    if bias_name is not None:
+        ctx.param_named(bias_name, bias_shape, (out_l,))
+    ctx.record(kind="conv", weight=name, bias=bias_name, input=in_l, output=out_l, groups=int(groups),
+               transposed=transposed)
+    return spec
+
+
+def _linear(ctx, x: TensorSpec, w_shape, key, mask: str | None):
+    """Linear rule: the last dim consumes a space and produces a new one."""
+    in_l = ctx.consume(x, x.ndim - 1)
+    ctx.share((key, "in"), in_l)
+    out_l = ctx.fresh(w_shape[0], (key, "out"))
+    rows = ctx.out.numel() // w_shape[0]
+    ctx.add_macs(rows * (w_shape[1] if in_l is None else 1), in_l, out_l)
+    dims = (None,) * (x.ndim - 1) + (out_l,)
+    zero = (None,) * (x.ndim - 1) + (Zero("none", (), mask),)
+    return ctx.tensor(ctx.out.shape, dims, zero), in_l, out_l
+
+
+@module_rule(nn.Linear)
+def linear_module(ctx, node):
+    """Linear module: last dim in consumes a space, last dim out produces one."""
+    m = ctx.module
+    spec, in_l, out_l = _linear(ctx, ctx.spec(node.args[0]), tuple(m.weight.shape), node.target, node.target)
+    ctx.param(m.weight, (out_l, in_l))
+    ctx.param(m.bias, (out_l,))
+    ctx.record(kind="linear", module=node.target, input=in_l, output=out_l)
+    return spec
+
+
+@function_rule(F.linear)
+def linear_function(ctx, node):
+    """F.linear(x, weight, bias) on model parameters: as the linear module."""
+    name, w_shape = param_of(ctx, ctx.arg(1, "weight"))
+    if name is None or len(w_shape) != 2:
+        return ctx.unknown_op("function linear with a computed weight")
+    spec, in_l, out_l = _linear(ctx, ctx.spec(node.args[0]), w_shape, name, None)
+    ctx.param_named(name, w_shape, (out_l, in_l))
+    bias_name, bias_shape = param_of(ctx, ctx.arg(2, "bias"))
+    if bias_name is not None:
+        ctx.param_named(bias_name, bias_shape, (out_l,))
+    ctx.record(kind="linear", weight=name, bias=bias_name, input=in_l, output=out_l)
+    return spec
+
+
+@module_rule(nn.Embedding)
+def embedding(ctx, node):
+    """Embedding: the embedding dim is a new space produced by the table."""
+    m = ctx.module
+    out_l = ctx.fresh(m.embedding_dim, (node.target, "out"))
+    ctx.param(m.weight, (None, out_l))
+    shape = tuple(ctx.out.shape)
+    ctx.record(kind="embedding", module=node.target, output=out_l)
+    return ctx.tensor(shape, (None,) * (len(shape) - 1) + (out_l,))
+
+
+_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+@module_rule(*_PER_CHANNEL)
+def per_channel_norm(ctx, node):
+    """BatchNorm / InstanceNorm: same space in and out; γ marks the live channels."""
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    cdim = 1 if x.ndim > 1 else 0
+    layout = x.dims[cdim]
+    for tensor in (m.weight, m.bias, m.running_mean, m.running_var):
+        ctx.param(tensor, (layout,))
+    ctx.record(kind="norm", module=node.target, input=layout, output=layout)
+    if layout is None:
+        return ctx.tensor(ctx.out.shape)
+    zero = [None] * x.ndim
+    zero[cdim] = copy_zero(ctx, x, cdim, node.target)
+    return ctx.tensor(ctx.out.shape, x.dims, tuple(zero))
+
+
+@function_rule(F.batch_norm, F.instance_norm)
+def per_channel_norm_function(ctx, node):
+    """F.batch_norm / F.instance_norm: same space in and out; parameters follow dim 1."""
+    x = ctx.spec(node.args[0])
+    layout = x.dims[1] if x.ndim > 1 else x.dims[0]
+    for arg in node.args[1:5]:
+        name, shape = param_of(ctx, arg)
+        if name is not None:
+            ctx.param_named(name, shape, (layout,), buffer="running" in name)
+    return ctx.like(x, ctx.out.shape)
+
+
+@module_rule(nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+def coupling_norm(ctx, node):
+    """LayerNorm / GroupNorm / RMSNorm / LRN: statistics couple the channels, freeze them."""
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    shape = getattr(m, "normalized_shape", None)
+    touched = range(x.ndim - len(shape), x.ndim) if shape is not None else [1]
+    for d in touched:
+        ctx.freeze(x.dims[d], f"{type(m).__name__} statistics couple the channels")
+    return ctx.like(x, ctx.out.shape)
+
+
+@function_rule(F.layer_norm, F.group_norm, F.rms_norm, F.local_response_norm, F.normalize)
+def coupling_norm_function(ctx, node):
+    """Functional layer/group/rms norm and normalize: freeze the normalised dims."""
+    x = ctx.spec(node.args[0])
+    name = node.target.__name__
+    if name in ("layer_norm", "rms_norm"):
+        shape = ctx.arg(1, "normalized_shape")
+        touched = range(x.ndim - len(shape), x.ndim)
+    elif name == "normalize":
+        touched = [ctx.arg(2, "dim", 1)]
+    else:
+        touched = [1]
+    for d in touched:
+        ctx.freeze(x.dims[d], f"{name} statistics couple the channels")
+    return ctx.like(x, ctx.out.shape)

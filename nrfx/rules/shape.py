@@ -1,0 +1,613 @@
+"""Rules for ops that move, merge, cut or reduce dims: cat, split, getitem, view, permute, pool."""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..spaces import Layout
+from ..specs import Segment, TensorSpec, Zero
+from .common import SizeSpec, copy_zero, move, norm_dim, tensor_args
+from .registry import function_rule, method_rule, module_rule
+
+__all__: list[str] = []
+
+
+# -- cat / stack ----------------------------------------------------------------------------
+@function_rule(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx, node):
+    """cat along a channel dim: the output layout is the inputs' atoms in order; other dims tie."""
+    tensors = tensor_args(ctx, ctx.arg(0, "tensors"))
+    out = ctx.out
+    dim = norm_dim(ctx.arg(1, "dim", 0), out.ndim)
+    dims, zeros = [], []
+    for d in range(out.ndim):
+        if d == dim:
+            layout, zero = _cat_layout(ctx, tensors, d)
+        else:
+            layout, zero = _tie_dim(ctx, tensors, d)
+        dims.append(layout)
+        zeros.append(zero)
+    return ctx.tensor(out.shape, tuple(dims), tuple(zeros))
+
+
+def _cat_layout(ctx, tensors, d: int):
+    """Concatenate the inputs' layouts along ``d`` (plain parts become frozen atoms)."""
+    atoms, segments, inners = [], [], set()
+    if all(spec.dims[d] is None for spec, _ in tensors):
+        return None, None
+    for spec, _ in tensors:
+        layout = spec.dims[d]
+        if layout is None:
+            layout = ctx.fresh(spec.shape[d])
+            ctx.freeze(layout, "plain part of a concatenation")
+        inners.add(layout.inner)
+        atoms.extend(ctx.atoms.leaves(layout.atoms))
+        segments.append(Segment(spec.vid, d, 0, ctx.atoms.channels(layout)))
+    if len(inners) > 1:
+        return _frozen_cat(ctx, tensors, d)
+    return Layout(tuple(atoms), inners.pop()), Zero("copy", (tuple(segments),))
+
+
+def _frozen_cat(ctx, tensors, d: int):
+    """Inputs flattened with different inner sizes: freeze them, the output is one frozen space."""
+    for spec, _ in tensors:
+        ctx.freeze(spec.dims[d], "concatenation of differently flattened channels")
+    layout = ctx.fresh(sum(spec.shape[d] for spec, _ in tensors))
+    ctx.freeze(layout, "concatenation of differently flattened channels")
+    return layout, Zero("none")
+
+
+def _tie_dim(ctx, tensors, d: int):
+    """A dim that must match across inputs: tie the layouts (a plain one freezes them)."""
+    layouts = [spec.dims[d] for spec, _ in tensors]
+    present = [x for x in layouts if x is not None]
+    if not present:
+        return None, None
+    for other in present[1:]:
+        ctx.unify(present[0], other, "tied by a concatenation")
+    if len(present) < len(layouts):
+        ctx.freeze(present[0], "tied to a plain dim by a concatenation")
+    return present[0], Zero("none")
+
+
+@function_rule(torch.stack)
+def stack(ctx, node):
+    """stack: a new plain dim; the stacked dims tie."""
+    tensors = tensor_args(ctx, ctx.arg(0, "tensors"))
+    out = ctx.out
+    dim = norm_dim(ctx.arg(1, "dim", 0), out.ndim)
+    dims = []
+    for d in range(out.ndim):
+        if d == dim:
+            dims.append(None)
+        else:
+            dims.append(_tie_dim(ctx, tensors, d - (d > dim))[0])
+    return ctx.tensor(out.shape, tuple(dims))
+
+
+# -- split / chunk / narrow / getitem ----------------------------------------------------------
+def _select(ctx, spec: TensorSpec, dim: int, start: int, stop: int):
+    """Layout and zero rule of features ``[start, stop)`` of a dim (a cut splits atoms)."""
+    layout = spec.dims[dim]
+    if layout is None:
+        return None, None
+    full = ctx.atoms.channels(layout) * layout.inner
+    if start == 0 and stop == full:
+        return layout, copy_zero(ctx, spec, dim)
+    if start % layout.inner or stop % layout.inner:
+        ctx.freeze(layout, "slice cuts inside a flattened channel")
+        return layout, Zero("none")
+    lo, hi = start // layout.inner, stop // layout.inner
+    return ctx.atoms.select(layout, lo, hi), Zero("copy", ((Segment(spec.vid, dim, lo, hi),),))
+
+
+def _pieces(ctx, spec: TensorSpec, dim: int, sizes: list[int]) -> tuple:
+    """Specs of consecutive pieces of ``sizes`` along ``dim``."""
+    out, start = [], 0
+    for size in sizes:
+        layout, zero = _select(ctx, spec, dim, start, start + size)
+        shape = list(spec.shape)
+        shape[dim] = size
+        dims = list(spec.dims)
+        dims[dim] = layout
+        zeros = [copy_zero(ctx, spec, i) if (i != dim and d is not None) else None for i, d in enumerate(spec.dims)]
+        zeros[dim] = zero
+        out.append(ctx.tensor(shape, tuple(dims), tuple(zeros)))
+        start += size
+    return tuple(out)
+
+
+@function_rule(torch.split, torch.chunk, torch.tensor_split, torch.unbind)
+def split_function(ctx, node):
+    """split/chunk along a dim: each piece selects its channels (atoms split at the borders)."""
+    return _split(ctx, node, node.target.__name__)
+
+
+@method_rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes")
+def split_method(ctx, node):
+    """x.split/x.chunk: as torch.split."""
+    return _split(ctx, node, node.target)
+
+
+def _split(ctx, node, name: str):
+    """Pieces of a split-like op, sized from the traced outputs."""
+    x = ctx.spec(node.args[0])
+    default = 0 if name in ("split", "chunk", "tensor_split", "unbind", "split_with_sizes") else 0
+    dim_index = 1 if name == "unbind" else 2
+    dim = norm_dim(ctx.arg(dim_index, "dim", default), x.ndim)
+    pieces = list(ctx.out)
+    if name == "unbind":
+        if x.dims[dim] is not None:
+            ctx.freeze(x.dims[dim], "unbind over channels")
+        return tuple(ctx.blank(p) for p in pieces)
+    return _pieces(ctx, x, dim, [p.shape[dim] for p in pieces])
+
+
+@method_rule("narrow")
+def narrow_method(ctx, node):
+    """x.narrow(dim, start, length): selects a channel range."""
+    return _narrow(ctx, node)
+
+
+@function_rule(torch.narrow)
+def narrow_function(ctx, node):
+    """torch.narrow(x, dim, start, length): selects a channel range."""
+    return _narrow(ctx, node)
+
+
+def _narrow(ctx, node):
+    """A narrow as one piece of a split."""
+    x = ctx.spec(node.args[0])
+    dim = norm_dim(ctx.value(node.args[1]), x.ndim)
+    start = norm_dim(int(ctx.value(node.args[2])), x.shape[dim])
+    length = int(ctx.value(node.args[3]))
+    layout, zero = _select(ctx, x, dim, start, start + length)
+    dims = list(x.dims)
+    dims[dim] = layout
+    zeros = [copy_zero(ctx, x, i) if d is not None else None for i, d in enumerate(x.dims)]
+    zeros[dim] = zero
+    return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+
+
+@function_rule(operator.getitem)
+def getitem(ctx, node):
+    """Indexing: tuples pick a spec; a tensor slice along a channel dim selects channels."""
+    source, index = node.args[0], node.args[1]
+    spec = ctx.spec(source)
+    if isinstance(spec, SizeSpec):
+        return _size_item(ctx, spec, index)
+    if isinstance(spec, (tuple, list)):
+        picked = spec[index]
+        return tuple(picked) if isinstance(picked, list) else picked
+    if isinstance(spec, dict):
+        return spec.get(index)
+    if not isinstance(spec, TensorSpec):
+        return ctx.blank(ctx.out)
+    return _tensor_index(ctx, spec, index if isinstance(index, tuple) else (index,))
+
+
+def _size_item(ctx, spec: SizeSpec, index):
+    """Reading a size: a channel dim read as a number is frozen (code may use it anywhere)."""
+    picked = spec.dims[index] if isinstance(index, int) else tuple(d for d in spec.dims[index])
+    for layout in picked if isinstance(picked, tuple) else (picked,):
+        ctx.freeze(layout, "channel count read as a number")
+    return None
+
+
+def _tensor_index(ctx, spec: TensorSpec, index: tuple):
+    """Basic indexing (ints, slices, None, Ellipsis); anything else freezes the indexed dims."""
+    if any(isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)) for i in index):
+        ctx.freeze_all(spec, "advanced indexing")
+        return ctx.blank(ctx.out)
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded = []
+    for i in index:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (spec.ndim - n_real))
+        else:
+            expanded.append(i)
+    expanded.extend([slice(None)] * (spec.ndim - sum(1 for i in expanded if i is not None)))
+    dims, zeros, src = [], [], 0
+    for item in expanded:
+        if item is None:
+            dims.append(None)
+            zeros.append(None)
+            continue
+        layout = spec.dims[src]
+        if isinstance(item, int):
+            ctx.freeze(layout, "integer index into channels")
+        else:
+            start, stop, step = item.indices(spec.shape[src])
+            if step != 1:
+                ctx.freeze(layout, "strided slice of channels")
+                dims.append(layout)
+                zeros.append(Zero("none") if layout is not None else None)
+            else:
+                layout, zero = _select(ctx, spec, src, start, max(start, stop))
+                dims.append(layout)
+                zeros.append(zero)
+        src += 1
+    return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+
+
+# -- sizes ------------------------------------------------------------------------------------
+@method_rule("size")
+def size_method(ctx, node):
+    """x.size() / x.size(d): the sizes as numbers; a channel dim read this way is frozen."""
+    x = ctx.spec(node.args[0])
+    dim = ctx.arg(1, "dim")
+    if dim is None:
+        return SizeSpec(x.dims)
+    ctx.freeze(x.dims[norm_dim(dim, x.ndim)], "channel count read as a number")
+    return None
+
+
+@method_rule("dim", "ndimension", "numel", "element_size", "is_contiguous", "get_device")
+def plain_query(ctx, node):
+    """Queries that do not depend on channel widths (numel does; it freezes)."""
+    x = ctx.spec(node.args[0])
+    if node.target == "numel":
+        ctx.freeze_all(x, "numel() read as a number")
+    return None
+
+
+@function_rule(builtins.getattr)
+def getattr_rule(ctx, node):
+    """x.shape reads sizes (SizeSpec); x.T / x.mT move dims; dtype/device carry no channels."""
+    x, name = ctx.spec(node.args[0]), node.args[1]
+    if not isinstance(x, TensorSpec):
+        return ctx.blank(ctx.out)
+    if name == "shape":
+        return SizeSpec(x.dims)
+    if name in ("T", "mT"):
+        order = list(range(x.ndim))
+        order[-1], order[-2] = order[-2], order[-1]
+        return move(ctx, x, order if name == "mT" else order[::-1], ctx.out.shape)
+    if isinstance(ctx.out, torch.Tensor):
+        return ctx.unknown_op(f"attribute Tensor.{name}")
+    return None
+
+
+# -- reshape / flatten / permute ----------------------------------------------------------------
+def _groups(in_shape, out_shape):
+    """Pair runs of input and output dims whose sizes multiply to the same number."""
+    groups, i, j = [], 0, 0
+    while i < len(in_shape) or j < len(out_shape):
+        gi, gj = [i] if i < len(in_shape) else [], [j] if j < len(out_shape) else []
+        pi = in_shape[i] if gi else 1
+        pj = out_shape[j] if gj else 1
+        i, j = i + bool(gi), j + bool(gj)
+        while pi != pj:
+            if pi < pj and i < len(in_shape):
+                pi *= in_shape[i]
+                gi.append(i)
+                i += 1
+            elif j < len(out_shape):
+                pj *= out_shape[j]
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def _reshape(ctx, x: TensorSpec, out_shape, literal: set[int] = frozenset()) -> TensorSpec:
+    """Reshape: a channel dim merged with trailing plain dims keeps its space (inner grows);
+    an unflatten back undoes it; any other mix of a channel dim, or a literal size, freezes."""
+    groups = _groups(list(x.shape), list(out_shape))
+    dims: list = [None] * len(out_shape)
+    zeros: list = [None] * len(out_shape)
+    if groups is None:
+        ctx.freeze_all(x, "reshape not understood")
+        return ctx.tensor(out_shape, tuple(dims), tuple(zeros))
+    for gi, gj in groups:
+        carried = [d for d in gi if x.dims[d] is not None]
+        if not carried:
+            continue
+        target = _reshape_group(ctx, x, gi, gj, out_shape)
+        if target is None or target[0] in literal:
+            for d in carried:
+                ctx.freeze(x.dims[d], "reshape mixes channels with other dims"
+                           if target is None else "reshape to a literal channel count")
+            if target is None:
+                continue
+        out_dim, layout, src = target
+        dims[out_dim] = layout
+        zeros[out_dim] = copy_zero(ctx, x, src)
+    return ctx.tensor(out_shape, tuple(dims), tuple(zeros))
+
+
+def _reshape_group(ctx, x: TensorSpec, gi, gj, out_shape):
+    """(out dim, layout, in dim) for one group, or None when the channels get mixed."""
+    big_in = [d for d in gi if x.shape[d] != 1]
+    big_out = [d for d in gj if out_shape[d] != 1]
+    carried = [d for d in gi if x.dims[d] is not None]
+    if len(carried) != 1 or not big_out:
+        return None
+    src = carried[0]
+    layout = x.dims[src]
+    if big_in and big_in[0] != src:
+        return None
+    trailing = math.prod(x.shape[d] for d in big_in[1:])
+    if len(big_out) == 1:
+        return big_out[0], Layout(layout.atoms, layout.inner * trailing), src
+    rest = math.prod(out_shape[d] for d in big_out[1:])
+    total_inner = layout.inner * trailing
+    if total_inner % rest or out_shape[big_out[0]] * rest != x.shape[src] * trailing:
+        return None
+    return big_out[0], Layout(layout.atoms, total_inner // rest), src
+
+
+@function_rule(torch.flatten)
+def flatten_function(ctx, node):
+    """torch.flatten: merge dims; a channel dim followed by spatial dims becomes blocks."""
+    return _reshape(ctx, ctx.spec(node.args[0]), tuple(ctx.out.shape))
+
+
+@module_rule(nn.Flatten, nn.Unflatten)
+def flatten_module(ctx, node):
+    """nn.Flatten / nn.Unflatten: as a reshape."""
+    return _reshape(ctx, ctx.spec(node.args[0]), tuple(ctx.out.shape))
+
+
+@method_rule("flatten", "unflatten", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_")
+def flatten_method(ctx, node):
+    """x.flatten / squeeze / unsqueeze: as a reshape."""
+    return _reshape(ctx, ctx.spec(node.args[0]), tuple(ctx.out.shape))
+
+
+@function_rule(torch.squeeze, torch.unsqueeze, torch.unflatten)
+def squeeze_function(ctx, node):
+    """torch.squeeze / unsqueeze / unflatten: as a reshape."""
+    return _reshape(ctx, ctx.spec(node.args[0]), tuple(ctx.out.shape))
+
+
+@method_rule("view", "reshape")
+def view_method(ctx, node):
+    """x.view / x.reshape: as a reshape; a literal size on a channel dim freezes it."""
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    return _view(ctx, node, sizes)
+
+
+@function_rule(torch.reshape)
+def reshape_function(ctx, node):
+    """torch.reshape(x, shape): as x.reshape."""
+    return _view(ctx, node, ctx.arg(1, "shape"))
+
+
+def _view(ctx, node, sizes):
+    """Reshape with the given size arguments (ints are literals; nodes come from the graph)."""
+    x = ctx.spec(node.args[0])
+    if not isinstance(ctx.value(sizes[0]) if sizes else None, (int, torch.SymInt)) and sizes and \
+            isinstance(ctx.spec(sizes[0]) if isinstance(sizes[0], torch.fx.Node) else None, SizeSpec):
+        ctx.freeze_all(x, "reshape to a size read from a tensor")
+    literal = {i for i, s in enumerate(sizes) if isinstance(s, int) and s != -1}
+    return _reshape(ctx, x, tuple(ctx.out.shape), literal)
+
+
+@method_rule("view_as", "reshape_as")
+def view_as(ctx, node):
+    """x.view_as(y): as a reshape to y's shape."""
+    return _reshape(ctx, ctx.spec(node.args[0]), tuple(ctx.out.shape))
+
+
+@method_rule("permute")
+def permute_method(ctx, node):
+    """x.permute(*dims): layouts move with their dims."""
+    order = node.args[1:]
+    if len(order) == 1 and isinstance(order[0], (tuple, list)):
+        order = order[0]
+    x = ctx.spec(node.args[0])
+    return move(ctx, x, [norm_dim(d, x.ndim) for d in order], ctx.out.shape)
+
+
+@function_rule(torch.permute)
+def permute_function(ctx, node):
+    """torch.permute(x, dims): layouts move with their dims."""
+    x = ctx.spec(node.args[0])
+    return move(ctx, x, [norm_dim(d, x.ndim) for d in ctx.arg(1, "dims")], ctx.out.shape)
+
+
+@method_rule("transpose", "swapaxes", "swapdims", "transpose_")
+def transpose_method(ctx, node):
+    """x.transpose(a, b): the two dims swap layouts."""
+    return _transpose(ctx, node)
+
+
+@function_rule(torch.transpose, torch.swapaxes, torch.swapdims)
+def transpose_function(ctx, node):
+    """torch.transpose(x, a, b): the two dims swap layouts."""
+    return _transpose(ctx, node)
+
+
+def _transpose(ctx, node):
+    """Swap two dims."""
+    x = ctx.spec(node.args[0])
+    a, b = norm_dim(node.args[1], x.ndim), norm_dim(node.args[2], x.ndim)
+    order = list(range(x.ndim))
+    order[a], order[b] = order[b], order[a]
+    return move(ctx, x, order, ctx.out.shape)
+
+
+@method_rule("expand", "expand_as", "broadcast_to")
+def expand(ctx, node):
+    """expand: size-1 dims grow without coupling; other layouts stay."""
+    x = ctx.spec(node.args[0])
+    out = tuple(ctx.out.shape)
+    offset = len(out) - x.ndim
+    order = [None] * offset + [d if x.shape[d] == out[d + offset] else None for d in range(x.ndim)]
+    return move(ctx, x, order, out)
+
+
+# -- reductions and softmax ----------------------------------------------------------------------
+def _reduce(ctx, node, dims_arg, keepdim: bool):
+    """Reduce over dims: a reduced channel dim is frozen (channels are summed together)."""
+    x = ctx.spec(node.args[0])
+    out = ctx.out if isinstance(ctx.out, torch.Tensor) else ctx.out[0]
+    if dims_arg is None:
+        reduced = set(range(x.ndim))
+    else:
+        dims_arg = dims_arg if isinstance(dims_arg, (tuple, list)) else (dims_arg,)
+        reduced = {norm_dim(d, x.ndim) for d in dims_arg}
+    for d in reduced:
+        ctx.freeze(x.dims[d], f"reduction {getattr(node.target, '__name__', node.target)} over channels")
+    order = [d for d in range(x.ndim) if keepdim or d not in reduced]
+    order = [None if d in reduced else d for d in order]
+    spec = move(ctx, x, order, out.shape)
+    if isinstance(ctx.out, torch.Tensor):
+        return spec
+    return (spec, ctx.blank(ctx.out[1]))
+
+
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "nansum", "nanmean")
+
+
+@method_rule(*_REDUCTIONS, "max", "min")
+def reduce_method(ctx, node):
+    """x.mean(dims, keepdim) and friends: reduced channel dims freeze."""
+    if node.target in ("max", "min") and len(tensor_args(ctx, node.args)) > 1:
+        from .elementwise import _ADD
+
+        return _ADD(ctx, node)
+    dims_arg = ctx.arg(1, "dim", None)
+    if node.target == "norm":
+        dims_arg = ctx.arg(2, "dim", None)
+    return _reduce(ctx, node, dims_arg, bool(ctx.arg(2, "keepdim", False)) or _keeps(ctx, node))
+
+
+def _keeps(ctx, node) -> bool:
+    """Whether a reduction kept its dims (read from the traced output rank)."""
+    x = ctx.value(node.args[0])
+    out = ctx.out if isinstance(ctx.out, torch.Tensor) else ctx.out[0]
+    return isinstance(out, torch.Tensor) and out.ndim == x.ndim
+
+
+@function_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.prod,
+               torch.max, torch.min)
+def reduce_function(ctx, node):
+    """torch.mean(x, dims) and friends: reduced channel dims freeze."""
+    if node.target in (torch.max, torch.min) and len(tensor_args(ctx, node.args)) > 1:
+        from .elementwise import _ADD
+
+        return _ADD(ctx, node)
+    return _reduce(ctx, node, ctx.arg(1, "dim", None), _keeps(ctx, node))
+
+
+def _softmax(ctx, node):
+    """softmax over a dim couples its entries: a channel dim there freezes; zeros are lost."""
+    x = ctx.spec(node.args[0])
+    dim = ctx.arg(1, "dim")
+    if dim is not None:
+        ctx.freeze(x.dims[norm_dim(dim, x.ndim)], "softmax over channels")
+    return ctx.tensor(ctx.out.shape, x.dims)
+
+
+function_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)(_softmax)
+method_rule("softmax", "log_softmax")(_softmax)
+
+
+@module_rule(nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
+def softmax_module(ctx, node):
+    """nn.Softmax(dim): freezes a channel dim it normalises over."""
+    x = ctx.spec(node.args[0])
+    dim = getattr(ctx.module, "dim", 1)
+    ctx.freeze(x.dims[norm_dim(dim if dim is not None else 1, x.ndim)], "softmax over channels")
+    return ctx.tensor(ctx.out.shape, x.dims)
+
+
+# -- pooling, resizing, padding ---------------------------------------------------------------------
+def _spatial(ctx, x: TensorSpec, n_spatial: int) -> TensorSpec:
+    """Ops over the last ``n_spatial`` dims: channel dims there freeze, the rest pass through."""
+    for d in range(x.ndim - n_spatial, x.ndim):
+        ctx.freeze(x.dims[d], "pooled or resized over channels")
+    return ctx.like(x, tuple(ctx.out.shape))
+
+
+_POOL_MODULES = {
+    1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d),
+    2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d,
+        nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d),
+    3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.LPPool3d, nn.FractionalMaxPool3d),
+}
+
+
+@module_rule(*_POOL_MODULES[1], *_POOL_MODULES[2], *_POOL_MODULES[3])
+def pool_module(ctx, node):
+    """Pooling / upsampling modules act on spatial dims: the channel space passes through."""
+    m = ctx.module
+    n = next(k for k, types in _POOL_MODULES.items() if isinstance(m, types))
+    x = ctx.spec(node.args[0])
+    if isinstance(m, nn.Upsample):
+        n = x.ndim - 2
+    out = _spatial(ctx, x, n)
+    if isinstance(ctx.out, tuple):
+        return (out, ctx.blank(ctx.out[1]))
+    return out
+
+
+_POOL_FUNCTIONS = {
+    1: (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d),
+    2: (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d),
+    3: (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d, F.lp_pool3d),
+}
+
+
+@function_rule(*_POOL_FUNCTIONS[1], *_POOL_FUNCTIONS[2], *_POOL_FUNCTIONS[3])
+def pool_function(ctx, node):
+    """Functional pooling: the channel space passes through."""
+    n = next(k for k, fns in _POOL_FUNCTIONS.items() if node.target in fns)
+    out = ctx.out
+    spec = _spatial(ctx, ctx.spec(node.args[0]), n)
+    return (spec, ctx.blank(out[1])) if isinstance(out, tuple) else spec
+
+
+@function_rule(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
+def interpolate(ctx, node):
+    """interpolate resizes the dims after the channel dim: the channel space passes through."""
+    x = ctx.spec(node.args[0])
+    return _spatial(ctx, x, x.ndim - 2)
+
+
+@function_rule(F.pad)
+def pad(ctx, node):
+    """F.pad: pads the last len(pad)/2 dims; a padded channel dim freezes."""
+    x = ctx.spec(node.args[0])
+    amounts = list(ctx.arg(1, "pad"))
+    for k in range(len(amounts) // 2):
+        if amounts[2 * k] or amounts[2 * k + 1]:
+            ctx.freeze(x.dims[x.ndim - 1 - k], "padding along channels")
+    mode = ctx.arg(2, "mode", "constant")
+    value = ctx.arg(3, "value", 0) or 0
+    spec = ctx.like(x, tuple(ctx.out.shape))
+    return spec if mode == "constant" and value == 0 else ctx.tensor(spec.shape, spec.dims)
+
+
+# -- tensor factories ---------------------------------------------------------------------------------
+_FACTORIES = (torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn, torch.arange,
+              torch.linspace, torch.tensor, torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like,
+              torch.randn_like, torch.full_like, torch.eye, torch.randint, torch.bernoulli)
+
+
+@function_rule(*_FACTORIES)
+def factory(ctx, node):
+    """Tensor factories create values with no channel space."""
+    return ctx.blank(ctx.out)
+
+
+@method_rule("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "bernoulli_", "bernoulli",
+             "uniform_", "normal_", "fill_", "zero_")
+def factory_method(ctx, node):
+    """x.new_*() and in-place random fills produce values with no channel space of their own."""
+    x = ctx.spec(node.args[0])
+    if node.target in ("bernoulli_", "uniform_", "normal_", "fill_", "zero_") and isinstance(x, TensorSpec):
+        return ctx.tensor(x.shape, x.dims)
+    return ctx.blank(ctx.out)

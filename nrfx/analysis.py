@@ -97,7 +97,7 @@ class Analysis:
         self.records = ctx.records
         self.param_info: dict[str, ParamInfo] = dict(ctx.params)
         self._index_spaces()
-        self._constant_params = self._count_constant_params()
+        self._constant_params = self._count_constant_params(model)
         self.mask_sites = self._mask_sites()
         full = [torch.ones(s.width, dtype=torch.bool) for s in self.spaces]
         self.params = self.params_under(full)
@@ -131,10 +131,11 @@ class Analysis:
         """Features a layout carries when space ``s`` has ``live[s]`` channels."""
         return layout.inner * sum(live[s] for s in self.space_ids(layout))
 
-    def _count_constant_params(self) -> int:
-        """Parameters no rule claimed: they count at their full size."""
-        claimed = {n for n, p in self.param_info.items() if not p.buffer}
-        return sum(p.numel() for n, p in self.gm.named_parameters() if n not in claimed)
+    def _count_constant_params(self, model: nn.Module) -> int:
+        """Parameters no rule claimed (branches the trace never reaches too): counted at full size."""
+        named = dict(self.gm.named_parameters(remove_duplicate=False))
+        claimed = {id(named[n]) for n, p in self.param_info.items() if not p.buffer and n in named}
+        return sum(p.numel() for p in model.parameters() if id(p) not in claimed)
 
     def _mask_sites(self) -> dict[str, int]:
         """Module names a mask may be keyed by, with their channel count."""
@@ -152,7 +153,10 @@ class Analysis:
 
     def params_under(self, alive: Sequence[torch.Tensor]) -> int:
         """Parameters of the network with only the ``alive`` channels of every space."""
-        live = self._counts(alive)
+        return self.params_at(self._counts(alive))
+
+    def params_at(self, live: Sequence[int]) -> int:
+        """Parameters of the network when space ``s`` has ``live[s]`` channels."""
         total = self._constant_params
         for info in self.param_info.values():
             if not info.buffer:
@@ -168,7 +172,10 @@ class Analysis:
 
     def flops_under(self, alive: Sequence[torch.Tensor]) -> int:
         """MACs per example of the network with only the ``alive`` channels."""
-        live = self._counts(alive)
+        return self.flops_at(self._counts(alive))
+
+    def flops_at(self, live: Sequence[int]) -> int:
+        """MACs per example when space ``s`` has ``live[s]`` channels."""
         total = 0
         for term in self.ctx.macs:
             value = term.coef
@@ -295,7 +302,8 @@ def _label(node: torch.fx.Node, module: nn.Module | None) -> str:
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
     target = node.target
-    return f"function {getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
+    qualname = str(getattr(target, "__qualname__", target)).replace("_VariableFunctionsClass.", "")
+    return f"function {getattr(target, '__module__', '')}.{qualname}"
 
 
 def analyze(

@@ -1,0 +1,252 @@
+"""rewrite: build the rejuvenated GraphModule from a plan; the input model is never touched.
+
+Every space is ordered [S…, R…].  For each parameter, along every dim that carries a
+layout: S×S entries are copied, all-R entries come from the layer's own initialiser at the
+new shape (seeded), and mixed entries (W_S→R, W_R→S) are zero.  A dim whose space is
+frozen is all S, so consumers that are not rejuvenated read R inputs through zeros.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import RewriteError
+
+__all__ = ["DimMap", "ParamMap", "rewrite_params", "dim_map", "fix_attributes", "verify"]
+
+
+@dataclass(frozen=True)
+class DimMap:
+    """Along one dim: for each new index, the old index it copies (-1 for a rejuvenated slot)."""
+
+    dim: int
+    source: torch.Tensor
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """New positions that carry an old channel (S)."""
+        return torch.nonzero(self.source >= 0).flatten()
+
+
+@dataclass(frozen=True)
+class ParamMap:
+    """How an old parameter maps into the new one: a DimMap per dim that changed."""
+
+    name: str
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    dims: tuple[DimMap, ...]
+
+
+def dim_map(analysis, plan, layout, dim: int) -> DimMap:
+    """New-to-old index map of a layout: per space, its kept channels then -1 for each R slot."""
+    parts, offset = [], 0
+    for s in analysis.space_ids(layout):
+        width = analysis.spaces[s].width
+        parts.append(torch.tensor(plan.keep[s], dtype=torch.long) + offset)
+        parts.append(torch.full((plan.grow[s],), -1, dtype=torch.long))
+        offset += width
+    channels = torch.cat(parts)
+    if layout.inner == 1:
+        return DimMap(dim, channels)
+    block = torch.arange(layout.inner)
+    features = torch.where(channels[:, None] >= 0, channels[:, None] * layout.inner + block, -1)
+    return DimMap(dim, features.reshape(-1))
+
+
+def _param_maps(analysis, plan) -> dict[str, ParamMap]:
+    """ParamMap of every parameter or buffer whose layouts change."""
+    maps = {}
+    for name, info in analysis.param_info.items():
+        dims = tuple(dim_map(analysis, plan, lay, d) for d, lay in enumerate(info.dims) if lay is not None)
+        changed = [m for m in dims if not torch.equal(m.source, torch.arange(info.shape[m.dim]))]
+        if not changed:
+            continue
+        new_shape = list(info.shape)
+        for m in dims:
+            new_shape[m.dim] = m.source.numel()
+        maps[name] = ParamMap(name, info.shape, tuple(new_shape), dims)
+    return maps
+
+
+def _combine(old: torch.Tensor, fresh: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
+    """S×S from old, all-R from fresh, mixed S/R entries zero."""
+    new = torch.zeros(fresh.shape, dtype=fresh.dtype, device=fresh.device)
+    with torch.no_grad():
+        _copy_block(new, fresh.detach(), pmap, rejuvenated=True)
+        _copy_block(new, old.detach(), pmap, rejuvenated=False)
+    return new
+
+
+def _copy_block(new: torch.Tensor, source: torch.Tensor, pmap: ParamMap, rejuvenated: bool) -> None:
+    """Copy the all-R block (from the fresh tensor) or the all-S block (from the old one)."""
+    target = [slice(None)] * new.dim()
+    block = source
+    for m in pmap.dims:
+        positions = torch.nonzero(m.source < 0).flatten() if rejuvenated else m.kept
+        if positions.numel() == 0:
+            return
+        picked = positions if rejuvenated else m.source[positions]
+        block = block.index_select(m.dim, picked.to(block.device))
+        target[m.dim] = _as_slice(positions)
+    _assign(new, target, block.to(new.dtype))
+
+
+def _as_slice(index: torch.Tensor):
+    """A slice when the index is a contiguous ascending run, else the index itself."""
+    first, n = int(index[0]), index.numel()
+    if int(index[-1]) - first == n - 1 and (n == 1 or bool(torch.all(index[1:] > index[:-1]))):
+        return slice(first, first + n)
+    return index
+
+
+def _assign(new: torch.Tensor, target: list, block: torch.Tensor) -> None:
+    """new[target] = block, where target mixes slices and per-dim index tensors (outer product)."""
+    if all(isinstance(t, slice) for t in target):
+        new[tuple(target)] = block
+        return
+    full = [torch.arange(new.shape[d])[t] if isinstance(t, slice) else t for d, t in enumerate(target)]
+    ndim = new.dim()
+    index = []
+    for d, t in enumerate(full):
+        shape = [1] * ndim
+        shape[d] = -1
+        index.append(t.reshape(shape).to(new.device))
+    new[tuple(index)] = block
+
+
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.Embedding, nn.PReLU)
+
+
+def _owner(gm: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding a parameter and the attribute name."""
+    path, _, attr = name.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), attr
+
+
+def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]], gamma0: float | None) -> dict[str, torch.Tensor]:
+    """The layer's own initial values at the new shapes (reset_parameters on a detached copy)."""
+    clone = copy.copy(module)
+    clone._parameters = {k: None if v is None else nn.Parameter(torch.empty_like(v), v.requires_grad)
+                         for k, v in module._parameters.items()}
+    clone._buffers = {k: None if v is None else torch.empty_like(v) for k, v in module._buffers.items()}
+    for attr, shape in shapes.items():
+        old = getattr(module, attr)
+        tensor = torch.empty(shape, dtype=old.dtype, device=old.device)
+        if attr in clone._parameters:
+            clone._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        else:
+            clone._buffers[attr] = tensor
+    fix_attributes(clone)
+    with torch.no_grad():
+        if isinstance(clone, nn.modules.batchnorm._NormBase):
+            clone.reset_running_stats()
+            if clone.affine:
+                nn.init.ones_(clone.weight) if gamma0 is None else nn.init.constant_(clone.weight, gamma0)
+                nn.init.zeros_(clone.bias)
+        elif hasattr(clone, "reset_parameters"):
+            clone.reset_parameters()
+    return {attr: getattr(clone, attr) for attr in shapes}
+
+
+def _generic_fresh(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Initial values for a bare parameter: PyTorch's default linear/conv init, zeros for vectors."""
+    tensor = torch.empty(shape, dtype=old.dtype, device=old.device)
+    if tensor.dim() >= 2:
+        nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(tensor)
+    return tensor
+
+
+def rewrite_params(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, ParamMap]:
+    """Replace, in the copy ``gm``, every parameter and buffer whose spaces change."""
+    maps = _param_maps(analysis, plan)
+    by_owner: dict[str, dict[str, ParamMap]] = {}
+    for name, pmap in maps.items():
+        path, _, attr = name.rpartition(".")
+        by_owner.setdefault(path, {})[attr] = pmap
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.seed)
+        for path in sorted(by_owner):
+            _rewrite_module(gm, path, by_owner[path], plan.gamma0)
+    return maps
+
+
+def _rewrite_module(gm: nn.Module, path: str, attrs: dict[str, ParamMap], gamma0: float | None) -> None:
+    """New tensors for the changed attributes of one module, then its size attributes."""
+    module = gm.get_submodule(path) if path else gm
+    shapes = {attr: pmap.new_shape for attr, pmap in attrs.items()}
+    if isinstance(module, _LAYER_TYPES):
+        fresh = _fresh_tensors(module, shapes, gamma0)
+    else:
+        fresh = {attr: _generic_fresh(getattr(module, attr), shape) for attr, shape in shapes.items()}
+    for attr, pmap in attrs.items():
+        old = getattr(module, attr)
+        new = _combine(old, fresh[attr], pmap)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            module._buffers[attr] = new
+    fix_attributes(module)
+
+
+def fix_attributes(module: nn.Module) -> None:
+    """Set a layer's size attributes (in/out channels, features, groups) from its weights."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        _fix_conv(module)
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        source = module.weight if module.weight is not None else module.running_mean
+        if source is not None:
+            module.num_features = source.shape[0]
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+
+
+def _fix_conv(conv: nn.modules.conv._ConvNd) -> None:
+    """Conv attributes: depthwise convs keep groups == channels."""
+    w = conv.weight
+    depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+    if conv.transposed:
+        conv.in_channels = w.shape[0]
+        conv.out_channels = w.shape[1] * conv.groups
+    elif depthwise:
+        conv.groups = conv.in_channels = conv.out_channels = w.shape[0]
+    else:
+        conv.out_channels = w.shape[0]
+        conv.in_channels = w.shape[1] * conv.groups
+
+
+def verify(gm: torch.fx.GraphModule) -> None:
+    """Module invariants after a rewrite (sizes agree with weights) and graph lint."""
+    gm.graph.lint()
+    for name, module in gm.named_modules():
+        problem = _invariant_problem(module)
+        if problem:
+            raise RewriteError(f"rewritten module '{name}' ({type(module).__name__}) is inconsistent: {problem}")
+
+
+def _invariant_problem(module: nn.Module) -> str | None:
+    """What is wrong with a layer's sizes, or None."""
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        w = module.weight
+        if w.shape[0] != module.out_channels or w.shape[1] * module.groups != module.in_channels:
+            return f"weight {tuple(w.shape)} vs in={module.in_channels} out={module.out_channels} g={module.groups}"
+        if module.bias is not None and module.bias.shape[0] != module.out_channels:
+            return f"bias {tuple(module.bias.shape)} vs out={module.out_channels}"
+    if isinstance(module, nn.Linear) and tuple(module.weight.shape) != (module.out_features, module.in_features):
+        return f"weight {tuple(module.weight.shape)} vs ({module.out_features}, {module.in_features})"
+    if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+        if module.running_mean.shape[0] != module.num_features:
+            return f"running_mean {tuple(module.running_mean.shape)} vs num_features={module.num_features}"
+    return None

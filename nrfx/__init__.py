@@ -1,6 +1,7 @@
 """nrfx: Neural Rejuvenation for any PyTorch model, as torch.fx graph transformations."""
 
 from .analysis import Analysis, Space, Utilization, analyze
+from .driver import DriverError, NeuralRejuvenation
 from .errors import (
     BudgetError,
     MaskError,
@@ -13,6 +14,8 @@ from .errors import (
     UnknownOpWarning,
 )
 from .masks import norm_masks
+from .plan import Budget, Plan
+from .rejuvenate import apply_plan, rejuvenate
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,12 @@ __all__ = [
     "Space",
     "Utilization",
     "norm_masks",
+    "rejuvenate",
+    "apply_plan",
+    "Budget",
+    "Plan",
+    "NeuralRejuvenation",
+    "DriverError",
     "NrfxError",
     "TraceError",
     "ShapeError",

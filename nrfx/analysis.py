@@ -7,6 +7,8 @@ scales or the user's) pushed through the zero rules of every value.
 
 from __future__ import annotations
 
+import operator
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +19,12 @@ from torch import nn
 
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .context import Context, ParamInfo
-from .errors import ShapeError
+from .errors import NrfxWarning, ShapeError
 from .masks import check_masks, norm_masks
 from .rules.registry import lookup
 from .spaces import Layout
-from .specs import iter_tensor_specs
-from .trace import propagate_shapes, trace
+from .specs import TensorSpec
+from .trace import defaulted_args, propagate_shapes, trace
 
 __all__ = ["analyze", "Analysis", "Space", "Utilization"]
 
@@ -99,6 +101,7 @@ class Analysis:
         self._index_spaces()
         self._constant_params = self._count_constant_params(model)
         self.mask_sites = self._mask_sites()
+        self._batched_nodes = _input_dependent_nodes(self.gm)
         full = [torch.ones(s.width, dtype=torch.bool) for s in self.spaces]
         self.params = self.params_under(full)
         self.flops = self.flops_under(full)
@@ -175,19 +178,22 @@ class Analysis:
         return self.flops_at(self._counts(alive))
 
     def flops_at(self, live: Sequence[int]) -> int:
-        """MACs per example when space ``s`` has ``live[s]`` channels."""
-        total = 0
+        """MACs per example when space ``s`` has ``live[s]`` channels (work on weights alone is not divided)."""
+        batched = constant = 0
         for term in self.ctx.macs:
             value = term.coef
             for layout in term.layouts:
                 value *= self.width(layout, live)
-            total += value
-        return total // self.batch
+            if term.node in self._batched_nodes:
+                batched += value
+            else:
+                constant += value
+        return batched // self.batch + constant
 
     # -- liveliness -----------------------------------------------------------------------
     def alive(self, masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """Live channels per space: dead only where zero at every weight that reads the space."""
-        masks = self._default_masks if masks is None else check_masks(masks, self.mask_sites, self.gm)
+        masks = self._default_masks if masks is None else self._user_masks(masks)
         zeros = _propagate_zeros(self, masks)
         dead: list[torch.Tensor | None] = [None] * len(self.spaces)
         for consumer in self.ctx.consumers:
@@ -202,6 +208,28 @@ class Analysis:
             torch.ones(s.width, dtype=torch.bool) if d is None or s.is_frozen else ~d
             for s, d in zip(self.spaces, dead, strict=True)
         )
+
+    def _user_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Validated user masks; a mask on a frozen space is ignored with a warning."""
+        checked = check_masks(masks, self.mask_sites, self.gm)
+        for name in [n for n in checked if n in self.frozen_sites]:
+            warnings.warn(f"mask for '{name}' is ignored: its channels are frozen ({self.frozen_sites[name]})",
+                          NrfxWarning, stacklevel=4)
+            del checked[name]
+        return checked
+
+    @property
+    def frozen_sites(self) -> dict[str, str]:
+        """Mask sites whose channels are all in frozen spaces, with the first reason."""
+        out = {}
+        for tensor in self.ctx.tensors:
+            for layout, zero in zip(tensor.dims, tensor.zero, strict=True):
+                if zero is None or zero.mask is None:
+                    continue
+                spaces = [self.spaces[s] for s in self.space_ids(layout)]
+                if spaces and all(sp.is_frozen for sp in spaces):
+                    out[zero.mask] = spaces[0].frozen[0]
+        return out
 
     def utilization(self, masks: dict[str, torch.Tensor] | None = None) -> Utilization:
         """U(θ) and r(θ) under the given masks (None: masks read from the norm scales)."""
@@ -234,6 +262,15 @@ class Analysis:
         return [s for s in self.spaces if s.is_frozen]
 
 
+def _input_dependent_nodes(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of the nodes whose value depends on the example inputs (their work scales with the batch)."""
+    names: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(arg.name in names for arg in node.all_input_nodes):
+            names.add(node.name)
+    return names
+
+
 def _propagate_zeros(analysis: Analysis, masks: dict[str, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
     """Known-zero channels of every (value, dim), following each value's zero rules in order."""
     zeros: dict[tuple[int, int], torch.Tensor] = {}
@@ -255,7 +292,8 @@ def _gather(segments, zeros, width: int) -> torch.Tensor:
     parts = []
     for seg in segments:
         source = zeros.get((seg.vid, seg.dim))
-        parts.append(source[seg.start:seg.stop] if source is not None else torch.zeros(seg.stop - seg.start, dtype=torch.bool))
+        missing = torch.zeros(seg.stop - seg.start, dtype=torch.bool)
+        parts.append(source[seg.start:seg.stop] if source is not None else missing)
     vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
     return vector if vector.numel() == width else torch.zeros(width, dtype=torch.bool)
 
@@ -277,7 +315,32 @@ def _analyze_graph(ctx: Context) -> None:
     """Run the rule of every node in order, storing its output spec."""
     for node in ctx.gm.graph.nodes:
         ctx.node = node
-        ctx.specs[node] = _node_spec(ctx, node)
+        spec = ctx.specs[node] = _node_spec(ctx, node)
+        mutated = _mutated_arg(ctx, node)
+        if mutated is not None and isinstance(spec, TensorSpec) and isinstance(ctx.specs.get(mutated), TensorSpec):
+            # ``y.add_(z)``: nodes after this one that read ``y`` read the mutated tensor
+            ctx.specs[mutated] = spec
+
+
+_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor)
+
+
+def _mutated_arg(ctx: Context, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node whose tensor an in-place op (``x.add_``, ``x += y``, ``inplace=True``) overwrites."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, torch.fx.Node):
+        return None
+    if node.op == "call_method":
+        inplace = node.target.endswith("_") and not node.target.startswith("_")
+    elif node.op == "call_function":
+        inplace = (node.target in _INPLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_")
+                   or node.kwargs.get("inplace") is True)
+    elif node.op == "call_module":
+        inplace = getattr(ctx.module, "inplace", False) is True
+    else:
+        inplace = False
+    return first if inplace else None
 
 
 def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
@@ -316,6 +379,7 @@ def analyze(
 ) -> Analysis:
     """Trace ``model``, follow its channels and count c(A) and U(θ); the model is not modified."""
     inputs = _as_inputs(example_inputs)
+    concrete_args = defaulted_args(model, len(inputs), concrete_args)
     traced = trace(model, leaf_modules, concrete_args, autowrap_functions)
     values = propagate_shapes(traced.gm, inputs)
     ctx = Context(traced.gm, values)

@@ -61,14 +61,20 @@ class Context:
         self.records: dict[str, dict[str, Any]] = {}
         self._memo: dict[Any, Layout | None] = {}
         self._names = {id(t): n for n, t in gm.named_parameters()}
+        self._param_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
         self._names.update({id(t): n for n, t in gm.named_buffers()})
         self.node: torch.fx.Node | None = None
+        self._modules: dict[str, nn.Module] = {}
 
     # -- reading ------------------------------------------------------------------------
     @property
     def module(self) -> nn.Module:
-        """The submodule a ``call_module`` node calls."""
-        return self.gm.get_submodule(self.node.target)
+        """The submodule a ``call_module`` node calls (looked up once per target)."""
+        target = self.node.target
+        module = self._modules.get(target)
+        if module is None:
+            module = self._modules[target] = self.gm.get_submodule(target)
+        return module
 
     @property
     def out(self) -> Any:
@@ -192,6 +198,7 @@ class Context:
         """Register a parameter by qualified name; a reused parameter ties its layouts."""
         known = self.params.get(name)
         if known is None:
+            buffer = buffer or name not in self._param_names  # a buffer read by get_attr (blur filters)
             self.params[name] = ParamInfo(name, tuple(shape), tuple(dims), buffer)
             return
         for old, new in zip(known.dims, dims, strict=True):

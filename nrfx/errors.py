@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.fx
 
 __all__ = [
@@ -61,10 +64,20 @@ def node_location(node: torch.fx.Node) -> str:
     trace = node.stack_trace or node.meta.get("stack_trace")
     if trace:
         lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-        files = [ln for ln in lines if ln.startswith("File ")]
+        files = [i for i, ln in enumerate(lines) if ln.startswith("File ")]
+        mine = [i for i in files if not _internal_frame(lines[i])]
         if files:
-            text += f" at {files[-1]}"
-            index = lines.index(files[-1])
+            index = (mine or files)[-1]
+            text += f" at {lines[index]}"
             if index + 1 < len(lines) and not lines[index + 1].startswith("File "):
                 text += f": {lines[index + 1]}"
     return text
+
+
+def _internal_frame(line: str) -> bool:
+    """Whether a 'File "..."' stack line points into torch or nrfx itself (not the user's code)."""
+    path = line.split('"')[1] if line.count('"') >= 2 else ""
+    return any(path.startswith(root) for root in _INTERNAL_ROOTS)
+
+
+_INTERNAL_ROOTS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)

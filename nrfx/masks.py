@@ -49,7 +49,7 @@ def check_masks(masks: dict[str, torch.Tensor], sites: dict[str, int], model: nn
     for name, mask in masks.items():
         if name not in modules:
             close = [m for m in modules if m and (name in m or m in name)][:3]
-            raise MaskError(f"mask for unknown module '{name}'" + (f"; did you mean {close}?" if close else "") +
+            raise MaskError(f"mask for unknown module '{name}'" + (f"; did you mean {close}?" if close else ".") +
                             " Keys are module names as in model.named_modules().")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__

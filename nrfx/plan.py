@@ -197,15 +197,13 @@ def _solve(cost: CostModel, live, frozen, full, budget: int) -> tuple[float, lis
 def _fill(cost: CostModel, widths, live, frozen, alpha: float, budget: int) -> list[int]:
     """Add single channels, largest rounding loss first, until none fits the budget."""
     order = sorted((i for i, fr in enumerate(frozen) if not fr), key=lambda i: widths[i] - alpha * live[i])
-    current = cost(widths)
     added = True
     while added:
         added = False
         for i in order:
             widths[i] += 1
-            trial = cost(widths)
-            if trial <= budget:
-                current, added = trial, True
+            if cost(widths) <= budget:
+                added = True
             else:
                 widths[i] -= 1
     return widths

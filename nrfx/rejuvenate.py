@@ -11,16 +11,13 @@ from torch import nn
 
 from .analysis import Analysis, analyze
 from .plan import Plan, make_plan
+from .rescale import apply_rescale
 from .rewrite import ParamMap, rewrite_params, verify
 from .schemes import apply_scheme
-from .rescale import apply_rescale
 from .trace import propagate_shapes
 
-__all__ = ["rejuvenate", "apply_plan", "Rejuvenated"]
+__all__ = ["rejuvenate", "apply_plan"]
 
-
-class Rejuvenated(torch.fx.GraphModule):
-    """Marker base for documentation; results are plain torch.fx.GraphModule instances."""
 
 
 def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:

@@ -1,10 +1,90 @@
-"""Neural rescaling: |γ'| = max(|γ|, γ0), compensated exactly in consumers where possible."""
+"""Neural rescaling (paper Sec. 3.2): |γ'| = max(|γ|, γ0), sign kept, compensated exactly.
+
+A norm's output is scaled by s = γ'/γ per channel (β' = s·β).  The function is preserved
+when every path from the norm to a weight goes through positively homogeneous ops only
+(ReLU, pooling, dropout, identity): then the consumers' input weights of that channel are
+divided by s.  Any other path (an add, a concat, a gate, the output) makes the rescaling
+inexact, so that norm is skipped and the notes say why.
+"""
 
 from __future__ import annotations
 
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
 __all__ = ["apply_rescale"]
 
+_HOMOGENEOUS_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
+                        nn.Dropout, nn.Dropout2d, nn.Identity)
+_HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout)
 
-def apply_rescale(gm, analysis, plan, maps) -> list[str]:
-    """Rescale small norm scales and divide the consumers' weights; returns notes."""
-    raise NotImplementedError("rescale")
+
+def _is_homogeneous(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether f(s·x) = s·f(x) per channel for s > 0."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _HOMOGENEOUS_MODULES)
+    if node.op == "call_function":
+        return node.target in _HOMOGENEOUS_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _consumers(gm: torch.fx.GraphModule, norm: torch.fx.Node) -> list[str] | str:
+    """Conv/linear modules reached through homogeneous ops only, or why there are none."""
+    found, stack = [], list(norm.users)
+    while stack:
+        node = stack.pop()
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Conv1d, nn.Linear)):
+            module = gm.get_submodule(node.target)
+            if getattr(module, "groups", 1) != 1 or node.args[0] not in (norm, *_chain(node)):
+                return f"consumer {node.target} is grouped"
+            found.append(node.target)
+        elif _is_homogeneous(gm, node):
+            stack.extend(node.users)
+        else:
+            return f"path through {node.op} {getattr(node.target, '__name__', node.target)} is not homogeneous"
+    return found or "no consumer"
+
+
+def _chain(node: torch.fx.Node) -> tuple:
+    """The input nodes of a node (for the direct-input check)."""
+    return tuple(node.all_input_nodes)
+
+
+def apply_rescale(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
+    """Rescale the scales of every eligible norm in the rewritten module; returns notes."""
+    gamma0 = 1.0 if plan.gamma0 is None else float(plan.gamma0)
+    notes, done = [], 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        norm = gm.get_submodule(node.target)
+        if norm.weight is None:
+            continue
+        consumers = _consumers(gm, node)
+        if isinstance(consumers, str):
+            notes.append(f"rescale skipped at {node.target}: {consumers}")
+            continue
+        _rescale(gm, norm, consumers, gamma0)
+        done += 1
+    notes.append(f"rescale: {done} norms rescaled with exact compensation")
+    return notes
+
+
+def _rescale(gm: torch.fx.GraphModule, norm: nn.Module, consumers: list[str], gamma0: float) -> None:
+    """γ' = sign(γ)·max(|γ|, γ0), β' = s·β, consumers' input weights divided by s."""
+    with torch.no_grad():
+        gamma = norm.weight
+        nonzero = gamma != 0
+        target = torch.where(nonzero, gamma.sign() * torch.clamp(gamma.abs(), min=gamma0), gamma)
+        scale = torch.where(nonzero, target / torch.where(nonzero, gamma, torch.ones_like(gamma)), 1.0)
+        gamma.copy_(target)
+        norm.bias.mul_(scale)
+        for name in consumers:
+            weight = gm.get_submodule(name).weight
+            shape = [1] * weight.dim()
+            shape[1] = -1
+            if weight.shape[1] == scale.numel():
+                weight.div_(scale.reshape(shape).to(weight.dtype))

@@ -130,7 +130,8 @@ def _owner(gm: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (gm.get_submodule(path) if path else gm), attr
 
 
-def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]], gamma0: float | None) -> dict[str, torch.Tensor]:
+def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
+                   gamma0: float | None) -> dict[str, torch.Tensor]:
     """The layer's own initial values at the new shapes (reset_parameters on a detached copy)."""
     clone = copy.copy(module)
     clone._parameters = {k: None if v is None else nn.Parameter(torch.empty_like(v), v.requires_grad)

@@ -138,9 +138,11 @@ class AtomTable:
         """Tie two layouts channel by channel; False (nothing done) when they cannot align."""
         if a.inner != b.inner or self.channels(a) != self.channels(b):
             return False
-        for offset in sorted(set(self.borders(a)) | set(self.borders(b))):
-            self.cut(a, offset)
-            self.cut(b, offset)
+        # a cut splits a whole class, which may move borders elsewhere in a or b: repeat until aligned
+        while (missing := set(self.borders(a)) ^ set(self.borders(b))):
+            for offset in sorted(missing):
+                self.cut(a, offset)
+                self.cut(b, offset)
         for x, y in zip(self.leaves(a.atoms), self.leaves(b.atoms), strict=True):
             self._union_leaves(x, y)
         return True

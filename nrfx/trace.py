@@ -10,6 +10,10 @@ implementation runs once on zeros of the right shape instead.
 
 from __future__ import annotations
 
+import inspect
+import linecache
+import os
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +24,9 @@ import torch.fx
 from torch import nn
 
 from .errors import ShapeError, TraceError, node_location
+from .shape_rules import function_shape, method_shape, module_shape
 
-__all__ = ["Traced", "trace", "propagate_shapes"]
+__all__ = ["Traced", "trace", "propagate_shapes", "defaulted_args"]
 
 _MAX_AUTO_LEAVES = 64
 
@@ -46,7 +51,7 @@ def _timm_notrace() -> tuple[set[type], list[Callable]]:
     """timm's registered no-trace modules and functions (empty when timm is absent)."""
     try:
         from timm.layers import _fx
-    except Exception:  # noqa: BLE001 - timm is optional and may be broken
+    except Exception:  # timm is optional and may be broken
         return set(), []
     functions = [f for f in _fx.get_notrace_functions() if callable(f)]
     return set(_fx.get_notrace_modules()), functions
@@ -58,7 +63,7 @@ class NrfxTracer(torch.fx.Tracer):
     def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap: Sequence[Callable] = ()) -> None:
         timm_modules, timm_functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(autowrap) + tuple(timm_functions))
-        self.record_stack_traces = True
+        self.record_stack_traces = False  # FX's full capture costs more than the trace; see create_node
         leaves = list(leaf_modules)
         self.leaf_types = tuple({t for t in leaves if isinstance(t, type)} | timm_modules)
         self.leaf_names = {n for n in leaves if isinstance(n, str)}
@@ -71,6 +76,14 @@ class NrfxTracer(torch.fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                    type_expr: Any = None) -> torch.fx.Node:
+        """FX's node, with the user's source line as its stack trace (for error messages)."""
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind.startswith("call_") and not node.stack_trace:
+            node.stack_trace = _user_source_line()
+        return node
+
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         """Trace into ``m``; if its code cannot be traced, report the innermost culprit."""
         qualname = self.path_of_module(m)
@@ -78,10 +91,29 @@ class NrfxTracer(torch.fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         except _SubmoduleFailed:
             raise
-        except Exception as error:  # noqa: BLE001 - any trace failure makes this a leaf candidate
+        except Exception as error:  # any trace failure makes this a leaf candidate
             if qualname == "" or self.is_leaf_module(m, qualname):
                 raise
             raise _SubmoduleFailed(qualname, error) from error
+
+
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _user_source_line() -> str | None:
+    """The innermost frame outside torch and nrfx, formatted as a one-frame stack trace.
+
+    Walking frames is ~50× cheaper than FX's ``record_stack_traces`` capture, and the
+    innermost user line is all that error messages (``node_location``) show.
+    """
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_LIBRARY_DIRS) and not filename.startswith("<"):
+            code = linecache.getline(filename, frame.f_lineno).strip()
+            return f'File "{filename}", line {frame.f_lineno}, in {frame.f_code.co_name}\n    {code}'
+        frame = frame.f_back
+    return None
 
 
 def _user_frame(error: BaseException) -> str:
@@ -111,7 +143,7 @@ def trace(
             auto[failed.qualname] = f"untraceable code ({type(failed.error).__name__}: {failed.error})"
             leaves.append(failed.qualname)
             continue
-        except Exception as error:  # noqa: BLE001 - turned into a TraceError with a way out
+        except Exception as error:  # turned into a TraceError with a way out
             raise TraceError(
                 f"nrfx cannot trace {type(model).__name__}: {type(error).__name__}: {error}\n"
                 f"  at {_user_frame(error)}\n"
@@ -120,8 +152,34 @@ def trace(
                 "leaf_modules=[...], or fix the branch with concrete_args={...}."
             ) from error
         name = type(model).__name__
-        return Traced(torch.fx.GraphModule(tracer.root, graph, name), auto)
+        return Traced(_graph_module(tracer.root, graph, name), auto)
     raise TraceError(f"nrfx gave up on {type(model).__name__}: more than {_MAX_AUTO_LEAVES} untraceable submodules")
+
+
+def _graph_module(root: nn.Module, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
+    """A GraphModule whose Python code is generated on first use (the analysis never calls it)."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # older torch: code generated now
+        return torch.fx.GraphModule(root, graph, name)
+    return _LazyGraphModule(root, graph, name)
+
+
+def defaulted_args(model: nn.Module, n_inputs: int, concrete_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Forward parameters past the example inputs are fixed at their defaults (``mask=None`` stays None).
+
+    Left symbolic, ``if mask is not None`` would trace the branch the example never takes.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return concrete_args
+    fixed = dict(concrete_args or {})
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for p in params[n_inputs:]:
+        if p.kind in kinds and p.default is not inspect.Parameter.empty:
+            fixed.setdefault(p.name, p.default)
+    return fixed or concrete_args
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,8 +221,19 @@ class _MetaInterpreter(torch.fx.Interpreter):
     def get_attr(self, target: str, args: tuple, kwargs: dict) -> Any:
         return _to_meta(super().get_attr(target, args, kwargs))
 
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        fast = function_shape(target, args, kwargs)
+        return fast if fast is not None else super().call_function(target, args, kwargs)
+
+    def call_method(self, target: str, args: tuple, kwargs: dict) -> Any:
+        fast = method_shape(target, args, kwargs)
+        return fast if fast is not None else super().call_method(target, args, kwargs)
+
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         module = self.fetch_attr(target)
+        fast = module_shape(module, args, kwargs)
+        if fast is not None:
+            return fast
         state = self._meta_state.get(target)
         if state is None:
             tensors = dict(module.named_parameters(remove_duplicate=False))
@@ -177,12 +246,12 @@ class _MetaInterpreter(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             return super().run_node(n)
-        except Exception as meta_error:  # noqa: BLE001 - retried on real zeros below
+        except Exception as meta_error:  # retried on real zeros below
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             saved = self.module
             try:
                 real = getattr(self, n.op)(n.target, _to_zeros(args), _to_zeros(kwargs))
-            except Exception:  # noqa: BLE001 - report the original failure
+            except Exception:  # report the original failure
                 raise meta_error from None
             finally:
                 self.module = saved
@@ -192,10 +261,11 @@ class _MetaInterpreter(torch.fx.Interpreter):
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> dict[torch.fx.Node, Any]:
     """Meta value (shape, dtype, structure) of every node for the given example inputs."""
     interpreter = _MetaInterpreter(gm)
+    interpreter.extra_traceback = False  # the ShapeError names the node itself
     try:
         with torch.no_grad():
             interpreter.run(*[_to_meta(x) for x in example_inputs])
-    except Exception as error:  # noqa: BLE001 - reported with the failing node
+    except Exception as error:  # reported with the failing node
         node = _failing_node(interpreter)
         where = node_location(node) if node is not None else "the graph"
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs)

@@ -37,7 +37,7 @@ def _matmul(ctx, node):
     for d in range(out.ndim - 2):
         ctx.freeze(_batch_dim(a, d, out.ndim), "batch dim of a matmul")
         ctx.freeze(_batch_dim(b, d, out.ndim), "batch dim of a matmul")
-    plain = math.prod(s for s, lay in zip(out.shape, dims) if lay is None)
+    plain = math.prod(s for s, lay in zip(out.shape, dims, strict=True) if lay is None)
     ctx.add_macs(plain * (k if contract is None else 1), contract, *dims)
     return ctx.tensor(out.shape, tuple(dims), tuple(zeros))
 
@@ -91,3 +91,85 @@ def multihead_attention(ctx, node):
     spec = ctx.blank(ctx.out)
     ctx.freeze_all(spec, "output of MultiheadAttention")
     return spec
+
+
+def _einsum_labels(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:
+    """Input and output labels of an einsum equation (None for '...', diagonals or a rank mismatch)."""
+    equation = equation.replace(" ", "")
+    if "..." in equation:
+        return None
+    inputs, arrow, output = equation.partition("->")
+    labels = inputs.split(",")
+    if not arrow:
+        joined = "".join(labels)
+        output = "".join(sorted(c for c in set(joined) if joined.count(c) == 1))
+    if len(labels) != len(ndims):
+        return None
+    if any(len(lab) != n or len(set(lab)) != n for lab, n in zip(labels, ndims, strict=True)):
+        return None
+    return labels, output
+
+
+@function_rule(torch.einsum)
+def einsum(ctx, node):
+    """einsum of two operands: a label in both is contracted (consumed, one space) or a frozen batch
+    dim; a label of one operand kept in the output carries its space there; MACs = Π of those labels."""
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    specs = [ctx.spec(o) for o in operands]
+    parsed = None
+    if len(specs) == 2 and all(isinstance(s, TensorSpec) for s in specs):
+        parsed = _einsum_labels(node.args[0], [s.ndim for s in specs])
+    if parsed is None or not _same_label_sizes(specs, parsed[0]):
+        return ctx.unknown_op("function torch.einsum (two operands, no '...', no diagonals)")
+    (a_labels, b_labels), out_labels = parsed
+    dims: dict[str, object] = {}
+    coef, mac_layouts = 1, []
+    for label in dict.fromkeys(a_labels + b_labels):
+        where = [(s, lab.index(label)) for s, lab in zip(specs, (a_labels, b_labels), strict=True) if label in lab]
+        size = where[0][0].shape[where[0][1]]
+        layout = _einsum_label(ctx, label, where, label in out_labels, dims)
+        if len(where) == 1 and label not in out_labels:
+            continue
+        if layout is None:
+            coef *= size
+        else:
+            mac_layouts.append(layout)
+    ctx.add_macs(coef, *mac_layouts)
+    out = ctx.out
+    layouts = tuple(dims.get(label, (None, None))[0] for label in out_labels)
+    zeros = tuple(dims.get(label, (None, None))[1] for label in out_labels)
+    return ctx.tensor(out.shape, layouts, zeros)
+
+
+def _same_label_sizes(specs, labels) -> bool:
+    """Whether every label has one size across the operands (no broadcasting)."""
+    sizes: dict[str, int] = {}
+    for spec, lab in zip(specs, labels, strict=True):
+        for d, label in enumerate(lab):
+            if sizes.setdefault(label, spec.shape[d]) != spec.shape[d]:
+                return False
+    return True
+
+
+def _einsum_label(ctx, label, where, kept: bool, dims: dict):
+    """Tie, consume or freeze the dims of one label; return the layout its MACs scale with (or None)."""
+    if len(where) == 2:
+        (a, da), (b, db) = where
+        if kept:
+            ctx.freeze(a.dims[da], "batch dim of an einsum")
+            ctx.freeze(b.dims[db], "batch dim of an einsum")
+            return None
+        first, second = ctx.consume(a, da), ctx.consume(b, db)
+        if first is None and second is None:
+            return None
+        return ctx.unify(first, second, "contracted by an einsum")
+    spec, d = where[0]
+    layout = spec.dims[d]
+    if not kept:
+        ctx.freeze(layout, "summed over by an einsum")
+        return None
+    if layout is not None:
+        dims[label] = (layout, copy_zero(ctx, spec, d))
+    return layout

@@ -85,7 +85,7 @@ def _broadcast_zero(ctx, sources, zero_op: str, partial: bool, first) -> Zero:
     if zero_op == "or":
         return Zero("or", segs)
     if zero_op == "first":
-        spec, k = sources[0]
+        spec, _ = sources[0]
         return Zero("copy", (segs[0],)) if spec is first else Zero("none")
     if partial:
         return Zero("none")

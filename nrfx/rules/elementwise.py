@@ -127,3 +127,25 @@ method_rule("div", "div_", "true_divide", "floor_divide")(_DIV)
 def negate(ctx, node):
     """-x: same space, zeros kept."""
     return _unary(ctx, node, True)
+
+
+_COMPARISONS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge)
+
+
+def _compare(ctx, node):
+    """Comparison: on numbers no channels; on tensors elementwise (aligned channel dims tie), zeros lost."""
+    if not isinstance(ctx.out, torch.Tensor):
+        return None
+    spec = broadcast(ctx, list(node.args[:2]), "and")
+    return ctx.tensor(spec.shape, spec.dims)
+
+
+function_rule(*_COMPARISONS)(_compare)
+method_rule("eq", "ne", "lt", "le", "gt", "ge")(_compare)
+
+
+@function_rule(torch._assert, torch.fx._symbolic_trace._assert_is_none)
+def assertion(ctx, node):
+    """torch._assert(condition, message): a check with no value, no channels."""
+    return None

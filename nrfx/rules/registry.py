@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Rule", "module_rule", "function_rule", "method_rule", "lookup", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+__all__ = ["Rule", "module_rule", "function_rule", "method_rule", "lookup",
+           "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
 
 Rule = Callable[[Any, Any], Any]
 

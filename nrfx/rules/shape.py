@@ -104,6 +104,8 @@ def _select(ctx, spec: TensorSpec, dim: int, start: int, stop: int):
         ctx.freeze(layout, "slice cuts inside a flattened channel")
         return layout, Zero("none")
     lo, hi = start // layout.inner, stop // layout.inner
+    # the graph holds literal slice bounds (or a chunk count): the widths they cut must not change
+    ctx.freeze(layout, "sliced at fixed channel offsets")
     return ctx.atoms.select(layout, lo, hi), Zero("copy", ((Segment(spec.vid, dim, lo, hi),),))
 
 
@@ -138,7 +140,7 @@ def split_method(ctx, node):
 def _split(ctx, node, name: str):
     """Pieces of a split-like op, sized from the traced outputs."""
     x = ctx.spec(node.args[0])
-    default = 0 if name in ("split", "chunk", "tensor_split", "unbind", "split_with_sizes") else 0
+    default = 0
     dim_index = 1 if name == "unbind" else 2
     dim = norm_dim(ctx.arg(dim_index, "dim", default), x.ndim)
     pieces = list(ctx.out)
@@ -202,6 +204,7 @@ def _size_item(ctx, spec: SizeSpec, index):
 
 def _tensor_index(ctx, spec: TensorSpec, index: tuple):
     """Basic indexing (ints, slices, None, Ellipsis); anything else freezes the indexed dims."""
+    index = tuple(_index_value(ctx, i) for i in index)
     if any(isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)) for i in index):
         ctx.freeze_all(spec, "advanced indexing")
         return ctx.blank(ctx.out)
@@ -234,6 +237,17 @@ def _tensor_index(ctx, spec: TensorSpec, index: tuple):
                 zeros.append(zero)
         src += 1
     return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+
+
+def _index_value(ctx, item):
+    """An index item with graph values filled in: sizes read from shapes become ints, slices too."""
+    if isinstance(item, slice):
+        parts = [_index_value(ctx, v) for v in (item.start, item.stop, item.step)]
+        return slice(*parts) if all(p is None or isinstance(p, int) for p in parts) else item.stop
+    if isinstance(item, torch.fx.Node):
+        value = ctx.value(item)
+        return int(value) if isinstance(value, (int, torch.SymInt)) else item
+    return item
 
 
 # -- sizes ------------------------------------------------------------------------------------
@@ -588,7 +602,8 @@ def pad(ctx, node):
     mode = ctx.arg(2, "mode", "constant")
     value = ctx.arg(3, "value", 0) or 0
     spec = ctx.like(x, tuple(ctx.out.shape))
-    return spec if mode == "constant" and value == 0 else ctx.tensor(spec.shape, spec.dims)
+    # reflect / replicate / circular copy values inside each channel: a zero channel stays zero
+    return spec if mode != "constant" or value == 0 else ctx.tensor(spec.shape, spec.dims)
 
 
 # -- tensor factories ---------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Benchmarks of nrfx against its peers (run as modules: python -m benchmarks.bench_analysis)."""

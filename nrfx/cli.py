@@ -1,0 +1,143 @@
+"""The ``nrfx`` command line: ``nrfx report MODEL`` prints channels, params and MACs per layer.
+
+Errors nrfx knows about (bad model name, untraceable model, bad masks, ...) print one line
+``nrfx: error: ...`` on stderr and exit with status 2; nrfx warnings print as
+``nrfx: warning: ...``.  Subcommands live in their own functions, registered in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import MaskError, NrfxError
+
+__all__ = ["COMMANDS", "build_parser", "main", "parse_input_size"]
+
+EXIT_ERROR = 2
+
+# name -> (add arguments to its subparser, run it and return the exit status)
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register a subcommand: its argument setup and its runner."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (add_arguments, run)
+        return run
+
+    return register
+
+
+def parse_input_size(tokens: Sequence[str], batch: int) -> tuple[int, ...]:
+    """Input shape from ``C H W`` (batch from ``--batch``) or ``1,3,224,224`` (batch included)."""
+    text = " ".join(tokens).strip()
+    try:
+        if "," in text:
+            shape = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+        else:
+            shape = (batch, *(int(t) for t in text.split()))
+    except ValueError:
+        raise NrfxError(f"--input-size '{text}' is not a list of integers; write C H W (e.g. 3 224 224) "
+                        "or the full shape with commas (e.g. 1,3,224,224)") from None
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise NrfxError(f"--input-size gives shape {shape}; write C H W (e.g. 3 224 224) "
+                        "or the full shape with commas (e.g. 1,3,224,224)")
+    return shape
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``nrfx report``."""
+    parser.add_argument("model", help="torchvision name (resnet50), timm name, or package.module:factory")
+    parser.add_argument("--input-size", nargs="+", metavar="N",
+                        help="C H W without the batch dim, or the full shape 1,3,224,224 "
+                             "(default: the crop size of the model's weights, else 3 224 224)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
+    parser.add_argument("--masks", type=Path, metavar="FILE",
+                        help="torch.save'd dict {module_name: BoolTensor} (True = alive); replaces the "
+                             "masks read from the norm scales")
+    parser.add_argument("--threshold", type=float, default=0.01,
+                        help="a channel is dead when |γ| < T·max|γ| of its norm (default 0.01)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument("--width", type=int, default=150, help="table width in characters (default 150)")
+
+
+def _load_masks(path: Path) -> dict[str, torch.Tensor]:
+    """Read a torch.save'd mask dict (tensors only: loaded with weights_only=True)."""
+    try:
+        masks = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MaskError(f"mask file '{path}' does not exist") from None
+    except Exception as error:
+        raise MaskError(f"cannot read mask file '{path}': {error}; save it with "
+                        "torch.save({'layer.name': bool_tensor, ...}, path)") from error
+    if not isinstance(masks, dict):
+        raise MaskError(f"mask file '{path}' holds a {type(masks).__name__}, not a dict "
+                        "{module_name: BoolTensor}")
+    return masks
+
+
+@command("report", _add_report_arguments)
+def run_report(args: argparse.Namespace) -> int:
+    """``nrfx report``: build the model, analyse it and print the per-layer table and totals."""
+    from .analysis import analyze
+    from .models import default_input_size, resolve_model
+
+    if args.batch < 1:
+        raise NrfxError(f"--batch must be at least 1, got {args.batch}")
+    masks = _load_masks(args.masks) if args.masks else None  # fail fast, before building the model
+    model = resolve_model(args.model).eval()
+    size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
+    shape = parse_input_size(size, args.batch)
+    analysis = analyze(model, torch.zeros(shape))
+    analysis.refresh_masks(model, args.threshold)  # masks read from γ; a --masks file replaces them
+    report = analysis.report(masks)
+    print(report.table(args.width))
+    print(report.summary())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per registered command."""
+    parser = argparse.ArgumentParser(prog="nrfx", description="Neural Rejuvenation for any PyTorch model.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, run) in COMMANDS.items():
+        doc = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None
+        sub = subparsers.add_parser(name, help=doc, description=doc)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print warnings as one ``nrfx: warning:`` line."""
+    print(f"nrfx: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``nrfx`` command line; returns the exit status (2 on an nrfx error)."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.run(args)
+        except NrfxError as error:
+            print(f"nrfx: error: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        except OSError as error:
+            print(f"nrfx: error: {error}", file=sys.stderr)
+            return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,529 @@
+"""The training driver: SGD with Neural Rejuvenation (paper Algorithm 1, Sec. 3.1.3).
+
+``NeuralRejuvenation`` wraps a model and any torch optimizer.  ``step()`` adds the L1
+sub-gradient ``λ·sign(γ)`` to the scales of the norms on free channel spaces, steps the
+optimizer, and every ``interval`` steps reads r(θ) from γ alone (no forward pass).  λ starts
+at 0 and grows by Δλ at every check where r did not fall by Δr; when ``r < target`` the
+current model is rejuvenated under the budget, the optimizer is rebuilt with the state of
+every surviving slice carried over, and λ goes back to 0.
+
+Everything a rejuvenation builds (model, analysis, optimizer, scheduler, wrapper) is made
+first and swapped in only when all of it succeeded: an error leaves the driver as it was.
+Checkpoints hold the replayable plans, so a driver over a fresh copy of the original model
+rebuilds the same architecture and continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .analysis import Analysis, analyze
+from .errors import NrfxError, NrfxWarning
+from .plan import SCHEMES, Budget, Plan
+from .rejuvenate import apply_plan, rejuvenate
+from .rewrite import ParamMap
+
+__all__ = [
+    "NeuralRejuvenation",
+    "DriverError",
+    "ddp_wrapper",
+    "carry_optimizer_state",
+    "save_history",
+    "plot_history",
+]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+_FORMAT = "nrfx.driver/1"
+
+
+class DriverError(NrfxError):
+    """The driver was given bad settings, a bad optimizer factory, or a model it cannot monitor."""
+
+
+# -- one stage: everything that a rejuvenation replaces ---------------------------------------
+@dataclass
+class _Stage:
+    """The current model with its analysis, monitored scales, optimizer, scheduler and wrapper."""
+
+    module: nn.Module
+    model: nn.Module
+    analysis: Analysis
+    norms: list[tuple[str, nn.Parameter, torch.Tensor | None]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    plans: list[Plan] = field(default_factory=list)
+
+
+def _monitored_norms(analysis: Analysis, module: nn.Module) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
+    """(name, γ, mask of free channels or None for all) of every norm scale on a free space."""
+    modules = dict(module.named_modules())
+    found: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+    for record in analysis.records.values():
+        layout, name = record.get("output"), record.get("module")
+        weight = getattr(modules.get(name), "weight", None)
+        if record.get("kind") != "norm" or layout is None or not isinstance(weight, nn.Parameter):
+            continue
+        free = torch.cat([torch.full((analysis.spaces[s].width,), not analysis.spaces[s].is_frozen)
+                          for s in analysis.space_ids(layout)]).repeat_interleave(layout.inner)
+        if free.numel() != weight.numel() or not free.any():
+            continue
+        previous = found.get(name)
+        found[name] = (weight, free if previous is None else previous[1] | free)
+    return [(name, w, None if bool(m.all()) else m.to(w.device, w.dtype)) for name, (w, m) in found.items()]
+
+
+def _build_optimizer(factory: OptimizerFactory, module: nn.Module) -> torch.optim.Optimizer:
+    """Call the factory with the module's parameters; it must hold exactly those it was given."""
+    optimizer = factory(module.parameters())
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise DriverError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+                          "pass e.g. lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = {id(p): n for n, p in module.named_parameters()}
+    foreign = len(held - names.keys())
+    missing = [n for i, n in names.items() if i not in held and module.get_parameter(n).requires_grad]
+    if foreign or missing:
+        raise DriverError(
+            f"the optimizer built by optimizer_factory does not hold exactly the parameters it was given "
+            f"({foreign} foreign, {len(missing)} missing, e.g. {missing[:3]}): build it from the argument, "
+            "lambda params: Opt(params, ...), not from a model captured outside — after a rejuvenation the "
+            "model's parameters are new tensors"
+        )
+    return optimizer
+
+
+def _slice_like(old: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
+    """A state tensor at the new shape: surviving slots copied from ``old``, the rest zero."""
+    new = torch.zeros(pmap.new_shape, dtype=old.dtype, device=old.device)
+    target: list[torch.Tensor | slice] = [slice(None)] * old.dim()
+    block = old
+    for m in pmap.dims:
+        kept = m.kept.to(old.device)
+        if kept.numel() == 0:
+            return new
+        block = block.index_select(m.dim, m.source.to(old.device)[kept])
+        target[m.dim] = kept
+    index = [t if isinstance(t, torch.Tensor) else torch.arange(new.shape[d], device=old.device)
+             for d, t in enumerate(target)]
+    new[torch.meshgrid(*index, indexing="ij")] = block
+    return new
+
+
+def _carry_one(state: dict[str, Any], old: nn.Parameter, pmap: ParamMap | None) -> dict[str, Any] | None:
+    """The new state of one parameter: slices of param-shaped tensors, copies of the rest."""
+    carried: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and pmap is not None:
+            if tuple(value.shape) != tuple(old.shape):
+                return None  # a factored or flattened state: no slot-by-slot meaning
+            carried[key] = _slice_like(value.detach(), pmap)
+        else:
+            carried[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+    return carried
+
+
+def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, old_module: nn.Module,
+                          new_module: nn.Module, param_map: dict[str, ParamMap]) -> list[str]:
+    """Copy every parameter's optimizer state into ``new``: S slots kept, R slots zero; returns dropped names.
+
+    Parameters are matched by name.  State tensors shaped like the parameter (momentum,
+    Adam moments) are sliced with the parameter's map; scalar state (Adam's ``step``) is
+    copied.  A parameter whose state cannot be sliced starts fresh and is named in the result.
+    """
+    old_named = dict(old_module.named_parameters())
+    dropped = []
+    for name, param in new_module.named_parameters():
+        source = old_named.get(name)
+        if source is None or source not in old.state:
+            continue
+        pmap = param_map.get(name)
+        before, after = (pmap.old_shape, pmap.new_shape) if pmap is not None else (source.shape, source.shape)
+        carried = None
+        if tuple(before) == tuple(source.shape) and tuple(after) == tuple(param.shape):
+            carried = _carry_one(old.state[source], source, pmap)
+        if carried is None:
+            dropped.append(name)
+            continue
+        new.state[param] = carried
+    return dropped
+
+
+def _copy_group_settings(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Group hyperparameters (lr as the scheduler left it, momentum, ...) from the old optimizer."""
+    if len(old.param_groups) != len(new.param_groups):
+        warnings.warn("the rebuilt optimizer has a different number of param groups; its hyperparameters are the "
+                      "factory's, not the ones the schedule reached", NrfxWarning, stacklevel=4)
+        return
+    for before, after in zip(old.param_groups, new.param_groups, strict=True):
+        after.update({k: v for k, v in before.items() if k != "params"})
+
+
+# -- distributed helpers ------------------------------------------------------------------------
+def _distributed() -> bool:
+    """Whether a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's value on every rank (identity when not distributed)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _is_rank0() -> bool:
+    """Whether this process decides (rank 0, or the only process)."""
+    return not _distributed() or dist.get_rank() == 0
+
+
+def ddp_wrapper(**ddp_kwargs: Any) -> Callable[[nn.Module], nn.Module]:
+    """A ``wrap`` that puts the model (again, after every rejuvenation) in DistributedDataParallel."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def wrap(module: nn.Module) -> nn.Module:
+        return DistributedDataParallel(module, **ddp_kwargs)
+
+    return wrap
+
+
+# -- progress --------------------------------------------------------------------------------------
+class _Progress:
+    """A tqdm or rich progress bar showing r, λ and the round."""
+
+    def __init__(self, kind: bool | str, total: int | None) -> None:
+        kind = "tqdm" if kind is True else kind
+        if kind not in ("tqdm", "rich"):
+            raise DriverError(f"progress must be False, True, 'tqdm' or 'rich', got {kind!r}")
+        self.kind = kind
+        if kind == "tqdm":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="nrfx", unit="step")
+        else:
+            from rich.progress import Progress
+
+            self.bar = Progress()
+            self.task = self.bar.add_task("nrfx", total=total)
+            self.bar.start()
+
+    def update(self, text: str | None) -> None:
+        """One step; a new status text after a check."""
+        if self.kind == "tqdm":
+            self.bar.update(1)
+            if text:
+                self.bar.set_postfix_str(text)
+        else:
+            self.bar.update(self.task, advance=1, **({"description": f"nrfx {text}"} if text else {}))
+
+    def close(self) -> None:
+        """Finish the bar."""
+        (self.bar.close if self.kind == "tqdm" else self.bar.stop)()
+
+
+# -- the driver --------------------------------------------------------------------------------------
+def _check_settings(target: float, interval: int | None, delta_r: float, delta_lambda: float,
+                    max_rounds: int | None, scheme: str) -> None:
+    """Settings within their ranges, else a DriverError saying which."""
+    if not (isinstance(target, (int, float)) and 0.0 < target < 1.0):
+        raise DriverError(f"target must be a utilization ratio in (0, 1), got {target!r}; the paper uses 0.5")
+    if interval is not None and (not isinstance(interval, int) or interval < 1):
+        raise DriverError(f"interval must be a positive number of steps or None (call check() yourself), "
+                          f"got {interval!r}")
+    if not (math.isfinite(delta_r) and delta_r >= 0 and math.isfinite(delta_lambda) and delta_lambda >= 0):
+        raise DriverError(f"delta_r and delta_lambda must be finite and >= 0, got {delta_r!r}, {delta_lambda!r}")
+    if max_rounds is not None and (not isinstance(max_rounds, int) or max_rounds < 0):
+        raise DriverError(f"max_rounds must be None or an int >= 0, got {max_rounds!r}")
+    if scheme not in SCHEMES:
+        raise DriverError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
+
+
+class NeuralRejuvenation:
+    """Train any model with Neural Rejuvenation: sparsify γ, monitor r(θ), rejuvenate below the target.
+
+    ``nr.model`` and ``nr.optimizer`` are the current ones (both change at a rejuvenation);
+    ``nr.module`` is the model without the ``wrap`` (DDP) around it.
+    """
+
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, *, example_inputs: Any,
+                 budget: Budget | int | None = None, target: float = 0.5, interval: int | None = 100,
+                 delta_r: float = 0.01, delta_lambda: float = 5e-5, scheme: str = "nr", rescale: bool = False,
+                 max_rounds: int | None = None, seed: int | None = None,
+                 scheduler_factory: SchedulerFactory | None = None, restart_schedule: bool = False,
+                 threshold: float = 0.01, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 progress: bool | str = False, total: int | None = None) -> None:
+        _check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme)
+        if not callable(optimizer_factory):
+            raise DriverError("optimizer_factory must be callable: params -> torch.optim.Optimizer")
+        self.target, self.interval, self.delta_r, self.delta_lambda = float(target), interval, delta_r, delta_lambda
+        self.scheme, self.rescale, self.max_rounds, self.threshold = scheme, bool(rescale), max_rounds, threshold
+        self.example_inputs = example_inputs
+        self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**31
+        self._factory, self._scheduler_factory, self._wrap = optimizer_factory, scheduler_factory, wrap
+        self.restart_schedule = restart_schedule
+        analysis = analyze(model, example_inputs)
+        kind, value = Budget.coerce(budget).resolve(analysis)
+        self.budget = Budget(params=value) if kind == "params" else Budget(flops=value)
+        self._stage = self._new_stage(model, analysis, [])
+        self.lam, self.rounds, self.steps = 0.0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self._r_prev = _from_rank0(self.utilization())
+        self._progress = _Progress(progress, total) if progress and _is_rank0() else None
+
+    # -- the current stage --------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The model to call in the training loop (wrapped, e.g. in DDP, when ``wrap`` was given)."""
+        return self._stage.model
+
+    @property
+    def module(self) -> nn.Module:
+        """The current model without the wrapper."""
+        return self._stage.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The current optimizer (rebuilt by the factory at every rejuvenation)."""
+        return self._stage.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        """The current LR scheduler from ``scheduler_factory`` (None without one)."""
+        return self._stage.scheduler
+
+    @property
+    def analysis(self) -> Analysis:
+        """The analysis of the current model (shares its parameters)."""
+        return self._stage.analysis
+
+    @property
+    def plans(self) -> list[Plan]:
+        """The plans of every rejuvenation so far, in order (replayable on the original model)."""
+        return list(self._stage.plans)
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``max_rounds`` rejuvenations are done: no more penalty, checks only record r."""
+        return self.max_rounds is not None and self.rounds >= self.max_rounds
+
+    def _new_stage(self, module: nn.Module, analysis: Analysis, plans: list[Plan]) -> _Stage:
+        """Monitored norms, optimizer and scheduler for a model (nothing is swapped in here)."""
+        norms = _monitored_norms(analysis, module)
+        if not norms:
+            raise DriverError(
+                f"{type(module).__name__} has no norm scale to monitor: Neural Rejuvenation reads liveliness from "
+                "the γ of per-channel norms (BatchNorm/InstanceNorm with affine=True) on channels nrfx may "
+                "resize; add batch norms after the convolutions, or check analysis.frozen_spaces"
+            )
+        optimizer = _build_optimizer(self._factory, module)
+        scheduler = self._scheduler_factory(optimizer) if self._scheduler_factory is not None else None
+        model = self._wrap(module) if self._wrap is not None else module
+        return _Stage(module, model, analysis, norms, optimizer, scheduler, plans)
+
+    # -- Algorithm 1 --------------------------------------------------------------------------
+    def utilization(self) -> float:
+        """r(θ) of the current model, read from γ alone, in the budget's kind (params or MACs)."""
+        self.analysis.refresh_masks(self.module, self.threshold)
+        use = self.analysis.utilization()
+        return use.r_params if self.budget.params is not None else use.r_flops
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """λ·sign(γ) into the grads of the monitored scales, an optimizer step, and a check every interval."""
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        self._penalize()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.steps += 1
+        record = self.check() if self.interval and self.steps % self.interval == 0 else None
+        if self._progress is not None:
+            self._progress.update(None if record is None else
+                                  f"r={record['r']:.3f} λ={record['lam']:.2e} round={record['rounds']}")
+
+    def _penalize(self) -> None:
+        """Add the L1 sub-gradient λ·sign(γ) to the grads of the scales of free norms."""
+        if self.lam == 0.0 or self.finished:
+            return
+        with torch.no_grad():
+            for _, gamma, mask in self._stage.norms:
+                if gamma.grad is None:
+                    continue
+                sub = torch.sign(gamma) if mask is None else torch.sign(gamma) * mask
+                gamma.grad.add_(sub, alpha=self.lam)
+
+    def check(self) -> dict[str, Any]:
+        """Measure r(θ); rejuvenate below the target, else adapt λ; returns the history record."""
+        r = _from_rank0(self.utilization())
+        if self.finished:
+            return self._record(r, "monitor")
+        if r < self.target:
+            return self._rejuvenate(r)
+        record = self._record(r, "check")
+        self.lam = self.lam if r < self._r_prev - self.delta_r else self.lam + self.delta_lambda
+        self._r_prev = r
+        return record
+
+    def _record(self, r: float, event: str, **extra: Any) -> dict[str, Any]:
+        """Append one history record and return it."""
+        record = {"step": self.steps, "r": r, "lam": self.lam, "event": event, "rounds": self.rounds,
+                  "cost": self._cost(), **extra}
+        self.history.append(record)
+        return record
+
+    def _cost(self) -> int:
+        """c(A) of the current model in the budget's kind."""
+        return self.analysis.params if self.budget.params is not None else self.analysis.flops
+
+    def _rejuvenate(self, r: float) -> dict[str, Any]:
+        """Rewrite the model, rebuild the optimizer with carried state; swap only when all succeeded."""
+        module = self._rejuvenated_module()
+        stage = self._new_stage(module, analyze(module, self.example_inputs), [*self._stage.plans, module.nrfx_plan])
+        self._carry(stage)
+        lam, cost, self._stage = self.lam, self._cost(), stage
+        self.rounds += 1
+        self.lam = 0.0
+        self._r_prev = _from_rank0(self.utilization())
+        return self._record(r, "rejuvenate", lam_before=lam, r_after=self._r_prev, cost_before=cost,
+                            widths=list(module.nrfx_plan.new_widths))
+
+    def _rejuvenated_module(self) -> nn.Module:
+        """The new model: planned on rank 0; other ranks replay rank 0's plan on their (identical) model."""
+        module, message = None, None
+        if _is_rank0():
+            try:
+                module = rejuvenate(self.module, None, self.budget, example_inputs=self.example_inputs,
+                                    scheme=self.scheme, rescale=self.rescale, seed=self.seed + self.rounds,
+                                    analysis=self.analysis)
+            except Exception as error:
+                if not _distributed():
+                    raise
+                message = f"{type(error).__name__}: {error}"
+        shared = _from_rank0(message or (module.nrfx_plan.to_dict() if module is not None else None))
+        if isinstance(shared, str):
+            raise DriverError(f"rejuvenation failed on rank 0: {shared}")
+        return module if module is not None else apply_plan(self.module, shared, self.example_inputs)
+
+    def _carry(self, stage: _Stage) -> None:
+        """Optimizer state, group settings and schedule from the current stage into a new one."""
+        dropped = carry_optimizer_state(self.optimizer, stage.optimizer, self.module, stage.module,
+                                        stage.module.nrfx_param_map)
+        if dropped:
+            warnings.warn(f"optimizer state of {len(dropped)} parameters could not be sliced and starts fresh: "
+                          f"{dropped[:5]}", NrfxWarning, stacklevel=4)
+        if self.restart_schedule:
+            return
+        if stage.scheduler is not None and self.scheduler is not None:
+            stage.scheduler.load_state_dict(self.scheduler.state_dict())
+        _copy_group_settings(self.optimizer, stage.optimizer)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plans, seed, λ, counters, history, and model/optimizer/scheduler state (tensors not copied)."""
+        return {
+            "format": _FORMAT, "plans": [p.to_dict() for p in self._stage.plans], "seed": self.seed,
+            "lam": self.lam, "r_prev": self._r_prev, "rounds": self.rounds, "steps": self.steps,
+            "history": json.loads(json.dumps(self.history)),
+            "budget": {"params": self.budget.params, "flops": self.budget.flops},
+            "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replay the saved plans on this (fresh, original) model, then load every state; atomic."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise DriverError("not a NeuralRejuvenation state_dict (format key missing or different)")
+        if self._stage.plans or self.rounds:
+            raise DriverError("load_state_dict needs a driver built over a fresh copy of the original model "
+                              f"(this one has already rejuvenated {self.rounds} times)")
+        module, plans = self.module, []
+        for data in state["plans"]:
+            plan = Plan.from_dict(data)
+            module = apply_plan(module, plan, self.example_inputs)
+            plans.append(plan)
+        _check_model_state(module, state["model"])
+        stage = self._new_stage(module, analyze(module, self.example_inputs) if plans else self.analysis, plans)
+        stage.optimizer.load_state_dict(state["optimizer"])
+        if stage.scheduler is not None and state["scheduler"] is not None:
+            stage.scheduler.load_state_dict(state["scheduler"])
+        module.load_state_dict(state["model"])
+        budget = state["budget"]
+        self._stage, self.budget = stage, Budget(params=budget["params"]) if budget["params"] is not None else \
+            Budget(flops=budget["flops"])
+        self.seed, self.lam, self._r_prev = state["seed"], state["lam"], state["r_prev"]
+        self.rounds, self.steps, self.history = state["rounds"], state["steps"], list(state["history"])
+
+    # -- history --------------------------------------------------------------------------------
+    def save_history(self, path: str) -> None:
+        """Write the history records as JSON."""
+        save_history(self.history, path)
+
+    def plot_history(self, path: str) -> bool:
+        """Plot r(θ) and λ over steps to ``path``; False (and a warning) without matplotlib."""
+        return plot_history(self.history, path, target=self.target)
+
+    def close(self) -> None:
+        """Close the progress bar."""
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+
+def _check_model_state(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """The saved model state has exactly this module's keys and shapes (checked before loading)."""
+    own = module.state_dict()
+    bad = sorted(set(own) ^ set(saved)) + [k for k in own.keys() & saved.keys()
+                                            if tuple(own[k].shape) != tuple(saved[k].shape)]
+    if bad:
+        raise DriverError(f"the checkpoint's model state does not fit the replayed model ({len(bad)} keys differ, "
+                          f"e.g. {bad[:3]}): was the driver built over a fresh copy of the original model?")
+
+
+def save_history(history: list[dict[str, Any]], path: str) -> None:
+    """History records to a JSON file (a list of {step, r, lam, event, rounds, cost, ...})."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(history, handle, indent=1)
+
+
+def plot_history(history: list[dict[str, Any]], path: str, target: float | None = None) -> bool:
+    """r(θ) and λ over steps, rejuvenations marked (paper Fig. 1); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no plot written (pip install matplotlib)", NrfxWarning,
+                      stacklevel=2)
+        return False
+    steps = [h["step"] for h in history]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
+    top.plot(steps, [h["r"] for h in history], label="r(θ)")
+    bottom.plot(steps, [h.get("lam_before", h["lam"]) for h in history], color="tab:orange", label="λ")
+    if target is not None:
+        top.axhline(target, color="gray", linestyle="--", label="target")
+    for h in history:
+        if h["event"] == "rejuvenate":
+            for axis in (top, bottom):
+                axis.axvline(h["step"], color="tab:red", alpha=0.4)
+    top.set_ylabel("utilization r")
+    bottom.set_ylabel("λ")
+    bottom.set_xlabel("step")
+    top.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

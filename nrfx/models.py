@@ -1,0 +1,132 @@
+"""Build a model from a name: torchvision, timm (when installed) or ``package.module:factory``.
+
+Models are always built without pretrained weights (nothing is downloaded).  The default
+example input size is the crop size of the torchvision weights' transforms, the input size
+of timm's pretrained config, or 3×224×224.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+from torch import nn
+
+from .errors import NrfxError
+
+__all__ = ["DEFAULT_INPUT_SIZE", "VIDEO_FRAMES", "default_input_size", "resolve_model"]
+
+DEFAULT_INPUT_SIZE: tuple[int, ...] = (3, 224, 224)
+VIDEO_FRAMES = 16  # clip length of torchvision's video models (their `_ops` metadata uses 16 frames)
+
+_SPELLINGS = (
+    "  - a torchvision model name, e.g. 'resnet50' (see torchvision.models.list_models())\n"
+    "  - a timm model name, e.g. 'convnext_tiny' (needs timm installed; see timm.list_models())\n"
+    "  - a factory 'package.module:function' that returns an nn.Module, e.g. 'mypkg.nets:build'"
+)
+
+
+def _torchvision_names() -> list[str]:
+    """Every model name torchvision can build."""
+    import torchvision
+
+    return list(torchvision.models.list_models())
+
+
+def _timm():
+    """The timm module, or None when it is not installed (or broken)."""
+    try:
+        import timm
+    except Exception:
+        return None
+    return timm
+
+
+def _from_factory(spec: str) -> nn.Module:
+    """Import ``package.module`` and call its ``factory`` with no arguments."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise NrfxError(f"cannot import '{module_name}' for model '{spec}': {error}; "
+                        "check the module path and that its package is installed") from error
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise NrfxError(f"'{module_name}' has no attribute '{attr}' (model '{spec}'); "
+                            "name a function that returns an nn.Module after the colon")
+    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise NrfxError(f"'{spec}' returned {type(model).__name__}, not an nn.Module; "
+                        "the factory must build and return the model")
+    return model
+
+
+def resolve_model(spec: str) -> nn.Module:
+    """A fresh model (random weights) for a torchvision name, a timm name, or ``module:factory``."""
+    spec = spec.strip()
+    if ":" in spec:
+        return _from_factory(spec)
+    if spec in _torchvision_names():
+        import torchvision
+
+        return torchvision.models.get_model(spec, weights=None)
+    timm = _timm()
+    if timm is not None and timm.is_model(spec):
+        return timm.create_model(spec, pretrained=False)
+    raise NrfxError(_unknown_message(spec, timm))
+
+
+def _unknown_message(spec: str, timm: Any) -> str:
+    """Say that a model name is unknown, suggest close names and how to spell each kind."""
+    names = _torchvision_names()
+    if timm is not None:
+        names += timm.list_models()
+    close = difflib.get_close_matches(spec, list(dict.fromkeys(names)), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    missing = "" if timm is not None else " (timm is not installed, so timm names are not available)"
+    return f"unknown model '{spec}'{missing}.{hint} A model is named by one of:\n{_SPELLINGS}"
+
+
+def default_input_size(name: str, model: nn.Module | None = None) -> tuple[int, ...]:
+    """Example input size without the batch dim: torchvision crop, timm config, else 3×224×224."""
+    size = _torchvision_size(name) if ":" not in name else None
+    if size is None:
+        size = _timm_size(name, model)
+    return size or DEFAULT_INPUT_SIZE
+
+
+def _torchvision_size(name: str) -> tuple[int, ...] | None:
+    """Input size from the default weights' transforms of a torchvision model."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except Exception:
+        return None
+    keywords = getattr(weights.transforms, "keywords", None) or {}
+    side = keywords.get("crop_size", keywords.get("resize_size"))
+    if side is None:
+        return None
+    height, width = (side, side) if isinstance(side, int) else (tuple(side) * 2)[:2]
+    if "Video" in getattr(weights.transforms, "func", weights.transforms).__name__:
+        return (3, VIDEO_FRAMES, height, width)
+    return (3, height, width)
+
+
+def _timm_size(name: str, model: nn.Module | None) -> tuple[int, ...] | None:
+    """Input size from timm's pretrained config (of the model, or looked up by name)."""
+    cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(int(s) for s in cfg["input_size"])
+    timm = _timm()
+    if timm is None or ":" in name:
+        return None
+    try:
+        found = timm.get_pretrained_cfg(name)
+    except Exception:
+        return None
+    size = getattr(found, "input_size", None)
+    return tuple(int(s) for s in size) if size else None

@@ -1,0 +1,377 @@
+"""Per-layer report of an analysis: channels, params and MACs (total and live), frozen reasons.
+
+Rows are the layers the analysis recorded (conv, linear, norm, embedding), every other node
+that costs MACs (matmul, attention, unknown ops) and every automatic leaf.  Each parameter is
+claimed by the first row whose node reads it; parameters no row claims (PReLU slopes, modules
+the trace never reaches, ...) form the ``(other)`` row, so the rows add up to c(A) and U(θ)
+exactly, in params and in MACs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+__all__ = ["Report", "Row", "Totals", "build_report", "format_count"]
+
+OTHER = "(other)"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One layer: live/total channels in and out, params and MACs per example, frozen reason."""
+
+    name: str
+    op: str
+    kind: str
+    in_live: int | None
+    in_total: int | None
+    out_live: int | None
+    out_total: int | None
+    params: int
+    live_params: int
+    macs: int
+    live_macs: int
+    frozen: str | None = None
+
+
+@dataclass(frozen=True)
+class Totals:
+    """c(A), U(θ) and r(θ) in params and MACs, and counts of spaces, unknown ops and leaves."""
+
+    params: int
+    live_params: int
+    macs: int
+    live_macs: int
+    spaces: int
+    frozen_spaces: int
+    unknown_ops: int
+    auto_leaves: int
+
+    @property
+    def r_params(self) -> float:
+        """Utilization ratio in parameters."""
+        return self.live_params / self.params if self.params else 1.0
+
+    @property
+    def r_macs(self) -> float:
+        """Utilization ratio in MACs."""
+        return self.live_macs / self.macs if self.macs else 1.0
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an analysis found, per layer and in total; ``str()`` gives the table and totals."""
+
+    model: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    batch: int
+    rows: tuple[Row, ...]
+    other: Row
+    totals: Totals
+    frozen: tuple[tuple[int, int, str], ...] = ()
+    unknown_ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    auto_leaves: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe data: rows, the (other) row, totals, frozen spaces, unknown ops, leaves."""
+        totals = asdict(self.totals) | {"r_params": self.totals.r_params, "r_macs": self.totals.r_macs}
+        return {
+            "model": self.model,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "batch": self.batch,
+            "macs_convention": "multiply-accumulates per example, bias excluded (torchvision _ops)",
+            "rows": [asdict(r) for r in self.rows],
+            "other": asdict(self.other),
+            "totals": totals,
+            "frozen_spaces": [{"space": i, "width": w, "reason": r} for i, w, r in self.frozen],
+            "unknown_ops": {k: list(v) for k, v in self.unknown_ops.items()},
+            "auto_leaves": dict(self.auto_leaves),
+        }
+
+    def table(self, width: int = 150) -> str:
+        """The per-layer rows as a text table (rich when installed, plain text otherwise)."""
+        header = ["layer", "op", "in", "out", "params", "live", "MACs", "live", "frozen"]
+        cells = [_cells(r) for r in (*self.rows, self.other)]
+        try:
+            return _rich_table(header, cells, width)
+        except ImportError:
+            return _plain_table(header, cells)
+
+    def summary(self) -> str:
+        """The totals: c(A), U(θ), r(θ), spaces, unknown ops and automatic leaves."""
+        t = self.totals
+        shapes = ", ".join("×".join(str(d) for d in s) for s in self.input_shapes)
+        lines = [
+            f"model {self.model}, input {shapes} (MACs per example, bias excluded)",
+            f"c(A)  params {t.params:,} ({format_count(t.params)})   MACs {t.macs:,} ({format_count(t.macs)})",
+            f"U(θ)  params {t.live_params:,} ({format_count(t.live_params)})   "
+            f"MACs {t.live_macs:,} ({format_count(t.live_macs)})",
+            f"r(θ)  params {t.r_params:.4f}   MACs {t.r_macs:.4f}",
+            f"channel spaces {t.spaces}, frozen {t.frozen_spaces}, unknown ops {t.unknown_ops}, "
+            f"automatic leaves {t.auto_leaves}",
+        ]
+        lines += [f"  unknown op {k}: {', '.join(v)}" for k, v in self.unknown_ops.items()]
+        lines += [f"  automatic leaf {k}: {v}" for k, v in self.auto_leaves.items()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table() + "\n" + self.summary()
+
+
+# -- building ---------------------------------------------------------------------------------
+def build_report(analysis, masks: dict[str, torch.Tensor] | None = None) -> Report:
+    """Rows per layer and totals of ``analysis`` under ``masks`` (None: masks from the norms)."""
+    util = analysis.utilization(masks)
+    full = [s.width for s in analysis.spaces]
+    live = [s.width if s.is_frozen else int(a.sum()) for s, a in zip(analysis.spaces, util.alive, strict=True)]
+    owner = _param_owners(analysis.gm)
+    owned: dict[str, list[str]] = {}
+    for name, node_name in owner.items():
+        owned.setdefault(node_name, []).append(name)
+    terms: dict[str, list] = {}
+    for term in analysis.ctx.macs:
+        terms.setdefault(term.node, []).append(term)
+    nodes = _row_nodes(analysis, terms)
+    rows = tuple(_row(analysis, node, owned.get(node.name, []), terms.get(node.name, []), full, live)
+                 for node in nodes)
+    other = _other_row(analysis, rows, owner, {n.name for n in nodes}, full, live, util)
+    totals = Totals(util.params, util.live_params, util.flops, util.live_flops, len(analysis.spaces),
+                    len(analysis.frozen_spaces), len(analysis.unknown_ops), len(analysis.auto_leaves))
+    frozen = tuple((s.index, s.width, _first_reason(s.frozen)) for s in analysis.frozen_spaces)
+    return Report(analysis.model_name, tuple(analysis.input_shapes), analysis.batch, rows, other, totals, frozen,
+                  dict(analysis.unknown_ops), dict(analysis.auto_leaves))
+
+
+def _row_nodes(analysis, terms: dict[str, list]) -> list[torch.fx.Node]:
+    """Nodes that get a row, in graph order: records, nodes with MACs, automatic leaves."""
+    wanted = set(analysis.records) | set(terms)
+    leaves = set(analysis.auto_leaves)
+    return [n for n in analysis.gm.graph.nodes
+            if n.name in wanted or (n.op == "call_module" and n.target in leaves)]
+
+
+def _param_owners(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Parameter name -> the first node that reads it (its module call or a get_attr's user)."""
+    names = {id(p): n for n, p in gm.named_parameters()}
+    owner: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        for tensor in _node_params(gm, node):
+            name = names.get(id(tensor))
+            if name is not None:
+                owner.setdefault(name, node.name)
+    return owner
+
+
+def _node_params(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.Tensor]:
+    """Parameters a node reads: its module's, or those fetched by get_attr nodes it takes."""
+    if node.op == "call_module":
+        return list(gm.get_submodule(node.target).parameters())
+    if node.op in ("call_function", "call_method"):
+        found = []
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                value = _fetch(gm, arg.target)
+                if isinstance(value, torch.nn.Parameter):
+                    found.append(value)
+        return found
+    return []
+
+
+def _fetch(gm: torch.fx.GraphModule, target: str) -> Any:
+    """The attribute a get_attr node reads (None when it cannot be found)."""
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _param_sizes(analysis, name: str, size: int, full, live) -> tuple[int, int]:
+    """(total, live) elements of one parameter; unclaimed parameters count whole."""
+    info = analysis.param_info.get(name)
+    if info is None or info.buffer:
+        return size, size
+    return _size(analysis, info, full), _size(analysis, info, live)
+
+
+def _size(analysis, info, counts) -> int:
+    """Elements of a parameter when space ``s`` has ``counts[s]`` channels."""
+    return math.prod(e if lay is None else analysis.width(lay, counts) for e, lay in zip(info.shape, info.dims,
+                                                                                           strict=True))
+
+
+def _row(analysis, node: torch.fx.Node, mine: list[str], terms: list, full, live) -> Row:
+    """The row of one node: its channels, the parameters it owns, its MAC terms."""
+    record = analysis.records.get(node.name, {})
+    params = [_param_sizes(analysis, n, analysis.gm.get_parameter(n).numel(), full, live) for n in mine]
+    macs = _macs(analysis, terms, full), _macs(analysis, terms, live)
+    cin, cout = _static_channels(analysis, record)
+    in_l, out_l = record.get("input"), record.get("output")
+    return Row(
+        name=_row_name(node, record),
+        op=_op_label(analysis.gm, node),
+        kind=record.get("kind", "leaf" if _is_auto_leaf(analysis, node) else "op"),
+        in_live=analysis.width(in_l, live) if in_l is not None else cin,
+        in_total=analysis.width(in_l, full) if in_l is not None else cin,
+        out_live=analysis.width(out_l, live) if out_l is not None else cout,
+        out_total=analysis.width(out_l, full) if out_l is not None else cout,
+        params=sum(p[0] for p in params),
+        live_params=sum(p[1] for p in params),
+        macs=macs[0] // analysis.batch,
+        live_macs=macs[1] // analysis.batch,
+        frozen=_frozen_reason(analysis, node, in_l, out_l),
+    )
+
+
+def _macs(analysis, terms: list, counts) -> int:
+    """MACs of a node's terms over the example batch when space ``s`` has ``counts[s]`` channels."""
+    return sum(t.coef * math.prod(analysis.width(lay, counts) for lay in t.layouts) for t in terms)
+
+
+def _other_row(analysis, rows, owner, row_names: set[str], full, live, util) -> Row:
+    """Parameters no row claims (and MACs lost to per-row rounding), so that rows add up."""
+    sizes = {n: p.numel() for n, p in analysis.gm.named_parameters()}
+    unowned = [n for n in sizes if owner.get(n) not in row_names]
+    claimed = sizes.keys() - set(unowned)
+    # parameters outside the graph (never reached by the trace) count whole, as in c(A)
+    unclaimed_total = analysis._constant_params - sum(sizes[n] for n in claimed if _is_constant(analysis, n))
+    params = [_param_sizes(analysis, n, sizes[n], full, live) for n in unowned if not _is_constant(analysis, n)]
+    return Row(
+        name=OTHER, op="-", kind="other", in_live=None, in_total=None, out_live=None, out_total=None,
+        params=unclaimed_total + sum(p[0] for p in params),
+        live_params=unclaimed_total + sum(p[1] for p in params),
+        macs=util.flops - sum(r.macs for r in rows),
+        live_macs=util.live_flops - sum(r.live_macs for r in rows),
+    )
+
+
+def _is_constant(analysis, name: str) -> bool:
+    """Whether a parameter is counted whole (no rule registered its layouts)."""
+    info = analysis.param_info.get(name)
+    return info is None or info.buffer
+
+
+def _static_channels(analysis, record: dict) -> tuple[int | None, int | None]:
+    """(in, out) channels of a recorded layer read from its module or weight shape."""
+    module = record.get("module")
+    if module is not None:
+        m = analysis.gm.get_submodule(module)
+        for a, b in (("in_channels", "out_channels"), ("in_features", "out_features")):
+            if hasattr(m, a):
+                return getattr(m, a), getattr(m, b)
+        if hasattr(m, "num_features"):
+            return m.num_features, m.num_features
+        if hasattr(m, "embedding_dim"):
+            return None, m.embedding_dim
+    info = analysis.param_info.get(record.get("weight", ""))
+    if info is None:
+        return None, None
+    shape, groups, kind = info.shape, record.get("groups", 1), record.get("kind")
+    if kind == "linear" and len(shape) == 2:
+        return shape[1], shape[0]
+    if kind == "conv" and len(shape) > 2:
+        return (shape[0], shape[1] * groups) if record.get("transposed") else (shape[1] * groups, shape[0])
+    return None, None
+
+
+def _row_name(node: torch.fx.Node, record: dict) -> str:
+    """Module name for module calls, the weight's name for functional layers, else the node name."""
+    if node.op == "call_module":
+        return str(node.target)
+    return record.get("weight") or node.name
+
+
+def _op_label(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """Module type, function name or ``Tensor.method``."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _is_auto_leaf(analysis, node: torch.fx.Node) -> bool:
+    """Whether the node calls a submodule that became a leaf because it could not be traced."""
+    return node.op == "call_module" and node.target in analysis.auto_leaves
+
+
+def _frozen_reason(analysis, node: torch.fx.Node, in_l, out_l) -> str | None:
+    """Why the layer's channels keep their width: automatic leaf, else the first reason of its spaces."""
+    if _is_auto_leaf(analysis, node):
+        return f"automatic leaf: {analysis.auto_leaves[node.target]}"
+    for layout in (out_l, in_l):
+        if layout is None:
+            continue
+        for s in analysis.space_ids(layout):
+            if analysis.spaces[s].is_frozen:
+                return _first_reason(analysis.spaces[s].frozen)
+    return None
+
+
+def _first_reason(reasons: tuple[str, ...]) -> str:
+    """The first freeze reason, except that an automatic leaf (the root cause) comes first."""
+    leaf = [r for r in reasons if r.startswith("automatic leaf")]
+    return (leaf or list(reasons))[0]
+
+
+# -- formatting -------------------------------------------------------------------------------
+def format_count(n: int | float) -> str:
+    """A count with an SI suffix: 4.089G, 25.56M, 9.41K, 512."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            digits = 3 if suffix == "G" else 2
+            return f"{n / scale:.{digits}f}{suffix}"
+    return str(int(n))
+
+
+def _fraction(live: int | None, total: int | None) -> str:
+    """'live/total' channels, or '-' when the layer has none there."""
+    if total is None:
+        return "-"
+    return f"{live}/{total}"
+
+
+def _short_reason(reason: str | None, limit: int = 60) -> str:
+    """A freeze reason without its node location, cut to ``limit`` characters."""
+    if not reason:
+        return ""
+    text = reason.split(" [node ")[0]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _cells(row: Row) -> list[str]:
+    """The table cells of one row."""
+    return [row.name, row.op, _fraction(row.in_live, row.in_total), _fraction(row.out_live, row.out_total),
+            format_count(row.params), format_count(row.live_params), format_count(row.macs),
+            format_count(row.live_macs), _short_reason(row.frozen)]
+
+
+def _rich_table(header: list[str], cells: list[list[str]], width: int) -> str:
+    """Render with rich into a string (no colours, no terminal codes)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for i, title in enumerate(header):
+        table.add_column(title, justify="right" if 2 <= i <= 7 else "left", overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False, soft_wrap=False).print(table)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+
+
+def _plain_table(header: list[str], cells: list[list[str]]) -> str:
+    """Fixed-width columns separated by two spaces."""
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+    lines = []
+    for row in [header, ["-" * w for w in widths], *cells]:
+        parts = [c.rjust(w) if 2 <= i <= 7 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""Property: c(A) and U(θ) of nrfx equal the size and MACs of the network built by hand at full / live widths.
+
+Random architectures come from ``models.archs``; random masks switch channels off per norm (and
+per norm-less conv).  ``models.ChannelGraph`` follows every channel by hand (ties, frozen
+channels, zeros at every weight) to decide which channels are dead; the narrow network is then
+built with those channels removed and measured with ``sum(numel)`` and FlopCounterMode.  The
+narrow network, with weights copied, must also compute the same function as the full one when
+the masked channels output exact zeros: that checks the hand reference itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from models import (
+    SE,
+    Add,
+    Arch,
+    Cat,
+    ChannelGraph,
+    Conv,
+    Head,
+    Residual,
+    Slice,
+    archs,
+    build,
+    count_macs,
+    mask_sites,
+    repair_masks,
+    zero_masked,
+)
+
+import nrfx
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def masks_for(draw, arch: Arch, all_norm_sites_alive_once: bool = False) -> dict[str, torch.Tensor]:
+    """Random dead channels per mask site (norms and norm-less convs)."""
+    seed = draw(st.integers(0, 2**16))
+    p = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]))
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, width in mask_sites(arch).items():
+        is_norm = name.startswith("b") or name.endswith("n")  # b{i}, r{i}an, r{i}bn
+        if all_norm_sites_alive_once and not is_norm:
+            continue  # γ path: only norms carry masks
+        mask = torch.rand(width, generator=gen) >= p
+        if all_norm_sites_alive_once and not mask.any():
+            mask[0] = True  # an all-zero γ would read as all alive (threshold relative to max|γ|)
+        masks[name] = mask
+    return masks
+
+
+def expected_param_sizes(a: nrfx.Analysis, alive: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Size of every parameter nrfx claims, at the live widths of its spaces."""
+    live = [int(x.sum()) for x in alive]
+    out = {}
+    for name, info in a.param_info.items():
+        if info.buffer:
+            continue
+        size = 1
+        for extent, layout in zip(info.shape, info.dims, strict=True):
+            size *= extent if layout is None else layout.inner * sum(live[s] for s in a.space_ids(layout))
+        out[name] = size
+    return out
+
+
+def check(arch: Arch, masks: dict[str, torch.Tensor], use_gamma: bool) -> None:
+    x = torch.randn(1, arch.in_channels, arch.size, arch.size)
+    masks = repair_masks(arch, masks)
+    full = build(arch)
+    if use_gamma:  # dead channels as read from γ by nrfx.norm_masks
+        zero_masked(full, masks)
+        assert {k: v.tolist() for k, v in nrfx.norm_masks(full).items()} == {k: v.tolist() for k, v in masks.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nrfx.UnknownOpWarning)
+        a = nrfx.analyze(full, x)
+    assert not a.unknown_ops
+    # c(A): the full network
+    assert a.params == sum(p.numel() for p in full.parameters())
+    assert a.flops == count_macs(full, x)
+    # U(θ): the network built by hand without the dead channels
+    graph = ChannelGraph(arch, masks)
+    narrow = graph.narrow()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "mask for .* is ignored", nrfx.NrfxWarning)  # masks on frozen spaces
+        u = a.utilization(None if use_gamma else masks)
+    sizes = expected_param_sizes(a, u.alive)
+    hand = {n: p.numel() for n, p in narrow.named_parameters()}
+    assert sizes == hand
+    assert u.live_params == sum(hand.values())
+    assert u.live_flops == count_macs(narrow, x)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(st.data())
+def test_utilization_equals_the_hand_built_narrow_network(data):
+    arch = data.draw(archs())
+    use_gamma = data.draw(st.booleans())
+    masks = data.draw(masks_for(arch, all_norm_sites_alive_once=use_gamma))
+    check(arch, masks, use_gamma)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(st.data())
+def test_narrow_network_computes_the_same_function(data):
+    """The hand reference is right: removing its dead channels does not change the outputs."""
+    arch = data.draw(archs())
+    masks = repair_masks(arch, data.draw(masks_for(arch)))
+    full = build(arch, dtype=torch.float64)
+    zero_masked(full, masks)
+    full.eval()
+    narrow = ChannelGraph(arch, masks).narrow(source=full).to(torch.float64).eval()
+    x = torch.randn(2, arch.in_channels, arch.size, arch.size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(x), full(x), rtol=1e-9, atol=1e-9)
+
+
+# -- hand-picked architectures the strategy may take long to find ------------------------------------------------
+FIXED = [
+    # residual whose shortcut is a concat, then a split across the concat border, re-added shifted
+    Arch((Conv(0, 4), Conv(0, 3, groups=1), Cat((1, 2)), Residual(3, 5, style="iadd"),
+          Slice(4, 2, 6, "split"), Slice(4, 0, 4, "narrow"), Add(5, 6), Head(7, 2))),
+    # depthwise after a concat, grouped conv, SE gate, flatten head
+    Arch((Conv(0, 4), Conv(0, 4, k=1), Cat((1, 2)), Conv(3, 8, groups=8), SE(4, 2),
+          Conv(5, 6, groups=2, stride=2), Head(6, 3, gap=False))),
+    # in-place add whose result is not used: the next layer reads the mutated tensor
+    Arch((Conv(0, 6), Residual(1, 3, style="add_unused"), Residual(2, 2, k=1, style="add_"), Head(3, 2))),
+    # a concat repeating the same value, sliced at a border inside the repetition
+    Arch((Conv(0, 3), Cat((1, 1)), Slice(2, 1, 5, "getitem"), Conv(3, 4, bn=False), Head(4, 2))),
+]
+
+
+def _dead_everywhere(arch: Arch, keep_every: int) -> dict[str, torch.Tensor]:
+    masks = {}
+    for name, width in mask_sites(arch).items():
+        masks[name] = torch.tensor([j % keep_every == 0 for j in range(width)])
+    return masks
+
+
+def test_fixed_architectures():
+    for arch in FIXED:
+        for keep_every in (1, 2, 3):
+            check(arch, _dead_everywhere(arch, keep_every), use_gamma=False)
+        full = build(arch, dtype=torch.float64)
+        masks = repair_masks(arch, _dead_everywhere(arch, 2))
+        zero_masked(full, masks)
+        full.eval()
+        narrow = ChannelGraph(arch, masks).narrow(source=full).to(torch.float64).eval()
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(narrow(x), full(x), rtol=1e-9, atol=1e-9)
+
+
+def test_channel_graph_spaces_describe_ties_and_frozen():
+    # conv(3→4) + residual: one space written by c0, b0, r1bn and r1b; grouped conv freezes its sides
+    arch = Arch((Conv(0, 4), Residual(1, 2), Conv(2, 6, groups=2), Head(3, 2)))
+    spaces = ChannelGraph(arch).spaces()
+    by_module = {}
+    for members, is_frozen in spaces:
+        for name, _ in members:
+            by_module.setdefault(name, []).append((frozenset(members), is_frozen))
+    (c0_first, frozen0), *_ = by_module["c0"]
+    assert {("c0", 0), ("b0", 0), ("r1b", 0), ("r1bn", 0)} <= c0_first and frozen0  # feeds the grouped conv
+    assert all(f for _, f in by_module["c2"]) and all(f for _, f in by_module["head"])
+    assert not any(f for _, f in by_module["r1a"])
+    assert len(by_module["r1a"]) == 2  # two separate channels

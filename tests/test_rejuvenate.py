@@ -1,0 +1,196 @@
+"""rejuvenate: function preservation, budgets, schemes, replay, and bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import torchvision
+from dead import kill_channels
+from torch import nn
+
+import nrfx
+from nrfx.plan import CostModel
+
+SCHEMES = [(s, r) for s in ("nr", "cr", "ca") for r in (False, True)]
+FAST_MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"]
+
+
+def _prepared(name: str, size: int = 64, seed: int = 0):
+    """A float64 eval-mode torchvision model with exact-zero dead channels, its input and analysis."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None).double().eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    kill_channels(model, analysis, 0.4, seed)
+    return model, x, analysis
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A deep copy of every tensor of a model's state."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """The model's state is bit-for-bit what it was."""
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+def assert_preserved(model: nn.Module, x: torch.Tensor, analysis, schemes=SCHEMES) -> None:
+    """Every scheme × rescale gives the original outputs (float64, rtol 1e-7); the model is untouched."""
+    before = _snapshot(model)
+    with torch.no_grad():
+        expected = model(x)
+    for scheme, rescale in schemes:
+        new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, rescale=rescale, analysis=analysis)
+        with torch.no_grad():
+            got = new(x)
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9 * scale, msg=f"{scheme} rescale={rescale}")
+        assert sum(p.numel() for p in new.parameters()) <= analysis.params
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", FAST_MODELS)
+def test_function_preserved_fast_zoo(name):
+    model, x, analysis = _prepared(name, size=32)
+    assert_preserved(model, x, analysis)
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 1.3])
+def test_budget_met_within_one_channel(kind, fraction):
+    model, x, analysis = _prepared("resnet18", size=32)
+    budget = nrfx.Budget.fraction(fraction, kind)
+    new = nrfx.rejuvenate(model, None, budget, example_inputs=x, analysis=analysis)
+    plan = new.nrfx_plan
+    target = int(fraction * (analysis.params if kind == "params" else analysis.flops))
+    after = nrfx.analyze(new, x)
+    cost = after.params if kind == "params" else after.flops
+    assert cost == plan.cost_after <= target
+    model_cost = CostModel(analysis, kind)
+    widths = plan.new_widths
+    cheapest = min(
+        model_cost([w + (i == s) for i, w in enumerate(widths)]) - model_cost(widths)
+        for s, space in enumerate(analysis.spaces) if not space.is_frozen
+    )
+    assert target - cost < cheapest
+    if kind == "params":
+        assert sum(p.numel() for p in new.parameters()) == cost
+
+
+def test_no_realloc_reinitialises_in_place():
+    model, x, analysis = _prepared("resnet18", size=32)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, realloc=False, analysis=analysis)
+    assert new.nrfx_plan.new_widths == [s.width for s in analysis.spaces]
+    assert sum(p.numel() for p in new.parameters()) == analysis.params
+    torch.testing.assert_close(new(x), model(x), rtol=1e-7, atol=1e-9)
+
+
+def test_plan_is_json_and_replays_bit_for_bit():
+    model, x, _ = _prepared("resnet18", size=32)
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(0.8), example_inputs=x, seed=3, scheme="cr")
+    data = json.loads(new.nrfx_plan.to_json())
+    again = nrfx.apply_plan(model, data, x)
+    for (k1, v1), (k2, v2) in zip(new.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+
+
+def test_rewritten_module_trains_roundtrips_and_lints():
+    model, x, _ = _prepared("resnet18", size=32)
+    model = model.float().train()
+    x = x.float()
+    for scheme in ("nr", "cr", "ca"):
+        new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme)
+        assert all(p.dtype == torch.float32 for p in new.parameters())
+        assert new.training
+        new.graph.lint()
+        new(x).sum().backward()
+        assert all(p.grad is not None for p in new.parameters() if p.requires_grad)
+        clone = copy.deepcopy(new)
+        clone.load_state_dict(new.state_dict())
+        new.eval()
+        clone.eval()
+        torch.testing.assert_close(clone(x), new(x))
+
+
+def test_rejuvenated_children_are_zero_crossed():
+    model, x, analysis = _prepared("vgg11_bn", size=32)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, analysis=analysis)
+    for name, pmap in new.nrfx_param_map.items():
+        if not name.endswith("weight") or len(pmap.dims) != 2:
+            continue
+        weight = new.get_parameter(name)
+        out_r, in_r = (d.source < 0 for d in sorted(pmap.dims, key=lambda d: d.dim))
+        assert not weight[out_r][:, ~in_r].any(), f"W_S→R of {name} is not zero"
+        assert not weight[~out_r][:, in_r].any(), f"W_R→S of {name} is not zero"
+
+
+@pytest.mark.parametrize("scheme", ["cr", "ca"])
+def test_schemes_export_and_compile(scheme):
+    model, x, _ = _prepared("resnet18", size=32)
+    model, x = model.float(), x.float()
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme)
+    exported = torch.export.export(new, (x,))
+    torch.testing.assert_close(exported.module()(x), new(x))
+    compiled = torch.compile(new, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), new(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cr_blocks_stay_zero_after_training():
+    model, x, _ = _prepared("vgg11_bn", size=32)
+    new = nrfx.rejuvenate(model.float().train(), None, None, example_inputs=x.float(), scheme="cr")
+    opt = torch.optim.SGD(new.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        new(x.float()).square().mean().backward()
+        opt.step()
+    converted = [m for m in new.modules() if type(m).__name__.startswith("SR")]
+    assert converted
+    for module in converted:
+        w = module.weight
+        assert not w[: module.s_out, module.s_in:].any() and not w[module.s_out:, : module.s_in].any()
+
+
+def test_budget_below_frozen_part_states_minimum():
+    model, x, analysis = _prepared("resnet18", size=32)
+    before = _snapshot(model)
+    with pytest.raises(nrfx.BudgetError, match="at least"):
+        nrfx.rejuvenate(model, None, 1000, example_inputs=x, analysis=analysis)
+    _assert_unchanged(model, before)
+
+
+def test_unknown_scheme_is_an_error():
+    model, x, analysis = _prepared("resnet18", size=32)
+    with pytest.raises(nrfx.PlanError, match="scheme"):
+        nrfx.rejuvenate(model, None, None, example_inputs=x, scheme="xx", analysis=analysis)
+
+
+def test_all_dead_space_keeps_strongest_and_warns():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2)).eval()
+    masks = {"1": torch.zeros(4, dtype=torch.bool), "4": torch.ones(5, dtype=torch.bool)}
+    before = _snapshot(model)
+    with pytest.warns(nrfx.NrfxWarning, match="strongest"):
+        new = nrfx.rejuvenate(model, masks, None, example_inputs=torch.randn(1, 3, 8, 8))
+    assert len(new.nrfx_plan.keep[0]) == 1
+    _assert_unchanged(model, before)
+
+
+def test_mask_on_frozen_space_is_ignored_with_warning():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    model[3] = nn.Flatten(0)  # flattening the batch too: channel space meets a plain dim → frozen
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    masks = {"2": torch.tensor([True, False, True, True])}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        u = nrfx.analyze(model, torch.randn(1, 3, 8, 8)).utilization(masks)
+    assert any("frozen" in str(w.message) for w in caught)
+    assert u.live_params == u.params

@@ -1,0 +1,255 @@
+"""The per-layer report, the model resolver and the ``nrfx`` command line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import nrfx
+from nrfx.cli import main, parse_input_size
+from nrfx.models import default_input_size, resolve_model
+from nrfx.report import OTHER, Report
+
+
+def _resnet18() -> nn.Module:
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet_analysis():
+    return nrfx.analyze(_resnet18(), torch.randn(1, 3, 64, 64))
+
+
+def _row(report: Report, name: str):
+    return next(r for r in report.rows if r.name == name)
+
+
+def _assert_adds_up(report: Report, analysis, util) -> None:
+    rows = (*report.rows, report.other)
+    assert sum(r.params for r in rows) == analysis.params == report.totals.params
+    assert sum(r.live_params for r in rows) == util.live_params == report.totals.live_params
+    assert sum(r.macs for r in rows) == analysis.flops == report.totals.macs
+    assert sum(r.live_macs for r in rows) == util.live_flops == report.totals.live_macs
+
+
+# -- report ------------------------------------------------------------------------------------
+def test_resnet_rows_add_up_and_match_layer_shapes(resnet_analysis):
+    model = _resnet18()
+    report = resnet_analysis.report()
+    _assert_adds_up(report, resnet_analysis, resnet_analysis.utilization())
+    assert report.other.params == 0 and report.other.macs == 0
+    conv2 = _row(report, "layer1.0.conv2")
+    assert (conv2.op, conv2.in_total, conv2.out_total) == ("Conv2d", 64, 64)
+    assert conv2.params == model.layer1[0].conv2.weight.numel() == 64 * 64 * 9
+    assert conv2.macs == 64 * 64 * 9 * 16 * 16  # 64x64 input -> 16x16 in layer1
+    fc = _row(report, "fc")
+    assert (fc.in_total, fc.out_total, fc.params, fc.macs) == (512, 1000, 513_000, 512_000)
+    assert fc.frozen.startswith("reaches the model output")
+    assert _row(report, "bn1").macs == 0
+    assert {r.name for r in report.rows} >= {n for n, m in model.named_modules()
+                                              if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))}
+
+
+def test_masks_show_live_channels_per_layer(resnet_analysis):
+    dead = torch.ones(64, dtype=torch.bool)
+    dead[:10] = False
+    masks = {"layer1.0.bn1": dead}
+    report = resnet_analysis.report(masks)
+    util = resnet_analysis.utilization(masks)
+    conv1, conv2 = _row(report, "layer1.0.conv1"), _row(report, "layer1.0.conv2")
+    assert (conv1.out_live, conv1.out_total) == (54, 64)
+    assert (conv2.in_live, conv2.in_total, conv2.out_live) == (54, 64, 64)
+    assert conv1.live_params == 54 * 64 * 9
+    assert conv2.live_params == 54 * 64 * 9
+    assert _row(report, "layer1.0.bn1").live_params == 2 * 54
+    assert conv2.live_macs == 54 * 64 * 9 * 16 * 16
+    _assert_adds_up(report, resnet_analysis, util)
+    assert report.totals.r_params == pytest.approx(util.r_params) and report.totals.r_params < 1
+
+
+def test_batch_size_does_not_change_per_example_rows():
+    one = nrfx.analyze(_resnet18(), torch.randn(1, 3, 64, 64)).report()
+    analysis = nrfx.analyze(_resnet18(), torch.randn(3, 3, 64, 64))
+    three = analysis.report()
+    assert [(r.name, r.macs) for r in three.rows] == [(r.name, r.macs) for r in one.rows]
+    _assert_adds_up(three, analysis, analysis.utilization())
+
+
+class _Odd(nn.Module):
+    """Functional conv on bare parameters, a PReLU slope, an attention block and an unused layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.act = nn.PReLU(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.unused = nn.Linear(5, 5)
+
+    def forward(self, x):
+        y = self.act(F.conv2d(x, self.weight, padding=1))
+        tokens = y.flatten(2).transpose(1, 2)
+        return self.attn(tokens, tokens, tokens)[0]
+
+
+def test_other_row_holds_unclaimed_parameters_and_functional_layers_get_rows():
+    model = _Odd()
+    analysis = nrfx.analyze(model, torch.randn(2, 3, 4, 4))
+    report = analysis.report()
+    _assert_adds_up(report, analysis, analysis.utilization())
+    assert analysis.params == sum(p.numel() for p in model.parameters())
+    assert report.other.name == OTHER
+    assert report.other.params == model.act.weight.numel() + sum(p.numel() for p in model.unused.parameters())
+    conv = _row(report, "weight")
+    assert (conv.op, conv.in_total, conv.out_total, conv.params) == ("conv2d", 3, 8, 8 * 3 * 9)
+    assert conv.macs == 8 * 3 * 9 * 16
+    attn = _row(report, "attn")
+    assert attn.op == "MultiheadAttention"
+    assert attn.params == sum(p.numel() for p in model.attn.parameters())
+    # projections (4 · L · E²) and attention (2 · L² · E), per example: L = 16 tokens, E = 8
+    assert attn.macs == 4 * 16 * 8 * 8 + 2 * 16 * 16 * 8
+    assert attn.frozen is None  # MHA freezes spaces but has no record of its own: its frozen inputs show upstream
+
+
+def test_to_dict_is_json_and_table_lists_every_row(resnet_analysis, monkeypatch):
+    report = resnet_analysis.report()
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["totals"]["params"] == resnet_analysis.params
+    assert data["totals"]["macs"] == resnet_analysis.flops
+    assert data["totals"]["r_params"] == 1.0
+    assert [r["name"] for r in data["rows"]] == [r.name for r in report.rows]
+    assert data["frozen_spaces"] and data["frozen_spaces"][0]["reason"].startswith("reaches the model output")
+    for text in (report.table(), str(report)):
+        lines = text.splitlines()
+        for row in (*report.rows, report.other):
+            assert any(line.split()[:1] == [row.name] for line in lines), row.name
+    assert "c(A)  params 11,689,512" in str(report)
+    monkeypatch.setitem(sys.modules, "rich", None)  # plain-text fallback
+    plain = report.table()
+    assert plain.splitlines()[0].split()[:2] == ["layer", "op"]
+    assert "layer4.1.conv2" in plain and "512/512" in plain
+
+
+# -- models ---------------------------------------------------------------------------------------
+def test_resolve_model_spellings():
+    assert type(resolve_model("resnet18")).__name__ == "ResNet"
+    assert type(resolve_model("torchvision.models:resnet18")).__name__ == "ResNet"
+    timm = pytest.importorskip("timm")
+    assert isinstance(resolve_model("resnet10t"), timm.models.resnet.ResNet)
+
+
+def test_resolve_model_errors_say_how_to_spell_a_model():
+    with pytest.raises(nrfx.NrfxError, match=r"package\.module:function") as info:
+        resolve_model("resnet5")
+    assert "resnet50" in str(info.value)
+    with pytest.raises(nrfx.NrfxError, match="cannot import"):
+        resolve_model("no_such_package.nets:build")
+    with pytest.raises(nrfx.NrfxError, match=r"not an nn\.Module"):
+        resolve_model("math:pi")
+
+
+def test_default_input_size():
+    assert default_input_size("resnet50") == (3, 224, 224)
+    assert default_input_size("inception_v3") == (3, 299, 299)
+    assert default_input_size("r3d_18") == (3, 16, 112, 112)
+    assert default_input_size("mod:factory") == (3, 224, 224)
+    pytest.importorskip("timm")
+    assert default_input_size("vit_base_patch16_384") == (3, 384, 384)
+
+
+def test_parse_input_size():
+    assert parse_input_size(["3", "32", "32"], 2) == (2, 3, 32, 32)
+    assert parse_input_size(["1,3,224,224"], 5) == (1, 3, 224, 224)
+    with pytest.raises(nrfx.NrfxError, match="C H W"):
+        parse_input_size(["3", "x"], 1)
+
+
+# -- command line ---------------------------------------------------------------------------------
+_FACTORY = """
+import torch
+from torch import nn
+
+def build():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0, 0.2, 0.2, 0.001, 0.0]))
+    return net
+"""
+
+
+@pytest.fixture()
+def factory(tmp_path, monkeypatch):
+    (tmp_path / "nrfx_cli_factory.py").write_text(textwrap.dedent(_FACTORY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "nrfx_cli_factory:build"
+
+
+def test_cli_report_prints_table_and_writes_json(tmp_path, capsys, factory):
+    out = tmp_path / "report.json"
+    assert main(["report", factory, "--input-size", "3", "8", "8", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "c(A)  params 276" in text and "r(θ)" in text
+    data = json.loads(out.read_text())
+    assert data["input_shapes"] == [[1, 3, 8, 8]]
+    assert data["totals"]["params"] == 3 * 8 * 9 + 8 + 16 + 8 * 4 + 4
+    # threshold 0.01: channels with γ 0.001 and 0 are dead -> 6 live of 8
+    assert [r["out_live"] for r in data["rows"] if r["name"] == "0"] == [6]
+    assert main(["report", factory, "--input-size", "1,3,8,8", "--threshold", "0.5", "--json", str(out)]) == 0
+    assert [r["out_live"] for r in json.loads(out.read_text())["rows"] if r["name"] == "0"] == [4]
+
+
+def test_cli_masks_file(tmp_path, capsys, factory):
+    path = tmp_path / "masks.pt"
+    torch.save({"1": torch.tensor([True, False] * 4)}, path)
+    out = tmp_path / "r.json"
+    assert main(["report", factory, "--input-size", "3", "8", "8", "--masks", str(path), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    row = next(r for r in data["rows"] if r["name"] == "3")
+    assert (row["in_live"], row["in_total"], row["live_params"]) == (4, 8, 4 * 4 + 4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "resnet5"], "unknown model 'resnet5'"),
+    (["report", "resnet18", "--input-size", "3", "64"], "do not run through the model"),
+    (["report", "resnet18", "--masks", "/nonexistent/masks.pt"], "does not exist"),
+    (["report", "resnet18", "--input-size", "3", "a", "b"], "not a list of integers"),
+])
+def test_cli_errors_are_one_clean_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nrfx: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_cli_bad_mask_file_exit_2(tmp_path, capsys, factory):
+    path = tmp_path / "masks.pt"
+    torch.save({"nope": torch.ones(8, dtype=torch.bool)}, path)
+    assert main(["report", factory, "--input-size", "3", "8", "8", "--masks", str(path)]) == 2
+    assert "mask for unknown module 'nope'" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_program(factory, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    result = subprocess.run([sys.executable, "-m", "nrfx.cli", "report", factory, "--input-size", "3", "8", "8"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].split()[:2] == ["layer", "op"]
+    bad = subprocess.run([sys.executable, "-m", "nrfx.cli", "report", "resnet5"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("nrfx: error: unknown model")
+
+
+def test_report_does_not_touch_the_model(resnet_analysis):
+    model = _resnet18()
+    before = copy.deepcopy(model.state_dict())
+    nrfx.analyze(model, torch.randn(1, 3, 64, 64)).report()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

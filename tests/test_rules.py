@@ -1,0 +1,923 @@
+"""Per-rule unit tests: spaces, ties, frozen spaces, c(A) and U(θ) against closed forms on tiny models.
+
+Every expected number is written from the layer sizes (weights Cout·Cin·K, MACs per example
+= weight elements · output positions); none is copied from nrfx.  Masks are dicts
+{module name: BoolTensor (True = alive)}.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nrfx
+
+B = 2  # batch of every example input: nrfx reports MACs per example
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def analyze(model: nn.Module, *shapes: tuple[int, ...]) -> nrfx.Analysis:
+    torch.manual_seed(0)
+    return nrfx.analyze(model, tuple(torch.randn(*s) for s in shapes))
+
+
+def numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def alive(width: int, dead: tuple[int, ...] = ()) -> torch.Tensor:
+    mask = torch.ones(width, dtype=torch.bool)
+    mask[list(dead)] = False
+    return mask
+
+
+def ids(a: nrfx.Analysis, param: str, dim: int) -> list[int] | None:
+    """Space ids of one dim of a parameter (None: the dim carries no channel space)."""
+    layout = a.param_info[param].dims[dim]
+    return None if layout is None else a.space_ids(layout)
+
+
+def out_ids(a, name):
+    return ids(a, f"{name}.weight", 0)
+
+
+def in_ids(a, name):
+    return ids(a, f"{name}.weight", 1)
+
+
+def frozen(a: nrfx.Analysis, space_ids: list[int]) -> list[bool]:
+    return [a.spaces[s].is_frozen for s in space_ids]
+
+
+def reasons(a: nrfx.Analysis, space_ids: list[int]) -> str:
+    return " ".join(r for s in space_ids for r in a.spaces[s].frozen)
+
+
+def conv_out(n: int, k: int, s: int = 1, p: int = 0, d: int = 1) -> int:
+    """Output length of a convolution along one dim."""
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def check_costs(a, model, flops, masks, live_params, live_flops):
+    assert a.params == numel(model)
+    assert a.flops == flops
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "mask for .* is ignored", nrfx.NrfxWarning)  # masks on frozen spaces
+        u = a.utilization(masks)
+    assert (u.params, u.flops) == (a.params, a.flops)
+    assert u.live_params == live_params
+    assert u.live_flops == live_flops
+    return u
+
+
+# -- conv / batch norm ---------------------------------------------------------------------------------------
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+CONV_CASES = [
+    (1, dict(kernel_size=3), (11,)),
+    (1, dict(kernel_size=5, stride=2, padding=2, padding_mode="reflect"), (12,)),
+    (1, dict(kernel_size=3, padding=1, padding_mode="circular", bias=False), (9,)),
+    (2, dict(kernel_size=3, stride=2, padding=2, dilation=2), (17, 15)),
+    (2, dict(kernel_size=(3, 1), padding=(1, 0), padding_mode="circular", bias=False), (9, 7)),
+    (2, dict(kernel_size=3, padding=1, padding_mode="reflect"), (6, 5)),
+    (2, dict(kernel_size=1, bias=False), (5, 6)),
+    (3, dict(kernel_size=3, stride=(1, 2, 2), padding=1), (4, 6, 6)),
+    (3, dict(kernel_size=2, padding=1, padding_mode="reflect", dilation=2), (3, 4, 5)),
+]
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+@pytest.mark.parametrize("nd,kw,spatial", CONV_CASES)
+def test_conv_bn_relu_conv(nd, kw, spatial):
+    cin, c, cout = 3, 6, 4
+    model = nn.Sequential(_CONV[nd](cin, c, **kw), _BN[nd](c), nn.ReLU(), _CONV[nd](c, cout, 1))
+    a = analyze(model, (B, cin, *spatial))
+    k = _tuple(kw["kernel_size"], nd)
+    s, p, d = (_tuple(kw.get(n, dflt), nd) for n, dflt in (("stride", 1), ("padding", 0), ("dilation", 1)))
+    out = [conv_out(spatial[i], k[i], s[i], p[i], d[i]) for i in range(nd)]
+    K, P = math.prod(k), math.prod(out)
+    bias = int(kw.get("bias", True))
+
+    def params(w):  # conv0 (+bias) + bn γβ + conv3 (+bias)
+        return w * cin * K + w * bias + 2 * w + cout * w + cout
+
+    assert a.params == params(c)
+    masks = {"1": alive(c, (1, 4))}
+    flops, live_flops = c * cin * K * P + cout * c * P, (c - 2) * cin * K * P + cout * (c - 2) * P
+    check_costs(a, model, flops, masks, params(c - 2), live_flops)
+    # spaces: conv0 out == bn == conv3 in (one free space); conv3 out reaches the output (frozen)
+    (s0,) = out_ids(a, "0")
+    assert ids(a, "1.weight", 0) == [s0] and in_ids(a, "3") == [s0]
+    assert a.spaces[s0].width == c and not a.spaces[s0].is_frozen
+    assert frozen(a, out_ids(a, "3")) == [True]
+    assert in_ids(a, "0") is None  # the image channels are not a space
+    assert len(a.spaces) == 2
+    assert a.param_info["1.running_mean"].buffer and not a.param_info["1.weight"].buffer
+    assert a.mask_sites["1"] == c and a.mask_sites["0"] == c
+
+
+def test_conv_records_name_the_module_and_layouts():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1))
+    a = analyze(model, (B, 3, 8, 8))
+    recs = {r["module"]: r for r in a.records.values() if "module" in r}
+    assert recs["0"]["kind"] == "conv" and recs["0"]["input"] is None and recs["0"]["groups"] == 1
+    assert recs["1"]["kind"] == "norm"
+    assert a.space_ids(recs["0"]["output"]) == a.space_ids(recs["1"]["input"]) == a.space_ids(recs["2"]["input"])
+    assert not recs["2"]["transposed"]
+
+
+def test_conv_mask_keyed_by_the_conv_itself():
+    model = nn.Sequential(nn.Conv2d(3, 6, 1, bias=False), nn.ReLU(), nn.Conv2d(6, 4, 1, bias=False))
+    a = analyze(model, (B, 3, 5, 5))
+    P = 25
+    check_costs(a, model, 6 * 3 * P + 4 * 6 * P, {"0": alive(6, (0,))}, 5 * 3 + 4 * 5, 5 * 3 * P + 4 * 5 * P)
+
+
+def test_depthwise_conv_keeps_the_space():
+    c, P = 6, 8 * 8
+    model = nn.Sequential(
+        nn.Conv2d(3, c, 1), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, 4, 1),
+    )
+    a = analyze(model, (B, 3, 8, 8))
+
+    def params(w):
+        return (3 * w + w) + 2 * w + (9 * w + w) + 2 * w + (4 * w + 4)
+
+    # the depthwise conv reads bn1's zeros {0,1}, conv6 reads bn4's zeros {1,2}: only channel 1 is dead
+    masks = {"1": alive(c, (0, 1)), "4": alive(c, (1, 2))}
+    check_costs(a, model, 3 * c * P + 9 * c * P + 4 * c * P, masks, params(c - 1), (3 + 9 + 4) * (c - 1) * P)
+    (s0,) = out_ids(a, "0")
+    assert in_ids(a, "3") is None  # depthwise weight (C, 1, k, k): only dim 0 carries the space
+    assert out_ids(a, "3") == [s0] and in_ids(a, "6") == [s0]
+    assert not a.spaces[s0].is_frozen
+
+
+def test_grouped_conv_freezes_both_sides():
+    P = 6 * 6
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12),
+        nn.Conv2d(12, 4, 1),
+    )
+    a = analyze(model, (B, 3, 6, 6))
+    flops = 8 * 3 * P + 12 * (8 // 4) * 9 * P + 4 * 12 * P
+    masks = {"1": alive(8, (0, 1, 2)), "3": alive(12, (5,))}
+    check_costs(a, model, flops, masks, a.params, flops)  # frozen: nothing can be removed
+    with pytest.warns(nrfx.NrfxWarning, match="ignored"):
+        a.utilization(masks)
+    rec = next(r for r in a.records.values() if r.get("module") == "2")
+    s_in, s_out = a.space_ids(rec["input"]), a.space_ids(rec["output"])
+    assert s_in == out_ids(a, "0") and s_out == in_ids(a, "4")
+    assert frozen(a, s_in + s_out) == [True, True]
+    assert "grouped conv" in reasons(a, s_in) and "groups=4" in reasons(a, s_out)
+
+
+def test_conv_transpose2d():
+    h, cin, c, cout = 5, 3, 8, 4
+    model = nn.Sequential(
+        nn.Conv2d(cin, c, 1), nn.BatchNorm2d(c),
+        nn.ConvTranspose2d(c, cout, 3, stride=2, padding=1, output_padding=1), nn.BatchNorm2d(cout),
+        nn.Conv2d(cout, 2, 1),
+    )
+    a = analyze(model, (B, cin, h, h))
+    ho = (h - 1) * 2 - 2 * 1 + 3 + 1  # = 10
+    # transposed conv: every input position meets every weight element
+    flops = c * cin * h * h + c * cout * 9 * h * h + 2 * cout * ho * ho
+
+    def params(w, v):
+        return (cin * w + w) + 2 * w + (w * v * 9 + v) + 2 * v + (2 * v + 2)
+
+    masks = {"1": alive(c, (0, 7)), "3": alive(cout, (2,))}
+    live_flops = (c - 2) * cin * h * h + (c - 2) * (cout - 1) * 9 * h * h + 2 * (cout - 1) * ho * ho
+    check_costs(a, model, flops, masks, params(c - 2, cout - 1), live_flops)
+    # ConvTranspose weight is (in, out, k, k)
+    assert ids(a, "2.weight", 0) == out_ids(a, "0")
+    assert ids(a, "2.weight", 1) == ids(a, "3.weight", 0) == in_ids(a, "4")
+    rec = next(r for r in a.records.values() if r.get("module") == "2")
+    assert rec["transposed"]
+
+
+# -- linear --------------------------------------------------------------------------------------------------
+def test_linear_2d_with_batchnorm1d():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    a = analyze(model, (4, 6))
+
+    def params(w):
+        return (6 * w + w) + 2 * w + (3 * w + 3)
+
+    check_costs(a, model, 6 * 8 + 8 * 3, {"1": alive(8, (0, 3, 5))}, params(5), 6 * 5 + 5 * 3)
+    assert out_ids(a, "0") == in_ids(a, "3") == ids(a, "1.weight", 0)
+    assert frozen(a, out_ids(a, "3")) == [True]
+
+
+def test_linear_on_3d_input_counts_every_token():
+    t = 7
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    a = analyze(model, (B, t, 6))
+
+    def params(w):
+        return (6 * w + w) + (3 * w + 3)
+
+    check_costs(a, model, t * (6 * 8 + 8 * 3), {"0": alive(8, (2, 3))}, params(6), t * (6 * 6 + 6 * 3))
+    assert out_ids(a, "0") == in_ids(a, "2")
+    assert not frozen(a, out_ids(a, "0"))[0]
+
+
+# -- norms ---------------------------------------------------------------------------------------------------
+class Between(nn.Module):
+    """conv1x1(3→6) → bn → ``op`` → head(6→4); head is a 1×1 conv or a linear on the last dim."""
+
+    def __init__(self, op, head: str = "conv", norm: nn.Module | None = None):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(6) if norm is None else norm
+        if isinstance(op, nn.Module):
+            self.op = op
+        else:
+            self.fn = op
+        self.head = nn.Conv2d(6, 4, 1) if head == "conv" else nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.bn(self.c1(x))
+        y = self.op(y) if hasattr(self, "op") else self.fn(y)
+        return self.head(y)
+
+
+def between_costs(w: int, p_in: int, p_out: int, norm_params: int = 12) -> tuple[int, int]:
+    """(params, MACs) of Between at width w (of 6): c1 3w+w, norm 2w per channel, head 4w+4."""
+    return 3 * w + w + norm_params * w // 6 + 4 * w + 4, 3 * w * p_in + 4 * w * p_out
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm([6, 5, 5]), nn.GroupNorm(2, 6)], ids=["LayerNorm", "GroupNorm"])
+def test_coupling_norms_freeze_the_space(norm):
+    model = Between(nn.ReLU(), norm=norm)
+    a = analyze(model, (B, 3, 5, 5))
+    norm_params = sum(p.numel() for p in norm.parameters())
+    params = 3 * 6 + 6 + norm_params + 4 * 6 + 4
+    flops = 3 * 6 * 25 + 4 * 6 * 25
+    check_costs(a, model, flops, {"c1": alive(6, (0, 1, 2))}, params, flops)
+    (s,) = out_ids(a, "c1")
+    assert in_ids(a, "head") == [s] and a.spaces[s].is_frozen
+    assert "statistics couple the channels" in reasons(a, [s])
+    assert "bn" not in a.mask_sites  # not a per-channel norm: not a mask site
+
+
+def test_layernorm_on_linear_features_freezes():
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    a = analyze(model, (B, 6))
+    assert a.params == numel(model)
+    assert a.spaces[out_ids(a, "0")[0]].is_frozen
+    with pytest.warns(nrfx.NrfxWarning, match="frozen"):
+        u = a.utilization({"0": alive(8, (1,))})
+    assert u.live_params == a.params
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_instance_norm_is_per_channel(nd):
+    norm = nn.InstanceNorm1d(6, affine=True) if nd == 1 else nn.InstanceNorm2d(6, affine=True)
+    conv = nn.Conv1d if nd == 1 else nn.Conv2d
+    model = nn.Sequential(conv(3, 6, 1), norm, nn.ReLU(), conv(6, 4, 1))
+    shape = (B, 3, 9) if nd == 1 else (B, 3, 4, 5)
+    P = math.prod(shape[2:])
+
+    def params(w):
+        return 4 * w + 2 * w + 4 * w + 4
+
+    a = analyze(model, shape)
+    check_costs(a, model, 3 * 6 * P + 4 * 6 * P, {"1": alive(6, (2, 3, 4))}, params(3), 3 * 3 * P + 4 * 3 * P)
+    assert out_ids(a, "0") == ids(a, "1.weight", 0) == in_ids(a, "3")
+
+
+def test_norm_masks_read_gamma():
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, -2.0, 0.001, 0.5, 0.0, 0.03]))
+    masks = nrfx.norm_masks(model)  # |γ| >= 0.01 · 2
+    assert masks["1"].tolist() == [True, True, False, True, False, True]
+    a = analyze(model, (B, 3, 4, 4))
+    u = a.utilization()  # masks read from γ at analysis time
+    assert u.live_params == (3 * 4 + 4) + 2 * 4 + (4 * 4 + 4)
+    assert u.live_flops == (3 * 4 + 4 * 4) * 16
+
+
+# -- channel-wise ops ----------------------------------------------------------------------------------------
+ZERO_KEEPING = [
+    nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Hardswish(), nn.ELU(),
+    nn.Dropout(0.5), nn.Dropout2d(0.3), nn.Identity(),
+    F.relu, torch.relu, F.gelu, F.silu, lambda y: y.relu(), lambda y: F.relu(y, inplace=True),
+    lambda y: y.clamp(min=0), lambda y: F.dropout(y, 0.2, training=False), lambda y: -y,
+]
+ZERO_BREAKING = [nn.Sigmoid(), nn.Softplus(), nn.Hardsigmoid(), torch.sigmoid, lambda y: y.sigmoid(), torch.exp]
+
+
+def _op_id(op):
+    return type(op).__name__ if isinstance(op, nn.Module) else getattr(op, "__name__", "fn")
+
+
+@pytest.mark.parametrize("op", ZERO_KEEPING + ZERO_BREAKING, ids=[_op_id(o) for o in ZERO_KEEPING + ZERO_BREAKING])
+def test_activations_share_the_space_and_keep_zeros_iff_f0_is_0(op):
+    model = Between(op)
+    a = analyze(model, (B, 3, 4, 4))
+    live = 4 if any(op is o for o in ZERO_KEEPING) else 6
+    _, flops = between_costs(6, 16, 16)
+    live_params, live_flops = between_costs(live, 16, 16)
+    check_costs(a, model, flops, {"bn": alive(6, (1, 4))}, live_params, live_flops)
+    assert out_ids(a, "c1") == in_ids(a, "head")
+    assert not frozen(a, out_ids(a, "c1"))[0]
+
+
+SPATIAL_OPS = [  # (op, input H×W, output H×W)
+    (nn.MaxPool2d(2), (8, 8), (4, 4)),
+    (nn.AvgPool2d(3, stride=2, padding=1), (7, 9), (4, 5)),
+    (nn.AdaptiveAvgPool2d(2), (7, 9), (2, 2)),
+    (nn.AdaptiveMaxPool2d((1, 3)), (6, 6), (1, 3)),
+    (lambda y: F.max_pool2d(y, 3, stride=2), (9, 9), (4, 4)),
+    (lambda y: F.avg_pool2d(y, kernel_size=2), (8, 6), (4, 3)),
+    (lambda y: F.adaptive_avg_pool2d(y, 1), (5, 5), (1, 1)),
+    (lambda y: F.interpolate(y, scale_factor=2, mode="nearest"), (3, 4), (6, 8)),
+    (lambda y: F.interpolate(y, size=(5, 7), mode="bilinear", align_corners=False), (3, 4), (5, 7)),
+    (nn.Upsample(scale_factor=2, mode="bilinear"), (3, 3), (6, 6)),
+    (lambda y: F.pad(y, (1, 1, 2, 0)), (4, 4), (6, 6)),
+    (lambda y: F.pad(y, (1, 2, 1, 2), mode="reflect"), (4, 4), (7, 7)),
+    (nn.ZeroPad2d((0, 1, 2, 3)), (4, 4), (9, 5)),
+]
+
+
+@pytest.mark.parametrize("op,hw,out_hw", SPATIAL_OPS, ids=[f"{_op_id(o)}{i}" for i, (o, *_) in enumerate(SPATIAL_OPS)])
+def test_pooling_resizing_padding_pass_the_space(op, hw, out_hw):
+    model = Between(op)
+    a = analyze(model, (B, 3, *hw))
+    p_in, p_out = math.prod(hw), math.prod(out_hw)
+    _, flops = between_costs(6, p_in, p_out)
+    live_params, live_flops = between_costs(4, p_in, p_out)
+    check_costs(a, model, flops, {"bn": alive(6, (0, 5))}, live_params, live_flops)
+    assert out_ids(a, "c1") == in_ids(a, "head")
+    assert not frozen(a, out_ids(a, "c1"))[0]
+
+
+def test_pad_with_a_nonzero_value_loses_zeros():
+    model = Between(lambda y: F.pad(y, (1, 1, 1, 1), value=1.0))
+    a = analyze(model, (B, 3, 4, 4))
+    _, flops = between_costs(6, 16, 36)
+    check_costs(a, model, flops, {"bn": alive(6, (0, 5))}, a.params, flops)
+
+
+def test_pad_along_channels_freezes():
+    model = Between(lambda y: F.pad(y, (0, 0, 0, 0, 1, 1))[:, 1:7])
+    a = analyze(model, (B, 3, 4, 4))
+    assert a.spaces[out_ids(a, "c1")[0]].is_frozen
+    assert "padding along channels" in reasons(a, out_ids(a, "c1"))
+
+
+# -- binary ops ----------------------------------------------------------------------------------------------
+def _iadd(a, b):
+    a += b
+    return a
+
+
+def _isub(a, b):
+    a -= b
+    return a
+
+
+def _imul(a, b):
+    a *= b
+    return a
+
+
+def _idiv(a, b):
+    a /= b
+    return a
+
+
+BINARY = {  # form -> (fn, zero rule): add/sub zero where both are, mul where either is, div where the first is
+    "a+b": (lambda a, b: a + b, "and"),
+    "a-b": (lambda a, b: a - b, "and"),
+    "a.add(b)": (lambda a, b: a.add(b), "and"),
+    "a.sub(b)": (lambda a, b: a.sub(b), "and"),
+    "torch.add": (lambda a, b: torch.add(a, b), "and"),
+    "torch.sub": (lambda a, b: torch.sub(a, b), "and"),
+    "a+=b": (_iadd, "and"),
+    "a-=b": (_isub, "and"),
+    "a.add_(b)": (lambda a, b: a.add_(b), "and"),
+    "torch.maximum": (lambda a, b: torch.maximum(a, b), "and"),
+    "a*b": (lambda a, b: a * b, "or"),
+    "a.mul(b)": (lambda a, b: a.mul(b), "or"),
+    "torch.mul": (lambda a, b: torch.mul(a, b), "or"),
+    "a*=b": (_imul, "or"),
+    "a.mul_(b)": (lambda a, b: a.mul_(b), "or"),
+    "a/b": (lambda a, b: a / b, "first"),
+    "a.div(b)": (lambda a, b: a.div(b), "first"),
+    "torch.div": (lambda a, b: torch.div(a, b), "first"),
+    "a/=b": (_idiv, "first"),
+}
+
+
+class TwoBranches(nn.Module):
+    """a = bn1(conv1x1(x)), b = bn2(conv3x3(x)) (both 6 wide), y = op(a, b), head conv1x1(6→4)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(6, 4, 1)
+        self.fn = op
+
+    def forward(self, x):
+        return self.head(self.fn(self.b1(self.c1(x)), self.b2(self.c2(x))))
+
+
+@pytest.mark.parametrize("form", list(BINARY))
+def test_binary_ops_tie_operands(form):
+    fn, rule = BINARY[form]
+    model = TwoBranches(fn)
+    a = analyze(model, (B, 3, 5, 5))
+    P = 25
+
+    def params(w):
+        return (3 * w + w) + 2 * w + (27 * w + w) + 2 * w + (4 * w + 4)
+
+    def flops(w):
+        return (3 * w + 27 * w + 4 * w) * P
+
+    live = {"and": 5, "or": 3, "first": 4}[rule]  # dead: b1 {0,1}, b2 {1,2}
+    check_costs(a, model, flops(6), {"b1": alive(6, (0, 1)), "b2": alive(6, (1, 2))}, params(live), flops(live))
+    assert out_ids(a, "c1") == out_ids(a, "c2") == in_ids(a, "head")
+    assert not frozen(a, out_ids(a, "c1"))[0]
+
+
+class InPlaceKeepsName(nn.Module):
+    """y.add_(z) whose result is not used: the head reads ``y`` after the in-place add."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.b1(self.c1(x))
+        y.add_(self.b2(self.c2(x)))
+        return self.head(y)
+
+
+def test_in_place_method_result_unused_still_counts_both_operands():
+    model = InPlaceKeepsName()
+    a = analyze(model, (B, 3, 4, 4))
+    P = 16
+    # y after add_ is zero only where both b1 and b2 are: dead = {1}
+    masks = {"b1": alive(6, (0, 1)), "b2": alive(6, (1, 2))}
+    live = 5
+    params = 2 * (4 * live + 2 * live) + 4 * live + 4
+    check_costs(a, model, (3 + 3 + 4) * 6 * P, masks, params, (3 + 3 + 4) * live * P)
+
+
+# -- broadcasting --------------------------------------------------------------------------------------------
+class SEGate(nn.Module):
+    """x * sigmoid(fc2(relu(fc1(pool(x))))) with 1×1 convs: the gate's C ties to x's C."""
+
+    def __init__(self, c=8, r=2):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, c, 1), nn.BatchNorm2d(c)
+        self.fc1, self.fc2 = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c1(x)))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.head(x * s)
+
+
+def test_se_gate_ties_the_channel_dim():
+    model = SEGate()
+    a = analyze(model, (B, 3, 6, 6))
+    P = 36
+
+    def params(w):
+        return (3 * w + w) + 2 * w + (2 * w + 2) + (2 * w + w) + (4 * w + 4)
+
+    def flops(w):
+        return 3 * w * P + 2 * w + 2 * w + 4 * w * P
+
+    # channel 3 is zero into fc1 (pooled) and into head (x * s): dead
+    check_costs(a, model, flops(8), {"bn": alive(8, (3,))}, params(7), flops(7))
+    (s,) = out_ids(a, "c1")
+    assert in_ids(a, "fc1") == out_ids(a, "fc2") == in_ids(a, "head") == [s]
+    assert not a.spaces[s].is_frozen
+    assert out_ids(a, "fc1") != [s] and not frozen(a, out_ids(a, "fc1"))[0]
+
+
+class SpatialGate(nn.Module):
+    """x * sigmoid(conv(x → 1 channel)): a [B,1,H,W] operand does not tie x's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.att = nn.Conv2d(8, 1, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c1(x)))
+        return self.head(x * torch.sigmoid(self.att(x)) * 2.0)
+
+
+def test_size_one_channel_operand_does_not_tie():
+    model = SpatialGate()
+    a = analyze(model, (B, 3, 5, 5))
+    P = 25
+
+    def params(w):
+        return 4 * w + 2 * w + (9 * w + 1) + (4 * w + 4)
+
+    check_costs(a, model, (3 * 8 + 9 * 8 + 4 * 8) * P, {"bn": alive(8, (0, 7))}, params(6), (3 + 9 + 4) * 6 * P)
+    (s,) = out_ids(a, "c1")
+    assert in_ids(a, "att") == in_ids(a, "head") == [s]
+    assert out_ids(a, "att") != [s]
+    assert not a.spaces[s].is_frozen
+
+
+# -- cat / split ---------------------------------------------------------------------------------------------
+class CatBranches(nn.Module):
+    """y = cat([bn1(conv(x)) : 3, bn2(conv(x)) : 5], 1) → ``tail(self, y)``."""
+
+    def __init__(self, tail, heads=((8, 4),)):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.c2, self.b2 = nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5)
+        for i, (cin, cout) in enumerate(heads):
+            self.add_module(f"h{i}", nn.Conv2d(cin, cout, 1))
+        self.tail = tail
+
+    def forward(self, x):
+        y = torch.cat([self.b1(self.c1(x)), self.b2(self.c2(x))], 1)
+        return self.tail(self, y)
+
+
+def test_cat_output_is_the_list_of_input_spaces():
+    model = CatBranches(lambda m, y: m.h0(y))
+    a = analyze(model, (B, 3, 4, 4))
+    P = 16
+    sa, sb = out_ids(a, "c1"), out_ids(a, "c2")
+    assert in_ids(a, "h0") == sa + sb and sa != sb
+    assert [a.spaces[s].width for s in sa + sb] == [3, 5]
+
+    def params(wa, wb):
+        return (4 * wa + 2 * wa) + (28 * wb + 2 * wb) + (4 * (wa + wb) + 4)
+
+    def flops(wa, wb):
+        return (3 * wa + 27 * wb + 4 * (wa + wb)) * P
+
+    masks = {"b1": alive(3, (0,)), "b2": alive(5, (2, 4))}
+    check_costs(a, model, flops(3, 5), masks, params(2, 3), flops(2, 3))
+
+
+def _split_tails():
+    def pair(p, q):
+        return p, q
+
+    return {
+        "torch.split": lambda y: torch.split(y, [4, 4], 1),
+        "y.split": lambda y: y.split(4, dim=1),
+        "y.chunk": lambda y: y.chunk(2, 1),
+        "torch.chunk": lambda y: torch.chunk(y, 2, dim=1),
+        "torch.tensor_split": lambda y: torch.tensor_split(y, [4], dim=1),
+        "getitem": lambda y: pair(y[:, :4], y[:, 4:]),
+        "getitem-ellipsis": lambda y: pair(y[:, 0:4, ...], y[:, -4:]),
+        "narrow": lambda y: pair(y.narrow(1, 0, 4), torch.narrow(y, 1, 4, 4)),
+    }
+
+
+@pytest.mark.parametrize("form", list(_split_tails()))
+def test_split_cuts_across_the_concat_border(form):
+    cut = _split_tails()[form]
+
+    def tail(m, y):
+        p, q = cut(y)
+        return m.h0(p) + m.h1(q)
+
+    model = CatBranches(tail, heads=((4, 2), (4, 2)))
+    a = analyze(model, (B, 3, 4, 4))
+    P = 16
+    # y = [A:3 | B:5]; p = [A | B[0:1]], q = B[1:5]: B is cut in two spaces
+    (sa,), (sb0, sb1) = out_ids(a, "c1"), out_ids(a, "c2")
+    assert [a.spaces[s].width for s in (sa, sb0, sb1)] == [3, 1, 4]
+    assert in_ids(a, "h0") == [sa, sb0] and in_ids(a, "h1") == [sb1]
+    assert ids(a, "b2.weight", 0) == [sb0, sb1]
+    assert not any(frozen(a, [sa, sb0, sb1]))
+    # h0 and h1 outputs meet in the (frozen) model output
+    assert out_ids(a, "h0") == out_ids(a, "h1")
+
+    def params(wa, wb0, wb1):
+        wb = wb0 + wb1
+        return (4 * wa + 2 * wa) + (28 * wb + 2 * wb) + (2 * (wa + wb0) + 2) + (2 * wb1 + 2)
+
+    def flops(wa, wb0, wb1):
+        return (3 * wa + 27 * (wb0 + wb1) + 2 * (wa + wb0) + 2 * wb1) * P
+
+    # b1 dead {0}: A has 2; b2 dead {0, 3}: B[0:1] has 0, B[1:5] has 3
+    masks = {"b1": alive(3, (0,)), "b2": alive(5, (0, 3))}
+    check_costs(a, model, flops(3, 1, 4), masks, params(2, 0, 3), flops(2, 0, 3))
+
+
+def test_getitem_slice_inside_both_atoms():
+    # y[:, 2:6] = [A[2:3] | B[0:3]]; the rest of y is read by nothing (so counts alive)
+    model = CatBranches(lambda m, y: m.h0(y[:, 2:6]), heads=((4, 2),))
+    a = analyze(model, (B, 3, 4, 4))
+    P = 16
+    sa, sb = out_ids(a, "c1"), out_ids(a, "c2")
+    assert [a.spaces[s].width for s in sa] == [2, 1] and [a.spaces[s].width for s in sb] == [3, 2]
+    assert in_ids(a, "h0") == [sa[1], sb[0]]
+    # b1 dead {0, 2}: only 2 is read (dead); 0 is read by nothing (alive). b2 dead {1, 4}: 1 dead, 4 unread.
+    masks = {"b1": alive(3, (0, 2)), "b2": alive(5, (1, 4))}
+    wa, wb = 2, 4
+    params = (4 * wa + 2 * wa) + (28 * wb + 2 * wb) + (2 * 2 + 2)
+    flops = (3 * wa + 27 * wb + 2 * 2) * P
+    check_costs(a, model, (3 * 3 + 27 * 5 + 2 * 4) * P, masks, params, flops)
+
+
+def test_split_pieces_added_back_tie_the_halves():
+    # p + q ties the two halves of y channel by channel: A[0:3]+B[0:1] ~ B[1:5]
+    def tail(m, y):
+        p, q = y.split(4, 1)
+        return m.h0(p + q)
+
+    model = CatBranches(tail, heads=((4, 2),))
+    a = analyze(model, (B, 3, 4, 4))
+    sa, sb = out_ids(a, "c1"), out_ids(a, "c2")
+    assert a.params == numel(model)
+    # B = [b0:1 | b1:3 | b2:1] with A ~ b1 and b0 ~ b2
+    assert [a.spaces[s].width for s in sa] == [3]
+    assert [a.spaces[s].width for s in sb] == [1, 3, 1]
+    assert sb[1] == sa[0] and sb[0] == sb[2]
+    assert in_ids(a, "h0") == [*sa, sb[0]]
+
+
+# -- flatten / view / permute --------------------------------------------------------------------------------
+class FlattenHead(nn.Module):
+    """conv3x3 s2 (3→6) → bn → relu → ``flat`` → linear(6·4·4 → 5): channel c is a block of 16 features."""
+
+    def __init__(self, flat, fc_in=6 * 16):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6)
+        self.flat = flat if isinstance(flat, nn.Module) else None
+        self.fn = None if isinstance(flat, nn.Module) else flat
+        self.fc = nn.Linear(fc_in, 5)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.c1(x)))
+        y = self.flat(y) if self.flat is not None else self.fn(y)
+        return self.fc(y)
+
+
+FLATTENS = {
+    "torch.flatten": (lambda y: torch.flatten(y, 1), False),
+    "y.flatten": (lambda y: y.flatten(1), False),
+    "nn.Flatten": (nn.Flatten(), False),
+    "view(size(0),-1)": (lambda y: y.view(y.size(0), -1), False),
+    "reshape(shape[0],-1)": (lambda y: y.reshape(y.shape[0], -1), False),
+    "view(B,-1)": (lambda y: y.view(B, -1), False),
+    "view(-1,96) literal": (lambda y: y.view(-1, 96), True),
+    "reshape(B,96) literal": (lambda y: y.reshape(B, 96), True),
+}
+
+
+@pytest.mark.parametrize("form", list(FLATTENS))
+def test_flatten_channel_blocks_into_linear(form):
+    flat, literal = FLATTENS[form]
+    model = FlattenHead(flat)
+    a = analyze(model, (B, 3, 8, 8))
+    hw = 4 * 4
+
+    def params(w):
+        return (27 * w + w) + 2 * w + (5 * w * hw + 5)
+
+    def flops(w):
+        return 27 * w * hw + 5 * w * hw
+
+    live = 6 if literal else 5
+    check_costs(a, model, flops(6), {"bn": alive(6, (2,))}, params(live), flops(live))
+    (s,) = out_ids(a, "c1")
+    assert in_ids(a, "fc") == [s]
+    assert a.param_info["fc.weight"].dims[1].inner == hw
+    assert a.spaces[s].is_frozen == literal
+    if literal:
+        assert "literal" in reasons(a, [s])
+
+
+def test_view_with_literal_channel_count_freezes():
+    model = FlattenHead(lambda y: y.view(B, 6, 16).mean(2), fc_in=6)
+    a = analyze(model, (B, 3, 8, 8))
+    assert a.params == numel(model)
+    assert a.spaces[out_ids(a, "c1")[0]].is_frozen
+
+
+@pytest.mark.parametrize("move", [
+    lambda y: y.permute(0, 2, 3, 1),
+    lambda y: torch.permute(y, (0, 2, 3, 1)),
+    lambda y: y.transpose(1, 3),
+    lambda y: torch.transpose(y, 1, -1),
+    lambda y: y.flatten(2).transpose(1, 2),
+], ids=["permute", "torch.permute", "transpose", "torch.transpose", "flatten(2).transpose"])
+def test_permute_transpose_move_the_space(move):
+    model = Between(move, head="linear")
+    a = analyze(model, (B, 3, 3, 5))
+    P = 15
+    _, flops = between_costs(6, P, P)
+    live_params, live_flops = between_costs(3, P, P)
+    check_costs(a, model, flops, {"bn": alive(6, (0, 2, 4))}, live_params, live_flops)
+    assert out_ids(a, "c1") == in_ids(a, "head")
+    assert not frozen(a, out_ids(a, "c1"))[0]
+
+
+# -- reductions ----------------------------------------------------------------------------------------------
+SPATIAL_REDUCTIONS = [
+    lambda y: y.mean((2, 3)),
+    lambda y: torch.mean(y, dim=[2, 3]),
+    lambda y: y.sum(dim=(-2, -1)),
+    lambda y: y.amax(dim=(2, 3)),
+    lambda y: torch.amax(y, (2, 3)),
+    lambda y: y.mean(3).mean(2),
+    lambda y: y.mean((2, 3), keepdim=True).flatten(1),
+]
+
+
+@pytest.mark.parametrize("reduce", SPATIAL_REDUCTIONS, ids=[f"r{i}" for i in range(len(SPATIAL_REDUCTIONS))])
+def test_reductions_over_spatial_dims_pass_the_space(reduce):
+    model = Between(lambda y: reduce(F.relu(y)), head="linear")
+    a = analyze(model, (B, 3, 4, 5))
+    _, flops = between_costs(6, 20, 1)
+    live_params, live_flops = between_costs(5, 20, 1)
+    check_costs(a, model, flops, {"bn": alive(6, (3,))}, live_params, live_flops)
+    assert out_ids(a, "c1") == in_ids(a, "head")
+    assert not frozen(a, out_ids(a, "c1"))[0]
+
+
+@pytest.mark.parametrize("reduce", [
+    lambda y: y.mean(1, keepdim=True),
+    lambda y: y.sum(dim=1, keepdim=True),
+    lambda y: torch.amax(y, 1, keepdim=True),
+    lambda y: F.softmax(y, dim=1)[:, :1],
+], ids=["mean", "sum", "amax", "softmax"])
+def test_reductions_over_channels_freeze(reduce):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+            self.head = nn.Conv2d(1, 4, 1)
+
+        def forward(self, x):
+            return self.head(reduce(self.bn(self.c1(x))))
+
+    model = M()
+    a = analyze(model, (B, 3, 4, 4))
+    flops = (3 * 6 + 4) * 16
+    check_costs(a, model, flops, {"bn": alive(6, (0,))}, a.params, flops)
+    spaces = out_ids(a, "c1")  # the softmax case slices the (frozen) space in two
+    assert all(frozen(a, spaces))
+    assert "over channels" in reasons(a, spaces)
+
+
+# -- attention -----------------------------------------------------------------------------------------------
+def test_multihead_attention_macs_and_frozen_embedding():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.inp(x)
+            return self.out(self.mha(y, y, y, need_weights=False)[0])
+
+    t, e = 5, 8
+    model = M()
+    a = analyze(model, (B, t, 6))
+    mha = 3 * t * e * e + 2 * t * t * e + t * e * e  # q/k/v projections, q·kᵀ and attn·v, out projection
+    flops = t * 6 * e + mha + t * e * 3
+    check_costs(a, model, flops, {"inp": alive(8, (0, 1))}, a.params, flops)
+    assert a.params == 6 * 8 + 8 + (3 * e * e + 3 * e) + (e * e + e) + 8 * 3 + 3
+    assert a.spaces[out_ids(a, "inp")[0]].is_frozen
+
+
+def test_scaled_dot_product_attention():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 10)
+            self.out = nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.out(F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x)))
+
+    t = 5
+    model = M()
+    a = analyze(model, (B, t, 6))
+
+    def costs(dv):
+        params = 2 * (6 * 8 + 8) + (6 * dv + dv) + (3 * dv + 3)
+        flops = t * 6 * (8 + 8 + dv) + t * t * (8 + dv) + t * dv * 3
+        return params, flops
+
+    params, flops = costs(10)
+    assert a.params == params
+    live_params, live_flops = costs(8)
+    # q/k head dims are frozen (the 1/√d scale): masks there change nothing; v's dim flows to out
+    masks = {"v": alive(10, (0, 9)), "q": alive(8, (1,))}
+    check_costs(a, model, flops, masks, live_params, live_flops)
+    assert out_ids(a, "q") == out_ids(a, "k") and a.spaces[out_ids(a, "q")[0]].is_frozen
+    assert out_ids(a, "v") == in_ids(a, "out") and not a.spaces[out_ids(a, "v")[0]].is_frozen
+
+
+# -- weight sharing and functional layers --------------------------------------------------------------------
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.c(self.bn0(self.c0(x)))
+        return self.head(self.c(F.relu(y)))
+
+
+def test_module_called_twice_counts_params_once_macs_twice():
+    model = Shared()
+    a = analyze(model, (B, 3, 5, 5))
+    P = 25
+
+    def params(w):
+        return (3 * w + w) + 2 * w + (9 * w * w + w) + (2 * w + 2)
+
+    def flops(w):
+        return 3 * w * P + 2 * 9 * w * w * P + 2 * w * P
+
+    assert a.params == params(4)
+    # bn0 dead {1} alone: the second call of c reads c's own output (alive) -> nothing dead
+    check_costs(a, model, flops(4), {"bn0": alive(4, (1,))}, params(4), flops(4))
+    # also dead at c's output: zero at all three readers -> dead
+    check_costs(a, model, flops(4), {"bn0": alive(4, (1,)), "c": alive(4, (1,))}, params(3), flops(3))
+    (s,) = out_ids(a, "c0")
+    assert in_ids(a, "c") == out_ids(a, "c") == in_ids(a, "head") == [s]
+    assert not a.spaces[s].is_frozen
+
+
+class Functional(nn.Module):
+    """F.conv2d / F.batch_norm-free / F.linear on bare nn.Parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.b = nn.Parameter(torch.zeros(6))
+        self.bn = nn.BatchNorm2d(6)
+        self.fc_w = nn.Parameter(torch.randn(5, 6))
+        self.fc_b = nn.Parameter(torch.zeros(5))
+
+    def forward(self, x):
+        y = F.relu(self.bn(F.conv2d(x, self.w, self.b, stride=2, padding=1)))
+        return F.linear(y.mean((2, 3)), self.fc_w, self.fc_b)
+
+
+def test_functional_conv_and_linear_on_parameters():
+    model = Functional()
+    a = analyze(model, (B, 3, 8, 8))
+    P = 4 * 4
+
+    def params(w):
+        return 27 * w + w + 2 * w + 5 * w + 5
+
+    check_costs(a, model, 27 * 6 * P + 5 * 6, {"bn": alive(6, (0, 5))}, params(4), 27 * 4 * P + 5 * 4)
+    (s,) = ids(a, "w", 0)
+    assert ids(a, "b", 0) == ids(a, "bn.weight", 0) == ids(a, "fc_w", 1) == [s]
+    assert ids(a, "w", 1) is None
+    assert not a.spaces[s].is_frozen
+
+
+def test_functional_linear_called_twice_ties_and_counts_twice():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 6))
+            self.inp = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = F.relu(self.inp(x))
+            return self.out(F.linear(F.linear(y, self.w), self.w))
+
+    model = M()
+    a = analyze(model, (B, 4))
+    check_costs(a, model, 4 * 6 + 2 * 36 + 12, {"inp": alive(6, (5,))}, a.params, 4 * 6 + 2 * 36 + 12)
+    assert ids(a, "w", 0) == ids(a, "w", 1) == out_ids(a, "inp") == in_ids(a, "out")

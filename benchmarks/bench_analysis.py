@@ -99,22 +99,34 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: bool, cap: float | None = None) -> dict[str, Any]:
-    """Median wall time of ``fn`` over ``repeats`` calls, or why there is none (timeout, error)."""
-    times: list[float] = []
-    try:
-        with time_limit(cap):
-            if warmup:
-                fn()
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-    except _Timeout:
-        return {"seconds": None, "status": f"timeout after {cap:g} s", "runs": times}
-    except Exception as error:  # a peer failing is a result to record
-        return {"seconds": None, "status": f"{type(error).__name__}: {str(error)[:200]}", "runs": times}
-    return {"seconds": statistics.median(times), "status": "ok", "runs": times}
+def interleaved(tools: dict[str, Callable[[], Any]], repeats: int, warmup: bool,
+                cap: float | None = None) -> dict[str, dict[str, Any]]:
+    """Median wall time of each tool, calls interleaved round by round (load bursts hit every tool alike).
+
+    A tool that errs or runs past ``cap`` seconds stops being called and reports why.
+    """
+    results: dict[str, dict[str, Any]] = {name: {"seconds": None, "status": "ok", "runs": []} for name in tools}
+    for round_ in range(repeats + int(warmup)):
+        for name, fn in tools.items():
+            cell = results[name]
+            if cell["status"] != "ok":
+                continue
+            try:
+                with time_limit(cap):
+                    start = time.perf_counter()
+                    fn()
+                    elapsed = time.perf_counter() - start
+            except _Timeout:
+                cell["status"] = f"timeout after {cap:g} s"
+            except Exception as error:  # a peer failing is a result to record
+                cell["status"] = f"{type(error).__name__}: {str(error)[:200]}"
+            else:
+                if round_ >= int(warmup):
+                    cell["runs"].append(round(elapsed, 6))
+    for cell in results.values():
+        if cell["status"] == "ok" and cell["runs"]:
+            cell["seconds"] = statistics.median(cell["runs"])
+    return results
 
 
 def _rss() -> int:
@@ -207,20 +219,21 @@ def bench_model(name: str, repeats: int, warmup: bool, peer_timeout: float) -> d
     model = build(name, meta=huge)
     row: dict[str, Any] = {"model": name, "input": list(x.shape), "nrfx_build": "meta parameters" if huge else "real",
                            "build_seconds": round(time.perf_counter() - start, 3)}
-    row["nrfx"] = median_time(lambda: run_nrfx(model, x), repeats, warmup)
     analysis = run_nrfx(model, x)
     row.update(_nrfx_figures(model, x, analysis))
-    if huge:
+    peers = {"torch_pruning": lambda: run_torch_pruning(model, x), "fvcore": lambda: run_fvcore(model, x)}
+    if huge:  # nrfx repeated on the meta-built model; the peers once each on a real build, capped
+        row["nrfx"] = interleaved({"nrfx": lambda: run_nrfx(model, x)}, repeats, warmup)["nrfx"]
         del model, analysis
         start = time.perf_counter()
         model = build(name)
         row["peer_build_seconds"] = round(time.perf_counter() - start, 3)
-        row["nrfx_on_real_model"] = median_time(lambda: run_nrfx(model, x), 1, False)
-    peer_repeats, peer_warmup = (1, False) if huge else (repeats, warmup)
-    row["torch_pruning"] = median_time(lambda: run_torch_pruning(model, x), peer_repeats, peer_warmup, peer_timeout)
-    row["fvcore"] = median_time(lambda: run_fvcore(model, x), peer_repeats, peer_warmup, peer_timeout)
-    with contextlib.suppress(Exception):
-        row["fvcore_flops"] = run_fvcore(model, x) if row["fvcore"]["status"] == "ok" and not huge else None
+        peers = {"nrfx_on_real_model": lambda: run_nrfx(model, x), **peers}
+        row.update(interleaved(peers, 1, False, peer_timeout))
+    else:
+        row.update(interleaved({"nrfx": lambda: run_nrfx(model, x), **peers}, repeats, warmup))
+        if row["fvcore"]["status"] == "ok":
+            row["fvcore_flops"] = run_fvcore(model, x)
     for peer in ("torch_pruning", "fvcore"):
         theirs, ours = row[peer]["seconds"], row["nrfx"]["seconds"]
         row[f"nrfx_over_{peer}"] = round(ours / theirs, 4) if theirs else None
@@ -340,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_model(name, repeats, warmup, args.peer_timeout))
     print_table(rows)
     info["results"] = rows
+    info["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     info["targets"] = check_targets(rows)
     for key, target in info["targets"].items():
         print(f"target {key}: {target['value']} (want {target['target']}) -> {'met' if target['met'] else 'MISSED'}")

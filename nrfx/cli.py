@@ -107,6 +107,65 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rejuvenate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``nrfx rejuvenate``: those of report, plus budget, scheme and output."""
+    _add_report_arguments(parser)
+    parser.add_argument("--budget", default="params",
+                        help="params|flops[=VALUE]: the kind of budget and its absolute value "
+                             "(default: the model's own cost c(A) in that kind)")
+    parser.add_argument("--scheme", choices=("nr", "cr", "ca"), default="nr",
+                        help="nr: cross connections kept; cr: removed; ca: cross attention")
+    parser.add_argument("--rescale", action="store_true", help="neural rescaling of small norm scales")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rejuvenated channels' initialisation")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE",
+                        help="write {'plan': plan dict, 'state_dict': ...} with torch.save (weights_only-loadable)")
+
+
+def parse_budget(text: str):
+    """'params', 'flops', 'params=123', 'flops=4.1e9' -> nrfx.Budget."""
+    from .plan import Budget
+
+    kind, _, value = text.partition("=")
+    if kind not in ("params", "flops"):
+        raise NrfxError(f"--budget {text!r}: write params, flops, params=N or flops=N")
+    if not value:
+        return Budget.fraction(1.0, kind)
+    try:
+        number = int(float(value))
+    except ValueError:
+        raise NrfxError(f"--budget {text!r}: {value!r} is not a number") from None
+    return Budget(params=number) if kind == "params" else Budget(flops=number)
+
+
+@command("rejuvenate", _add_rejuvenate_arguments)
+def run_rejuvenate(args: argparse.Namespace) -> int:
+    """``nrfx rejuvenate``: rewrite the model under a budget and print the before/after report."""
+    from .analysis import analyze
+    from .models import default_input_size, resolve_model
+    from .rejuvenate import rejuvenate
+
+    budget = parse_budget(args.budget)
+    masks = _load_masks(args.masks) if args.masks else None
+    model = resolve_model(args.model).eval()
+    size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
+    x = torch.zeros(parse_input_size(size, args.batch))
+    before = analyze(model, x)
+    before.refresh_masks(model, args.threshold)
+    print("before:", before.report(masks).summary(), sep="\n")
+    new = rejuvenate(model, masks, budget, example_inputs=x, scheme=args.scheme, rescale=args.rescale,
+                     seed=args.seed, analysis=before)
+    after = analyze(new, x)
+    print("after:", after.report().summary(), sep="\n")
+    plan = new.nrfx_plan
+    print(f"budget {plan.budget_kind} {plan.budget:,}: cost {plan.cost_before:,} -> live {plan.cost_live:,} "
+          f"-> {plan.cost_after:,} (alpha {plan.alpha:.4f})")
+    for note in plan.notes:
+        print("note:", note)
+    torch.save({"plan": plan.to_dict(), "state_dict": new.state_dict()}, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per registered command."""
     parser = argparse.ArgumentParser(prog="nrfx", description="Neural Rejuvenation for any PyTorch model.")

@@ -62,8 +62,7 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx
     notes = list(plan.notes)
     if plan.rescale:
         notes += apply_rescale(gm, analysis, plan, maps)
-    if plan.scheme != "nr":
-        notes += apply_scheme(gm, analysis, plan, maps)
+    notes += apply_scheme(gm, analysis, plan, maps)
     gm.recompile()
     verify(gm)
     propagate_shapes(gm, inputs)

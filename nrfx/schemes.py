@@ -96,17 +96,32 @@ def _split(pmap, dim: int) -> int | None:
     return s
 
 
-def _convert(module: nn.Module, scheme: str, s_in: int, s_out: int) -> nn.Module:
-    """The same layer (same parameters, same names) with the S/R forward."""
-    new = _SR_CLASSES[type(module)].__new__(_SR_CLASSES[type(module)])
+_BASE = {sr: base for base, sr in _SR_CLASSES.items()}
+
+
+def _convert(module: nn.Module, cls: type, **attrs) -> nn.Module:
+    """The same layer (same parameters, same names) as an instance of ``cls``."""
+    new = cls.__new__(cls)
     new.__dict__ = dict(module.__dict__)
     new.__dict__["_parameters"] = dict(module._parameters)
-    new.scheme, new.s_in, new.s_out = scheme, s_in, s_out
+    for key in ("scheme", "s_in", "s_out"):
+        new.__dict__.pop(key, None)
+    new.__dict__.update(attrs)
     return new
 
 
+def _replace(gm, name: str, module: nn.Module) -> None:
+    """Install ``module`` at ``name`` in the graph module."""
+    parent, _, attr = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, module)
+
+
 def apply_scheme(gm, analysis, plan, maps) -> list[str]:
-    """Give every plain conv/linear with S and R on both sides the plan's scheme; returns notes."""
+    """Give every plain conv/linear with S and R on both sides the plan's scheme; returns notes.
+
+    Layers split by an earlier round are re-split for this plan's S/R borders (or turned back
+    into plain layers when the scheme is nr or the layer has no R any more).
+    """
     notes: list[str] = []
     converted = 0
     for record in analysis.records.values():
@@ -114,18 +129,21 @@ def apply_scheme(gm, analysis, plan, maps) -> list[str]:
         if record.get("kind") not in ("conv", "linear") or name is None:
             continue
         module = gm.get_submodule(name)
-        if type(module) not in _SR_CLASSES or getattr(module, "groups", 1) != 1:
+        base = _BASE.get(type(module), type(module))
+        if base not in _SR_CLASSES or getattr(module, "groups", 1) != 1:
             continue
         pmap = maps.get(f"{name}.weight")
         s_out, s_in = _split(pmap, 0), _split(pmap, 1)
-        if s_out is None or s_in is None:
-            if pmap is not None and any((d.source < 0).any() for d in pmap.dims) and _both_grow(pmap):
+        if plan.scheme == "nr" or s_out is None or s_in is None:
+            if plan.scheme != "nr" and pmap is not None and _both_grow(pmap):
                 notes.append(f"{name}: S and R channels interleave (several atoms); kept as nr")
+            if base is not type(module):
+                _replace(gm, name, _convert(module, base))
             continue
-        parent, _, attr = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, _convert(module, plan.scheme, s_in, s_out))
+        _replace(gm, name, _convert(module, _SR_CLASSES[base], scheme=plan.scheme, s_in=s_in, s_out=s_out))
         converted += 1
-    notes.append(f"scheme {plan.scheme}: {converted} layers split into S/R blocks")
+    if plan.scheme != "nr":
+        notes.append(f"scheme {plan.scheme}: {converted} layers split into S/R blocks")
     return notes
 
 

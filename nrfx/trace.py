@@ -72,6 +72,8 @@ class NrfxTracer(torch.fx.Tracer):
         """torch.nn built-ins, the user's leaf types and names, and auto leaves are leaves."""
         if module_qualified_name in self.leaf_names:
             return True
+        if type(m).__module__ == "nrfx.schemes":
+            return True  # nrfx's own S/R layers: analysed as the conv/linear they widen
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)

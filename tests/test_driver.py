@@ -199,13 +199,7 @@ def test_surviving_slices_keep_their_optimizer_state(factory):
     assert any((m.source < 0).any() for pm in maps.values() for m in pm.dims)  # some slots were rejuvenated
 
 
-SCHEME_CASES = [
-    ("nr", False), ("nr", True),
-    pytest.param("cr", False, marks=pytest.mark.xfail(strict=True, reason="analyze() cannot trace the SRConv2d "
-                                                      "layers the cr scheme inserts (no rule yet)")),
-    pytest.param("ca", True, marks=pytest.mark.xfail(strict=True, reason="analyze() cannot trace the SRConv2d "
-                                                     "layers the ca scheme inserts (no rule yet)")),
-]
+SCHEME_CASES = [("nr", False), ("nr", True), ("cr", False), ("ca", True)]
 
 
 @pytest.mark.parametrize(("scheme", "rescale"), SCHEME_CASES)

@@ -194,3 +194,23 @@ def test_mask_on_frozen_space_is_ignored_with_warning():
         u = nrfx.analyze(model, torch.randn(1, 3, 8, 8)).utilization(masks)
     assert any("frozen" in str(w.message) for w in caught)
     assert u.live_params == u.params
+
+
+def test_cli_rejuvenate_writes_a_replayable_file(tmp_path, capsys):
+    from nrfx.cli import main
+
+    out = tmp_path / "r.pt"
+    masks = tmp_path / "m.pt"
+    dead = torch.ones(64, dtype=torch.bool)
+    dead[:20] = False
+    torch.save({"layer1.0.bn1": dead}, masks)
+    code = main(["rejuvenate", "resnet18", "--input-size", "3", "32", "32", "--budget", "params", "--scheme", "ca",
+                 "--masks", str(masks), "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "before:" in text and "after:" in text
+    saved = torch.load(out, weights_only=True)
+    model = torchvision.models.resnet18(weights=None).eval()
+    replay = nrfx.apply_plan(model, saved["plan"], torch.zeros(1, 3, 32, 32))
+    assert replay.state_dict().keys() == saved["state_dict"].keys()
+    assert saved["plan"]["keep"] and len(saved["plan"]["keep"][1]) == 44

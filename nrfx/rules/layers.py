@@ -7,13 +7,14 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from ..schemes import SRConv1d, SRConv2d, SRConv3d, SRLinear
 from ..specs import TensorSpec, Zero
 from .common import copy_zero, param_of
 from .registry import function_rule, module_rule
 
 __all__: list[str] = []
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, SRConv1d, SRConv2d, SRConv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -105,7 +106,7 @@ def _linear(ctx, x: TensorSpec, w_shape, key, mask: str | None):
     return ctx.tensor(ctx.out.shape, dims, zero), in_l, out_l
 
 
-@module_rule(nn.Linear)
+@module_rule(nn.Linear, SRLinear)
 def linear_module(ctx, node):
     """Linear module: last dim in consumes a space, last dim out produces one."""
     m = ctx.module

@@ -196,6 +196,8 @@ def getitem(ctx, node):
 
 def _size_item(ctx, spec: SizeSpec, index):
     """Reading a size: a channel dim read as a number is frozen (code may use it anywhere)."""
+    if not isinstance(index, (int, slice)):
+        index = slice(None)  # a computed index may read any dim
     picked = spec.dims[index] if isinstance(index, int) else tuple(d for d in spec.dims[index])
     for layout in picked if isinstance(picked, tuple) else (picked,):
         ctx.freeze(layout, "channel count read as a number")

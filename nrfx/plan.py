@@ -119,6 +119,7 @@ class Plan:
     cost_after: int
     input_shapes: list[list[int]]
     notes: list[str] = field(default_factory=list)
+    folds: dict[str, dict[str, float]] | None = None
 
     @property
     def new_widths(self) -> list[int]:

@@ -10,6 +10,7 @@ import torch.fx
 from torch import nn
 
 from .analysis import Analysis, analyze
+from .fold import apply_folds, measure_folds
 from .plan import Plan, make_plan
 from .rescale import apply_rescale
 from .rewrite import ParamMap, rewrite_params, verify
@@ -58,8 +59,11 @@ def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, 
 def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx.GraphModule:
     """Copy the traced graph module, rewrite its parameters, apply the scheme, verify."""
     gm = copy.deepcopy(analysis.gm)
+    if plan.folds is None:
+        plan.folds = measure_folds(gm, analysis, plan, inputs)
     maps: dict[str, ParamMap] = rewrite_params(gm, analysis, plan)
     notes = list(plan.notes)
+    notes += apply_folds(analysis.gm, gm, plan.folds, maps)
     if plan.rescale:
         notes += apply_rescale(gm, analysis, plan, maps)
     notes += apply_scheme(gm, analysis, plan, maps)

@@ -1,0 +1,132 @@
+"""Fold the constants that removed channels emit into their consumers (where that is exact).
+
+A channel judged dead by its norm scale can still carry a constant: with γ = 0 a norm emits
+β.  Removing the channel drops ``W[:, c]·v`` from every consumer.  For a 1×1 convolution
+without padding or a linear layer that term is the same at every position, so it is added
+to the consumer's bias, or, when the consumer has no bias and feeds a BatchNorm, subtracted
+from that norm's running mean (exact in eval mode; in train mode the batch mean absorbs a
+constant anyway).  Constants are measured once on the example inputs (eval mode, on the
+copy being rewritten) and stored in the plan, so a replay folds the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["measure_folds", "apply_folds"]
+
+
+def _foldable(module: nn.Module) -> bool:
+    """1×1 convolution with no padding and one group, or a linear layer."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1:
+        padding = module.padding if isinstance(module.padding, tuple) else (0,)
+        return all(k == 1 for k in module.kernel_size) and all(p == 0 for p in padding)
+    return False
+
+
+def _removed(analysis, plan, layout) -> torch.Tensor:
+    """Old feature positions of a layout that the plan drops."""
+    from .rewrite import dim_map
+
+    source = dim_map(analysis, plan, layout, 0).source
+    total = analysis.atoms.channels(layout) * layout.inner
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[source[source >= 0]] = True
+    return torch.nonzero(~keep).flatten()
+
+
+def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Tensor]:
+    """Foldable consumers with removed input features: module name -> removed positions."""
+    out = {}
+    for record in analysis.records.values():
+        name, layout = record.get("module"), record.get("input")
+        if record.get("kind") not in ("conv", "linear") or name is None or layout is None:
+            continue
+        removed = _removed(analysis, plan, layout)
+        if removed.numel() and _foldable(gm.get_submodule(name)):
+            out[name] = removed
+    return out
+
+
+def _capture(gm: torch.fx.GraphModule, names, inputs) -> dict[str, list[torch.Tensor]]:
+    """Inputs each named module receives on the example inputs, in eval mode, no grad."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [gm.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
+    training = gm.training
+    try:
+        gm.eval()
+        with torch.no_grad():
+            gm(*inputs)
+    finally:
+        gm.train(training)
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _constants(xs: list[torch.Tensor], removed: torch.Tensor, linear: bool) -> dict[int, float]:
+    """Removed features whose value is the same everywhere (every row, position and call)."""
+    values = {}
+    for position in removed.tolist():
+        parts = [(x[..., position] if linear else x[:, position]).reshape(-1) for x in xs]
+        flat = torch.cat(parts)
+        if flat.numel() and bool(flat.max() == flat.min()) and float(flat[0]) != 0.0:
+            values[position] = float(flat[0])
+    return values
+
+
+def measure_folds(gm: torch.fx.GraphModule, analysis, plan, inputs) -> dict[str, dict]:
+    """Per foldable consumer: {position: constant} of the removed features that carry one."""
+    candidates = _candidates(gm, analysis, plan)
+    if not candidates:
+        return {}
+    captured = _capture(gm, candidates, inputs)
+    folds = {}
+    for name, removed in candidates.items():
+        linear = isinstance(gm.get_submodule(name), nn.Linear)
+        values = _constants(captured[name], removed, linear)
+        if values:
+            folds[name] = {str(k): v for k, v in values.items()}
+    return folds
+
+
+def _delta(weight: torch.Tensor, values: dict[str, float]) -> torch.Tensor:
+    """Per old output channel: Σ over folded inputs of W[o, c]·v_c (kernel of size 1)."""
+    cols = torch.tensor([int(k) for k in values], dtype=torch.long)
+    vals = torch.tensor(list(values.values()), dtype=torch.float64)
+    w = weight.detach().reshape(weight.shape[0], weight.shape[1]).to(torch.float64)
+    return w[:, cols] @ vals
+
+
+def apply_folds(old_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, folds: dict, maps) -> list[str]:
+    """Add each consumer's folded constants to its bias, or to the following BatchNorm's mean."""
+    notes = []
+    users = {n.target: list(n.users) for n in new_gm.graph.nodes if n.op == "call_module"}
+    for name, values in folds.items():
+        delta = _delta(old_gm.get_submodule(name).weight, values)
+        pmap = maps.get(f"{name}.weight")
+        source = pmap.dims[0].source if pmap is not None and pmap.dims[0].dim == 0 else torch.arange(delta.numel())
+        kept = torch.nonzero(source >= 0).flatten()
+        shift = torch.zeros(source.numel(), dtype=torch.float64)
+        shift[kept] = delta[source[kept]]
+        notes.append(_fold_into(new_gm, name, shift, users.get(name, [])))
+    return notes
+
+
+def _fold_into(gm: torch.fx.GraphModule, name: str, shift: torch.Tensor, users) -> str:
+    """Add ``shift`` to a consumer's bias, or subtract it from the running mean of its BatchNorm."""
+    module = gm.get_submodule(name)
+    with torch.no_grad():
+        if module.bias is not None:
+            module.bias.add_(shift.to(module.bias.dtype))
+            return f"fold: constants of removed inputs of {name} added to its bias"
+        norm = gm.get_submodule(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None:
+            norm.running_mean.sub_(shift.to(norm.running_mean.dtype))
+            return f"fold: constants of removed inputs of {name} moved into {users[0].target}.running_mean"
+    return f"fold: {name} has no bias and no BatchNorm after it; constants of removed inputs dropped"

@@ -47,7 +47,8 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
         if record.get("kind") not in ("conv", "linear") or name is None or layout is None:
             continue
         removed = _removed(analysis, plan, layout)
-        if removed.numel() and _foldable(gm.get_submodule(name)):
+        module = gm.get_submodule(name)
+        if removed.numel() and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             out[name] = removed
     return out
 
@@ -80,19 +81,25 @@ def _constants(xs: list[torch.Tensor], removed: torch.Tensor, linear: bool) -> d
     return values
 
 
-def measure_folds(gm: torch.fx.GraphModule, analysis, plan, inputs) -> dict[str, dict]:
-    """Per foldable consumer: {position: constant} of the removed features that carry one."""
+def measure_folds(gm: torch.fx.GraphModule, analysis, plan, inputs) -> tuple[dict[str, dict], list[str]]:
+    """Per foldable consumer: {position: constant} of the removed features that carry one;
+    and notes naming the consumers whose constants cannot be folded exactly."""
     candidates = _candidates(gm, analysis, plan)
     if not candidates:
-        return {}
+        return {}, []
     captured = _capture(gm, candidates, inputs)
-    folds = {}
+    folds, notes = {}, []
     for name, removed in candidates.items():
-        linear = isinstance(gm.get_submodule(name), nn.Linear)
-        values = _constants(captured[name], removed, linear)
-        if values:
+        module = gm.get_submodule(name)
+        values = _constants(captured[name], removed, isinstance(module, nn.Linear))
+        if not values:
+            continue
+        if _foldable(module):
             folds[name] = {str(k): v for k, v in values.items()}
-    return folds
+        else:
+            notes.append(f"fold: {len(values)} removed inputs of {name} carry constants a {type(module).__name__} "
+                         "with this kernel/padding cannot absorb exactly; they are dropped")
+    return folds, notes
 
 
 def _delta(weight: torch.Tensor, values: dict[str, float]) -> torch.Tensor:

@@ -60,7 +60,8 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx
     """Copy the traced graph module, rewrite its parameters, apply the scheme, verify."""
     gm = copy.deepcopy(analysis.gm)
     if plan.folds is None:
-        plan.folds = measure_folds(gm, analysis, plan, inputs)
+        plan.folds, dropped = measure_folds(gm, analysis, plan, inputs)
+        plan.notes = list(plan.notes) + dropped
     maps: dict[str, ParamMap] = rewrite_params(gm, analysis, plan)
     notes = list(plan.notes)
     notes += apply_folds(analysis.gm, gm, plan.folds, maps)
@@ -70,7 +71,7 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx
     gm.recompile()
     verify(gm)
     propagate_shapes(gm, inputs)
-    plan.notes = notes
+    plan.notes = list(dict.fromkeys(notes))
     gm.nrfx_plan = plan
     gm.nrfx_param_map = maps
     gm.train(model.training)

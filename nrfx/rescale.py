@@ -31,15 +31,18 @@ def _is_homogeneous(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _consumers(gm: torch.fx.GraphModule, norm: torch.fx.Node) -> list[str] | str:
+def _consumers(gm: torch.fx.GraphModule, norm: torch.fx.Node, calls: dict[str, int]) -> list[str] | str:
     """Conv/linear modules reached through homogeneous ops only, or why there are none."""
+    if calls[norm.target] > 1:
+        return "the norm is called more than once"
     found, stack = [], list(norm.users)
     while stack:
         node = stack.pop()
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Conv1d, nn.Linear)):
-            module = gm.get_submodule(node.target)
-            if getattr(module, "groups", 1) != 1 or node.args[0] not in (norm, *_chain(node)):
+            if getattr(gm.get_submodule(node.target), "groups", 1) != 1:
                 return f"consumer {node.target} is grouped"
+            if calls[node.target] > 1:
+                return f"consumer {node.target} shares its weight across calls"
             found.append(node.target)
         elif _is_homogeneous(gm, node):
             stack.extend(node.users)
@@ -48,22 +51,21 @@ def _consumers(gm: torch.fx.GraphModule, norm: torch.fx.Node) -> list[str] | str
     return found or "no consumer"
 
 
-def _chain(node: torch.fx.Node) -> tuple:
-    """The input nodes of a node (for the direct-input check)."""
-    return tuple(node.all_input_nodes)
-
-
 def apply_rescale(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
     """Rescale the scales of every eligible norm in the rewritten module; returns notes."""
     gamma0 = 1.0 if plan.gamma0 is None else float(plan.gamma0)
     notes, done = [], 0
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
             continue
         norm = gm.get_submodule(node.target)
         if norm.weight is None:
             continue
-        consumers = _consumers(gm, node)
+        consumers = _consumers(gm, node, calls)
         if isinstance(consumers, str):
             notes.append(f"rescale skipped at {node.target}: {consumers}")
             continue

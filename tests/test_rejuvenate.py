@@ -214,3 +214,79 @@ def test_cli_rejuvenate_writes_a_replayable_file(tmp_path, capsys):
     replay = nrfx.apply_plan(model, saved["plan"], torch.zeros(1, 3, 32, 32))
     assert replay.state_dict().keys() == saved["state_dict"].keys()
     assert saved["plan"]["keep"] and len(saved["plan"]["keep"][1]) == 44
+
+
+class _ConstantEmitter(nn.Module):
+    """Norms whose dead channels (γ = 0, β ≠ 0) emit constants read by 1×1 convs and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.c3 = nn.Conv2d(6, 5, 1)
+        self.fc = nn.Linear(5 * 16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.c3(x), 4), 1))
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_constants_of_dead_channels_are_folded(scheme):
+    torch.manual_seed(0)
+    model = _ConstantEmitter().double().eval()
+    with torch.no_grad():
+        for norm in (model.b1, model.b2):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2)
+            norm.bias.normal_()
+        model.b1.weight[:3] = 0
+        model.b1.bias[:3] = 1.5  # dead by γ, but relu(β) = 1.5 reaches c2
+        model.b2.weight[:2] = 0
+        model.b2.bias[:2] = 0.7
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme)
+    assert set(new.nrfx_plan.folds) == {"c2", "c3"}
+    torch.testing.assert_close(new(x), model(x), rtol=1e-7, atol=1e-12)
+    replay = nrfx.apply_plan(model, json.loads(new.nrfx_plan.to_json()), x)
+    torch.testing.assert_close(replay(x), model(x), rtol=1e-7, atol=1e-12)
+
+
+class _TwoInputsDictOut(nn.Module):
+    """Two inputs, a shared trunk (module called twice), a concat and a dict of outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem_a = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.stem_b = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1, dilation=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.trunk = nn.Sequential(nn.Conv2d(6, 8, 3, padding=2, dilation=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU())
+        self.head_cls = nn.Linear(16, 4)
+        self.head_map = nn.Conv2d(16, 2, 1)
+
+    def forward(self, a, b):
+        x = self.trunk(self.stem_a(a))
+        y = self.trunk(self.stem_b(b))
+        z = self.dw(torch.cat([x, y], 1))
+        z += torch.cat([x, y], 1)
+        return {"cls": self.head_cls(z.mean((2, 3))), "map": self.head_map(z)}
+
+
+@pytest.mark.parametrize(("scheme", "rescale"), SCHEMES)
+def test_several_inputs_dict_outputs_and_weight_sharing(scheme, rescale):
+    torch.manual_seed(1)
+    model = _TwoInputsDictOut().double().eval()
+    inputs = (torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 2, 8, 8, dtype=torch.float64))
+    analysis = nrfx.analyze(model, inputs)
+    kill_channels(model, analysis, 0.4, 1)
+    before = _snapshot(model)
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2, "flops"), example_inputs=inputs, scheme=scheme,
+                          rescale=rescale, analysis=analysis)
+    with torch.no_grad():
+        expected, got = model(*inputs), new(*inputs)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-7, atol=1e-10)
+    assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
+    _assert_unchanged(model, before)

@@ -228,6 +228,8 @@ def bench_model(name: str, repeats: int, warmup: bool, peer_timeout: float) -> d
         start = time.perf_counter()
         model = build(name)
         row["peer_build_seconds"] = round(time.perf_counter() - start, 3)
+        real = run_nrfx(model, x)
+        row["same_counts_on_real_build"] = (real.params, real.flops) == (row["params"], row["nrfx_macs"])
         peers = {"nrfx_on_real_model": lambda: run_nrfx(model, x), **peers}
         row.update(interleaved(peers, 1, False, peer_timeout))
     else:

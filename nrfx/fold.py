@@ -81,11 +81,27 @@ def _constants(xs: list[torch.Tensor], removed: torch.Tensor, linear: bool) -> d
     return values
 
 
+def _may_emit_constants(gm: torch.fx.GraphModule) -> bool:
+    """Whether some channel's producer ignores its input: a norm with γ = 0 and β ≠ 0, or a
+    conv/linear with an all-zero weight row and a bias.  Without one no constant exists."""
+    for module in gm.modules():
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor) or weight.is_meta:
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase) and bool(((weight == 0) & (bias != 0)).any()):
+            return True
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and weight.dim() >= 2:
+            rows = weight.detach().reshape(weight.shape[0], -1) if not getattr(module, "transposed", False) else None
+            if rows is not None and bool(((rows == 0).all(1) & (bias.detach() != 0)).any()):
+                return True
+    return False
+
+
 def measure_folds(gm: torch.fx.GraphModule, analysis, plan, inputs) -> tuple[dict[str, dict], list[str]]:
     """Per foldable consumer: {position: constant} of the removed features that carry one;
     and notes naming the consumers whose constants cannot be folded exactly."""
     candidates = _candidates(gm, analysis, plan)
-    if not candidates:
+    if not candidates or not _may_emit_constants(gm):
         return {}, []
     captured = _capture(gm, candidates, inputs)
     folds, notes = {}, []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from .analysis import Analysis, analyze
 from .fold import apply_folds, measure_folds
 from .plan import Plan, make_plan
 from .rescale import apply_rescale
-from .rewrite import ParamMap, rewrite_params, verify
+from .rewrite import ParamMap, copy_for_rewrite, param_maps, rewrite_params, verify
 from .schemes import apply_scheme
 from .trace import propagate_shapes
 
@@ -58,11 +57,12 @@ def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, 
 
 def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx.GraphModule:
     """Copy the traced graph module, rewrite its parameters, apply the scheme, verify."""
-    gm = copy.deepcopy(analysis.gm)
+    maps: dict[str, ParamMap] = param_maps(analysis, plan)
+    gm = copy_for_rewrite(analysis.gm, maps)
     if plan.folds is None:
         plan.folds, dropped = measure_folds(gm, analysis, plan, inputs)
         plan.notes = list(plan.notes) + dropped
-    maps: dict[str, ParamMap] = rewrite_params(gm, analysis, plan)
+    rewrite_params(gm, analysis, plan, maps)
     notes = list(plan.notes)
     notes += apply_folds(analysis.gm, gm, plan.folds, maps)
     if plan.rescale:

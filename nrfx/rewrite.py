@@ -166,9 +166,21 @@ def _generic_fresh(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return tensor
 
 
-def rewrite_params(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, ParamMap]:
+def copy_for_rewrite(gm: torch.fx.GraphModule, maps: dict[str, ParamMap]) -> torch.fx.GraphModule:
+    """A deep copy of ``gm`` that shares (does not copy) the tensors the rewrite replaces anyway."""
+    tensors = dict(gm.named_parameters())
+    tensors.update(gm.named_buffers())
+    memo = {id(tensors[name]): tensors[name] for name in maps if name in tensors}
+    return copy.deepcopy(gm, memo)
+
+
+def param_maps(analysis, plan) -> dict[str, ParamMap]:
+    """ParamMap of every parameter and buffer whose spaces change under the plan."""
+    return _param_maps(analysis, plan)
+
+
+def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, ParamMap]) -> dict[str, ParamMap]:
     """Replace, in the copy ``gm``, every parameter and buffer whose spaces change."""
-    maps = _param_maps(analysis, plan)
     by_owner: dict[str, dict[str, ParamMap]] = {}
     for name, pmap in maps.items():
         path, _, attr = name.rpartition(".")

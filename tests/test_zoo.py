@@ -171,10 +171,15 @@ def test_zoo_macs_are_per_example(name: str):
     assert (two.params, two.flops) == (one.params, one.flops)
 
 
+REAL_WEIGHTS_TOO_BIG = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", zoo_params())
 def test_zoo_real_weights(name: str):
     """Built for real: the same exact costs, and a freshly initialised model is fully alive."""
+    if name in REAL_WEIGHTS_TOO_BIG:
+        pytest.skip("over 300M parameters: several GB in RAM next to a parallel CI worker; the meta sweep covers it")
     model = build(name, meta=False)
     analysis, unknown = analyze_recording(model, crop_size(name))
     assert_exact_costs(name, model, analysis)

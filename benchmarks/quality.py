@@ -23,6 +23,7 @@ when ``eval_test`` is on.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -223,14 +224,14 @@ class Plain:
 class Rejuvenating:
     """The nrfx driver: adaptive λ, rejuvenation below the target, up to ``method.rounds`` times."""
 
-    def __init__(self, model: nn.Module, method: Method, setup: Setup, seed: int) -> None:
+    def __init__(self, model: nn.Module, method: Method, setup: Setup, seed: int, probe=None) -> None:
         self.setup = setup
         self.nr = nrfx.NeuralRejuvenation(
             model, optimizer_factory(setup), example_inputs=EXAMPLE_INPUT,
             budget=nrfx.Budget.fraction(method.budget, "params"), target=method.target or setup.target,
             interval=setup.interval, delta_r=setup.delta_r, delta_lambda=setup.delta_lambda, scheme=method.scheme,
             rescale=setup.rescale, max_rounds=method.rounds, seed=seed, scheduler_factory=cosine(setup.steps))
-        self.rounds = 0
+        self.rounds, self.probe, self.jumps = 0, probe, []
 
     @property
     def model(self) -> nn.Module:
@@ -239,6 +240,8 @@ class Rejuvenating:
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward, the driver's step (penalty, optimizer, check), schedule."""
+        checking = self.probe is not None and (self.nr.steps + 1) % self.setup.interval == 0
+        before = copy.deepcopy(self.nr.module) if checking and not self.nr.finished else None
         self.nr.optimizer.zero_grad()
         loss.backward()
         self.nr.step()
@@ -247,12 +250,17 @@ class Rejuvenating:
             self.rounds = self.nr.rounds
             if self.setup.gamma0 is not None:
                 set_new_gamma(self.nr.module, self.setup.gamma0)
+            if before is not None:
+                self.jumps.append({"step": self.nr.steps, "val_error_before": self.probe(before),
+                                   "val_error_after": self.probe(self.nr.module)})
 
     def summary(self) -> dict[str, Any]:
         """Rounds, every rejuvenation, and the r/λ history."""
         events = [{k: h[k] for k in ("step", "r", "lam_before", "r_after", "cost_before", "cost", "widths")}
                   for h in self.nr.history if h["event"] == "rejuvenate"]
         history = [[h["step"], round(h["r"], 4), h.get("lam_before", h["lam"])] for h in self.nr.history]
+        for event, jump in zip(events, self.jumps, strict=False):
+            event.update(jump)
         return {"rounds": self.nr.rounds, "rejuvenations": events, "history": history}
 
 
@@ -351,7 +359,10 @@ def train(name: str, seed: int, setup: Setup) -> dict[str, Any]:
     data = load_data(setup.data, setup.val_size, setup.train_limit, setup.test_limit)
     torch.manual_seed(seed)
     config = setup.config if method.width == 1.0 else narrower(setup.config, method.width)
-    runner = RUNNERS[method.kind](example().vgg_bn(config), method, setup, seed)
+    probe_x, probe_y = (t[:2000] for t in data["val"])
+    probe = functools.partial(_probe, images=probe_x, labels=probe_y)
+    runner = RUNNERS[method.kind](example().vgg_bn(config), method, setup, seed,
+                                  **({"probe": probe} if method.kind == "nr" else {}))
     images, labels = data["train"]
     criterion, losses, start = nn.CrossEntropyLoss(), [], time.perf_counter()
     for index in batches(seed, len(images), setup.batch, setup.steps):
@@ -363,9 +374,14 @@ def train(name: str, seed: int, setup: Setup) -> dict[str, Any]:
               "test_error": error(model, *data["test"]) if setup.eval_test else None,
               "params": sum(p.numel() for p in model.parameters()),
               "macs": nrfx.analyze(model, EXAMPLE_INPUT).flops, "train_loss_last_100": statistics.fmean(losses[-100:]),
-              "loss_curve": [round(statistics.fmean(losses[i:i + 50]), 4) for i in range(0, len(losses), 50)],
+              "loss_curve": [round(statistics.fmean(losses[i:i + 20]), 4) for i in range(0, len(losses), 20)],
               "seconds": round(time.perf_counter() - start, 1)}
     return record | runner.summary()
+
+
+def _probe(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Eval-mode error (%) on a slice of the validation split: the function just before / after a rejuvenation."""
+    return round(error(model, images, labels), 2)
 
 
 def _train_star(job: tuple[str, int, Setup]) -> dict[str, Any]:

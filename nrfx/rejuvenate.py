@@ -12,6 +12,7 @@ from .analysis import Analysis, analyze
 from .fold import apply_folds, measure_folds
 from .plan import Plan, make_plan
 from .rescale import apply_rescale
+from .reslice import reslice
 from .rewrite import ParamMap, copy_for_rewrite, param_maps, rewrite_params, verify
 from .schemes import apply_scheme
 from .trace import propagate_shapes
@@ -63,6 +64,7 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx
         plan.folds, dropped = measure_folds(gm, analysis, plan, inputs)
         plan.notes = list(plan.notes) + dropped
     rewrite_params(gm, analysis, plan, maps)
+    reslice(gm, analysis, plan)
     notes = list(plan.notes)
     notes += apply_folds(analysis.gm, gm, plan.folds, maps)
     if plan.rescale:

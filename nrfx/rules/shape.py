@@ -104,9 +104,14 @@ def _select(ctx, spec: TensorSpec, dim: int, start: int, stop: int):
         ctx.freeze(layout, "slice cuts inside a flattened channel")
         return layout, Zero("none")
     lo, hi = start // layout.inner, stop // layout.inner
-    # the graph holds literal slice bounds (or a chunk count): the widths they cut must not change
-    ctx.freeze(layout, "sliced at fixed channel offsets")
     return ctx.atoms.select(layout, lo, hi), Zero("copy", ((Segment(spec.vid, dim, lo, hi),),))
+
+
+def _record_slice(ctx, spec: TensorSpec, dim: int, bounds: list[tuple[int, int]], style: str, **extra) -> None:
+    """Remember literal channel bounds so the rewrite can move them to the new widths."""
+    layout = spec.dims[dim]
+    if layout is not None:
+        ctx.record(kind="slice", style=style, layout=layout, dim=dim, bounds=bounds, **extra)
 
 
 def _pieces(ctx, spec: TensorSpec, dim: int, sizes: list[int]) -> tuple:
@@ -148,7 +153,10 @@ def _split(ctx, node, name: str):
         if x.dims[dim] is not None:
             ctx.freeze(x.dims[dim], "unbind over channels")
         return tuple(ctx.blank(p) for p in pieces)
-    return _pieces(ctx, x, dim, [p.shape[dim] for p in pieces])
+    sizes = [p.shape[dim] for p in pieces]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    _record_slice(ctx, x, dim, [(a, a + n) for a, n in zip(starts, sizes, strict=True)], "split")
+    return _pieces(ctx, x, dim, sizes)
 
 
 @method_rule("narrow")
@@ -169,6 +177,9 @@ def _narrow(ctx, node):
     dim = norm_dim(ctx.value(node.args[1]), x.ndim)
     start = norm_dim(int(ctx.value(node.args[2])), x.shape[dim])
     length = int(ctx.value(node.args[3]))
+    if isinstance(node.args[2], torch.fx.Node) or isinstance(node.args[3], torch.fx.Node):
+        ctx.freeze(x.dims[dim], "narrow with bounds computed in the graph")
+    _record_slice(ctx, x, dim, [(start, start + length)], "narrow")
     layout, zero = _select(ctx, x, dim, start, start + length)
     dims = list(x.dims)
     dims[dim] = layout
@@ -206,6 +217,7 @@ def _size_item(ctx, spec: SizeSpec, index):
 
 def _tensor_index(ctx, spec: TensorSpec, index: tuple):
     """Basic indexing (ints, slices, None, Ellipsis); anything else freezes the indexed dims."""
+    computed = [_has_node(i) for i in index]
     index = tuple(_index_value(ctx, i) for i in index)
     if any(isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)) for i in index):
         ctx.freeze_all(spec, "advanced indexing")
@@ -219,7 +231,8 @@ def _tensor_index(ctx, spec: TensorSpec, index: tuple):
             expanded.append(i)
     expanded.extend([slice(None)] * (spec.ndim - sum(1 for i in expanded if i is not None)))
     dims, zeros, src = [], [], 0
-    for item in expanded:
+    ellipsis_at = index.index(Ellipsis) if Ellipsis in index else len(index)
+    for position, item in enumerate(expanded):
         if item is None:
             dims.append(None)
             zeros.append(None)
@@ -229,16 +242,29 @@ def _tensor_index(ctx, spec: TensorSpec, index: tuple):
             ctx.freeze(layout, "integer index into channels")
         else:
             start, stop, step = item.indices(spec.shape[src])
+            stop = max(start, stop)
             if step != 1:
                 ctx.freeze(layout, "strided slice of channels")
                 dims.append(layout)
                 zeros.append(Zero("none") if layout is not None else None)
             else:
-                layout, zero = _select(ctx, spec, src, start, max(start, stop))
+                partial = (start, stop) != (0, spec.shape[src])
+                if partial and layout is not None and (position >= ellipsis_at or computed[position]):
+                    ctx.freeze(layout, "channel slice after an Ellipsis or with bounds computed in the graph")
+                elif partial:
+                    _record_slice(ctx, spec, src, [(start, stop)], "getitem", position=position)
+                layout, zero = _select(ctx, spec, src, start, stop)
                 dims.append(layout)
                 zeros.append(zero)
         src += 1
     return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+
+
+def _has_node(item) -> bool:
+    """Whether an index item holds a value computed in the graph."""
+    if isinstance(item, slice):
+        return any(isinstance(v, torch.fx.Node) for v in (item.start, item.stop, item.step))
+    return isinstance(item, torch.fx.Node)
 
 
 def _index_value(ctx, item):

@@ -65,7 +65,7 @@ class Setup:
 
     data: str = "/usr/share/datasets/fashion-mnist"
     config: tuple = (16, 16, "M", 32, 32, "M", 64, 64, "M")
-    steps: int = 1200
+    steps: int = 800
     batch: int = 128
     lr: float = 0.05
     momentum: float = 0.9
@@ -75,10 +75,10 @@ class Setup:
     test_limit: int | None = None
     eval_test: bool = True
     target: float = 0.5  # T_r for the full-budget NR methods
-    interval: int = 20  # Δt (steps)
+    interval: int = 10  # Δt (steps)
     delta_r: float = 0.01
     delta_lambda: float = 1e-3
-    gamma0: float | None = None  # γ of rejuvenated channels (None: the layer's initial value, 1)
+    gamma0: float | str | None = "match"  # γ of rejuvenated channels (None: the layer's initial 1; "match": below)
     rescale: bool = False
     slim_lambda: float = 1e-3  # Network Slimming's fixed λ
     slim_at: float = 0.5  # fraction of the steps trained with the L1 term before pruning
@@ -98,13 +98,15 @@ def _convert(setup: Setup, key: str, value: Any) -> Any:
     current = getattr(setup, key)
     if value.lower() == "none":
         return None
+    if key == "gamma0" and value == "match":
+        return value
     if isinstance(current, bool):
         return value.lower() in ("1", "true", "yes")
     if isinstance(current, tuple):
         return tuple(int(v) if v.isdigit() else v for v in value.split(","))
     if isinstance(current, int) and "." not in value and "e" not in value.lower():
         return int(value)
-    return float(value) if key not in ("data",) else value
+    return value if key == "data" else float(value)
 
 
 @dataclass(frozen=True)
@@ -264,15 +266,22 @@ class Rejuvenating:
         return {"rounds": self.nr.rounds, "rejuvenations": events, "history": history}
 
 
-def set_new_gamma(module: nn.Module, gamma0: float) -> None:
-    """Set γ of every rejuvenated norm channel (slots the param map marks -1) to ``gamma0``."""
+def set_new_gamma(module: nn.Module, gamma0: float | str) -> None:
+    """Set γ of every rejuvenated norm channel (slots the param map marks -1) to ``gamma0``.
+
+    ``gamma0="match"``: per norm, the median |γ| of its surviving channels (R starts at the
+    scale the penalty left S at, instead of the layer's initial 1).
+    """
     with torch.no_grad():
         for name, pmap in module.nrfx_param_map.items():
-            param = module.get_parameter(name) if name.endswith("weight") else None
-            if param is None or param.dim() != 1 or not pmap.dims:
+            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            if not (name.endswith("weight") and isinstance(owner, nn.modules.batchnorm._NormBase) and pmap.dims):
                 continue
-            if isinstance(module.get_submodule(name.rsplit(".", 1)[0]), nn.modules.batchnorm._NormBase):
-                param[pmap.dims[0].source < 0] = gamma0
+            param, new = module.get_parameter(name), pmap.dims[0].source < 0
+            if not new.any():
+                continue
+            value = param[~new].abs().median() if gamma0 == "match" and (~new).any() else float(gamma0)
+            param[new] = value
 
 
 class Slimming:
@@ -384,24 +393,24 @@ def _probe(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> floa
     return round(error(model, images, labels), 2)
 
 
-def _train_star(job: tuple[str, int, Setup]) -> dict[str, Any]:
-    return train(*job)
+def _train_job(job: tuple[str, int, Setup, str]) -> dict[str, Any]:
+    """One job of ``run_jobs``: (method, seed, setup, variant label)."""
+    name, seed, setup, variant = job
+    return train(name, seed, setup) | {"variant": variant}
 
 
-def run_all(names: list[str], seeds: list[int], setup: Setup, workers: int = 2,
-            log=print) -> list[dict[str, Any]]:
-    """Every (method, seed), ``workers`` processes at a time (one thread each); records in job order."""
-    jobs = [(name, seed, setup) for seed in seeds for name in names]
+def run_jobs(jobs: list[tuple[str, int, Setup, str]], workers: int = 2, log=print) -> list[dict[str, Any]]:
+    """Every (method, seed, setup, variant), ``workers`` processes at a time (one thread each); in job order."""
     if workers <= 1:
-        return [_logged(log, train(*job)) for job in jobs]
+        return [_logged(log, _train_job(job)) for job in jobs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return [_logged(log, r) for r in pool.map(_train_star, jobs)]
+        return [_logged(log, r) for r in pool.map(_train_job, jobs)]
 
 
 def _logged(log, record: dict[str, Any]) -> dict[str, Any]:
     """Log one finished run."""
     test = f" test {record['test_error']:.2f}%" if record["test_error"] is not None else ""
-    log(f"  {record['method']:14} seed {record['seed']}: val {record['val_error']:.2f}%{test}  "
+    log(f"  {record['variant']:24} seed {record['seed']}: val {record['val_error']:.2f}%{test}  "
         f"params {record['params']:,}  rounds {record.get('rounds', '-')}  {record['seconds']:.0f}s")
     return record
 
@@ -413,35 +422,62 @@ def mean_std(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def aggregate(records: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
-    """Per method: mean ± std of test and validation error, params, MACs, rounds."""
+def aggregate(records: list[dict[str, Any]], keys: list[str], field: str = "method",
+              label=lambda key: METHODS[key].label) -> dict[str, dict[str, Any]]:
+    """Per key (method or variant): mean ± std of errors, params, MACs, rounds, and the first rejuvenation."""
     table = {}
-    for name in names:
-        rows = [r for r in records if r["method"] == name]
+    for key in keys:
+        rows = [r for r in records if r[field] == key]
         if not rows:
             continue
-        entry = {"label": METHODS[name].label, "seeds": [r["seed"] for r in rows],
+        entry = {"label": label(key), "seeds": [r["seed"] for r in rows],
                  "val_error": mean_std([r["val_error"] for r in rows]),
                  "params": mean_std([r["params"] for r in rows]), "macs": mean_std([r["macs"] for r in rows]),
                  "rounds": mean_std([r.get("rounds", 0) for r in rows]),
                  "seconds": mean_std([r["seconds"] for r in rows])}
         if all(r["test_error"] is not None for r in rows):
             entry["test_error"] = mean_std([r["test_error"] for r in rows])
-        table[name] = entry
+        firsts = [r["rejuvenations"][0] for r in rows if r.get("rejuvenations")]
+        if firsts:
+            entry["first_rejuvenation"] = {k: mean_std([f[k] for f in firsts]) for k in
+                                           ("step", "lam_before", "val_error_before", "val_error_after") if
+                                           all(f.get(k) is not None for f in firsts)}
+        table[key] = entry
     return table
 
 
 def markdown(table: dict[str, dict[str, Any]], c_params: int) -> str:
     """The quality table in markdown (errors in %, mean ± std over seeds)."""
-    lines = ["| method | test error % | val error % | params (× c(A)) | MACs | rounds | s/run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | test error % | val error % | params (× c(A)) | MACs | rounds | 1st rejuvenation: step, λ |"
+             " s/run |", "|---|---|---|---|---|---|---|---|"]
     for entry in table.values():
         test = _pm(entry["test_error"]) if "test_error" in entry else "—"
         lines.append(f"| {entry['label']} | {test} | {_pm(entry['val_error'])} | "
                      f"{entry['params']['mean']:,.0f} ({entry['params']['mean'] / c_params:.2f}) | "
-                     f"{entry['macs']['mean'] / 1e6:.2f} M | {entry['rounds']['mean']:.1f} | "
+                     f"{entry['macs']['mean'] / 1e6:.2f} M | {entry['rounds']['mean']:.1f} | {_first(entry)} | "
                      f"{entry['seconds']['mean']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def ablation_markdown(table: dict[str, dict[str, Any]]) -> str:
+    """The ablation table: validation error, and the function just before and after the first rejuvenation."""
+    base = table.get("baseline", {}).get("val_error", {}).get("mean")
+    lines = ["| variant | val error % | vs baseline | rounds | 1st rejuvenation: step, λ | "
+             "val error just before → just after it |", "|---|---|---|---|---|---|"]
+    for entry in table.values():
+        delta = f"{entry['val_error']['mean'] - base:+.2f}" if base is not None else "—"
+        first = entry.get("first_rejuvenation", {})
+        jump = (f"{first['val_error_before']['mean']:.1f} → {first['val_error_after']['mean']:.1f}"
+                if "val_error_before" in first else "—")
+        lines.append(f"| {entry['label']} | {_pm(entry['val_error'])} | {delta} | {entry['rounds']['mean']:.1f} | "
+                     f"{_first(entry)} | {jump} |")
+    return "\n".join(lines) + "\n"
+
+
+def _first(entry: dict[str, Any]) -> str:
+    """Mean step and λ of the first rejuvenation, or a dash."""
+    first = entry.get("first_rejuvenation")
+    return f"{first['step']['mean']:.0f}, {first['lam_before']['mean']:.3f}" if first else "—"
 
 
 def _pm(cell: dict[str, float]) -> str:
@@ -519,9 +555,25 @@ def _plot_histories(plt, histories: dict[str, list], result: dict[str, Any], pat
 
 
 # -- entry point ---------------------------------------------------------------------------------------------
-QUICK = {"steps": 120, "train_limit": 6000, "val_size": 1000, "test_limit": 2000, "interval": 5,
-         "delta_lambda": 1e-2, "batch": 64}
+QUICK = {"steps": 160, "train_limit": 6000, "val_size": 1000, "test_limit": 2000, "batch": 64, "interval": 5,
+         "delta_lambda": 4e-3}
 QUICK_METHODS = ["baseline", "nr", "slim-half"]
+
+# The investigation (validation split only): what in NR's settings moves the error, and why.
+ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline": ("baseline", {}),
+    "NR, R γ0 = 1 (nrfx default)": ("nr", {"gamma0": None}),
+    "NR, R γ0 = 0.5 (official code)": ("nr", {"gamma0": 0.5}),
+    "NR, R γ0 = median S γ (main table)": ("nr", {}),
+    "NR-CR, R γ0 = 1": ("nr-cr", {"gamma0": None}),
+    "NR-BR (neural rescaling)": ("nr", {"rescale": True}),
+    "NR, Δλ = 5e-4 (slower λ)": ("nr", {"delta_lambda": 5e-4}),
+    "NR, Δλ = 2e-3 (faster λ)": ("nr", {"delta_lambda": 2e-3}),
+    "NR, Δt = 50, Δλ = 5e-3": ("nr", {"interval": 50, "delta_lambda": 5e-3}),
+    "NR, T_r = 0.75": ("nr", {"target": 0.75}),
+    "baseline, 3× steps": ("baseline", {"steps": 2400}),
+    "NR, 3× steps, Δλ = 1e-4": ("nr", {"steps": 2400, "delta_lambda": 1e-4}),
+}
 
 
 def missing_data(setup: Setup) -> list[str]:
@@ -529,18 +581,29 @@ def missing_data(setup: Setup) -> list[str]:
     return example().missing_files(setup.data)
 
 
-def run(names: list[str], seeds: list[int], setup: Setup, out: Path, workers: int = 2, log=print) -> dict | None:
-    """Train, aggregate, write quality.json / quality.md / plots into ``out``; None when the data is missing."""
+def _skip(setup: Setup, log) -> bool:
+    """True (and a message) when the data is missing."""
     missing = missing_data(setup)
     if missing:
         log(f"quality: Fashion-MNIST not found in {setup.data} (missing {', '.join(missing)}): skipped. "
             "Install it with: sudo apt-get install dataset-fashion-mnist")
+    return bool(missing)
+
+
+def _setup_dict(setup: Setup) -> dict[str, Any]:
+    """The setup as JSON data."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(setup).items()}
+
+
+def run(names: list[str], seeds: list[int], setup: Setup, out: Path, workers: int = 2, log=print) -> dict | None:
+    """Train, aggregate, write quality.json / quality.md / plots into ``out``; None when the data is missing."""
+    if _skip(setup, log):
         return None
     start = time.perf_counter()
-    records = run_all(names, seeds, setup, workers, log)
+    records = run_jobs([(name, seed, setup, name) for seed in seeds for name in names], workers, log)
     c_params = params_of(setup.config)
-    result = {"setup": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(setup).items()},
-              "c_params": c_params, "c_macs": nrfx.analyze(example().vgg_bn(setup.config), EXAMPLE_INPUT).flops,
+    result = {"setup": _setup_dict(setup), "c_params": c_params,
+              "c_macs": nrfx.analyze(example().vgg_bn(setup.config), EXAMPLE_INPUT).flops,
               "methods": {n: dataclasses.asdict(METHODS[n]) for n in names}, "seeds": seeds, "workers": workers,
               "wall_seconds": round(time.perf_counter() - start, 1), "table": aggregate(records, names),
               "runs": records}
@@ -551,10 +614,30 @@ def run(names: list[str], seeds: list[int], setup: Setup, out: Path, workers: in
     return result
 
 
+def run_ablation(seeds: list[int], setup: Setup, out: Path, workers: int = 2, log=print) -> dict | None:
+    """Every ABLATION variant on the validation split; quality_ablation.json / .md into ``out``."""
+    if _skip(setup, log):
+        return None
+    start = time.perf_counter()
+    setup = setup.replace(eval_test=False)
+    jobs = [(name, seed, setup.replace(**changes), label) for seed in seeds
+            for label, (name, changes) in ABLATION.items()]
+    records = run_jobs(jobs, workers, log)
+    result = {"setup": _setup_dict(setup), "variants": {k: {"method": m, "changes": c} for k, (m, c) in
+                                                        ABLATION.items()},
+              "seeds": seeds, "wall_seconds": round(time.perf_counter() - start, 1),
+              "table": aggregate(records, list(ABLATION), "variant", label=lambda key: key), "runs": records}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality_ablation.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "quality_ablation.md").write_text(ablation_markdown(result["table"]))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: pick methods, seeds and settings; print the table."""
+    """Command line: pick methods, seeds and settings (or the ablation); print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few hundred steps on a subset, 1 seed")
+    parser.add_argument("--quick", action="store_true", help="160 steps on a 6k subset, 1 seed")
+    parser.add_argument("--ablation", action="store_true", help="the validation-split investigation instead")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Setup field")
@@ -563,12 +646,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup = Setup().replace(**QUICK) if args.quick else Setup()
     setup = setup.replace(**dict(item.split("=", 1) for item in args.set))
+    if args.ablation:
+        result = run_ablation(args.seeds or [0, 1], setup, Path(args.out), args.workers)
+        print(ablation_markdown(result["table"]) if result else "", end="")
+        return 0
     names = args.methods or (QUICK_METHODS if args.quick else list(METHODS))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     result = run(names, seeds, setup, Path(args.out), args.workers)
-    if result is None:
-        return 0
-    print(markdown(result["table"], result["c_params"]))
+    print(markdown(result["table"], result["c_params"]) if result else "", end="")
     return 0
 
 

@@ -100,23 +100,29 @@ def overhead(case: str, steps: int, interval: int, block: int = 10) -> dict[str,
 
 def _figures(case: str, spec: dict, nr: nrfx.NeuralRejuvenation, times: dict[str, list[float]],
              interval: int, steps: int) -> dict[str, Any]:
-    """Means, the measured overhead at ``interval``, and the overhead at other intervals from the parts."""
+    """Medians (robust to preemption on a shared machine), the overhead at ``interval`` and at other intervals.
+
+    penalty = median nr.step without a check − median optimizer.step; a check is timed alone
+    (median of 50 calls); overhead(Δt) = (penalty + check / Δt) / median plain step.  The same
+    ratio from plain means (checks included as they happened) is kept as ``overhead_fraction_means``.
+    """
+    median = {k: statistics.median(v) for k, v in times.items()}
     mean = {k: statistics.fmean(v) for k, v in times.items()}
-    check_s = statistics.median(_timed(nr.check) for _ in range(20))
-    checks = [t for t, c in zip(times["nr_step"], times["nr_checked"], strict=True) if c]
+    check_s = statistics.median(_timed(nr.check) for _ in range(50))
     between = [t for t, c in zip(times["nr_step"], times["nr_checked"], strict=True) if not c]
-    penalty_s = statistics.median(between) - statistics.median(times["plain_step"])
-    measured = (mean["nr_step"] - mean["plain_step"]) / mean["plain_total"]
+    penalty_s = statistics.median(between) - median["plain_step"]
+    at = {str(i): (penalty_s + check_s / i) / median["plain_total"] for i in (1, 10, 100)}
+    fraction = (penalty_s + check_s / interval) / median["plain_total"]
     return {
         "model": case, "input": list(spec["input"]), "steps_each": steps, "interval": interval,
-        "checks_timed": len(checks), "lam": nr.lam, "rounds": nr.rounds,
-        "plain_step_total_ms": round(1e3 * mean["plain_total"], 3),
-        "plain_optimizer_step_ms": round(1e3 * mean["plain_step"], 4),
-        "nr_step_ms": round(1e3 * mean["nr_step"], 4),
+        "checks_in_loop": int(sum(times["nr_checked"])), "lam": nr.lam, "rounds": nr.rounds,
+        "plain_step_total_ms": round(1e3 * median["plain_total"], 3),
+        "plain_optimizer_step_ms": round(1e3 * median["plain_step"], 4),
+        "nr_step_ms": round(1e3 * statistics.median(between), 4),
         "penalty_ms": round(1e3 * penalty_s, 4), "check_ms": round(1e3 * check_s, 4),
-        "overhead_fraction": measured,
-        "overhead_at_interval": {str(i): (penalty_s + check_s / i) / mean["plain_total"] for i in (1, 10, 100)},
-        "target": f"< {TARGET:.0%} of a plain step", "met": measured < TARGET,
+        "overhead_fraction": fraction, "overhead_at_interval": at,
+        "overhead_fraction_means": (mean["nr_step"] - mean["plain_step"]) / mean["plain_total"],
+        "target": f"< {TARGET:.0%} of a plain step", "met": fraction < TARGET,
     }
 
 
@@ -129,8 +135,8 @@ def run(quick: bool, interval: int = 10) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The overhead table."""
-    lines = ["| model | input | plain step ms | optimizer.step ms | nr.step ms | penalty ms | check ms | "
+    """The overhead table (medians; overhead = (penalty + check / Δt) / plain step)."""
+    lines = ["| model | input | plain step ms | optimizer.step ms | nr.step ms (no check) | penalty ms | check ms | "
              "overhead (Δt) | at Δt=1 / 10 / 100 | < 1 %? |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         at = " / ".join(f"{v:.2%}" for v in r["overhead_at_interval"].values())

@@ -27,6 +27,7 @@ def _input_size(name: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("memory-heavy")  # several GB per model: never two of these at once
 @pytest.mark.parametrize("name", MODELS)
 def test_zoo_function_preserved(name):
     if name in EXPECTED_FAILURES:

@@ -175,6 +175,7 @@ REAL_WEIGHTS_TOO_BIG = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("memory-heavy")  # real weights of the big models: never two at once
 @pytest.mark.parametrize("name", zoo_params())
 def test_zoo_real_weights(name: str):
     """Built for real: the same exact costs, and a freshly initialised model is fully alive."""

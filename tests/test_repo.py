@@ -18,3 +18,14 @@ def test_ci_runs_readme_test_command():
     assert len(readme) == 2, "README keeps exactly two start commands: main job and tests"
     assert ci == [readme[1]], "the test command in README.md and .ci/run must be the same"
     assert "nrfx report resnet50" in readme[0]
+
+
+def test_ruff_clean():
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    result = subprocess.run([ruff, "check", "nrfx", "tests", "benchmarks", "examples"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]

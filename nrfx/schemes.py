@@ -36,6 +36,8 @@ class _SRMixin:
 
     def _sr_forward(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
         """S and R outputs from their own blocks; cross attention gates the cross terms."""
+        if self.scheme == "ca":
+            return self._ca_forward(x, dim, op)
         xs, xr = self._blocks(x, dim)
         s, r = slice(0, self.s_out), slice(self.s_out, None)
         si, ri = slice(0, self.s_in), slice(self.s_in, None)
@@ -43,9 +45,26 @@ class _SRMixin:
         bias_r = None if self.bias is None else self.bias[r]
         out_s = op(xs, self._weight(s, si), bias_s)
         out_r = op(xr, self._weight(r, ri), bias_r)
-        if self.scheme == "ca":
-            out_s = out_s + 2 * torch.sigmoid(out_s) * op(xr, self._weight(s, ri), None)
-            out_r = out_r + 2 * torch.sigmoid(out_r) * op(xs, self._weight(r, si), None)
+        return torch.cat([out_s, out_r], dim)
+
+    def _ca_forward(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
+        """Eq. 9–10 with two convolutions: one per input block, each producing S and R rows.
+
+        From S inputs: [W_SS*S ; W_SR*S]; from R inputs: [W_RS*R ; W_RR*R].  The diagonal
+        terms (plus bias) gate the cross terms: S = d_S + 2σ(d_S)·c_S, R = d_R + 2σ(d_R)·c_R.
+        """
+        xs, xr = self._blocks(x, dim)
+        bias_s = bias_r = None
+        if self.bias is not None:  # the diagonal blocks carry the bias: [b_S ; 0] and [0 ; b_R]
+            bias_s = torch.cat([self.bias[: self.s_out], torch.zeros_like(self.bias[self.s_out:])])
+            bias_r = torch.cat([torch.zeros_like(self.bias[: self.s_out]), self.bias[self.s_out:]])
+        from_s = op(xs, self.weight[:, : self.s_in], bias_s)
+        from_r = op(xr, self.weight[:, self.s_in:], bias_r)
+        r_out = from_s.shape[dim] - self.s_out
+        diag_s, cross_r = from_s.narrow(dim, 0, self.s_out), from_s.narrow(dim, self.s_out, r_out)
+        cross_s, diag_r = from_r.narrow(dim, 0, self.s_out), from_r.narrow(dim, self.s_out, r_out)
+        out_s = torch.addcmul(diag_s, torch.sigmoid(diag_s), cross_s, value=2)
+        out_r = torch.addcmul(diag_r, torch.sigmoid(diag_r), cross_r, value=2)
         return torch.cat([out_s, out_r], dim)
 
 

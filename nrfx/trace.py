@@ -273,10 +273,19 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs)
         raise ShapeError(
             f"the example inputs {shapes} do not run through the model: {where} failed with "
-            f"{type(error).__name__}: {error}\n  Pass example_inputs shaped as the model's forward expects "
+            f"{type(error).__name__}: {error}\n{_train_mode_hint(error)}"
+            "  Pass example_inputs shaped as the model's forward expects "
             "(a tuple of tensors, batch dimension first, e.g. torch.randn(1, 3, 224, 224))."
         ) from error
     return interpreter.env
+
+
+def _train_mode_hint(error: BaseException) -> str:
+    """A hint when a norm in training mode met a single value per channel (batch 1, 1×1 map)."""
+    if "more than 1 value per channel" in str(error):
+        return ("  A norm in training mode needs more than one value per channel: call model.eval() "
+                "before analysing, or use a batch of 2 or more.\n")
+    return ""
 
 
 def _failing_node(interpreter: _MetaInterpreter) -> torch.fx.Node | None:

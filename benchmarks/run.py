@@ -1,6 +1,6 @@
 """Run every nrfx benchmark; write JSON, a markdown summary and PNG plots into one folder.
 
-    python -m benchmarks.run [--quick] [--only quality|speed] [--out benchmarks/results]
+    python -m benchmarks.run [--quick] [--only quality|speed|ablation] [--out benchmarks/results]
 
 * speed: ``benchmarks.bench_analysis`` (nrfx.analyze against Torch-Pruning and fvcore),
   ``benchmarks.bench_rejuvenate`` (rejuvenate time, latency of the rewritten models) — each in its
@@ -8,6 +8,8 @@
   monitoring overhead per training step).
 * quality: ``benchmarks.quality`` (Fashion-MNIST, VGG-BN, 3 seeds; skipped with a message when
   the data is missing).
+* ablation (only with ``--only ablation``): ``benchmarks.quality --ablation``, NR's settings one at
+  a time on the validation split (2 seeds): why NR does or does not pay.
 
 Speed runs first and alone: the quality runs use two processes and would disturb the timings.
 ``--quick`` runs every benchmark in a reduced form (under 3 minutes on 2 cores).  The folder gets
@@ -189,11 +191,15 @@ def summary_markdown(info: dict[str, Any], out: Path) -> str:
     m = info["machine"]
     packages = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     parts = ["# nrfx benchmark results", "",
-             f"- command: `{info['command']}`", f"- date (UTC): {info['date']}",
+             f"- last command: `{info['command']}`", f"- date (UTC): {info['date']}",
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['platform']}; load average at "
              f"start {m['load_average_at_start']}", f"- versions: {packages}",
-             f"- wall time: {info['seconds']:.0f} s" + (" (--quick: reduced settings)" if info["quick"] else ""), ""]
+             "", "| benchmark | run by | date (UTC) | seconds |", "|---|---|---|---|"]
+    parts += [f"| `{s['command']}` | `{s['run_by']}` | {s['date']} | {s['seconds']:.0f} |"
+              for s in info["steps"].values() if "run_by" in s]
+    parts += ["", "--quick: reduced settings, not results." if info["quick"] else "", ""]
     parts += _quality_section(out)
+    parts += _ablation_section(out)
     parts += _speed_section(out)
     return "\n".join(parts) + "\n"
 
@@ -209,6 +215,16 @@ def _quality_section(out: Path) -> list[str]:
              (out / "quality.md").read_text()]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in data.get("plots", [])]
     return [*lines, ""]
+
+
+def _ablation_section(out: Path) -> list[str]:
+    data = _read(out / "quality_ablation.json")
+    if data is None:
+        return []
+    s = data["setup"]
+    return ["## Quality: what moves NR's error (validation split only)", "",
+            f"{s['steps']} steps unless the row says otherwise; seeds {data['seeds']}; validation error in %, "
+            "mean ± std; the test split is not evaluated.", "", (out / "quality_ablation.md").read_text(), ""]
 
 
 def _speed_section(out: Path) -> list[str]:
@@ -228,32 +244,40 @@ def _speed_section(out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the chosen benchmarks into ``--out``; write run.json and summary.md."""
+    """Run the chosen benchmarks into ``--out``; update run.json and rewrite summary.md from every result there."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every benchmark, reduced (under 3 minutes)")
-    parser.add_argument("--only", choices=("quality", "speed"), default=None)
+    parser.add_argument("--only", choices=("quality", "speed", "ablation"), default=None,
+                        help="one part; 'ablation' (the validation-split investigation) runs only when named")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--workers", type=int, default=2, help="training processes for the quality runs")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda text: print(text, flush=True)  # noqa: E731
-    argv_text = sys.argv[1:] if argv is None else argv
-    info = {"command": " ".join(["python", "-m", "benchmarks.run", *argv_text]),
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine(),
-            "versions": versions(), "quick": args.quick, "only": args.only, "steps": {}}
+    command = " ".join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    previous = _read(out / "run.json") or {}
+    info = {"command": command, "date": date, "machine": machine(), "versions": versions(), "quick": args.quick,
+            "steps": previous.get("steps", {}) if previous.get("quick") == args.quick else {}}
     start = time.perf_counter()
+    ran: dict[str, Any] = {}
     if args.only in (None, "speed"):
-        info["steps"] |= run_speed(out, args.quick, log)
+        ran |= run_speed(out, args.quick, log)
         info["plots"] = plot_speed(out, *(_read(out / n) for n in ("analysis.json", "rejuvenate.json",
                                                                     "driver_overhead.json")))
     if args.only in (None, "quality"):
-        info["steps"]["benchmarks.quality"] = run_quality(out, args.quick, args.workers, log)
+        ran["benchmarks.quality"] = run_quality(out, args.quick, args.workers, log)
+    if args.only == "ablation":
+        ran["benchmarks.quality --ablation"] = run_ablation(out, args.quick, args.workers, log)
+    for step in ran.values():
+        step |= {"run_by": command, "date": date}
+    info["steps"] |= ran
     info["seconds"] = round(time.perf_counter() - start, 1)
     (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(info, out))
     log(f"wrote {out / 'summary.md'} ({info['seconds']:.0f} s)")
-    return 0 if all(s.get("returncode", 0) == 0 for s in info["steps"].values()) else 1
+    return 0 if all(s.get("returncode", 0) == 0 for s in ran.values()) else 1
 
 
 def run_quality(out: Path, quick: bool, workers: int, log) -> dict[str, Any]:
@@ -265,6 +289,17 @@ def run_quality(out: Path, quick: bool, workers: int, log) -> dict[str, Any]:
     log(f"quality: {len(names)} methods × {len(seeds)} seeds, {setup.steps} steps each ...")
     result = quality.run(names, seeds, setup, out, workers, log=log)
     return {"command": "python -m benchmarks.quality" + (" --quick" if quick else ""), "returncode": 0,
+            "seconds": round(time.perf_counter() - start, 1), "skipped": result is None}
+
+
+def run_ablation(out: Path, quick: bool, workers: int, log) -> dict[str, Any]:
+    """The validation-split investigation of NR's settings (2 seeds; 1 with --quick); its status."""
+    start = time.perf_counter()
+    setup = quality.Setup().replace(**quality.QUICK) if quick else quality.Setup()
+    seeds = [0] if quick else [0, 1]
+    log(f"ablation: {len(quality.ABLATION)} variants × {len(seeds)} seeds (validation split only) ...")
+    result = quality.run_ablation(seeds, setup, out, workers, log=log)
+    return {"command": "python -m benchmarks.quality --ablation" + (" --quick" if quick else ""), "returncode": 0,
             "seconds": round(time.perf_counter() - start, 1), "skipped": result is None}
 
 

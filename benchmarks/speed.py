@@ -4,13 +4,14 @@ Two identical copies of a model train on the same fixed batch, one with a plain 
 under ``nrfx.NeuralRejuvenation`` with λ > 0 (so the L1 sub-gradient is applied every step) and
 a check of r(θ) every ``interval`` steps; the target is set so low that it never rejuvenates.
 Blocks of steps alternate between the two (load bursts hit both alike).  Forward and backward
-are the same work in both, so the overhead is
+are the same work in both, so the driver adds
 
-    (mean time of nr.step() − mean time of optimizer.step()) / mean time of a whole plain step
+    penalty = median nr.step() without a check − median optimizer.step()
+    check   = one nr.check() (``refresh_masks`` + ``utilization``: reads γ, no forward), timed alone
+    overhead(Δt) = (penalty + check / Δt) / median time of a whole plain step
 
-with the checks amortised in the mean.  The cost of one check (``refresh_masks`` +
-``utilization``: reads γ, no forward) is also timed alone, which gives the overhead at any
-interval: penalty + check / interval.
+Medians, because preemption on a shared machine makes means noisy; the mean-based figure (checks
+included as they happened in the loop) is kept as ``overhead_fraction_means``.
 
     python -m benchmarks.speed [--quick] [--out benchmarks/results/driver_overhead.json]
 """

@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import nrfx
+from nrfx.models import meta_parameters
 
 MODELS = ("resnet50", "densenet121", "vit_b_16", "regnet_y_128gf")
 HUGE = {"regnet_y_128gf"}  # built with meta parameters for nrfx; the peers run once, capped
@@ -52,23 +53,6 @@ TARGET_HUGE_SECONDS = 1.0  # nrfx.analyze on regnet_y_128gf
 
 
 # -- building ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def meta_parameters() -> Iterator[None]:
-    """Every parameter registered inside lands on the meta device (no init, no memory); buffers stay real."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def build(name: str, meta: bool = False) -> nn.Module:
     """A torchvision model with random weights (``weights=None``) in eval mode."""
     with meta_parameters() if meta else contextlib.nullcontext():

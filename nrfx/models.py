@@ -7,15 +7,17 @@ of timm's pretrained config, or 3×224×224.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
 from .errors import NrfxError
 
-__all__ = ["DEFAULT_INPUT_SIZE", "VIDEO_FRAMES", "default_input_size", "resolve_model"]
+__all__ = ["DEFAULT_INPUT_SIZE", "VIDEO_FRAMES", "default_input_size", "meta_parameters", "resolve_model"]
 
 DEFAULT_INPUT_SIZE: tuple[int, ...] = (3, 224, 224)
 VIDEO_FRAMES = 16  # clip length of torchvision's video models (their `_ops` metadata uses 16 frames)
@@ -130,3 +132,24 @@ def _timm_size(name: str, model: nn.Module | None) -> tuple[int, ...] | None:
         return None
     size = getattr(found, "input_size", None)
     return tuple(int(s) for s in size) if size else None
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Every parameter registered inside lands on the meta device (no init, no memory); buffers stay real.
+
+    Build a model inside it to analyse its costs without its weights' memory: ``analyze`` needs
+    parameter shapes only (``norm_masks`` skips meta scales, so U(θ) counts them alive).
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

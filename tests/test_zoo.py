@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,6 +32,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 import nrfx
 from nrfx import UnknownOpWarning
+from nrfx.models import meta_parameters
 
 MODELS: list[str] = list_models(module=torchvision.models)
 
@@ -51,23 +51,6 @@ FREE_FAMILIES = frozenset({"alexnet", "densenet", "efficientnet", "googlenet", "
 
 
 # -- building ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def meta_parameters() -> Iterator[None]:
-    """Every parameter registered inside goes to the meta device; buffers stay real."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def default_weights(name: str):
     """The DEFAULT weights enum entry of a model (read for metadata only, never downloaded)."""
     return get_model_weights(name).DEFAULT

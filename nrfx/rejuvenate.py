@@ -15,7 +15,7 @@ from .rescale import apply_rescale
 from .reslice import reslice
 from .rewrite import ParamMap, copy_for_rewrite, param_maps, rewrite_params, verify
 from .schemes import apply_scheme
-from .trace import propagate_shapes
+from .trace import keep_safe_inplace, propagate_shapes
 
 __all__ = ["rejuvenate", "apply_plan"]
 
@@ -70,6 +70,7 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx
     if plan.rescale:
         notes += apply_rescale(gm, analysis, plan, maps)
     notes += apply_scheme(gm, analysis, plan, maps)
+    keep_safe_inplace(gm)
     gm.recompile()
     verify(gm)
     propagate_shapes(gm, inputs)

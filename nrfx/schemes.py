@@ -3,7 +3,8 @@
 ``nr``: the plain widened layer (cross blocks W_S→R, W_R→S trainable from zero).
 ``cr``: cross connections removed: S_out = W_SS*S_in, R_out = W_RR*R_in, two convolutions on
 slices of the one weight (the cross blocks are never computed and stay zero).
-``ca``: cross attention (Eq. 9–10): S_out = W_SS*S + 2σ(W_SS*S)·(W_RS*R), and symmetrically.
+``ca``: cross attention (Eq. 9–10): S_out = W_SS*S + 2σ(W_SS*S)·(W_RS*R), and symmetrically,
+with two convolutions (one per input block, each producing all output rows).
 
 The layer keeps its parameter names (``weight``, ``bias``), so state_dicts, optimizer state
 and the plan's parameter map stay valid.  A layer whose S and R channels are interleaved (a
@@ -20,7 +21,13 @@ __all__ = ["apply_scheme", "SRConv1d", "SRConv2d", "SRConv3d", "SRLinear"]
 
 
 class _SRMixin:
-    """Forward of a layer split into S and R blocks: S first, then R, along the channel dims."""
+    """Forward of a layer split into S and R blocks: S first, then R, along the channel dims.
+
+    With autograd the blocks are combined by differentiable ops.  Without it (inference) a
+    batch is cut into tiles of about ``_TILE_BYTES`` of output, each written into one
+    preallocated output, so the block outputs stay in cache and no full-size temporary is
+    made; a single tile is gated in place.
+    """
 
     scheme: str
     s_in: int
@@ -30,42 +37,76 @@ class _SRMixin:
         """Input S and R parts."""
         return x.narrow(dim, 0, self.s_in), x.narrow(dim, self.s_in, x.shape[dim] - self.s_in)
 
-    def _weight(self, rows: slice, cols: slice) -> torch.Tensor:
-        """One block of the weight (output rows × input columns)."""
-        return self.weight[rows, cols]
-
-    def _sr_forward(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
-        """S and R outputs from their own blocks; cross attention gates the cross terms."""
-        if self.scheme == "ca":
-            return self._ca_forward(x, dim, op)
+    def _parts(self, x: torch.Tensor, dim: int, op) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two block ops: cr (W_SS*S, W_RR*R); ca (all rows from S inputs, all rows from R inputs)."""
         xs, xr = self._blocks(x, dim)
         s, r = slice(0, self.s_out), slice(self.s_out, None)
         si, ri = slice(0, self.s_in), slice(self.s_in, None)
-        bias_s = None if self.bias is None else self.bias[s]
-        bias_r = None if self.bias is None else self.bias[r]
-        out_s = op(xs, self._weight(s, si), bias_s)
-        out_r = op(xr, self._weight(r, ri), bias_r)
-        return torch.cat([out_s, out_r], dim)
-
-    def _ca_forward(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
-        """Eq. 9–10 with two convolutions: one per input block, each producing S and R rows.
-
-        From S inputs: [W_SS*S ; W_SR*S]; from R inputs: [W_RS*R ; W_RR*R].  The diagonal
-        terms (plus bias) gate the cross terms: S = d_S + 2σ(d_S)·c_S, R = d_R + 2σ(d_R)·c_R.
-        """
-        xs, xr = self._blocks(x, dim)
+        bias = self.bias
+        if self.scheme == "cr":
+            return (op(xs, self.weight[s, si], None if bias is None else bias[s]),
+                    op(xr, self.weight[r, ri], None if bias is None else bias[r]))
         bias_s = bias_r = None
-        if self.bias is not None:  # the diagonal blocks carry the bias: [b_S ; 0] and [0 ; b_R]
-            bias_s = torch.cat([self.bias[: self.s_out], torch.zeros_like(self.bias[self.s_out:])])
-            bias_r = torch.cat([torch.zeros_like(self.bias[: self.s_out]), self.bias[self.s_out:]])
-        from_s = op(xs, self.weight[:, : self.s_in], bias_s)
-        from_r = op(xr, self.weight[:, self.s_in:], bias_r)
-        r_out = from_s.shape[dim] - self.s_out
-        diag_s, cross_r = from_s.narrow(dim, 0, self.s_out), from_s.narrow(dim, self.s_out, r_out)
-        cross_s, diag_r = from_r.narrow(dim, 0, self.s_out), from_r.narrow(dim, self.s_out, r_out)
+        if bias is not None:  # the diagonal blocks carry the bias: [b_S ; 0] and [0 ; b_R]
+            bias_s = torch.cat([bias[s], torch.zeros_like(bias[r])])
+            bias_r = torch.cat([torch.zeros_like(bias[s]), bias[r]])
+        return op(xs, self.weight[:, si], bias_s), op(xr, self.weight[:, ri], bias_r)
+
+    def _sr_forward(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
+        """S and R outputs from their own blocks; cross attention gates the cross terms."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return self._differentiable(x, dim, op)
+        if dim == 0 or x.shape[0] <= 1:
+            return self._combine(x, dim, op)
+        first = self._combine(x[:1], dim, op)
+        rows = max(1, _TILE_BYTES // max(1, first.numel() * first.element_size()))
+        if rows >= x.shape[0]:
+            return self._combine(x, dim, op)
+        out = first.new_empty((x.shape[0], *first.shape[1:]))
+        out[:1].copy_(first)
+        for start in range(1, x.shape[0], rows):
+            self._combine(x[start:start + rows], dim, op, out=out[start:start + rows])
+        return out
+
+    def _differentiable(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
+        """The scheme's output built from differentiable ops (training)."""
+        a, b = self._parts(x, dim, op)
+        if self.scheme == "cr":
+            return torch.cat([a, b], dim)
+        r_out = a.shape[dim] - self.s_out
+        diag_s, cross_r = a.narrow(dim, 0, self.s_out), a.narrow(dim, self.s_out, r_out)
+        cross_s, diag_r = b.narrow(dim, 0, self.s_out), b.narrow(dim, self.s_out, r_out)
         out_s = torch.addcmul(diag_s, torch.sigmoid(diag_s), cross_s, value=2)
         out_r = torch.addcmul(diag_r, torch.sigmoid(diag_r), cross_r, value=2)
         return torch.cat([out_s, out_r], dim)
+
+    def _combine(self, x: torch.Tensor, dim: int, op, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The scheme's output without autograd, into ``out`` (ca: the S-input block's own output when None)."""
+        a, b = self._parts(x, dim, op)
+        if self.scheme == "cr":
+            return torch.cat([a, b], dim) if out is None else torch.cat([a, b], dim, out=out)
+        out = a if out is None else out
+        r_out = a.shape[dim] - self.s_out
+        _gate_into(out.narrow(dim, 0, self.s_out), a.narrow(dim, 0, self.s_out), b.narrow(dim, 0, self.s_out))
+        _gate_into(out.narrow(dim, self.s_out, r_out), b.narrow(dim, self.s_out, r_out),
+                   a.narrow(dim, self.s_out, r_out))
+        return out
+
+
+_TILE_BYTES = 1 << 21
+
+
+def _gate_into(out: torch.Tensor, diag: torch.Tensor, cross: torch.Tensor) -> None:
+    """out = diag + 2σ(diag)·cross (Eq. 9–10), in chunks along dim 0 so the σ buffer stays small.
+
+    ``out`` may be ``diag`` or ``cross`` itself (the same view): the op is elementwise.
+    """
+    if diag.dim() == 0 or diag.numel() == 0:
+        torch.addcmul(diag, torch.sigmoid(diag), cross, value=2, out=out)
+        return
+    rows = max(1, _TILE_BYTES // max(1, diag[0].numel() * diag.element_size()))
+    for o, d, c in zip(out.split(rows), diag.split(rows), cross.split(rows), strict=True):
+        torch.addcmul(d, torch.sigmoid(d), c, value=2, out=o)
 
 
 class SRConv1d(_SRMixin, nn.Conv1d):

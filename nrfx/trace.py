@@ -3,15 +3,18 @@
 Leaf policy: torch.nn built-ins, the user's ``leaf_modules`` (types or qualified names),
 timm's registered no-trace modules and functions when timm is importable, and every
 submodule whose code cannot be traced (it becomes a leaf automatically, its channels are
-frozen by the analysis, and the reason is recorded).  Shapes come from running each node
-on meta tensors: no real compute, no activation memory; a node whose kernel has no meta
-implementation runs once on zeros of the right shape instead.
+frozen by the analysis, and the reason is recorded).  ``a += b`` (and ``-=``, ``*=``, ``/=``)
+stays in place, as the eager code ran it, where ``a`` is a fresh conv/linear/norm/arithmetic
+output that nothing else reads; elsewhere it is traced out of place, as plain FX does.
+Shapes come from running each node on meta tensors: no real compute, no activation memory;
+a node whose kernel has no meta implementation runs once on zeros of the right shape instead.
 """
 
 from __future__ import annotations
 
 import inspect
 import linecache
+import operator
 import os
 import sys
 import traceback
@@ -26,7 +29,7 @@ from torch import nn
 from .errors import ShapeError, TraceError, node_location
 from .shape_rules import function_shape, method_shape, module_shape
 
-__all__ = ["Traced", "trace", "propagate_shapes", "defaulted_args"]
+__all__ = ["Traced", "trace", "propagate_shapes", "defaulted_args", "keep_safe_inplace"]
 
 _MAX_AUTO_LEAVES = 64
 
@@ -57,6 +60,47 @@ def _timm_notrace() -> tuple[set[type], list[Callable]]:
     return set(_fx.get_notrace_modules()), functions
 
 
+_INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+            operator.itruediv: operator.truediv}
+_FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_FRESH_FUNCTIONS = (*_INPLACE, *_INPLACE.values(), torch.add, torch.sub, torch.mul, torch.div)
+
+
+class _InplaceProxy(torch.fx.Proxy):
+    """An FX proxy that records ``a += b`` (and -=, *=, /=) as the in-place operator."""
+
+    def __iadd__(self, other: Any) -> torch.fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other: Any) -> torch.fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other: Any) -> torch.fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other: Any) -> torch.fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+
+def _fresh(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node makes a new tensor its producer does not keep for backward (safe to update in place)."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _FRESH_MODULES)
+    return node.op == "call_function" and node.target in _FRESH_FUNCTIONS
+
+
+def keep_safe_inplace(gm: torch.fx.GraphModule) -> None:
+    """Rule: an in-place operator stays so only on a fresh tensor read by nothing else; else it turns functional."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _INPLACE:
+            target = node.args[0]
+            if not (_fresh(target, modules) and len(target.users) == 1):
+                node.target = _INPLACE[node.target]
+
+
 class NrfxTracer(torch.fx.Tracer):
     """FX tracer with a user-extensible leaf policy and automatic leaves for untraceable code."""
 
@@ -77,6 +121,10 @@ class NrfxTracer(torch.fx.Tracer):
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        """Proxies that keep the model's in-place arithmetic (see ``keep_safe_inplace``)."""
+        return _InplaceProxy(node, self)
 
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                     type_expr: Any = None) -> torch.fx.Node:
@@ -153,8 +201,9 @@ def trace(
                 "len()/int() of a tensor, ...). Move that code into a submodule and pass it as "
                 "leaf_modules=[...], or fix the branch with concrete_args={...}."
             ) from error
-        name = type(model).__name__
-        return Traced(_graph_module(tracer.root, graph, name), auto)
+        gm = _graph_module(tracer.root, graph, type(model).__name__)
+        keep_safe_inplace(gm)
+        return Traced(gm, auto)
     raise TraceError(f"nrfx gave up on {type(model).__name__}: more than {_MAX_AUTO_LEAVES} untraceable submodules")
 
 

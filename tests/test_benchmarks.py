@@ -57,7 +57,9 @@ def test_speed_numbers_are_sane(quick_run):
     assert 0 < row["nrfx"]["seconds"] < 30
     rejuvenate = _json(quick_run / "rejuvenate.json")
     assert 0 < rejuvenate["rejuvenate_s"] < 30
-    assert all(0.3 < v < 5 for v in rejuvenate["overhead_vs_dense_equal_macs"].values())
+    for entry in rejuvenate["patterns"].values():
+        assert all(0.3 < v < 5 for v in entry["overhead_vs_dense_equal_macs"].values())
+        assert abs(entry["macs"]["rejuvenated"] - entry["macs"]["original"]) < 0.01 * entry["macs"]["original"]
     (driver,) = _json(quick_run / "driver_overhead.json")["results"]
     assert driver["rounds"] == 0 and driver["lam"] > 0 and driver["checks_in_loop"] >= 1
     assert 0 < driver["check_ms"] < driver["plain_step_total_ms"]

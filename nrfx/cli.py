@@ -116,9 +116,22 @@ def _add_rejuvenate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", choices=("nr", "cr", "ca"), default="nr",
                         help="nr: cross connections kept; cr: removed; ca: cross attention")
     parser.add_argument("--rescale", action="store_true", help="neural rescaling of small norm scales")
+    parser.add_argument("--gamma0", type=_gamma0, default=None, metavar="VALUE|match",
+                        help="γ of rejuvenated norm channels: a number, or 'match' (per norm, the median |γ| of "
+                             "its survivors); default: the layer's initial value")
     parser.add_argument("--seed", type=int, default=0, help="seed of the rejuvenated channels' initialisation")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE",
                         help="write {'plan': plan dict, 'state_dict': ...} with torch.save (weights_only-loadable)")
+
+
+def _gamma0(text: str) -> float | str:
+    """--gamma0: 'match' or a number."""
+    if text == "match":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'match'") from None
 
 
 def parse_budget(text: str):
@@ -153,7 +166,7 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     before.refresh_masks(model, args.threshold)
     print("before:", before.report(masks).summary(), sep="\n")
     new = rejuvenate(model, masks, budget, example_inputs=x, scheme=args.scheme, rescale=args.rescale,
-                     seed=args.seed, analysis=before)
+                     gamma0=args.gamma0, seed=args.seed, analysis=before)
     after = analyze(new, x)
     print("after:", after.report().summary(), sep="\n")
     plan = new.nrfx_plan

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .analysis import Analysis, analyze
-from .errors import NrfxError, NrfxWarning
-from .plan import SCHEMES, Budget, Plan
+from .errors import NrfxError, NrfxWarning, PlanError
+from .plan import SCHEMES, Budget, Plan, check_gamma0
 from .rejuvenate import apply_plan, rejuvenate
 from .rewrite import ParamMap
 
@@ -233,6 +233,14 @@ class _Progress:
 
 
 # -- the driver --------------------------------------------------------------------------------------
+def _check_gamma0(gamma0: Any) -> float | str | None:
+    """The plan's γ0 check, raised as a DriverError at construction rather than at the first rejuvenation."""
+    try:
+        return check_gamma0(gamma0)
+    except PlanError as error:
+        raise DriverError(str(error)) from error
+
+
 def _check_settings(target: float, interval: int | None, delta_r: float, delta_lambda: float,
                     max_rounds: int | None, scheme: str) -> None:
     """Settings within their ranges, else a DriverError saying which."""
@@ -259,7 +267,7 @@ class NeuralRejuvenation:
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, *, example_inputs: Any,
                  budget: Budget | int | None = None, target: float = 0.5, interval: int | None = 100,
                  delta_r: float = 0.01, delta_lambda: float = 5e-5, scheme: str = "nr", rescale: bool = False,
-                 max_rounds: int | None = None, seed: int | None = None,
+                 gamma0: float | str | None = None, max_rounds: int | None = None, seed: int | None = None,
                  scheduler_factory: SchedulerFactory | None = None, restart_schedule: bool = False,
                  threshold: float = 0.01, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  progress: bool | str = False, total: int | None = None) -> None:
@@ -268,6 +276,7 @@ class NeuralRejuvenation:
             raise DriverError("optimizer_factory must be callable: params -> torch.optim.Optimizer")
         self.target, self.interval, self.delta_r, self.delta_lambda = float(target), interval, delta_r, delta_lambda
         self.scheme, self.rescale, self.max_rounds, self.threshold = scheme, bool(rescale), max_rounds, threshold
+        self.gamma0 = _check_gamma0(gamma0)
         self.example_inputs = example_inputs
         self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**31
         self._factory, self._scheduler_factory, self._wrap = optimizer_factory, scheduler_factory, wrap
@@ -406,8 +415,8 @@ class NeuralRejuvenation:
         if _is_rank0():
             try:
                 module = rejuvenate(self.module, None, self.budget, example_inputs=self.example_inputs,
-                                    scheme=self.scheme, rescale=self.rescale, seed=self.seed + self.rounds,
-                                    analysis=self.analysis)
+                                    scheme=self.scheme, rescale=self.rescale, gamma0=self.gamma0,
+                                    seed=self.seed + self.rounds, analysis=self.analysis)
             except Exception as error:
                 if not _distributed():
                     raise

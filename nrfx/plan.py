@@ -107,7 +107,7 @@ class Plan:
     rescale: bool
     realloc: bool
     seed: int
-    gamma0: float | None
+    gamma0: float | str | None
     budget_kind: str
     budget: int
     alpha: float
@@ -211,8 +211,9 @@ def _fill(cost: CostModel, widths, live, frozen, alpha: float, budget: int) -> l
 
 
 def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bool = False,
-              gamma0: float | None = None, realloc: bool = True, seed: int | None = None) -> Plan:
+              gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None) -> Plan:
     """The rejuvenation plan for an analysed model under masks and a budget."""
+    gamma0 = check_gamma0(gamma0)
     if scheme not in SCHEMES:
         raise PlanError(f"unknown scheme {scheme!r}; use one of {SCHEMES} (nr: cross connections kept, "
                         "cr: removed, ca: cross attention)")
@@ -235,6 +236,16 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
         cost_before=cost(full), cost_live=cost(live), cost_after=cost(widths),
         input_shapes=[list(s) for s in analysis.input_shapes],
     )
+
+
+def check_gamma0(gamma0: Any) -> float | str | None:
+    """γ0 of rejuvenated norm channels: None (the layer's initial 1), a positive number, or "match"."""
+    if gamma0 is None or gamma0 == "match":
+        return gamma0
+    if isinstance(gamma0, (int, float)) and not isinstance(gamma0, bool) and gamma0 > 0:
+        return float(gamma0)
+    raise PlanError(f"gamma0 must be None (the layer's initial value), a positive number or 'match' (per norm, "
+                    f"the median |γ| of its surviving channels), got {gamma0!r}")
 
 
 def _strongest(keep: list[int], width: int, score: torch.Tensor) -> list[int]:

@@ -27,7 +27,7 @@ def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
 
 
 def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any = None, *,
-               example_inputs: Any, scheme: str = "nr", rescale: bool = False, gamma0: float | None = None,
+               example_inputs: Any, scheme: str = "nr", rescale: bool = False, gamma0: float | str | None = None,
                realloc: bool = True, seed: int | None = None, analysis: Analysis | None = None,
                **trace_options: Any) -> torch.fx.GraphModule:
     """Remove dead channels, grow every free space by one shared rate α to the budget, re-initialise.

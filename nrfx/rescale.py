@@ -14,6 +14,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .rewrite import matched_gamma
+
 __all__ = ["apply_rescale"]
 
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -53,7 +55,6 @@ def _consumers(gm: torch.fx.GraphModule, norm: torch.fx.Node, calls: dict[str, i
 
 def apply_rescale(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
     """Rescale the scales of every eligible norm in the rewritten module; returns notes."""
-    gamma0 = 1.0 if plan.gamma0 is None else float(plan.gamma0)
     notes, done = [], 0
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -69,10 +70,20 @@ def apply_rescale(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
         if isinstance(consumers, str):
             notes.append(f"rescale skipped at {node.target}: {consumers}")
             continue
-        _rescale(gm, norm, consumers, gamma0)
+        _rescale(gm, norm, consumers, _threshold(plan.gamma0, norm, maps.get(f"{node.target}.weight")))
         done += 1
     notes.append(f"rescale: {done} norms rescaled with exact compensation")
     return notes
+
+
+def _threshold(gamma0: float | str | None, norm: nn.Module, pmap) -> float:
+    """γ0 for one norm: the plan's number, 1 by default, or the survivors' median |γ| for "match"."""
+    if gamma0 is None:
+        return 1.0
+    if gamma0 != "match":
+        return float(gamma0)
+    kept = pmap.dims[0].kept if pmap is not None and pmap.dims else slice(None)
+    return matched_gamma(norm.weight[kept])
 
 
 def _rescale(gm: torch.fx.GraphModule, norm: nn.Module, consumers: list[str], gamma0: float) -> None:

@@ -192,10 +192,21 @@ def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, Par
     return maps
 
 
-def _rewrite_module(gm: nn.Module, path: str, attrs: dict[str, ParamMap], gamma0: float | None) -> None:
+def matched_gamma(survivors: torch.Tensor) -> float:
+    """γ0 = "match": the median |γ| of a norm's surviving channels (zeros ignored; 1 when there are none)."""
+    values = survivors.detach().abs().flatten()
+    values = values[values != 0]
+    return float(values.median()) if values.numel() else 1.0
+
+
+def _rewrite_module(gm: nn.Module, path: str, attrs: dict[str, ParamMap], gamma0: float | str | None) -> None:
     """New tensors for the changed attributes of one module, then its size attributes."""
     module = gm.get_submodule(path) if path else gm
     shapes = {attr: pmap.new_shape for attr, pmap in attrs.items()}
+    if gamma0 == "match":
+        weight = attrs.get("weight")
+        norm = isinstance(module, nn.modules.batchnorm._NormBase) and weight is not None and weight.dims
+        gamma0 = matched_gamma(module.weight[weight.dims[0].source[weight.dims[0].source >= 0]]) if norm else None
     if isinstance(module, _LAYER_TYPES):
         fresh = _fresh_tensors(module, shapes, gamma0)
     else:

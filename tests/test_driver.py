@@ -353,7 +353,8 @@ def test_failures_at_rejuvenation_leave_the_driver_as_it_was():
 
 
 def test_bad_settings_and_checkpoints():
-    for kwargs in ({"interval": 0}, {"delta_lambda": -1.0}, {"max_rounds": -1}, {"scheme": "xx"}):
+    for kwargs in ({"interval": 0}, {"delta_lambda": -1.0}, {"max_rounds": -1}, {"scheme": "xx"},
+                   {"gamma0": "median"}, {"gamma0": -1.0}):
         with pytest.raises(DriverError):
             NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, **kwargs)
     nr = NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, interval=None)
@@ -368,6 +369,22 @@ def test_bad_settings_and_checkpoints():
     with pytest.raises(NrfxError):
         wrong.load_state_dict(nr.state_dict())
     _assert_same(wrong, snap)
+
+
+def test_matched_gamma0_reaches_the_rejuvenation():
+    nr = NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, interval=None, gamma0="match")
+    with torch.no_grad():
+        for i, m in enumerate(m for m in nr.module.modules() if isinstance(m, nn.BatchNorm2d)):
+            m.weight.copy_(torch.linspace(0.1, 0.1 * (i + 2), m.num_features))
+    kill_channels(nr.module)
+    survivors = [m.weight[m.weight != 0].clone() for m in nr.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    nr.check()
+    assert nr.rounds == 1
+    norms = [(n, m) for n, m in nr.module.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for (name, norm), kept in zip(norms, survivors, strict=True):
+        new = nr.module.nrfx_param_map[f"{name}.weight"].dims[0].source < 0
+        assert new.any()
+        torch.testing.assert_close(norm.weight[new], kept.median().expand(int(new.sum())))
 
 
 # -- history, plot, progress ----------------------------------------------------------------------

@@ -158,6 +158,39 @@ def test_cr_blocks_stay_zero_after_training():
         assert not w[: module.s_out, module.s_in:].any() and not w[module.s_out:, : module.s_in].any()
 
 
+@pytest.mark.parametrize("scheme", ["nr", "ca"])
+def test_matched_gamma0_with_rescale_preserves_function_and_lifts_survivors(scheme):
+    model, x, analysis = _prepared("resnet18", size=32)
+    with torch.no_grad():
+        expected = model(x)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, rescale=True, gamma0="match",
+                          analysis=analysis)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), expected, rtol=1e-7, atol=1e-9 * expected.abs().max().item())
+    assert new.nrfx_plan.gamma0 == "match"
+    assert nrfx.Plan.from_dict(json.loads(new.nrfx_plan.to_json())).gamma0 == "match"
+    old_norms = dict(model.named_modules())
+    for name, pmap in new.nrfx_param_map.items():
+        module = new.get_submodule(name.rsplit(".", 1)[0])
+        if not (name.endswith(".weight") and isinstance(module, nn.BatchNorm2d)):
+            continue
+        source = pmap.dims[0].source
+        old = old_norms[name.rsplit(".", 1)[0]].weight[source[source >= 0]]
+        median = old[old != 0].abs().median()
+        gamma = module.weight
+        assert torch.allclose(gamma[source < 0], median.expand(int((source < 0).sum())))
+        skipped = any(note.startswith(f"rescale skipped at {name.rsplit('.', 1)[0]}:") for note in new.nrfx_plan.notes)
+        if not skipped:
+            assert (gamma[source >= 0].abs() >= median * (1 - 1e-12)).all()
+
+
+@pytest.mark.parametrize("gamma0", [0.0, -1.0, "median", True])
+def test_bad_gamma0_is_an_error(gamma0):
+    model, x, analysis = _prepared("resnet18", size=32)
+    with pytest.raises(nrfx.PlanError, match="gamma0"):
+        nrfx.rejuvenate(model, None, None, example_inputs=x, gamma0=gamma0, analysis=analysis)
+
+
 def test_budget_below_frozen_part_states_minimum():
     model, x, analysis = _prepared("resnet18", size=32)
     before = _snapshot(model)
@@ -205,7 +238,7 @@ def test_cli_rejuvenate_writes_a_replayable_file(tmp_path, capsys):
     dead[:20] = False
     torch.save({"layer1.0.bn1": dead}, masks)
     code = main(["rejuvenate", "resnet18", "--input-size", "3", "32", "32", "--budget", "params", "--scheme", "ca",
-                 "--masks", str(masks), "--out", str(out)])
+                 "--gamma0", "match", "--masks", str(masks), "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     assert "before:" in text and "after:" in text
@@ -214,6 +247,9 @@ def test_cli_rejuvenate_writes_a_replayable_file(tmp_path, capsys):
     replay = nrfx.apply_plan(model, saved["plan"], torch.zeros(1, 3, 32, 32))
     assert replay.state_dict().keys() == saved["state_dict"].keys()
     assert saved["plan"]["keep"] and len(saved["plan"]["keep"][1]) == 44
+    assert saved["plan"]["gamma0"] == "match"
+    with pytest.raises(SystemExit):
+        main(["rejuvenate", "resnet18", "--gamma0", "median", "--out", str(out)])
 
 
 class _ConstantEmitter(nn.Module):

@@ -54,6 +54,7 @@ def assert_preserved(model: nn.Module, x: torch.Tensor, analysis, schemes=SCHEME
         scale = expected.abs().max().item()
         torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9 * scale, msg=f"{scheme} rescale={rescale}")
         assert sum(p.numel() for p in new.parameters()) <= analysis.params
+        del new, got  # one rewritten copy alive at a time (the zoo's largest models are ~5 GB in float64)
     _assert_unchanged(model, before)
 
 

@@ -48,16 +48,12 @@ def _kill_spaces(model: torch.nn.Module, x: torch.Tensor, fraction: float, seed:
     analysis = nrfx.analyze(model, x)
     gen = torch.Generator().manual_seed(seed)
     dead = {s.index: torch.rand(s.width, generator=gen) < fraction for s in analysis.spaces if not s.is_frozen}
-    modules = dict(model.named_modules())
     with torch.no_grad():
-        for record in analysis.records.values():
-            norm = modules.get(record.get("module"))
-            if record.get("kind") != "norm" or record.get("output") is None:
-                continue
-            mask = torch.cat([dead.get(s, torch.zeros(analysis.spaces[s].width, dtype=torch.bool))
-                              for s in analysis.space_ids(record["output"])])
-            norm.weight[mask] = 0
-            norm.bias[mask] = 0
+        for _, norm, segments in analysis.norm_spaces(model):
+            for s, entries in segments:
+                if s in dead:
+                    norm.weight[entries].view(len(dead[s]), -1)[dead[s]] = 0
+                    norm.bias[entries].view(len(dead[s]), -1)[dead[s]] = 0
 
 
 def _dense_like(original: torch.nn.Module, rewritten: torch.nn.Module) -> torch.nn.Module:

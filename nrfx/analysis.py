@@ -130,6 +130,27 @@ class Analysis:
         """Space index of each leaf atom of a layout, in channel order."""
         return [self._space_of_root[self.atoms.find(a)] for a in self.atoms.leaves(layout.atoms)]
 
+    def norm_spaces(self, model: nn.Module) -> list[tuple[str, nn.Module, list[tuple[int, slice]]]]:
+        """Every norm with a scale whose output is followed: (name, module, [(space, its entries of γ)…]).
+
+        A space's entries are ``width × layout.inner`` consecutive entries of the norm's γ (one
+        run of ``inner`` per channel).  A norm called twice is listed twice.
+        """
+        modules = dict(model.named_modules())
+        found = []
+        for record in self.records.values():
+            name, layout = record.get("module"), record.get("output")
+            module = modules.get(name)
+            if record.get("kind") != "norm" or layout is None or getattr(module, "weight", None) is None:
+                continue
+            segments, offset = [], 0
+            for s in self.space_ids(layout):
+                size = self.spaces[s].width * layout.inner
+                segments.append((s, slice(offset, offset + size)))
+                offset += size
+            found.append((name, module, segments))
+        return found
+
     def width(self, layout: Layout, live: Sequence[int]) -> int:
         """Features a layout carries when space ``s`` has ``live[s]`` channels."""
         return layout.inner * sum(live[s] for s in self.space_ids(layout))

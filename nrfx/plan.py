@@ -144,20 +144,13 @@ class Plan:
 
 
 def _space_scores(analysis, model) -> list[torch.Tensor]:
-    """Strength of every channel of every space: max |γ| over the norms on it (1 without norms)."""
+    """Strength of every channel of every space: max |γ| over the norms on it (0 without norms)."""
     scores = [torch.zeros(s.width) for s in analysis.spaces]
-    modules = dict(model.named_modules())
-    for record in analysis.records.values():
-        module = modules.get(record.get("module"))
-        layout = record.get("output")
-        if record.get("kind") != "norm" or layout is None or getattr(module, "weight", None) is None:
-            continue
-        gamma = module.weight.detach().abs().float().cpu().reshape(-1)
-        offset = 0
-        for s in analysis.space_ids(layout):
-            width = analysis.spaces[s].width
-            scores[s] = torch.maximum(scores[s], gamma[offset:offset + width])
-            offset += width
+    for _, norm, segments in analysis.norm_spaces(model):
+        gamma = norm.weight.detach().abs().float().cpu().reshape(-1)
+        for s, entries in segments:
+            strength = gamma[entries].reshape(analysis.spaces[s].width, -1).amax(1)
+            scores[s] = torch.maximum(scores[s], strength)
     return scores
 
 

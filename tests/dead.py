@@ -14,22 +14,13 @@ def kill_channels(model: nn.Module, analysis, fraction: float = 0.4, seed: int =
     """
     gen = torch.Generator().manual_seed(seed)
     dead = {s.index: torch.rand(s.width, generator=gen) < fraction for s in analysis.spaces if not s.is_frozen}
-    modules = dict(model.named_modules())
     with torch.no_grad():
-        for record in analysis.records.values():
-            norm = modules.get(record.get("module"))
-            layout = record.get("output")
-            if record.get("kind") != "norm" or layout is None or getattr(norm, "weight", None) is None:
-                continue
+        for _, norm, segments in analysis.norm_spaces(model):
             _randomise(norm, gen)
-            offset = 0
-            for s in analysis.space_ids(layout):
-                width = analysis.spaces[s].width
+            for s, entries in segments:
                 if s in dead:
-                    idx = torch.nonzero(dead[s]).flatten() + offset
-                    norm.weight[idx] = 0
-                    norm.bias[idx] = 0
-                offset += width
+                    norm.weight[entries].view(len(dead[s]), -1)[dead[s]] = 0
+                    norm.bias[entries].view(len(dead[s]), -1)[dead[s]] = 0
     return dead
 
 

@@ -1,4 +1,4 @@
-"""Slow sweep: function preservation of every torchvision classification model (nr, and ca + rescale)."""
+"""Slow sweep: function preservation of every torchvision classification model, every scheme × rescale."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pytest
 import torch
 import torchvision
 from dead import kill_channels
-from test_rejuvenate import assert_preserved
+from test_rejuvenate import SCHEMES, assert_preserved
 
 import nrfx
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
 # name -> why it cannot be checked here; applied as strict xfail (target: empty)
 EXPECTED_FAILURES: dict[str, str] = {}
-# over ~100M parameters or slow at their smallest input: one scheme (ca + rescale, the one that
-# rewrites most; cr + rescale for the 224² transformers) instead of two, one copy in memory at a time
+# over ~100M parameters or slow at their smallest input: one variant (ca + rescale, the one that
+# rewrites most; cr + rescale for the 224² transformers) instead of all six, in a fresh process
 HEAVY = {"regnet_y_128gf", "vit_h_14", "regnet_y_32gf", "regnet_y_16gf", "vit_l_16", "vit_l_32", "efficientnet_v2_l",
          "swin_v2_b", "swin_b", "maxvit_t", "vgg19_bn", "vgg19", "vgg16", "vgg16_bn", "vgg13", "vgg13_bn", "vgg11"}
 
@@ -39,11 +39,11 @@ def check_model(name: str) -> None:
     x = torch.randn(1, 3, size, size, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
     kill_channels(model, analysis, 0.3, 0)
-    if size > 64:
-        schemes = [("cr", True)]
+    if name in HEAVY:
+        schemes = [("cr", True)] if size > 64 else [("ca", True)]
     else:
-        schemes = [("ca", True)] if name in HEAVY else [("nr", False), ("ca", True)]
-    assert_preserved(model, x, analysis, schemes)
+        schemes = SCHEMES
+    assert_preserved(model, x, analysis, schemes, exact_snapshot=name not in HEAVY)
 
 
 @pytest.mark.slow

@@ -151,10 +151,10 @@ def run(quick: bool) -> dict:
 
 
 def _interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Best of two interleaved rounds of median latency: a drift in machine load hits every model alike."""
+    """Best of three interleaved rounds of median latency: a drift in machine load hits every model alike."""
     latency: dict[str, float] = {}
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(3):
             for name, model in models.items():
                 t = _median_time(lambda m=model: m(x), repeats)
                 latency[name] = min(latency.get(name, t), t)

@@ -5,41 +5,71 @@ from __future__ import annotations
 import warnings
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from models import archs, build, repair_masks, zero_masked
 from test_property_analysis import masks_for
+from torch import nn
 
 import nrfx
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+class TwoInputs(nn.Module):
+    """Two inputs, a dict of outputs: two random nets, or one net called on both (weights shared)."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"first": self.first(x), "second": self.second(y)}
+
+
+def _draw_model(data, io: str):
+    """(model, masks keyed by its module names, inputs) for one, two or one shared random net."""
+    nets, masks = [], {}
+    for prefix in ("first", "second")[: 1 if io == "one" else 2 if io == "two" else 1]:
+        arch = data.draw(archs())
+        net_masks = repair_masks(arch, data.draw(masks_for(arch)))
+        net = build(arch, seed=data.draw(st.integers(0, 100)), dtype=torch.float64).eval()
+        zero_masked(net, net_masks)
+        nets.append(net)
+        masks |= {(k if io == "one" else f"{prefix}.{k}"): v for k, v in net_masks.items()}
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    if io == "one":
+        return nets[0], masks, (x,)
+    model = TwoInputs(nets[0], nets[-1]).eval()  # "shared": the same net twice
+    return model, masks, (x, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+
+
 @settings(max_examples=200, **SETTINGS)
 @given(st.data())
 def test_rejuvenation_preserves_random_architectures(data):
-    arch = data.draw(archs())
-    masks = repair_masks(arch, data.draw(masks_for(arch)))
+    io = data.draw(st.sampled_from(["one", "one", "two", "shared"]))
+    model, masks, inputs = _draw_model(data, io)
+    event(f"inputs: {io}")
     scheme = data.draw(st.sampled_from(["nr", "cr", "ca"]))
     rescale = data.draw(st.booleans())
     fraction = data.draw(st.sampled_from([1.0, 1.5]))  # compression drops live channels: not preserving
-    model = build(arch, seed=data.draw(st.integers(0, 100)), dtype=torch.float64).eval()
-    zero_masked(model, masks)
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        analysis = nrfx.analyze(model, x)
+        analysis = nrfx.analyze(model, inputs)
         usable = {k: v for k, v in masks.items() if k in analysis.mask_sites}
         budget = nrfx.Budget.fraction(fraction, "params")
         try:
-            new = nrfx.rejuvenate(model, usable, budget, example_inputs=x, scheme=scheme, rescale=rescale,
+            new = nrfx.rejuvenate(model, usable, budget, example_inputs=inputs, scheme=scheme, rescale=rescale,
                                   analysis=analysis)
         except nrfx.BudgetError:
+            event("budget below the frozen part")
             return  # compression below the frozen part: the error is the documented answer
     with torch.no_grad():
-        expected, got = model(x), new(x)
-    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9 * max(1.0, expected.abs().max().item()))
+        expected, got = model(*inputs), new(*inputs)
+    values = list(expected.values()) if isinstance(expected, dict) else [expected]
+    scale = max([1.0] + [v.abs().max().item() for v in values])
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9 * scale)
     assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
     assert sum(p.numel() for p in new.parameters()) == new.nrfx_plan.cost_after
     for key, value in model.state_dict().items():

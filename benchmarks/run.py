@@ -174,7 +174,7 @@ def _plot_latency(plt, data: dict[str, Any], path: Path) -> str:
     axis.set_xticks(range(len(schemes)), schemes)
     axis.set_ylabel("latency / dense of equal MACs")
     axis.set_title(f"{data['model']} rejuvenated, batch {data['input'][0]} (dashed: targets)", fontsize=9)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import quality, speed
+from benchmarks import bench_rejuvenate, quality, speed
 from benchmarks.bench_analysis import machine, versions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ def analysis_markdown(data: dict[str, Any]) -> str:
     return "\n".join([*lines, "", *targets]) + "\n"
 
 
-REJUVENATE_TARGETS = {"nr": 1.05, "cr": 1.10, "ca": 1.30}
+REJUVENATE_TARGETS = bench_rejuvenate.TARGETS
 
 
 def rejuvenate_markdown(data: dict[str, Any]) -> str:

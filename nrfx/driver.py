@@ -66,16 +66,16 @@ class _Stage:
 
 def _monitored_norms(analysis: Analysis, module: nn.Module) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
     """(name, γ, mask of free channels or None for all) of every norm scale on a free space."""
-    modules = dict(module.named_modules())
     found: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
-    for record in analysis.records.values():
-        layout, name = record.get("output"), record.get("module")
-        weight = getattr(modules.get(name), "weight", None)
-        if record.get("kind") != "norm" or layout is None or not isinstance(weight, nn.Parameter):
+    for name, norm, segments in analysis.norm_spaces(module):
+        weight = norm.weight
+        covered = sum(entries.stop - entries.start for _, entries in segments)
+        if not isinstance(weight, nn.Parameter) or covered != weight.numel():
             continue
-        free = torch.cat([torch.full((analysis.spaces[s].width,), not analysis.spaces[s].is_frozen)
-                          for s in analysis.space_ids(layout)]).repeat_interleave(layout.inner)
-        if free.numel() != weight.numel() or not free.any():
+        free = torch.zeros(weight.numel(), dtype=torch.bool)
+        for s, entries in segments:
+            free[entries] = not analysis.spaces[s].is_frozen
+        if not free.any():
             continue
         previous = found.get(name)
         found[name] = (weight, free if previous is None else previous[1] | free)

@@ -213,7 +213,8 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     kind, value = Budget.coerce(budget).resolve(analysis)
     cost = CostModel(analysis, kind)
     alive = analysis.alive(masks)
-    keep = _survivors(analysis, alive, _space_scores(analysis, model))
+    scores = _space_scores(analysis, model)
+    keep = _survivors(analysis, alive, scores)
     full = [s.width for s in analysis.spaces]
     frozen = [s.is_frozen for s in analysis.spaces]
     live = [len(k) for k in keep]
@@ -221,7 +222,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
         alpha, widths = _solve(cost, live, frozen, full, value)
     else:
         alpha, widths = 1.0, list(full)
-    keep = [_strongest(k, w, s) for k, w, s in zip(keep, widths, _space_scores(analysis, model), strict=True)]
+    keep = [_strongest(k, w, s) for k, w, s in zip(keep, widths, scores, strict=True)]
     grow = [w - len(k) for k, w in zip(keep, widths, strict=True)]
     return Plan(
         scheme=scheme, rescale=bool(rescale), realloc=bool(realloc), seed=int(seed if seed is not None else 0),

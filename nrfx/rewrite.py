@@ -203,10 +203,10 @@ def _rewrite_module(gm: nn.Module, path: str, attrs: dict[str, ParamMap], gamma0
     """New tensors for the changed attributes of one module, then its size attributes."""
     module = gm.get_submodule(path) if path else gm
     shapes = {attr: pmap.new_shape for attr, pmap in attrs.items()}
-    if gamma0 == "match":
+    if gamma0 == "match":  # per norm: its survivors' γ, read from the old weight before it is replaced
         weight = attrs.get("weight")
-        norm = isinstance(module, nn.modules.batchnorm._NormBase) and weight is not None and weight.dims
-        gamma0 = matched_gamma(module.weight[weight.dims[0].source[weight.dims[0].source >= 0]]) if norm else None
+        is_norm = isinstance(module, nn.modules.batchnorm._NormBase) and weight is not None and bool(weight.dims)
+        gamma0 = matched_gamma(module.weight[weight.dims[0].source[weight.dims[0].kept]]) if is_norm else None
     if isinstance(module, _LAYER_TYPES):
         fresh = _fresh_tensors(module, shapes, gamma0)
     else:

@@ -35,7 +35,7 @@ class _SRMixin:
 
     def _blocks(self, x: torch.Tensor, dim: int):
         """Input S and R parts."""
-        return x.narrow(dim, 0, self.s_in), x.narrow(dim, self.s_in, x.shape[dim] - self.s_in)
+        return x.tensor_split([self.s_in], dim)
 
     def _parts(self, x: torch.Tensor, dim: int, op) -> tuple[torch.Tensor, torch.Tensor]:
         """The two block ops: cr (W_SS*S, W_RR*R); ca (all rows from S inputs, all rows from R inputs)."""
@@ -59,7 +59,7 @@ class _SRMixin:
         if dim == 0 or x.shape[0] <= 1:
             return self._combine(x, dim, op)
         first = self._combine(x[:1], dim, op)
-        rows = max(1, _TILE_BYTES // max(1, first.numel() * first.element_size()))
+        rows = _rows_per_tile(first)
         if rows >= x.shape[0]:
             return self._combine(x, dim, op)
         out = first.new_empty((x.shape[0], *first.shape[1:]))
@@ -73,12 +73,8 @@ class _SRMixin:
         a, b = self._parts(x, dim, op)
         if self.scheme == "cr":
             return torch.cat([a, b], dim)
-        r_out = a.shape[dim] - self.s_out
-        diag_s, cross_r = a.narrow(dim, 0, self.s_out), a.narrow(dim, self.s_out, r_out)
-        cross_s, diag_r = b.narrow(dim, 0, self.s_out), b.narrow(dim, self.s_out, r_out)
-        out_s = torch.addcmul(diag_s, torch.sigmoid(diag_s), cross_s, value=2)
-        out_r = torch.addcmul(diag_r, torch.sigmoid(diag_r), cross_r, value=2)
-        return torch.cat([out_s, out_r], dim)
+        (a_s, a_r), (b_s, b_r) = (t.tensor_split([self.s_out], dim) for t in (a, b))
+        return torch.cat([_gate(a_s, b_s), _gate(b_r, a_r)], dim)
 
     def _combine(self, x: torch.Tensor, dim: int, op, out: torch.Tensor | None = None) -> torch.Tensor:
         """The scheme's output without autograd, into ``out`` (ca: the S-input block's own output when None)."""
@@ -86,27 +82,36 @@ class _SRMixin:
         if self.scheme == "cr":
             return torch.cat([a, b], dim) if out is None else torch.cat([a, b], dim, out=out)
         out = a if out is None else out
-        r_out = a.shape[dim] - self.s_out
-        _gate_into(out.narrow(dim, 0, self.s_out), a.narrow(dim, 0, self.s_out), b.narrow(dim, 0, self.s_out))
-        _gate_into(out.narrow(dim, self.s_out, r_out), b.narrow(dim, self.s_out, r_out),
-                   a.narrow(dim, self.s_out, r_out))
+        (a_s, a_r), (b_s, b_r), (o_s, o_r) = (t.tensor_split([self.s_out], dim) for t in (a, b, out))
+        _gate_into(o_s, a_s, b_s)  # S = W_SS*S + 2σ(W_SS*S)·(W_RS*R)
+        _gate_into(o_r, b_r, a_r)  # R = W_RR*R + 2σ(W_RR*R)·(W_SR*S)
         return out
 
 
 _TILE_BYTES = 1 << 21
 
 
+def _rows_per_tile(row: torch.Tensor) -> int:
+    """Rows of dim 0 making about ``_TILE_BYTES`` (at least one), from the size of one row."""
+    return max(1, _TILE_BYTES // max(1, row.numel() * row.element_size()))
+
+
+def _gate(diag: torch.Tensor, cross: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross attention (Eq. 9–10): diag + 2σ(diag)·cross."""
+    return torch.addcmul(diag, torch.sigmoid(diag), cross, value=2, out=out)
+
+
 def _gate_into(out: torch.Tensor, diag: torch.Tensor, cross: torch.Tensor) -> None:
-    """out = diag + 2σ(diag)·cross (Eq. 9–10), in chunks along dim 0 so the σ buffer stays small.
+    """``_gate`` into ``out``, in chunks along dim 0 so the σ buffer stays small.
 
     ``out`` may be ``diag`` or ``cross`` itself (the same view): the op is elementwise.
     """
     if diag.dim() == 0 or diag.numel() == 0:
-        torch.addcmul(diag, torch.sigmoid(diag), cross, value=2, out=out)
+        _gate(diag, cross, out)
         return
-    rows = max(1, _TILE_BYTES // max(1, diag[0].numel() * diag.element_size()))
+    rows = _rows_per_tile(diag[0])
     for o, d, c in zip(out.split(rows), diag.split(rows), cross.split(rows), strict=True):
-        torch.addcmul(d, torch.sigmoid(d), c, value=2, out=o)
+        _gate(d, c, o)
 
 
 class SRConv1d(_SRMixin, nn.Conv1d):

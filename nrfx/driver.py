@@ -28,6 +28,7 @@ from torch import nn
 
 from .analysis import Analysis, analyze
 from .errors import NrfxError, NrfxWarning, PlanError
+from .masks import norm_masks
 from .plan import SCHEMES, Budget, Plan, check_gamma0
 from .rejuvenate import apply_plan, rejuvenate
 from .rewrite import ParamMap
@@ -41,6 +42,8 @@ __all__ = [
     "plot_history",
 ]
 
+COLLAPSE_SCALE = 0.05  # collapse: every monitored norm's max|γ| below this fraction of its start-of-round value
+COLLAPSE_R = 0.9  # ... while r(θ) is still at least this
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 _FORMAT = "nrfx.driver/1"
@@ -62,6 +65,7 @@ class _Stage:
     optimizer: torch.optim.Optimizer
     scheduler: Any = None
     plans: list[Plan] = field(default_factory=list)
+    sites: frozenset[str] = frozenset()  # norms whose masks the analysis follows (frozen ones left out)
 
 
 def _monitored_norms(analysis: Analysis, module: nn.Module) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
@@ -72,7 +76,7 @@ def _monitored_norms(analysis: Analysis, module: nn.Module) -> list[tuple[str, n
         covered = sum(entries.stop - entries.start for _, entries in segments)
         if not isinstance(weight, nn.Parameter) or covered != weight.numel():
             continue
-        free = torch.zeros(weight.numel(), dtype=torch.bool)
+        free = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
         for s, entries in segments:
             free[entries] = not analysis.spaces[s].is_frozen
         if not free.any():
@@ -80,6 +84,13 @@ def _monitored_norms(analysis: Analysis, module: nn.Module) -> list[tuple[str, n
         previous = found.get(name)
         found[name] = (weight, free if previous is None else previous[1] | free)
     return [(name, w, None if bool(m.all()) else m.to(w.device, w.dtype)) for name, (w, m) in found.items()]
+
+
+def _largest_scales(norms: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> list[float]:
+    """max|γ| over the free channels of every monitored norm (one transfer to the host)."""
+    with torch.no_grad():
+        values = [(g.detach().abs() if m is None else g.detach().abs() * m).max().float() for _, g, m in norms]
+        return torch.stack([v.to(values[0].device) for v in values]).tolist() if values else []
 
 
 def _build_optimizer(factory: OptimizerFactory, module: nn.Module) -> torch.optim.Optimizer:
@@ -242,8 +253,11 @@ def _check_gamma0(gamma0: Any) -> float | str | None:
 
 
 def _check_settings(target: float, interval: int | None, delta_r: float, delta_lambda: float,
-                    max_rounds: int | None, scheme: str) -> None:
+                    max_rounds: int | None, scheme: str, lam: float) -> None:
     """Settings within their ranges, else a DriverError saying which."""
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise DriverError(f"lam (the initial λ) must be a finite number >= 0, got {lam!r}; the official CIFAR "
+                          "code uses a fixed 1.5e-4 (lam=1.5e-4, delta_lambda=0), the paper's ImageNet run 0")
     if not (isinstance(target, (int, float)) and 0.0 < target < 1.0):
         raise DriverError(f"target must be a utilization ratio in (0, 1), got {target!r}; the paper uses 0.5")
     if interval is not None and (not isinstance(interval, int) or interval < 1):
@@ -270,8 +284,9 @@ class NeuralRejuvenation:
                  gamma0: float | str | None = None, max_rounds: int | None = None, seed: int | None = None,
                  scheduler_factory: SchedulerFactory | None = None, restart_schedule: bool = False,
                  threshold: float = 0.01, wrap: Callable[[nn.Module], nn.Module] | None = None,
-                 progress: bool | str = False, total: int | None = None) -> None:
-        _check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme)
+                 progress: bool | str = False, total: int | None = None, lam: float = 0.0,
+                 carry_state: bool = True) -> None:
+        _check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme, lam)
         if not callable(optimizer_factory):
             raise DriverError("optimizer_factory must be callable: params -> torch.optim.Optimizer")
         self.target, self.interval, self.delta_r, self.delta_lambda = float(target), interval, delta_r, delta_lambda
@@ -280,14 +295,15 @@ class NeuralRejuvenation:
         self.example_inputs = example_inputs
         self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**31
         self._factory, self._scheduler_factory, self._wrap = optimizer_factory, scheduler_factory, wrap
-        self.restart_schedule = restart_schedule
+        self.restart_schedule, self.carry_state, self.lam0 = restart_schedule, bool(carry_state), float(lam)
         analysis = analyze(model, example_inputs)
         kind, value = Budget.coerce(budget).resolve(analysis)
         self.budget = Budget(params=value) if kind == "params" else Budget(flops=value)
         self._stage = self._new_stage(model, analysis, [])
-        self.lam, self.rounds, self.steps = 0.0, 0, 0
+        self.lam, self.rounds, self.steps = self.lam0, 0, 0
         self.history: list[dict[str, Any]] = []
         self._r_prev = _from_rank0(self.utilization())
+        self._scale0, self._collapse_warned = _largest_scales(self._stage.norms), False
         self._progress = _Progress(progress, total) if progress and _is_rank0() else None
 
     # -- the current stage --------------------------------------------------------------------
@@ -338,13 +354,17 @@ class NeuralRejuvenation:
         optimizer = _build_optimizer(self._factory, module)
         scheduler = self._scheduler_factory(optimizer) if self._scheduler_factory is not None else None
         model = self._wrap(module) if self._wrap is not None else module
-        return _Stage(module, model, analysis, norms, optimizer, scheduler, plans)
+        sites = frozenset(analysis.mask_sites) - frozenset(analysis.frozen_sites)
+        return _Stage(module, model, analysis, norms, optimizer, scheduler, plans, sites)
 
     # -- Algorithm 1 --------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Live channels of the current model's followed norms: ``|γ| >= threshold · max|γ|`` (paper Sec. 3.1)."""
+        return {k: v for k, v in norm_masks(self.module, self.threshold).items() if k in self._stage.sites}
+
     def utilization(self) -> float:
         """r(θ) of the current model, read from γ alone, in the budget's kind (params or MACs)."""
-        self.analysis.refresh_masks(self.module, self.threshold)
-        use = self.analysis.utilization()
+        use = self.analysis.utilization(self.masks())
         return use.r_params if self.budget.params is not None else use.r_flops
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -364,15 +384,18 @@ class NeuralRejuvenation:
                                   f"r={record['r']:.3f} λ={record['lam']:.2e} round={record['rounds']}")
 
     def _penalize(self) -> None:
-        """Add the L1 sub-gradient λ·sign(γ) to the grads of the scales of free norms."""
+        """Add the L1 sub-gradient λ·sign(γ) to the grads of the scales of free norms (one foreach pass)."""
         if self.lam == 0.0 or self.finished:
             return
+        norms = [(gamma, mask) for _, gamma, mask in self._stage.norms if gamma.grad is not None]
+        if not norms:
+            return
         with torch.no_grad():
-            for _, gamma, mask in self._stage.norms:
-                if gamma.grad is None:
-                    continue
-                sub = torch.sign(gamma) if mask is None else torch.sign(gamma) * mask
-                gamma.grad.add_(sub, alpha=self.lam)
+            signs = torch._foreach_sign([gamma.detach() for gamma, _ in norms])
+            masked = [(sign, mask) for sign, (_, mask) in zip(signs, norms, strict=True) if mask is not None]
+            if masked:
+                torch._foreach_mul_([sign for sign, _ in masked], [mask for _, mask in masked])
+            torch._foreach_add_([gamma.grad for gamma, _ in norms], signs, alpha=self.lam)
 
     def check(self) -> dict[str, Any]:
         """Measure r(θ); rejuvenate below the target, else adapt λ; returns the history record."""
@@ -382,9 +405,27 @@ class NeuralRejuvenation:
         if r < self.target:
             return self._rejuvenate(r)
         record = self._record(r, "check")
+        self._warn_if_collapsed(r, record)
         self.lam = self.lam if r < self._r_prev - self.delta_r else self.lam + self.delta_lambda
         self._r_prev = r
         return record
+
+    def _warn_if_collapsed(self, r: float, record: dict[str, Any]) -> None:
+        """Warn once when every monitored scale shrank together: the relative dead test cannot fire."""
+        if self._collapse_warned or r < COLLAPSE_R or self.lam == 0.0:
+            return
+        now = _largest_scales(self._stage.norms)
+        pairs = [(n, s) for n, s in zip(now, self._scale0, strict=True) if s > 0]
+        if not pairs or any(n >= COLLAPSE_SCALE * s for n, s in pairs):
+            return
+        self._collapse_warned = record["collapsed"] = True
+        warnings.warn(
+            f"every monitored norm scale shrank together (largest |γ| of each norm below {COLLAPSE_SCALE:.0%} of "
+            f"its value at the start of this round, now at most {max(now):.2g}) while r(θ) = {r:.2f} stays near "
+            f"1: the relative dead test |γ| < {self.threshold}·max|γ| cannot fire, so λ = {self.lam:.3g} keeps "
+            "growing and no rejuvenation comes. Use a smaller delta_lambda or a fixed λ (lam=1.5e-4, "
+            "delta_lambda=0, the official CIFAR setting), and check that the training loss is not ~0 (a task "
+            "the net fits exactly leaves nothing to resist the L1 term)", NrfxWarning, stacklevel=4)
 
     def _record(self, r: float, event: str, **extra: Any) -> dict[str, Any]:
         """Append one history record and return it."""
@@ -399,22 +440,23 @@ class NeuralRejuvenation:
 
     def _rejuvenate(self, r: float) -> dict[str, Any]:
         """Rewrite the model, rebuild the optimizer with carried state; swap only when all succeeded."""
-        module = self._rejuvenated_module()
+        module = self._rejuvenated_module(self.masks())
         stage = self._new_stage(module, analyze(module, self.example_inputs), [*self._stage.plans, module.nrfx_plan])
         self._carry(stage)
         lam, cost, self._stage = self.lam, self._cost(), stage
         self.rounds += 1
-        self.lam = 0.0
+        self.lam = self.lam0
         self._r_prev = _from_rank0(self.utilization())
+        self._scale0 = _largest_scales(stage.norms)
         return self._record(r, "rejuvenate", lam_before=lam, r_after=self._r_prev, cost_before=cost,
                             widths=list(module.nrfx_plan.new_widths))
 
-    def _rejuvenated_module(self) -> nn.Module:
+    def _rejuvenated_module(self, masks: dict[str, torch.Tensor]) -> nn.Module:
         """The new model: planned on rank 0; other ranks replay rank 0's plan on their (identical) model."""
         module, message = None, None
         if _is_rank0():
             try:
-                module = rejuvenate(self.module, None, self.budget, example_inputs=self.example_inputs,
+                module = rejuvenate(self.module, masks, self.budget, example_inputs=self.example_inputs,
                                     scheme=self.scheme, rescale=self.rescale, gamma0=self.gamma0,
                                     seed=self.seed + self.rounds, analysis=self.analysis)
             except Exception as error:
@@ -427,9 +469,9 @@ class NeuralRejuvenation:
         return module if module is not None else apply_plan(self.module, shared, self.example_inputs)
 
     def _carry(self, stage: _Stage) -> None:
-        """Optimizer state, group settings and schedule from the current stage into a new one."""
+        """Optimizer state (unless ``carry_state=False``), group settings and schedule into a new stage."""
         dropped = carry_optimizer_state(self.optimizer, stage.optimizer, self.module, stage.module,
-                                        stage.module.nrfx_param_map)
+                                        stage.module.nrfx_param_map) if self.carry_state else []
         if dropped:
             warnings.warn(f"optimizer state of {len(dropped)} parameters could not be sliced and starts fresh: "
                           f"{dropped[:5]}", NrfxWarning, stacklevel=4)
@@ -445,6 +487,7 @@ class NeuralRejuvenation:
         return {
             "format": _FORMAT, "plans": [p.to_dict() for p in self._stage.plans], "seed": self.seed,
             "lam": self.lam, "r_prev": self._r_prev, "rounds": self.rounds, "steps": self.steps,
+            "scale0": list(self._scale0), "collapse_warned": self._collapse_warned,
             "history": json.loads(json.dumps(self.history)),
             "budget": {"params": self.budget.params, "flops": self.budget.flops},
             "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -474,6 +517,8 @@ class NeuralRejuvenation:
             Budget(flops=budget["flops"])
         self.seed, self.lam, self._r_prev = state["seed"], state["lam"], state["r_prev"]
         self.rounds, self.steps, self.history = state["rounds"], state["steps"], list(state["history"])
+        self._scale0 = list(state.get("scale0", _largest_scales(stage.norms)))
+        self._collapse_warned = bool(state.get("collapse_warned", False))
 
     # -- history --------------------------------------------------------------------------------
     def save_history(self, path: str) -> None:

@@ -3,6 +3,8 @@
 Errors nrfx knows about (bad model name, untraceable model, bad masks, ...) print one line
 ``nrfx: error: ...`` on stderr and exit with status 2; nrfx warnings print as
 ``nrfx: warning: ...``.  Subcommands live in their own functions, registered in ``COMMANDS``.
+``--json -`` writes the JSON to stdout and everything else the command prints to stderr, so
+that stdout stays one JSON document (``nrfx report resnet50 --json - | jq .totals``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
 from .errors import MaskError, NrfxError
+
+if TYPE_CHECKING:
+    from .plan import Budget
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_input_size"]
 
@@ -26,7 +32,8 @@ EXIT_ERROR = 2
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
-def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+            ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
     """Register a subcommand: its argument setup and its runner."""
 
     def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -65,7 +72,9 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
                              "masks read from the norm scales")
     parser.add_argument("--threshold", type=float, default=0.01,
                         help="a channel is dead when |γ| < T·max|γ| of its norm (default 0.01)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the report as JSON to PATH; '-' writes it to stdout and the table "
+                             "and totals to stderr")
     parser.add_argument("--width", type=int, default=150, help="table width in characters (default 150)")
 
 
@@ -84,6 +93,29 @@ def _load_masks(path: Path) -> dict[str, torch.Tensor]:
     return masks
 
 
+def _text_stream(args: argparse.Namespace) -> TextIO:
+    """Rule: the human-readable output goes to stdout, or to stderr when ``--json -`` takes stdout."""
+    return sys.stderr if _json_to_stdout(args) else sys.stdout
+
+
+def _json_to_stdout(args: argparse.Namespace) -> bool:
+    """Whether ``--json -`` was given."""
+    return getattr(args, "json", None) is not None and str(args.json) == "-"
+
+
+def _write_json(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``--json PATH`` (stdout for ``-``); nothing without ``--json``."""
+    if args.json is None:
+        return
+    text = json.dumps(data, indent=1) + "\n"
+    if _json_to_stdout(args):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    args.json.write_text(text)
+    print(f"wrote {args.json}", file=_text_stream(args))
+
+
 @command("report", _add_report_arguments)
 def run_report(args: argparse.Namespace) -> int:
     """``nrfx report``: build the model, analyse it and print the per-layer table and totals."""
@@ -99,11 +131,10 @@ def run_report(args: argparse.Namespace) -> int:
     analysis = analyze(model, torch.zeros(shape))
     analysis.refresh_masks(model, args.threshold)  # masks read from γ; a --masks file replaces them
     report = analysis.report(masks)
-    print(report.table(args.width))
-    print(report.summary())
-    if args.json:
-        args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-        print(f"wrote {args.json}")
+    out = _text_stream(args)
+    print(report.table(args.width), file=out)
+    print(report.summary(), file=out)
+    _write_json(args, report.to_dict())
     return 0
 
 
@@ -134,7 +165,7 @@ def _gamma0(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'match'") from None
 
 
-def parse_budget(text: str):
+def parse_budget(text: str) -> Budget:
     """'params', 'flops', 'params=123', 'flops=4.1e9' -> nrfx.Budget."""
     from .plan import Budget
 
@@ -164,18 +195,21 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     x = torch.zeros(parse_input_size(size, args.batch))
     before = analyze(model, x)
     before.refresh_masks(model, args.threshold)
-    print("before:", before.report(masks).summary(), sep="\n")
+    out = _text_stream(args)
+    before_report = before.report(masks)
+    print("before:", before_report.summary(), sep="\n", file=out)
     new = rejuvenate(model, masks, budget, example_inputs=x, scheme=args.scheme, rescale=args.rescale,
                      gamma0=args.gamma0, seed=args.seed, analysis=before)
-    after = analyze(new, x)
-    print("after:", after.report().summary(), sep="\n")
+    after = analyze(new, x).report()
+    print("after:", after.summary(), sep="\n", file=out)
     plan = new.nrfx_plan
     print(f"budget {plan.budget_kind} {plan.budget:,}: cost {plan.cost_before:,} -> live {plan.cost_live:,} "
-          f"-> {plan.cost_after:,} (alpha {plan.alpha:.4f})")
+          f"-> {plan.cost_after:,} (alpha {plan.alpha:.4f})", file=out)
     for note in plan.notes:
-        print("note:", note)
+        print("note:", note, file=out)
     torch.save({"plan": plan.to_dict(), "state_dict": new.state_dict()}, args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", file=out)
+    _write_json(args, {"before": before_report.to_dict(), "after": after.to_dict(), "plan": plan.to_dict()})
     return 0
 
 
@@ -184,11 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nrfx", description="Neural Rejuvenation for any PyTorch model.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, run) in COMMANDS.items():
-        doc = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None
+        doc = _plain(run.__doc__.strip().splitlines()[0]) if run.__doc__ else None
         sub = subparsers.add_parser(name, help=doc, description=doc)
         add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
+
+
+def _plain(text: str) -> str:
+    """Rule: help text is plain text; a docstring's RST literals (double backticks) lose their markup."""
+    return text.replace("``", "")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

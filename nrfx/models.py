@@ -1,8 +1,11 @@
 """Build a model from a name: torchvision, timm (when installed) or ``package.module:factory``.
 
-Models are always built without pretrained weights (nothing is downloaded).  The default
-example input size is the crop size of the torchvision weights' transforms, the input size
-of timm's pretrained config, or 3×224×224.
+Named models are always built without pretrained weights (nothing is downloaded): every
+``*weights*`` argument of a torchvision builder (``weights``, ``weights_backbone``) is None,
+timm's ``pretrained`` is False.  A ``module:factory`` is called as written (it may load the
+user's own checkpoint), with the current directory importable.  The default example input
+size is the crop size of the torchvision weights' transforms, the input size of timm's
+pretrained config, or 3×224×224.
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import importlib.util
+import inspect
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +24,8 @@ from torch import nn
 
 from .errors import NrfxError
 
-__all__ = ["DEFAULT_INPUT_SIZE", "VIDEO_FRAMES", "default_input_size", "meta_parameters", "resolve_model"]
+__all__ = ["DEFAULT_INPUT_SIZE", "VIDEO_FRAMES", "default_input_size", "meta_parameters", "no_weights_kwargs",
+           "resolve_model"]
 
 DEFAULT_INPUT_SIZE: tuple[int, ...] = (3, 224, 224)
 VIDEO_FRAMES = 16  # clip length of torchvision's video models (their `_ops` metadata uses 16 frames)
@@ -45,21 +53,36 @@ def _timm():
     return timm
 
 
-def _from_factory(spec: str) -> nn.Module:
-    """Import ``package.module`` and call its ``factory`` with no arguments."""
-    module_name, _, attr = spec.partition(":")
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current directory is on ``sys.path`` inside (as for ``python -m``), and only there."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise NrfxError(f"cannot import '{module_name}' for model '{spec}': {error}; "
-                        "check the module path and that its package is installed") from error
-    factory = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise NrfxError(f"'{module_name}' has no attribute '{attr}' (model '{spec}'); "
-                            "name a function that returns an nn.Module after the colon")
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _from_factory(spec: str) -> nn.Module:
+    """Import ``package.module`` (the current directory included) and call its ``factory`` with no arguments."""
+    module_name, _, attr = spec.partition(":")
+    with _cwd_importable():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise NrfxError(f"cannot import '{module_name}' for model '{spec}': {error}; check the module path "
+                            "(run from the directory that holds it) and that its package is installed") from error
+        factory = module
+        for part in attr.split("."):
+            factory = getattr(factory, part, None)
+            if factory is None:
+                raise NrfxError(f"'{module_name}' has no attribute '{attr}' (model '{spec}'); "
+                                "name a function that returns an nn.Module after the colon")
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):
         raise NrfxError(f"'{spec}' returned {type(model).__name__}, not an nn.Module; "
                         "the factory must build and return the model")
@@ -74,11 +97,26 @@ def resolve_model(spec: str) -> nn.Module:
     if spec in _torchvision_names():
         import torchvision
 
-        return torchvision.models.get_model(spec, weights=None)
+        return torchvision.models.get_model(spec, **no_weights_kwargs(torchvision.models.get_model_builder(spec)))
     timm = _timm()
     if timm is not None and timm.is_model(spec):
         return timm.create_model(spec, pretrained=False)
     raise NrfxError(_unknown_message(spec, timm))
+
+
+def no_weights_kwargs(builder: Any) -> dict[str, Any]:
+    """Rule: every parameter of ``builder`` whose name has "weights" is None; ``pretrained*`` flags are False.
+
+    Read from the builder's signature, so a torchvision builder's ``weights_backbone`` (detection,
+    segmentation) or any future ``*weights*`` argument cannot fetch a checkpoint behind our back.
+    """
+    try:
+        names = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # no signature: the common spelling
+        return {"weights": None}
+    kwargs: dict[str, Any] = {n: None for n in names if "weights" in n}
+    kwargs.update({n: False for n in names if n in ("pretrained", "pretrained_backbone")})
+    return kwargs
 
 
 def _unknown_message(spec: str, timm: Any) -> str:
@@ -88,8 +126,20 @@ def _unknown_message(spec: str, timm: Any) -> str:
         names += timm.list_models()
     close = difflib.get_close_matches(spec, list(dict.fromkeys(names)), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    module_name, _, attr = spec.rpartition(".")
+    if module_name and _importable(module_name):  # 'package.module.factory': the colon is missing
+        hint += f" Did you mean the factory '{module_name}:{attr}'? (a colon separates module and function)"
     missing = "" if timm is not None else " (timm is not installed, so timm names are not available)"
     return f"unknown model '{spec}'{missing}.{hint} A model is named by one of:\n{_SPELLINGS}"
+
+
+def _importable(module_name: str) -> bool:
+    """Whether ``module_name``'s top-level package can be found (without importing the module)."""
+    with _cwd_importable():
+        try:
+            return importlib.util.find_spec(module_name.split(".")[0]) is not None
+        except (ImportError, ValueError):
+            return False
 
 
 def default_input_size(name: str, model: nn.Module | None = None) -> tuple[int, ...]:

@@ -301,15 +301,26 @@ def _is_auto_leaf(analysis, node: torch.fx.Node) -> bool:
 
 
 def _frozen_reason(analysis, node: torch.fx.Node, in_l, out_l) -> str | None:
-    """Why the layer's channels keep their width: automatic leaf, else the first reason of its spaces."""
+    """Which side keeps its width and why: ``in: …``, ``out: …``, ``in+out: …`` (one reason), ``in: …; out: …``.
+
+    None when both sides are free; an automatic leaf gives its own reason.
+    """
     if _is_auto_leaf(analysis, node):
         return f"automatic leaf: {analysis.auto_leaves[node.target]}"
-    for layout in (out_l, in_l):
-        if layout is None:
-            continue
-        for s in analysis.space_ids(layout):
-            if analysis.spaces[s].is_frozen:
-                return _first_reason(analysis.spaces[s].frozen)
+    side_in, side_out = _side_reason(analysis, in_l), _side_reason(analysis, out_l)
+    if side_in is not None and side_in == side_out:
+        return f"in+out: {side_in}"
+    parts = [f"{side}: {reason}" for side, reason in (("in", side_in), ("out", side_out)) if reason is not None]
+    return "; ".join(parts) or None
+
+
+def _side_reason(analysis, layout) -> str | None:
+    """The first freeze reason among the spaces of one side of a layer (None: free, or no channels)."""
+    if layout is None:
+        return None
+    for s in analysis.space_ids(layout):
+        if analysis.spaces[s].is_frozen:
+            return _first_reason(analysis.spaces[s].frozen)
     return None
 
 
@@ -337,11 +348,15 @@ def _fraction(live: int | None, total: int | None) -> str:
 
 
 def _short_reason(reason: str | None, limit: int = 60) -> str:
-    """A freeze reason without its node location, cut to ``limit`` characters."""
+    """A freeze reason without node locations, each side cut to its share of ``limit``; equal sides: ``in+out``."""
     if not reason:
         return ""
-    text = reason.split(" [node ")[0]
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    head, _, out = reason.partition("; out: ")
+    texts = [t.split(" [node ")[0] for t in (head, out) if t]
+    if len(texts) == 2:  # in and out frozen for reasons that differ only by where
+        texts = [f"in+out: {texts[1]}"] if texts[0] == f"in: {texts[1]}" else [texts[0], f"out: {texts[1]}"]
+    each = (limit - 2 * (len(texts) - 1)) // len(texts)
+    return "; ".join(t if len(t) <= each else t[: each - 1] + "…" for t in texts)
 
 
 def _cells(row: Row) -> list[str]:

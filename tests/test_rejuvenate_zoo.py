@@ -1,4 +1,8 @@
-"""Slow sweep: function preservation of every torchvision classification model, every scheme × rescale."""
+"""Slow sweep: function preservation of every torchvision classification model, every scheme × rescale.
+
+``EXPECTED_FAILURES`` is applied as a strict xfail mark (with the exception it expects): a
+listed model that starts to pass, or fails in another way, fails loudly.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from test_rejuvenate import SCHEMES, assert_preserved
 import nrfx
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
-# name -> why it cannot be checked here; applied as strict xfail (target: empty)
-EXPECTED_FAILURES: dict[str, str] = {}
+# name -> (exception the check raises, why); applied as a strict xfail mark (target: empty). A HEAVY
+# model runs in a child process: its failure reaches the test as an AssertionError.
+EXPECTED_FAILURES: dict[str, tuple[type[BaseException], str]] = {}
 # over ~100M parameters or slow at their smallest input: one variant (ca + rescale, the one that
 # rewrites most; cr + rescale for the 224² transformers) instead of all six, in a fresh process
 HEAVY = {"regnet_y_128gf", "vit_h_14", "regnet_y_32gf", "regnet_y_16gf", "vit_l_16", "vit_l_32", "efficientnet_v2_l",
@@ -46,12 +51,34 @@ def check_model(name: str) -> None:
     assert_preserved(model, x, analysis, schemes, exact_snapshot=name not in HEAVY)
 
 
+def zoo_params(expected: dict[str, tuple[type[BaseException], str]] | None = None) -> list:
+    """One pytest param per model; a model in ``expected`` (default EXPECTED_FAILURES) gets a strict xfail mark."""
+    expected = EXPECTED_FAILURES if expected is None else expected
+    params = []
+    for name in MODELS:
+        marks = []
+        if name in expected:
+            error, why = expected[name]
+            marks = [pytest.mark.xfail(raises=error, reason=why, strict=True)]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def test_expected_failures_are_strict_xfail_marks():
+    """A listed model is marked before it runs (strict, with its exception), not xfailed from inside the test."""
+    name = MODELS[0]
+    params = {p.id: p for p in zoo_params({name: (RuntimeError, "why")})}
+    assert params.keys() == set(MODELS)
+    (mark,) = params[name].marks
+    assert mark.name == "xfail"
+    assert mark.kwargs == {"raises": RuntimeError, "reason": "why", "strict": True}
+    assert all(not p.marks for n, p in params.items() if n != name)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("memory-heavy")  # several GB per model: never two of these at once
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo_params())
 def test_zoo_function_preserved(name):
-    if name in EXPECTED_FAILURES:
-        pytest.xfail(EXPECTED_FAILURES[name])
     if name not in HEAVY:
         check_model(name)
         return

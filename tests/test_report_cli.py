@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +19,9 @@ import torchvision
 from torch import nn
 
 import nrfx
-from nrfx.cli import main, parse_input_size
-from nrfx.models import default_input_size, resolve_model
-from nrfx.report import OTHER, Report
+from nrfx.cli import COMMANDS, main, parse_input_size
+from nrfx.models import default_input_size, meta_parameters, no_weights_kwargs, resolve_model
+from nrfx.report import OTHER, Report, _short_reason
 
 
 def _resnet18() -> nn.Module:
@@ -54,7 +57,7 @@ def test_resnet_rows_add_up_and_match_layer_shapes(resnet_analysis):
     assert conv2.macs == 64 * 64 * 9 * 16 * 16  # 64x64 input -> 16x16 in layer1
     fc = _row(report, "fc")
     assert (fc.in_total, fc.out_total, fc.params, fc.macs) == (512, 1000, 513_000, 512_000)
-    assert fc.frozen.startswith("reaches the model output")
+    assert fc.frozen.startswith("out: reaches the model output")  # its input side is free
     assert _row(report, "bn1").macs == 0
     assert {r.name for r in report.rows} >= {n for n, m in model.named_modules()
                                               if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))}
@@ -128,6 +131,7 @@ def test_to_dict_is_json_and_table_lists_every_row(resnet_analysis, monkeypatch)
     assert data["totals"]["r_params"] == 1.0
     assert [r["name"] for r in data["rows"]] == [r.name for r in report.rows]
     assert data["frozen_spaces"] and data["frozen_spaces"][0]["reason"].startswith("reaches the model output")
+    assert [r["frozen"] for r in data["rows"]] == [r.frozen for r in report.rows]
     for text in (report.table(), str(report)):
         lines = text.splitlines()
         for row in (*report.rows, report.other):
@@ -137,6 +141,46 @@ def test_to_dict_is_json_and_table_lists_every_row(resnet_analysis, monkeypatch)
     plain = report.table()
     assert plain.splitlines()[0].split()[:2] == ["layer", "op"]
     assert "layer4.1.conv2" in plain and "512/512" in plain
+
+
+# -- the frozen column: which side keeps its width ----------------------------------------------------
+class _LayerNormMLP(nn.Module):
+    """x -> fc1 -> bn -> LayerNorm -> fc2 -> relu -> fc3 -> relu -> fc4: the LayerNorm freezes fc1/bn's space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.ln = nn.Linear(6, 16), nn.BatchNorm1d(16), nn.LayerNorm(16)
+        self.fc2, self.fc3, self.fc4 = nn.Linear(16, 32), nn.Linear(32, 24), nn.Linear(24, 5)
+
+    def forward(self, x):
+        y = self.ln(self.bn(self.fc1(x)))
+        return self.fc4(torch.relu(self.fc3(torch.relu(self.fc2(y)))))
+
+
+def test_frozen_column_names_the_frozen_side():
+    analysis = nrfx.analyze(_LayerNormMLP().eval(), torch.randn(2, 6))
+    report = analysis.report()
+    rows = {r.name: r for r in report.rows}
+    assert rows["fc1"].frozen.startswith("out: LayerNorm")  # the model input is not frozen
+    assert rows["bn"].frozen.startswith("in+out: LayerNorm")  # one space on both sides
+    assert rows["fc2"].frozen.startswith("in: LayerNorm") and "out:" not in rows["fc2"].frozen
+    assert rows["fc3"].frozen is None  # both sides free: no reason
+    assert rows["fc4"].frozen.startswith("out: reaches the model output") and "in:" not in rows["fc4"].frozen
+    data = json.loads(json.dumps(report.to_dict()))
+    assert {r["name"]: r["frozen"] for r in data["rows"]} == {n: r.frozen for n, r in rows.items()}
+    cells = {line.split()[0]: line for line in report.table(200).splitlines()[2:]}
+    assert cells["fc2"].rstrip().endswith("in: LayerNorm statistics couple the channels")
+    assert cells["fc3"].rstrip().endswith(" 768") and "[node" not in report.table(200)  # empty frozen cell
+
+
+def test_short_reason_keeps_both_sides_without_locations():
+    where = " [node 'x' (call_function getitem) at File \"m.py\", line 3, in forward: y = x[:, 0]]"
+    assert _short_reason(f"in: A{where}; out: B{where}") == "in: A; out: B"
+    assert _short_reason(f"in: A{where}; out: A [node 'y']") == "in+out: A"  # same reason, two places
+    assert _short_reason(f"out: B{where}") == "out: B"
+    long = _short_reason("in: " + "a" * 80 + "; out: " + "b" * 80)
+    assert len(long) <= 60 and "; out: bbb" in long
+    assert _short_reason(None) == ""
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -155,6 +199,92 @@ def test_resolve_model_errors_say_how_to_spell_a_model():
         resolve_model("no_such_package.nets:build")
     with pytest.raises(nrfx.NrfxError, match=r"not an nn\.Module"):
         resolve_model("math:pi")
+
+
+def test_unknown_model_suggests_close_names():
+    for typo, suggestion in [("resnt50", "'resnet50'"), ("mobilenetv2", "'mobilenet_v2'"),
+                             ("torchvision.models.resnet50", "'torchvision.models:resnet50'")]:
+        with pytest.raises(nrfx.NrfxError, match="unknown model") as info:
+            resolve_model(typo)
+        assert f"Did you mean {suggestion}" in str(info.value) or f"mean the factory {suggestion}" in str(info.value)
+    timm = pytest.importorskip("timm")
+    assert timm.is_model("convnext_tiny")
+    with pytest.raises(nrfx.NrfxError, match="Did you mean 'convnext_tiny'"):  # a timm-only name
+        resolve_model("convnext-tiny")
+
+
+def test_factory_is_found_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nrfx_cwd_factory.py").write_text(textwrap.dedent(_FACTORY))
+    monkeypatch.chdir(tmp_path)
+    # as under the installed `nrfx` script: neither the current directory nor '' is on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "nrfx_cwd_factory", raising=False)
+    path_before = list(sys.path)
+    assert main(["report", "nrfx_cwd_factory:build", "--input-size", "3", "8", "8"]) == 0
+    assert "c(A)  params 276" in capsys.readouterr().out
+    assert sys.path == path_before  # the current directory was importable only while resolving
+
+
+def test_no_weights_kwargs_reads_the_builder_signature():
+    def builder(*, weights="DEFAULT", weights_backbone="IMAGENET1K_V1", progress=True, pretrained=True,
+                pretrained_cfg=None, num_classes=10, **kwargs):
+        return weights, weights_backbone, pretrained
+
+    assert no_weights_kwargs(builder) == {"weights": None, "weights_backbone": None, "pretrained": False}
+    assert no_weights_kwargs(torchvision.models.get_model_builder("fcn_resnet50")) == {
+        "weights": None, "weights_backbone": None}
+
+
+@pytest.fixture()
+def offline(tmp_path, monkeypatch):
+    """An empty TORCH_HOME and every way to fetch weights raising loudly."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"download attempted: {args[:2]}")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+_NON_CLASSIFICATION = ("detection", "segmentation", "video", "optical_flow", "quantization")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # googlenet/inception init notices
+@pytest.mark.parametrize("family", _NON_CLASSIFICATION)
+def test_every_torchvision_builder_resolves_offline(family, offline):
+    """Named models never download: weights_backbone (detection, segmentation) is None as well as weights."""
+    names = torchvision.models.list_models(module=getattr(torchvision.models, family))
+    assert names
+    failures = {}
+    for name in names:
+        try:
+            assert isinstance(_build_fast(name), nn.Module)
+        except AssertionError as error:
+            failures[name] = str(error)
+    assert not failures
+
+
+def _build_fast(name: str) -> nn.Module:
+    """resolve_model with parameters on the meta device (downloads happen before they matter), else for real."""
+    try:
+        with meta_parameters():
+            return resolve_model(name)
+    except RuntimeError:  # ssdlite's init mixes devices on meta
+        return resolve_model(name)
+
+
+def test_cli_reports_a_segmentation_model_offline(offline, capsys):
+    assert main(["report", "fcn_resnet50", "--input-size", "3", "32", "32"]) == 0
+    assert "model FCN" in capsys.readouterr().out
+
+
+def test_timm_models_resolve_offline(offline):
+    pytest.importorskip("timm")
+    assert type(resolve_model("resnet10t")).__name__ == "ResNet"
 
 
 def test_default_input_size():
@@ -207,6 +337,37 @@ def test_cli_report_prints_table_and_writes_json(tmp_path, capsys, factory):
     assert [r["out_live"] for r in json.loads(out.read_text())["rows"] if r["name"] == "0"] == [4]
 
 
+def test_cli_json_dash_writes_json_to_stdout_and_text_to_stderr(capsys, factory):
+    assert main(["report", factory, "--input-size", "3", "8", "8", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)  # stdout is one JSON document, nothing else
+    assert data["totals"]["params"] == 276
+    assert captured.err.splitlines()[0].split()[:2] == ["layer", "op"] and "c(A)  params 276" in captured.err
+    assert not (Path.cwd() / "-").exists()
+
+
+def test_cli_rejuvenate_json(tmp_path, capsys, factory):
+    out = tmp_path / "new.pt"
+    assert main(["rejuvenate", factory, "--input-size", "3", "8", "8", "--out", str(out), "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert set(data) == {"before", "after", "plan"}
+    assert data["before"]["totals"]["params"] == 276 and data["after"]["totals"]["live_params"] > 0
+    assert "before:" in captured.err and f"wrote {out}" in captured.err and out.exists()
+    path = tmp_path / "rejuvenated.json"
+    assert main(["rejuvenate", factory, "--input-size", "3", "8", "8", "--out", str(out), "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["plan"] == data["plan"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in COMMANDS)])
+def test_help_is_plain_text(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: nrfx") and "``" not in text
+
+
 def test_cli_masks_file(tmp_path, capsys, factory):
     path = tmp_path / "masks.pt"
     torch.save({"1": torch.tensor([True, False] * 4)}, path)
@@ -219,7 +380,7 @@ def test_cli_masks_file(tmp_path, capsys, factory):
 
 @pytest.mark.parametrize("argv, message", [
     (["report", "resnet5"], "unknown model 'resnet5'"),
-    (["report", "resnet18", "--input-size", "3", "64"], "do not run through the model"),
+    (["report", "resnet18", "--input-size", "3", "64"], "node 'conv1'"),
     (["report", "resnet18", "--masks", "/nonexistent/masks.pt"], "does not exist"),
     (["report", "resnet18", "--input-size", "3", "a", "b"], "not a list of integers"),
 ])

@@ -1,0 +1,126 @@
+"""Error messages and freeze reasons name what really failed, in the user's terms.
+
+* A node that cannot run on meta tensors (its code needs real values) while the example
+  inputs are fine must not be reported as "the example inputs do not run through the model".
+* nrfx's private tracing proxy (``_InplaceProxy``) must not leak into automatic-leaf reasons,
+  the report or trace errors: the user never wrote that class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import nrfx
+
+
+# -- a node that fails on meta tensors, with valid inputs --------------------------------------------
+class _Whiten(nn.Module):
+    """Whitening: data-dependent check (untraceable: becomes an automatic leaf) and a Cholesky factor."""
+
+    def forward(self, x):
+        if not torch.isfinite(x).all():  # needs real values: fails on meta tensors
+            raise ValueError("non-finite activations")
+        flat = x.flatten(2)
+        cov = flat @ flat.transpose(1, 2) / flat.shape[-1]
+        return torch.linalg.solve_triangular(torch.linalg.cholesky(cov), flat, upper=False).view_as(x)
+
+
+class _WhitenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.whiten = _Whiten()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.whiten(self.stem(x)))
+
+
+def _whiten_error() -> str:
+    """The message nrfx gives for _WhitenNet, whose example input is fine."""
+    model = _WhitenNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    assert model(x).shape == (1, 4, 8, 8)  # the inputs are fine: the model runs on them
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nrfx.UnknownOpWarning)
+        with pytest.raises(nrfx.NrfxError) as info:
+            nrfx.analyze(model, x)
+    return str(info.value)
+
+
+def test_node_failing_on_meta_is_not_blamed_on_the_inputs():
+    message = _whiten_error()
+    # what really failed: the node, its op and the original exception
+    assert "node 'whiten'" in message and "call_module" in message
+    assert "Tensor.item() cannot be called on meta tensors" in message
+    # not the inputs' fault: no advice to reshape them
+    assert "do not run through" not in message
+    assert "example_inputs shaped" not in message and "pass a tuple shaped" not in message
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="core owner: nrfx/shapeprop.py names the node's "
+                   "call site, not the line inside the automatic leaf that raised")
+def test_node_failing_on_meta_names_the_line_that_raised():
+    message = _whiten_error()
+    assert "if not torch.isfinite(x).all():" in message
+
+
+# -- _InplaceProxy leaks ----------------------------------------------------------------------------------
+class _TokensToMap(nn.Module):
+    """Tokens to a square map: int() of a traced size is untraceable, so this becomes an automatic leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, tokens):
+        side = int(math.sqrt(tokens.shape[1]))
+        y = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+        out = self.conv(y)
+        out += y
+        return out
+
+
+class _TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.to_map = _TokensToMap()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.to_map(self.embed(x)))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="core owner fixes nrfx/trace.py: _InplaceProxy "
+                   "shows in TypeError messages (name the class Proxy)")
+def test_inplace_proxy_does_not_leak_into_leaf_reasons_or_the_report():
+    model = _TokenNet().eval()
+    x = torch.randn(2, 16, 3)
+    assert model(x).shape == (2, 4, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nrfx.UnknownOpWarning)
+        analysis = nrfx.analyze(model, x)
+    assert list(analysis.auto_leaves) == ["to_map"]
+    reason = analysis.auto_leaves["to_map"]
+    assert "TypeError" in reason and "int()" in reason  # the real cause is still named
+    report = analysis.report()
+    texts = [*analysis.auto_leaves.values(), str(report), json.dumps(report.to_dict())]
+    texts += [r.frozen for r in report.rows if r.frozen]
+    assert not [t for t in texts if "_InplaceProxy" in t]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="core owner fixes nrfx/trace.py: _InplaceProxy "
+                   "shows in TypeError messages (name the class Proxy)")
+def test_inplace_proxy_does_not_leak_into_trace_errors():
+    with pytest.raises(nrfx.TraceError) as info:
+        nrfx.analyze(_TokensToMap(), torch.randn(2, 16, 8))
+    message = str(info.value)
+    assert "int()" in message and "side = int(math.sqrt(tokens.shape[1]))" in message
+    assert "_InplaceProxy" not in message

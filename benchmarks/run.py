@@ -1,6 +1,6 @@
 """Run every nrfx benchmark; write JSON, a markdown summary and PNG plots into one folder.
 
-    python -m benchmarks.run [--quick] [--only quality|speed|ablation] [--out benchmarks/results]
+    python -m benchmarks.run [--quick] [--only quality|speed|ablation|paper] [--out benchmarks/results]
 
 * speed: ``benchmarks.bench_analysis`` (nrfx.analyze against Torch-Pruning and fvcore),
   ``benchmarks.bench_rejuvenate`` (rejuvenate time, latency of the rewritten models) — each in its
@@ -8,6 +8,10 @@
   monitoring overhead per training step).
 * quality: ``benchmarks.quality`` (Fashion-MNIST, VGG-BN, 3 seeds; skipped with a message when
   the data is missing).
+* paper (only with ``--only paper``): ``benchmarks.quality_paper``, the official code's CIFAR
+  protocol at Fashion-MNIST scale (fixed λ, T_r = 0.25, restarted schedule, fresh optimizer;
+  baseline, compute-matched baseline, NR-CR, NR-CR two heads, NR-CA, ensemble; 3 seeds; one thread,
+  ``--device cuda`` when there is one).
 * ablation (only with ``--only ablation``): ``benchmarks.quality --ablation``, NR's settings one at
   a time on the validation split (2 seeds): why NR does or does not pay.
 
@@ -28,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_rejuvenate, quality, speed
+from benchmarks import bench_rejuvenate, quality, quality_paper, speed
 from benchmarks.bench_analysis import machine, versions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,6 +219,7 @@ def summary_markdown(info: dict[str, Any], out: Path) -> str:
     parts += ["", "--quick: reduced settings, not results." if info["quick"] else "", ""]
     parts += _quality_section(out)
     parts += _ablation_section(out)
+    parts += _paper_section(out)
     parts += _speed_section(out)
     return "\n".join(parts) + "\n"
 
@@ -242,6 +247,21 @@ def _ablation_section(out: Path) -> list[str]:
             "mean ± std; the test split is not evaluated.", "", (out / "quality_ablation.md").read_text(), ""]
 
 
+def _paper_section(out: Path) -> list[str]:
+    data = _read(out / "quality_paper.json")
+    if data is None:
+        return []
+    s = data["setup"]
+    lines = ["## Quality under the paper's protocol (official CIFAR mode), Fashion-MNIST", "",
+             f"{s['per_class'] * 10:,} training images, E = {s['epochs']} epochs, batch {s['batch']}, "
+             f"T_r = {s['target']}, fixed λ = {data['lambda']['chosen']:g}; seeds {data['seeds']}; "
+             f"device {data['device']}; {data['wall_seconds'] / 60:.0f} min.", "",
+             (out / "quality_paper.md").read_text()]
+    if data.get("plot"):
+        lines.append(f"![quality_paper]({Path(data['plot']).name})")
+    return [*lines, ""]
+
+
 def _speed_section(out: Path) -> list[str]:
     lines = []
     analysis, rejuvenate, driver = (_read(out / n) for n in ("analysis.json", "rejuvenate.json",
@@ -262,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen benchmarks into ``--out``; update run.json and rewrite summary.md from every result there."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every benchmark, reduced (under 3 minutes)")
-    parser.add_argument("--only", choices=("quality", "speed", "ablation"), default=None,
-                        help="one part; 'ablation' (the validation-split investigation) runs only when named")
+    parser.add_argument("--only", choices=("quality", "speed", "ablation", "paper"), default=None,
+                        help="one part; 'ablation' and 'paper' run only when named")
+    parser.add_argument("--device", default="auto", help="the paper benchmark's device: auto (cuda when "
+                        "available), cpu or cuda")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--workers", type=int, default=2, help="training processes for the quality runs")
     args = parser.parse_args(argv)
@@ -285,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         ran["benchmarks.quality"] = run_quality(out, args.quick, args.workers, log)
     if args.only == "ablation":
         ran["benchmarks.quality --ablation"] = run_ablation(out, args.quick, args.workers, log)
+    if args.only == "paper":
+        ran["benchmarks.quality_paper"] = run_paper(out, args.quick, args.device, log)
     for step in ran.values():
         step |= {"run_by": command, "date": date}
     info["steps"] |= ran
@@ -304,6 +328,18 @@ def run_quality(out: Path, quick: bool, workers: int, log) -> dict[str, Any]:
     log(f"quality: {len(names)} methods × {len(seeds)} seeds, {setup.steps} steps each ...")
     result = quality.run(names, seeds, setup, out, workers, log=log)
     return {"command": "python -m benchmarks.quality" + (" --quick" if quick else ""), "returncode": 0,
+            "seconds": round(time.perf_counter() - start, 1), "skipped": result is None}
+
+
+def run_paper(out: Path, quick: bool, device: str, log) -> dict[str, Any]:
+    """The paper-protocol benchmark on one thread (3 seeds; --quick: 2 seeds on synthetic data); its status."""
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    setup = quality_paper.PaperSetup().replace(**quality_paper.QUICK) if quick else quality_paper.PaperSetup()
+    result = quality_paper.run(setup, [0, 1] if quick else [0, 1, 2], out, device, log=log)
+    return {"command": "python -m benchmarks.quality_paper" + (" --quick" if quick else ""), "returncode": 0,
             "seconds": round(time.perf_counter() - start, 1), "skipped": result is None}
 
 

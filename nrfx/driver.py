@@ -42,8 +42,10 @@ __all__ = [
     "plot_history",
 ]
 
-COLLAPSE_SCALE = 0.05  # collapse: every monitored norm's max|γ| below this fraction of its start-of-round value
-COLLAPSE_R = 0.9  # ... while r(θ) is still at least this
+COLLAPSE_SCALE = 0.2  # collapse: a norm's max|γ| below this fraction of its value at the start of the round,
+COLLAPSE_SHARE = 0.5  # in at least this share of the monitored norms,
+COLLAPSE_R = 0.9  # while r(θ) is still at least this,
+COLLAPSE_CHECKS = 10  # at this many checks in a row (a fast but healthy λ ramp passes through it in fewer)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 _FORMAT = "nrfx.driver/1"
@@ -303,7 +305,7 @@ class NeuralRejuvenation:
         self.lam, self.rounds, self.steps = self.lam0, 0, 0
         self.history: list[dict[str, Any]] = []
         self._r_prev = _from_rank0(self.utilization())
-        self._scale0, self._collapse_warned = _largest_scales(self._stage.norms), False
+        self._scale0, self._collapse_warned, self._collapse_run = _largest_scales(self._stage.norms), False, 0
         self._progress = _Progress(progress, total) if progress and _is_rank0() else None
 
     # -- the current stage --------------------------------------------------------------------
@@ -411,18 +413,21 @@ class NeuralRejuvenation:
         return record
 
     def _warn_if_collapsed(self, r: float, record: dict[str, Any]) -> None:
-        """Warn once when every monitored scale shrank together: the relative dead test cannot fire."""
+        """Warn once when the monitored scales stay shrunk together: the relative dead test cannot fire."""
         if self._collapse_warned or r < COLLAPSE_R or self.lam == 0.0:
+            self._collapse_run = 0
             return
         now = _largest_scales(self._stage.norms)
-        pairs = [(n, s) for n, s in zip(now, self._scale0, strict=True) if s > 0]
-        if not pairs or any(n >= COLLAPSE_SCALE * s for n, s in pairs):
+        shrunk = sum(n < COLLAPSE_SCALE * s for n, s in zip(now, self._scale0, strict=True))
+        self._collapse_run = self._collapse_run + 1 if shrunk >= max(1, COLLAPSE_SHARE * len(now)) else 0
+        if self._collapse_run < COLLAPSE_CHECKS:
             return
         self._collapse_warned = record["collapsed"] = True
         warnings.warn(
-            f"every monitored norm scale shrank together (largest |γ| of each norm below {COLLAPSE_SCALE:.0%} of "
-            f"its value at the start of this round, now at most {max(now):.2g}) while r(θ) = {r:.2f} stays near "
-            f"1: the relative dead test |γ| < {self.threshold}·max|γ| cannot fire, so λ = {self.lam:.3g} keeps "
+            f"the norm scales shrink together: in {shrunk} of {len(now)} monitored norms the largest |γ| fell below "
+            f"{COLLAPSE_SCALE:.0%} of its value at the start of this round, and r(θ) = {r:.2f} stayed near 1, "
+            f"for {COLLAPSE_CHECKS} checks in a row. "
+            f"The relative dead test |γ| < {self.threshold}·max|γ| cannot fire, so λ = {self.lam:.3g} keeps "
             "growing and no rejuvenation comes. Use a smaller delta_lambda or a fixed λ (lam=1.5e-4, "
             "delta_lambda=0, the official CIFAR setting), and check that the training loss is not ~0 (a task "
             "the net fits exactly leaves nothing to resist the L1 term)", NrfxWarning, stacklevel=4)
@@ -447,7 +452,7 @@ class NeuralRejuvenation:
         self.rounds += 1
         self.lam = self.lam0
         self._r_prev = _from_rank0(self.utilization())
-        self._scale0 = _largest_scales(stage.norms)
+        self._scale0, self._collapse_run = _largest_scales(stage.norms), 0
         return self._record(r, "rejuvenate", lam_before=lam, r_after=self._r_prev, cost_before=cost,
                             widths=list(module.nrfx_plan.new_widths))
 
@@ -487,7 +492,7 @@ class NeuralRejuvenation:
         return {
             "format": _FORMAT, "plans": [p.to_dict() for p in self._stage.plans], "seed": self.seed,
             "lam": self.lam, "r_prev": self._r_prev, "rounds": self.rounds, "steps": self.steps,
-            "scale0": list(self._scale0), "collapse_warned": self._collapse_warned,
+            "scale0": list(self._scale0), "collapse_warned": self._collapse_warned, "collapse_run": self._collapse_run,
             "history": json.loads(json.dumps(self.history)),
             "budget": {"params": self.budget.params, "flops": self.budget.flops},
             "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -519,6 +524,7 @@ class NeuralRejuvenation:
         self.rounds, self.steps, self.history = state["rounds"], state["steps"], list(state["history"])
         self._scale0 = list(state.get("scale0", _largest_scales(stage.norms)))
         self._collapse_warned = bool(state.get("collapse_warned", False))
+        self._collapse_run = int(state.get("collapse_run", 0))
 
     # -- history --------------------------------------------------------------------------------
     def save_history(self, path: str) -> None:

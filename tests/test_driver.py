@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -93,10 +94,12 @@ def trained():
     nr = NeuralRejuvenation(copy.deepcopy(original), sgd, example_inputs=EXAMPLE, interval=10,
                             delta_lambda=3e-3, target=0.5, seed=7)
     task = Task()
-    losses = train(nr, task, 3000, until=lambda d: d.rounds >= 1)
-    losses += train(nr, task, 150)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NrfxWarning)
+        losses = train(nr, task, 3000, until=lambda d: d.rounds >= 1)
+        losses += train(nr, task, 150)
     return {"nr": nr, "original": original, "task": task, "losses": losses, "history": list(nr.history),
-            "params": n_params(nr.module), "rounds": nr.rounds}
+            "params": n_params(nr.module), "rounds": nr.rounds, "warnings": [str(w.message) for w in caught]}
 
 
 def test_rejuvenates_within_budget_and_keeps_learning(trained):
@@ -282,6 +285,94 @@ def test_lambda_rule_and_max_rounds():
     assert record["event"] == "rejuvenate" and nr.lam == 0.0 and nr.rounds == 1 and nr.finished
     kill_channels(nr.module, 0.75)
     assert nr.check()["event"] == "monitor" and nr.rounds == 1 and nr.lam == 0.0  # max_rounds reached
+
+
+# -- the official code's CIFAR mode: fixed λ, fresh optimizer, restarted schedule ------------------
+def test_fixed_lambda_from_step_zero_and_after_the_rejuvenation():
+    model = small_cnn()
+    nr = NeuralRejuvenation(model, lambda p: torch.optim.SGD(p, lr=1.0), example_inputs=EXAMPLE, interval=None,
+                            lam=0.125, delta_lambda=0.0)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [m.weight.detach().clone() for m in norms]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    nr.step()  # the very first step is penalised with the initial λ
+    for m, old in zip(norms, before, strict=True):
+        assert torch.equal(m.weight.detach(), old - 0.125 * torch.sign(old))
+    for _ in range(3):
+        assert nr.check()["lam"] == 0.125 and nr.lam == 0.125  # r does not fall: Δλ = 0 keeps λ
+    kill_channels(nr.module)
+    assert nr.check()["event"] == "rejuvenate" and nr.rounds == 1
+    assert nr.lam == 0.125  # back to the initial λ, which is the fixed one
+
+
+@pytest.mark.parametrize("lam", [-1e-4, float("nan"), float("inf"), "0.1"])
+def test_bad_initial_lambda(lam):
+    with pytest.raises(DriverError, match="lam"):
+        NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, lam=lam)
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_carry_state_false_builds_a_fresh_optimizer(carry):
+    nr = NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, interval=None, target=0.9, carry_state=carry)
+    train(nr, Task(), 5)
+    kill_channels(nr.module)
+    assert nr.check()["event"] == "rejuvenate"
+    held = [p for p in nr.module.parameters() if p in nr.optimizer.state]
+    if carry:
+        assert held and all("momentum_buffer" in nr.optimizer.state[p] for p in held)
+    else:
+        assert not nr.optimizer.state  # momentum is lost, as in the official code
+        assert nr.optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_restarted_schedule_counts_its_milestones_from_the_rejuvenation():
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 3], gamma=0.1)
+
+    nr = NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, interval=None, target=0.9,
+                            scheduler_factory=schedule, restart_schedule=True, carry_state=False)
+    for _ in range(3):  # epochs before the rejuvenation: the old schedule decays to 0.05 · 0.01
+        nr.scheduler.step()
+    assert nr.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    kill_channels(nr.module)
+    nr.check()
+    lrs = [nr.optimizer.param_groups[0]["lr"]]
+    for _ in range(3):
+        nr.scheduler.step()
+        lrs.append(nr.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.05, 0.05, 5e-3, 5e-4])  # the full schedule again, from epoch 0
+
+
+# -- the collapse warning -----------------------------------------------------------------------
+def test_collapse_on_an_exact_fit_warns_once_naming_lambda():
+    """A task the net fits exactly (one class, blank images): the loss gives γ no gradient, so the L1 term
+    shrinks every γ together, the relative dead test never fires and λ would grow without end."""
+    x, y = torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long)
+    nr = NeuralRejuvenation(small_cnn(width=8), lambda p: torch.optim.SGD(p, lr=0.05), example_inputs=EXAMPLE,
+                            interval=5, delta_lambda=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NrfxWarning)
+        losses = []
+        for _ in range(600):
+            loss = nn.functional.cross_entropy(nr.model(x), y)
+            nr.optimizer.zero_grad()
+            loss.backward()
+            nr.step()
+            losses.append(loss.item())
+    assert losses[-1] < 0.05 and nr.rounds == 0 and all(h["r"] == 1.0 for h in nr.history)
+    messages = [str(w.message) for w in caught if issubclass(w.category, NrfxWarning)]
+    assert len(messages) == 1 and "shrink together" in messages[0]  # once, not at every later check
+    assert "delta_lambda" in messages[0] and "loss is not ~0" in messages[0]
+    (record,) = [h for h in nr.history if h.get("collapsed")]
+    assert record["lam"] > 0.05 and f"λ = {record['lam']:.3g}" in messages[0]
+    scales = [m.weight.abs().max().item() for m in nr.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert max(scales) < 0.2  # every norm shrank together, far below its initial 1
+
+
+def test_no_collapse_warning_on_a_healthy_run(trained):
+    assert not [m for m in trained["warnings"] if "shrink together" in m]
+    assert not any(h.get("collapsed") for h in trained["history"])
 
 
 # -- bad inputs: clear errors, nothing half-rewritten -------------------------------------------

@@ -3,9 +3,13 @@
 ``NeuralRejuvenation`` wraps a model and any torch optimizer.  ``step()`` adds the L1
 sub-gradient ``λ·sign(γ)`` to the scales of the norms on free channel spaces, steps the
 optimizer, and every ``interval`` steps reads r(θ) from γ alone (no forward pass).  λ starts
-at 0 and grows by Δλ at every check where r did not fall by Δr; when ``r < target`` the
-current model is rejuvenated under the budget, the optimizer is rebuilt with the state of
-every surviving slice carried over, and λ goes back to 0.
+at ``lam`` (0: the paper's adaptive rule) and grows by Δλ at every check where r did not fall
+by Δr (``delta_lambda=0``: λ stays fixed, the official code's CIFAR mode); when ``r < target``
+the current model is rejuvenated under the budget, the optimizer is rebuilt (with the state of
+every surviving slice carried over, or fresh with ``carry_state=False``), and λ goes back to
+``lam``.  When the monitored scales shrink together for many checks while r stays near 1 (the
+relative dead test cannot fire), an ``NrfxWarning`` says so once.  Optimizer-state slicing lives
+in ``nrfx.optim_state``, history, plot and progress bar in ``nrfx.history``.
 
 Everything a rejuvenation builds (model, analysis, optimizer, scheduler, wrapper) is made
 first and swapped in only when all of it succeeded: an error leaves the driver as it was.
@@ -28,10 +32,11 @@ from torch import nn
 
 from .analysis import Analysis, analyze
 from .errors import NrfxError, NrfxWarning, PlanError
+from .history import PROGRESS_KINDS, Progress, plot_history, save_history
 from .masks import norm_masks
+from .optim_state import carry_optimizer_state, copy_group_settings
 from .plan import SCHEMES, Budget, Plan, check_gamma0
 from .rejuvenate import apply_plan, rejuvenate
-from .rewrite import ParamMap
 
 __all__ = [
     "NeuralRejuvenation",
@@ -115,72 +120,6 @@ def _build_optimizer(factory: OptimizerFactory, module: nn.Module) -> torch.opti
     return optimizer
 
 
-def _slice_like(old: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
-    """A state tensor at the new shape: surviving slots copied from ``old``, the rest zero."""
-    new = torch.zeros(pmap.new_shape, dtype=old.dtype, device=old.device)
-    target: list[torch.Tensor | slice] = [slice(None)] * old.dim()
-    block = old
-    for m in pmap.dims:
-        kept = m.kept.to(old.device)
-        if kept.numel() == 0:
-            return new
-        block = block.index_select(m.dim, m.source.to(old.device)[kept])
-        target[m.dim] = kept
-    index = [t if isinstance(t, torch.Tensor) else torch.arange(new.shape[d], device=old.device)
-             for d, t in enumerate(target)]
-    new[torch.meshgrid(*index, indexing="ij")] = block
-    return new
-
-
-def _carry_one(state: dict[str, Any], old: nn.Parameter, pmap: ParamMap | None) -> dict[str, Any] | None:
-    """The new state of one parameter: slices of param-shaped tensors, copies of the rest."""
-    carried: dict[str, Any] = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and pmap is not None:
-            if tuple(value.shape) != tuple(old.shape):
-                return None  # a factored or flattened state: no slot-by-slot meaning
-            carried[key] = _slice_like(value.detach(), pmap)
-        else:
-            carried[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
-    return carried
-
-
-def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, old_module: nn.Module,
-                          new_module: nn.Module, param_map: dict[str, ParamMap]) -> list[str]:
-    """Copy every parameter's optimizer state into ``new``: S slots kept, R slots zero; returns dropped names.
-
-    Parameters are matched by name.  State tensors shaped like the parameter (momentum,
-    Adam moments) are sliced with the parameter's map; scalar state (Adam's ``step``) is
-    copied.  A parameter whose state cannot be sliced starts fresh and is named in the result.
-    """
-    old_named = dict(old_module.named_parameters())
-    dropped = []
-    for name, param in new_module.named_parameters():
-        source = old_named.get(name)
-        if source is None or source not in old.state:
-            continue
-        pmap = param_map.get(name)
-        before, after = (pmap.old_shape, pmap.new_shape) if pmap is not None else (source.shape, source.shape)
-        carried = None
-        if tuple(before) == tuple(source.shape) and tuple(after) == tuple(param.shape):
-            carried = _carry_one(old.state[source], source, pmap)
-        if carried is None:
-            dropped.append(name)
-            continue
-        new.state[param] = carried
-    return dropped
-
-
-def _copy_group_settings(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
-    """Group hyperparameters (lr as the scheduler left it, momentum, ...) from the old optimizer."""
-    if len(old.param_groups) != len(new.param_groups):
-        warnings.warn("the rebuilt optimizer has a different number of param groups; its hyperparameters are the "
-                      "factory's, not the ones the schedule reached", NrfxWarning, stacklevel=4)
-        return
-    for before, after in zip(old.param_groups, new.param_groups, strict=True):
-        after.update({k: v for k, v in before.items() if k != "params"})
-
-
 # -- distributed helpers ------------------------------------------------------------------------
 def _distributed() -> bool:
     """Whether a process group with more than one rank is running."""
@@ -211,38 +150,12 @@ def ddp_wrapper(**ddp_kwargs: Any) -> Callable[[nn.Module], nn.Module]:
     return wrap
 
 
-# -- progress --------------------------------------------------------------------------------------
-class _Progress:
-    """A tqdm or rich progress bar showing r, λ and the round."""
-
-    def __init__(self, kind: bool | str, total: int | None) -> None:
-        kind = "tqdm" if kind is True else kind
-        if kind not in ("tqdm", "rich"):
-            raise DriverError(f"progress must be False, True, 'tqdm' or 'rich', got {kind!r}")
-        self.kind = kind
-        if kind == "tqdm":
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="nrfx", unit="step")
-        else:
-            from rich.progress import Progress
-
-            self.bar = Progress()
-            self.task = self.bar.add_task("nrfx", total=total)
-            self.bar.start()
-
-    def update(self, text: str | None) -> None:
-        """One step; a new status text after a check."""
-        if self.kind == "tqdm":
-            self.bar.update(1)
-            if text:
-                self.bar.set_postfix_str(text)
-        else:
-            self.bar.update(self.task, advance=1, **({"description": f"nrfx {text}"} if text else {}))
-
-    def close(self) -> None:
-        """Finish the bar."""
-        (self.bar.close if self.kind == "tqdm" else self.bar.stop)()
+def _progress_kind(progress: bool | str) -> str:
+    """The bar's kind for ``progress=True`` / ``"tqdm"`` / ``"rich"``, else a DriverError."""
+    kind = "tqdm" if progress is True else progress
+    if kind not in PROGRESS_KINDS:
+        raise DriverError(f"progress must be False, True, 'tqdm' or 'rich', got {progress!r}")
+    return kind
 
 
 # -- the driver --------------------------------------------------------------------------------------
@@ -306,7 +219,7 @@ class NeuralRejuvenation:
         self.history: list[dict[str, Any]] = []
         self._r_prev = _from_rank0(self.utilization())
         self._scale0, self._collapse_warned, self._collapse_run = _largest_scales(self._stage.norms), False, 0
-        self._progress = _Progress(progress, total) if progress and _is_rank0() else None
+        self._progress = Progress(_progress_kind(progress), total) if progress and _is_rank0() else None
 
     # -- the current stage --------------------------------------------------------------------
     @property
@@ -484,7 +397,7 @@ class NeuralRejuvenation:
             return
         if stage.scheduler is not None and self.scheduler is not None:
             stage.scheduler.load_state_dict(self.scheduler.state_dict())
-        _copy_group_settings(self.optimizer, stage.optimizer)
+        copy_group_settings(self.optimizer, stage.optimizer)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -550,40 +463,3 @@ def _check_model_state(module: nn.Module, saved: dict[str, torch.Tensor]) -> Non
     if bad:
         raise DriverError(f"the checkpoint's model state does not fit the replayed model ({len(bad)} keys differ, "
                           f"e.g. {bad[:3]}): was the driver built over a fresh copy of the original model?")
-
-
-def save_history(history: list[dict[str, Any]], path: str) -> None:
-    """History records to a JSON file (a list of {step, r, lam, event, rounds, cost, ...})."""
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(history, handle, indent=1)
-
-
-def plot_history(history: list[dict[str, Any]], path: str, target: float | None = None) -> bool:
-    """r(θ) and λ over steps, rejuvenations marked (paper Fig. 1); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no plot written (pip install matplotlib)", NrfxWarning,
-                      stacklevel=2)
-        return False
-    steps = [h["step"] for h in history]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
-    top.plot(steps, [h["r"] for h in history], label="r(θ)")
-    bottom.plot(steps, [h.get("lam_before", h["lam"]) for h in history], color="tab:orange", label="λ")
-    if target is not None:
-        top.axhline(target, color="gray", linestyle="--", label="target")
-    for h in history:
-        if h["event"] == "rejuvenate":
-            for axis in (top, bottom):
-                axis.axvline(h["step"], color="tab:red", alpha=0.4)
-    top.set_ylabel("utilization r")
-    bottom.set_ylabel("λ")
-    bottom.set_xlabel("step")
-    top.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True

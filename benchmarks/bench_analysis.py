@@ -160,7 +160,7 @@ def forward_activation_bytes(analysis: nrfx.Analysis) -> int:
     total = 0
     for node in analysis.gm.graph.nodes:
         if node.op.startswith("call_"):
-            for t in tree_leaves(analysis.ctx.values.get(node)):
+            for t in tree_leaves(analysis.state.values.get(node)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
     return total

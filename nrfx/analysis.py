@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +18,16 @@ import torch.fx
 from torch import nn
 
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
-from .context import Context, ParamInfo
+from .context import AnalysisState, Context, ParamInfo
+from .cost import CostModel, mac_cost, param_cost
 from .errors import NrfxWarning, ShapeError
 from .masks import check_masks, norm_masks
+from .records import LayerRecord, SliceRecord
 from .rules.registry import lookup
+from .shapeprop import propagate_shapes
 from .spaces import Layout
 from .specs import TensorSpec
-from .trace import defaulted_args, propagate_shapes, trace
+from .trace import defaulted_args, trace
 
 __all__ = ["analyze", "Analysis", "Space", "Utilization"]
 
@@ -87,31 +90,32 @@ def _batch_size(inputs: Sequence[torch.Tensor]) -> int:
 class Analysis:
     """The channel graph of a model: spaces, parameter layouts, MAC terms and consumers."""
 
-    def __init__(self, model: nn.Module, traced, ctx: Context, batch: int, inputs: tuple) -> None:
+    def __init__(self, model: nn.Module, traced, state: AnalysisState, batch: int, inputs: tuple) -> None:
         self.model_name = type(model).__name__
         self.gm = traced.gm
         self.auto_leaves = dict(traced.auto_leaves)
         self.batch = batch
         self.input_shapes = tuple(tuple(x.shape) for x in inputs)
-        self.ctx = ctx
-        self.atoms = ctx.atoms
-        self.unknown_ops = {k: tuple(v) for k, v in ctx.unknown.items()}
-        self.records = ctx.records
-        self.param_info: dict[str, ParamInfo] = dict(ctx.params)
+        self.state = state
+        self.atoms = state.atoms
+        self.unknown_ops = {k: tuple(v) for k, v in state.unknown.items()}
+        self.records = state.records
+        self.param_info: dict[str, ParamInfo] = dict(state.params)
         self._index_spaces()
         self._constant_params = self._count_constant_params(model)
         self.mask_sites = self._mask_sites()
-        self._batched_nodes = _input_dependent_nodes(self.gm)
-        full = [torch.ones(s.width, dtype=torch.bool) for s in self.spaces]
-        self.params = self.params_under(full)
-        self.flops = self.flops_under(full)
+        self.param_cost = param_cost(self.param_info, self.space_ids, self._constant_params)
+        self.mac_cost = mac_cost(state.macs, self.space_ids, _input_dependent_nodes(self.gm), batch)
+        full = [s.width for s in self.spaces]
+        self.params = self.param_cost(full)
+        self.flops = self.mac_cost(full)
         self._default_masks = norm_masks(model)
 
     # -- structure ------------------------------------------------------------------------
     def _index_spaces(self) -> None:
         """Number the classes of leaf atoms that some layout uses."""
         used: set[int] = set()
-        layouts = [d for t in self.ctx.tensors for d in t.dims if d is not None]
+        layouts = [d for t in self.state.tensors for d in t.dims if d is not None]
         layouts += [d for p in self.param_info.values() for d in p.dims if d is not None]
         for layout in layouts:
             used.update(self.atoms.leaves(layout.atoms))
@@ -138,10 +142,10 @@ class Analysis:
         """
         modules = dict(model.named_modules())
         found = []
-        for record in self.records.values():
-            name, layout = record.get("module"), record.get("output")
+        for _, record in self.layers("norm"):
+            name, layout = record.module, record.output
             module = modules.get(name)
-            if record.get("kind") != "norm" or layout is None or getattr(module, "weight", None) is None:
+            if layout is None or getattr(module, "weight", None) is None:
                 continue
             segments, offset = [], 0
             for s in self.space_ids(layout):
@@ -150,6 +154,18 @@ class Analysis:
                 offset += size
             found.append((name, module, segments))
         return found
+
+    def layers(self, *kinds: str) -> Iterator[tuple[str, LayerRecord]]:
+        """(node name, record) of every recorded layer, optionally only of the given kinds."""
+        for name, record in self.records.items():
+            if isinstance(record, LayerRecord) and (not kinds or record.kind in kinds):
+                yield name, record
+
+    def slices(self) -> Iterator[tuple[str, SliceRecord]]:
+        """(node name, record) of every literal channel slice the rewrite moves."""
+        for name, record in self.records.items():
+            if isinstance(record, SliceRecord):
+                yield name, record
 
     def width(self, layout: Layout, live: Sequence[int]) -> int:
         """Features a layout carries when space ``s`` has ``live[s]`` channels."""
@@ -164,7 +180,7 @@ class Analysis:
     def _mask_sites(self) -> dict[str, int]:
         """Module names a mask may be keyed by, with their channel count."""
         sites: dict[str, int] = {}
-        for tensor in self.ctx.tensors:
+        for tensor in self.state.tensors:
             for layout, zero in zip(tensor.dims, tensor.zero, strict=True):
                 if zero is not None and zero.mask is not None:
                     sites[zero.mask] = self.atoms.channels(layout)
@@ -181,18 +197,21 @@ class Analysis:
 
     def params_at(self, live: Sequence[int]) -> int:
         """Parameters of the network when space ``s`` has ``live[s]`` channels."""
-        total = self._constant_params
-        for info in self.param_info.values():
-            if not info.buffer:
-                total += self._param_size(info, live)
-        return total
+        return self.param_cost(live)
 
-    def _param_size(self, info: ParamInfo, live: Sequence[int]) -> int:
-        """Elements of one parameter at the given widths."""
-        size = 1
-        for extent, layout in zip(info.shape, info.dims, strict=True):
-            size *= extent if layout is None else self.width(layout, live)
-        return size
+    @property
+    def effective_params(self) -> int:
+        """Parameters the forward uses: ``params`` less the cross blocks cr S/R layers store but never compute."""
+        return self.params - sum(r.unused_params for _, r in self.layers())
+
+    @property
+    def effective_flops(self) -> int:
+        """MACs per example that run: ``flops`` less the cross blocks of cr S/R layers."""
+        return self.flops - sum(r.unused_macs for _, r in self.layers()) // self.batch
+
+    def cost_model(self, kind: str) -> CostModel:
+        """The cost model the planner and the report evaluate: 'params' or 'flops' (MACs per example)."""
+        return self.param_cost if kind == "params" else self.mac_cost
 
     def flops_under(self, alive: Sequence[torch.Tensor]) -> int:
         """MACs per example of the network with only the ``alive`` channels."""
@@ -200,16 +219,7 @@ class Analysis:
 
     def flops_at(self, live: Sequence[int]) -> int:
         """MACs per example when space ``s`` has ``live[s]`` channels (work on weights alone is not divided)."""
-        batched = constant = 0
-        for term in self.ctx.macs:
-            value = term.coef
-            for layout in term.layouts:
-                value *= self.width(layout, live)
-            if term.node in self._batched_nodes:
-                batched += value
-            else:
-                constant += value
-        return batched // self.batch + constant
+        return self.mac_cost(live)
 
     # -- liveliness -----------------------------------------------------------------------
     def alive(self, masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
@@ -217,7 +227,7 @@ class Analysis:
         masks = self._default_masks if masks is None else self._user_masks(masks)
         zeros = _propagate_zeros(self, masks)
         dead: list[torch.Tensor | None] = [None] * len(self.spaces)
-        for consumer in self.ctx.consumers:
+        for consumer in self.state.consumers:
             vector = zeros.get((consumer.vid, consumer.dim))
             offset = 0
             for s in self.space_ids(consumer.layout):
@@ -243,7 +253,7 @@ class Analysis:
     def frozen_sites(self) -> dict[str, str]:
         """Mask sites whose channels are all in frozen spaces, with the first reason."""
         out = {}
-        for tensor in self.ctx.tensors:
+        for tensor in self.state.tensors:
             for layout, zero in zip(tensor.dims, tensor.zero, strict=True):
                 if zero is None or zero.mask is None:
                     continue
@@ -296,7 +306,7 @@ def _propagate_zeros(analysis: Analysis, masks: dict[str, torch.Tensor]) -> dict
     """Known-zero channels of every (value, dim), following each value's zero rules in order."""
     zeros: dict[tuple[int, int], torch.Tensor] = {}
     channels = analysis.atoms.channels
-    for tensor in analysis.ctx.tensors:
+    for tensor in analysis.state.tensors:
         for dim, (layout, zero) in enumerate(zip(tensor.dims, tensor.zero, strict=True)):
             if layout is None or zero is None:
                 continue
@@ -332,10 +342,10 @@ def _apply_zero_rule(zero, zeros, width: int) -> torch.Tensor:
     return result
 
 
-def _analyze_graph(ctx: Context) -> None:
-    """Run the rule of every node in order, storing its output spec."""
-    for node in ctx.gm.graph.nodes:
-        ctx.node = node
+def _analyze_graph(state: AnalysisState) -> None:
+    """Run the rule of every node in order, each with its own context, storing its output spec."""
+    for node in state.gm.graph.nodes:
+        ctx = Context(state, node)
         spec = ctx.specs[node] = _node_spec(ctx, node)
         mutated = _mutated_arg(ctx, node)
         if mutated is not None and isinstance(spec, TensorSpec) and isinstance(ctx.specs.get(mutated), TensorSpec):
@@ -403,18 +413,18 @@ def analyze(
     concrete_args = defaulted_args(model, len(inputs), concrete_args)
     traced = trace(model, leaf_modules, concrete_args, autowrap_functions)
     values = propagate_shapes(traced.gm, inputs)
-    ctx = Context(traced.gm, values)
-    _analyze_graph(ctx)
+    state = AnalysisState(traced.gm, values)
+    _analyze_graph(state)
     for name, reason in traced.auto_leaves.items():
-        _freeze_module(ctx, name, reason)
-    return Analysis(model, traced, ctx, _batch_size(inputs), inputs)
+        _freeze_module(state, name, reason)
+    return Analysis(model, traced, state, _batch_size(inputs), inputs)
 
 
-def _freeze_module(ctx: Context, qualname: str, reason: str) -> None:
+def _freeze_module(state: AnalysisState, qualname: str, reason: str) -> None:
     """Freeze the inputs and outputs of every call of an automatic leaf."""
-    for node in ctx.gm.graph.nodes:
+    for node in state.gm.graph.nodes:
         if node.op == "call_module" and node.target == qualname:
-            ctx.node = node
+            ctx = Context(state, node)
             ctx.freeze_all(ctx.specs.get(node), f"automatic leaf: {reason}")
             for arg in node.all_input_nodes:
                 ctx.freeze_all(ctx.spec(arg), f"automatic leaf: {reason}")

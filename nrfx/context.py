@@ -11,10 +11,12 @@ import torch.fx
 from torch import nn
 
 from .errors import UnknownOpWarning, node_location
+from .records import Record
+from .shapeprop import measure_node_macs
 from .spaces import AtomTable, Layout
 from .specs import Segment, TensorSpec, Zero, iter_tensor_specs
 
-__all__ = ["Context", "ParamInfo", "MacTerm", "Consumer"]
+__all__ = ["AnalysisState", "Context", "ParamInfo", "MacTerm", "Consumer"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ class Consumer:
     layout: Layout
 
 
-class Context:
-    """Mutable state of one analysis run; rules read inputs and write through its methods."""
+class AnalysisState:
+    """What one analysis run accumulates: spaces, specs, parameters, MACs, consumers, records."""
 
     def __init__(self, gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any]) -> None:
         self.gm, self.values = gm, values
@@ -58,36 +60,66 @@ class Context:
         self.macs: list[MacTerm] = []
         self.consumers: list[Consumer] = []
         self.unknown: dict[str, list[str]] = {}
-        self.records: dict[str, dict[str, Any]] = {}
-        self._memo: dict[Any, Layout | None] = {}
-        self._names = {id(t): n for n, t in gm.named_parameters()}
-        self._param_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
-        self._names.update({id(t): n for n, t in gm.named_buffers()})
-        self.node: torch.fx.Node | None = None
-        self._modules: dict[str, nn.Module] = {}
+        self.records: dict[str, Record] = {}
+        self.memo: dict[Any, Layout | None] = {}
+        self.names = {id(t): n for n, t in gm.named_parameters()}
+        self.param_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+        self.names.update({id(t): n for n, t in gm.named_buffers()})
+        self.modules: dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
+
+
+class Context:
+    """The context a rule gets for one node: reads its inputs, writes into the shared ``AnalysisState``."""
+
+    __slots__ = ("node", "state")
+
+    def __init__(self, state: AnalysisState, node: torch.fx.Node) -> None:
+        self.state, self.node = state, node
+
+    # -- the shared stores rules read ---------------------------------------------------------
+    @property
+    def gm(self) -> torch.fx.GraphModule:
+        """The graph module being analysed."""
+        return self.state.gm
+
+    @property
+    def atoms(self) -> AtomTable:
+        """Channel atoms and their classes."""
+        return self.state.atoms
+
+    @property
+    def specs(self) -> dict[torch.fx.Node, Any]:
+        """Spec of every node analysed so far."""
+        return self.state.specs
+
+    @property
+    def records(self) -> dict[str, Record]:
+        """Records of the layers and slices analysed so far."""
+        return self.state.records
+
+    @property
+    def tensors(self) -> list[TensorSpec]:
+        """Every tensor spec made so far."""
+        return self.state.tensors
 
     # -- reading ------------------------------------------------------------------------
     @property
     def module(self) -> nn.Module:
-        """The submodule a ``call_module`` node calls (looked up once per target)."""
-        target = self.node.target
-        module = self._modules.get(target)
-        if module is None:
-            module = self._modules[target] = self.gm.get_submodule(target)
-        return module
+        """The submodule a ``call_module`` node calls."""
+        return self.state.modules[self.node.target]
 
     @property
     def out(self) -> Any:
         """The meta value of the current node."""
-        return self.values[self.node]
+        return self.state.values[self.node]
 
     def value(self, x: Any) -> Any:
         """Meta value of an argument (a node's value, or the constant itself)."""
-        return self.values[x] if isinstance(x, torch.fx.Node) else x
+        return self.state.values[x] if isinstance(x, torch.fx.Node) else x
 
     def spec(self, x: Any) -> Any:
         """Spec of an argument: a node's spec, or None for constants."""
-        return self.specs.get(x) if isinstance(x, torch.fx.Node) else None
+        return self.state.specs.get(x) if isinstance(x, torch.fx.Node) else None
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """A call argument by position or keyword."""
@@ -98,7 +130,7 @@ class Context:
 
     def name_of(self, tensor: torch.Tensor) -> str | None:
         """Qualified name of a parameter or buffer of the model."""
-        return self._names.get(id(tensor))
+        return self.state.names.get(id(tensor))
 
     @property
     def where(self) -> str:
@@ -113,8 +145,8 @@ class Context:
         dims = tuple(dims) if dims is not None else (None,) * len(shape)
         if zero is None:
             zero = tuple(None if d is None else Zero("none") for d in dims)
-        spec = TensorSpec(len(self.tensors), shape, dims, tuple(zero))
-        self.tensors.append(spec)
+        spec = TensorSpec(len(self.state.tensors), shape, dims, tuple(zero))
+        self.state.tensors.append(spec)
         return spec
 
     def blank(self, value: Any) -> Any:
@@ -138,11 +170,12 @@ class Context:
     # -- spaces ---------------------------------------------------------------------------
     def fresh(self, width: int, key: Any = None) -> Layout:
         """A new channel space of ``width`` (the same one again for the same key)."""
-        if key is not None and key in self._memo:
-            return self._memo[key]
+        memo = self.state.memo
+        if key is not None and key in memo:
+            return memo[key]
         layout = self.atoms.layout(width)
         if key is not None:
-            self._memo[key] = layout
+            memo[key] = layout
         return layout
 
     def freeze(self, layout: Layout | None, reason: str) -> None:
@@ -168,10 +201,11 @@ class Context:
 
     def share(self, key: Any, layout: Layout | None) -> None:
         """Weight sharing: the layouts a shared weight meets on each call are one space."""
-        if key not in self._memo:
-            self._memo[key] = layout
+        memo = self.state.memo
+        if key not in memo:
+            memo[key] = layout
             return
-        first = self._memo[key]
+        first = memo[key]
         if first is not None or layout is not None:
             self.unify(first, layout, "weight shared across calls with different channels")
 
@@ -182,7 +216,7 @@ class Context:
             return None
         layout = spec.dims[dim]
         if layout is not None:
-            self.consumers.append(Consumer(self.node.name, spec.vid, dim, layout))
+            self.state.consumers.append(Consumer(self.node.name, spec.vid, dim, layout))
         return layout
 
     def param(self, tensor: torch.Tensor | None, dims: tuple[Layout | None, ...]) -> None:
@@ -196,10 +230,10 @@ class Context:
     def param_named(self, name: str, shape: tuple[int, ...], dims: tuple[Layout | None, ...],
                     buffer: bool = False) -> None:
         """Register a parameter by qualified name; a reused parameter ties its layouts."""
-        known = self.params.get(name)
+        known = self.state.params.get(name)
         if known is None:
-            buffer = buffer or name not in self._param_names  # a buffer read by get_attr (blur filters)
-            self.params[name] = ParamInfo(name, tuple(shape), tuple(dims), buffer)
+            buffer = buffer or name not in self.state.param_names  # a buffer read by get_attr (blur filters)
+            self.state.params[name] = ParamInfo(name, tuple(shape), tuple(dims), buffer)
             return
         for old, new in zip(known.dims, dims, strict=True):
             if old is not None or new is not None:
@@ -209,19 +243,20 @@ class Context:
         """Add ``coef × Π width(layouts)`` MACs (a None layout must already be in ``coef``)."""
         kept = tuple(x for x in layouts if x is not None)
         if coef:
-            self.macs.append(MacTerm(self.node.name, int(coef), kept))
+            self.state.macs.append(MacTerm(self.node.name, int(coef), kept))
 
-    def record(self, **info: Any) -> None:
+    def record(self, record: Record) -> None:
         """Remember what the rewrite stage needs to know about this node."""
-        self.records[self.node.name] = info
+        self.state.records[self.node.name] = record
 
     # -- unknown ops ----------------------------------------------------------------------
     def unknown_op(self, label: str) -> Any:
         """No rule: freeze every space the node touches, measure its MACs, warn once per op."""
         for arg in self.node.all_input_nodes:
             self.freeze_all(self.spec(arg), f"input of unknown op {label}")
-        first = label not in self.unknown
-        self.unknown.setdefault(label, []).append(self.node.name)
+        unknown = self.state.unknown
+        first = label not in unknown
+        unknown.setdefault(label, []).append(self.node.name)
         if first:
             warnings.warn(
                 f"nrfx has no rule for {label} ({self.where}); the channels it touches are frozen "
@@ -237,9 +272,7 @@ class Context:
 
     def measured_macs(self) -> int:
         """MACs of the current node measured by FlopCounterMode on meta tensors (2 FLOPs = 1 MAC)."""
-        from .measure import measure_node_macs
-
-        return measure_node_macs(self.gm, self.node, self.values)
+        return measure_node_macs(self.gm, self.node, self.state.values)
 
     def segment(self, spec: TensorSpec, dim: int, start: int, stop: int) -> Segment:
         """A channel range of one dim of a value."""

@@ -6,7 +6,7 @@ without padding or a linear layer that term is the same at every position, so it
 to the consumer's bias, or, when the consumer has no bias and feeds a BatchNorm, subtracted
 from that norm's running mean (exact in eval mode; in train mode the batch mean absorbs a
 constant anyway).  Constants are measured once on the example inputs (eval mode, on the
-copy being rewritten) and stored in the plan, so a replay folds the same values.
+traced original) when the plan is made, and stored in it, so a replay folds the same values.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 from torch import nn
+
+from .maps import dim_map
+from .shapeprop import untouched
 
 __all__ = ["measure_folds", "apply_folds"]
 
@@ -30,8 +33,6 @@ def _foldable(module: nn.Module) -> bool:
 
 def _removed(analysis, plan, layout) -> torch.Tensor:
     """Old feature positions of a layout that the plan drops."""
-    from .rewrite import dim_map
-
     source = dim_map(analysis, plan, layout, 0).source
     total = analysis.atoms.channels(layout) * layout.inner
     keep = torch.zeros(total, dtype=torch.bool)
@@ -42,9 +43,9 @@ def _removed(analysis, plan, layout) -> torch.Tensor:
 def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Tensor]:
     """Foldable consumers with removed input features: module name -> removed positions."""
     out = {}
-    for record in analysis.records.values():
-        name, layout = record.get("module"), record.get("input")
-        if record.get("kind") not in ("conv", "linear") or name is None or layout is None:
+    for _, record in analysis.layers("conv", "linear"):
+        name, layout = record.module, record.input
+        if name is None or layout is None:
             continue
         removed = _removed(analysis, plan, layout)
         module = gm.get_submodule(name)
@@ -54,17 +55,18 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
 
 
 def _capture(gm: torch.fx.GraphModule, names, inputs) -> dict[str, list[torch.Tensor]]:
-    """Inputs each named module receives on the example inputs, in eval mode, no grad."""
+    """Inputs each named module receives on the example inputs, in eval mode, no grad, leaving no trace."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = [gm.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
-    training = gm.training
+    modes = [(m, m.training) for m in gm.modules()]  # the user's modules: each flag put back as it was
     try:
         gm.eval()
-        with torch.no_grad():
+        with torch.no_grad(), untouched(gm):
             gm(*inputs)
     finally:
-        gm.train(training)
+        for module, training in modes:
+            module.training = training
         for handle in handles:
             handle.remove()
     return seen
@@ -126,18 +128,18 @@ def _delta(weight: torch.Tensor, values: dict[str, float]) -> torch.Tensor:
     return w[:, cols] @ vals
 
 
-def apply_folds(old_gm: torch.fx.GraphModule, new_gm: torch.fx.GraphModule, folds: dict, maps) -> list[str]:
-    """Add each consumer's folded constants to its bias, or to the following BatchNorm's mean."""
+def apply_folds(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
+    """Rewrite pass: add each consumer's folded constants to its bias, or to the following BatchNorm's mean."""
     notes = []
-    users = {n.target: list(n.users) for n in new_gm.graph.nodes if n.op == "call_module"}
-    for name, values in folds.items():
-        delta = _delta(old_gm.get_submodule(name).weight, values)
+    users = {n.target: list(n.users) for n in gm.graph.nodes if n.op == "call_module"}
+    for name, values in (plan.folds or {}).items():
+        delta = _delta(analysis.gm.get_submodule(name).weight, values)
         pmap = maps.get(f"{name}.weight")
         source = pmap.dims[0].source if pmap is not None and pmap.dims[0].dim == 0 else torch.arange(delta.numel())
         kept = torch.nonzero(source >= 0).flatten()
         shift = torch.zeros(source.numel(), dtype=torch.float64)
         shift[kept] = delta[source[kept]]
-        notes.append(_fold_into(new_gm, name, shift, users.get(name, [])))
+        notes.append(_fold_into(gm, name, shift, users.get(name, [])))
     return notes
 
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from .cost import CostModel
 from .errors import BudgetError, NrfxWarning, PlanError
 
-__all__ = ["Budget", "Plan", "CostModel", "make_plan", "SCHEMES"]
+__all__ = ["Budget", "Plan", "make_plan", "SCHEMES"]
 
 SCHEMES = ("nr", "cr", "ca")
 
@@ -64,42 +65,7 @@ class Budget:
         return "flops", int(self.flops)
 
 
-class CostModel:
-    """The cost of the network as a polynomial in the widths of its spaces, compiled once."""
-
-    def __init__(self, analysis, kind: str) -> None:
-        self.kind = kind
-        self.divisor = analysis.batch if kind == "flops" else 1
-        self.constant = analysis._constant_params if kind == "params" else 0
-        self.terms: list[tuple[int, list[tuple[int, list[int]]]]] = []
-        if kind == "params":
-            for info in analysis.param_info.values():
-                if not info.buffer:
-                    coef = math.prod(e for e, lay in zip(info.shape, info.dims, strict=True) if lay is None)
-                    self._add(analysis, coef, [lay for lay in info.dims if lay is not None])
-        else:
-            for term in analysis.ctx.macs:
-                self._add(analysis, term.coef, list(term.layouts))
-
-    def _add(self, analysis, coef: int, layouts) -> None:
-        """One term: coef × Π (inner × Σ widths of the layout's spaces)."""
-        if not layouts:
-            self.constant += coef
-            return
-        self.terms.append((coef, [(lay.inner, analysis.space_ids(lay)) for lay in layouts]))
-
-    def __call__(self, widths) -> int:
-        """Cost (params, or MACs per example) at the given widths per space."""
-        total = 0
-        for coef, factors in self.terms:
-            value = coef
-            for inner, ids in factors:
-                value *= inner * sum(widths[s] for s in ids)
-            total += value
-        return (total + self.constant * (self.divisor if self.kind == "flops" else 1)) // self.divisor
-
-
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """Surviving channels and new widths per space; JSON-serialisable and replayable."""
 
@@ -211,7 +177,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
         raise PlanError(f"unknown scheme {scheme!r}; use one of {SCHEMES} (nr: cross connections kept, "
                         "cr: removed, ca: cross attention)")
     kind, value = Budget.coerce(budget).resolve(analysis)
-    cost = CostModel(analysis, kind)
+    cost = analysis.cost_model(kind)
     alive = analysis.alive(masks)
     scores = _space_scores(analysis, model)
     keep = _survivors(analysis, alive, scores)

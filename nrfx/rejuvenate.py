@@ -1,7 +1,14 @@
-"""rejuvenate: analyse, plan and rewrite in one call; apply_plan replays a saved plan."""
+"""rejuvenate: analyse, plan and rewrite in one call; apply_plan replays a saved plan.
+
+The plan is complete (survivors, widths, folded constants, planning notes) and immutable
+before the build starts; the build is a fixed list of rewrite passes that share one
+signature ``(gm, analysis, plan, maps) -> notes`` and never write the plan.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,21 +16,42 @@ import torch.fx
 from torch import nn
 
 from .analysis import Analysis, analyze
+from .errors import NrfxError, PlanError, RewriteError
 from .fold import apply_folds, measure_folds
+from .maps import ParamMap, param_maps
 from .plan import Plan, make_plan
 from .rescale import apply_rescale
-from .reslice import reslice
-from .rewrite import ParamMap, copy_for_rewrite, param_maps, rewrite_params, verify
+from .reslice import regroup, reslice
+from .rewrite import copy_for_rewrite, rewrite_params, verify
 from .schemes import apply_scheme
-from .trace import keep_safe_inplace, propagate_shapes
+from .shapeprop import propagate_shapes
+from .trace import keep_safe_inplace
 
-__all__ = ["rejuvenate", "apply_plan"]
+__all__ = ["rejuvenate", "apply_plan", "plan_rejuvenation", "REWRITE_PASSES"]
 
+RewritePass = Callable[[torch.fx.GraphModule, Analysis, Plan, dict[str, ParamMap]], list[str]]
+# in order: new tensors, literal channel sizes, folded constants, neural rescaling, S/R schemes
+REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, apply_folds, apply_rescale, apply_scheme)
 
 
 def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     """A tuple of tensors."""
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any,
+                      example_inputs: Any, **options: Any) -> Plan:
+    """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit."""
+    plan = make_plan(analysis, model, masks, budget, **options)
+    return _with_folds(analysis, plan, _check_inputs(example_inputs))
+
+
+def _with_folds(analysis: Analysis, plan: Plan, inputs: tuple) -> Plan:
+    """The plan with its folded constants measured on the example inputs (kept when it has them)."""
+    if plan.folds is not None:
+        return plan
+    folds, notes = measure_folds(analysis.gm, analysis, plan, inputs)
+    return dataclasses.replace(plan, folds=folds, notes=[*plan.notes, *notes])
 
 
 def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any = None, *,
@@ -33,12 +61,12 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
     """Remove dead channels, grow every free space by one shared rate α to the budget, re-initialise.
 
     Returns a new GraphModule (the model is not modified) with ``nrfx_plan`` (the replayable
-    Plan) and ``nrfx_param_map`` ({name: ParamMap}) attached.
+    Plan, with the notes of the build) and ``nrfx_param_map`` ({name: ParamMap}) attached.
     """
     inputs = _check_inputs(example_inputs)
     analysis = analysis or analyze(model, inputs, **trace_options)
-    plan = make_plan(analysis, model, masks, budget, scheme=scheme, rescale=rescale, gamma0=gamma0,
-                     realloc=realloc, seed=seed)
+    plan = plan_rejuvenation(analysis, model, masks, budget, inputs, scheme=scheme, rescale=rescale, gamma0=gamma0,
+                             realloc=realloc, seed=seed)
     return _build(model, analysis, plan, inputs)
 
 
@@ -48,34 +76,36 @@ def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, 
     inputs = _check_inputs(example_inputs) if example_inputs is not None else tuple(
         torch.zeros(s) for s in plan.input_shapes)
     analysis = analyze(model, inputs, **trace_options)
-    from .errors import PlanError
-
     if [s.width for s in analysis.spaces] != plan.widths:
         raise PlanError("the plan does not fit this model: its channel spaces differ (was it made for another "
                         "architecture or another set of trace options?)")
-    return _build(model, analysis, plan, inputs)
+    return _build(model, analysis, _with_folds(analysis, plan, inputs), inputs)
 
 
 def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx.GraphModule:
-    """Copy the traced graph module, rewrite its parameters, apply the scheme, verify."""
+    """Copy the traced graph module, run every rewrite pass, verify; the plan is only read."""
     maps: dict[str, ParamMap] = param_maps(analysis, plan)
     gm = copy_for_rewrite(analysis.gm, maps)
-    if plan.folds is None:
-        plan.folds, dropped = measure_folds(gm, analysis, plan, inputs)
-        plan.notes = list(plan.notes) + dropped
-    rewrite_params(gm, analysis, plan, maps)
-    reslice(gm, analysis, plan)
     notes = list(plan.notes)
-    notes += apply_folds(analysis.gm, gm, plan.folds, maps)
-    if plan.rescale:
-        notes += apply_rescale(gm, analysis, plan, maps)
-    notes += apply_scheme(gm, analysis, plan, maps)
+    for rewrite_pass in REWRITE_PASSES:
+        notes += rewrite_pass(gm, analysis, plan, maps)
     keep_safe_inplace(gm)
     gm.recompile()
     verify(gm)
-    propagate_shapes(gm, inputs)
-    plan.notes = list(dict.fromkeys(notes))
-    gm.nrfx_plan = plan
+    _check_runs(gm, inputs)
+    gm.nrfx_plan = dataclasses.replace(plan, notes=list(dict.fromkeys(notes)))
     gm.nrfx_param_map = maps
     gm.train(model.training)
     return gm
+
+
+def _check_runs(gm: torch.fx.GraphModule, inputs) -> None:
+    """The rewritten graph runs on the example inputs' shapes; a failure is nrfx's, not the inputs'."""
+    try:
+        propagate_shapes(gm, inputs)
+    except NrfxError as error:
+        raise RewriteError(
+            f"the rewritten model does not run on the example inputs that the original ran on: {error}\n"
+            "  An op in the model spells a channel count nrfx does not rewrite. Make its module a leaf "
+            "(leaf_modules=[...]) so its channels freeze, and please report the op."
+        ) from error

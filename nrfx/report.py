@@ -10,12 +10,13 @@ exactly, in params and in MACs.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
+
+from .records import LayerRecord
 
 __all__ = ["Report", "Row", "Totals", "build_report", "format_count"]
 
@@ -52,6 +53,8 @@ class Totals:
     frozen_spaces: int
     unknown_ops: int
     auto_leaves: int
+    effective_params: int | None = None
+    effective_macs: int | None = None
 
     @property
     def r_params(self) -> float:
@@ -113,6 +116,7 @@ class Report:
             f"U(θ)  params {t.live_params:,} ({format_count(t.live_params)})   "
             f"MACs {t.live_macs:,} ({format_count(t.live_macs)})",
             f"r(θ)  params {t.r_params:.4f}   MACs {t.r_macs:.4f}",
+            *_effective_line(t),
             f"channel spaces {t.spaces}, frozen {t.frozen_spaces}, unknown ops {t.unknown_ops}, "
             f"automatic leaves {t.auto_leaves}",
         ]
@@ -134,23 +138,20 @@ def build_report(analysis, masks: dict[str, torch.Tensor] | None = None) -> Repo
     owned: dict[str, list[str]] = {}
     for name, node_name in owner.items():
         owned.setdefault(node_name, []).append(name)
-    terms: dict[str, list] = {}
-    for term in analysis.ctx.macs:
-        terms.setdefault(term.node, []).append(term)
-    nodes = _row_nodes(analysis, terms)
-    rows = tuple(_row(analysis, node, owned.get(node.name, []), terms.get(node.name, []), full, live)
-                 for node in nodes)
+    nodes = _row_nodes(analysis, {t.owner for t in analysis.mac_cost.terms})
+    rows = tuple(_row(analysis, node, owned.get(node.name, []), full, live) for node in nodes)
     other = _other_row(analysis, rows, owner, {n.name for n in nodes}, full, live, util)
     totals = Totals(util.params, util.live_params, util.flops, util.live_flops, len(analysis.spaces),
-                    len(analysis.frozen_spaces), len(analysis.unknown_ops), len(analysis.auto_leaves))
+                    len(analysis.frozen_spaces), len(analysis.unknown_ops), len(analysis.auto_leaves),
+                    analysis.effective_params, analysis.effective_flops)
     frozen = tuple((s.index, s.width, _first_reason(s.frozen)) for s in analysis.frozen_spaces)
     return Report(analysis.model_name, tuple(analysis.input_shapes), analysis.batch, rows, other, totals, frozen,
                   dict(analysis.unknown_ops), dict(analysis.auto_leaves))
 
 
-def _row_nodes(analysis, terms: dict[str, list]) -> list[torch.fx.Node]:
+def _row_nodes(analysis, with_macs: set[str]) -> list[torch.fx.Node]:
     """Nodes that get a row, in graph order: records, nodes with MACs, automatic leaves."""
-    wanted = set(analysis.records) | set(terms)
+    wanted = set(analysis.records) | with_macs
     leaves = set(analysis.auto_leaves)
     return [n for n in analysis.gm.graph.nodes
             if n.name in wanted or (n.op == "call_module" and n.target in leaves)]
@@ -196,41 +197,31 @@ def _param_sizes(analysis, name: str, size: int, full, live) -> tuple[int, int]:
     info = analysis.param_info.get(name)
     if info is None or info.buffer:
         return size, size
-    return _size(analysis, info, full), _size(analysis, info, live)
+    return analysis.param_cost.of(name, full), analysis.param_cost.of(name, live)
 
 
-def _size(analysis, info, counts) -> int:
-    """Elements of a parameter when space ``s`` has ``counts[s]`` channels."""
-    return math.prod(e if lay is None else analysis.width(lay, counts) for e, lay in zip(info.shape, info.dims,
-                                                                                           strict=True))
-
-
-def _row(analysis, node: torch.fx.Node, mine: list[str], terms: list, full, live) -> Row:
+def _row(analysis, node: torch.fx.Node, mine: list[str], full, live) -> Row:
     """The row of one node: its channels, the parameters it owns, its MAC terms."""
-    record = analysis.records.get(node.name, {})
+    record = analysis.records.get(node.name)
+    record = record if isinstance(record, LayerRecord) else None
     params = [_param_sizes(analysis, n, analysis.gm.get_parameter(n).numel(), full, live) for n in mine]
-    macs = _macs(analysis, terms, full), _macs(analysis, terms, live)
+    macs = analysis.mac_cost.of(node.name, full), analysis.mac_cost.of(node.name, live)
     cin, cout = _static_channels(analysis, record)
-    in_l, out_l = record.get("input"), record.get("output")
+    in_l, out_l = (record.input, record.output) if record is not None else (None, None)
     return Row(
         name=_row_name(node, record),
         op=_op_label(analysis.gm, node),
-        kind=record.get("kind", "leaf" if _is_auto_leaf(analysis, node) else "op"),
+        kind=record.kind if record is not None else ("leaf" if _is_auto_leaf(analysis, node) else "op"),
         in_live=analysis.width(in_l, live) if in_l is not None else cin,
         in_total=analysis.width(in_l, full) if in_l is not None else cin,
         out_live=analysis.width(out_l, live) if out_l is not None else cout,
         out_total=analysis.width(out_l, full) if out_l is not None else cout,
         params=sum(p[0] for p in params),
         live_params=sum(p[1] for p in params),
-        macs=macs[0] // analysis.batch,
-        live_macs=macs[1] // analysis.batch,
+        macs=macs[0],
+        live_macs=macs[1],
         frozen=_frozen_reason(analysis, node, in_l, out_l),
     )
-
-
-def _macs(analysis, terms: list, counts) -> int:
-    """MACs of a node's terms over the example batch when space ``s`` has ``counts[s]`` channels."""
-    return sum(t.coef * math.prod(analysis.width(lay, counts) for lay in t.layouts) for t in terms)
 
 
 def _other_row(analysis, rows, owner, row_names: set[str], full, live, util) -> Row:
@@ -256,9 +247,11 @@ def _is_constant(analysis, name: str) -> bool:
     return info is None or info.buffer
 
 
-def _static_channels(analysis, record: dict) -> tuple[int | None, int | None]:
+def _static_channels(analysis, record: LayerRecord | None) -> tuple[int | None, int | None]:
     """(in, out) channels of a recorded layer read from its module or weight shape."""
-    module = record.get("module")
+    if record is None:
+        return None, None
+    module = record.module
     if module is not None:
         m = analysis.gm.get_submodule(module)
         for a, b in (("in_channels", "out_channels"), ("in_features", "out_features")):
@@ -268,22 +261,22 @@ def _static_channels(analysis, record: dict) -> tuple[int | None, int | None]:
             return m.num_features, m.num_features
         if hasattr(m, "embedding_dim"):
             return None, m.embedding_dim
-    info = analysis.param_info.get(record.get("weight", ""))
+    info = analysis.param_info.get(record.weight or "")
     if info is None:
         return None, None
-    shape, groups, kind = info.shape, record.get("groups", 1), record.get("kind")
+    shape, groups, kind = info.shape, record.groups, record.kind
     if kind == "linear" and len(shape) == 2:
         return shape[1], shape[0]
     if kind == "conv" and len(shape) > 2:
-        return (shape[0], shape[1] * groups) if record.get("transposed") else (shape[1] * groups, shape[0])
+        return (shape[0], shape[1] * groups) if record.transposed else (shape[1] * groups, shape[0])
     return None, None
 
 
-def _row_name(node: torch.fx.Node, record: dict) -> str:
+def _row_name(node: torch.fx.Node, record: LayerRecord | None) -> str:
     """Module name for module calls, the weight's name for functional layers, else the node name."""
     if node.op == "call_module":
         return str(node.target)
-    return record.get("weight") or node.name
+    return (record.weight if record is not None else None) or node.name
 
 
 def _op_label(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
@@ -328,6 +321,15 @@ def _first_reason(reasons: tuple[str, ...]) -> str:
     """The first freeze reason, except that an automatic leaf (the root cause) comes first."""
     leaf = [r for r in reasons if r.startswith("automatic leaf")]
     return (leaf or list(reasons))[0]
+
+
+def _effective_line(t: Totals) -> list[str]:
+    """What runs, when S/R layers store weights they never compute (cr cross blocks); else nothing."""
+    if t.effective_params in (None, t.params) and t.effective_macs in (None, t.macs):
+        return []
+    return [f"runs  params {t.effective_params:,} ({format_count(t.effective_params)})   MACs {t.effective_macs:,} "
+            f"({format_count(t.effective_macs)}): cr S/R layers compute only their diagonal blocks; "
+            "c(A) and budgets count the stored (dense) size"]
 
 
 # -- formatting -------------------------------------------------------------------------------

@@ -54,7 +54,9 @@ def _consumers(gm: torch.fx.GraphModule, norm: torch.fx.Node, calls: dict[str, i
 
 
 def apply_rescale(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
-    """Rescale the scales of every eligible norm in the rewritten module; returns notes."""
+    """Rewrite pass: when the plan asks, rescale the scales of every eligible norm; returns notes."""
+    if not plan.rescale:
+        return []
     notes, done = [], 0
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:

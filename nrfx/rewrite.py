@@ -10,69 +10,16 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.fx
 from torch import nn
 
 from .errors import RewriteError
+from .maps import DimMap, ParamMap, dim_map, param_maps
 
-__all__ = ["DimMap", "ParamMap", "rewrite_params", "dim_map", "fix_attributes", "verify"]
-
-
-@dataclass(frozen=True)
-class DimMap:
-    """Along one dim: for each new index, the old index it copies (-1 for a rejuvenated slot)."""
-
-    dim: int
-    source: torch.Tensor
-
-    @property
-    def kept(self) -> torch.Tensor:
-        """New positions that carry an old channel (S)."""
-        return torch.nonzero(self.source >= 0).flatten()
-
-
-@dataclass(frozen=True)
-class ParamMap:
-    """How an old parameter maps into the new one: a DimMap per dim that changed."""
-
-    name: str
-    old_shape: tuple[int, ...]
-    new_shape: tuple[int, ...]
-    dims: tuple[DimMap, ...]
-
-
-def dim_map(analysis, plan, layout, dim: int) -> DimMap:
-    """New-to-old index map of a layout: per space, its kept channels then -1 for each R slot."""
-    parts, offset = [], 0
-    for s in analysis.space_ids(layout):
-        width = analysis.spaces[s].width
-        parts.append(torch.tensor(plan.keep[s], dtype=torch.long) + offset)
-        parts.append(torch.full((plan.grow[s],), -1, dtype=torch.long))
-        offset += width
-    channels = torch.cat(parts)
-    if layout.inner == 1:
-        return DimMap(dim, channels)
-    block = torch.arange(layout.inner)
-    features = torch.where(channels[:, None] >= 0, channels[:, None] * layout.inner + block, -1)
-    return DimMap(dim, features.reshape(-1))
-
-
-def _param_maps(analysis, plan) -> dict[str, ParamMap]:
-    """ParamMap of every parameter or buffer whose layouts change."""
-    maps = {}
-    for name, info in analysis.param_info.items():
-        dims = tuple(dim_map(analysis, plan, lay, d) for d, lay in enumerate(info.dims) if lay is not None)
-        changed = [m for m in dims if not torch.equal(m.source, torch.arange(info.shape[m.dim]))]
-        if not changed:
-            continue
-        new_shape = list(info.shape)
-        for m in dims:
-            new_shape[m.dim] = m.source.numel()
-        maps[name] = ParamMap(name, info.shape, tuple(new_shape), dims)
-    return maps
+__all__ = ["DimMap", "ParamMap", "dim_map", "param_maps", "rewrite_params", "copy_for_rewrite", "fix_attributes",
+           "verify", "matched_gamma"]
 
 
 def _combine(old: torch.Tensor, fresh: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
@@ -174,13 +121,8 @@ def copy_for_rewrite(gm: torch.fx.GraphModule, maps: dict[str, ParamMap]) -> tor
     return copy.deepcopy(gm, memo)
 
 
-def param_maps(analysis, plan) -> dict[str, ParamMap]:
-    """ParamMap of every parameter and buffer whose spaces change under the plan."""
-    return _param_maps(analysis, plan)
-
-
-def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, ParamMap]) -> dict[str, ParamMap]:
-    """Replace, in the copy ``gm``, every parameter and buffer whose spaces change."""
+def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, ParamMap]) -> list[str]:
+    """Rewrite pass: replace, in the copy ``gm``, every parameter and buffer whose spaces change."""
     by_owner: dict[str, dict[str, ParamMap]] = {}
     for name, pmap in maps.items():
         path, _, attr = name.rpartition(".")
@@ -189,7 +131,7 @@ def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, Par
         torch.manual_seed(plan.seed)
         for path in sorted(by_owner):
             _rewrite_module(gm, path, by_owner[path], plan.gamma0)
-    return maps
+    return []
 
 
 def matched_gamma(survivors: torch.Tensor) -> float:

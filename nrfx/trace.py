@@ -6,8 +6,7 @@ submodule whose code cannot be traced (it becomes a leaf automatically, its chan
 frozen by the analysis, and the reason is recorded).  ``a += b`` (and ``-=``, ``*=``, ``/=``)
 stays in place, as the eager code ran it, where ``a`` is a fresh conv/linear/norm/arithmetic
 output that nothing else reads; elsewhere it is traced out of place, as plain FX does.
-Shapes come from running each node on meta tensors: no real compute, no activation memory;
-a node whose kernel has no meta implementation runs once on zeros of the right shape instead.
+Shapes are propagated afterwards by ``nrfx.shapeprop``.
 """
 
 from __future__ import annotations
@@ -26,10 +25,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import ShapeError, TraceError, node_location
-from .shape_rules import function_shape, method_shape, module_shape
+from .errors import TraceError
+from .srlayers import SR_LAYERS
 
-__all__ = ["Traced", "trace", "propagate_shapes", "defaulted_args", "keep_safe_inplace"]
+__all__ = ["Traced", "trace", "defaulted_args", "keep_safe_inplace"]
 
 _MAX_AUTO_LEAVES = 64
 
@@ -116,7 +115,7 @@ class NrfxTracer(torch.fx.Tracer):
         """torch.nn built-ins, the user's leaf types and names, and auto leaves are leaves."""
         if module_qualified_name in self.leaf_names:
             return True
-        if type(m).__module__ == "nrfx.schemes":
+        if isinstance(m, SR_LAYERS):
             return True  # nrfx's own S/R layers: analysed as the conv/linear they widen
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
@@ -231,115 +230,3 @@ def defaulted_args(model: nn.Module, n_inputs: int, concrete_args: dict[str, Any
         if p.kind in kinds and p.default is not inspect.Parameter.empty:
             fixed.setdefault(p.name, p.default)
     return fixed or concrete_args
-
-
-# ---------------------------------------------------------------------------------------
-# shape propagation on the meta device
-# ---------------------------------------------------------------------------------------
-
-
-def _to_meta(value: Any) -> Any:
-    """Tensors become meta tensors of the same shape and dtype; structure is kept."""
-    if isinstance(value, torch.Tensor):
-        return value if value.is_meta else torch.empty_like(value, device="meta")
-    if isinstance(value, (list, tuple)):
-        items = [_to_meta(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return {k: _to_meta(v) for k, v in value.items()}
-    return value
-
-
-def _to_zeros(value: Any) -> Any:
-    """Meta tensors become CPU zeros of the same shape (for ops with no meta kernel)."""
-    if isinstance(value, torch.Tensor) and value.is_meta:
-        return torch.zeros(value.shape, dtype=value.dtype)
-    if isinstance(value, (list, tuple)):
-        items = [_to_zeros(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return {k: _to_zeros(v) for k, v in value.items()}
-    return value
-
-
-class _MetaInterpreter(torch.fx.Interpreter):
-    """Runs a graph on meta tensors; parameters are swapped for meta copies, never touched."""
-
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self._meta_state: dict[str, dict[str, torch.Tensor]] = {}
-
-    def get_attr(self, target: str, args: tuple, kwargs: dict) -> Any:
-        return _to_meta(super().get_attr(target, args, kwargs))
-
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        fast = function_shape(target, args, kwargs)
-        return fast if fast is not None else super().call_function(target, args, kwargs)
-
-    def call_method(self, target: str, args: tuple, kwargs: dict) -> Any:
-        fast = method_shape(target, args, kwargs)
-        return fast if fast is not None else super().call_method(target, args, kwargs)
-
-    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        module = self.fetch_attr(target)
-        fast = module_shape(module, args, kwargs)
-        if fast is not None:
-            return fast
-        state = self._meta_state.get(target)
-        if state is None:
-            tensors = dict(module.named_parameters(remove_duplicate=False))
-            tensors.update(module.named_buffers(remove_duplicate=False))
-            state = self._meta_state[target] = {k: _to_meta(v) for k, v in tensors.items()}
-        if not state:
-            return module(*args, **kwargs)
-        return torch.func.functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        try:
-            return super().run_node(n)
-        except Exception as meta_error:  # retried on real zeros below
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            saved = self.module
-            try:
-                real = getattr(self, n.op)(n.target, _to_zeros(args), _to_zeros(kwargs))
-            except Exception:  # report the original failure
-                raise meta_error from None
-            finally:
-                self.module = saved
-            return _to_meta(real)
-
-
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> dict[torch.fx.Node, Any]:
-    """Meta value (shape, dtype, structure) of every node for the given example inputs."""
-    interpreter = _MetaInterpreter(gm)
-    interpreter.extra_traceback = False  # the ShapeError names the node itself
-    try:
-        with torch.no_grad():
-            interpreter.run(*[_to_meta(x) for x in example_inputs])
-    except Exception as error:  # reported with the failing node
-        node = _failing_node(interpreter)
-        where = node_location(node) if node is not None else "the graph"
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs)
-        raise ShapeError(
-            f"the example inputs {shapes} do not run through the model: {where} failed with "
-            f"{type(error).__name__}: {error}\n{_train_mode_hint(error)}"
-            "  Pass example_inputs shaped as the model's forward expects "
-            "(a tuple of tensors, batch dimension first, e.g. torch.randn(1, 3, 224, 224))."
-        ) from error
-    return interpreter.env
-
-
-def _train_mode_hint(error: BaseException) -> str:
-    """A hint when a norm in training mode met a single value per channel (batch 1, 1×1 map)."""
-    if "more than 1 value per channel" in str(error):
-        return ("  A norm in training mode needs more than one value per channel: call model.eval() "
-                "before analysing, or use a batch of 2 or more.\n")
-    return ""
-
-
-def _failing_node(interpreter: _MetaInterpreter) -> torch.fx.Node | None:
-    """The first node without a value: the one that failed."""
-    for node in interpreter.module.graph.nodes:
-        if node not in interpreter.env:
-            return node
-    return None

@@ -168,15 +168,15 @@ def test_untraceable_submodule_becomes_a_frozen_automatic_leaf():
     assert analysis.flops == 8 * 3 * 9 * 36 + 4 * 8 * 36 + 6 * 4 * 36
     records = analysis.records
     frozen = {s.index for s in analysis.frozen_spaces}
-    assert set(analysis.space_ids(records["a"]["output"])) <= frozen  # the leaf's input space
-    assert records["b"]["input"] is None  # the leaf's output is opaque: no channel space to follow
-    assert not set(analysis.space_ids(records["b"]["output"])) & frozen  # b -> c is still free
+    assert set(analysis.space_ids(records["a"].output)) <= frozen  # the leaf's input space
+    assert records["b"].input is None  # the leaf's output is opaque: no channel space to follow
+    assert not set(analysis.space_ids(records["b"].output)) & frozen  # b -> c is still free
     report = analysis.report()
     rows = {r.name: r for r in report.rows}
     assert rows["gate"].kind == "leaf"
     assert rows["gate"].frozen.startswith("automatic leaf: untraceable code")
-    assert rows["a"].frozen.startswith("automatic leaf")
-    assert rows["b"].frozen is None and rows["c"].frozen.startswith("reaches the model output")
+    assert rows["a"].frozen.startswith("out: automatic leaf")  # its input (the image) is free
+    assert rows["b"].frozen is None and rows["c"].frozen.startswith("out: reaches the model output")
     assert "automatic leaf gate: untraceable code" in report.summary()
     assert report.to_dict()["auto_leaves"]["gate"].startswith("untraceable code")
     _assert_untouched(model, before)

@@ -14,7 +14,6 @@ from dead import kill_channels
 from torch import nn
 
 import nrfx
-from nrfx.plan import CostModel
 
 SCHEMES = [(s, r) for s in ("nr", "cr", "ca") for r in (False, True)]
 FAST_MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"]
@@ -86,7 +85,7 @@ def test_budget_met_within_one_channel(kind, fraction):
     after = nrfx.analyze(new, x)
     cost = after.params if kind == "params" else after.flops
     assert cost == plan.cost_after <= target
-    model_cost = CostModel(analysis, kind)
+    model_cost = analysis.cost_model(kind)
     widths = plan.new_widths
     cheapest = min(
         model_cost([w + (i == s) for i, w in enumerate(widths)]) - model_cost(widths)

@@ -128,11 +128,11 @@ def test_conv_bn_relu_conv(nd, kw, spatial):
 def test_conv_records_name_the_module_and_layouts():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1))
     a = analyze(model, (B, 3, 8, 8))
-    recs = {r["module"]: r for r in a.records.values() if "module" in r}
-    assert recs["0"]["kind"] == "conv" and recs["0"]["input"] is None and recs["0"]["groups"] == 1
-    assert recs["1"]["kind"] == "norm"
-    assert a.space_ids(recs["0"]["output"]) == a.space_ids(recs["1"]["input"]) == a.space_ids(recs["2"]["input"])
-    assert not recs["2"]["transposed"]
+    recs = {r.module: r for r in a.records.values() if r.kind != "slice" and r.module is not None}
+    assert recs["0"].kind == "conv" and recs["0"].input is None and recs["0"].groups == 1
+    assert recs["1"].kind == "norm"
+    assert a.space_ids(recs["0"].output) == a.space_ids(recs["1"].input) == a.space_ids(recs["2"].input)
+    assert not recs["2"].transposed
 
 
 def test_conv_mask_keyed_by_the_conv_itself():
@@ -176,8 +176,8 @@ def test_grouped_conv_freezes_both_sides():
     check_costs(a, model, flops, masks, a.params, flops)  # frozen: nothing can be removed
     with pytest.warns(nrfx.NrfxWarning, match="ignored"):
         a.utilization(masks)
-    rec = next(r for r in a.records.values() if r.get("module") == "2")
-    s_in, s_out = a.space_ids(rec["input"]), a.space_ids(rec["output"])
+    rec = next(r for r in a.records.values() if getattr(r, "module", None) == "2")
+    s_in, s_out = a.space_ids(rec.input), a.space_ids(rec.output)
     assert s_in == out_ids(a, "0") and s_out == in_ids(a, "4")
     assert frozen(a, s_in + s_out) == [True, True]
     assert "grouped conv" in reasons(a, s_in) and "groups=4" in reasons(a, s_out)
@@ -204,8 +204,8 @@ def test_conv_transpose2d():
     # ConvTranspose weight is (in, out, k, k)
     assert ids(a, "2.weight", 0) == out_ids(a, "0")
     assert ids(a, "2.weight", 1) == ids(a, "3.weight", 0) == in_ids(a, "4")
-    rec = next(r for r in a.records.values() if r.get("module") == "2")
-    assert rec["transposed"]
+    rec = next(r for r in a.records.values() if getattr(r, "module", None) == "2")
+    assert rec.transposed
 
 
 # -- linear --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import nrfx.schemes as schemes
+import nrfx.srlayers as srlayers
 from nrfx.schemes import SRConv1d, SRConv2d, SRConv3d, SRLinear, _convert
 
 CASES = [  # (base layer, SR class, input shape, functional op)
@@ -59,7 +59,7 @@ def test_tiled_inference_and_training_paths_match_block_formulas(case, bias, sch
     torch.testing.assert_close(trained, expected)
     with torch.no_grad():
         whole = layer(x)  # one tile: gates written in place
-        monkeypatch.setattr(schemes, "_TILE_BYTES", 1)  # every example its own tile, every gate row a chunk
+        monkeypatch.setattr(srlayers, "_TILE_BYTES", 1)  # every example its own tile, every gate row a chunk
         tiled = layer(x)
     torch.testing.assert_close(whole, expected)
     torch.testing.assert_close(tiled, expected)
@@ -68,7 +68,7 @@ def test_tiled_inference_and_training_paths_match_block_formulas(case, bias, sch
 
 @pytest.mark.parametrize("scheme", ["cr", "ca"])
 def test_unbatched_and_single_example_inputs(scheme, monkeypatch):
-    monkeypatch.setattr(schemes, "_TILE_BYTES", 1)
+    monkeypatch.setattr(srlayers, "_TILE_BYTES", 1)
     layer = _layer(lambda: nn.Conv2d(7, 9, 3, padding=1), SRConv2d, scheme, True)
     x = torch.randn(1, 7, 6, 6, dtype=torch.float64)
     with torch.no_grad():

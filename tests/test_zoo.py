@@ -218,7 +218,7 @@ class GramNet(nn.Module):
 
 def _space_frozen(analysis, node: str, which: str) -> bool:
     """Whether the input or output channel space recorded for a layer node is frozen."""
-    layout = analysis.records[node][which]
+    layout = getattr(analysis.records[node], which)
     return all(analysis.spaces[s].is_frozen for s in analysis.space_ids(layout))
 
 
@@ -231,7 +231,7 @@ def test_unknown_torch_roll_freezes_and_warns_once():
     assert len(analysis.unknown_ops["function torch.roll"]) == 2
     assert not _space_frozen(analysis, "conv1", "output")
     assert _space_frozen(analysis, "conv2", "output")
-    assert analysis.records["conv3"]["input"] is None  # the unknown op's output carries no channels
+    assert analysis.records["conv3"].input is None  # the unknown op's output carries no channels
     assert not _space_frozen(analysis, "conv3", "output")
     assert any("unknown op" in r for s in analysis.frozen_spaces for r in s.frozen)
     assert analysis.params == sum(p.numel() for p in model.parameters())
@@ -279,8 +279,8 @@ def test_einsum_contracts_one_free_space():
     """einsum 'bnd,bmd->bnm': q's and k's output dims become one free space; MACs = B·N·M·D / B."""
     analysis, unknown = analyze_recording_tokens(QKScores().eval(), (2, 5, 8))
     assert not unknown
-    q_space = analysis.space_ids(analysis.records["q"]["output"])
-    assert q_space == analysis.space_ids(analysis.records["k"]["output"])
+    q_space = analysis.space_ids(analysis.records["q"].output)
+    assert q_space == analysis.space_ids(analysis.records["k"].output)
     assert not analysis.spaces[q_space[0]].is_frozen
     assert analysis.flops == 2 * 5 * 8 * 6 + 5 * 5 * 6
     keep = {"q": torch.tensor([True, True, False, False, False, False])}
@@ -335,8 +335,8 @@ def test_patch_merging_repeats_the_channel_space():
     model = MergeTokens().eval()
     analysis, unknown = analyze_recording_tokens(model, (1, 5, 5, 3))
     assert not unknown
-    embed = analysis.space_ids(analysis.records["embed"]["output"])
-    assert analysis.space_ids(analysis.records["merge_reduction"]["input"]) == embed * 4
+    embed = analysis.space_ids(analysis.records["embed"].output)
+    assert analysis.space_ids(analysis.records["merge_reduction"].input) == embed * 4
     assert not analysis.spaces[embed[0]].is_frozen
     assert analysis.flops == 25 * 3 * 8 + 9 * 32 * 16  # 5 × 5 tokens embedded, padded to 6 × 6, merged to 3 × 3
     keep = torch.tensor([True] * 5 + [False] * 3)
@@ -369,8 +369,8 @@ def test_stochastic_depth_keeps_the_residual_space():
     model = DropPathBlock().eval()
     analysis, unknown = analyze_recording(model, 4)
     assert not unknown
-    stream = analysis.space_ids(analysis.records["stem"]["output"])
-    assert stream == analysis.space_ids(analysis.records["conv"]["output"])
+    stream = analysis.space_ids(analysis.records["stem"].output)
+    assert stream == analysis.space_ids(analysis.records["conv"].output)
     assert not analysis.spaces[stream[0]].is_frozen
     keep = torch.tensor([True] * 6 + [False] * 2)
     assert analysis.alive({"bn": keep, "bn2": keep})[stream[0]].tolist() == keep.tolist()

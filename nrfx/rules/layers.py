@@ -7,14 +7,15 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from ..schemes import SRConv1d, SRConv2d, SRConv3d, SRLinear
+from ..records import LayerRecord
 from ..specs import TensorSpec, Zero
-from .common import copy_zero, param_of
+from ..srlayers import SR_LAYERS, unused_weights
+from .common import param_of
 from .registry import function_rule, module_rule
 
 __all__: list[str] = []
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, SRConv1d, SRConv2d, SRConv3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *(c for c in SR_LAYERS if issubclass(c, nn.modules.conv._ConvNd)))
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -71,7 +72,10 @@ def conv_module(ctx, node):
     spec, in_l, out_l, w_dims = _conv(ctx, x, tuple(m.weight.shape), m.groups, node.target, transposed, node.target)
     ctx.param(m.weight, w_dims)
     ctx.param(m.bias, (out_l,))
-    ctx.record(kind="conv", module=node.target, input=in_l, output=out_l, groups=m.groups, transposed=transposed)
+    unused = unused_weights(m)
+    ctx.record(LayerRecord("conv", module=node.target, input=in_l, output=out_l, groups=m.groups,
+                           transposed=transposed, unused_params=unused,
+                           unused_macs=unused * (ctx.out.numel() // m.weight.shape[0])))
     return spec
 
 
@@ -89,9 +93,20 @@ def conv_function(ctx, node):
     bias_name, bias_shape = param_of(ctx, ctx.arg(2, "bias"))
     if bias_name is not None:
         ctx.param_named(bias_name, bias_shape, (out_l,))
-    ctx.record(kind="conv", weight=name, bias=bias_name, input=in_l, output=out_l, groups=int(groups),
-               transposed=transposed)
+    ctx.record(LayerRecord("conv", weight=name, bias=bias_name, input=in_l, output=out_l, groups=int(groups),
+                           transposed=transposed, groups_arg=_literal_groups(ctx, node, w_shape, transposed, out_l)))
     return spec
+
+
+def _literal_groups(ctx, node, w_shape, transposed: bool, out_l) -> int | str | None:
+    """Where a depthwise F.conv* spells ``groups`` (position 6 or the keyword): it must follow the new width.
+
+    A grouped (not depthwise) conv has its spaces frozen, so its ``groups`` never changes.
+    """
+    groups = ctx.arg(6, "groups", 1)
+    if transposed or out_l is None or not isinstance(groups, int) or groups <= 1 or groups != w_shape[0]:
+        return None
+    return 6 if len(node.args) > 6 else "groups"
 
 
 def _linear(ctx, x: TensorSpec, w_shape, key, mask: str | None):
@@ -106,14 +121,16 @@ def _linear(ctx, x: TensorSpec, w_shape, key, mask: str | None):
     return ctx.tensor(ctx.out.shape, dims, zero), in_l, out_l
 
 
-@module_rule(nn.Linear, SRLinear)
+@module_rule(nn.Linear, *(c for c in SR_LAYERS if issubclass(c, nn.Linear)))
 def linear_module(ctx, node):
     """Linear module: last dim in consumes a space, last dim out produces one."""
     m = ctx.module
     spec, in_l, out_l = _linear(ctx, ctx.spec(node.args[0]), tuple(m.weight.shape), node.target, node.target)
     ctx.param(m.weight, (out_l, in_l))
     ctx.param(m.bias, (out_l,))
-    ctx.record(kind="linear", module=node.target, input=in_l, output=out_l)
+    unused = unused_weights(m)
+    ctx.record(LayerRecord("linear", module=node.target, input=in_l, output=out_l, unused_params=unused,
+                           unused_macs=unused * (ctx.out.numel() // m.weight.shape[0])))
     return spec
 
 
@@ -128,7 +145,7 @@ def linear_function(ctx, node):
     bias_name, bias_shape = param_of(ctx, ctx.arg(2, "bias"))
     if bias_name is not None:
         ctx.param_named(bias_name, bias_shape, (out_l,))
-    ctx.record(kind="linear", weight=name, bias=bias_name, input=in_l, output=out_l)
+    ctx.record(LayerRecord("linear", weight=name, bias=bias_name, input=in_l, output=out_l))
     return spec
 
 
@@ -139,7 +156,7 @@ def embedding(ctx, node):
     out_l = ctx.fresh(m.embedding_dim, (node.target, "out"))
     ctx.param(m.weight, (None, out_l))
     shape = tuple(ctx.out.shape)
-    ctx.record(kind="embedding", module=node.target, output=out_l)
+    ctx.record(LayerRecord("embedding", module=node.target, output=out_l))
     return ctx.tensor(shape, (None,) * (len(shape) - 1) + (out_l,))
 
 
@@ -149,31 +166,36 @@ _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 
 @module_rule(*_PER_CHANNEL)
 def per_channel_norm(ctx, node):
-    """BatchNorm / InstanceNorm: same space in and out; γ marks the live channels."""
+    """BatchNorm / InstanceNorm: same space in and out; γ marks the live channels.
+
+    Zeros do not pass through a norm: a channel that is zero at its input leaves as a constant
+    (β − γ·μ/σ in eval mode, β in training), so the output is known zero only where the norm's
+    own mask says so (γ = 0, and β = 0 for an exact zero).
+    """
     m = ctx.module
     x = ctx.spec(node.args[0])
     cdim = 1 if x.ndim > 1 else 0
     layout = x.dims[cdim]
     for tensor in (m.weight, m.bias, m.running_mean, m.running_var):
         ctx.param(tensor, (layout,))
-    ctx.record(kind="norm", module=node.target, input=layout, output=layout)
+    ctx.record(LayerRecord("norm", module=node.target, input=layout, output=layout))
     if layout is None:
         return ctx.tensor(ctx.out.shape)
     zero = [None] * x.ndim
-    zero[cdim] = copy_zero(ctx, x, cdim, node.target)
+    zero[cdim] = Zero("none", (), node.target)
     return ctx.tensor(ctx.out.shape, x.dims, tuple(zero))
 
 
 @function_rule(F.batch_norm, F.instance_norm)
 def per_channel_norm_function(ctx, node):
-    """F.batch_norm / F.instance_norm: same space in and out; parameters follow dim 1."""
+    """F.batch_norm / F.instance_norm: same space in and out; parameters follow dim 1; zeros do not pass."""
     x = ctx.spec(node.args[0])
     layout = x.dims[1] if x.ndim > 1 else x.dims[0]
     for arg in node.args[1:5]:
         name, shape = param_of(ctx, arg)
         if name is not None:
             ctx.param_named(name, shape, (layout,), buffer="running" in name)
-    return ctx.like(x, ctx.out.shape)
+    return ctx.tensor(ctx.out.shape, x.dims)
 
 
 @module_rule(nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
@@ -185,7 +207,7 @@ def coupling_norm(ctx, node):
     touched = range(x.ndim - len(shape), x.ndim) if shape is not None else [1]
     for d in touched:
         ctx.freeze(x.dims[d], f"{type(m).__name__} statistics couple the channels")
-    return ctx.like(x, ctx.out.shape)
+    return ctx.tensor(ctx.out.shape, x.dims)  # a zero slice leaves as β: zeros do not pass
 
 
 @function_rule(F.layer_norm, F.group_norm, F.rms_norm, F.local_response_norm, F.normalize)
@@ -202,4 +224,4 @@ def coupling_norm_function(ctx, node):
         touched = [1]
     for d in touched:
         ctx.freeze(x.dims[d], f"{name} statistics couple the channels")
-    return ctx.like(x, ctx.out.shape)
+    return ctx.tensor(ctx.out.shape, x.dims)

@@ -15,8 +15,8 @@ from torch import nn
 from ..specs import TensorSpec
 from .elementwise import zero_breaking_module, zero_keeping_module
 from .layers import conv_module, per_channel_norm
+from .movement import _spatial
 from .registry import lookup, module_rule
-from .shape import _spatial
 
 __all__: list[str] = []
 
@@ -73,11 +73,11 @@ def std_conv_module(ctx, node):
     so the input space freezes; output channels stay free, and the gain follows them.
     """
     spec = conv_module(ctx, node)
-    in_l = ctx.records[node.name]["input"]
+    in_l = ctx.records[node.name].input
     ctx.freeze(in_l, f"{type(ctx.module).__name__} standardises its weight over the input channels")
     gain = getattr(ctx.module, "gain", None)
     if gain is not None:
-        ctx.param(gain, (ctx.records[node.name]["output"],) + (None,) * (gain.ndim - 1))
+        ctx.param(gain, (ctx.records[node.name].output,) + (None,) * (gain.ndim - 1))
     return spec
 
 

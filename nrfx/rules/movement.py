@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..records import SliceRecord
 from ..spaces import Layout
 from ..specs import Segment, TensorSpec, Zero
 from .common import SizeSpec, copy_zero, move, norm_dim, tensor_args
@@ -107,11 +108,12 @@ def _select(ctx, spec: TensorSpec, dim: int, start: int, stop: int):
     return ctx.atoms.select(layout, lo, hi), Zero("copy", ((Segment(spec.vid, dim, lo, hi),),))
 
 
-def _record_slice(ctx, spec: TensorSpec, dim: int, bounds: list[tuple[int, int]], style: str, **extra) -> None:
+def _record_slice(ctx, spec: TensorSpec, dim: int, bounds: list[tuple[int, int]], style: str,
+                  position: int | None = None) -> None:
     """Remember literal channel bounds so the rewrite can move them to the new widths."""
     layout = spec.dims[dim]
     if layout is not None:
-        ctx.record(kind="slice", style=style, layout=layout, dim=dim, bounds=bounds, **extra)
+        ctx.record(SliceRecord(style, layout, dim, tuple((int(a), int(b)) for a, b in bounds), position))
 
 
 def _pieces(ctx, spec: TensorSpec, dim: int, sizes: list[int]) -> tuple:

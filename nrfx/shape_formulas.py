@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["module_shape", "function_shape", "method_shape"]
+from .optable import OpTable
+
+__all__ = ["FORMULAS", "module_shape", "function_shape", "method_shape"]
 
 Shape = Callable[..., Any]
 
@@ -263,16 +265,17 @@ _SAME_MODULES = (
     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
     nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )
-_MODULE_SHAPES: dict[type, Shape] = {t: _same_module for t in _SAME_MODULES}
-_MODULE_SHAPES.update({t: _batch_norm_module for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)})
-_MODULE_SHAPES.update({nn.LayerNorm: _layer_norm_module, nn.GroupNorm: _group_norm_module,
-                       nn.RMSNorm: _layer_norm_module, nn.Linear: _linear_module,
-                       nn.Flatten: _flatten_module, nn.MultiheadAttention: _mha_module})
-_MODULE_SHAPES.update({t: _conv_module for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)})
-_MODULE_SHAPES.update({t: _pool_module for t in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                                                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)})
-_MODULE_SHAPES.update({t: _adaptive_module for t in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                                                     nn.AdaptiveAvgPool3d)})
+FORMULAS: OpTable[Shape] = OpTable("shape formulas")
+FORMULAS.module(*_SAME_MODULES)(_same_module)
+FORMULAS.module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(_batch_norm_module)
+FORMULAS.module(nn.LayerNorm, nn.RMSNorm)(_layer_norm_module)
+FORMULAS.module(nn.GroupNorm)(_group_norm_module)
+FORMULAS.module(nn.Linear)(_linear_module)
+FORMULAS.module(nn.Flatten)(_flatten_module)
+FORMULAS.module(nn.MultiheadAttention)(_mha_module)
+FORMULAS.module(nn.Conv1d, nn.Conv2d, nn.Conv3d)(_conv_module)
+FORMULAS.module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)(_pool_module)
+FORMULAS.module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)(_adaptive_module)
 
 _UNARY_FUNCTIONS = (
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
@@ -280,54 +283,37 @@ _UNARY_FUNCTIONS = (
     torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.erf,
     operator.neg,
 )
-_BINARY_FUNCTIONS = (
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
-    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-)
-_FUNCTION_SHAPES: dict[Any, Shape] = {f: _unary for f in _UNARY_FUNCTIONS}
-_FUNCTION_SHAPES.update({f: _binary for f in _BINARY_FUNCTIONS})
-_FUNCTION_SHAPES.update({f: _inplace_binary for f in (operator.iadd, operator.isub, operator.imul,
-                                                       operator.itruediv)})
-_FUNCTION_SHAPES.update({torch.cat: _cat, torch.concat: _cat, operator.matmul: _matmul, torch.matmul: _matmul,
-                         torch.bmm: _bmm, F.scaled_dot_product_attention: _sdpa, F.softmax: _softmax,
-                         torch.softmax: _softmax, F.log_softmax: _softmax, F.layer_norm: _layer_norm})
-
-_METHOD_SHAPES: dict[str, Shape] = {
-    "relu": _unary, "relu_": _unary, "sigmoid": _unary, "sigmoid_": _unary, "tanh": _unary, "exp": _unary,
-    "sqrt": _unary, "rsqrt": _unary, "neg": _unary, "abs": _unary, "contiguous": _unary,
-    "add": _binary, "add_": _inplace_binary, "sub": _binary, "sub_": _inplace_binary, "mul": _binary,
-    "mul_": _inplace_binary, "div": _binary, "div_": _inplace_binary, "matmul": _matmul, "softmax": _softmax,
-    "log_softmax": _softmax,
-}
-
-
-def _module_rule(module: nn.Module) -> Shape | None:
-    """The shape rule of the nearest registered base class that shares the module's forward."""
-    forward = type(module).forward
-    for base in type(module).__mro__:
-        rule = _MODULE_SHAPES.get(base)
-        if rule is not None:
-            return rule if base.forward is forward else None
-    return None
+FORMULAS.function(*_UNARY_FUNCTIONS)(_unary)
+FORMULAS.function(operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                  torch.div)(_binary)
+FORMULAS.function(operator.iadd, operator.isub, operator.imul, operator.itruediv)(_inplace_binary)
+FORMULAS.function(torch.cat, torch.concat)(_cat)
+FORMULAS.function(operator.matmul, torch.matmul)(_matmul)
+FORMULAS.function(torch.bmm)(_bmm)
+FORMULAS.function(F.scaled_dot_product_attention)(_sdpa)
+FORMULAS.function(F.softmax, torch.softmax, F.log_softmax)(_softmax)
+FORMULAS.function(F.layer_norm)(_layer_norm)
+FORMULAS.method("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "sqrt", "rsqrt", "neg", "abs",
+                "contiguous")(_unary)
+FORMULAS.method("add", "sub", "mul", "div")(_binary)
+FORMULAS.method("add_", "sub_", "mul_", "div_")(_inplace_binary)
+FORMULAS.method("matmul")(_matmul)
+FORMULAS.method("softmax", "log_softmax")(_softmax)
 
 
 def module_shape(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Meta output of calling ``module``, or None when no formula applies."""
-    rule = _module_rule(module)
+    rule = FORMULAS.for_module(module)
     return rule(module, *args, **kwargs) if rule is not None and args else None
 
 
 def function_shape(target: Any, args: tuple, kwargs: dict) -> Any:
     """Meta output of ``target(*args, **kwargs)``, or None when no formula applies."""
-    try:
-        rule = _FUNCTION_SHAPES.get(target)
-    except TypeError:  # unhashable target
-        return None
+    rule = FORMULAS.for_function(target)
     return rule(*args, **kwargs) if rule is not None and args else None
 
 
 def method_shape(name: str, args: tuple, kwargs: dict) -> Any:
     """Meta output of ``args[0].name(*args[1:], **kwargs)``, or None when no formula applies."""
-    rule = _METHOD_SHAPES.get(name)
+    rule = FORMULAS.methods.get(name)
     return rule(*args, **kwargs) if rule is not None and args else None
-

@@ -1,0 +1,52 @@
+"""What the analysis remembers per node for the later stages: typed, immutable records.
+
+``LayerRecord``: a layer with weights whose channels the rewrite resizes (conv, linear,
+embedding, norm).  ``SliceRecord``: literal channel bounds (slice, split sizes, narrow) that
+the rewrite moves to the new widths.  ``Analysis.records`` maps node names to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spaces import Layout
+
+__all__ = ["LayerRecord", "SliceRecord", "Record"]
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A weighted layer: its module (module call) or weight/bias names (functional call) and layouts.
+
+    ``groups_arg`` is the position of a literal ``groups`` argument of a functional depthwise
+    conv (it must follow the new width); ``unused_params``/``unused_macs`` are stored weights a
+    cr S/R layer never computes (its cross blocks).
+    """
+
+    kind: str
+    module: str | None = None
+    weight: str | None = None
+    bias: str | None = None
+    input: Layout | None = None
+    output: Layout | None = None
+    groups: int = 1
+    transposed: bool = False
+    groups_arg: int | str | None = None
+    unused_params: int = 0
+    unused_macs: int = 0
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """Literal feature bounds ``[a, b)`` of a free channel dim, and how the node spells them."""
+
+    style: str  # "split", "narrow" or "getitem"
+    layout: Layout
+    dim: int
+    bounds: tuple[tuple[int, int], ...]
+    position: int | None = None  # getitem: which index item is the channel slice
+
+    kind: str = "slice"
+
+
+Record = LayerRecord | SliceRecord

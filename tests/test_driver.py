@@ -344,6 +344,27 @@ def test_restarted_schedule_counts_its_milestones_from_the_rejuvenation():
     assert lrs == pytest.approx([0.05, 0.05, 5e-3, 5e-4])  # the full schedule again, from epoch 0
 
 
+def test_device_and_dtype_follow_the_model():
+    model = small_cnn().double()
+    nr = NeuralRejuvenation(model, sgd, example_inputs=EXAMPLE.double(), interval=None, target=0.9, lam=1e-3)
+    task = Task()
+    for _ in range(3):
+        x, y = task.batch()
+        loss = nn.functional.cross_entropy(nr.model(x.double()), y)
+        nr.optimizer.zero_grad()
+        loss.backward()
+        nr.step()
+    kill_channels(nr.module)
+    assert nr.check()["event"] == "rejuvenate"
+    assert all(p.dtype == torch.float64 for p in nr.module.parameters())
+    assert all(m is None or m.dtype == torch.float64 for _, _, m in nr._stage.norms)
+    assert all(v.dtype == torch.float64 for state in nr.optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor) and v.dim())
+    x, y = task.batch()
+    nn.functional.cross_entropy(nr.model(x.double()), y).backward()
+    nr.step()
+
+
 # -- the collapse warning -----------------------------------------------------------------------
 def test_collapse_on_an_exact_fit_warns_once_naming_lambda():
     """A task the net fits exactly (one class, blank images): the loss gives γ no gradient, so the L1 term

@@ -383,6 +383,8 @@ def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
             ctx.freeze_all(ctx.spec(arg), "reaches the model output")
         return None
     module = ctx.module if node.op == "call_module" else None
+    if module is not None and node.target in ctx.state.auto_leaves:
+        return ctx.opaque(f"automatic leaf: {ctx.state.auto_leaves[node.target]}")
     rule = lookup(node.op, node.target, module)
     if rule is None:
         return ctx.unknown_op(_label(node, module))
@@ -414,19 +416,16 @@ def analyze(
     traced = trace(model, leaf_modules, concrete_args, autowrap_functions)
     values = propagate_shapes(traced.gm, inputs)
     state = AnalysisState(traced.gm, values)
+    state.auto_leaves.update(traced.auto_leaves)
+    _warn_auto_leaves(traced.auto_leaves)
     _analyze_graph(state)
-    for name, reason in traced.auto_leaves.items():
-        _freeze_module(state, name, reason)
     return Analysis(model, traced, state, _batch_size(inputs), inputs)
 
 
-def _freeze_module(state: AnalysisState, qualname: str, reason: str) -> None:
-    """Freeze the inputs and outputs of every call of an automatic leaf."""
-    for node in state.gm.graph.nodes:
-        if node.op == "call_module" and node.target == qualname:
-            ctx = Context(state, node)
-            ctx.freeze_all(ctx.specs.get(node), f"automatic leaf: {reason}")
-            for arg in node.all_input_nodes:
-                ctx.freeze_all(ctx.spec(arg), f"automatic leaf: {reason}")
-
-
+def _warn_auto_leaves(auto_leaves: dict[str, str]) -> None:
+    """One warning naming every submodule that became an automatic leaf (its channels are frozen)."""
+    if auto_leaves:
+        names = ", ".join(f"'{k}' ({v})" for k, v in auto_leaves.items())
+        warnings.warn(f"nrfx cannot trace into {names}: each became an automatic leaf whose channels are frozen. "
+                      "Pass leaf_modules=[...] to choose leaves yourself, or make the code traceable.",
+                      NrfxWarning, stacklevel=3)

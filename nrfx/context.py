@@ -66,6 +66,7 @@ class AnalysisState:
         self.param_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
         self.names.update({id(t): n for n, t in gm.named_buffers()})
         self.modules: dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
+        self.auto_leaves: dict[str, str] = {}
 
 
 class Context:
@@ -268,6 +269,15 @@ class Context:
         self.add_macs(self.measured_macs())
         spec = self.blank(self.out)
         self.freeze_all(spec, f"output of unknown op {label}")
+        return spec
+
+    def opaque(self, reason: str) -> Any:
+        """A node nrfx cannot see into (an automatic leaf): freeze its inputs and outputs, measure its MACs."""
+        for arg in self.node.all_input_nodes:
+            self.freeze_all(self.spec(arg), reason)
+        self.add_macs(self.measured_macs())
+        spec = self.blank(self.out)
+        self.freeze_all(spec, reason)
         return spec
 
     def measured_macs(self) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import linecache
 import os
+import sys
+import traceback
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.fx
@@ -18,6 +22,11 @@ __all__ = [
     "UnknownOpWarning",
     "NrfxWarning",
     "node_location",
+    "user_frame",
+    "live_frames",
+    "error_frames",
+    "format_frame",
+    "frame_line",
 ]
 
 
@@ -76,8 +85,45 @@ def node_location(node: torch.fx.Node) -> str:
 
 def _internal_frame(line: str) -> bool:
     """Whether a 'File "..."' stack line points into torch or nrfx itself (not the user's code)."""
-    path = line.split('"')[1] if line.count('"') >= 2 else ""
-    return any(path.startswith(root) for root in _INTERNAL_ROOTS)
+    return is_internal(line.split('"')[1] if line.count('"') >= 2 else "")
 
 
-_INTERNAL_ROOTS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+_INTERNAL_ROOTS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+Frame = tuple[str, int, str]  # file name, line number, function name
+
+
+def is_internal(path: str) -> bool:
+    """Whether a source file is torch's, nrfx's or generated code (``<...>``): not the user's."""
+    return path.startswith(_INTERNAL_ROOTS) or path.startswith("<") or not path
+
+
+def user_frame(frames: Iterable[Frame]) -> Frame | None:
+    """Rule: the first frame, innermost first, whose file is the user's code."""
+    return next((f for f in frames if not is_internal(f[0])), None)
+
+
+def live_frames() -> Iterator[Frame]:
+    """The frames of the running stack, innermost first (nrfx's and torch's own included)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+        frame = frame.f_back
+
+
+def error_frames(error: BaseException) -> Iterator[Frame]:
+    """The frames of an exception's traceback, innermost first."""
+    for summary in reversed(traceback.extract_tb(error.__traceback__)):
+        yield summary.filename, summary.lineno or 0, summary.name
+
+
+def format_frame(frame: Frame) -> str:
+    """``File "path", line N, in name`` and the source line, as Python prints a stack."""
+    filename, lineno, name = frame
+    code = linecache.getline(filename, lineno).strip()
+    return f'File "{filename}", line {lineno}, in {name}\n    {code}'
+
+
+def frame_line(frame: Frame) -> str:
+    """``path:line: code`` on one line."""
+    return f"{frame[0]}:{frame[1]}: {linecache.getline(frame[0], frame[1]).strip()}"

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ShapeError, node_location
+from .errors import ShapeError, error_frames, frame_line, node_location, user_frame
 from .shape_formulas import function_shape, method_shape, module_shape
 
 __all__ = ["propagate_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched"]
@@ -139,6 +139,9 @@ def _shape_error(interpreter: _MetaInterpreter, example_inputs: Sequence[Any], e
     where = node_location(node) if node is not None else "the graph"
     shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs)
     text = f"{where} failed while nrfx propagated shapes: {type(error).__name__}: {error}"
+    raised = user_frame(error_frames(error))
+    if raised is not None and f'"{raised[0]}", line {raised[1]},' not in where:
+        text += f"\n  raised at {frame_line(raised)}"
     zeros_error = interpreter.retried.get(node) if node is not None else None
     if zeros_error is not None and str(zeros_error) != str(error):
         text += f"\n  (run on zeros of the same shapes, it failed with {type(zeros_error).__name__}: {zeros_error})"

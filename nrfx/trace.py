@@ -12,11 +12,7 @@ Shapes are propagated afterwards by ``nrfx.shapeprop``.
 from __future__ import annotations
 
 import inspect
-import linecache
 import operator
-import os
-import sys
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import TraceError
+from .errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from .srlayers import SR_LAYERS
 
 __all__ = ["Traced", "trace", "defaulted_args", "keep_safe_inplace"]
@@ -66,7 +62,10 @@ _FRESH_FUNCTIONS = (*_INPLACE, *_INPLACE.values(), torch.add, torch.sub, torch.m
 
 
 class _InplaceProxy(torch.fx.Proxy):
-    """An FX proxy that records ``a += b`` (and -=, *=, /=) as the in-place operator."""
+    """An FX proxy that records ``a += b`` (and -=, *=, /=) as the in-place operator.
+
+    Its class is named ``Proxy`` so that trace errors (``int() ... not 'Proxy'``) read as FX's own.
+    """
 
     def __iadd__(self, other: Any) -> torch.fx.Proxy:
         return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
@@ -79,6 +78,9 @@ class _InplaceProxy(torch.fx.Proxy):
 
     def __itruediv__(self, other: Any) -> torch.fx.Proxy:
         return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+
+_InplaceProxy.__name__ = _InplaceProxy.__qualname__ = "Proxy"
 
 
 def _fresh(node: Any, modules: dict[str, nn.Module]) -> bool:
@@ -146,33 +148,20 @@ class NrfxTracer(torch.fx.Tracer):
             raise _SubmoduleFailed(qualname, error) from error
 
 
-_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
-
-
 def _user_source_line() -> str | None:
-    """The innermost frame outside torch and nrfx, formatted as a one-frame stack trace.
+    """The innermost calling frame in the user's code, as a one-frame stack trace.
 
     Walking frames is ~50× cheaper than FX's ``record_stack_traces`` capture, and the
     innermost user line is all that error messages (``node_location``) show.
     """
-    frame = sys._getframe(2)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_LIBRARY_DIRS) and not filename.startswith("<"):
-            code = linecache.getline(filename, frame.f_lineno).strip()
-            return f'File "{filename}", line {frame.f_lineno}, in {frame.f_code.co_name}\n    {code}'
-        frame = frame.f_back
-    return None
+    frame = user_frame(live_frames())
+    return format_frame(frame) if frame is not None else None
 
 
 def _user_frame(error: BaseException) -> str:
-    """The last traceback frame outside torch, as 'file:line: code'."""
-    frames = traceback.extract_tb(error.__traceback__)
-    mine = [f for f in frames if "/torch/" not in f.filename and "/nrfx/" not in f.filename]
-    frame = (mine or frames or [None])[-1]
-    if frame is None:
-        return "unknown location"
-    return f"{frame.filename}:{frame.lineno}: {frame.line}"
+    """Where an error was raised in the user's code (else its innermost frame), as 'file:line: code'."""
+    frame = user_frame(error_frames(error)) or next(error_frames(error), None)
+    return frame_line(frame) if frame is not None else "unknown location"
 
 
 def trace(

@@ -64,8 +64,6 @@ def test_node_failing_on_meta_is_not_blamed_on_the_inputs():
     assert "example_inputs shaped" not in message and "pass a tuple shaped" not in message
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="core owner: nrfx/shapeprop.py names the node's "
-                   "call site, not the line inside the automatic leaf that raised")
 def test_node_failing_on_meta_names_the_line_that_raised():
     message = _whiten_error()
     assert "if not torch.isfinite(x).all():" in message
@@ -98,8 +96,6 @@ class _TokenNet(nn.Module):
         return self.head(self.to_map(self.embed(x)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="core owner fixes nrfx/trace.py: _InplaceProxy "
-                   "shows in TypeError messages (name the class Proxy)")
 def test_inplace_proxy_does_not_leak_into_leaf_reasons_or_the_report():
     model = _TokenNet().eval()
     x = torch.randn(2, 16, 3)
@@ -116,8 +112,6 @@ def test_inplace_proxy_does_not_leak_into_leaf_reasons_or_the_report():
     assert not [t for t in texts if "_InplaceProxy" in t]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="core owner fixes nrfx/trace.py: _InplaceProxy "
-                   "shows in TypeError messages (name the class Proxy)")
 def test_inplace_proxy_does_not_leak_into_trace_errors():
     with pytest.raises(nrfx.TraceError) as info:
         nrfx.analyze(_TokensToMap(), torch.randn(2, 16, 8))

@@ -62,10 +62,8 @@ class _SRMixin:
             return self._differentiable(x, dim, op)
         if dim == 0 or x.shape[0] <= 1:
             return self._combine(x, dim, op)
-        first = self._combine(x[:1], dim, op)
+        first = self._combine(x[:1], dim, op)  # its size gives the tile size; it is not computed twice
         rows = _rows_per_tile(first)
-        if rows >= x.shape[0]:
-            return self._combine(x, dim, op)
         out = first.new_empty((x.shape[0], *first.shape[1:]))
         out[:1].copy_(first)
         for start in range(1, x.shape[0], rows):

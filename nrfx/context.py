@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import UnknownOpWarning, node_location
 from .records import Record
@@ -151,14 +152,8 @@ class Context:
         return spec
 
     def blank(self, value: Any) -> Any:
-        """A spec mirroring ``value``'s structure with no channel layouts."""
-        if isinstance(value, torch.Tensor):
-            return self.tensor(value.shape)
-        if isinstance(value, (list, tuple)):
-            return tuple(self.blank(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self.blank(v) for k, v in value.items()}
-        return None
+        """A spec mirroring ``value``'s structure (lists, tuples, dicts) with no channel layouts."""
+        return pytree.tree_map(lambda v: self.tensor(v.shape) if isinstance(v, torch.Tensor) else None, value)
 
     def like(self, spec: TensorSpec, shape: Any = None, mask: str | None = None) -> TensorSpec:
         """Same layouts as ``spec`` (channel-wise op), zeros copied through, optional mask."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from torch.utils import _pytree as pytree
 
 from .spaces import Layout
 
@@ -54,13 +57,6 @@ class TensorSpec:
         return (Segment(self.vid, dim, 0, channels),)
 
 
-def iter_tensor_specs(spec: Any):
-    """Every TensorSpec inside a nested structure of specs."""
-    if isinstance(spec, TensorSpec):
-        yield spec
-    elif isinstance(spec, (list, tuple)):
-        for item in spec:
-            yield from iter_tensor_specs(item)
-    elif isinstance(spec, dict):
-        for item in spec.values():
-            yield from iter_tensor_specs(item)
+def iter_tensor_specs(spec: Any) -> Iterator[TensorSpec]:
+    """Every TensorSpec inside a nested structure of specs (lists, tuples, dicts)."""
+    return (leaf for leaf in pytree.tree_leaves(spec) if isinstance(leaf, TensorSpec))

@@ -48,7 +48,7 @@ def _whiten_error() -> str:
     x = torch.randn(1, 3, 8, 8)
     assert model(x).shape == (1, 4, 8, 8)  # the inputs are fine: the model runs on them
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", nrfx.UnknownOpWarning)
+        warnings.simplefilter("ignore", nrfx.NrfxWarning)  # the automatic-leaf notice
         with pytest.raises(nrfx.NrfxError) as info:
             nrfx.analyze(model, x)
     return str(info.value)
@@ -67,6 +67,14 @@ def test_node_failing_on_meta_is_not_blamed_on_the_inputs():
 def test_node_failing_on_meta_names_the_line_that_raised():
     message = _whiten_error()
     assert "if not torch.isfinite(x).all():" in message
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="core owner: nrfx/shapeprop.py advises "
+                   "leaf_modules=[...] for a module that already is an (automatic) leaf")
+def test_advice_for_a_leaf_that_needs_real_data_is_not_to_make_it_a_leaf():
+    message = _whiten_error()
+    assert "automatic leaf" in message  # 'whiten' already is one: the message says so ...
+    assert "leaf_modules=[...]" not in message  # ... and does not offer that as the way out
 
 
 # -- _InplaceProxy leaks ----------------------------------------------------------------------------------
@@ -101,7 +109,7 @@ def test_inplace_proxy_does_not_leak_into_leaf_reasons_or_the_report():
     x = torch.randn(2, 16, 3)
     assert model(x).shape == (2, 4, 4, 4)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", nrfx.UnknownOpWarning)
+        warnings.simplefilter("ignore", nrfx.NrfxWarning)  # the automatic-leaf notice
         analysis = nrfx.analyze(model, x)
     assert list(analysis.auto_leaves) == ["to_map"]
     reason = analysis.auto_leaves["to_map"]

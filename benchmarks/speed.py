@@ -7,7 +7,7 @@ Blocks of steps alternate between the two (load bursts hit both alike).  Forward
 are the same work in both, so the driver adds
 
     penalty = median nr.step() without a check − median optimizer.step()
-    check   = one nr.check() (``refresh_masks`` + ``utilization``: reads γ, no forward), timed alone
+    check   = one nr.check() (masks from γ + ``utilization``: reads γ, no forward), timed alone
     overhead(Δt) = (penalty + check / Δt) / median time of a whole plain step
 
 Medians, because preemption on a shared machine makes means noisy; the mean-based figure (checks

@@ -277,9 +277,14 @@ class Analysis:
         """U(θ) in MACs per example under the masks read from the norms at analysis time."""
         return self.utilization().live_flops
 
-    def refresh_masks(self, model: nn.Module, threshold: float = 0.01) -> None:
-        """Re-read the default masks from the norm scales of ``model`` (no forward pass)."""
-        self._default_masks = norm_masks(model, threshold)
+    def masks_from(self, model: nn.Module, threshold: float = 0.01) -> dict[str, torch.Tensor]:
+        """Masks read now from the norm scales of ``model`` at the sites this analysis follows (no forward).
+
+        Norms on frozen spaces are left out (their channels count alive anyway); pass the result
+        to ``utilization``, ``report`` or ``rejuvenate``.  The analysis itself holds no mutable masks.
+        """
+        sites = self.mask_sites.keys() - self.frozen_sites.keys()
+        return {k: v for k, v in norm_masks(model, threshold).items() if k in sites}
 
     def report(self, masks: dict[str, torch.Tensor] | None = None):
         """A per-layer report of channels, params and MACs under the masks."""
@@ -414,7 +419,7 @@ def analyze(
     inputs = _as_inputs(example_inputs)
     concrete_args = defaulted_args(model, len(inputs), concrete_args)
     traced = trace(model, leaf_modules, concrete_args, autowrap_functions)
-    values = propagate_shapes(traced.gm, inputs)
+    values = propagate_shapes(traced.gm, inputs, traced.auto_leaves)
     state = AnalysisState(traced.gm, values)
     state.auto_leaves.update(traced.auto_leaves)
     _warn_auto_leaves(traced.auto_leaves)

@@ -129,7 +129,8 @@ def run_report(args: argparse.Namespace) -> int:
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     shape = parse_input_size(size, args.batch)
     analysis = analyze(model, torch.zeros(shape))
-    analysis.refresh_masks(model, args.threshold)  # masks read from γ; a --masks file replaces them
+    if masks is None:  # masks read from γ; a --masks file replaces them
+        masks = analysis.masks_from(model, args.threshold)
     report = analysis.report(masks)
     out = _text_stream(args)
     print(report.table(args.width), file=out)
@@ -194,7 +195,8 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     x = torch.zeros(parse_input_size(size, args.batch))
     before = analyze(model, x)
-    before.refresh_masks(model, args.threshold)
+    if masks is None:
+        masks = before.masks_from(model, args.threshold)
     out = _text_stream(args)
     before_report = before.report(masks)
     print("before:", before_report.summary(), sep="\n", file=out)

@@ -121,19 +121,24 @@ class _MetaInterpreter(torch.fx.Interpreter):
             return to_meta(real)
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[torch.fx.Node, Any]:
-    """Meta value (shape, dtype, structure) of every node for the given example inputs."""
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                     auto_leaves: dict[str, str] | None = None) -> dict[torch.fx.Node, Any]:
+    """Meta value (shape, dtype, structure) of every node for the given example inputs.
+
+    ``auto_leaves`` (qualified name -> why it could not be traced) only sharpens error messages.
+    """
     interpreter = _MetaInterpreter(gm)
     interpreter.extra_traceback = False  # the ShapeError names the node itself
     try:
         with torch.no_grad():
             interpreter.run(*[to_meta(x) for x in example_inputs])
     except Exception as error:  # reported with the failing node
-        raise _shape_error(interpreter, example_inputs, error) from error
+        raise _shape_error(interpreter, example_inputs, error, auto_leaves or {}) from error
     return interpreter.env
 
 
-def _shape_error(interpreter: _MetaInterpreter, example_inputs: Sequence[Any], error: BaseException) -> ShapeError:
+def _shape_error(interpreter: _MetaInterpreter, example_inputs: Sequence[Any], error: BaseException,
+                 auto_leaves: dict[str, str]) -> ShapeError:
     """What failed: the node, its op and source line, on meta tensors and on zeros; then the likely cause."""
     node = _failing_node(interpreter)
     where = node_location(node) if node is not None else "the graph"
@@ -146,12 +151,23 @@ def _shape_error(interpreter: _MetaInterpreter, example_inputs: Sequence[Any], e
     if zeros_error is not None and str(zeros_error) != str(error):
         text += f"\n  (run on zeros of the same shapes, it failed with {type(zeros_error).__name__}: {zeros_error})"
     if _is_meta_limitation(error):
-        text += ("\n  The op needs real data (a data-dependent shape or a Python number read from a tensor). Make "
-                 "its module a leaf (leaf_modules=[...]) or move the op into a submodule that can be one.")
+        text += _real_data_advice(node, auto_leaves)
     else:
         text += (f"\n{_train_mode_hint(error)}  The example inputs were {shapes}. Pass example_inputs shaped as the "
                  "model's forward expects (a tuple, batch dimension first, e.g. torch.randn(1, 3, 224, 224)).")
     return ShapeError(text)
+
+
+def _real_data_advice(node: torch.fx.Node | None, auto_leaves: dict[str, str]) -> str:
+    """What to do when an op needs real values: a leaf already is one, so it must run on meta tensors."""
+    need = "\n  The op needs real data (a data-dependent shape or a Python number read from a tensor). "
+    if node is not None and node.op == "call_module":
+        kind = (f"an automatic leaf ({auto_leaves[node.target]})" if node.target in auto_leaves
+                else "a leaf module")
+        return (need + f"'{node.target}' already is {kind}; nrfx runs leaves on meta tensors, then on zeros of the "
+                "same shapes: make its forward run on those (torch._check(...) instead of `if tensor:`, no .item()).")
+    return need + ("Make its module a leaf (leaf_modules=[...]) or move the op into a submodule that can be one, "
+                   "so that it runs whole.")
 
 
 def _is_meta_limitation(error: BaseException) -> bool:

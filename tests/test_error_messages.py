@@ -69,8 +69,6 @@ def test_node_failing_on_meta_names_the_line_that_raised():
     assert "if not torch.isfinite(x).all():" in message
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="core owner: nrfx/shapeprop.py advises "
-                   "leaf_modules=[...] for a module that already is an (automatic) leaf")
 def test_advice_for_a_leaf_that_needs_real_data_is_not_to_make_it_a_leaf():
     message = _whiten_error()
     assert "automatic leaf" in message  # 'whiten' already is one: the message says so ...

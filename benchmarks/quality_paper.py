@@ -20,6 +20,8 @@ Arms, per seed, from the same initial weights and the same data order:
   blocks are two heads, loss CE(S) + CE(R), prediction their sum (a benchmark-side variant: a
   hook on the classifier; the R head has no bias of its own).  ``nr-ca``: cross attention.
 * ``ensemble``: two nets of half the parameters each, E epochs each, prediction = mean logits.
+* ``baseline-half``: one of those half-size nets alone: NR-CR's equal in *used* weights (at
+  T_r = 0.25 the cr blocks use about half of the dense budget).
 
 The three NR arms share their pre-rejuvenation phase (a driver checkpoint, replayed per scheme).
 λ: every value of a small grid trains the pre-rejuvenation phase once (seed ``search_seed``);
@@ -55,7 +57,7 @@ __all__ = ["PaperSetup", "QUICK", "ARMS", "load", "run", "main", "used_cost", "c
 
 ARMS = {"baseline": "baseline (E epochs)", "baseline-matched": "baseline, k + E epochs (compute-matched)",
         "nr-cr": "NR-CR", "nr-cr-2heads": "NR-CR, two heads (official)", "nr-ca": "NR-CA",
-        "ensemble": "ensemble of two ½-size nets"}
+        "ensemble": "ensemble of two ½-size nets", "baseline-half": "baseline, ½ params (narrower), E epochs"}
 NR_ARMS = {"nr-cr": ("cr", False), "nr-cr-2heads": ("cr", True), "nr-ca": ("ca", False)}
 
 
@@ -369,9 +371,9 @@ def _record(arm: str, seed: int, models: list[nn.Module], data: dict, example: t
             **extra}
 
 
-def run_seed(seed: int, lam: float, data: dict, setup: PaperSetup, device: torch.device,
-             log=print) -> list[dict[str, Any]]:
-    """Every arm for one seed: the shared NR pre-phase and its three branches, the baselines, the ensemble."""
+def run_seed(seed: int, lam: float, data: dict, setup: PaperSetup, device: torch.device, log=print,
+             arms: tuple[str, ...] = tuple(ARMS)) -> list[dict[str, Any]]:
+    """The chosen arms for one seed: the shared NR pre-phase and its branches, the baselines, the half nets."""
     example = torch.zeros(2, 1, 28, 28, device=device)
     original = build(setup.config, seed, setup, device)
     start = time.perf_counter()
@@ -380,20 +382,23 @@ def run_seed(seed: int, lam: float, data: dict, setup: PaperSetup, device: torch
     k = pre["k"] if pre["k"] is not None else len(pre["losses"])
     log(f"  seed {seed}: r < {setup.target} after k = {pre['k']} epochs ({pre_seconds:.0f}s)")
     records = []
-    for arm in NR_ARMS:
+    for arm in (a for a in NR_ARMS if a in arms):
         start = time.perf_counter()
         models, info = nr_branch(original, pre, arm, data, seed, setup, example)
         records.append(_record(arm, seed, models, data, example, k + setup.epochs, start,
                                pre_seconds=pre_seconds, **info))
     for arm, epochs in (("baseline", setup.epochs), ("baseline-matched", k + setup.epochs)):
-        start, model = time.perf_counter(), copy.deepcopy(original)
-        losses = train_plain(model, epochs, data, seed, setup)
-        records.append(_record(arm, seed, [model], data, example, epochs, start, losses=losses))
-    start, half = time.perf_counter(), quality.narrower(setup.config, 0.5)
-    nets = [build(half, seed + 1000 * i, setup, device) for i in (0, 1)]
-    losses = [train_plain(net, setup.epochs, data, seed + 1000 * i, setup) for i, net in enumerate(nets)]
-    records.append(_record("ensemble", seed, nets, data, example, setup.epochs, start, losses=losses[0],
-                           config=list(half)))
+        if arm in arms:
+            start, model = time.perf_counter(), copy.deepcopy(original)
+            losses = train_plain(model, epochs, data, seed, setup)
+            records.append(_record(arm, seed, [model], data, example, epochs, start, losses=losses))
+    half = quality.narrower(setup.config, 0.5)
+    for arm, count in (("ensemble", 2), ("baseline-half", 1)):
+        if arm in arms:
+            start, nets = time.perf_counter(), [build(half, seed + 1000 * i, setup, device) for i in range(count)]
+            losses = [train_plain(net, setup.epochs, data, seed + 1000 * i, setup) for i, net in enumerate(nets)]
+            records.append(_record(arm, seed, nets, data, example, setup.epochs, start, losses=losses[0],
+                                   config=list(half)))
     for r in records:
         log(f"    {r['arm']:18} test {r['test_error']:.2f}%  train {r['train_error']:.2f}%  "
             f"params used {r['params_used']:,}  {r['seconds']:.0f}s")
@@ -451,9 +456,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{entry['params_stored']['mean']:,.0f} | {entry['macs_used']['mean'] / 1e6:.2f} M | "
             f"{entry['epochs']['mean']:.1f} | {entry['seconds']['mean']:.0f} |")
     lam = result["lambda"]
-    lines += ["", f"λ = {lam['chosen']:g} (fixed from step 0), chosen on the validation split from "
-              f"{[t['lam'] for t in lam['tried']]}; seeds {result['seeds']}; errors mean ± std over seeds; "
-              "paired differences are per-seed differences (same initial weights and data order)."]
+    how = (f"chosen on the validation split from {[t['lam'] for t in lam['tried']]}" if lam["tried"] else
+           "given (--set lam=...)")
+    lines += ["", f"λ = {lam['chosen']:g} (fixed from step 0), {how}; seeds {result['seeds']}; "
+              "errors mean ± std over seeds; paired differences are per-seed differences "
+              "(same initial weights and data order)."]
     return "\n".join(lines) + "\n"
 
 
@@ -500,8 +507,9 @@ def _result(setup: PaperSetup, seeds: list[int], lam: float, tried: list, record
             "wall_seconds": round(time.perf_counter() - start, 1), "table": aggregate(records), "runs": records}
 
 
-def run(setup: PaperSetup, seeds: list[int], out: Path, device: str = "auto", log=print) -> dict | None:
-    """λ search, then every arm per seed; quality_paper.json / .md / .png into ``out`` after every seed."""
+def run(setup: PaperSetup, seeds: list[int], out: Path, device: str = "auto", log=print,
+        arms: tuple[str, ...] = tuple(ARMS), name: str = "quality_paper") -> dict | None:
+    """λ search, then the arms per seed; ``name``.json / .md / .png into ``out`` after every seed."""
     if not setup.synthetic and quality.example().missing_files(setup.data):
         log(f"paper: Fashion-MNIST not found in {setup.data}: skipped. "
             "Install it with: sudo apt-get install dataset-fashion-mnist")
@@ -516,16 +524,16 @@ def run(setup: PaperSetup, seeds: list[int], out: Path, device: str = "auto", lo
         lam, tried = choose_lambda(build(setup.config, setup.search_seed, setup, dev), data, setup, example, log)
     else:
         lam, tried = setup.lam, []
-    log(f"paper: λ = {lam:g}; {len(ARMS)} arms × {len(seeds)} seeds, E = {setup.epochs} epochs on {dev} ...")
+    log(f"paper: λ = {lam:g}; {len(arms)} arms × {len(seeds)} seeds, E = {setup.epochs} epochs on {dev} ...")
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     for seed in seeds:
-        records += run_seed(seed, lam, data, setup, dev, log)
+        records += run_seed(seed, lam, data, setup, dev, log, arms)
         result = _result(setup, seeds, lam, tried, records, dev, start)
-        (out / "quality_paper.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "quality_paper.md").write_text(markdown(result))
-    result["plot"] = plot(result, out / "quality_paper.png")
-    (out / "quality_paper.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{name}.md").write_text(markdown(result))
+    result["plot"] = plot(result, out / f"{name}.png")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -537,13 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a PaperSetup field")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--name", default="quality_paper", help="file names of the results (NAME.json/.md/.png)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     setup = PaperSetup().replace(**QUICK) if args.quick else PaperSetup()
     setup = setup.replace(**dict(item.split("=", 1) for item in args.set))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    result = run(setup, seeds, Path(args.out), args.device)
+    result = run(setup, seeds, Path(args.out), args.device, arms=tuple(args.arms), name=args.name)
     print(markdown(result) if result else "", end="")
     return 0
 

@@ -70,7 +70,8 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
     return _build(model, analysis, plan, inputs)
 
 
-def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, **trace_options: Any):
+def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None,
+               **trace_options: Any) -> torch.fx.GraphModule:
     """Rebuild the rejuvenated module a plan describes, from the original model (replay)."""
     plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
     inputs = _check_inputs(example_inputs) if example_inputs is not None else tuple(

@@ -15,7 +15,7 @@ from .errors import UnknownOpWarning, node_location
 from .records import Record
 from .shapeprop import measure_node_macs
 from .spaces import AtomTable, Layout
-from .specs import Segment, TensorSpec, Zero, iter_tensor_specs
+from .specs import TensorSpec, Zero, iter_tensor_specs
 
 __all__ = ["AnalysisState", "Context", "ParamInfo", "MacTerm", "Consumer"]
 
@@ -279,6 +279,3 @@ class Context:
         """MACs of the current node measured by FlopCounterMode on meta tensors (2 FLOPs = 1 MAC)."""
         return measure_node_macs(self.gm, self.node, self.state.values)
 
-    def segment(self, spec: TensorSpec, dim: int, start: int, stop: int) -> Segment:
-        """A channel range of one dim of a value."""
-        return Segment(spec.vid, dim, start, stop)

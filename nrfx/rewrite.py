@@ -71,12 +71,6 @@ def _assign(new: torch.Tensor, target: list, block: torch.Tensor) -> None:
 _LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.Embedding, nn.PReLU)
 
 
-def _owner(gm: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module holding a parameter and the attribute name."""
-    path, _, attr = name.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), attr
-
-
 def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
                    gamma0: float | None) -> dict[str, torch.Tensor]:
     """The layer's own initial values at the new shapes (reset_parameters on a detached copy)."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..spaces import Layout
-from ..specs import Segment, TensorSpec, Zero
+from ..specs import TensorSpec, Zero
 
 __all__ = ["SizeSpec", "norm_dim", "tensor_args", "broadcast", "move", "param_of", "copy_zero"]
 
@@ -113,6 +113,3 @@ def param_of(ctx, arg: Any) -> tuple[str | None, tuple[int, ...] | None]:
     return None, None
 
 
-def segment(spec: TensorSpec, dim: int, start: int, stop: int) -> Segment:
-    """A channel range of one dim of a value."""
-    return Segment(spec.vid, dim, start, stop)

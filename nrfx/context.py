@@ -278,4 +278,3 @@ class Context:
     def measured_macs(self) -> int:
         """MACs of the current node measured by FlopCounterMode on meta tensors (2 FLOPs = 1 MAC)."""
         return measure_node_macs(self.gm, self.node, self.state.values)
-

@@ -111,5 +111,3 @@ def param_of(ctx, arg: Any) -> tuple[str | None, tuple[int, ...] | None]:
         value = ctx.value(arg)
         return arg.target, tuple(value.shape)
     return None, None
-
-

@@ -4,7 +4,8 @@ An architecture (``Arch``) is a tuple of ops over numbered values; value 0 is th
 ``i`` produces value ``i + 1``.  Three things are derived from it, independently of nrfx:
 
 * ``build(arch)`` -- the ``nn.Module`` (``Net``), module names ``c{i}``/``b{i}`` (conv, norm),
-  ``r{i}a``/``r{i}an``/``r{i}b``/``r{i}bn`` (residual), ``s{i}a``/``s{i}b`` (SE), ``head``;
+  ``n{i}`` (a norm on any value), ``r{i}a``/``r{i}an``/``r{i}b``/``r{i}bn`` (residual), ``s{i}a``/``s{i}b`` (SE),
+  ``head``;
 * ``ChannelGraph(arch, masks)`` -- every channel followed by hand, one element per channel:
   union-find ties (adds, depthwise convs, SE gates), frozen channels (grouped convs, the
   input, the logits), the channels each weight reads and whether they are known zero under
@@ -28,7 +29,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 __all__ = [
-    "Conv", "Residual", "Add", "Cat", "Slice", "SE", "Pool", "Head", "Arch", "Net", "build", "shapes",
+    "Conv", "Residual", "Add", "Cat", "Slice", "SE", "Norm", "Pool", "Head", "Arch", "Net", "build", "shapes",
     "ChannelGraph", "zero_masked", "repair_masks", "archs", "mask_sites", "count_macs",
 ]
 
@@ -109,6 +110,14 @@ class Head:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """BatchNorm on a value that no conv produced just before (after a cat, an add, a slice): a channel
+    zero at its input leaves as a constant (β − γ·μ/σ), so its zeros come from its own mask only."""
+
+    src: int
+
+
+@dataclass(frozen=True)
 class Arch:
     ops: tuple
     in_channels: int = 3
@@ -128,7 +137,7 @@ def shapes(arch: Arch) -> list[tuple[int, int]]:
     for op in arch.ops:
         if isinstance(op, Conv):
             out.append((op.out, (out[op.src][1] - 1) // op.stride + 1))
-        elif isinstance(op, (Residual, SE)):
+        elif isinstance(op, (Residual, SE, Norm)):
             out.append(out[op.src])
         elif isinstance(op, Add):
             out.append(out[op.a])
@@ -245,6 +254,10 @@ class ChannelGraph:
         self._tie(g, x)  # sigmoid(0) != 0: the gate is never zero; x * s is zero where x is
         self._push(list(x), list(zx))
 
+    def _norm(self, i: int, op: Norm) -> None:
+        x = self.values[op.src]
+        self._push(list(x), self._write(f"n{i}", x, [False] * len(x)))  # zeros in do not pass
+
     def _pool(self, i: int, op: Pool) -> None:
         self._push(list(self.values[op.src]), list(self.zeros[op.src]))
 
@@ -351,6 +364,8 @@ class Net(nn.Module):
                 hidden = width(graph.outputs[f"s{i}a"], op.hidden) if graph is not None else op.hidden
                 self.add_module(f"s{i}a", nn.Conv2d(w_in, hidden, 1))
                 self.add_module(f"s{i}b", nn.Conv2d(hidden, w_in, 1))
+            elif isinstance(op, Norm):
+                self.add_module(f"n{i}", nn.BatchNorm2d(w_in))
             elif isinstance(op, Slice) and graph is not None:
                 kept = graph.kept(graph.values[op.src], dead)
                 self.cuts[i] = (sum(j < op.start for j in kept), sum(j < op.stop for j in kept))
@@ -387,6 +402,8 @@ class Net(nn.Module):
             x = values[op.src]
             s = getattr(self, f"s{i}a")(F.adaptive_avg_pool2d(x, 1))
             return x * torch.sigmoid(getattr(self, f"s{i}b")(F.relu(s)))
+        if isinstance(op, Norm):
+            return getattr(self, f"n{i}")(values[op.src])
         if isinstance(op, Pool):
             pool = F.max_pool2d if op.kind == "max" else F.avg_pool2d
             return pool(values[op.src], 2)
@@ -435,6 +452,8 @@ def mask_sites(arch: Arch) -> dict[str, int]:
             sites[f"r{i}an"], sites[f"r{i}bn"] = op.mid, sizes[op.src][0]
         elif isinstance(op, SE):
             sites[f"s{i}a"], sites[f"s{i}b"] = op.hidden, sizes[op.src][0]
+        elif isinstance(op, Norm):
+            sites[f"n{i}"] = sizes[op.src][0]
     return sites
 
 
@@ -526,7 +545,8 @@ def archs(draw, max_ops: int = 6, max_width: int = 12) -> Arch:
         sizes = shapes(Arch(tuple(ops)))
         src = draw(st.integers(max(0, len(sizes) - 3), len(sizes) - 1))  # mostly recent values
         c, hw = sizes[src]
-        kind = draw(st.sampled_from(["conv", "conv", "conv", "residual", "add", "cat", "slice", "se", "pool"]))
+        kind = draw(st.sampled_from(["conv", "conv", "conv", "residual", "add", "cat", "slice", "se", "pool",
+                                     "norm"]))
         op = None
         if kind == "conv" or (kind == "pool" and hw < 4):
             ops.append(_draw_conv(draw, src, c, hw, max_width))
@@ -547,6 +567,8 @@ def archs(draw, max_ops: int = 6, max_width: int = 12) -> Arch:
             op = SE(src, draw(st.integers(1, 4)))
         elif kind == "pool":
             op = Pool(src, draw(st.sampled_from(["max", "avg"])))
+        elif kind == "norm" and src > 0:
+            op = Norm(src)
         ops.append(op if op is not None else _draw_conv(draw, src, c, hw, max_width))
     last = len(ops)
     gap = draw(st.booleans()) or shapes(Arch(tuple(ops)))[last][1] > 8

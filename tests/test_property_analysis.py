@@ -23,6 +23,7 @@ from models import (
     ChannelGraph,
     Conv,
     Head,
+    Norm,
     Residual,
     Slice,
     archs,
@@ -46,7 +47,7 @@ def masks_for(draw, arch: Arch, all_norm_sites_alive_once: bool = False) -> dict
     gen = torch.Generator().manual_seed(seed)
     masks = {}
     for name, width in mask_sites(arch).items():
-        is_norm = name.startswith("b") or name.endswith("n")  # b{i}, r{i}an, r{i}bn
+        is_norm = name.startswith(("b", "n")) or name.endswith("n")  # b{i}, n{i}, r{i}an, r{i}bn
         if all_norm_sites_alive_once and not is_norm:
             continue  # γ path: only norms carry masks
         mask = torch.rand(width, generator=gen) >= p
@@ -170,3 +171,13 @@ def test_channel_graph_spaces_describe_ties_and_frozen():
     assert all(f for _, f in by_module["c2"]) and all(f for _, f in by_module["head"])
     assert not any(f for _, f in by_module["r1a"])
     assert len(by_module["r1a"]) == 2  # two separate channels
+
+
+def test_a_norm_reading_zero_channels_keeps_them():
+    """Conv-BN with dead channels, then a second norm: it emits constants there, the channels stay."""
+    arch = Arch((Conv(0, 4), Norm(1), Head(2)))
+    check(arch, {"b0": torch.tensor([False, True, False, True])}, use_gamma=False)
+    dead_at_both = {"b0": torch.tensor([False, True, True, True]), "n1": torch.tensor([False, True, True, True])}
+    check(arch, dead_at_both, use_gamma=False)
+    graph = ChannelGraph(arch, dead_at_both)
+    assert graph.kept(graph.values[1]) == [1, 2, 3]  # dead at both norms: removed

@@ -29,7 +29,10 @@ from .spaces import Layout
 from .specs import TensorSpec
 from .trace import defaulted_args, trace
 
-__all__ = ["analyze", "Analysis", "Space", "Utilization"]
+__all__ = ["analyze", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW", "COVERAGE_MIN_CHANNELS"]
+
+COVERAGE_WARN_BELOW = 0.5  # analyze warns when less than this share of the channels is monitored,
+COVERAGE_MIN_CHANNELS = 256  # in a model with at least this many channels (tiny test models stay quiet)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,31 @@ class Utilization:
     def r_flops(self) -> float:
         """Utilization ratio in MACs."""
         return self.live_flops / self.flops if self.flops else 1.0
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Share of all channels (summed widths of every space) in free spaces, and in free spaces with a liveliness signal.
+
+    A signal is a per-channel scale read by a layer record of kind "norm" on the space (BatchNorm,
+    InstanceNorm with affine, ``nrfx.Gate``).  ``unsignalled`` lists the free spaces without one:
+    ``nrfx.add_gates`` puts a gate in each.
+    """
+
+    channels: int
+    free_channels: int
+    monitored_channels: int
+    unsignalled: tuple[int, ...] = ()
+
+    @property
+    def free(self) -> float:
+        """Share of the channels in spaces that may change width."""
+        return self.free_channels / self.channels if self.channels else 0.0
+
+    @property
+    def monitored(self) -> float:
+        """Share of the channels nrfx can find dead and rejuvenate: free and with a liveliness signal."""
+        return self.monitored_channels / self.channels if self.channels else 0.0
 
 
 def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -154,6 +182,23 @@ class Analysis:
                 offset += size
             found.append((name, module, segments))
         return found
+
+    def signalled_spaces(self) -> set[int]:
+        """Spaces that a norm scale or a gate reads (a "norm" record whose module has a ``weight``)."""
+        modules = dict(self.gm.named_modules())
+        found: set[int] = set()
+        for _, record in self.layers("norm"):
+            if record.output is not None and getattr(modules.get(record.module), "weight", None) is not None:
+                found.update(self.space_ids(record.output))
+        return found
+
+    def coverage(self) -> Coverage:
+        """Channels in free spaces, and in free spaces with a liveliness signal, as a typed record."""
+        signalled = self.signalled_spaces()
+        free = [s for s in self.spaces if not s.is_frozen]
+        return Coverage(sum(s.width for s in self.spaces), sum(s.width for s in free),
+                        sum(s.width for s in free if s.index in signalled),
+                        tuple(s.index for s in free if s.index not in signalled))
 
     def layers(self, *kinds: str) -> Iterator[tuple[str, LayerRecord]]:
         """(node name, record) of every recorded layer, optionally only of the given kinds."""
@@ -247,7 +292,24 @@ class Analysis:
             warnings.warn(f"mask for '{name}' is ignored: its channels are frozen ({self.frozen_sites[name]})",
                           NrfxWarning, stacklevel=4)
             del checked[name]
+        for name, norm in self._sites_behind_norms(checked).items():
+            warnings.warn(f"mask for '{name}' does not make its channels dead: the norm '{norm}' after it emits a "
+                          "constant where its input is zero (β − γ·μ/σ); key the mask by the norm instead",
+                          NrfxWarning, stacklevel=4)
         return checked
+
+    def _sites_behind_norms(self, names) -> dict[str, str]:
+        """Mask sites (conv, linear) whose output some per-channel norm reads directly: site -> norm."""
+        found: dict[str, str] = {}
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        for node_name, record in self.layers("conv", "linear"):
+            if record.module not in names:
+                continue
+            for user in nodes[node_name].users:
+                norm = self.records.get(user.name)
+                if isinstance(norm, LayerRecord) and norm.kind == "norm":
+                    found[record.module] = norm.module
+        return found
 
     @property
     def frozen_sites(self) -> dict[str, str]:
@@ -424,7 +486,33 @@ def analyze(
     state.auto_leaves.update(traced.auto_leaves)
     _warn_auto_leaves(traced.auto_leaves)
     _analyze_graph(state)
-    return Analysis(model, traced, state, _batch_size(inputs), inputs)
+    analysis = Analysis(model, traced, state, _batch_size(inputs), inputs)
+    _warn_low_coverage(analysis)
+    return analysis
+
+
+def _warn_low_coverage(analysis: Analysis) -> None:
+    """One warning when little of a model that is not tiny can be rejuvenated and gates would help.
+
+    Fires when under ``COVERAGE_WARN_BELOW`` of the channels are monitored, the model has at least
+    ``COVERAGE_MIN_CHANNELS`` channels, and some free space has no liveliness signal; it says what froze
+    the rest.  A model whose free spaces all carry a norm stays quiet (the report shows its coverage).
+    """
+    cover = analysis.coverage()
+    unsignalled = cover.free_channels - cover.monitored_channels
+    if cover.channels < COVERAGE_MIN_CHANNELS or cover.monitored >= COVERAGE_WARN_BELOW or not unsignalled:
+        return
+    reasons: dict[str, int] = {}
+    for space in analysis.frozen_spaces:
+        reason = space.frozen[0].split(" [")[0]
+        reasons[reason] = reasons.get(reason, 0) + space.width
+    top = ", ".join(f"{r} ({n / cover.channels:.0%})" for r, n in sorted(reasons.items(), key=lambda i: -i[1])[:3])
+    warnings.warn(
+        f"nrfx can rejuvenate only {cover.monitored:.0%} of the channels of {analysis.model_name}: "
+        f"{1 - cover.free:.0%} are frozen" + (f" (mostly: {top})" if top else "") +
+        f", and {unsignalled / cover.channels:.0%} are free but have no liveliness signal (no norm scale). "
+        "nrfx.add_gates(model, example_inputs) inserts a per-channel gate in every free space without one.",
+        NrfxWarning, stacklevel=3)
 
 
 def _warn_auto_leaves(auto_leaves: dict[str, str]) -> None:

@@ -921,3 +921,14 @@ def test_functional_linear_called_twice_ties_and_counts_twice():
     a = analyze(model, (B, 4))
     check_costs(a, model, 4 * 6 + 2 * 36 + 12, {"inp": alive(6, (5,))}, a.params, 4 * 6 + 2 * 36 + 12)
     assert ids(a, "w", 0) == ids(a, "w", 1) == out_ids(a, "inp") == in_ids(a, "out")
+
+
+def test_conv_mask_behind_a_norm_warns_and_keeps_the_channels():
+    """A conv's zero channels leave its BatchNorm as constants: the mask cannot kill them, and says so."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    a = analyze(model, (B, 3, 4, 4))
+    with pytest.warns(nrfx.NrfxWarning, match="key the mask by the norm"):
+        u = a.utilization({"0": alive(4, (1,))})
+    assert bool(u.alive[0].all())
+    u = a.utilization({"1": alive(4, (1,))})  # keyed by the norm: dead
+    assert u.alive[0].tolist() == [True, False, True, True]

@@ -1,6 +1,6 @@
 """nrfx: Neural Rejuvenation for any PyTorch model, as torch.fx graph transformations."""
 
-from .analysis import Analysis, Space, Utilization, analyze
+from .analysis import Analysis, Coverage, Space, Utilization, analyze
 from .driver import DriverError, NeuralRejuvenation
 from .errors import (
     BudgetError,
@@ -13,6 +13,8 @@ from .errors import (
     TraceError,
     UnknownOpWarning,
 )
+from .gates import Gate
+from .gating import add_gates, fold_gates
 from .masks import norm_masks
 from .plan import Budget, Plan
 from .rejuvenate import apply_plan, rejuvenate
@@ -24,6 +26,10 @@ __all__ = [
     "Analysis",
     "Space",
     "Utilization",
+    "Coverage",
+    "Gate",
+    "add_gates",
+    "fold_gates",
     "norm_masks",
     "rejuvenate",
     "apply_plan",

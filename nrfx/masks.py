@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 from .errors import MaskError, NrfxWarning
+from .gates import Gate
 
 __all__ = ["norm_masks", "check_masks", "PER_CHANNEL_NORMS"]
 
-PER_CHANNEL_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+PER_CHANNEL_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, Gate)
 
 
 def norm_masks(model: nn.Module, threshold: float = 0.01) -> dict[str, torch.BoolTensor]:
-    """Live channels of every per-channel norm with a scale: ``|γ| >= threshold · max|γ|``."""
+    """Live channels of every per-channel norm scale and ``nrfx.Gate``: ``|γ| >= threshold · max|γ|``."""
     if not 0.0 <= threshold < 1.0:
         raise MaskError(f"threshold must be in [0, 1), got {threshold}")
     masks: dict[str, torch.BoolTensor] = {}

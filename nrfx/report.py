@@ -80,6 +80,7 @@ class Report:
     frozen: tuple[tuple[int, int, str], ...] = ()
     unknown_ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
     auto_leaves: dict[str, str] = field(default_factory=dict)
+    coverage: Any = None  # nrfx.analysis.Coverage: channels in free spaces, and with a liveliness signal
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe data: rows, the (other) row, totals, frozen spaces, unknown ops, leaves."""
@@ -95,6 +96,7 @@ class Report:
             "frozen_spaces": [{"space": i, "width": w, "reason": r} for i, w, r in self.frozen],
             "unknown_ops": {k: list(v) for k, v in self.unknown_ops.items()},
             "auto_leaves": dict(self.auto_leaves),
+            "coverage": _coverage_dict(self.coverage),
         }
 
     def table(self, width: int = 150) -> str:
@@ -119,6 +121,7 @@ class Report:
             *_effective_line(t),
             f"channel spaces {t.spaces}, frozen {t.frozen_spaces}, unknown ops {t.unknown_ops}, "
             f"automatic leaves {t.auto_leaves}",
+            *_coverage_line(self.coverage),
         ]
         lines += [f"  unknown op {k}: {', '.join(v)}" for k, v in self.unknown_ops.items()]
         lines += [f"  automatic leaf {k}: {v}" for k, v in self.auto_leaves.items()]
@@ -146,7 +149,24 @@ def build_report(analysis, masks: dict[str, torch.Tensor] | None = None) -> Repo
                     analysis.effective_params, analysis.effective_flops)
     frozen = tuple((s.index, s.width, _first_reason(s.frozen)) for s in analysis.frozen_spaces)
     return Report(analysis.model_name, tuple(analysis.input_shapes), analysis.batch, rows, other, totals, frozen,
-                  dict(analysis.unknown_ops), dict(analysis.auto_leaves))
+                  dict(analysis.unknown_ops), dict(analysis.auto_leaves), analysis.coverage())
+
+
+def _coverage_dict(cover) -> dict[str, Any] | None:
+    """The coverage record as JSON-safe data (shares and channel counts)."""
+    if cover is None:
+        return None
+    return {"channels": cover.channels, "free_channels": cover.free_channels,
+            "monitored_channels": cover.monitored_channels, "free": cover.free, "monitored": cover.monitored,
+            "unsignalled_spaces": list(cover.unsignalled)}
+
+
+def _coverage_line(cover) -> list[str]:
+    """One summary line: the shares of channels in free spaces and in monitored ones."""
+    if cover is None:
+        return []
+    hint = "   (nrfx.add_gates gives the free spaces without a norm a gate)" if cover.unsignalled else ""
+    return [f"coverage  free {cover.free:.1%}   monitored {cover.monitored:.1%} of {cover.channels:,} channels{hint}"]
 
 
 def _row_nodes(analysis, with_macs: set[str]) -> list[torch.fx.Node]:

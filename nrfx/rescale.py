@@ -14,6 +14,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .gates import Gate
 from .rewrite import matched_gamma
 
 __all__ = ["apply_rescale"]
@@ -22,6 +23,9 @@ _HOMOGENEOUS_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Av
                         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
                         nn.Dropout, nn.Dropout2d, nn.Identity)
 _HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout)
+
+
+_RESCALED = (nn.modules.batchnorm._BatchNorm, Gate)  # scales neural rescaling raises to γ0 (a gate has no β)
 
 
 def _is_homogeneous(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -63,7 +67,7 @@ def apply_rescale(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _RESCALED):
             continue
         norm = gm.get_submodule(node.target)
         if norm.weight is None:
@@ -89,14 +93,15 @@ def _threshold(gamma0: float | str | None, norm: nn.Module, pmap) -> float:
 
 
 def _rescale(gm: torch.fx.GraphModule, norm: nn.Module, consumers: list[str], gamma0: float) -> None:
-    """γ' = sign(γ)·max(|γ|, γ0), β' = s·β, consumers' input weights divided by s."""
+    """γ' = sign(γ)·max(|γ|, γ0), β' = s·β (a gate has no β), consumers' input weights divided by s."""
     with torch.no_grad():
         gamma = norm.weight
         nonzero = gamma != 0
         target = torch.where(nonzero, gamma.sign() * torch.clamp(gamma.abs(), min=gamma0), gamma)
         scale = torch.where(nonzero, target / torch.where(nonzero, gamma, torch.ones_like(gamma)), 1.0)
         gamma.copy_(target)
-        norm.bias.mul_(scale)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.mul_(scale)
         for name in consumers:
             weight = gm.get_submodule(name).weight
             shape = [1] * weight.dim()

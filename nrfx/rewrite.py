@@ -16,6 +16,7 @@ import torch.fx
 from torch import nn
 
 from .errors import RewriteError
+from .gates import Gate
 from .maps import DimMap, ParamMap, dim_map, param_maps
 
 __all__ = ["DimMap", "ParamMap", "dim_map", "param_maps", "rewrite_params", "copy_for_rewrite", "fix_attributes",
@@ -68,7 +69,8 @@ def _assign(new: torch.Tensor, target: list, block: torch.Tensor) -> None:
     new[tuple(index)] = block
 
 
-_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.Embedding, nn.PReLU)
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.Embedding, nn.PReLU, Gate)
+_SCALES = (nn.modules.batchnorm._NormBase, Gate)  # per-channel scales: rejuvenated entries start at γ0
 
 
 def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
@@ -92,6 +94,8 @@ def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
             if clone.affine:
                 nn.init.ones_(clone.weight) if gamma0 is None else nn.init.constant_(clone.weight, gamma0)
                 nn.init.zeros_(clone.bias)
+        elif isinstance(clone, Gate):
+            nn.init.ones_(clone.weight) if gamma0 is None else nn.init.constant_(clone.weight, gamma0)
         elif hasattr(clone, "reset_parameters"):
             clone.reset_parameters()
     return {attr: getattr(clone, attr) for attr in shapes}
@@ -141,7 +145,7 @@ def _rewrite_module(gm: nn.Module, path: str, attrs: dict[str, ParamMap], gamma0
     shapes = {attr: pmap.new_shape for attr, pmap in attrs.items()}
     if gamma0 == "match":  # per norm: its survivors' γ, read from the old weight before it is replaced
         weight = attrs.get("weight")
-        is_norm = isinstance(module, nn.modules.batchnorm._NormBase) and weight is not None and bool(weight.dims)
+        is_norm = isinstance(module, _SCALES) and weight is not None and bool(weight.dims)
         gamma0 = matched_gamma(module.weight[weight.dims[0].source[weight.dims[0].kept]]) if is_norm else None
     if isinstance(module, _LAYER_TYPES):
         fresh = _fresh_tensors(module, shapes, gamma0)
@@ -171,6 +175,8 @@ def fix_attributes(module: nn.Module) -> None:
         module.embedding_dim = module.weight.shape[1]
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
+    elif isinstance(module, Gate):
+        module.num_features = module.weight.numel()
 
 
 def _fix_conv(conv: nn.modules.conv._ConvNd) -> None:

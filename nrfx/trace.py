@@ -22,6 +22,7 @@ import torch.fx
 from torch import nn
 
 from .errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
+from .gates import Gate
 from .srlayers import SR_LAYERS
 
 __all__ = ["Traced", "trace", "defaulted_args", "keep_safe_inplace"]
@@ -117,8 +118,8 @@ class NrfxTracer(torch.fx.Tracer):
         """torch.nn built-ins, the user's leaf types and names, and auto leaves are leaves."""
         if module_qualified_name in self.leaf_names:
             return True
-        if isinstance(m, SR_LAYERS):
-            return True  # nrfx's own S/R layers: analysed as the conv/linear they widen
+        if isinstance(m, (*SR_LAYERS, Gate)):
+            return True  # nrfx's own S/R layers and gates: analysed as the conv/linear/norm they stand for
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..specs import TensorSpec
+from ..specs import TensorSpec, Zero
 from .common import broadcast
 from .registry import function_rule, method_rule, module_rule
 
@@ -121,6 +121,27 @@ function_rule(operator.truediv, operator.itruediv, torch.div, torch.true_divide,
 method_rule("add", "add_", "sub", "sub_", "maximum", "minimum")(_ADD)
 method_rule("mul", "mul_", "multiply")(_MUL)
 method_rule("div", "div_", "true_divide", "floor_divide")(_DIV)
+
+
+@function_rule(torch.addcmul)
+@method_rule("addcmul", "addcmul_")
+def addcmul(ctx, node):
+    """addcmul(input, t1, t2, value=v) = input + v·t1·t2: broadcast; zero where input and (t1 or t2) are zero."""
+    if not isinstance(ctx.out, torch.Tensor):
+        return ctx.blank(ctx.out)
+    x, t1, t2 = node.args[0], ctx.arg(1, "tensor1"), ctx.arg(2, "tensor2")
+    product = broadcast(ctx, [t1, t2], "or")  # zero where t1 or t2 is
+    whole = broadcast(ctx, [x, t1, t2], "and")  # ties every aligned channel dim
+    spec, zeros = ctx.spec(x), []
+    for d, layout in enumerate(whole.dims):
+        k = d - (whole.ndim - spec.ndim) if isinstance(spec, TensorSpec) else -1
+        direct = k >= 0 and spec.dims[k] is not None and spec.shape[k] == whole.shape[d]
+        if layout is None or not direct or product.dims[d] is None:
+            zeros.append(None if layout is None else Zero("none"))
+            continue
+        channels = ctx.atoms.channels(layout)
+        zeros.append(Zero("and", (spec.whole(k, channels), product.whole(d, channels))))
+    return ctx.tensor(whole.shape, whole.dims, tuple(zeros))
 
 
 @function_rule(operator.neg, operator.pos)

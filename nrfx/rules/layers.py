@@ -7,6 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from ..gates import Gate
 from ..records import LayerRecord
 from ..specs import TensorSpec, Zero
 from ..srlayers import SR_LAYERS, unused_weights
@@ -182,6 +183,28 @@ def per_channel_norm(ctx, node):
     if layout is None:
         return ctx.tensor(ctx.out.shape)
     zero = [None] * x.ndim
+    zero[cdim] = Zero("none", (), node.target)
+    return ctx.tensor(ctx.out.shape, x.dims, tuple(zero))
+
+
+@module_rule(Gate)
+def gate(ctx, node):
+    """nrfx.Gate: same space in and out on its ``dim``; its scale marks the live channels, as a norm's γ.
+
+    The output is known zero only where the gate's own mask says so (like a norm), not where its
+    input is: the rewrite may give the gate's new entries a value of its own (γ0).
+    """
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    if not isinstance(x, TensorSpec):
+        return ctx.blank(ctx.out)
+    cdim = m.dim % x.ndim
+    layout = x.dims[cdim]
+    ctx.param(m.weight, (layout,))
+    ctx.record(LayerRecord("norm", module=node.target, input=layout, output=layout))
+    if layout is None:
+        return ctx.tensor(ctx.out.shape)
+    zero = [None if d is None else Zero("none") for d in x.dims]
     zero[cdim] = Zero("none", (), node.target)
     return ctx.tensor(ctx.out.shape, x.dims, tuple(zero))
 

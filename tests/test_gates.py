@@ -1,0 +1,278 @@
+"""Gates: the Gate rule, coverage, add_gates / fold_gates on transformers and ConvNeXt, addcmul, the driver."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from test_rejuvenate import assert_preserved
+from torch import nn
+from torchvision.models import VisionTransformer
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.swin_transformer import SwinTransformer
+
+import nrfx
+from nrfx.gates import Gate
+
+
+def tiny_mlp() -> nn.Module:
+    """8 → 6 (GELU, gate) → 3: one free space of 6 channels read by one gate."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.GELU(), Gate(6, dim=-1), nn.Linear(6, 3)).eval()
+
+
+BUILDERS = {
+    "vit": lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32),
+    "convnext": lambda: ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=10),
+    "swin": lambda: SwinTransformer([4, 4], 8, [1, 1], [1, 2], [2, 2], num_classes=10),
+}
+
+
+def gated(name: str, seed: int = 0):
+    """A float64 eval-mode model, its gated copy and an input."""
+    torch.manual_seed(seed)
+    model = BUILDERS[name]().double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    return model, nrfx.add_gates(model, x), x
+
+
+def kill_gates(model: nn.Module, fraction: float = 0.4, seed: int = 0) -> int:
+    """Random gate values in [0.5, 1.5), exact zeros at a random ``fraction``; returns how many were zeroed."""
+    gen = torch.Generator().manual_seed(seed)
+    killed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Gate):
+                w = module.weight
+                w.copy_(torch.rand(w.numel(), generator=gen, dtype=w.dtype) + 0.5)
+                dead = torch.rand(w.numel(), generator=gen) < fraction
+                w[dead] = 0
+                killed += int(dead.sum())
+    return killed
+
+
+# -- the module and its rule: closed-form answers ----------------------------------------------------------
+def test_gate_scales_its_dim_and_starts_open():
+    x = torch.randn(2, 3, 4, 5)
+    gate = Gate(3, dim=1)
+    assert torch.equal(gate.weight, torch.ones(3)) and torch.equal(gate(x), x)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([1.0, 0.0, 2.0]))
+    assert torch.equal(gate(x), x * torch.tensor([1.0, 0.0, 2.0]).view(1, 3, 1, 1))
+    tokens = Gate(5, dim=-1)
+    with torch.no_grad():
+        tokens.weight.copy_(torch.arange(5.0))
+    assert torch.equal(tokens(x), x * torch.arange(5.0))
+    with pytest.raises(ValueError, match="num_features"):
+        Gate(0)
+
+
+def test_gate_rule_space_mask_and_utilization():
+    model = tiny_mlp()
+    a = nrfx.analyze(model, torch.randn(4, 8))
+    (record,) = [r for _, r in a.layers("norm")]
+    assert record.module == "2" and record.input == record.output
+    hidden = a.space_ids(next(r for _, r in a.layers("linear")).output)
+    assert a.space_ids(record.output) == hidden and a.param_info["2.weight"].dims == (record.output,)
+    assert [s.width for s in a.spaces] == [6, 3] and not a.spaces[0].is_frozen and a.spaces[1].is_frozen
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([1.0, 0.005, 1.0, 0.0, 0.5, 0.0099]))  # dead: |g| < 0.01·max|g|
+    masks = nrfx.norm_masks(model)
+    assert masks["2"].tolist() == [True, False, True, False, True, False]
+    u = a.utilization(masks)
+    assert u.params == (8 * 6 + 6) + 6 + (6 * 3 + 3) and u.live_params == (8 * 3 + 3) + 3 + (3 * 3 + 3)
+    assert u.flops == 8 * 6 + 6 * 3 and u.live_flops == 8 * 3 + 3 * 3
+    assert u.alive[0].tolist() == masks["2"].tolist()
+
+
+def test_gate_output_zero_from_its_own_mask_not_its_input():
+    """Like a norm: a zero reaching the gate does not make its output zero (its new entries get γ0)."""
+    model = nn.Sequential(nn.Linear(4, 6), Gate(6, dim=-1), Gate(6, dim=-1), nn.Linear(6, 2)).eval()
+    a = nrfx.analyze(model, torch.randn(3, 4))
+    dead_first = torch.tensor([False, True, True, True, True, True])
+    assert a.alive({"1": dead_first})[0].all()  # only the second gate's mask reaches the reader
+    assert a.alive({"2": dead_first})[0].tolist() == dead_first.tolist()
+    assert a.alive({"0": dead_first})[0].all()  # the producer's mask stops at the gate
+
+
+def test_coverage_counts_free_and_monitored_channels():
+    plain = nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 3)).eval()
+    before = nrfx.analyze(plain, torch.randn(4, 8)).coverage()
+    assert (before.channels, before.free_channels, before.monitored_channels) == (9, 6, 0)
+    assert before.free == pytest.approx(6 / 9) and before.monitored == 0 and before.unsignalled == (0,)
+    after = nrfx.analyze(tiny_mlp(), torch.randn(4, 8)).coverage()
+    assert after.monitored == pytest.approx(6 / 9) and after.unsignalled == ()
+    report = nrfx.analyze(plain, torch.randn(4, 8)).report()
+    assert "coverage  free 66.7%   monitored 0.0% of 9 channels" in report.summary()
+    assert "add_gates" in report.summary()
+    assert report.to_dict()["coverage"]["monitored_channels"] == 0
+
+
+def test_low_coverage_warns_once_only_for_models_that_are_not_tiny():
+    model, _, x = gated("vit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nrfx.analyze(model, x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, nrfx.NrfxWarning)]
+    assert len(messages) == 1 and "nrfx.add_gates" in messages[0] and "reaches the model output" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nrfx.NrfxWarning)
+        nrfx.analyze(nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 3)), torch.randn(4, 8))  # 9 channels
+        nrfx.analyze(gated("vit")[1], x)  # 94% frozen (the 1000 classes) but every free space has a gate
+
+
+# -- add_gates / fold_gates ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_add_gates_keeps_the_function_and_monitors_the_free_spaces(name):
+    model, gm, x = gated(name)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before, after = nrfx.analyze(model, x).coverage(), nrfx.analyze(gm, x).coverage()
+    assert before.monitored == 0 and before.free > 0
+    assert after.monitored == after.free == before.free and after.unsignalled == ()
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert not any(isinstance(m, Gate) for m in model.modules())  # the user's model is untouched
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in
+                                                              model.state_dict().items())
+    gates = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in gm.nrfx_gates}
+    assert len(gates) == len(gm.nrfx_gates) == 2
+    for path, node in gates.items():  # after the activation that follows the producer
+        assert isinstance(gm.get_submodule(node.args[0].target), nn.GELU), path
+        assert path == f"{node.args[0].args[0].target}_gate"
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_gated_models_rejuvenate_exactly(name):
+    """Exact-zero gates: every scheme ± rescale gives the same outputs, and rescaling reaches the gates."""
+    _, gm, x = gated(name)
+    assert kill_gates(gm) > 0
+    analysis = nrfx.analyze(gm, x)
+    assert analysis.utilization().r_params < 1
+    assert_preserved(gm, x, analysis)
+    new = nrfx.rejuvenate(gm, None, None, example_inputs=x, rescale=True, analysis=analysis)
+    assert "rescale: 2 norms rescaled with exact compensation" in new.nrfx_plan.notes
+
+
+@pytest.mark.parametrize("gamma0", [None, 0.5])
+def test_rejuvenated_gate_entries_start_at_gamma0(gamma0):
+    _, gm, x = gated("vit")
+    kill_gates(gm)
+    new = nrfx.rejuvenate(gm, None, None, example_inputs=x, gamma0=gamma0)
+    path = gm.nrfx_gates[0]
+    source = new.nrfx_param_map[f"{path}.weight"].dims[0].source
+    gate = new.get_submodule(path)
+    assert (source < 0).any() and gate.num_features == gate.weight.numel() == source.numel()
+    assert torch.equal(gate.weight[source < 0], torch.full_like(gate.weight[source < 0], gamma0 or 1.0))
+    assert torch.equal(gate.weight[source >= 0], gm.get_submodule(path).weight[source[source >= 0]])
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_fold_gates_round_trip(name):
+    model, gm, x = gated(name)
+    kill_gates(gm)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    folded = nrfx.fold_gates(gm)
+    assert not any(isinstance(m, Gate) for m in folded.modules())
+    assert sum(p.numel() for p in folded.parameters()) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), gm(x), rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())  # the gated model is untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nrfx.NrfxWarning)  # the low-coverage notice: no gates any more
+        assert nrfx.analyze(folded, x).coverage().monitored == 0
+
+
+def test_fold_gates_of_a_user_model_and_its_refusal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Gate(4, dim=1), nn.Dropout(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([2.0, 0.0, -1.0, 0.5]))
+    x = torch.randn(2, 3, 8, 8)
+    folded = nrfx.fold_gates(model)
+    torch.testing.assert_close(folded(x), model(x))
+    assert isinstance(model[2], Gate) and not any(isinstance(m, Gate) for m in folded.modules())
+    bad = nn.Sequential(nn.Linear(4, 4), Gate(4, dim=-1), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(nrfx.RewriteError, match=r"cannot fold gate '1'.*before a linear/conv layer.*Keep the gate"):
+        nrfx.fold_gates(bad)
+
+
+def test_add_gates_on_full_size_models_lifts_coverage():
+    """torchvision's convnext_tiny and vit_b_16 (32×32 inputs): the free MLP spaces become monitored."""
+    x = torch.randn(1, 3, 32, 32)
+    for model in (torchvision.models.convnext_tiny(), torchvision.models.vit_b_16(image_size=32)):
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", nrfx.NrfxWarning)  # the low-coverage notice, before gates
+            before = nrfx.analyze(model, x).coverage()
+        gm = nrfx.add_gates(model, x)
+        after = nrfx.analyze(gm, x).coverage()
+        assert before.monitored == 0 and after.monitored == after.free > 0.9
+        with torch.no_grad():
+            assert torch.equal(gm(x), model(x))
+
+
+# -- addcmul ------------------------------------------------------------------------------------------------
+class AddCMul(nn.Module):
+    """conv → three BatchNorms on one space → addcmul (function or method) → conv."""
+
+    def __init__(self, method: bool) -> None:
+        super().__init__()
+        self.method = method
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.a, self.b, self.c = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a, b, c = self.a(y), self.b(y), self.c(y)
+        z = a.addcmul(b, c, value=0.5) if self.method else torch.addcmul(a, b, c, value=0.5)
+        return self.head(z)
+
+
+@pytest.mark.parametrize("method", [False, True])
+def test_addcmul_zero_where_input_and_a_factor_are_zero(method):
+    model = AddCMul(method).eval()
+    a = nrfx.analyze(model, torch.randn(1, 3, 4, 4))
+    assert not a.unknown_ops and [s.width for s in a.spaces] == [4, 2]
+    masks = {"a": torch.tensor([False, False, True, False]), "b": torch.tensor([True, False, False, True]),
+             "c": torch.tensor([False, True, True, True])}
+    # dead = a dead and (b dead or c dead): channel 0 (a, c), channel 1 (a, b); 2: a alive; 3: b, c alive
+    assert a.alive(masks)[0].tolist() == [False, False, True, True]
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+def test_driver_rejuvenates_a_gated_vit_and_keeps_training():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    vit = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=64,
+                            num_classes=4)
+    example = torch.randn(2, 3, 16, 16)
+    gm = nrfx.add_gates(vit, example)
+    projection = torch.randn(3 * 16 * 16, 2, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    nr = nrfx.NeuralRejuvenation(copy.deepcopy(gm), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9,
+                                                                               weight_decay=1e-3),
+                                 example_inputs=example, interval=10, lam=0.01, delta_lambda=0.0, target=0.95,
+                                 max_rounds=1, seed=0)
+    assert sorted(nr.masks()) == sorted(gm.nrfx_gates)  # the gates are monitored
+    losses, after = [], None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nrfx.NrfxWarning)
+        for step in range(1000):
+            x = torch.randn(32, 3, 16, 16, generator=gen)
+            signs = (x.flatten(1) @ projection > 0).long()
+            loss = nn.functional.cross_entropy(nr.model(x), signs[:, 0] * 2 + signs[:, 1])
+            nr.optimizer.zero_grad()
+            loss.backward()
+            nr.step()
+            losses.append(loss.item())
+            after = step if after is None and nr.rounds else after
+            if after is not None and step >= after + 30:
+                break
+    assert nr.rounds == 1 and after is not None, "no rejuvenation within 1000 steps"
+    assert all(torch.isfinite(torch.tensor(losses)))
+    widths = [nr.module.get_submodule(p).num_features for p in gm.nrfx_gates]
+    assert widths != [64, 64] and sum(p.numel() for p in nr.module.parameters()) <= nr.budget.params

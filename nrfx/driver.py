@@ -306,7 +306,7 @@ class NeuralRejuvenation:
         if not norms:
             return
         with torch.no_grad():
-            signs = torch._foreach_sign([gamma.detach() for gamma, _ in norms])
+            signs = torch._foreach_sign([gamma for gamma, _ in norms])
             masked = [(sign, mask) for sign, (_, mask) in zip(signs, norms, strict=True) if mask is not None]
             if masked:
                 torch._foreach_mul_([sign for sign, _ in masked], [mask for _, mask in masked])

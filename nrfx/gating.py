@@ -83,12 +83,13 @@ def _gate_path(gm: torch.fx.GraphModule, base: str) -> str:
 
 
 def _has_submodule(gm: nn.Module, path: str) -> bool:
-    """Whether ``path`` names a submodule or attribute already."""
+    """Whether ``path`` names a submodule or any other attribute already."""
+    parent, _, leaf = path.rpartition(".")
     try:
-        gm.get_submodule(path)
+        owner = gm.get_submodule(parent)
     except AttributeError:
         return False
-    return True
+    return hasattr(owner, leaf)
 
 
 def add_gates(model: nn.Module, example_inputs: Any, **trace_options: Any) -> torch.fx.GraphModule:

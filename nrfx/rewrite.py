@@ -212,6 +212,8 @@ def _invariant_problem(module: nn.Module) -> str | None:
             return f"bias {tuple(module.bias.shape)} vs out={module.out_channels}"
     if isinstance(module, nn.Linear) and tuple(module.weight.shape) != (module.out_features, module.in_features):
         return f"weight {tuple(module.weight.shape)} vs ({module.out_features}, {module.in_features})"
+    if isinstance(module, Gate) and module.weight.numel() != module.num_features:
+        return f"weight {tuple(module.weight.shape)} vs num_features={module.num_features}"
     if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
         if module.running_mean.shape[0] != module.num_features:
             return f"running_mean {tuple(module.running_mean.shape)} vs num_features={module.num_features}"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import pytest
 import torch
 import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_rejuvenate import assert_preserved
 from torch import nn
 from torchvision.models import VisionTransformer
@@ -276,3 +279,71 @@ def test_driver_rejuvenates_a_gated_vit_and_keeps_training():
     assert all(torch.isfinite(torch.tensor(losses)))
     widths = [nr.module.get_submodule(p).num_features for p in gm.nrfx_gates]
     assert widths != [64, 64] and sum(p.numel() for p in nr.module.parameters()) <= nr.budget.params
+
+
+# -- a property: random gated MLP chains ---------------------------------------------------------------
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(widths=st.lists(st.integers(1, 6), min_size=3, max_size=5), act=st.sampled_from(sorted(_ACTIVATIONS)),
+       scheme=st.sampled_from(["nr", "cr", "ca"]), rescale=st.booleans(), data=st.data())
+def test_gated_chains_count_rejuvenate_and_fold_exactly(widths, act, scheme, rescale, data):
+    """Linear → act → … chains: gates keep the function; U(θ) is the closed form; rejuvenate and fold are exact."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers += [nn.Linear(a, b)] + ([_ACTIVATIONS[act]()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*layers).double().eval()
+    x = torch.randn(3, widths[0], dtype=torch.float64)
+    gm = nrfx.add_gates(model, x)
+    assert torch.equal(gm(x), model(x)) and len(gm.nrfx_gates) == len(widths) - 2
+    live = list(widths)  # input and output widths stay; each hidden width loses its zeroed gates
+    with torch.no_grad():
+        for k, path in enumerate(gm.nrfx_gates, start=1):
+            dead = data.draw(st.lists(st.booleans(), min_size=widths[k], max_size=widths[k]))
+            dead[data.draw(st.integers(0, widths[k] - 1))] = False  # one channel stays alive
+            gm.get_submodule(path).weight.copy_(torch.tensor([0.0 if d else 0.5 + j for j, d in enumerate(dead)]))
+            live[k] -= sum(dead)
+    analysis = nrfx.analyze(gm, x)
+    cover = analysis.coverage()
+    assert cover.monitored == cover.free == sum(widths[1:-1]) / sum(widths[1:])
+    expected = sum(a * b + b for a, b in itertools.pairwise(live)) + sum(live[1:-1])  # linears, then gates
+    assert analysis.utilization().live_params == expected
+    new = nrfx.rejuvenate(gm, None, None, example_inputs=x, scheme=scheme, rescale=rescale, analysis=analysis)
+    torch.testing.assert_close(new(x), gm(x), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(nrfx.fold_gates(new)(x), gm(x), rtol=1e-7, atol=1e-9)
+
+
+class FunctionalMlp(nn.Module):
+    """A conv stem without norms, then tokens through fc1 → F.gelu → fc2; ``fc1_gate`` is already taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 5)
+        self.fc1_gate = nn.Identity()  # a submodule the gate must not replace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.fc1_gate(self.fc2(nn.functional.gelu(self.fc1(tokens))))
+
+
+def test_add_gates_after_functional_activations_and_conv_outputs():
+    model = FunctionalMlp().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm = nrfx.add_gates(model, x)
+    assert gm.nrfx_gates == ("conv_gate", "fc1_gate1")
+    assert gm.get_submodule("conv_gate").dim == 1 and gm.get_submodule("fc1_gate1").dim == -1
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    assert nodes["conv_gate"].args[0].target is torch.relu
+    assert nodes["fc1_gate1"].args[0].target is nn.functional.gelu
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert isinstance(gm.fc1_gate, nn.Identity) and not any(isinstance(m, Gate) for m in model.modules())
+    kill_gates(gm, 0.5, seed=3)
+    analysis = nrfx.analyze(gm, x)
+    assert analysis.coverage().monitored == analysis.coverage().free > 0
+    assert_preserved(gm, x, analysis)
+    with pytest.raises(nrfx.RewriteError, match="cannot fold gate 'conv_gate': it reaches call_method flatten"):
+        nrfx.fold_gates(gm)  # a reshape between a gate and its reader: folding there is not implemented

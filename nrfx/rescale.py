@@ -28,6 +28,16 @@ _HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, F.max_pool2d, F.avg_pool2d, F.adap
 _RESCALED = (nn.modules.batchnorm._BatchNorm, Gate)  # scales neural rescaling raises to γ0 (a gate has no β)
 
 
+def _plain_scale(norm: nn.Module) -> bool:
+    """Rule: only a norm whose forward is the stock one (no activation fused in, as timm's BatchNormAct2d)."""
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return True
+    if type(norm).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
+        return True
+    fused = [getattr(norm, name, None) for name in ("drop", "act")]  # timm's BatchNormAct2d: ReLU is fine
+    return hasattr(norm, "act") and all(p is None or isinstance(p, _HOMOGENEOUS_MODULES) for p in fused)
+
+
 def _is_homogeneous(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether f(s·x) = s·f(x) per channel for s > 0."""
     if node.op == "call_module":
@@ -72,7 +82,8 @@ def apply_rescale(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
         norm = gm.get_submodule(node.target)
         if norm.weight is None:
             continue
-        consumers = _consumers(gm, node, calls)
+        consumers = _consumers(gm, node, calls) if _plain_scale(norm) else (
+            f"{type(norm).__name__} runs more than a per-channel scale (an activation inside)")
         if isinstance(consumers, str):
             notes.append(f"rescale skipped at {node.target}: {consumers}")
             continue

@@ -68,3 +68,16 @@ def test_per_norm_dead_preserved_zoo(name):
     model, x, analysis = prepared
     variant = SCHEMES[MODELS.index(name) % len(SCHEMES)]  # every variant over the sweep, one per model
     assert_preserved(model, x, analysis, [variant, ("nr", False)] if variant != ("nr", False) else [variant])
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "resnet26d"])
+def test_per_norm_dead_preserved_timm(name):
+    """timm's BatchNormAct2d fuses an activation (hardswish here): rescaling it would not be exact."""
+    timm = pytest.importorskip("timm")
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).double().eval()
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    assert kill_per_norm(model, analysis, 0.3, 1) > 0
+    assert_preserved(model, x, analysis)

@@ -124,7 +124,7 @@ def _delta(weight: torch.Tensor, values: dict[str, float]) -> torch.Tensor:
     """Per old output channel: Σ over folded inputs of W[o, c]·v_c (kernel of size 1)."""
     cols = torch.tensor([int(k) for k in values], dtype=torch.long)
     vals = torch.tensor(list(values.values()), dtype=torch.float64)
-    w = weight.detach().reshape(weight.shape[0], weight.shape[1]).to(torch.float64)
+    w = weight.detach().reshape(weight.shape[0], weight.shape[1]).to("cpu", torch.float64)
     return w[:, cols] @ vals
 
 
@@ -148,10 +148,10 @@ def _fold_into(gm: torch.fx.GraphModule, name: str, shift: torch.Tensor, users) 
     module = gm.get_submodule(name)
     with torch.no_grad():
         if module.bias is not None:
-            module.bias.add_(shift.to(module.bias.dtype))
+            module.bias.add_(shift.to(module.bias.device, module.bias.dtype))
             return f"fold: constants of removed inputs of {name} added to its bias"
         norm = gm.get_submodule(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None:
-            norm.running_mean.sub_(shift.to(norm.running_mean.dtype))
+            norm.running_mean.sub_(shift.to(norm.running_mean.device, norm.running_mean.dtype))
             return f"fold: constants of removed inputs of {name} moved into {users[0].target}.running_mean"
     return f"fold: {name} has no bias and no BatchNorm after it; constants of removed inputs dropped"

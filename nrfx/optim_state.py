@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import NrfxWarning
-from .rewrite import ParamMap, _copy_block
+from .rewrite import ParamMap, copy_block
 
 __all__ = ["carry_optimizer_state", "copy_group_settings", "slice_state"]
 
@@ -25,7 +25,7 @@ def slice_state(old: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
     """A state tensor at the new shape: the surviving (S×S) slots copied from ``old``, every other slot zero."""
     new = torch.zeros(pmap.new_shape, dtype=old.dtype, device=old.device)
     with torch.no_grad():
-        _copy_block(new, old.detach(), pmap, rejuvenated=False)
+        copy_block(new, old.detach(), pmap, rejuvenated=False)
     return new
 
 

@@ -19,20 +19,20 @@ from .errors import RewriteError
 from .gates import Gate
 from .maps import DimMap, ParamMap, dim_map, param_maps
 
-__all__ = ["DimMap", "ParamMap", "dim_map", "param_maps", "rewrite_params", "copy_for_rewrite", "fix_attributes",
-           "verify", "matched_gamma"]
+__all__ = ["DimMap", "ParamMap", "dim_map", "param_maps", "rewrite_params", "copy_for_rewrite", "copy_block",
+           "fix_attributes", "verify", "matched_gamma"]
 
 
 def _combine(old: torch.Tensor, fresh: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
     """S×S from old, all-R from fresh, mixed S/R entries zero."""
-    new = torch.zeros(fresh.shape, dtype=fresh.dtype, device=fresh.device)
+    new = torch.zeros(fresh.shape, dtype=old.dtype, device=old.device)
     with torch.no_grad():
-        _copy_block(new, fresh.detach(), pmap, rejuvenated=True)
-        _copy_block(new, old.detach(), pmap, rejuvenated=False)
+        copy_block(new, fresh.detach(), pmap, rejuvenated=True)
+        copy_block(new, old.detach(), pmap, rejuvenated=False)
     return new
 
 
-def _copy_block(new: torch.Tensor, source: torch.Tensor, pmap: ParamMap, rejuvenated: bool) -> None:
+def copy_block(new: torch.Tensor, source: torch.Tensor, pmap: ParamMap, rejuvenated: bool) -> None:
     """Copy the all-R block (from the fresh tensor) or the all-S block (from the old one)."""
     target = [slice(None)] * new.dim()
     block = source
@@ -43,7 +43,7 @@ def _copy_block(new: torch.Tensor, source: torch.Tensor, pmap: ParamMap, rejuven
         picked = positions if rejuvenated else m.source[positions]
         block = block.index_select(m.dim, picked.to(block.device))
         target[m.dim] = _as_slice(positions)
-    _assign(new, target, block.to(new.dtype))
+    _assign(new, target, block.to(new.device, new.dtype))
 
 
 def _as_slice(index: torch.Tensor):
@@ -77,12 +77,12 @@ def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
                    gamma0: float | None) -> dict[str, torch.Tensor]:
     """The layer's own initial values at the new shapes (reset_parameters on a detached copy)."""
     clone = copy.copy(module)
-    clone._parameters = {k: None if v is None else nn.Parameter(torch.empty_like(v), v.requires_grad)
+    clone._parameters = {k: None if v is None else nn.Parameter(torch.empty_like(v, device="cpu"), v.requires_grad)
                          for k, v in module._parameters.items()}
-    clone._buffers = {k: None if v is None else torch.empty_like(v) for k, v in module._buffers.items()}
+    clone._buffers = {k: None if v is None else torch.empty_like(v, device="cpu") for k, v in module._buffers.items()}
     for attr, shape in shapes.items():
         old = getattr(module, attr)
-        tensor = torch.empty(shape, dtype=old.dtype, device=old.device)
+        tensor = torch.empty(shape, dtype=old.dtype, device="cpu")
         if attr in clone._parameters:
             clone._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
         else:
@@ -103,7 +103,7 @@ def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
 
 def _generic_fresh(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Initial values for a bare parameter: PyTorch's default linear/conv init, zeros for vectors."""
-    tensor = torch.empty(shape, dtype=old.dtype, device=old.device)
+    tensor = torch.empty(shape, dtype=old.dtype, device="cpu")
     if tensor.dim() >= 2:
         nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
     else:
@@ -125,8 +125,8 @@ def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, Par
     for name, pmap in maps.items():
         path, _, attr = name.rpartition(".")
         by_owner.setdefault(path, {})[attr] = pmap
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(plan.seed)
+    with torch.random.fork_rng(devices=[]):  # R weights drawn on the CPU: the same on every device
+        torch.default_generator.manual_seed(plan.seed)
         for path in sorted(by_owner):
             _rewrite_module(gm, path, by_owner[path], plan.gamma0)
     return []

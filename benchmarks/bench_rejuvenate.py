@@ -31,7 +31,7 @@ import torch
 import torchvision
 
 import nrfx
-import nrfx.schemes as schemes
+import nrfx.srlayers as srlayers
 
 TARGETS = {"nr": 1.05, "cr": 1.10, "ca": 1.30}  # latency ≤ target × the dense model of equal MACs
 
@@ -77,11 +77,11 @@ class _Untiled(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saved, schemes._TILE_BYTES = schemes._TILE_BYTES, 1 << 62
+        saved, srlayers._TILE_BYTES = srlayers._TILE_BYTES, 1 << 62
         try:
             return self.model(x)
         finally:
-            schemes._TILE_BYTES = saved
+            srlayers._TILE_BYTES = saved
 
 
 def _conv_output_elements(model: torch.nn.Module, x: torch.Tensor) -> int:

@@ -1,4 +1,4 @@
-"""Shared test setup: every test hands the memory it freed back to the system."""
+"""Shared test setup: every test hands the memory it freed back to the system; ``one_thread`` for training tests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ctypes.util
 import gc
 
 import pytest
+import torch
 
 _LIBC = ctypes.util.find_library("c")
 _MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
@@ -27,3 +28,12 @@ def _release_memory(request):
         gc.collect()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 shared cores oversubscription makes small CNNs 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

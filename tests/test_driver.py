@@ -18,13 +18,7 @@ from nrfx.errors import BudgetError, NrfxError, NrfxWarning
 EXAMPLE = torch.zeros(2, 1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores oversubscription makes small CNNs 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def small_cnn(width: int = 16, seed: int = 0) -> nn.Module:

@@ -25,12 +25,7 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 EXAMPLE = torch.zeros(2, 1, 28, 28)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ one node the same way under ``FlopCounterMode`` (2 FLOPs = 1 MAC).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -45,15 +46,37 @@ def meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def untouched(module: nn.Module) -> Iterator[None]:
-    """Rule: whatever a forward assigns to any submodule's attributes or buffers is undone on exit."""
-    saved = [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters)) for m in module.modules()]
+    """Rule: whatever a forward assigns to any submodule's attributes, buffers or dicts and lists is undone on exit.
+
+    The dicts and lists are put back in place: a cache a forward fills (timm's attention-bias cache,
+    which an FX trace fills with a proxy of its own graph) is emptied again.
+    """
+    saved = [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters), _contents(m)) for m in module.modules()]
     try:
         yield
     finally:
-        for m, attributes, buffers, parameters in saved:
+        for m, attributes, buffers, parameters, contents in saved:
             _restore(m.__dict__, attributes)
             _restore(m._buffers, buffers)
             _restore(m._parameters, parameters)
+            for container, items in contents:
+                _refill(container, items)
+
+
+def _contents(module: nn.Module) -> list[tuple[dict | list, dict | list]]:
+    """Every dict / list attribute of a module with a shallow copy of its items (torch's own dicts apart)."""
+    return [(value, copy.copy(value)) for key, value in module.__dict__.items()
+            if isinstance(value, (dict, list)) and key not in _MODULE_INTERNALS]
+
+
+def _refill(container: dict | list, items: dict | list) -> None:
+    """Put a dict or list back to its saved items, in place (the same object stays referenced)."""
+    if isinstance(container, dict):
+        if container.keys() != items.keys() or any(container[k] is not v for k, v in items.items()):
+            container.clear()
+            container.update(items)
+    elif len(container) != len(items) or any(a is not b for a, b in zip(container, items, strict=True)):
+        container[:] = items
 
 
 def _restore(current: dict, saved: dict) -> None:
@@ -66,6 +89,7 @@ def _restore(current: dict, saved: dict) -> None:
 
 
 _MISSING = object()
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)  # hooks, _parameters, _buffers, _modules: not caches
 
 
 def _call_module(module: nn.Module, state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
@@ -131,7 +155,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     interpreter.extra_traceback = False  # the ShapeError names the node itself
     try:
         with torch.no_grad():
-            interpreter.run(*[to_meta(x) for x in example_inputs])
+            interpreter.run(*[to_meta(x) for x in example_inputs], enable_io_processing=False)
     except Exception as error:  # reported with the failing node
         raise _shape_error(interpreter, example_inputs, error, auto_leaves or {}) from error
     return interpreter.env

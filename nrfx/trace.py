@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from .gates import Gate
+from .shapeprop import untouched
 from .srlayers import SR_LAYERS
 
 __all__ = ["Traced", "trace", "defaulted_args", "keep_safe_inplace"]
@@ -177,7 +178,9 @@ def trace(
     for _ in range(_MAX_AUTO_LEAVES):
         tracer = NrfxTracer(leaves, autowrap_functions)
         try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
+            with untouched(model):  # a forward run on proxies leaves none in the model (timm's bias caches)
+                graph = tracer.trace(model, concrete_args=concrete_args)
+                gm = _graph_module(tracer.root, graph, type(model).__name__)  # copies FX's _tensor_constant*
         except _SubmoduleFailed as failed:
             auto[failed.qualname] = f"untraceable code ({type(failed.error).__name__}: {failed.error})"
             leaves.append(failed.qualname)
@@ -190,7 +193,6 @@ def trace(
                 "len()/int() of a tensor, ...). Move that code into a submodule and pass it as "
                 "leaf_modules=[...], or fix the branch with concrete_args={...}."
             ) from error
-        gm = _graph_module(tracer.root, graph, type(model).__name__)
         keep_safe_inplace(gm)
         return Traced(gm, auto)
     raise TraceError(f"nrfx gave up on {type(model).__name__}: more than {_MAX_AUTO_LEAVES} untraceable submodules")

@@ -217,6 +217,58 @@ def test_add_gates_on_full_size_models_lifts_coverage():
             assert torch.equal(gm(x), model(x))
 
 
+class CachedBias(nn.Module):
+    """timm's LeViT / EfficientFormer attention: an eval-mode cache of the bias, keyed by str(device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.bias = nn.Parameter(torch.zeros(2, 4))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.seen: list[str] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias[:, [0, 1, 2, 3]]
+            self.seen.append(key)
+        return self.fc2(torch.relu(self.fc1(x))) + self.cache[key]
+
+
+def test_tracing_leaves_no_proxy_in_a_forward_cache():
+    """The first trace used to leave a proxy in the cache: the second trace read it and failed (ShapeError)."""
+    model = CachedBias().eval()
+    x = torch.randn(2, 4)
+    nrfx.analyze(model, x)
+    assert model.cache == {} and model.seen == []
+    gm = nrfx.add_gates(model, x)
+    assert gm.nrfx_gates == ("fc1_gate",) and model.cache == {}
+    assert nrfx.analyze(gm, x).coverage().monitored > 0
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+@pytest.mark.parametrize("name, gates", [("efficientformer_l1", 1), ("efficientformerv2_s0", 4), ("levit_128s", 0)])
+def test_add_gates_after_analyze_on_timm_attention_bias_caches(name, gates):
+    """These models failed at add_gates after an analysis ("Node add referenced nonexistent value getitem_…")."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nrfx.NrfxWarning)
+        before = nrfx.analyze(model, x).coverage()
+    gm = nrfx.add_gates(model, x)
+    gm.graph.lint()
+    after = nrfx.analyze(gm, x).coverage()
+    assert len(gm.nrfx_gates) == gates and after.monitored == after.free == before.free
+    assert after.monitored > before.monitored if gates else after.monitored == before.monitored
+    assert all(torch.equal(gm.get_submodule(p).weight, torch.ones_like(gm.get_submodule(p).weight))
+               for p in gm.nrfx_gates)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
 # -- addcmul ------------------------------------------------------------------------------------------------
 class AddCMul(nn.Module):
     """conv → three BatchNorms on one space → addcmul (function or method) → conv."""

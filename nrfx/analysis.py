@@ -21,7 +21,7 @@ from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .context import AnalysisState, Context, ParamInfo
 from .cost import CostModel, mac_cost, param_cost
 from .errors import NrfxWarning, ShapeError
-from .masks import check_masks, norm_masks
+from .masks import check_masks, norm_masks, whole_blocks
 from .records import LayerRecord, SliceRecord
 from .rules.registry import lookup
 from .shapeprop import propagate_shapes
@@ -37,11 +37,19 @@ COVERAGE_MIN_CHANNELS = 256  # in a model with at least this many channels (tiny
 
 @dataclass(frozen=True)
 class Space:
-    """A channel space: one width shared by tied dims; frozen spaces keep their width."""
+    """A channel space: one width shared by tied dims; frozen spaces keep their width.
+
+    ``block``: channels are kept and added in whole blocks of this width (a grouped conv's or a
+    GroupNorm's group); ``unit``: the first space of its planning unit (spaces a grouped conv
+    ties group by group share the number of blocks and which blocks survive; its own index
+    when untied).
+    """
 
     index: int
     width: int
     frozen: tuple[str, ...]
+    block: int = 1
+    unit: int = -1
 
     @property
     def is_frozen(self) -> bool:
@@ -142,19 +150,23 @@ class Analysis:
     # -- structure ------------------------------------------------------------------------
     def _index_spaces(self) -> None:
         """Number the classes of leaf atoms that some layout uses."""
+        blocks = self.atoms.resolve_blocks()  # may cut and freeze: before the classes are read
         used: set[int] = set()
         layouts = [d for t in self.state.tensors for d in t.dims if d is not None]
         layouts += [d for p in self.param_info.values() for d in p.dims if d is not None]
         for layout in layouts:
             used.update(self.atoms.leaves(layout.atoms))
         index: dict[int, int] = {}
+        units: dict[int, int] = {}  # unit root -> its first space
         spaces: list[Space] = []
         for leaf in sorted(used):
             root = self.atoms.find(leaf)
             if root not in index:
                 index[root] = len(spaces)
                 reasons = tuple(self.atoms.frozen.get(root, ()))
-                spaces.append(Space(len(spaces), self.atoms.width[leaf], reasons))
+                tied = blocks.get(root)
+                spaces.append(Space(len(spaces), self.atoms.width[leaf], reasons, tied.block if tied else 1,
+                                    units.setdefault(tied.unit, len(spaces)) if tied else len(spaces)))
         self.spaces: list[Space] = spaces
         self._space_of_root = index
 
@@ -268,7 +280,11 @@ class Analysis:
 
     # -- liveliness -----------------------------------------------------------------------
     def alive(self, masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-        """Live channels per space: dead only where zero at every weight that reads the space."""
+        """Live channels per space: dead only where zero at every weight that reads the space.
+
+        Channels grouped in blocks (grouped convs, GroupNorm) live or die a whole block at a time:
+        a block is alive when any of its channels is, in any space of its planning unit.
+        """
         masks = self._default_masks if masks is None else self._user_masks(masks)
         zeros = _propagate_zeros(self, masks)
         dead: list[torch.Tensor | None] = [None] * len(self.spaces)
@@ -280,10 +296,10 @@ class Analysis:
                 part = vector[offset:offset + width] if vector is not None else torch.zeros(width, dtype=torch.bool)
                 dead[s] = part.clone() if dead[s] is None else dead[s] & part
                 offset += width
-        return tuple(
+        return whole_blocks(self.spaces, [
             torch.ones(s.width, dtype=torch.bool) if d is None or s.is_frozen else ~d
             for s, d in zip(self.spaces, dead, strict=True)
-        )
+        ])
 
     def _user_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Validated user masks; a mask on a frozen space is ignored with a warning."""

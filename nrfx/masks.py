@@ -15,13 +15,15 @@ from torch import nn
 from .errors import MaskError, NrfxWarning
 from .gates import Gate
 
-__all__ = ["norm_masks", "check_masks", "PER_CHANNEL_NORMS"]
+__all__ = ["norm_masks", "check_masks", "whole_blocks", "PER_CHANNEL_NORMS"]
 
-PER_CHANNEL_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, Gate)
+PER_CHANNEL_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                                        nn.GroupNorm, Gate)
 
 
 def norm_masks(model: nn.Module, threshold: float = 0.01) -> dict[str, torch.BoolTensor]:
-    """Live channels of every per-channel norm scale and ``nrfx.Gate``: ``|γ| >= threshold · max|γ|``."""
+    """Live channels of every per-channel norm scale (BatchNorm, InstanceNorm, GroupNorm) and ``nrfx.Gate``:
+    ``|γ| >= threshold · max|γ|``."""
     if not 0.0 <= threshold < 1.0:
         raise MaskError(f"threshold must be in [0, 1), got {threshold}")
     masks: dict[str, torch.BoolTensor] = {}
@@ -65,3 +67,13 @@ def check_masks(masks: dict[str, torch.Tensor], sites: dict[str, int], model: nn
                             "one entry per output channel of that layer")
         checked[name] = mask.detach().cpu()
     return checked
+
+
+def whole_blocks(spaces, alive: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Rule: a block of a space (``space.block`` channels) is alive when any of its channels is alive in
+    any space of the same planning unit (``space.unit``); block k of one space goes with block k of the others."""
+    units: dict[int, torch.Tensor] = {}
+    for space, mask in zip(spaces, alive, strict=True):
+        blocks = mask.reshape(-1, space.block).any(1)
+        units[space.unit] = blocks if space.unit not in units else units[space.unit] | blocks
+    return tuple(units[space.unit].repeat_interleave(space.block) for space in spaces)

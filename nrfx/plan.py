@@ -4,7 +4,11 @@ A pure function of (analysis, masks, budget, options).  One expansion rate α is
 every free space (the paper's Sec. 3.2): ``w'' = max(1, ⌊α·w'⌋)``; α is found by bisection
 so the cost is within the budget, then single channels are added greedily (largest
 rounding loss first) until no channel fits: the result is within one channel's cost of the
-budget.  A plan is plain data: JSON in, JSON out, replayable on the original model.
+budget.  Spaces in whole blocks (grouped convs, GroupNorm) are planned per *unit*: the
+spaces a grouped conv ties share a number of blocks n (``w = n·block``), α scales n, the
+same blocks survive in each, and the greedy step adds one block to every space of a unit,
+so the budget is met within the cost of one unit.  A plan is plain data: JSON in, JSON out,
+replayable on the original model.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from .cost import CostModel
 from .errors import BudgetError, NrfxWarning, PlanError
 
-__all__ = ["Budget", "Plan", "make_plan", "SCHEMES"]
+__all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "SCHEMES"]
 
 SCHEMES = ("nr", "cr", "ca")
 
@@ -86,6 +90,7 @@ class Plan:
     input_shapes: list[list[int]]
     notes: list[str] = field(default_factory=list)
     folds: dict[str, dict[str, float]] | None = None
+    capture: str = "fx"
 
     @property
     def new_widths(self) -> list[int]:
@@ -120,53 +125,98 @@ def _space_scores(analysis, model) -> list[torch.Tensor]:
     return scores
 
 
-def _survivors(analysis, alive, scores) -> list[list[int]]:
-    """Live channel indices per space; a space with none keeps its strongest channel (warned)."""
-    keep = []
-    for space, mask, score in zip(analysis.spaces, alive, scores, strict=True):
-        idx = torch.nonzero(mask).flatten().tolist()
-        if not idx and not space.is_frozen:
-            idx = [int(torch.argmax(score))] if space.width else []
-            warnings.warn(f"every channel of space {space.index} (width {space.width}) is dead; keeping the "
-                          f"strongest one (channel {idx[0]})", NrfxWarning, stacklevel=3)
-        keep.append(idx)
-    return keep
+@dataclass(frozen=True)
+class Unit:
+    """A planning unit: spaces that keep and add channels together, ``blocks[i]`` at a time in ``spaces[i]``.
+
+    An untied space is a unit of one with blocks of one channel; the spaces a grouped conv ties
+    group by group (or a GroupNorm's space) form one unit: the same number of blocks, the same
+    blocks surviving.  Widths are ``n · block``, n the unit's number of blocks.
+    """
+
+    spaces: tuple[int, ...]
+    blocks: tuple[int, ...]
+    frozen: bool
+
+    def widths(self, n: int) -> list[tuple[int, int]]:
+        """(space, width) of every space of the unit at ``n`` blocks."""
+        return [(s, n * b) for s, b in zip(self.spaces, self.blocks, strict=True)]
 
 
-def _expanded(live: list[int], frozen: list[bool], full: list[int], alpha: float) -> list[int]:
-    """Widths ⌊α·w'⌋ (at least 1) for free spaces; frozen ones keep their width."""
-    return [f if fr else max(1, math.floor(alpha * w + 1e-9)) for w, fr, f in zip(live, frozen, full, strict=True)]
+def planning_units(analysis) -> list[Unit]:
+    """The planning units of an analysis, in the order of their first space."""
+    grouped: dict[int, list] = {}
+    for space in analysis.spaces:
+        grouped.setdefault(space.unit, []).append(space)
+    return [Unit(tuple(s.index for s in members), tuple(s.block for s in members),
+                 any(s.is_frozen for s in members)) for members in grouped.values()]
 
 
-def _solve(cost: CostModel, live, frozen, full, budget: int) -> tuple[float, list[int]]:
-    """Largest shared α whose widths fit the budget, then greedy single channels up to it."""
-    minimum = cost(_expanded(live, frozen, full, 0.0))
+def _block_scores(unit: Unit, scores) -> torch.Tensor:
+    """Strength of every block of a unit: the max channel score over its spaces."""
+    per_space = [scores[s].reshape(-1, b).amax(1) for s, b in zip(unit.spaces, unit.blocks, strict=True)]
+    return torch.stack(per_space).amax(0)
+
+
+def _survivors(analysis, units: list[Unit], alive, scores) -> list[list[int]]:
+    """Live blocks per unit; a free unit with none keeps its strongest block (warned)."""
+    blocks = []
+    for unit in units:
+        first, block = unit.spaces[0], unit.blocks[0]
+        live = torch.nonzero(alive[first].reshape(-1, block).any(1)).flatten().tolist()
+        if not live and not unit.frozen and analysis.spaces[first].width:
+            live = [int(torch.argmax(_block_scores(unit, scores)))]
+            what = f"channel {live[0]}" if block == 1 else f"block {live[0]} of {block} channels"
+            warnings.warn(f"every channel of space {first} (width {analysis.spaces[first].width}) is dead; keeping "
+                          f"the strongest one ({what})", NrfxWarning, stacklevel=3)
+        blocks.append(live)
+    return blocks
+
+
+def _space_widths(units: list[Unit], counts: list[int], total: int) -> list[int]:
+    """Width of every space when unit ``u`` has ``counts[u]`` blocks."""
+    widths = [0] * total
+    for unit, n in zip(units, counts, strict=True):
+        for s, width in unit.widths(n):
+            widths[s] = width
+    return widths
+
+
+def _expanded(units: list[Unit], live: list[int], full: list[int], alpha: float) -> list[int]:
+    """Blocks ⌊α·n'⌋ (at least 1) per free unit; frozen units keep their count."""
+    return [f if u.frozen else max(1, math.floor(alpha * n + 1e-9)) for u, n, f in zip(units, live, full, strict=True)]
+
+
+def _solve(cost: CostModel, units, live, full, total: int, budget: int) -> tuple[float, list[int]]:
+    """Largest shared α whose widths fit the budget, then greedy single units up to it (block counts per unit)."""
+    at = lambda alpha: cost(_space_widths(units, _expanded(units, live, full, alpha), total))  # noqa: E731
+    minimum = at(0.0)
     if budget < minimum:
         raise BudgetError(f"budget {budget:,} is below {minimum:,}, the {cost.kind} of the frozen part with one "
-                          f"channel per free space; ask for at least {minimum:,}")
+                          f"channel (one group) per free space; ask for at least {minimum:,}")
     lo, hi = 0.0, 1.0
-    while cost(_expanded(live, frozen, full, hi)) <= budget and hi < 1e6:
+    while at(hi) <= budget and hi < 1e6:
         lo, hi = hi, hi * 2
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(_expanded(live, frozen, full, mid)) <= budget else (lo, mid)
-    widths = _expanded(live, frozen, full, lo)
-    return lo, _fill(cost, widths, live, frozen, lo, budget)
+        lo, hi = (mid, hi) if at(mid) <= budget else (lo, mid)
+    counts = _expanded(units, live, full, lo)
+    return lo, _fill(cost, units, counts, live, lo, total, budget)
 
 
-def _fill(cost: CostModel, widths, live, frozen, alpha: float, budget: int) -> list[int]:
-    """Add single channels, largest rounding loss first, until none fits the budget."""
-    order = sorted((i for i, fr in enumerate(frozen) if not fr), key=lambda i: widths[i] - alpha * live[i])
+def _fill(cost: CostModel, units, counts, live, alpha: float, total: int, budget: int) -> list[int]:
+    """Add one block to a unit at a time, largest rounding loss first, until none fits the budget."""
+    order = sorted((i for i, u in enumerate(units) if not u.frozen), key=lambda i: counts[i] - alpha * live[i])
     added = True
     while added:
         added = False
         for i in order:
-            widths[i] += 1
-            if cost(widths) <= budget:
+            counts[i] += 1
+            if cost(_space_widths(units, counts, total)) <= budget:
                 added = True
             else:
-                widths[i] -= 1
-    return widths
+                counts[i] -= 1
+    return counts
 
 
 def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bool = False,
@@ -178,22 +228,28 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
                         "cr: removed, ca: cross attention)")
     kind, value = Budget.coerce(budget).resolve(analysis)
     cost = analysis.cost_model(kind)
-    alive = analysis.alive(masks)
+    units = planning_units(analysis)
     scores = _space_scores(analysis, model)
-    keep = _survivors(analysis, alive, scores)
-    full = [s.width for s in analysis.spaces]
-    frozen = [s.is_frozen for s in analysis.spaces]
-    live = [len(k) for k in keep]
+    kept = _survivors(analysis, units, analysis.alive(masks), scores)
+    full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]
+    live = [len(k) for k in kept]
+    total = len(analysis.spaces)
     if realloc:
-        alpha, widths = _solve(cost, live, frozen, full, value)
+        alpha, counts = _solve(cost, units, live, full, total, value)
     else:
-        alpha, widths = 1.0, list(full)
-    keep = [_strongest(k, w, s) for k, w, s in zip(keep, widths, scores, strict=True)]
+        alpha, counts = 1.0, list(full)
+    keep: list[list[int]] = [[] for _ in range(total)]
+    for unit, blocks, n in zip(units, kept, counts, strict=True):
+        blocks = _strongest(blocks, n, _block_scores(unit, scores))
+        for s, b in zip(unit.spaces, unit.blocks, strict=True):
+            keep[s] = [k * b + j for k in blocks for j in range(b)]
+    widths = _space_widths(units, counts, total)
     grow = [w - len(k) for k, w in zip(keep, widths, strict=True)]
     return Plan(
         scheme=scheme, rescale=bool(rescale), realloc=bool(realloc), seed=int(seed if seed is not None else 0),
-        gamma0=gamma0, budget_kind=kind, budget=value, alpha=alpha, widths=full, keep=keep, grow=grow,
-        cost_before=cost(full), cost_live=cost(live), cost_after=cost(widths),
+        gamma0=gamma0, budget_kind=kind, budget=value, alpha=alpha, widths=[s.width for s in analysis.spaces],
+        keep=keep, grow=grow, cost_before=cost([s.width for s in analysis.spaces]),
+        cost_live=cost(_space_widths(units, live, total)), cost_after=cost(widths),
         input_shapes=[list(s) for s in analysis.input_shapes],
     )
 
@@ -209,7 +265,7 @@ def check_gamma0(gamma0: Any) -> float | str | None:
 
 
 def _strongest(keep: list[int], width: int, score: torch.Tensor) -> list[int]:
-    """When compressing below the live width, keep the strongest survivors (in channel order)."""
+    """When compressing below the live count, keep the strongest survivors (blocks; in channel order)."""
     if len(keep) <= width:
         return keep
     ranked = sorted(keep, key=lambda c: -float(score[c]))[:width]

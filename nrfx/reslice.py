@@ -3,13 +3,17 @@
 The analysis records every slice of a free channel dim with its old bounds; each bound falls
 on an atom border, so in the new layout it sits after the same atoms, now |S| + |R| wide.
 split/chunk become ``split`` with explicit sizes, a getitem gets its new slice, narrow its new
-start and length.  A functional depthwise conv's literal ``groups`` becomes its new channel count.
+start and length.  The literal ``groups`` of a functional grouped or depthwise conv and the
+``num_groups`` of a GroupNorm (module or F.group_norm) follow the new width, channels per group unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.fx
+from torch import nn
+
+from .rewrite import set_group_norm_width
 
 __all__ = ["reslice", "regroup"]
 
@@ -70,20 +74,40 @@ def reslice(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
     return [f"reslice: {changed} literal channel bounds moved to the new widths"] if changed else []
 
 
+def _new_groups(analysis, plan, record, layout) -> int:
+    """Groups after the plan: channels per group unchanged, the number of groups follows the width."""
+    old = analysis.atoms.channels(layout)
+    new = sum(len(plan.keep[s]) + plan.grow[s] for s in analysis.space_ids(layout))
+    return new // (old // record.groups)
+
+
+def _set_literal(node: torch.fx.Node, position: int | str, value: int) -> None:
+    """Put ``value`` into a node's argument at ``position`` (an index or a keyword)."""
+    if isinstance(position, int):
+        args = list(node.args)
+        args[position] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, position: value}
+
+
 def regroup(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
-    """Rewrite pass: a functional depthwise conv's literal ``groups`` becomes its new width."""
+    """Rewrite pass: literal ``groups`` of functional grouped/depthwise convs and ``num_groups`` of
+    F.group_norm follow the new widths; GroupNorm modules get their new ``num_groups`` (affine or not)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     changed = 0
-    for name, record in analysis.layers("conv"):
-        if record.groups_arg is None or name not in nodes:
-            continue
-        width = sum(len(plan.keep[s]) + plan.grow[s] for s in analysis.space_ids(record.output))
-        node = nodes[name]
-        if isinstance(record.groups_arg, int):
-            args = list(node.args)
-            args[record.groups_arg] = width
-            node.args = tuple(args)
+    for name, record in analysis.layers("conv", "norm", "group_norm"):
+        layout = record.input if record.transposed else record.output
+        if record.groups <= 1 or layout is None or name not in nodes or (record.kind != "norm" and
+                                                                          record.groups_arg is None):
+            continue  # module convs get their groups with their new weight (rewrite.fix_attributes)
+        groups = _new_groups(analysis, plan, record, layout)
+        if record.kind == "norm":
+            module = gm.get_submodule(record.module)
+            if not isinstance(module, nn.GroupNorm):
+                continue
+            set_group_norm_width(module, groups * (module.num_channels // module.num_groups))
         else:
-            node.kwargs = {**node.kwargs, "groups": width}
-        changed += width != record.groups
-    return [f"regroup: {changed} literal depthwise groups set to the new widths"] if changed else []
+            _set_literal(nodes[name], record.groups_arg, groups)
+        changed += groups != record.groups
+    return [f"regroup: {changed} group counts (grouped convs, GroupNorm) set to the new widths"] if changed else []

@@ -20,7 +20,7 @@ from .gates import Gate
 from .maps import DimMap, ParamMap, dim_map, param_maps
 
 __all__ = ["DimMap", "ParamMap", "dim_map", "param_maps", "rewrite_params", "copy_for_rewrite", "copy_block",
-           "fix_attributes", "verify", "matched_gamma"]
+           "fix_attributes", "set_group_norm_width", "verify", "matched_gamma"]
 
 
 def _combine(old: torch.Tensor, fresh: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
@@ -69,8 +69,9 @@ def _assign(new: torch.Tensor, target: list, block: torch.Tensor) -> None:
     new[tuple(index)] = block
 
 
-_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.Embedding, nn.PReLU, Gate)
-_SCALES = (nn.modules.batchnorm._NormBase, Gate)  # per-channel scales: rejuvenated entries start at γ0
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.Embedding,
+                nn.PReLU, Gate)
+_SCALES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, Gate)  # per-channel scales: R entries start at γ0
 
 
 def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
@@ -94,8 +95,11 @@ def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
             if clone.affine:
                 nn.init.ones_(clone.weight) if gamma0 is None else nn.init.constant_(clone.weight, gamma0)
                 nn.init.zeros_(clone.bias)
-        elif isinstance(clone, Gate):
-            nn.init.ones_(clone.weight) if gamma0 is None else nn.init.constant_(clone.weight, gamma0)
+        elif isinstance(clone, (Gate, nn.GroupNorm)):
+            if clone.weight is not None:
+                nn.init.ones_(clone.weight) if gamma0 is None else nn.init.constant_(clone.weight, gamma0)
+            if getattr(clone, "bias", None) is not None:
+                nn.init.zeros_(clone.bias)
         elif hasattr(clone, "reset_parameters"):
             clone.reset_parameters()
     return {attr: getattr(clone, attr) for attr in shapes}
@@ -177,18 +181,27 @@ def fix_attributes(module: nn.Module) -> None:
         module.num_parameters = module.weight.numel()
     elif isinstance(module, Gate):
         module.num_features = module.weight.numel()
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        set_group_norm_width(module, module.weight.numel())
+
+
+def set_group_norm_width(norm: nn.GroupNorm, channels: int) -> None:
+    """GroupNorm over ``channels``: channels per group unchanged, ``num_groups`` follows the width."""
+    per_group = norm.num_channels // norm.num_groups
+    norm.num_channels, norm.num_groups = channels, channels // per_group
 
 
 def _fix_conv(conv: nn.modules.conv._ConvNd) -> None:
-    """Conv attributes: depthwise convs keep groups == channels."""
+    """Conv attributes: channels per group unchanged, ``groups`` follows the width (depthwise: groups == channels)."""
     w = conv.weight
-    depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
     if conv.transposed:
+        if conv.groups > 1:
+            conv.groups = w.shape[0] // (conv.in_channels // conv.groups)
         conv.in_channels = w.shape[0]
         conv.out_channels = w.shape[1] * conv.groups
-    elif depthwise:
-        conv.groups = conv.in_channels = conv.out_channels = w.shape[0]
     else:
+        if conv.groups > 1:
+            conv.groups = w.shape[0] // (conv.out_channels // conv.groups)
         conv.out_channels = w.shape[0]
         conv.in_channels = w.shape[1] * conv.groups
 
@@ -212,6 +225,10 @@ def _invariant_problem(module: nn.Module) -> str | None:
             return f"bias {tuple(module.bias.shape)} vs out={module.out_channels}"
     if isinstance(module, nn.Linear) and tuple(module.weight.shape) != (module.out_features, module.in_features):
         return f"weight {tuple(module.weight.shape)} vs ({module.out_features}, {module.in_features})"
+    if isinstance(module, nn.GroupNorm) and module.num_channels % module.num_groups:
+        return f"num_channels={module.num_channels} is not a multiple of num_groups={module.num_groups}"
+    if isinstance(module, nn.GroupNorm) and module.weight is not None and module.weight.numel() != module.num_channels:
+        return f"weight {tuple(module.weight.shape)} vs num_channels={module.num_channels}"
     if isinstance(module, Gate) and module.weight.numel() != module.num_features:
         return f"weight {tuple(module.weight.shape)} vs num_features={module.num_features}"
     if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:

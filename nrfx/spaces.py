@@ -6,13 +6,21 @@ is what one tensor dimension carries: a tuple of atoms (in order) and an ``inner
 dimensions together unify their atoms; cat and split make layouts of several atoms; a
 slice that cuts inside an atom splits it (and every atom unified with it) in two.  The
 equivalence classes of leaf atoms at the end of the analysis are the *channel spaces*.
+
+*Block ties* say that channels move in whole blocks: a grouped conv ties block ``k`` of its
+input (``cin/groups`` channels) to block ``k`` of its output (``cout/groups``), a GroupNorm
+ties its groups to themselves.  ``resolve_blocks`` runs once the rules are done: it cuts the
+tied layouts so that their atoms pair up block for block, gives every class its block width,
+and joins the classes a tie links into one *planning unit* (same number of blocks, the same
+blocks surviving).  A group straddling two classes, a class asked for two block widths, or a
+unit touching a frozen class freezes the whole unit, with the reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Layout", "AtomTable"]
+__all__ = ["Layout", "AtomTable", "BlockTie", "BlockClass"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,25 @@ class Layout:
 
     atoms: tuple[int, ...]
     inner: int = 1
+
+
+@dataclass(frozen=True)
+class BlockTie:
+    """Block ``k`` (``block_a`` channels) of layout ``a`` moves with block ``k`` (``block_b``) of ``b``."""
+
+    a: Layout
+    b: Layout
+    block_a: int
+    block_b: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class BlockClass:
+    """What ``resolve_blocks`` says of one class: its block width and the root of its planning unit."""
+
+    block: int
+    unit: int
 
 
 class AtomTable:
@@ -32,6 +59,7 @@ class AtomTable:
         self.parent: list[int] = []
         self.members: dict[int, list[int]] = {}
         self.frozen: dict[int, list[str]] = {}
+        self.ties: list[BlockTie] = []
 
     # -- creation -------------------------------------------------------------------------
     def new(self, width: int) -> int:
@@ -158,3 +186,75 @@ class AtomTable:
     def is_frozen(self, leaf: int) -> bool:
         """Whether the class of a leaf atom is frozen."""
         return self.find(leaf) in self.frozen
+
+    # -- blocks (grouped convs, GroupNorm) --------------------------------------------------
+    def tie_blocks(self, a: Layout, b: Layout, block_a: int, block_b: int, reason: str) -> None:
+        """Record that ``a`` and ``b`` keep and add channels in whole blocks, block k with block k."""
+        self.ties.append(BlockTie(a, b, int(block_a), int(block_b), reason))
+
+    def _align(self, tie: BlockTie) -> str | None:
+        """Cut both sides of a tie at each other's block borders; why they cannot align, or None."""
+        while True:
+            borders = []
+            for layout, block in ((tie.a, tie.block_a), (tie.b, tie.block_b)):
+                offsets = self.borders(layout)
+                if any(o % block for o in offsets):
+                    return "a group straddles two channel spaces"
+                borders.append({o // block for o in offsets})
+            missing = borders[0] ^ borders[1]
+            if not missing:
+                return None
+            for k in sorted(missing):
+                self.cut(tie.a, k * tie.block_a)
+                self.cut(tie.b, k * tie.block_b)
+
+    def resolve_blocks(self) -> dict[int, BlockClass]:
+        """Align every tie, then give each tied class its block width and planning unit (see module doc)."""
+        ties, changed = list(self.ties), True
+        while changed:  # cuts made for one tie may move the borders of another: align until stable
+            changed = False
+            for tie in list(ties):
+                before = (self.borders(tie.a), self.borders(tie.b))
+                problem = self._align(tie)
+                if problem is not None:
+                    self.freeze(tie.a, f"{tie.reason}: {problem}")
+                    self.freeze(tie.b, f"{tie.reason}: {problem}")
+                    ties.remove(tie)
+                changed |= before != (self.borders(tie.a), self.borders(tie.b))
+        return self._units(ties)
+
+    def _units(self, ties: list[BlockTie]) -> dict[int, BlockClass]:
+        """Block widths per class and unit roots; inconsistent or frozen-touching units freeze whole."""
+        unit: dict[int, int] = {}
+        blocks: dict[int, set[int]] = {}
+        reasons: dict[int, str] = {}
+
+        def root(r: int) -> int:
+            while unit.setdefault(r, r) != r:
+                r = unit[r]
+            return r
+
+        for tie in ties:
+            pairs = zip(self.leaves(tie.a.atoms), self.leaves(tie.b.atoms), strict=True)
+            for x, y in pairs:
+                rx, ry = self.find(x), self.find(y)
+                blocks.setdefault(rx, set()).add(tie.block_a)
+                blocks.setdefault(ry, set()).add(tie.block_b)
+                reasons.setdefault(rx, tie.reason)
+                reasons.setdefault(ry, tie.reason)
+                unit[root(ry)] = root(rx)
+        members: dict[int, list[int]] = {}
+        for r in blocks:
+            members.setdefault(root(r), []).append(r)
+        out: dict[int, BlockClass] = {}
+        for head, classes in members.items():
+            mixed = next((sorted(blocks[r]) for r in classes if len(blocks[r]) > 1), None)
+            frozen = next((self.frozen[r][0] for r in classes if r in self.frozen), None)
+            if mixed is None and frozen is None:
+                out.update({r: BlockClass(next(iter(blocks[r])), head) for r in classes})
+                continue
+            why = (f"channels tied in groups of {mixed} channels: inconsistent group structures"
+                   if mixed is not None else f"tied group by group to a frozen space ({frozen})")
+            for r in classes:
+                self.frozen.setdefault(r, []).append(f"{reasons[r]}: {why}")
+        return out

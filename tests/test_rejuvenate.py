@@ -230,7 +230,7 @@ def test_all_dead_space_keeps_strongest_and_warns():
 def test_mask_on_frozen_space_is_ignored_with_warning():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
     model[3] = nn.Flatten(0)  # flattening the batch too: channel space meets a plain dim → frozen
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 2)).eval()
     masks = {"2": torch.tensor([True, False, True, True])}
     with warnings.catch_warnings(record=True) as caught:

@@ -42,12 +42,11 @@ EXPECTED_FAILURES: dict[str, tuple[type[BaseException] | str, str]] = {}
 # model family -> op labels still analysed by the unknown-op fallback (frozen, measured MACs)
 ALLOWED_UNKNOWN_OPS: dict[str, frozenset[str]] = {}
 
-# families built only of convs, per-channel norms, pointwise ops, adds, concats and depthwise convs:
-# every channel space is free except the classifier's output.  The others freeze some spaces on
-# purpose: grouped convs (resnext, regnet), channel shuffle (shufflenet), LayerNorm (convnext, swin,
-# maxvit, vit) and attention heads.
+# families built only of convs (grouped ones too), per-channel norms, pointwise ops, adds, concats and
+# depthwise convs: every channel space is free except the classifier's output.  The others freeze some
+# spaces on purpose: channel shuffle (shufflenet), LayerNorm (convnext, swin, maxvit, vit) and attention heads.
 FREE_FAMILIES = frozenset({"alexnet", "densenet", "efficientnet", "googlenet", "inception", "mnasnet",
-                           "mobilenet", "resnet", "squeezenet", "vgg", "wide"})
+                           "mobilenet", "regnet", "resnet", "resnext", "squeezenet", "vgg", "wide"})
 
 
 # -- building ---------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ def _channel_dim(x: TensorSpec, weight_ndim: int) -> int:
 def _conv(ctx, x: TensorSpec, w_shape, groups: int, key, transposed: bool, mask: str | None):
     """Conv rule: input channels consume a space, output channels produce a new one.
 
-    Depthwise (groups == in == out) keeps the input space; other grouped convs freeze both.
-    Returns (out spec, in layout, out layout, weight dims).
+    Depthwise (groups == in == out) keeps the input space; other grouped convs tie their input
+    and output group by group (``_grouped``).  Returns (out spec, in layout, out layout, weight dims).
     """
     cdim = _channel_dim(x, len(w_shape))
     cin = w_shape[0] if transposed else w_shape[1] * groups
@@ -48,10 +48,7 @@ def _conv(ctx, x: TensorSpec, w_shape, groups: int, key, transposed: bool, mask:
         ctx.add_macs(kernel * positions, out_l)
     elif groups > 1:
         out_l = ctx.fresh(cout, (key, "out"))
-        ctx.freeze(in_l, f"grouped conv (groups={groups})")
-        ctx.freeze(out_l, f"grouped conv (groups={groups})")
-        w_dims = (None,) * len(w_shape)
-        ctx.add_macs(math.prod(w_shape) * positions)
+        w_dims = _grouped(ctx, in_l, out_l, w_shape, groups, transposed, kernel * positions)
     else:
         out_l = ctx.fresh(cout, (key, "out"))
         w_dims = ((in_l, out_l) if transposed else (out_l, in_l)) + (None,) * (len(w_shape) - 2)
@@ -63,6 +60,25 @@ def _conv(ctx, x: TensorSpec, w_shape, groups: int, key, transposed: bool, mask:
     spec = ctx.tensor(out.shape, tuple(dims), tuple(zero))
     return spec, in_l, out_l, w_dims
 
+
+def _grouped(ctx, in_l, out_l, w_shape, groups: int, transposed: bool, per_weight: int):
+    """Grouped conv: fixed channels per group, the number of groups follows the width.
+
+    Group k of the input feeds group k of the output only, so the two spaces keep and add
+    channels in whole groups, group k with group k (a block tie); the weight's per-group dim
+    (``cin/groups``, transposed ``cout/groups``) never changes.  Over a plain input dim both
+    sides freeze.  Returns the weight dims.
+    """
+    cin = w_shape[0] if transposed else w_shape[1] * groups
+    cout = w_shape[1] * groups if transposed else w_shape[0]
+    reason = f"grouped conv (groups={groups})"
+    if in_l is None:
+        ctx.freeze(out_l, f"{reason} over a plain dim")
+    else:
+        ctx.atoms.tie_blocks(in_l, out_l, cin // groups, cout // groups, f"{reason} [{ctx.where}]")
+    whole = in_l if transposed else out_l  # weight dim 0 carries a space, dim 1 is one group's channels
+    ctx.add_macs(w_shape[1] * per_weight * (1 if whole is not None else w_shape[0]), whole)
+    return (whole,) + (None,) * (len(w_shape) - 1)
 
 @module_rule(*_CONVS, *_TRANSPOSED)
 def conv_module(ctx, node):
@@ -100,12 +116,9 @@ def conv_function(ctx, node):
 
 
 def _literal_groups(ctx, node, w_shape, transposed: bool, out_l) -> int | str | None:
-    """Where a depthwise F.conv* spells ``groups`` (position 6 or the keyword): it must follow the new width.
-
-    A grouped (not depthwise) conv has its spaces frozen, so its ``groups`` never changes.
-    """
+    """Where a grouped or depthwise F.conv* spells ``groups`` (position 6 or the keyword): it follows the new width."""
     groups = ctx.arg(6, "groups", 1)
-    if transposed or out_l is None or not isinstance(groups, int) or groups <= 1 or groups != w_shape[0]:
+    if out_l is None or not isinstance(groups, int) or groups <= 1:
         return None
     return 6 if len(node.args) > 6 else "groups"
 
@@ -221,9 +234,70 @@ def per_channel_norm_function(ctx, node):
     return ctx.tensor(ctx.out.shape, x.dims)
 
 
-@module_rule(nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+def _group_space(ctx, x, groups: int):
+    """The channel layout of a GroupNorm input, tied to itself in whole groups (None: no channel space)."""
+    if not isinstance(x, TensorSpec) or x.ndim < 2 or x.dims[1] is None:
+        return None
+    layout = x.dims[1]
+    width = ctx.atoms.channels(layout)
+    if layout.inner != 1 or not isinstance(groups, int) or groups < 1 or width % groups:
+        ctx.freeze(layout, f"GroupNorm with groups={groups!r} over {width} channels")
+        return layout
+    ctx.atoms.tie_blocks(layout, layout, width // groups, width // groups, f"GroupNorm(groups={groups}) [{ctx.where}]")
+    return layout
+
+
+def _norm_output(ctx, x, layout, mask: str | None):
+    """A norm's output spec: the input's layouts; known zero only where the norm's own mask says."""
+    if layout is None:
+        return ctx.tensor(ctx.out.shape, x.dims if isinstance(x, TensorSpec) else None)
+    zero = [None if d is None else Zero("none") for d in x.dims]
+    zero[1] = Zero("none", (), mask)
+    return ctx.tensor(ctx.out.shape, x.dims, tuple(zero))
+
+
+@module_rule(nn.GroupNorm)
+def group_norm(ctx, node):
+    """GroupNorm: same space in and out, resized in whole groups (channels per group fixed); γ marks live channels.
+
+    A group is dead when all its channels are; removing whole groups leaves the statistics of
+    the others exactly as they were, and ``num_groups`` follows the new width.  Without affine
+    there is no liveliness signal, but the space may still be resized in whole groups.
+    """
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    layout = _group_space(ctx, x, m.num_groups)
+    for tensor in (m.weight, m.bias):
+        ctx.param(tensor, (layout,))
+    ctx.record(LayerRecord("norm", module=node.target, input=layout, output=layout, groups=m.num_groups))
+    return _norm_output(ctx, x, layout, node.target)
+
+
+@function_rule(F.group_norm)
+def group_norm_function(ctx, node):
+    """F.group_norm(x, num_groups, weight, bias): as the module; a literal ``num_groups`` follows the new width."""
+    x = ctx.spec(node.args[0])
+    groups = ctx.arg(1, "num_groups")
+    layout = _group_space(ctx, x, groups)
+    names = []
+    for index, key in ((2, "weight"), (3, "bias")):
+        name, shape = param_of(ctx, ctx.arg(index, key))
+        if name is not None:
+            ctx.param_named(name, shape, (layout,))
+        names.append(name)
+    position = 1 if len(node.args) > 1 else "num_groups"
+    ctx.record(LayerRecord("group_norm", weight=names[0], bias=names[1], input=layout, output=layout,
+                           groups=groups if isinstance(groups, int) else 1, groups_arg=position))
+    return _norm_output(ctx, x, layout, None)
+
+
+@module_rule(nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
 def coupling_norm(ctx, node):
-    """LayerNorm / GroupNorm / RMSNorm / LRN: statistics couple the channels, freeze them."""
+    """LayerNorm / RMSNorm / LRN: statistics couple all the normalised channels, freeze them.
+
+    (A LayerNorm is a GroupNorm with one group: removing a channel changes every other one's
+    statistics, so it stays frozen.)
+    """
     m = ctx.module
     x = ctx.spec(node.args[0])
     shape = getattr(m, "normalized_shape", None)
@@ -233,9 +307,9 @@ def coupling_norm(ctx, node):
     return ctx.tensor(ctx.out.shape, x.dims)  # a zero slice leaves as β: zeros do not pass
 
 
-@function_rule(F.layer_norm, F.group_norm, F.rms_norm, F.local_response_norm, F.normalize)
+@function_rule(F.layer_norm, F.rms_norm, F.local_response_norm, F.normalize)
 def coupling_norm_function(ctx, node):
-    """Functional layer/group/rms norm and normalize: freeze the normalised dims."""
+    """Functional layer/rms norm, LRN and normalize: freeze the normalised dims."""
     x = ctx.spec(node.args[0])
     name = node.target.__name__
     if name in ("layer_norm", "rms_norm"):

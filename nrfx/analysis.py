@@ -18,6 +18,8 @@ import torch.fx
 from torch import nn
 
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
+from .capture import Captured, Example
+from .capture import capture as _capture
 from .context import AnalysisState, Context, ParamInfo
 from .cost import CostModel, mac_cost, param_cost
 from .errors import NrfxWarning, ShapeError
@@ -27,9 +29,8 @@ from .rules.registry import lookup
 from .shapeprop import propagate_shapes
 from .spaces import Layout
 from .specs import TensorSpec
-from .trace import defaulted_args, trace
 
-__all__ = ["analyze", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW", "COVERAGE_MIN_CHANNELS"]
+__all__ = ["analyze", "Example", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW", "COVERAGE_MIN_CHANNELS"]
 
 COVERAGE_WARN_BELOW = 0.5  # analyze warns when less than this share of the channels is monitored,
 COVERAGE_MIN_CHANNELS = 256  # in a model with at least this many channels (tiny test models stay quiet)
@@ -103,21 +104,26 @@ class Coverage:
         return self.monitored_channels / self.channels if self.channels else 0.0
 
 
-def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """A tuple of example tensors (a single tensor is accepted)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
-        return tuple(example_inputs)
-    raise ShapeError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
-        "pass e.g. torch.randn(1, 3, 224, 224)"
-    )
+def _as_inputs(example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> Example:
+    """Example inputs: a tensor, or a tuple/list of positional args (each any nest of lists, tuples, dicts)."""
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(args, (list, tuple)) or not (args or example_kwargs):
+        raise ShapeError(
+            f"example_inputs must be a tensor or a tuple of positional arguments, got {type(example_inputs).__name__}; "
+            "pass e.g. torch.randn(2, 3, 224, 224), or (images, targets) for a model with two arguments"
+        )
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise ShapeError(f"example_kwargs must be a dict of keyword arguments, got {type(example_kwargs).__name__}")
+    example = Example(tuple(args), dict(example_kwargs or {}))
+    if not example.tensors():
+        raise ShapeError(f"the example inputs hold no tensor (got {example_inputs!r}: a shape is not an input); "
+                         "pass tensors, e.g. torch.randn(2, 3, 224, 224)")
+    return example
 
 
-def _batch_size(inputs: Sequence[torch.Tensor]) -> int:
+def _batch_size(example: Example) -> int:
     """Batch size of the example inputs: the first dim of the first tensor that has one."""
-    for x in inputs:
+    for x in example.tensors():
         if x.dim() > 0:
             return max(int(x.shape[0]), 1)
     return 1
@@ -126,12 +132,15 @@ def _batch_size(inputs: Sequence[torch.Tensor]) -> int:
 class Analysis:
     """The channel graph of a model: spaces, parameter layouts, MAC terms and consumers."""
 
-    def __init__(self, model: nn.Module, traced, state: AnalysisState, batch: int, inputs: tuple) -> None:
+    def __init__(self, model: nn.Module, captured: Captured, state: AnalysisState, example: Example) -> None:
         self.model_name = type(model).__name__
-        self.gm = traced.gm
-        self.auto_leaves = dict(traced.auto_leaves)
-        self.batch = batch
-        self.input_shapes = tuple(tuple(x.shape) for x in inputs)
+        self.gm = captured.gm
+        self.capture = captured.method
+        self.capture_notes = list(captured.notes)
+        self.auto_leaves = dict(captured.auto_leaves)
+        self.example = example
+        self.batch = _batch_size(example)
+        self.input_shapes = tuple(tuple(x.shape) for x in example.tensors())
         self.state = state
         self.atoms = state.atoms
         self.unknown_ops = {k: tuple(v) for k, v in state.unknown.items()}
@@ -141,7 +150,7 @@ class Analysis:
         self._constant_params = self._count_constant_params(model)
         self.mask_sites = self._mask_sites()
         self.param_cost = param_cost(self.param_info, self.space_ids, self._constant_params)
-        self.mac_cost = mac_cost(state.macs, self.space_ids, _input_dependent_nodes(self.gm), batch)
+        self.mac_cost = mac_cost(state.macs, self.space_ids, _input_dependent_nodes(self.gm), self.batch)
         full = [s.width for s in self.spaces]
         self.params = self.param_cost(full)
         self.flops = self.mac_cost(full)
@@ -489,22 +498,36 @@ def analyze(
     model: nn.Module,
     example_inputs: Any,
     *,
+    example_kwargs: dict[str, Any] | None = None,
+    capture: str = "auto",
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     autowrap_functions: Sequence[Callable] = (),
 ) -> Analysis:
-    """Trace ``model``, follow its channels and count c(A) and U(θ); the model is not modified."""
-    inputs = _as_inputs(example_inputs)
-    concrete_args = defaulted_args(model, len(inputs), concrete_args)
-    traced = trace(model, leaf_modules, concrete_args, autowrap_functions)
-    values = propagate_shapes(traced.gm, inputs, traced.auto_leaves)
-    state = AnalysisState(traced.gm, values)
-    state.auto_leaves.update(traced.auto_leaves)
-    _warn_auto_leaves(traced.auto_leaves)
+    """Capture ``model`` (``capture``: 'auto', 'fx' or 'export'), follow its channels, count c(A) and U(θ).
+
+    ``example_inputs``: a tensor or a tuple of positional arguments (any nest of lists, tuples and
+    dicts of tensors); ``example_kwargs``: keyword arguments.  The model is not modified.
+    """
+    example = _as_inputs(example_inputs, example_kwargs)
+    captured = _capture(model, example, capture, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                        autowrap_functions=autowrap_functions, raisable=_has_module_rule)
+    values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
+    state = AnalysisState(captured.gm, values)
+    state.auto_leaves.update(captured.auto_leaves)
+    _warn_auto_leaves(captured.auto_leaves)
     _analyze_graph(state)
-    analysis = Analysis(model, traced, state, _batch_size(inputs), inputs)
+    analysis = Analysis(model, captured, state, example)
+    for note in captured.notes:
+        if "specialised" in note or "could not stay dynamic" in note:
+            warnings.warn(note, NrfxWarning, stacklevel=2)
     _warn_low_coverage(analysis)
     return analysis
+
+
+def _has_module_rule(module: nn.Module) -> bool:
+    """Whether the op table has a rule for this module type (export raises its calls to call_module)."""
+    return lookup("call_module", None, module) is not None
 
 
 def _warn_low_coverage(analysis: Analysis) -> None:

@@ -54,7 +54,7 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
     return out
 
 
-def _capture(gm: torch.fx.GraphModule, names, inputs) -> dict[str, list[torch.Tensor]]:
+def _capture(gm: torch.fx.GraphModule, names, example) -> dict[str, list[torch.Tensor]]:
     """Inputs each named module receives on the example inputs, in eval mode, no grad, leaving no trace."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = [gm.get_submodule(n).register_forward_pre_hook(
@@ -63,7 +63,7 @@ def _capture(gm: torch.fx.GraphModule, names, inputs) -> dict[str, list[torch.Te
     try:
         gm.eval()
         with torch.no_grad(), untouched(gm):
-            gm(*inputs)
+            example.call(gm)
     finally:
         for module, training in modes:
             module.training = training
@@ -83,6 +83,9 @@ def _constants(xs: list[torch.Tensor], removed: torch.Tensor, linear: bool) -> d
     return values
 
 
+_SCALED_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # γ = 0 with β ≠ 0 emits the constant β
+
+
 def _may_emit_constants(gm: torch.fx.GraphModule) -> bool:
     """Whether some channel's producer ignores its input: a norm with γ = 0 and β ≠ 0, or a
     conv/linear with an all-zero weight row and a bias.  Without one no constant exists."""
@@ -90,7 +93,7 @@ def _may_emit_constants(gm: torch.fx.GraphModule) -> bool:
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor) or weight.is_meta:
             continue
-        if isinstance(module, nn.modules.batchnorm._NormBase) and bool(((weight == 0) & (bias != 0)).any()):
+        if isinstance(module, _SCALED_NORMS) and bool(((weight == 0) & (bias != 0)).any()):
             return True
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and weight.dim() >= 2:
             rows = weight.detach().reshape(weight.shape[0], -1) if not getattr(module, "transposed", False) else None
@@ -99,13 +102,13 @@ def _may_emit_constants(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
-def measure_folds(gm: torch.fx.GraphModule, analysis, plan, inputs) -> tuple[dict[str, dict], list[str]]:
+def measure_folds(gm: torch.fx.GraphModule, analysis, plan, example) -> tuple[dict[str, dict], list[str]]:
     """Per foldable consumer: {position: constant} of the removed features that carry one;
     and notes naming the consumers whose constants cannot be folded exactly."""
     candidates = _candidates(gm, analysis, plan)
     if not candidates or not _may_emit_constants(gm):
         return {}, []
-    captured = _capture(gm, candidates, inputs)
+    captured = _capture(gm, candidates, example)
     folds, notes = {}, []
     for name, removed in candidates.items():
         module = gm.get_submodule(name)

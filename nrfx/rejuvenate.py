@@ -34,56 +34,60 @@ RewritePass = Callable[[torch.fx.GraphModule, Analysis, Plan, dict[str, ParamMap
 REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, apply_folds, apply_rescale, apply_scheme)
 
 
-def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """A tuple of tensors."""
-    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-
-
 def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any,
-                      example_inputs: Any, **options: Any) -> Plan:
-    """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit."""
+                      example_inputs: Any = None, **options: Any) -> Plan:
+    """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit.
+
+    The constants are measured on the analysis' own example inputs (``example_inputs`` is accepted
+    for compatibility and ignored).
+    """
     plan = make_plan(analysis, model, masks, budget, **options)
-    return _with_folds(analysis, plan, _check_inputs(example_inputs))
+    return _with_folds(analysis, plan)
 
 
-def _with_folds(analysis: Analysis, plan: Plan, inputs: tuple) -> Plan:
+def _with_folds(analysis: Analysis, plan: Plan) -> Plan:
     """The plan with its folded constants measured on the example inputs (kept when it has them)."""
     if plan.folds is not None:
         return plan
-    folds, notes = measure_folds(analysis.gm, analysis, plan, inputs)
+    folds, notes = measure_folds(analysis.gm, analysis, plan, analysis.example)
     return dataclasses.replace(plan, folds=folds, notes=[*plan.notes, *notes])
 
 
 def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any = None, *,
-               example_inputs: Any, scheme: str = "nr", rescale: bool = False, gamma0: float | str | None = None,
-               realloc: bool = True, seed: int | None = None, analysis: Analysis | None = None,
-               **trace_options: Any) -> torch.fx.GraphModule:
+               example_inputs: Any, example_kwargs: dict[str, Any] | None = None, scheme: str = "nr",
+               rescale: bool = False, gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None,
+               analysis: Analysis | None = None, **capture_options: Any) -> torch.fx.GraphModule:
     """Remove dead channels, grow every free space by one shared rate α to the budget, re-initialise.
 
     Returns a new GraphModule (the model is not modified) with ``nrfx_plan`` (the replayable
     Plan, with the notes of the build) and ``nrfx_param_map`` ({name: ParamMap}) attached.
+    It takes the model's own arguments (``example_inputs``, ``example_kwargs``) and returns its
+    output structure; ``capture`` and the trace options are those of ``nrfx.analyze``.
     """
-    inputs = _check_inputs(example_inputs)
-    analysis = analysis or analyze(model, inputs, **trace_options)
-    plan = plan_rejuvenation(analysis, model, masks, budget, inputs, scheme=scheme, rescale=rescale, gamma0=gamma0,
+    analysis = analysis or analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
+    plan = plan_rejuvenation(analysis, model, masks, budget, scheme=scheme, rescale=rescale, gamma0=gamma0,
                              realloc=realloc, seed=seed)
-    return _build(model, analysis, plan, inputs)
+    return _build(model, analysis, plan)
 
 
-def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None,
-               **trace_options: Any) -> torch.fx.GraphModule:
+def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, *,
+               example_kwargs: dict[str, Any] | None = None, **capture_options: Any) -> torch.fx.GraphModule:
     """Rebuild the rejuvenated module a plan describes, from the original model (replay)."""
     plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
-    inputs = _check_inputs(example_inputs) if example_inputs is not None else tuple(
-        torch.zeros(s) for s in plan.input_shapes)
-    analysis = analyze(model, inputs, **trace_options)
+    if example_inputs is None and plan.capture != "fx":
+        raise PlanError(f"this plan was made on a model captured by {plan.capture}: pass example_inputs= "
+                        "(and example_kwargs=) as the model takes them to replay it")
+    if example_inputs is None:
+        example_inputs = tuple(torch.zeros(s) for s in plan.input_shapes)
+    capture_options.setdefault("capture", plan.capture)
+    analysis = analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
     if [s.width for s in analysis.spaces] != plan.widths:
         raise PlanError("the plan does not fit this model: its channel spaces differ (was it made for another "
                         "architecture or another set of trace options?)")
-    return _build(model, analysis, _with_folds(analysis, plan, inputs), inputs)
+    return _build(model, analysis, _with_folds(analysis, plan))
 
 
-def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx.GraphModule:
+def _build(model: nn.Module, analysis: Analysis, plan: Plan) -> torch.fx.GraphModule:
     """Copy the traced graph module, run every rewrite pass, verify; the plan is only read."""
     maps: dict[str, ParamMap] = param_maps(analysis, plan)
     gm = copy_for_rewrite(analysis.gm, maps)
@@ -93,7 +97,7 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan, inputs) -> torch.fx
     keep_safe_inplace(gm)
     gm.recompile()
     verify(gm)
-    _check_runs(gm, inputs)
+    _check_runs(gm, analysis.example.flat())
     gm.nrfx_plan = dataclasses.replace(plan, notes=list(dict.fromkeys(notes)))
     gm.nrfx_param_map = maps
     gm.train(model.training)

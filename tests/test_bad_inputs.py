@@ -93,8 +93,8 @@ def test_norm_masks_threshold_must_be_a_fraction():
     (torch.randn(3, 64, 64), r"(?s)node '\w+'.*Pass example_inputs shaped as the model's forward expects"),
     (torch.randn(2, 1, 3, 64, 64), "node 'conv1'"),
     (torch.randn(2, 4, 64, 64), "node 'conv1'"),
-    ([1, 3, 64, 64], "example_inputs must be a tensor or a tuple of tensors"),
-    ("image", "example_inputs must be a tensor or a tuple of tensors"),
+    ([1, 3, 64, 64], r"example inputs hold no tensor \(got \[1, 3, 64, 64\]: a shape is not an input\)"),
+    ("image", "example_inputs must be a tensor or a tuple of positional arguments"),
 ])
 def test_wrong_example_inputs_raise_shape_error(inputs, match):
     model = _mixed_mode_resnet()

@@ -30,7 +30,8 @@ from .shapeprop import propagate_shapes
 from .spaces import Layout
 from .specs import TensorSpec
 
-__all__ = ["analyze", "Example", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW", "COVERAGE_MIN_CHANNELS"]
+__all__ = ["analyze", "Example", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW",
+           "COVERAGE_MIN_CHANNELS"]
 
 COVERAGE_WARN_BELOW = 0.5  # analyze warns when less than this share of the channels is monitored,
 COVERAGE_MIN_CHANNELS = 256  # in a model with at least this many channels (tiny test models stay quiet)

@@ -16,7 +16,9 @@ read it (``W[:, c] *= g_c``, exact) and removes it: the plain architecture, same
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .analysis import Analysis, analyze
-from .errors import RewriteError
+from .errors import NrfxWarning
 from .gates import Gate
+from .shapeprop import propagate_shapes
 from .trace import trace
 
-__all__ = ["add_gates", "fold_gates", "gate_sites"]
+__all__ = ["GateFold", "add_gates", "fold_gates", "gate_sites"]
 
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                        nn.Hardswish, nn.Tanh, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.PReLU)
@@ -50,10 +53,15 @@ def _is_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 
 
 def _after_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
-    """The node a gate follows: the producer, or the chain of activations its only user starts."""
+    """The node a gate follows: the producer, or the chain of activations (and identities) its only user starts.
+
+    timm writes ``fc1 → norm → act`` with ``norm = nn.Identity()``: the gate goes after the act,
+    where ``fold_gates`` can fold it into the next layer.
+    """
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if not _is_activation(gm, user) or user.args[0] is not node:
+        identity = user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.Identity)
+        if not (_is_activation(gm, user) or identity) or not user.args or user.args[0] is not node:
             break
         node = user
     return node
@@ -131,61 +139,293 @@ def _is_pass(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in _PASS_FUNCTIONS
 
 
-def _reads_channels(module: nn.Module, gate: Gate) -> bool:
-    """Whether a reader's input columns (dim 1 of its weight) are the gate's channels."""
-    if module.weight.shape[1] != gate.num_features:
-        return False
-    return gate.dim == -1 if isinstance(module, nn.Linear) else gate.dim in (0, 1)
+@dataclass(frozen=True)
+class GateFold:
+    """One reader of a gate: its module and, for each of its input channels / features, the gate channel feeding it."""
+
+    weight: nn.Parameter  # (out, in / groups, *kernel)
+    groups: int
+    channels: torch.Tensor  # long, one entry per input channel / feature of the reader; -1: not fed by the gate
 
 
-def _readers(gm: torch.fx.GraphModule, gate: torch.fx.Node, calls: dict[str, int]) -> list[nn.Module] | str:
-    """Linear / ungrouped conv modules that read the gate's output through dropout or identity only, or why not."""
-    found, stack = [], [(user, gate) for user in gate.users]
-    module_of = gm.get_submodule
-    while stack:
-        node, source = stack.pop()
-        module = module_of(node.target) if node.op == "call_module" else None
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not getattr(module, "transposed", False):
-            if getattr(module, "groups", 1) != 1 or calls[node.target] > 1 or node.args[0] is not source:
-                return f"its reader {node.target} is grouped, called more than once, or reads it as a weight"
-            if not _reads_channels(module, module_of(gate.target)):
-                return f"its reader {node.target} does not read the gate's dim as its input channels"
-            found.append(module)
-        elif _is_pass(gm, node) and node.args and node.args[0] is source:
-            stack.extend((user, node) for user in node.users)
-        else:
-            return f"it reaches {node.op} {getattr(node.target, '__name__', node.target)} before a linear/conv layer"
-    return found or "nothing reads it"
+def fold_gates(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModule:
+    """A copy of a gated model with every foldable gate multiplied into its readers' input columns (W[:, c] *= g_c).
 
-
-def fold_gates(model: nn.Module) -> torch.fx.GraphModule:
-    """A copy of a gated model with every gate multiplied into its readers' input columns (W[:, c] *= g_c).
-
-    Exact: the plain architecture with the same function.  A gate must reach only linear or
-    ungrouped conv layers, through dropout or identity; otherwise a RewriteError names it.
-    The model is not modified (a model that is not a GraphModule is traced first).
+    Exact: the same function, without the gate.  A gate folds when everything between it and
+    the linear / conv layers reading it passes a per-channel scale on: dropout, identity, and,
+    given ``example_inputs`` (for the shapes), movement ops (view, reshape, flatten, permute,
+    transpose, indexing), average pools, means and sums over other dims, interpolation, and max
+    pools where the gate is ≥ 0.  A gate that cannot fold stays (an ``NrfxWarning`` names it and
+    the op that stops it); ``gm.nrfx_gates`` lists those left.  The model is not modified (a model
+    that is not a GraphModule is traced first).
     """
     gm = copy.deepcopy(model) if isinstance(model, torch.fx.GraphModule) else trace(copy.deepcopy(model)).gm
+    values = propagate_shapes(gm, _positional(example_inputs)) if example_inputs is not None else None
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    gates = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Gate)]
-    for node in gates:
-        gate = gm.get_submodule(node.target)
-        readers = _readers(gm, node, calls)
-        if isinstance(readers, str) or calls[node.target] > 1:
-            reason = readers if isinstance(readers, str) else "the gate is called more than once"
-            raise RewriteError(f"cannot fold gate '{node.target}': {reason}. Keep the gate in the model (it is one "
-                               "multiply per channel), or move it to just before the layer that reads it")
-        with torch.no_grad():
-            for reader in readers:
-                shape = [1] * reader.weight.dim()
-                shape[1] = -1
-                reader.weight.mul_(gate.weight.detach().reshape(shape).to(reader.weight.dtype))
+    kept = []
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Gate)]:
+        folds = _gate_folds(gm, node, values, calls)
+        if isinstance(folds, str):
+            warnings.warn(f"nrfx.fold_gates keeps gate '{node.target}' (node {node.name}): {folds}; it stays in the "
+                          "model (one multiply per channel)", NrfxWarning, stacklevel=2)
+            kept.append(node.target)
+            continue
+        _scale_columns(gm.get_submodule(node.target), folds)
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)
     gm.graph.lint()
     gm.recompile()
+    gm.nrfx_gates = tuple(kept)
     return gm
+
+
+def _positional(example_inputs: Any) -> tuple:
+    """The positional example inputs: a tensor becomes a 1-tuple."""
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _scale_columns(gate: Gate, folds: list[GateFold]) -> None:
+    """Rule: W[o, k] *= g[channel of input column k] (1 where that is -1); grouped: column k is input g(o)·K/G + k."""
+    g = torch.cat([gate.weight.detach(), gate.weight.new_ones(1)])  # channel -1: a column the gate does not feed
+    with torch.no_grad():
+        for fold in folds:
+            weight, groups = fold.weight, fold.groups
+            out, per_group = weight.shape[0], weight.shape[1]
+            column = (torch.arange(out) // (out // groups))[:, None] * per_group + torch.arange(per_group)[None, :]
+            scale = g.to(weight.device)[fold.channels.to(weight.device)[column.to(weight.device)]]
+            weight.mul_(scale.reshape(out, per_group, *[1] * (weight.dim() - 2)).to(weight.dtype))
+
+
+def _gate_folds(gm: torch.fx.GraphModule, gate_node: torch.fx.Node, values: dict | None,
+                calls: dict[str, int]) -> list[GateFold] | str:
+    """The readers a gate folds into, following ops that pass a per-channel scale on; or why it cannot fold."""
+    gate = gm.get_submodule(gate_node.target)
+    if calls[gate_node.target] > 1:
+        return "the gate is called more than once"
+    ids = None if values is None else _channel_ids(gate, values[gate_node])
+    downstream = _downstream(gm, gate_node)
+    found: list[GateFold] = []
+    stack = [(user, gate_node, ids) for user in gate_node.users]
+    while stack:
+        node, source, ids = stack.pop()
+        module = _reader_module(gm, node, calls)
+        if module is not None:
+            fold = _reader(module, node, source, ids, gate, calls)
+            if isinstance(fold, str):
+                return fold
+            found.append(fold)
+            continue
+        step = _through(gm, node, source, ids, values, gate, downstream)
+        if isinstance(step, str):
+            return step
+        stack.extend((user, node, step) for user in node.users)
+    return found or "nothing reads it"
+
+
+def _downstream(gm: torch.fx.GraphModule, gate_node: torch.fx.Node) -> set[torch.fx.Node]:
+    """Every node whose value depends on the gate's output, up to the linear / conv layers reading it."""
+    seen, stack = set(), [gate_node]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node is gate_node or _reader_module(gm, node, {}) is None:
+            stack.extend(node.users)
+    return seen
+
+
+def _channel_ids(gate: Gate, value: Any) -> torch.Tensor:
+    """A tensor shaped like the gate's output holding, at every element, the gate channel it belongs to."""
+    shape = list(value.shape)
+    dim = gate.dim % len(shape)
+    view = [1] * len(shape)
+    view[dim] = -1
+    return torch.arange(gate.num_features).view(view).expand(shape).contiguous()
+
+
+def _reader_module(gm: torch.fx.GraphModule, node: torch.fx.Node, calls: dict[str, int]) -> nn.Module | None:
+    """The linear / conv layer a node runs: a module call, or ``F.linear`` of a weight nothing else uses."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        ok = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not getattr(module, "transposed", False)
+        return module if ok else None
+    if node.op != "call_function" or node.target is not F.linear or len(node.args) < 2:
+        return None
+    weight = node.args[1]
+    if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and len(weight.users) == 1):
+        return None
+    if any(n.op == "get_attr" and n.target == weight.target and n is not weight for n in gm.graph.nodes) or any(
+            calls.get(path, 0) and weight.target.startswith(f"{path}.") for path in calls):
+        return None  # the weight is read elsewhere too (tied)
+    linear = nn.Module()
+    linear.weight = gm.get_parameter(weight.target)
+    return linear
+
+
+def _reader(module: nn.Module, node: torch.fx.Node, source: torch.fx.Node, ids: torch.Tensor | None, gate: Gate,
+            calls: dict[str, int]) -> GateFold | str:
+    """How a linear / conv reads the gate: the gate channel of each input column, or why it cannot fold."""
+    where = f"its reader {node.target} (node {node.name})"
+    functional = node.op == "call_function"
+    if (not functional and calls[node.target] > 1) or node.args[0] is not source or source in node.args[1:] or (
+            source in node.kwargs.values()):
+        return f"{where} is called more than once or reads it other than as its input"
+    in_dim = -1 if functional or isinstance(module, nn.Linear) else None
+    groups = getattr(module, "groups", 1)
+    if ids is None:
+        if module.weight.shape[1] * groups != gate.num_features or not (
+                gate.dim == -1 if in_dim == -1 else gate.dim in (0, 1)):
+            return f"{where} does not read the gate's dim as its input channels"
+        return GateFold(module.weight, groups, torch.arange(gate.num_features))
+    if in_dim is None:  # conv: (N, C, *spatial) or (C, *spatial)
+        in_dim = ids.dim() - (module.weight.dim() - 2) - 1
+    columns = ids.movedim(in_dim, -1).reshape(-1, ids.shape[in_dim])
+    if not bool((columns == columns[:1]).all()):
+        return f"{where} reads gate channels mixed with other dims in one input column"
+    return GateFold(module.weight, groups, columns[0].clone())
+
+
+_MOVEMENT_METHODS = frozenset({"view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous",
+                               "movedim", "moveaxis", "swapaxes", "swapdims", "squeeze", "unsqueeze", "view_as",
+                               "reshape_as", "expand", "expand_as", "clone"})
+_MOVEMENT_FUNCTIONS = (torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten, torch.movedim,
+                       torch.moveaxis, torch.swapaxes, torch.swapdims, torch.squeeze, torch.unsqueeze, torch.clone,
+                       operator.getitem)
+_MOVEMENT_MODULES = (nn.Flatten, nn.Unflatten)
+
+
+def _through(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node, ids: torch.Tensor | None,
+             values: dict | None, gate: Gate, downstream: set[torch.fx.Node]) -> torch.Tensor | str | None:
+    """The channel ids after an op that passes a per-channel scale on (None without shapes), or why it does not."""
+    what = f"{node.target} ({type(gm.get_submodule(node.target)).__name__})" if node.op == "call_module" else \
+        getattr(node.target, "__name__", node.target)
+    stops = f"it reaches {node.op} {what} (node {node.name})"
+    if _is_pass(gm, node) and node.args and node.args[0] is source:
+        return ids
+    kind = _kind(gm, node)
+    if kind in ("cat", "scale"):
+        return _combined(node, source, ids, values, downstream, stops)
+    if kind is None or not node.args or node.args[0] is not source:
+        return f"{stops} before a linear/conv layer"
+    if ids is None:
+        return f"{stops}; pass example_inputs to fold_gates to fold through it (nrfx follows its channels by shape)"
+    if kind == "max" and bool((gate.weight < 0).any()):
+        return f"{stops}: a max commutes with the gate only where it is >= 0, and it has negative entries"
+    try:
+        out = _moved(gm, node, ids, values) if kind == "move" else _pooled(_op_name(gm, node), node, ids, values[node])
+    except Exception as error:  # an op whose arguments the index tensor cannot stand in for
+        return f"{stops}: following its channels failed ({type(error).__name__}: {error})"
+    if isinstance(out, str):
+        return f"{stops}: {out}"
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(values[node].shape):
+        return f"{stops}: its channels could not be followed"
+    return out
+
+
+def _kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """'move' (elements rearranged), 'pool' (a per-channel linear map), 'max' (per channel, commutes for g >= 0)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _MOVEMENT_MODULES):
+            return "move"
+        if isinstance(module, _POOL_MODULES):
+            return "pool"
+        return "max" if isinstance(module, _MAX_MODULES) else None
+    name = _op_name(gm, node)
+    if (node.op == "call_method" and name in _MOVEMENT_METHODS) or (
+            node.op == "call_function" and node.target in _MOVEMENT_FUNCTIONS):
+        return "move"
+    if node.op in ("call_method", "call_function") and name in _POOL_NAMES:
+        return "pool"
+    if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.concatenate):
+        return "cat"
+    if (node.op == "call_function" and node.target in _SCALE_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ("mul", "div")):
+        return "scale"
+    return "max" if node.op in ("call_method", "call_function") and name in _MAX_NAMES else None
+
+
+def _moved(gm: torch.fx.GraphModule, node: torch.fx.Node, ids: torch.Tensor, values: dict) -> Any:
+    """The op itself run on the channel ids (the other arguments at their propagated values)."""
+    args = torch.fx.node.map_arg(node.args[1:], lambda n: values[n])
+    kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: values[n])
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(ids, *args, **kwargs)
+    if node.op == "call_method":
+        return getattr(ids, node.target)(*args, **kwargs)
+    return node.target(ids, *args, **kwargs)
+
+
+_SCALE_FUNCTIONS = (operator.mul, torch.mul, operator.truediv, torch.div, torch.true_divide)
+_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveAvgPool3d, nn.Upsample)
+_MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                nn.AdaptiveMaxPool3d)
+_POOL_NAMES = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                         "adaptive_avg_pool3d", "interpolate", "upsample", "mean", "sum"})
+_MAX_NAMES = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                        "adaptive_max_pool3d", "amax"})
+_REDUCTIONS = frozenset({"mean", "sum", "amax"})
+
+
+def _op_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """A method's name, a function's ``__name__``, a module's class name in lower case."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__.lower()
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+
+
+def _pooled(name: str, node: torch.fx.Node, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor | str:
+    """Channel ids after a per-channel pool or reduction: each output mixes elements of one channel only."""
+    if name in _REDUCTIONS:
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dims is None or not all(isinstance(d, int) for d in ([dims] if isinstance(dims, int) else dims)):
+            return "it reduces over every dim or over dims only known at run time"
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        low, high = ids.amin(dims, keepdim=bool(keep)), ids.amax(dims, keepdim=bool(keep))
+        return low if bool((low == high).all()) else "it reduces over the gate's channels"
+    spatial = _spatial_dims(name, ids.dim())
+    channel = ids.dim() - spatial - 1
+    column = ids.movedim(channel, -1).reshape(-1, ids.shape[channel])
+    if out.dim() != ids.dim() or out.shape[channel] != ids.shape[channel] or not bool((column == column[:1]).all()):
+        return "the gate's channels are not its channel dim"
+    view = [1] * ids.dim()
+    view[channel] = -1
+    return column[0].view(view).expand(tuple(out.shape)).contiguous()
+
+
+def _spatial_dims(name: str, ndim: int) -> int:
+    """How many trailing dims a pool / interpolation acts on (1d, 2d, 3d; interpolate: all past N and C)."""
+    for spatial in (1, 2, 3):
+        if name.endswith(f"{spatial}d"):
+            return spatial
+    return ndim - 2
+
+
+def _combined(node: torch.fx.Node, source: torch.fx.Node, ids: torch.Tensor | None, values: dict | None,
+              downstream: set[torch.fx.Node], stops: str) -> torch.Tensor | str:
+    """Channel ids after ``cat`` (other inputs: -1, no gate) or a product / quotient by what the gate does not reach.
+
+    Rule: (g·a)·b = g·(a·b) and cat(g·a, b) scales a's columns only, when b does not depend on the gate.
+    """
+    operands = node.args[0] if node.target in (torch.cat, torch.concat, torch.concatenate) else node.args
+    others = [n for n in torch.fx.node.map_aggregate(operands, lambda a: a) if isinstance(n, torch.fx.Node)
+              and n is not source] if isinstance(operands, (list, tuple)) else []
+    if any(n in downstream for n in others) or list(operands).count(source) != 1 or (
+            node.target in (operator.truediv, torch.div, torch.true_divide, "div") and node.args[0] is not source) or (
+            node.op == "call_method" and len(node.args) > 2):
+        return f"{stops}, whose other operands depend on the gate (or it divides by it)"
+    if ids is None:
+        return f"{stops}; pass example_inputs to fold_gates to fold through it (nrfx follows its channels by shape)"
+    out = values[node]
+    if node.target not in (torch.cat, torch.concat, torch.concatenate):
+        return torch.broadcast_to(ids, tuple(out.shape)).contiguous() if node.kwargs.get("rounding_mode") is None \
+            else f"{stops} with a rounding mode"
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    parts = [ids if n is source else torch.full(tuple(values[n].shape), -1, dtype=ids.dtype) for n in operands]
+    return torch.cat(parts, dim)

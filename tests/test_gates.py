@@ -198,8 +198,11 @@ def test_fold_gates_of_a_user_model_and_its_refusal():
     torch.testing.assert_close(folded(x), model(x))
     assert isinstance(model[2], Gate) and not any(isinstance(m, Gate) for m in folded.modules())
     bad = nn.Sequential(nn.Linear(4, 4), Gate(4, dim=-1), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(nrfx.RewriteError, match=r"cannot fold gate '1'.*before a linear/conv layer.*Keep the gate"):
-        nrfx.fold_gates(bad)
+    with pytest.warns(nrfx.NrfxWarning, match=r"keeps gate '1' \(node _1\): it reaches call_module 2 \(ReLU\) "
+                      r"\(node _2\) before a linear/conv layer; it stays in the model"):
+        kept = nrfx.fold_gates(bad)
+    assert kept.nrfx_gates == ("1",) and isinstance(kept.get_submodule("1"), Gate)
+    torch.testing.assert_close(kept(torch.ones(2, 4)), bad(torch.ones(2, 4)))
 
 
 def test_add_gates_on_full_size_models_lifts_coverage():
@@ -397,5 +400,114 @@ def test_add_gates_after_functional_activations_and_conv_outputs():
     analysis = nrfx.analyze(gm, x)
     assert analysis.coverage().monitored == analysis.coverage().free > 0
     assert_preserved(gm, x, analysis)
-    with pytest.raises(nrfx.RewriteError, match="cannot fold gate 'conv_gate': it reaches call_method flatten"):
-        nrfx.fold_gates(gm)  # a reshape between a gate and its reader: folding there is not implemented
+    with pytest.warns(nrfx.NrfxWarning, match="keeps gate 'conv_gate'.*call_method flatten.*pass example_inputs"):
+        kept = nrfx.fold_gates(gm)  # flatten and transpose between the gate and fc1: it needs the shapes
+    assert kept.nrfx_gates == ("conv_gate",)
+    folded = nrfx.fold_gates(gm, x)
+    assert folded.nrfx_gates == () and not any(isinstance(m, Gate) for m in folded.modules())
+    torch.testing.assert_close(folded(x), gm(x), rtol=1e-10, atol=1e-12)
+
+
+def test_gate_follows_an_identity_norm_and_the_activation():
+    """timm's ``fc1 → norm (nn.Identity) → act → fc2``: the gate goes after the act, where it folds."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Identity(), nn.GELU(), nn.Linear(6, 2)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    gm = nrfx.add_gates(model, x)
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in gm.nrfx_gates]
+    assert node.args[0].target == "2"
+    kill_gates(gm)
+    folded = nrfx.fold_gates(gm)
+    assert folded.nrfx_gates == ()
+    torch.testing.assert_close(folded(x), gm(x), rtol=1e-10, atol=1e-12)
+
+
+class Movers(nn.Module):
+    """Four gates, each behind ops fold_gates follows: max pool, flatten + transpose, reshape + permute (into a
+    depthwise conv), cat with an ungated branch, a product with an ungated tensor, average pool + flatten (into
+    ``F.linear``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.g1 = nn.Conv2d(3, 4, 3, padding=1), Gate(4)
+        self.tok, self.g2 = nn.Linear(4, 6), Gate(6, dim=-1)
+        self.dw, self.g3 = nn.Conv2d(6, 6, 3, padding=1, groups=6), Gate(6)
+        self.side = nn.Conv2d(3, 2, 1)
+        self.mix, self.g4 = nn.Conv2d(8, 5, 1), Gate(5)
+        self.head = nn.Parameter(torch.randn(3, 20))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = nn.functional.max_pool2d(self.g1(torch.relu(self.conv(x))), 2)  # (B, 4, 4, 4)
+        t = self.g2(nn.functional.gelu(self.tok(a.flatten(2).transpose(1, 2))))  # tokens (B, 16, 6)
+        m = t.reshape(x.shape[0], 4, 4, 6).permute(0, 3, 1, 2)
+        d = self.g3(nn.functional.gelu(self.dw(m)))
+        c = torch.cat([d, self.side(nn.functional.avg_pool2d(x, 2))], dim=1)
+        y = self.g4(torch.relu(self.mix(c))) * torch.sigmoid(nn.functional.avg_pool2d(x[:, :1], 2))
+        return nn.functional.linear(nn.functional.adaptive_avg_pool2d(y, 2).flatten(1), self.head)
+
+
+def test_fold_gates_follows_movement_pools_cat_and_products():
+    torch.manual_seed(0)
+    model = Movers().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert kill_gates(model, 0.3, seed=1) > 0  # random values in [0.5, 1.5), some zero
+    folded = nrfx.fold_gates(model, x)
+    assert folded.nrfx_gates == () and not any(isinstance(m, Gate) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-12)
+    assert isinstance(model.g1, Gate)  # the user's model keeps its gates
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = nrfx.fold_gates(model)  # without shapes, none of them can be followed
+    assert kept.nrfx_gates == ("g1", "g2", "g3", "g4")
+    assert sum("pass example_inputs to fold_gates" in str(w.message) for w in caught) == 4
+
+
+class Unfoldable(nn.Module):
+    """A negative gate before a max pool, a reshape that mixes channels into one column, a product with itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.g1, self.fc1 = nn.Conv2d(3, 4, 1), Gate(4), nn.Linear(16, 2)
+        self.lin, self.g2, self.fc2 = nn.Linear(3, 4), Gate(4, dim=-1), nn.Linear(4, 2)
+        self.g3, self.fc3 = Gate(4, dim=-1), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = nn.functional.max_pool2d(self.g1(self.conv(x)), 2).flatten(1)  # (B, 16)
+        t = self.g2(self.lin(x.flatten(2).transpose(1, 2)))  # tokens (B, 16, 4); fc2's columns mix its channels
+        u = self.g3(self.lin(x.flatten(2).transpose(1, 2)))
+        return self.fc1(a) + self.fc2(t.reshape(x.shape[0], 4, 16).transpose(1, 2)).mean(1) + \
+            self.fc3(u * torch.sigmoid(u)).mean(1)
+
+
+def test_fold_gates_keeps_what_it_cannot_fold_and_names_it():
+    torch.manual_seed(0)
+    model = Unfoldable().double().eval()
+    with torch.no_grad():
+        model.g1.weight.copy_(torch.tensor([1.0, -0.5, 2.0, 0.0]))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = nrfx.fold_gates(model, x)
+    messages = sorted(str(w.message) for w in caught if "keeps gate" in str(w.message))
+    assert kept.nrfx_gates == ("g1", "g2", "g3") and len(messages) == 3
+    assert "max commutes with the gate only where it is >= 0" in messages[0] and "max_pool2d" in messages[0]
+    assert "its reader fc2 (node fc2) reads gate channels mixed with other dims" in messages[1]
+    assert "call_function mul (node mul), whose other operands depend on the gate" in messages[2]
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto"])
+def test_fold_gates_on_timm_transformers_and_convnext(name):
+    """Gated timm ViT / ConvNeXt with random non-1 gates fold completely and compute the same (float64)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    size = {"img_size": 64} if "vit" in name else {}
+    model = timm.create_model(name, pretrained=False, num_classes=10, **size).double().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    gm = nrfx.add_gates(model, x)
+    assert len(gm.nrfx_gates) > 0 and kill_gates(gm, 0.2) > 0
+    folded = nrfx.fold_gates(gm, x)
+    assert folded.nrfx_gates == () and not any(isinstance(m, Gate) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), gm(x), rtol=1e-9, atol=1e-10)

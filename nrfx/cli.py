@@ -76,6 +76,20 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the report as JSON to PATH; '-' writes it to stdout and the table "
                              "and totals to stderr")
     parser.add_argument("--width", type=int, default=150, help="table width in characters (default 150)")
+    parser.add_argument("--add-gates", action="store_true",
+                        help="first insert an nrfx.Gate in every free channel space without a norm scale "
+                             "(nrfx.add_gates): transformer and ConvNeXt MLPs get a liveliness signal")
+
+
+def _gated(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """--add-gates: the model with a gate in every free space without a signal (nrfx.add_gates), else as it is."""
+    if not getattr(args, "add_gates", False):
+        return model
+    from .gating import add_gates
+
+    gated = add_gates(model, x)
+    print(f"add_gates: {len(gated.nrfx_gates)} gates added", file=_text_stream(args))
+    return gated
 
 
 def _load_masks(path: Path) -> dict[str, torch.Tensor]:
@@ -128,6 +142,7 @@ def run_report(args: argparse.Namespace) -> int:
     model = resolve_model(args.model).eval()
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     shape = parse_input_size(size, args.batch)
+    model = _gated(args, model, torch.zeros(shape))
     analysis = analyze(model, torch.zeros(shape))
     if masks is None:  # masks read from γ; a --masks file replaces them
         masks = analysis.masks_from(model, args.threshold)
@@ -194,6 +209,7 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     model = resolve_model(args.model).eval()
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     x = torch.zeros(parse_input_size(size, args.batch))
+    model = _gated(args, model, x)
     before = analyze(model, x)
     if masks is None:
         masks = before.masks_from(model, args.threshold)

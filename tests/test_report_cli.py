@@ -414,3 +414,28 @@ def test_report_does_not_touch_the_model(resnet_analysis):
     before = copy.deepcopy(model.state_dict())
     nrfx.analyze(model, torch.randn(1, 3, 64, 64)).report()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+_NO_NORM = """
+from torch import nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+"""
+
+
+def test_cli_add_gates_monitors_a_model_without_norms(tmp_path, capsys, monkeypatch):
+    (tmp_path / "nrfx_cli_no_norm.py").write_text(textwrap.dedent(_NO_NORM))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "report.json"
+    argv = ["report", "nrfx_cli_no_norm:build", "--input-size", "3", "8", "8", "--json", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["coverage"]["monitored_channels"] == 0
+    assert main([*argv, "--add-gates"]) == 0
+    assert "add_gates: 1 gates added" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["coverage"]["monitored_channels"] == 8 and "0_gate" in [r["name"] for r in data["rows"]]
+    new = tmp_path / "new.pt"
+    assert main(["rejuvenate", "nrfx_cli_no_norm:build", "--input-size", "3", "8", "8", "--out", str(new),
+                 "--add-gates"]) == 0
+    assert "0_gate.weight" in torch.load(new, weights_only=True)["state_dict"]

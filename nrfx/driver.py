@@ -120,6 +120,20 @@ def _build_optimizer(factory: OptimizerFactory, module: nn.Module) -> torch.opti
     return optimizer
 
 
+def _no_signal_message(module: nn.Module, analysis: Analysis) -> str:
+    """Why nothing can be monitored, and the way out: gates where free spaces lack a norm, else what froze them."""
+    cover = analysis.coverage()
+    text = (f"{type(module).__name__} has no norm scale to monitor: Neural Rejuvenation reads liveliness from the γ "
+            "of per-channel norms (BatchNorm/InstanceNorm with affine=True) or an nrfx.Gate on channels nrfx may "
+            f"resize, and none of its {cover.channels:,} channels has one")
+    if cover.unsignalled:
+        return (text + f" ({cover.free:.0%} are free). Give them a gate: build the driver on "
+                "nrfx.add_gates(model, example_inputs) (a copy with an nrfx.Gate, all ones, in every free space "
+                "without a norm: the same function), or add batch norms after the convolutions; on the command "
+                "line, nrfx report / nrfx rejuvenate MODEL --add-gates")
+    return text + ", and every channel space is frozen: check analysis.frozen_spaces for why"
+
+
 # -- distributed helpers ------------------------------------------------------------------------
 def _distributed() -> bool:
     """Whether a process group with more than one rank is running."""
@@ -261,11 +275,7 @@ class NeuralRejuvenation:
         """Monitored norms, optimizer and scheduler for a model (nothing is swapped in here)."""
         norms = _monitored_norms(analysis, module)
         if not norms:
-            raise DriverError(
-                f"{type(module).__name__} has no norm scale to monitor: Neural Rejuvenation reads liveliness from "
-                "the γ of per-channel norms (BatchNorm/InstanceNorm with affine=True) on channels nrfx may "
-                "resize; add batch norms after the convolutions, or check analysis.frozen_spaces"
-            )
+            raise DriverError(_no_signal_message(module, analysis))
         optimizer = _build_optimizer(self._factory, module)
         scheduler = self._scheduler_factory(optimizer) if self._scheduler_factory is not None else None
         model = self._wrap(module) if self._wrap is not None else module

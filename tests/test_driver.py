@@ -428,11 +428,17 @@ def test_target_outside_unit_interval(target):
 
 def test_models_without_a_norm_to_monitor():
     plain = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4))
-    with pytest.raises(DriverError, match="no norm scale to monitor"):
+    with pytest.raises(DriverError, match=r"no norm scale to monitor.*none of its 12 channels has one \(67% are "
+                       r"free\)\. Give them a gate: build the driver on nrfx\.add_gates\(model, example_inputs\).*"
+                       r"nrfx rejuvenate MODEL --add-gates"):
         NeuralRejuvenation(plain, sgd, example_inputs=EXAMPLE)
+    gated = nrfx.add_gates(plain, EXAMPLE)  # the way out the message names
+    assert sorted(NeuralRejuvenation(gated, sgd, example_inputs=EXAMPLE).masks()) == ["0_gate"]
     head_norm = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.BatchNorm1d(4))  # its space reaches the output
-    with pytest.raises(DriverError, match="no norm scale to monitor"):
+    with pytest.raises(DriverError, match="no norm scale to monitor.*every channel space is frozen: check "
+                                          r"analysis\.frozen_spaces") as caught:
         NeuralRejuvenation(head_norm, sgd, example_inputs=EXAMPLE)
+    assert "add_gates" not in str(caught.value)
 
 
 def test_failures_at_rejuvenation_leave_the_driver_as_it_was():

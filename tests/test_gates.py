@@ -272,6 +272,23 @@ def test_add_gates_after_analyze_on_timm_attention_bias_caches(name, gates):
         assert torch.equal(gm(x), model(x))
 
 
+def test_convnextv2_grn_freezes_its_hidden_dim_with_the_reason_in_the_report():
+    """GRN divides by the mean over channels: the hidden dim stays frozen, and the report and the spaces say why."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convnextv2_atto", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nrfx.NrfxWarning)
+        analysis = nrfx.analyze(model, x)
+    assert not analysis.unknown_ops and analysis.coverage().free == 0  # addcmul has a rule: no unknown op
+    hidden = analysis.space_ids(analysis.records["stages_0_blocks_0_mlp_fc1"].output)
+    (reason,) = {analysis.spaces[i].frozen[0] for i in hidden}
+    assert reason.startswith("reduction mean over channels") and "grn.py" in reason
+    rows = [line for line in analysis.report().table(200).splitlines() if line.startswith("stages.0.blocks.0.mlp.")]
+    assert "out: reduction mean over" in rows[0] and "in: reduction mean over" in rows[1]
+    assert nrfx.add_gates(model, x).nrfx_gates == ()  # nothing free to gate
+
+
 # -- addcmul ------------------------------------------------------------------------------------------------
 class AddCMul(nn.Module):
     """conv → three BatchNorms on one space → addcmul (function or method) → conv."""

@@ -25,7 +25,7 @@ _HOMOGENEOUS_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Av
 _HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout)
 
 
-_RESCALED = (nn.modules.batchnorm._BatchNorm, Gate)  # scales neural rescaling raises to γ0 (a gate has no β)
+_RESCALED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, Gate)  # scales raised to γ0 (a gate has no β)
 
 
 def _plain_scale(norm: nn.Module) -> bool:
@@ -55,8 +55,6 @@ def _consumers(gm: torch.fx.GraphModule, norm: torch.fx.Node, calls: dict[str, i
     while stack:
         node = stack.pop()
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Conv1d, nn.Linear)):
-            if getattr(gm.get_submodule(node.target), "groups", 1) != 1:
-                return f"consumer {node.target} is grouped"
             if calls[node.target] > 1:
                 return f"consumer {node.target} shares its weight across calls"
             found.append(node.target)
@@ -114,8 +112,15 @@ def _rescale(gm: torch.fx.GraphModule, norm: nn.Module, consumers: list[str], ga
         if getattr(norm, "bias", None) is not None:
             norm.bias.mul_(scale)
         for name in consumers:
-            weight = gm.get_submodule(name).weight
-            shape = [1] * weight.dim()
-            shape[1] = -1
-            if weight.shape[1] == scale.numel():
-                weight.div_(scale.reshape(shape).to(weight.dtype))
+            consumer = gm.get_submodule(name)
+            _divide_inputs(consumer.weight, scale, getattr(consumer, "groups", 1))
+
+
+def _divide_inputs(weight: torch.Tensor, scale: torch.Tensor, groups: int) -> None:
+    """W[:, c] /= s_c; in a grouped conv input channel c = k·(cin/groups) + j is column j of group k's rows."""
+    per_group = weight.shape[1]
+    if per_group * groups != scale.numel():
+        return
+    grouped = weight.reshape(groups, weight.shape[0] // groups, per_group, *weight.shape[2:])
+    factor = scale.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2))).to(weight.dtype)
+    weight.copy_((grouped / factor).reshape(weight.shape))

@@ -250,7 +250,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
         gamma0=gamma0, budget_kind=kind, budget=value, alpha=alpha, widths=[s.width for s in analysis.spaces],
         keep=keep, grow=grow, cost_before=cost([s.width for s in analysis.spaces]),
         cost_live=cost(_space_widths(units, live, total)), cost_after=cost(widths),
-        input_shapes=[list(s) for s in analysis.input_shapes],
+        input_shapes=[list(s) for s in analysis.input_shapes], capture=getattr(analysis, "capture", "fx"),
     )
 
 

@@ -22,7 +22,7 @@ from .capture import Captured, Example
 from .capture import capture as _capture
 from .context import AnalysisState, Context, ParamInfo
 from .cost import CostModel, mac_cost, param_cost
-from .errors import NrfxWarning, ShapeError
+from .errors import NrfxWarning, ShapeError, TraceError
 from .masks import check_masks, norm_masks, whole_blocks
 from .records import LayerRecord, SliceRecord
 from .rules.registry import lookup
@@ -30,7 +30,7 @@ from .shapeprop import propagate_shapes
 from .spaces import Layout
 from .specs import TensorSpec
 
-__all__ = ["analyze", "Example", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW",
+__all__ = ["analyze", "analyze_whole", "Example", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW",
            "COVERAGE_MIN_CHANNELS"]
 
 COVERAGE_WARN_BELOW = 0.5  # analyze warns when less than this share of the channels is monitored,
@@ -505,14 +505,35 @@ def analyze(
     concrete_args: dict[str, Any] | None = None,
     autowrap_functions: Sequence[Callable] = (),
 ) -> Analysis:
-    """Capture ``model`` (``capture``: 'auto', 'fx' or 'export'), follow its channels, count c(A) and U(θ).
+    """Capture ``model`` (``capture``: 'auto', 'fx', 'export' or 'islands'), follow its channels, count c(A), U(θ).
 
     ``example_inputs``: a tensor or a tuple of positional arguments (any nest of lists, tuples and
-    dicts of tensors); ``example_kwargs``: keyword arguments.  The model is not modified.
+    dicts of tensors); ``example_kwargs``: keyword arguments.  With 'auto', a model that neither
+    fx nor torch.export captures whole is analysed as islands (``nrfx.islands.IslandAnalysis``,
+    the same reporting API).  The model is not modified.
     """
     example = _as_inputs(example_inputs, example_kwargs)
-    captured = _capture(model, example, capture, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                        autowrap_functions=autowrap_functions, raisable=_has_module_rule)
+    options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args, "autowrap_functions": autowrap_functions}
+    if capture == "islands":
+        return _islands(model, example, "capture='islands' was asked for", options)
+    try:
+        return analyze_whole(model, example, capture, **options)
+    except TraceError as error:
+        if capture != "auto":
+            raise
+        return _islands(model, example, str(error), options)
+
+
+def _islands(model: nn.Module, example: Example, why: str, options: dict[str, Any]):
+    """The island analysis (a lazy import: islands sits beside analysis and builds on it)."""
+    from .islands import find_islands
+
+    return find_islands(model, example, why, **options)
+
+
+def analyze_whole(model: nn.Module, example: Example, capture: str = "auto", **options: Any) -> Analysis:
+    """Capture the whole model as one graph and analyse it (no islands)."""
+    captured = _capture(model, example, capture, raisable=_has_module_rule, **options)
     values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
     state = AnalysisState(captured.gm, values)
     state.auto_leaves.update(captured.auto_leaves)
@@ -521,7 +542,7 @@ def analyze(
     analysis = Analysis(model, captured, state, example)
     for note in captured.notes:
         if "specialised" in note or "could not stay dynamic" in note:
-            warnings.warn(note, NrfxWarning, stacklevel=2)
+            warnings.warn(note, NrfxWarning, stacklevel=3)
     _warn_low_coverage(analysis)
     return analysis
 

@@ -13,7 +13,11 @@ leaves hold more than half of the parameters.  The model is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +34,7 @@ from .trace import Traced, defaulted_args, trace
 
 __all__ = ["Example", "Captured", "CAPTURES", "capture", "auto_leaf_share"]
 
-CAPTURES = ("auto", "fx", "export")
+CAPTURES = ("auto", "fx", "export", "islands")  # islands: nrfx.islands, when nothing captures the whole
 AUTO_LEAF_LIMIT = 0.5  # "auto" leaves fx for export when automatic leaves hold more of the parameters
 
 
@@ -79,7 +83,7 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
             concrete_args: dict[str, Any] | None = None, autowrap_functions: Sequence[Callable] = (),
             raisable: Callable[[nn.Module], bool] = lambda m: False) -> Captured:
     """The model as one FX graph, by ``method`` ('auto', 'fx' or 'export'); see the module docstring."""
-    if method not in CAPTURES:
+    if method not in CAPTURES[:3]:
         raise TraceError(f"capture must be one of {CAPTURES}, got {method!r}")
     if method == "export":
         return export_capture(model, example, raisable)
@@ -169,8 +173,16 @@ def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, l
 
 
 def _export_call(model: nn.Module, example: Example, dynamic_shapes: Any):
-    """One torch.export.export call, non-strict."""
-    return torch.export.export(model, example.args, example.kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    """One torch.export.export call, non-strict, quiet: a failure prints whole graphs, the error says enough."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, example.args, example.kwargs, strict=False,
+                                       dynamic_shapes=dynamic_shapes)
+    finally:
+        logging.disable(previous)
 
 
 def _batch_dynamic(model: nn.Module, example: Example) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ signature ``(gm, analysis, plan, maps) -> notes`` and never write the plan.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +17,11 @@ import torch.fx
 from torch import nn
 
 from .analysis import Analysis, analyze
-from .errors import NrfxError, PlanError, RewriteError
+from .errors import BudgetError, NrfxError, PlanError, RewriteError
 from .fold import apply_folds, measure_folds
+from .islands import IslandAnalysis
 from .maps import ParamMap, param_maps
-from .plan import Plan, make_plan
+from .plan import Budget, Plan, make_plan
 from .rescale import apply_rescale
 from .reslice import regroup, reslice
 from .rewrite import copy_for_rewrite, rewrite_params, verify
@@ -65,9 +67,44 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
     output structure; ``capture`` and the trace options are those of ``nrfx.analyze``.
     """
     analysis = analysis or analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
-    plan = plan_rejuvenation(analysis, model, masks, budget, scheme=scheme, rescale=rescale, gamma0=gamma0,
-                             realloc=realloc, seed=seed)
+    options = {"scheme": scheme, "rescale": rescale, "gamma0": gamma0, "realloc": realloc, "seed": seed}
+    if isinstance(analysis, IslandAnalysis):
+        return _rejuvenate_islands(model, analysis, masks, budget, options)
+    plan = plan_rejuvenation(analysis, model, masks, budget, **options)
     return _build(model, analysis, plan)
+
+
+def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[str, torch.Tensor] | None,
+                        budget: Any, options: dict[str, Any]) -> nn.Module:
+    """A deep copy of the model with every island replaced by its rejuvenated module.
+
+    Each island is planned on its own at one shared fraction of its cost: the budget less the
+    parameters outside the islands, over the islands' c(A).  ``nrfx_plans`` maps island paths to plans.
+    """
+    fraction, kind = _island_fraction(analysis, budget)
+    result = copy.deepcopy(model)
+    plans: dict[str, Plan] = {}
+    for path, island_masks in analysis.split_masks(masks).items():
+        island = analysis.islands[path]
+        plan = plan_rejuvenation(island, model.get_submodule(path), island_masks, Budget.fraction(fraction, kind),
+                                 **options)
+        module = _build(model.get_submodule(path), island, plan)
+        parent, _, name = path.rpartition(".")
+        setattr(result.get_submodule(parent), name, module)
+        plans[path] = module.nrfx_plan
+    result.nrfx_plans = plans
+    return result
+
+
+def _island_fraction(analysis: IslandAnalysis, budget: Any) -> tuple[float, str]:
+    """The one fraction of their own cost every island gets so the whole model meets the budget."""
+    kind, value = Budget.coerce(budget).resolve(analysis)
+    inside = analysis.params - analysis.outside_params if kind == "params" else analysis.flops
+    available = value - analysis.outside_params if kind == "params" else value
+    if inside <= 0 or available <= 0:
+        raise BudgetError(f"a budget of {value:,} {kind} leaves nothing for the islands "
+                          f"({analysis.outside_params:,} parameters lie outside them)")
+    return available / inside, kind
 
 
 def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, *,

@@ -1,0 +1,180 @@
+"""Islands: the largest submodules that can be captured, when the whole model cannot.
+
+Rule: one real forward on the example inputs (eval mode, no grad, nothing of the model kept)
+records what every submodule receives; from the root down, a submodule called exactly once
+whose capture (fx, then torch.export) succeeds is an *island*, otherwise its children are
+tried.  Each island is analysed as its own graph on the inputs it received: every space that
+reaches its boundary (its inputs, its outputs) is frozen by the analysis as usual, so any
+rewrite of an island leaves the rest of the model untouched.  Parameters outside every island
+count as constants; MACs outside the islands are not counted (the report says so).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analysis import Analysis, Coverage, Utilization, analyze_whole
+from .capture import Example
+from .errors import NrfxError, NrfxWarning, TraceError
+from .shapeprop import untouched
+
+__all__ = ["IslandAnalysis", "find_islands"]
+
+def record_calls(model: nn.Module, example: Example) -> dict[str, list[Example]]:
+    """The (args, kwargs) every submodule receives in one forward on the example (eval, no grad, untouched)."""
+    calls: dict[str, list[Example]] = {}
+    hooks = [m.register_forward_pre_hook(_recorder(calls, name), with_kwargs=True)
+             for name, m in model.named_modules() if name]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad(), untouched(model):
+            model.eval()
+            example.call(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes.items():
+            m.training = training
+    return calls
+
+
+def _recorder(calls: dict[str, list[Example]], name: str):
+    """A pre-hook storing one call's inputs under ``name``."""
+
+    def hook(_module, args, kwargs):
+        calls.setdefault(name, []).append(Example(tuple(args), dict(kwargs)))
+
+    return hook
+
+
+@dataclass
+class IslandAnalysis:
+    """The analyses of a model's islands, with the reporting API of ``Analysis`` summed over them."""
+
+    model_name: str
+    islands: dict[str, Analysis]
+    left_out: dict[str, str]
+    outside_params: int
+    capture: str = "islands"
+    capture_notes: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        """c(A) in parameters: every island's plus every parameter outside the islands."""
+        return sum(a.params for a in self.islands.values()) + self.outside_params
+
+    @property
+    def flops(self) -> int:
+        """MACs per example inside the islands (MACs outside them are not counted)."""
+        return sum(a.flops for a in self.islands.values())
+
+    def coverage(self) -> Coverage:
+        """Channels over all islands (frozen spaces at the boundaries included)."""
+        parts = [a.coverage() for a in self.islands.values()]
+        return Coverage(sum(c.channels for c in parts), sum(c.free_channels for c in parts),
+                        sum(c.monitored_channels for c in parts), ())
+
+    def coverage_by_island(self) -> dict[str, Coverage]:
+        """``coverage()`` of each island."""
+        return {path: a.coverage() for path, a in self.islands.items()}
+
+    def split_masks(self, masks: dict[str, torch.Tensor] | None) -> dict[str, dict[str, torch.Tensor] | None]:
+        """Masks keyed by the model's module names, routed to the island that holds each (prefix dropped)."""
+        if masks is None:
+            return dict.fromkeys(self.islands)
+        routed: dict[str, dict[str, torch.Tensor]] = {path: {} for path in self.islands}
+        for name, mask in masks.items():
+            path = next((p for p in self.islands if name.startswith(p + ".")), None)
+            if path is None:
+                warnings.warn(f"mask '{name}' is outside every island: ignored", NrfxWarning, stacklevel=3)
+                continue
+            routed[path][name[len(path) + 1:]] = mask
+        return dict(routed)
+
+    def utilization(self, masks: dict[str, torch.Tensor] | None = None) -> Utilization:
+        """U(θ) and r(θ) summed over the islands; parameters outside them count as alive."""
+        parts = {p: self.islands[p].utilization(m) for p, m in self.split_masks(masks).items()}
+        live = sum(u.live_params for u in parts.values()) + self.outside_params
+        return Utilization(self.params, self.flops, live, sum(u.live_flops for u in parts.values()), ())
+
+    def masks_from(self, model: nn.Module, threshold: float = 0.01) -> dict[str, torch.Tensor]:
+        """Masks from the norm scales of ``model``, keyed by the model's module names."""
+        return {f"{path}.{name}": mask for path, a in self.islands.items()
+                for name, mask in a.masks_from(model.get_submodule(path), threshold).items()}
+
+    def report(self, masks: dict[str, torch.Tensor] | None = None) -> IslandReport:
+        """Each island's report, and what was left out and why."""
+        routed = self.split_masks(masks)
+        return IslandReport(self, {p: a.report(routed[p]) for p, a in self.islands.items()})
+
+
+@dataclass
+class IslandReport:
+    """Reports per island, with the summary the single-graph report has."""
+
+    analysis: IslandAnalysis
+    reports: dict[str, Any]
+
+    def summary_lines(self) -> list[str]:
+        """Capture, coverage, islands and what was left out."""
+        a, cover = self.analysis, self.analysis.coverage()
+        lines = [f"{a.model_name}: capture islands — {len(a.islands)} captured submodules, "
+                 f"{a.outside_params:,} parameters outside them (constants; their MACs not counted)",
+                 f"coverage: {cover.free:.0%} of {cover.channels:,} channels free, {cover.monitored:.0%} monitored"]
+        for path, part in a.coverage_by_island().items():
+            lines.append(f"  island {path} ({a.islands[path].capture}): {part.channels:,} channels, "
+                         f"{part.free:.0%} free, {part.monitored:.0%} monitored")
+        lines += [f"  left out {path}: {why}" for path, why in a.left_out.items()]
+        return lines
+
+    def __str__(self) -> str:
+        parts = ["\n".join(self.summary_lines())]
+        parts += [f"── island {path} ──\n{report}" for path, report in self.reports.items()]
+        return "\n\n".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: the summary and every island's report."""
+        cover = self.analysis.coverage()
+        return {"model": self.analysis.model_name, "capture": "islands", "left_out": dict(self.analysis.left_out),
+                "coverage": {"channels": cover.channels, "free": cover.free, "monitored": cover.monitored},
+                "islands": {p: r.to_dict() for p, r in self.reports.items()}}
+
+
+def find_islands(model: nn.Module, example: Example, why: str, **capture_options: Any) -> IslandAnalysis:
+    """Analyse the largest capturable submodules (see the module docstring); ``why`` the whole model failed."""
+    calls = record_calls(model, example)
+    islands: dict[str, Analysis] = {}
+    left_out: dict[str, str] = {}
+    _descend(model, "", calls, islands, left_out, capture_options)
+    if not islands:
+        raise TraceError(f"nrfx cannot capture {type(model).__name__} nor any of its submodules: {why}")
+    inside = {id(p) for path in islands for p in model.get_submodule(path).parameters()}
+    outside = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    notes = [f"capture: islands, because {why}"]
+    return IslandAnalysis(type(model).__name__, islands, left_out, outside, capture_notes=notes)
+
+
+def _descend(module: nn.Module, prefix: str, calls, islands, left_out, options) -> None:
+    """Try each child as an island; recurse into the ones that cannot be captured whole."""
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if not any(True for _ in child.parameters()):
+            continue
+        received = calls.get(path, [])
+        if len(received) != 1:
+            left_out[path] = "not called in the forward" if not received else f"called {len(received)} times"
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NrfxWarning)
+                islands[path] = analyze_whole(child, received[0], "auto", **options)
+        except NrfxError as error:
+            if not any(True for _ in child.children()):
+                left_out[path] = str(error).splitlines()[0]
+                continue
+            _descend(child, path + ".", calls, islands, left_out, options)

@@ -1,0 +1,251 @@
+"""Capture front ends: torch.export gives the same analysis as fx, a trainable result, and islands.
+
+Properties: on models both front ends capture, ``capture="export"`` and ``capture="fx"`` agree on
+every space width, frozen flag, parameter and MAC count (one op vocabulary); an export-captured
+rejuvenation takes the model's own nested and keyword inputs, returns its output structure,
+follows ``.train()``/``.eval()``, runs at any batch size, keeps the function and replays from its
+plan; a model that neither front end captures is analysed as islands and rejuvenated in a copy of
+the same class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import nrfx
+from nrfx.islands import IslandAnalysis
+from tests.dead import kill_per_norm
+
+warnings.filterwarnings("ignore", category=nrfx.NrfxWarning)
+
+
+@dataclasses.dataclass
+class _Out:
+    """A dataclass output, as Hugging Face models return."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+torch.utils._pytree.register_dataclass(_Out)
+
+
+class _NestedNet(nn.Module):
+    """Takes {'image': x, 'extra': [y]} and a keyword scale; returns a dataclass; a python branch on a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.side = nn.Sequential(nn.Conv2d(2, 8, 1), nn.BatchNorm2d(8))
+        self.body = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.Dropout(0.5))
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, batch: dict, *, scale: torch.Tensor) -> _Out:
+        x = self.stem(batch["image"]) + self.side(batch["extra"][0])
+        if x.shape[-1] > 4:  # fx cannot trace a branch on a size of the input
+            x = x * scale
+        f = self.body(x)
+        return _Out(self.head(f.mean((2, 3))), f)
+
+
+def _nested_inputs(batch: int = 3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(batch)
+    image = torch.randn(batch, 3, 8, 8, generator=g, dtype=dtype)
+    extra = torch.randn(batch, 2, 8, 8, generator=g, dtype=dtype)
+    return ({"image": image, "extra": [extra]},), {"scale": torch.tensor(1.5, dtype=dtype)}
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.double().eval()
+
+
+def test_nested_keyword_inputs_are_captured_by_export_and_rejuvenated():
+    model = _randomised(_NestedNet())
+    args, kwargs = _nested_inputs()
+    analysis = nrfx.analyze(model, args, example_kwargs=kwargs)
+    assert analysis.capture == "export"
+    assert analysis.params == sum(p.numel() for p in model.parameters())
+    raised = {n.target for n in analysis.gm.graph.nodes if n.op == "call_module"}
+    assert {"stem.0", "stem.1", "side.1", "body.1", "body.3", "head"} <= raised  # the user's own modules
+    assert kill_per_norm(model, analysis, seed=1) > 0
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0), example_inputs=args, example_kwargs=kwargs)
+    for batch in (3, 5):
+        a, k = _nested_inputs(batch)
+        out, ref = new(*a, **k), model(*a, **k)
+        assert isinstance(out, _Out)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-9, atol=1e-10)
+
+
+def test_export_result_is_trainable_and_follows_train_eval():
+    model = _randomised(_NestedNet())
+    args, kwargs = _nested_inputs()
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=args, example_kwargs=kwargs)
+    new.train()
+    assert new.get_submodule("body.3").training  # dropout switches with the module
+    out = new(*args, **kwargs)
+    out.logits.sum().backward()
+    grads = [p.grad for p in new.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    running = new.get_submodule("stem.1").running_mean.clone()
+    new(*args, **kwargs)
+    assert not torch.equal(running, new.get_submodule("stem.1").running_mean)  # BatchNorm in training mode
+    new.eval()
+    torch.testing.assert_close(new(*args, **kwargs).logits, new(*args, **kwargs).logits)
+
+
+def test_export_plan_replays_from_state_dict():
+    model = _randomised(_NestedNet())
+    args, kwargs = _nested_inputs()
+    kill_per_norm(model, nrfx.analyze(model, args, example_kwargs=kwargs), seed=2)
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.1), example_inputs=args, example_kwargs=kwargs,
+                          scheme="cr", seed=3)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.01)  # trained a little after the rejuvenation
+    replay = nrfx.apply_plan(model, new.nrfx_plan.to_dict(), args, example_kwargs=kwargs)
+    replay.load_state_dict(new.state_dict())
+    torch.testing.assert_close(replay(*args, **kwargs).logits, new(*args, **kwargs).logits)
+    with pytest.raises(nrfx.PlanError, match="example_inputs"):
+        nrfx.apply_plan(model, new.nrfx_plan)
+
+
+def test_export_leaves_the_model_untouched():
+    model = _randomised(_NestedNet()).train()
+    model.body[1].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
+    args, kwargs = _nested_inputs()
+    nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.1), example_inputs=args, example_kwargs=kwargs)
+    assert [m.training for m in model.modules()] == modes
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5"])
+def test_export_and_fx_agree(name):
+    """One op vocabulary: the same spaces, frozen flags, params and MACs from either front end."""
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fx, ex = nrfx.analyze(model, x, capture="fx"), nrfx.analyze(model, x, capture="export")
+    assert (fx.capture, ex.capture) == ("fx", "export")
+    assert [s.width for s in ex.spaces] == [s.width for s in fx.spaces]
+    assert [s.is_frozen for s in ex.spaces] == [s.is_frozen for s in fx.spaces]
+    assert (ex.params, ex.flops) == (fx.params, fx.flops)
+    assert ex.coverage() == fx.coverage()
+
+
+def test_export_rejuvenation_of_torchvision_model_keeps_the_function():
+    model = torchvision.models.resnet18(weights=None)
+    model = _randomised(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    kill_per_norm(model, nrfx.analyze(model, x, capture="export"), seed=4)
+    for scheme in ("nr", "ca"):
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0), example_inputs=x, capture="export",
+                              scheme=scheme)
+        torch.testing.assert_close(new(x), model(x), rtol=1e-9, atol=1e-9)
+        y = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+        torch.testing.assert_close(new(y), model(y), rtol=1e-9, atol=1e-9)
+
+
+class _TokensToMap(nn.Module):
+    """int() of a size: fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, tokens):
+        side = int(tokens.shape[1] ** 0.5)
+        y = self.embed(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+        return self.head(torch.relu(self.bn(self.conv(y))))
+
+
+def test_auto_takes_fx_when_it_works_and_export_when_the_root_fails():
+    assert nrfx.analyze(torchvision.models.resnet18(weights=None), torch.randn(2, 3, 32, 32)).capture == "fx"
+    analysis = nrfx.analyze(_TokensToMap(), torch.randn(2, 16, 3))
+    assert analysis.capture == "export"
+    assert any("fx could not trace the root" in note for note in analysis.capture_notes)
+    with pytest.raises(nrfx.TraceError, match="cannot trace"):
+        nrfx.analyze(_TokensToMap(), torch.randn(2, 16, 3), capture="fx")
+
+
+def test_capture_option_is_checked():
+    with pytest.raises(nrfx.TraceError, match="capture must be one of"):
+        nrfx.analyze(_TokensToMap(), torch.randn(2, 16, 3), capture="jit")
+
+
+class _Filtering(nn.Module):
+    """A data-dependent root (a Python branch on tensor values) around two capturable parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.scorer = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, images: list[torch.Tensor]):
+        features = self.backbone(torch.stack(images)).mean((2, 3))
+        scores = self.scorer(features).squeeze(1)
+        if scores.max() > 0:  # neither fx nor torch.export captures a branch on values
+            return {"scores": scores, "best": features[scores.argmax()]}
+        return {"scores": scores, "best": features[0]}
+
+
+def test_islands_when_nothing_captures_the_whole_model():
+    model = _randomised(_Filtering())
+    images = [torch.randn(3, 8, 8, dtype=torch.float64) for _ in range(4)]
+    analysis = nrfx.analyze(model, (images,))
+    assert isinstance(analysis, IslandAnalysis)
+    assert set(analysis.islands) == {"backbone", "scorer"}
+    assert analysis.params == sum(p.numel() for p in model.parameters())
+    assert analysis.outside_params == 0
+    per_island = analysis.coverage_by_island()
+    assert analysis.coverage().channels == sum(c.channels for c in per_island.values())
+    text = str(analysis.report())
+    assert "capture islands" in text and "island backbone" in text
+    for path, island in analysis.islands.items():
+        kill_per_norm(model.get_submodule(path), island, seed=5)
+    masks = analysis.masks_from(model)
+    assert all(k.split(".")[0] in {"backbone", "scorer"} for k in masks)
+    new = nrfx.rejuvenate(model, masks, nrfx.Budget.fraction(1.1), example_inputs=(images,), analysis=analysis)
+    assert type(new) is _Filtering and set(new.nrfx_plans) == {"backbone", "scorer"}
+    out, ref = new(images), model(images)
+    torch.testing.assert_close(out["scores"], ref["scores"], rtol=1e-9, atol=1e-10)
+    ratio = sum(p.numel() for p in new.parameters()) / analysis.params
+    assert 1.0 < ratio <= 1.1
+
+
+@pytest.mark.slow
+def test_islands_on_torchvision_detection():
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None).eval()
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+    analysis = nrfx.analyze(model, (images,))
+    assert isinstance(analysis, IslandAnalysis)
+    assert {"backbone", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"} <= set(analysis.islands)
+    assert analysis.params == sum(p.numel() for p in model.parameters())
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.1), example_inputs=(images,), analysis=analysis)
+    assert type(new) is type(model)
+    batch = torch.stack(images)
+    with torch.no_grad():
+        torch.testing.assert_close(new.backbone(batch)["0"], model.backbone(batch)["0"], rtol=1e-4, atol=1e-5)
+        new(images)  # the detector still takes a list of images

@@ -85,10 +85,13 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.zeros.default: torch.zeros, aten.ones.default: torch.ones, aten.full.default: torch.full,
     aten.empty.memory_format: torch.empty, aten.zeros_like.default: torch.zeros_like,
     aten.ones_like.default: torch.ones_like, aten.full_like.default: torch.full_like,
+    aten.pad.default: F.pad, aten.lift_fresh_copy.default: torch.clone,
 }
 _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_",
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",
-                    aten.contiguous.default: "contiguous", aten.detach.default: "detach", aten.alias.default: "detach"}
+                    aten.contiguous.default: "contiguous", aten.detach.default: "detach", aten.alias.default: "detach",
+                    aten.type_as.default: "type_as", aten.to.device: "to", aten.to.dtype: "to", aten.to.other: "to",
+                    aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_"}
 _SIZE_METHODS = {aten.view.default: "view", aten.reshape.default: "reshape", aten._unsafe_view.default: "view",
                  aten.permute.default: "permute", aten.expand.default: "expand"}
 
@@ -105,6 +108,35 @@ def _inplace_activation(node: torch.fx.Node) -> None:
     """``aten.silu_(x)`` is ``F.silu(x, inplace=True)``."""
     target = F.silu if node.target is aten.silu_.default else F.hardswish
     _set(node, "call_function", target, node.args[:1], {"inplace": True})
+
+
+def _given(kwargs: dict) -> dict:
+    """The keyword arguments that were given (aten spells "not given" as None)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+@TORCH_LEVEL.function(aten.to.dtype_layout)
+def _to_keywords(node: torch.fx.Node) -> None:
+    """``aten.to.dtype_layout(x, dtype=, layout=, device=, …)`` is ``x.to(dtype=, device=, …)``.
+
+    ``layout`` and ``pin_memory`` go (``Tensor.to`` has neither; export records strided, unpinned
+    tensors); the keywords aten left at None are dropped.
+    """
+    kwargs = {k: v for k, v in _given(dict(node.kwargs)).items() if k not in ("layout", "pin_memory")}
+    _set(node, "call_method", "to", node.args[:1], kwargs)
+
+
+@TORCH_LEVEL.function(aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default)
+def _new_factory(node: torch.fx.Node) -> None:
+    """``aten.new_zeros(x, size[, fill], dtype=…)`` is ``x.new_zeros(size[, fill], dtype=…)`` (None keywords dropped)."""
+    _set(node, "call_method", node.target.__name__.split(".")[0], node.args, _given(dict(node.kwargs)))
+
+
+@TORCH_LEVEL.function(aten.index.Tensor)
+def _index(node: torch.fx.Node) -> None:
+    """``aten.index(x, [None, i, …])`` is ``x[:, i, …]`` (advanced indexing; a None index is a full slice)."""
+    x, indices = node.args
+    _set(node, "call_function", operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)))
 
 
 @TORCH_LEVEL.function(aten.sym_size.int)

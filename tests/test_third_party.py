@@ -1,0 +1,324 @@
+"""Third-party models (Hugging Face transformers 5, ultralytics YOLO, torchvision segmentation / video /
+optical flow, segmentation-models-pytorch): capture, exact costs, function-preserving rejuvenation.
+
+Every model is built from a tiny config (no weights, nothing downloaded) in float64.  For each one:
+
+* ``analyze`` succeeds with the expected capture and ``params == sum(p.numel())``;
+* ``rejuvenate`` keeps the function (rtol 1e-9) with dead channels (norm scales zeroed per norm, or,
+  where no free space carries a norm, the output rows of linears / convs zeroed and given as masks)
+  and for pure widening at ``Budget.fraction(1.1)`` without dead channels;
+* the result runs at another batch size, and ``.train()`` / ``.eval()`` switch it;
+
+torchvision models with ``_ops`` metadata also get their MACs checked at the weights' input size
+(parameters on the meta device, so that costs nothing).  ``EXPECTED_FAILURES`` is applied as strict
+xfail: a model that starts to pass fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from dead import kill_per_norm
+from torch import nn
+
+import nrfx
+from nrfx.models import meta_parameters
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics: no update checks, no downloads
+
+pytestmark = pytest.mark.third_party
+
+RTOL = 1e-9
+
+
+# -- models ---------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """A tiny third-party model: how to build it and its inputs at a batch size, what capture to expect."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int], tuple[tuple, dict]]
+    capture: str
+    slow: bool = False
+    macs: tuple[Callable[[], nn.Module], Callable[[], tuple], str] | None = None  # meta model, inputs, weights
+    notes: dict = field(default_factory=dict)
+
+
+def _images(size: int) -> Callable[[int], tuple[tuple, dict]]:
+    return lambda batch: ((torch.randn(batch, 3, size, size, dtype=torch.float64),), {})
+
+
+def _hf(config_name: str, model_name: str, **config) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        transformers = pytest.importorskip("transformers")
+        return getattr(transformers, model_name)(getattr(transformers, config_name)(**config))
+
+    return build
+
+
+def _bert_inputs(batch: int) -> tuple[tuple, dict]:
+    ids = torch.randint(0, 100, (batch, 16))
+    mask = torch.ones(batch, 16, dtype=torch.long)
+    mask[0, 11:] = 0  # one padded sequence: the attention mask matters
+    return (ids,), {"attention_mask": mask}
+
+
+def _yolo(yaml: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        tasks = pytest.importorskip("ultralytics.nn.tasks")
+        return tasks.DetectionModel(yaml, verbose=False)
+
+    return build
+
+
+def _torchvision(path: str, **kwargs) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        module, name = path.rsplit(".", 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return getattr(getattr(torchvision.models, module), name)(**kwargs)
+
+    return build
+
+
+def _tv_macs(path: str, weights: str, shape: tuple, **kwargs):
+    """(meta-parameter model, inputs, weights enum path) for a MAC check against ``_ops``."""
+
+    def build() -> nn.Module:
+        with meta_parameters():
+            return _torchvision(path, weights=None, **kwargs)().eval()
+
+    return build, lambda: tuple(torch.randn(*s) for s in shape), weights
+
+
+def _smp_fpn() -> nn.Module:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    return smp.FPN(encoder_name="resnet18", encoder_weights=None, classes=3)
+
+
+def _flow_inputs(batch: int) -> tuple[tuple, dict]:
+    return tuple(torch.randn(batch, 3, 128, 128, dtype=torch.float64) for _ in range(2)), {}
+
+
+CASES: dict[str, Case] = {
+    "hf_vit": Case(_hf("ViTConfig", "ViTForImageClassification", hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, num_labels=10),
+                   _images(32), "export"),
+    "hf_bert": Case(_hf("BertConfig", "BertForSequenceClassification", vocab_size=100, hidden_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=32, num_labels=3),
+                    _bert_inputs, "export"),
+    "hf_convnext": Case(_hf("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[16, 32, 64, 128],
+                            depths=[1, 1, 2, 1], num_labels=10, image_size=32),
+                        _images(32), "export"),
+    "hf_resnet": Case(_hf("ResNetConfig", "ResNetForImageClassification", embedding_size=16,
+                          hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10),
+                      _images(32), "fx"),
+    "hf_swin": Case(_hf("SwinConfig", "SwinForImageClassification", image_size=32, patch_size=2, embed_dim=16,
+                        depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=10),
+                    _images(32), "export"),
+    "yolov8n": Case(_yolo("yolov8n.yaml"), _images(64), "export", slow=True),
+    "yolo11n": Case(_yolo("yolo11n.yaml"), _images(64), "export", slow=True),
+    "lraspp_mobilenet_v3_large": Case(
+        _torchvision("segmentation.lraspp_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=5),
+        _images(64), "fx",
+        macs=_tv_macs("segmentation.lraspp_mobilenet_v3_large", "segmentation.LRASPP_MobileNet_V3_Large_Weights",
+                      [(1, 3, 520, 520)], weights_backbone=None)),
+    "deeplabv3_mobilenet_v3_large": Case(
+        _torchvision("segmentation.deeplabv3_mobilenet_v3_large", weights=None, weights_backbone=None,
+                     num_classes=5, aux_loss=True),
+        _images(64), "fx",
+        macs=_tv_macs("segmentation.deeplabv3_mobilenet_v3_large",
+                      "segmentation.DeepLabV3_MobileNet_V3_Large_Weights", [(1, 3, 520, 520)],
+                      weights_backbone=None, aux_loss=True)),
+    "fcn_resnet50": Case(
+        _torchvision("segmentation.fcn_resnet50", weights=None, weights_backbone=None, num_classes=5),
+        _images(64), "fx", slow=True,
+        macs=_tv_macs("segmentation.fcn_resnet50", "segmentation.FCN_ResNet50_Weights", [(1, 3, 520, 520)],
+                      weights_backbone=None, aux_loss=True)),
+    "r3d_18": Case(
+        _torchvision("video.r3d_18", weights=None, num_classes=10),
+        lambda batch: ((torch.randn(batch, 3, 4, 32, 32, dtype=torch.float64),), {}), "fx",
+        macs=_tv_macs("video.r3d_18", "video.R3D_18_Weights", [(1, 3, 16, 112, 112)])),
+    "swin3d_t": Case(
+        _torchvision("video.swin3d_t", weights=None, num_classes=10),
+        lambda batch: ((torch.randn(batch, 3, 4, 32, 32, dtype=torch.float64),), {}), "export", slow=True),
+    "raft_small": Case(_torchvision("optical_flow.raft_small", weights=None), _flow_inputs, "export", slow=True),
+    "smp_fpn_resnet18": Case(_smp_fpn, _images(64), "export"),
+}
+
+# name -> (exception type, or None for a wrong result; why).  Strict: a model that starts to pass fails loudly.
+EXPECTED_FAILURES: dict[str, tuple[type[BaseException] | None, str]] = {}
+
+
+def _marks(name: str) -> list:
+    marks = [pytest.mark.slow] if CASES[name].slow else []
+    if name in EXPECTED_FAILURES:
+        raises, why = EXPECTED_FAILURES[name]
+        marks.append(pytest.mark.xfail(raises=raises, reason=why, strict=True))
+    return marks
+
+
+def _params(names) -> list:
+    return [pytest.param(name, marks=_marks(name), id=name) for name in names]
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _prepared(name: str, batch: int = 2, seed: int = 0):
+    """The float64 eval-mode model and its example inputs (args, kwargs)."""
+    torch.manual_seed(seed)
+    model = CASES[name].build().double().eval()
+    args, kwargs = CASES[name].inputs(batch)
+    return model, args, kwargs
+
+
+def _analyze(model: nn.Module, args: tuple, kwargs: dict):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nrfx.analyze(model, args, example_kwargs=kwargs or None)
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensor leaves of a model output (tuples, lists, dicts, HF ModelOutput)."""
+    if hasattr(output, "to_tuple"):  # HF ModelOutput
+        output = output.to_tuple()
+    return [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+
+
+def assert_same_outputs(got, expected, msg: str = "") -> None:
+    """Every tensor leaf equal to rtol 1e-9 (atol 1e-9 of the leaf's largest entry)."""
+    got_t, expected_t = _tensors(got), _tensors(expected)
+    assert len(got_t) == len(expected_t), msg
+    for g, e in zip(got_t, expected_t, strict=True):
+        scale = e.abs().max().item() if e.numel() and e.is_floating_point() else 1.0
+        torch.testing.assert_close(g, e, rtol=RTOL, atol=RTOL * max(scale, 1e-30), msg=msg)
+
+
+def _call(module: nn.Module, args: tuple, kwargs: dict):
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def kill_layer_outputs(model: nn.Module, analysis, fraction: float = 0.4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Dead channels where no norm signals them: zero the output rows of linears / convs on free spaces.
+
+    Returns the masks (True = alive) keyed by those layers, as ``rejuvenate`` takes them.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    masks: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, record in analysis.layers("linear", "conv"):
+            if record.module is None or record.output is None or record.transposed:
+                continue
+            spaces = analysis.space_ids(record.output)
+            if len(spaces) != 1 or analysis.spaces[spaces[0]].is_frozen:
+                continue
+            module = model.get_submodule(record.module)
+            dead = torch.rand(module.weight.shape[0], generator=gen) < fraction
+            module.weight[dead] = 0
+            if module.bias is not None:
+                module.bias[dead] = 0
+            masks[record.module] = ~dead
+    return masks
+
+
+def give_dead_channels(model: nn.Module, analysis) -> dict[str, torch.Tensor] | None:
+    """Dead channels by zeroed norm scales where free spaces carry norms, else by zeroed layer outputs."""
+    if analysis.coverage().monitored > 0 and kill_per_norm(model, analysis, 0.4) > 0:
+        return None
+    masks = kill_layer_outputs(model, analysis, 0.4)
+    assert masks, "no free space to kill channels in"
+    return masks
+
+
+def assert_result_behaves(new: nn.Module, model: nn.Module, name: str) -> None:
+    """Another batch size gives the model's outputs; .train() / .eval() switch every submodule."""
+    args3, kwargs3 = CASES[name].inputs(3)
+    assert_same_outputs(_call(new, args3, kwargs3), _call(model, args3, kwargs3), "batch 3")
+    state = {k: v.clone() for k, v in new.state_dict().items()}
+    new.train()
+    assert all(m.training for m in new.modules())
+    _call(new, *CASES[name].inputs(2))  # updates BatchNorm statistics: put back below
+    new.eval()
+    new.load_state_dict(state)
+    assert not any(m.training for m in new.modules())
+    assert_same_outputs(_call(new, args3, kwargs3), _call(model, args3, kwargs3), "after train() / eval()")
+
+
+# -- tests ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", _params(CASES))
+def test_analysis_capture_and_params(name: str):
+    """analyze succeeds with the expected capture; params are exact; no unknown op is left."""
+    model, args, kwargs = _prepared(name)
+    start = time.perf_counter()
+    analysis = _analyze(model, args, kwargs)
+    elapsed = time.perf_counter() - start
+    assert analysis.capture == CASES[name].capture, analysis.capture_notes
+    assert analysis.params == sum(p.numel() for p in model.parameters())
+    coverage = analysis.coverage()
+    assert 0 < coverage.free <= 1 and 0 <= coverage.monitored <= coverage.free
+    print(f"{name}: {analysis.capture} {elapsed:.2f}s free {coverage.free:.3f} monitored {coverage.monitored:.3f} "
+          f"unknown {sorted(analysis.unknown_ops)}")
+
+
+@pytest.mark.parametrize("name", _params(n for n, c in CASES.items() if c.macs))
+def test_macs_match_torchvision_ops(name: str):
+    """MACs at the DEFAULT weights' input size equal torchvision's ``_ops`` (GMACs, 3 decimals)."""
+    import torchvision
+
+    build, inputs, weights = CASES[name].macs
+    module, enum = weights.rsplit(".", 1)
+    meta = getattr(getattr(torchvision.models, module), enum).DEFAULT.meta
+    model = build()
+    analysis = _analyze(model, inputs(), {})
+    assert analysis.params == meta["num_params"]
+    assert round(analysis.flops / 1e9, 3) == meta["_ops"], analysis.flops
+
+
+@pytest.mark.parametrize("name", _params(CASES))
+def test_dead_channels_removed_function_kept(name: str):
+    """Dead channels (zeroed scales or layer outputs) are removed at the original budget; outputs unchanged."""
+    model, args, kwargs = _prepared(name)
+    analysis = _analyze(model, args, kwargs)
+    masks = give_dead_channels(model, analysis)
+    analysis = _analyze(model, args, kwargs)  # the zeroed weights are read at analysis
+    expected = _call(model, args, kwargs)
+    new = nrfx.rejuvenate(model, masks, None, example_inputs=args, example_kwargs=kwargs or None, analysis=analysis)
+    assert_same_outputs(_call(new, args, kwargs), expected, "dead channels")
+    assert_result_behaves(new, model, name)
+
+
+@pytest.mark.parametrize("name", _params(CASES))
+def test_widening_keeps_function(name: str):
+    """No dead channel: growing every free space to 1.1 × c(A) keeps the outputs."""
+    model, args, kwargs = _prepared(name)
+    analysis = _analyze(model, args, kwargs)
+    expected = _call(model, args, kwargs)
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.1), example_inputs=args,
+                          example_kwargs=kwargs or None, analysis=analysis)
+    assert sum(p.numel() for p in new.parameters()) > analysis.params
+    assert_same_outputs(_call(new, args, kwargs), expected, "widened")
+    assert_result_behaves(new, model, name)
+
+
+def test_state_dict_and_apply_plan_round_trip():
+    """BERT (keyword inputs): a trained-then-saved result is rebuilt by apply_plan + load_state_dict."""
+    model, args, kwargs = _prepared("hf_bert")
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.1), example_inputs=args, example_kwargs=kwargs)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "trained": not the state apply_plan starts from
+    state = new.state_dict()
+    replay = nrfx.apply_plan(model, new.nrfx_plan, example_inputs=args, example_kwargs=kwargs)
+    replay.load_state_dict(state)
+    replay.eval()
+    assert_same_outputs(_call(replay, args, kwargs), _call(new, args, kwargs), "apply_plan round trip")

@@ -214,7 +214,8 @@ class NeuralRejuvenation:
                  scheduler_factory: SchedulerFactory | None = None, restart_schedule: bool = False,
                  threshold: float = 0.01, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  progress: bool | str = False, total: int | None = None, lam: float = 0.0,
-                 carry_state: bool = True) -> None:
+                 carry_state: bool = True, example_kwargs: dict[str, Any] | None = None,
+                 capture: str = "auto") -> None:
         _check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme, lam)
         if not callable(optimizer_factory):
             raise DriverError("optimizer_factory must be callable: params -> torch.optim.Optimizer")
@@ -222,10 +223,15 @@ class NeuralRejuvenation:
         self.scheme, self.rescale, self.max_rounds, self.threshold = scheme, bool(rescale), max_rounds, threshold
         self.gamma0 = _check_gamma0(gamma0)
         self.example_inputs = example_inputs
+        self._capture = {"example_kwargs": example_kwargs, "capture": capture}
         self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**31
         self._factory, self._scheduler_factory, self._wrap = optimizer_factory, scheduler_factory, wrap
         self.restart_schedule, self.carry_state, self.lam0 = restart_schedule, bool(carry_state), float(lam)
-        analysis = analyze(model, example_inputs)
+        analysis = analyze(model, example_inputs, **self._capture)
+        if not isinstance(analysis, Analysis):
+            raise DriverError(f"{type(model).__name__} was captured as islands ({', '.join(analysis.islands)}): the "
+                              "driver trains one graph. Build it on one island (model.get_submodule(path)), or "
+                              "call nrfx.rejuvenate on the whole model yourself")
         kind, value = Budget.coerce(budget).resolve(analysis)
         self.budget = Budget(params=value) if kind == "params" else Budget(flops=value)
         self._stage = self._new_stage(model, analysis, [])
@@ -369,7 +375,8 @@ class NeuralRejuvenation:
     def _rejuvenate(self, r: float) -> dict[str, Any]:
         """Rewrite the model, rebuild the optimizer with carried state; swap only when all succeeded."""
         module = self._rejuvenated_module(self.masks())
-        stage = self._new_stage(module, analyze(module, self.example_inputs), [*self._stage.plans, module.nrfx_plan])
+        stage = self._new_stage(module, analyze(module, self.example_inputs, **self._capture),
+                                [*self._stage.plans, module.nrfx_plan])
         self._carry(stage)
         lam, cost, self._stage = self.lam, self._cost(), stage
         self.rounds += 1
@@ -385,6 +392,7 @@ class NeuralRejuvenation:
         if _is_rank0():
             try:
                 module = rejuvenate(self.module, masks, self.budget, example_inputs=self.example_inputs,
+                                    **self._capture,
                                     scheme=self.scheme, rescale=self.rescale, gamma0=self.gamma0,
                                     seed=self.seed + self.rounds, analysis=self.analysis)
             except Exception as error:
@@ -394,7 +402,9 @@ class NeuralRejuvenation:
         shared = _from_rank0(message or (module.nrfx_plan.to_dict() if module is not None else None))
         if isinstance(shared, str):
             raise DriverError(f"rejuvenation failed on rank 0: {shared}")
-        return module if module is not None else apply_plan(self.module, shared, self.example_inputs)
+        if module is not None:
+            return module
+        return apply_plan(self.module, shared, self.example_inputs, **self._capture)
 
     def _carry(self, stage: _Stage) -> None:
         """Optimizer state (unless ``carry_state=False``), group settings and schedule into a new stage."""
@@ -432,10 +442,11 @@ class NeuralRejuvenation:
         module, plans = self.module, []
         for data in state["plans"]:
             plan = Plan.from_dict(data)
-            module = apply_plan(module, plan, self.example_inputs)
+            module = apply_plan(module, plan, self.example_inputs, **self._capture)
             plans.append(plan)
         _check_model_state(module, state["model"])
-        stage = self._new_stage(module, analyze(module, self.example_inputs) if plans else self.analysis, plans)
+        analysis = analyze(module, self.example_inputs, **self._capture) if plans else self.analysis
+        stage = self._new_stage(module, analysis, plans)
         stage.optimizer.load_state_dict(state["optimizer"])
         if stage.scheduler is not None and state["scheduler"] is not None:
             stage.scheduler.load_state_dict(state["scheduler"])

@@ -249,3 +249,24 @@ def test_islands_on_torchvision_detection():
     with torch.no_grad():
         torch.testing.assert_close(new.backbone(batch)["0"], model.backbone(batch)["0"], rtol=1e-4, atol=1e-5)
         new(images)  # the detector still takes a list of images
+
+
+def test_driver_trains_an_export_captured_model_through_rejuvenations():
+    torch.manual_seed(0)
+    model, x = _TokensToMap(), torch.randn(4, 16, 3)
+    nr = nrfx.NeuralRejuvenation(model, lambda p: torch.optim.SGD(p, lr=0.05), example_inputs=x, interval=1,
+                                 target=0.9, lam=1e-3, capture="export")
+    assert nr.analysis.capture == "export"
+    for _ in range(3):
+        loss = nr.model(x).square().mean()
+        nr.optimizer.zero_grad()
+        loss.backward()
+        nr.optimizer.step()
+        with torch.no_grad():
+            nr.module.get_submodule("bn").weight[:4] = 0  # a quarter of the channels die
+        nr.step()
+    assert nr.rounds >= 1
+    assert nr.model(torch.randn(7, 16, 3)).shape == (7, 4, 4, 4)
+    with pytest.raises(nrfx.DriverError, match="islands"):
+        nrfx.NeuralRejuvenation(_Filtering(), lambda p: torch.optim.SGD(p, lr=0.1),
+                                example_inputs=([torch.randn(3, 8, 8) for _ in range(2)],))

@@ -79,6 +79,9 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--add-gates", action="store_true",
                         help="first insert an nrfx.Gate in every free channel space without a norm scale "
                              "(nrfx.add_gates): transformer and ConvNeXt MLPs get a liveliness signal")
+    parser.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                        help="how the model becomes a graph: fx tracing, torch.export, or auto (fx, then "
+                             "torch.export when fx cannot trace the root; default)")
 
 
 def _gated(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
@@ -143,7 +146,7 @@ def run_report(args: argparse.Namespace) -> int:
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     shape = parse_input_size(size, args.batch)
     model = _gated(args, model, torch.zeros(shape))
-    analysis = analyze(model, torch.zeros(shape))
+    analysis = analyze(model, torch.zeros(shape), capture=args.capture)
     if masks is None:  # masks read from γ; a --masks file replaces them
         masks = analysis.masks_from(model, args.threshold)
     report = analysis.report(masks)
@@ -210,7 +213,7 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     x = torch.zeros(parse_input_size(size, args.batch))
     model = _gated(args, model, x)
-    before = analyze(model, x)
+    before = analyze(model, x, capture=args.capture)
     if masks is None:
         masks = before.masks_from(model, args.threshold)
     out = _text_stream(args)
@@ -218,7 +221,7 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     print("before:", before_report.summary(), sep="\n", file=out)
     new = rejuvenate(model, masks, budget, example_inputs=x, scheme=args.scheme, rescale=args.rescale,
                      gamma0=args.gamma0, seed=args.seed, analysis=before)
-    after = analyze(new, x).report()
+    after = analyze(new, x, capture=args.capture).report()
     print("after:", after.summary(), sep="\n", file=out)
     plan = new.nrfx_plan
     print(f"budget {plan.budget_kind} {plan.budget:,}: cost {plan.cost_before:,} -> live {plan.cost_live:,} "

@@ -132,10 +132,18 @@ class IslandReport:
         lines += [f"  left out {path}: {why}" for path, why in a.left_out.items()]
         return lines
 
-    def __str__(self) -> str:
+    def table(self, width: int = 150) -> str:
+        """Every island's per-layer table under its name."""
+        return "\n".join(f"── island {path} ──\n{r.table(width)}" for path, r in self.reports.items())
+
+    def summary(self) -> str:
+        """The island summary, then every island's totals."""
         parts = ["\n".join(self.summary_lines())]
-        parts += [f"── island {path} ──\n{report}" for path, report in self.reports.items()]
-        return "\n\n".join(parts)
+        parts += [f"── island {path} ──\n{r.summary()}" for path, r in self.reports.items()]
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.table() + "\n" + self.summary()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: the summary and every island's report."""

@@ -81,6 +81,8 @@ class Report:
     unknown_ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
     auto_leaves: dict[str, str] = field(default_factory=dict)
     coverage: Any = None  # nrfx.analysis.Coverage: channels in free spaces, and with a liveliness signal
+    capture: str = "fx"
+    capture_notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe data: rows, the (other) row, totals, frozen spaces, unknown ops, leaves."""
@@ -97,6 +99,8 @@ class Report:
             "unknown_ops": {k: list(v) for k, v in self.unknown_ops.items()},
             "auto_leaves": dict(self.auto_leaves),
             "coverage": _coverage_dict(self.coverage),
+            "capture": self.capture,
+            "capture_notes": list(self.capture_notes),
         }
 
     def table(self, width: int = 150) -> str:
@@ -113,7 +117,7 @@ class Report:
         t = self.totals
         shapes = ", ".join("×".join(str(d) for d in s) for s in self.input_shapes)
         lines = [
-            f"model {self.model}, input {shapes} (MACs per example, bias excluded)",
+            f"model {self.model}, input {shapes} (MACs per example, bias excluded), captured by {self.capture}",
             f"c(A)  params {t.params:,} ({format_count(t.params)})   MACs {t.macs:,} ({format_count(t.macs)})",
             f"U(θ)  params {t.live_params:,} ({format_count(t.live_params)})   "
             f"MACs {t.live_macs:,} ({format_count(t.live_macs)})",
@@ -123,6 +127,7 @@ class Report:
             f"automatic leaves {t.auto_leaves}",
             *_coverage_line(self.coverage),
         ]
+        lines += [f"  {note}" for note in self.capture_notes]
         lines += [f"  unknown op {k}: {', '.join(v)}" for k, v in self.unknown_ops.items()]
         lines += [f"  automatic leaf {k}: {v}" for k, v in self.auto_leaves.items()]
         return "\n".join(lines)
@@ -149,7 +154,8 @@ def build_report(analysis, masks: dict[str, torch.Tensor] | None = None) -> Repo
                     analysis.effective_params, analysis.effective_flops)
     frozen = tuple((s.index, s.width, _first_reason(s.frozen)) for s in analysis.frozen_spaces)
     return Report(analysis.model_name, tuple(analysis.input_shapes), analysis.batch, rows, other, totals, frozen,
-                  dict(analysis.unknown_ops), dict(analysis.auto_leaves), analysis.coverage())
+                  dict(analysis.unknown_ops), dict(analysis.auto_leaves), analysis.coverage(),
+                  getattr(analysis, "capture", "fx"), tuple(getattr(analysis, "capture_notes", ())))
 
 
 def _coverage_dict(cover) -> dict[str, Any] | None:

@@ -270,3 +270,13 @@ def test_driver_trains_an_export_captured_model_through_rejuvenations():
     with pytest.raises(nrfx.DriverError, match="islands"):
         nrfx.NeuralRejuvenation(_Filtering(), lambda p: torch.optim.SGD(p, lr=0.1),
                                 example_inputs=([torch.randn(3, 8, 8) for _ in range(2)],))
+
+
+def test_cli_capture_option_and_report_line(capsys):
+    from nrfx.cli import main
+
+    assert main(["report", "resnet18", "--input-size", "3", "32", "32", "--batch", "2", "--capture", "export"]) == 0
+    text = capsys.readouterr().out
+    assert "captured by export" in text and "leaf-module calls raised" in text
+    report = nrfx.analyze(_TokensToMap(), torch.randn(2, 16, 3)).report()
+    assert report.to_dict()["capture"] == "export" and "captured by export" in report.summary()

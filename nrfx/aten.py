@@ -6,7 +6,9 @@ aten overload in ``TORCH_LEVEL`` becomes, in place, the call plain FX would have
 same Python code, with the same meaning; the analysis rules, the cost model and every rewrite
 pass (literal slices, split sizes, groups) then apply unchanged.  An aten op not in the table
 stays as it is and the analysis treats it as an unknown op (the channels it touches freeze).
-Checks with no value (``aten._assert_*``) are dropped.
+Checks with no value (``aten._assert_*``) are dropped.  ``aten.detach_`` (export's spelling of a
+constant made in ``forward``: ``lift_fresh_copy`` then ``detach_``) becomes ``x.detach()``: the
+values are the same and the graph reads the result, not ``x``.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",
                     aten.contiguous.default: "contiguous", aten.detach.default: "detach", aten.alias.default: "detach",
                     aten.type_as.default: "type_as", aten.to.device: "to", aten.to.dtype: "to", aten.to.other: "to",
-                    aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_"}
+                    aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_", aten.detach_.default: "detach"}
 _SIZE_METHODS = {aten.view.default: "view", aten.reshape.default: "reshape", aten._unsafe_view.default: "view",
                  aten.permute.default: "permute", aten.expand.default: "expand"}
 

@@ -4,19 +4,23 @@ An architecture (``Arch``) is a tuple of ops over numbered values; value 0 is th
 ``i`` produces value ``i + 1``.  Three things are derived from it, independently of nrfx:
 
 * ``build(arch)`` -- the ``nn.Module`` (``Net``), module names ``c{i}``/``b{i}`` (conv, norm),
-  ``n{i}`` (a norm on any value), ``r{i}a``/``r{i}an``/``r{i}b``/``r{i}bn`` (residual), ``s{i}a``/``s{i}b`` (SE),
-  ``head``;
+  ``n{i}`` (a BatchNorm or GroupNorm on any value), ``r{i}a``/``r{i}an``/``r{i}b``/``r{i}bn`` (residual),
+  ``s{i}a``/``s{i}b`` (SE), ``m{i}a``/``m{i}gn``/``m{i}b`` (gated MLP), ``head``;
 * ``ChannelGraph(arch, masks)`` -- every channel followed by hand, one element per channel:
-  union-find ties (adds, depthwise convs, SE gates), frozen channels (grouped convs, the
-  input, the logits), the channels each weight reads and whether they are known zero under
-  the masks (``{module name: BoolTensor}``, True = alive), hence the dead channels;
+  union-find ties (adds, depthwise convs, SE gates), frozen channels (the input, the logits),
+  groups (a grouped conv's group k in and out, a GroupNorm's groups: kept or removed whole;
+  a value read in groups of two sizes, or grouped with a frozen value, freezes), the channels
+  each weight reads and whether they are known zero under the masks (``{module name:
+  BoolTensor}``, True = alive), hence the dead channels;
 * ``graph.narrow(source)`` -- the same network with the dead channels removed, weights copied
   from ``source`` when given; ``zero_masked(model, masks)`` makes the masked channels output
   exact zeros (γ = β = 0, or zero rows of a norm-less conv), so that ``narrow`` computes the
   same function as the full model (function-preservation tests can reuse this).
 
 ``archs()`` is the hypothesis strategy; ``repair_masks`` keeps every tensor at least one
-channel wide so that the narrow network can be built.
+channel wide so that the narrow network can be built.  Grouped convs (groups 2 or 4), GroupNorm
+and gated MLPs are drawn in architectures without concats and slices, where every value is one
+channel space (the groups of a value then never straddle two spaces).
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
+from nrfx import Gate
+
 __all__ = [
-    "Conv", "Residual", "Add", "Cat", "Slice", "SE", "Norm", "Pool", "Head", "Arch", "Net", "build", "shapes",
+    "Conv", "Residual", "Add", "Cat", "Slice", "SE", "Norm", "GNorm", "Mlp", "Pool", "Head", "Arch", "Net", "build",
+    "shapes",
     "ChannelGraph", "zero_masked", "repair_masks", "archs", "mask_sites", "count_macs",
 ]
 
@@ -118,6 +125,22 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class GNorm:
+    """GroupNorm(groups, C) on a value: resized in whole groups; zeros in do not pass."""
+
+    src: int
+    groups: int
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """x + fc2(gate(relu(fc1(x)))) over channels-last (permute), an ``nrfx.Gate`` on the hidden dim."""
+
+    src: int
+    hidden: int
+
+
+@dataclass(frozen=True)
 class Arch:
     ops: tuple
     in_channels: int = 3
@@ -125,7 +148,7 @@ class Arch:
 
 
 def _conv_kind(groups: int, cin: int, cout: int) -> str:
-    """'dw' (one space in and out), 'grouped' (frozen) or 'plain'."""
+    """'dw' (one space in and out), 'grouped' (tied group by group) or 'plain'."""
     if groups > 1 and groups == cin == cout:
         return "dw"
     return "grouped" if groups > 1 else "plain"
@@ -137,7 +160,7 @@ def shapes(arch: Arch) -> list[tuple[int, int]]:
     for op in arch.ops:
         if isinstance(op, Conv):
             out.append((op.out, (out[op.src][1] - 1) // op.stride + 1))
-        elif isinstance(op, (Residual, SE, Norm)):
+        elif isinstance(op, (Residual, SE, Norm, GNorm, Mlp)):
             out.append(out[op.src])
         elif isinstance(op, Add):
             out.append(out[op.a])
@@ -165,6 +188,7 @@ class ChannelGraph:
         self.outputs: dict[str, list[int]] = {}  # elements each module writes (mask sites)
         self.inputs: dict[str, int | list[int]] = {}  # value (or elements) each weight reads
         self.readers: list[tuple[list[int], list[bool]]] = []  # (elements, zero) at every weight input
+        self.groups: list[tuple[list[int], list[int], int, int]] = []  # (in, out, in block, out block)
         x = self._new(arch.in_channels)
         self.frozen.update(x)  # the image channels are no space: never removed
         self._push(x, [False] * len(x))
@@ -211,8 +235,8 @@ class ChannelGraph:
         kind = _conv_kind(groups, len(x), cout)
         self._read(conv, x, zx, src)
         out = list(x) if kind == "dw" else self._new(cout)
-        if kind == "grouped":
-            self.frozen.update(x + out)
+        if kind == "grouped":  # group k in with group k out, both kept or removed whole
+            self.groups.append((list(x), out, len(x) // groups, cout // groups))
         zero = self._write(conv, out, [False] * cout)  # a conv output is never known zero (bias, weights)
         if norm is not None:
             zero = self._write(norm, out, zero)
@@ -258,6 +282,19 @@ class ChannelGraph:
         x = self.values[op.src]
         self._push(list(x), self._write(f"n{i}", x, [False] * len(x)))  # zeros in do not pass
 
+    def _gnorm(self, i: int, op: GNorm) -> None:
+        x = self.values[op.src]
+        self.groups.append((list(x), list(x), len(x) // op.groups, len(x) // op.groups))
+        self._push(list(x), self._write(f"n{i}", x, [False] * len(x)))  # zeros in do not pass
+
+    def _mlp(self, i: int, op: Mlp) -> None:
+        x, zx = self.values[op.src], self.zeros[op.src]
+        h, _ = self._hidden(f"m{i}", f"m{i}a", None, x, zx, op.hidden)
+        zg = self._write(f"m{i}gn", h, [False] * len(h))  # a gate, like a norm: zero only where its mask says
+        out, zo = self._hidden(f"m{i}", f"m{i}b", None, h, zg, len(x))
+        self._tie(out, x)
+        self._push(out, [a and b for a, b in zip(zo, zx, strict=True)])
+
     def _pool(self, i: int, op: Pool) -> None:
         self._push(list(self.values[op.src]), list(self.zeros[op.src]))
 
@@ -268,9 +305,34 @@ class ChannelGraph:
         self._push(out, self._write("head", out, [False] * op.classes))
 
     # results ------------------------------------------------------------------------------------------------------
-    def dead_roots(self) -> set[int]:
-        """Classes whose every read is known zero (and that are not frozen and are read at all)."""
+    def _group_sets(self) -> tuple[list[set[int]], list[set[int]], dict[int, set[int]]]:
+        """Roots kept or removed together (one set per group), the roots each tie joins, block sizes per root."""
+        together, units, blocks = [], [], {}
+        for xs, ys, bx, by in self.groups:
+            units.append({self.find(e) for e in xs + ys})
+            for k in range(len(xs) // bx):
+                together.append({self.find(e) for e in xs[k * bx:(k + 1) * bx] + ys[k * by:(k + 1) * by]})
+            for elements, b in ((xs, bx), (ys, by)):
+                for e in elements:
+                    blocks.setdefault(self.find(e), set()).add(b)
+        return together, units, blocks
+
+    def frozen_roots(self) -> set[int]:
+        """Frozen classes: the input, the logits, and every class grouped with a frozen one or in two group sizes."""
         frozen = {self.find(e) for e in self.frozen}
+        _, units, blocks = self._group_sets()
+        changed = True
+        while changed:  # ties chain: a unit touching a frozen class freezes, and so on
+            changed = False
+            for unit in units:
+                if not unit <= frozen and (unit & frozen or any(len(blocks[r]) > 1 for r in unit)):
+                    frozen |= unit
+                    changed = True
+        return frozen
+
+    def dead_roots(self) -> set[int]:
+        """Classes whose every read is known zero (not frozen, read at all); groups die only whole."""
+        frozen = self.frozen_roots()
         read, nonzero = set(), set()
         for elements, zero in self.readers:
             for e, z in zip(elements, zero, strict=True):
@@ -278,7 +340,16 @@ class ChannelGraph:
                 read.add(r)
                 if not z:
                     nonzero.add(r)
-        return read - nonzero - frozen
+        dead = read - nonzero - frozen
+        together, _, _ = self._group_sets()
+        changed = True
+        while changed:  # a group with one live class lives whole; groups overlap through ties
+            changed = False
+            for group in together:
+                if group & dead and not group <= dead:
+                    dead -= group
+                    changed = True
+        return dead
 
     def kept(self, elements: list[int], dead: set[int] | None = None) -> list[int]:
         """Indices of the live channels of an element list."""
@@ -291,7 +362,7 @@ class ChannelGraph:
         for name, elements in self.outputs.items():
             for j, e in enumerate(elements):
                 members.setdefault(self.find(e), []).append((name, j))
-        frozen = {self.find(e) for e in self.frozen}
+        frozen = self.frozen_roots()
         return [(m, r in frozen) for r, m in members.items()]
 
     def empty_element(self) -> int | None:
@@ -350,7 +421,7 @@ class Net(nn.Module):
             if isinstance(op, Conv):
                 kind = _conv_kind(op.groups, cin, op.out)
                 cout = width(graph.outputs[f"c{i}"], op.out) if graph is not None else op.out
-                groups = {"dw": cout, "grouped": op.groups, "plain": 1}[kind]
+                groups = {"dw": cout, "grouped": w_in // (cin // op.groups), "plain": 1}[kind]
                 self.add_module(f"c{i}", nn.Conv2d(w_in, cout, op.k, op.stride, op.k // 2, groups=groups))
                 if op.bn:
                     self.add_module(f"b{i}", nn.BatchNorm2d(cout))
@@ -366,6 +437,13 @@ class Net(nn.Module):
                 self.add_module(f"s{i}b", nn.Conv2d(hidden, w_in, 1))
             elif isinstance(op, Norm):
                 self.add_module(f"n{i}", nn.BatchNorm2d(w_in))
+            elif isinstance(op, GNorm):
+                self.add_module(f"n{i}", nn.GroupNorm(w_in // (cin // op.groups), w_in))
+            elif isinstance(op, Mlp):
+                hidden = width(graph.outputs[f"m{i}a"], op.hidden) if graph is not None else op.hidden
+                self.add_module(f"m{i}a", nn.Linear(w_in, hidden))
+                self.add_module(f"m{i}gn", Gate(hidden, dim=-1))
+                self.add_module(f"m{i}b", nn.Linear(hidden, w_in))
             elif isinstance(op, Slice) and graph is not None:
                 kept = graph.kept(graph.values[op.src], dead)
                 self.cuts[i] = (sum(j < op.start for j in kept), sum(j < op.stop for j in kept))
@@ -402,8 +480,12 @@ class Net(nn.Module):
             x = values[op.src]
             s = getattr(self, f"s{i}a")(F.adaptive_avg_pool2d(x, 1))
             return x * torch.sigmoid(getattr(self, f"s{i}b")(F.relu(s)))
-        if isinstance(op, Norm):
+        if isinstance(op, (Norm, GNorm)):
             return getattr(self, f"n{i}")(values[op.src])
+        if isinstance(op, Mlp):
+            x = values[op.src]
+            h = getattr(self, f"m{i}gn")(F.relu(getattr(self, f"m{i}a")(x.permute(0, 2, 3, 1))))
+            return x + getattr(self, f"m{i}b")(h).permute(0, 3, 1, 2)
         if isinstance(op, Pool):
             pool = F.max_pool2d if op.kind == "max" else F.avg_pool2d
             return pool(values[op.src], 2)
@@ -433,9 +515,11 @@ def build(arch: Arch, seed: int = 0, dtype: torch.dtype = torch.float32) -> Net:
     net = Net(arch).to(dtype)
     with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, Gate)):
                 m.weight.uniform_(0.5, 1.5)
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 m.bias.uniform_(-0.5, 0.5)
+            if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
     return net
@@ -452,8 +536,10 @@ def mask_sites(arch: Arch) -> dict[str, int]:
             sites[f"r{i}an"], sites[f"r{i}bn"] = op.mid, sizes[op.src][0]
         elif isinstance(op, SE):
             sites[f"s{i}a"], sites[f"s{i}b"] = op.hidden, sizes[op.src][0]
-        elif isinstance(op, Norm):
+        elif isinstance(op, (Norm, GNorm)):
             sites[f"n{i}"] = sizes[op.src][0]
+        elif isinstance(op, Mlp):
+            sites[f"m{i}gn"] = op.hidden
     return sites
 
 
@@ -464,7 +550,7 @@ def zero_masked(model: Net, masks: dict[str, torch.Tensor]) -> None:
             m = getattr(model, name)
             dead = ~mask.to(torch.bool)
             m.weight[dead] = 0
-            if m.bias is not None:
+            if getattr(m, "bias", None) is not None:
                 m.bias[dead] = 0
 
 
@@ -512,8 +598,12 @@ def _transplant(narrow: Net, full: Net, graph: ChannelGraph) -> None:
                     getattr(module, t).copy_(getattr(big, t)[out])
                 module.num_batches_tracked.copy_(big.num_batches_tracked)
                 continue
+            if isinstance(module, (nn.GroupNorm, Gate)):
+                for t in ("weight", "bias")[: 1 if isinstance(module, Gate) else 2]:
+                    getattr(module, t).copy_(getattr(big, t)[out])
+                continue
             w = big.weight[out]
-            if big.groups == 1:
+            if getattr(big, "groups", 1) == 1:
                 w = w[:, kept_in(name)]
             module.weight.copy_(w)
             if module.bias is not None:
@@ -537,19 +627,22 @@ _ADD_STYLES = ("op", "method", "function", "sub")
 
 @st.composite
 def archs(draw, max_ops: int = 6, max_width: int = 12) -> Arch:
-    """A random architecture: conv-bn-relu chains, residuals, adds, concats, slices, SE, pooling, a head."""
+    """A random architecture: conv-bn-relu chains, residuals, adds, concats, slices, SE, pooling, a head;
+    or (one in three) grouped convs, GroupNorm and gated MLPs with the same ops but concats and slices."""
     arch = Arch(())
     ops: list = []
+    grouped = draw(st.integers(0, 2)) == 0
+    kinds = ["conv", "conv", "conv", "residual", "add", "se", "pool", "norm"]
+    kinds += ["gnorm", "mlp", "conv"] if grouped else ["cat", "slice"]
     n_ops = draw(st.integers(1, max_ops))
     for _ in range(n_ops):
         sizes = shapes(Arch(tuple(ops)))
         src = draw(st.integers(max(0, len(sizes) - 3), len(sizes) - 1))  # mostly recent values
         c, hw = sizes[src]
-        kind = draw(st.sampled_from(["conv", "conv", "conv", "residual", "add", "cat", "slice", "se", "pool",
-                                     "norm"]))
+        kind = draw(st.sampled_from(kinds))
         op = None
         if kind == "conv" or (kind == "pool" and hw < 4):
-            ops.append(_draw_conv(draw, src, c, hw, max_width))
+            ops.append(_draw_conv(draw, src, c, hw, max_width, grouped))
             continue
         if kind == "residual":
             op = Residual(src, draw(st.integers(2, max_width)), draw(st.sampled_from([1, 3])),
@@ -569,22 +662,27 @@ def archs(draw, max_ops: int = 6, max_width: int = 12) -> Arch:
             op = Pool(src, draw(st.sampled_from(["max", "avg"])))
         elif kind == "norm" and src > 0:
             op = Norm(src)
-        ops.append(op if op is not None else _draw_conv(draw, src, c, hw, max_width))
+        elif kind == "gnorm" and src > 0:
+            op = GNorm(src, draw(st.sampled_from([g for g in (1, 2, 4) if c % g == 0])))
+        elif kind == "mlp":
+            op = Mlp(src, draw(st.integers(1, max_width)))
+        ops.append(op if op is not None else _draw_conv(draw, src, c, hw, max_width, grouped))
     last = len(ops)
     gap = draw(st.booleans()) or shapes(Arch(tuple(ops)))[last][1] > 8
     arch = Arch((*ops, Head(last, draw(st.integers(1, 4)), gap)))
     return arch
 
 
-def _draw_conv(draw, src: int, c: int, hw: int, max_width: int) -> Conv:
+def _draw_conv(draw, src: int, c: int, hw: int, max_width: int, grouped: bool = False) -> Conv:
     k = draw(st.sampled_from([1, 3, 3, 5]))
     stride = draw(st.sampled_from([1, 1, 2])) if hw >= 4 else 1
     bn = draw(st.integers(0, 5)) > 0
     act = draw(st.integers(0, 3)) > 0
-    mode = draw(st.sampled_from(["plain", "plain", "plain", "dw", "grouped"]))
+    modes = ["plain", "plain", "dw"] + (["grouped", "grouped"] if grouped else [])
+    mode = draw(st.sampled_from(modes))
     if mode == "dw" and c > 1:
         return Conv(src, c, k, stride, c, bn, act)
-    divisors = [g for g in range(2, c + 1) if c % g == 0 and g * 1 <= max_width]
+    divisors = [g for g in (2, 4) if c % g == 0]
     if mode == "grouped" and divisors:
         g = draw(st.sampled_from(divisors))
         out = g * draw(st.integers(1, max(1, max_width // g)))

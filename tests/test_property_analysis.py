@@ -22,7 +22,9 @@ from models import (
     Cat,
     ChannelGraph,
     Conv,
+    GNorm,
     Head,
+    Mlp,
     Norm,
     Residual,
     Slice,
@@ -159,7 +161,7 @@ def test_fixed_architectures():
 
 
 def test_channel_graph_spaces_describe_ties_and_frozen():
-    # conv(3→4) + residual: one space written by c0, b0, r1bn and r1b; grouped conv freezes its sides
+    # conv(3→4) + residual: one space written by c0, b0, r1bn and r1b; a grouped conv ties it group by group
     arch = Arch((Conv(0, 4), Residual(1, 2), Conv(2, 6, groups=2), Head(3, 2)))
     spaces = ChannelGraph(arch).spaces()
     by_module = {}
@@ -167,10 +169,37 @@ def test_channel_graph_spaces_describe_ties_and_frozen():
         for name, _ in members:
             by_module.setdefault(name, []).append((frozenset(members), is_frozen))
     (c0_first, frozen0), *_ = by_module["c0"]
-    assert {("c0", 0), ("b0", 0), ("r1b", 0), ("r1bn", 0)} <= c0_first and frozen0  # feeds the grouped conv
-    assert all(f for _, f in by_module["c2"]) and all(f for _, f in by_module["head"])
+    assert {("c0", 0), ("b0", 0), ("r1b", 0), ("r1bn", 0)} <= c0_first and not frozen0
+    assert not any(f for _, f in by_module["c2"]) and all(f for _, f in by_module["head"])
     assert not any(f for _, f in by_module["r1a"])
     assert len(by_module["r1a"]) == 2  # two separate channels
+    # group 0 (c0 channels 0-1, c2 channels 0-2): dead only when dead on both sides
+    half = {"b0": torch.tensor([False, False, True, True]), "b2": torch.tensor([False, True, False, True, True, True])}
+    graph = ChannelGraph(arch, half)
+    assert graph.kept(graph.values[1]) == [0, 1, 2, 3]  # b2 keeps channel 1 of group 0 alive: the group lives
+    dead = {"b0": torch.tensor([False, False, True, True]), "r1bn": torch.tensor([False, False, True, True]),
+            "b2": torch.tensor([False] * 3 + [True] * 3)}  # dead in both operands of the residual add
+    graph = ChannelGraph(arch, dead)
+    assert graph.kept(graph.values[1]) == [2, 3] and graph.kept(graph.values[3]) == [3, 4, 5]
+    check(arch, dead, use_gamma=False)
+
+
+def test_groupnorm_and_gated_mlp_by_hand():
+    # GroupNorm (2 channels per group) then a grouped conv reading 2 channels per group into 1: one unit
+    arch = Arch((Conv(0, 8), GNorm(1, 4), Conv(2, 4, groups=4, k=1), Head(3, 2)))
+    masks = {"n1": torch.tensor([False, False, True] + [True] * 5), "b2": torch.tensor([False, False, True, True])}
+    graph = ChannelGraph(arch, masks)
+    assert graph.kept(graph.values[2]) == [2, 3, 4, 5, 6, 7]  # group 0 dead on both sides; group 1 half: kept
+    assert graph.kept(graph.values[3]) == [1, 2, 3]  # out channel 1 dead at b2, but its group's input lives
+    check(arch, masks, use_gamma=False)
+    check(arch, masks | {"b0": torch.ones(8, dtype=torch.bool)}, use_gamma=True)
+    # a gated MLP: the gate marks hidden channels dead; the residual stream stays
+    arch = Arch((Conv(0, 4), Mlp(1, 5), Head(2, 2)))
+    masks = {"m1gn": torch.tensor([True, False, False, True, False])}
+    graph = ChannelGraph(arch, masks)
+    assert graph.kept(graph.outputs["m1a"]) == [0, 3] and graph.kept(graph.values[2]) == [0, 1, 2, 3]
+    check(arch, masks, use_gamma=False)
+    check(arch, masks | {"b0": torch.ones(4, dtype=torch.bool)}, use_gamma=True)
 
 
 def test_a_norm_reading_zero_channels_keeps_them():

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis import Analysis, Coverage, Utilization, analyze_whole
+from .analysis import COVERAGE_MIN_CHANNELS, COVERAGE_WARN_BELOW, Analysis, Coverage, Utilization, analyze_whole
 from .capture import Example
 from .errors import NrfxError, NrfxWarning, TraceError
 from .shapeprop import untouched
@@ -164,7 +164,22 @@ def find_islands(model: nn.Module, example: Example, why: str, **capture_options
     inside = {id(p) for path in islands for p in model.get_submodule(path).parameters()}
     outside = sum(p.numel() for p in model.parameters() if id(p) not in inside)
     notes = [f"capture: islands, because {why}"]
-    return IslandAnalysis(type(model).__name__, islands, left_out, outside, capture_notes=notes)
+    result = IslandAnalysis(type(model).__name__, islands, left_out, outside, capture_notes=notes)
+    _warn_low_coverage(result)
+    return result
+
+
+def _warn_low_coverage(analysis: IslandAnalysis) -> None:
+    """One warning when under half of the islands' channels are monitored; it names each island's share."""
+    cover = analysis.coverage()
+    if cover.channels < COVERAGE_MIN_CHANNELS or cover.monitored >= COVERAGE_WARN_BELOW:
+        return
+    by_island = analysis.coverage_by_island().items()
+    parts = ", ".join(f"{path} {c.monitored:.0%} of {c.channels:,}" for path, c in by_island)
+    warnings.warn(f"nrfx can rejuvenate only {cover.monitored:.0%} of the channels of {analysis.model_name}'s "
+                  f"islands ({parts}); the rest is frozen at island boundaries or by its ops, or has no norm scale "
+                  "(nrfx.add_gates on an island gives it one). analysis.report() says which.",
+                  NrfxWarning, stacklevel=3)
 
 
 def _descend(module: nn.Module, prefix: str, calls, islands, left_out, options) -> None:

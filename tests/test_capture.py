@@ -280,3 +280,10 @@ def test_cli_capture_option_and_report_line(capsys):
     assert "captured by export" in text and "leaf-module calls raised" in text
     report = nrfx.analyze(_TokensToMap(), torch.randn(2, 16, 3)).report()
     assert report.to_dict()["capture"] == "export" and "captured by export" in report.summary()
+
+
+def test_islands_warn_once_when_little_is_monitored():
+    model = _Filtering()
+    model.scorer = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 1))  # free but unsignalled
+    with pytest.warns(nrfx.NrfxWarning, match=r"only \d+% of the channels of _Filtering's islands \(backbone"):
+        nrfx.analyze(model, ([torch.randn(3, 8, 8) for _ in range(2)],))

@@ -16,11 +16,13 @@ xfail: a model that starts to pass fails loudly.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -33,9 +35,10 @@ from nrfx.models import meta_parameters
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics: no update checks, no downloads
 
-pytestmark = pytest.mark.third_party
+pytestmark = [pytest.mark.third_party, pytest.mark.usefixtures("one_thread")]
 
 RTOL = 1e-9
+RTOL_FLOAT32 = 1e-4  # RAFT, which cannot run in float64
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -47,8 +50,9 @@ class Case:
     inputs: Callable[[int], tuple[tuple, dict]]
     capture: str
     slow: bool = False
+    option: str = "auto"  # the capture= given to analyze / rejuvenate
+    dtype: torch.dtype = torch.float64
     macs: tuple[Callable[[], nn.Module], Callable[[], tuple], str] | None = None  # meta model, inputs, weights
-    notes: dict = field(default_factory=dict)
 
 
 def _images(size: int) -> Callable[[int], tuple[tuple, dict]]:
@@ -90,11 +94,12 @@ def _torchvision(path: str, **kwargs) -> Callable[[], nn.Module]:
     return build
 
 
-def _tv_macs(path: str, weights: str, shape: tuple, **kwargs):
-    """(meta-parameter model, inputs, weights enum path) for a MAC check against ``_ops``."""
+def _tv_macs(path: str, weights: str, shape: tuple, meta: bool = True, **kwargs):
+    """(model, inputs, weights enum path) for a MAC check against ``_ops``; parameters on the meta device when
+    ``meta`` (torch.export cannot mix meta parameters with real inputs: export-captured models are built for real)."""
 
     def build() -> nn.Module:
-        with meta_parameters():
+        with meta_parameters() if meta else contextlib.nullcontext():
             return _torchvision(path, weights=None, **kwargs)().eval()
 
     return build, lambda: tuple(torch.randn(*s) for s in shape), weights
@@ -106,7 +111,8 @@ def _smp_fpn() -> nn.Module:
 
 
 def _flow_inputs(batch: int) -> tuple[tuple, dict]:
-    return tuple(torch.randn(batch, 3, 128, 128, dtype=torch.float64) for _ in range(2)), {}
+    """RAFT runs in float32 only (its coordinate grids are ``.float()``); 128 × 128 is its smallest input."""
+    return tuple(torch.randn(batch, 3, 128, 128) for _ in range(2)), {"num_flow_updates": 2}
 
 
 CASES: dict[str, Case] = {
@@ -147,17 +153,26 @@ CASES: dict[str, Case] = {
                       weights_backbone=None, aux_loss=True)),
     "r3d_18": Case(
         _torchvision("video.r3d_18", weights=None, num_classes=10),
-        lambda batch: ((torch.randn(batch, 3, 4, 32, 32, dtype=torch.float64),), {}), "fx",
+        lambda batch: ((torch.randn(batch, 3, 2, 16, 16, dtype=torch.float64),), {}), "fx",
         macs=_tv_macs("video.r3d_18", "video.R3D_18_Weights", [(1, 3, 16, 112, 112)])),
     "swin3d_t": Case(
         _torchvision("video.swin3d_t", weights=None, num_classes=10),
-        lambda batch: ((torch.randn(batch, 3, 4, 32, 32, dtype=torch.float64),), {}), "export", slow=True),
-    "raft_small": Case(_torchvision("optical_flow.raft_small", weights=None), _flow_inputs, "export", slow=True),
-    "smp_fpn_resnet18": Case(_smp_fpn, _images(64), "export"),
+        lambda batch: ((torch.randn(batch, 3, 2, 32, 32, dtype=torch.float64),), {}), "export", slow=True),
+    "swin3d_t_export": Case(
+        _torchvision("video.swin3d_t", weights=None, num_classes=10),
+        lambda batch: ((torch.randn(batch, 3, 2, 32, 32, dtype=torch.float64),), {}), "export", slow=True,
+        option="export", macs=_tv_macs("video.swin3d_t", "video.Swin3D_T_Weights", [(2, 3, 16, 224, 224)], meta=False)),
+    "raft_small": Case(_torchvision("optical_flow.raft_small", weights=None), _flow_inputs, "export", slow=True,
+                       dtype=torch.float32),
+    "smp_fpn_resnet18": Case(_smp_fpn, _images(32), "export"),
 }
 
 # name -> (exception type, or None for a wrong result; why).  Strict: a model that starts to pass fails loudly.
-EXPECTED_FAILURES: dict[str, tuple[type[BaseException] | None, str]] = {}
+EXPECTED_FAILURES: dict[str, tuple[type[BaseException] | None, str]] = {
+    "swin3d_t": (nrfx.ShapeError, "capture='auto': fx traces the root, then meta shape propagation fails in "
+                 "torchvision's _get_window_and_shift_size (window_size[i] = size_dhw[i] on an fx immutable_list); "
+                 "a ShapeError is not a TraceError, so 'auto' never tries torch.export (swin3d_t_export passes)"),
+}
 
 
 def _marks(name: str) -> list:
@@ -176,15 +191,24 @@ def _params(names) -> list:
 def _prepared(name: str, batch: int = 2, seed: int = 0):
     """The float64 eval-mode model and its example inputs (args, kwargs)."""
     torch.manual_seed(seed)
-    model = CASES[name].build().double().eval()
+    model = CASES[name].build().to(CASES[name].dtype).eval()
     args, kwargs = CASES[name].inputs(batch)
     return model, args, kwargs
 
 
-def _analyze(model: nn.Module, args: tuple, kwargs: dict):
+@functools.cache
+def _fresh(name: str):
+    """The model as built (no dead channels), its inputs and analysis: shared by the tests that do not modify it."""
+    model, args, kwargs = _prepared(name)
+    start = time.perf_counter()
+    analysis = _analyze(model, args, kwargs, CASES[name].option)
+    return model, args, kwargs, analysis, time.perf_counter() - start
+
+
+def _analyze(model: nn.Module, args: tuple, kwargs: dict, capture: str = "auto"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return nrfx.analyze(model, args, example_kwargs=kwargs or None)
+        return nrfx.analyze(model, args, example_kwargs=kwargs or None, capture=capture)
 
 
 def _tensors(output) -> list[torch.Tensor]:
@@ -195,12 +219,13 @@ def _tensors(output) -> list[torch.Tensor]:
 
 
 def assert_same_outputs(got, expected, msg: str = "") -> None:
-    """Every tensor leaf equal to rtol 1e-9 (atol 1e-9 of the leaf's largest entry)."""
+    """Every tensor leaf equal to rtol 1e-9 (atol 1e-9 of the leaf's largest entry; 1e-4 in float32)."""
     got_t, expected_t = _tensors(got), _tensors(expected)
     assert len(got_t) == len(expected_t), msg
     for g, e in zip(got_t, expected_t, strict=True):
         scale = e.abs().max().item() if e.numel() and e.is_floating_point() else 1.0
-        torch.testing.assert_close(g, e, rtol=RTOL, atol=RTOL * max(scale, 1e-30), msg=msg)
+        rtol = RTOL if e.dtype == torch.float64 else RTOL_FLOAT32
+        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=msg)
 
 
 def _call(module: nn.Module, args: tuple, kwargs: dict):
@@ -216,7 +241,7 @@ def kill_layer_outputs(model: nn.Module, analysis, fraction: float = 0.4, seed: 
     gen = torch.Generator().manual_seed(seed)
     masks: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, record in analysis.layers("linear", "conv"):
+        for _, record in analysis.layers("linear", "conv"):
             if record.module is None or record.output is None or record.transposed:
                 continue
             spaces = analysis.space_ids(record.output)
@@ -258,10 +283,7 @@ def assert_result_behaves(new: nn.Module, model: nn.Module, name: str) -> None:
 @pytest.mark.parametrize("name", _params(CASES))
 def test_analysis_capture_and_params(name: str):
     """analyze succeeds with the expected capture; params are exact; no unknown op is left."""
-    model, args, kwargs = _prepared(name)
-    start = time.perf_counter()
-    analysis = _analyze(model, args, kwargs)
-    elapsed = time.perf_counter() - start
+    model, _, _, analysis, elapsed = _fresh(name)
     assert analysis.capture == CASES[name].capture, analysis.capture_notes
     assert analysis.params == sum(p.numel() for p in model.parameters())
     coverage = analysis.coverage()
@@ -279,7 +301,7 @@ def test_macs_match_torchvision_ops(name: str):
     module, enum = weights.rsplit(".", 1)
     meta = getattr(getattr(torchvision.models, module), enum).DEFAULT.meta
     model = build()
-    analysis = _analyze(model, inputs(), {})
+    analysis = _analyze(model, inputs(), {}, CASES[name].option)
     assert analysis.params == meta["num_params"]
     assert round(analysis.flops / 1e9, 3) == meta["_ops"], analysis.flops
 
@@ -288,9 +310,8 @@ def test_macs_match_torchvision_ops(name: str):
 def test_dead_channels_removed_function_kept(name: str):
     """Dead channels (zeroed scales or layer outputs) are removed at the original budget; outputs unchanged."""
     model, args, kwargs = _prepared(name)
-    analysis = _analyze(model, args, kwargs)
-    masks = give_dead_channels(model, analysis)
-    analysis = _analyze(model, args, kwargs)  # the zeroed weights are read at analysis
+    masks = give_dead_channels(model, _fresh(name)[3])  # the spaces of the same architecture
+    analysis = _analyze(model, args, kwargs, CASES[name].option)  # the zeroed weights are read at analysis
     expected = _call(model, args, kwargs)
     new = nrfx.rejuvenate(model, masks, None, example_inputs=args, example_kwargs=kwargs or None, analysis=analysis)
     assert_same_outputs(_call(new, args, kwargs), expected, "dead channels")
@@ -300,8 +321,7 @@ def test_dead_channels_removed_function_kept(name: str):
 @pytest.mark.parametrize("name", _params(CASES))
 def test_widening_keeps_function(name: str):
     """No dead channel: growing every free space to 1.1 × c(A) keeps the outputs."""
-    model, args, kwargs = _prepared(name)
-    analysis = _analyze(model, args, kwargs)
+    model, args, kwargs, analysis, _ = _fresh(name)
     expected = _call(model, args, kwargs)
     new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.1), example_inputs=args,
                           example_kwargs=kwargs or None, analysis=analysis)

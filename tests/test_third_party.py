@@ -1,16 +1,19 @@
 """Third-party models (Hugging Face transformers 5, ultralytics YOLO, torchvision segmentation / video /
 optical flow, segmentation-models-pytorch): capture, exact costs, function-preserving rejuvenation.
 
-Every model is built from a tiny config (no weights, nothing downloaded) in float64.  For each one:
+Every model is built from a tiny config (no weights, nothing downloaded) in float64 (RAFT, which
+computes its coordinate grids in float32, in float32 at rtol 1e-4).  For each one:
 
 * ``analyze`` succeeds with the expected capture and ``params == sum(p.numel())``;
 * ``rejuvenate`` keeps the function (rtol 1e-9) with dead channels (norm scales zeroed per norm, or,
   where no free space carries a norm, the output rows of linears / convs zeroed and given as masks)
   and for pure widening at ``Budget.fraction(1.1)`` without dead channels;
-* the result runs at another batch size, and ``.train()`` / ``.eval()`` switch it;
+* the result runs at another batch size, ``.train()`` / ``.eval()`` switch it, and it returns the
+  model's own output classes (HF ModelOutput, tuples, dicts);
 
 torchvision models with ``_ops`` metadata also get their MACs checked at the weights' input size
-(parameters on the meta device, so that costs nothing).  ``EXPECTED_FAILURES`` is applied as strict
+(parameters on the meta device where fx captures, so that costs nothing).  BERT (keyword inputs)
+also round-trips through ``state_dict`` + ``apply_plan``.  ``EXPECTED_FAILURES`` is applied as strict
 xfail: a model that starts to pass fails loudly.
 """
 
@@ -197,7 +200,7 @@ def _params(names) -> list:
 
 # -- helpers ----------------------------------------------------------------------------------------------
 def _prepared(name: str, batch: int = 2, seed: int = 0):
-    """The float64 eval-mode model and its example inputs (args, kwargs)."""
+    """The eval-mode model in its case's dtype and its example inputs (args, kwargs)."""
     torch.manual_seed(seed)
     model = CASES[name].build().to(CASES[name].dtype).eval()
     args, kwargs = CASES[name].inputs(batch)
@@ -310,7 +313,7 @@ def assert_result_behaves(new: nn.Module, model: nn.Module, name: str) -> None:
 # -- tests ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", _params(CASES))
 def test_analysis_capture_and_params(name: str):
-    """analyze succeeds with the expected capture; params are exact; no unknown op is left."""
+    """analyze succeeds with the expected capture; params are exact; coverage is a share (printed with -s)."""
     model, _, _, analysis, elapsed = _fresh(name)
     assert analysis.capture == CASES[name].capture, analysis.capture_notes
     assert analysis.params == sum(p.numel() for p in model.parameters())

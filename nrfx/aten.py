@@ -130,7 +130,7 @@ def _to_keywords(node: torch.fx.Node) -> None:
 
 @TORCH_LEVEL.function(aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default)
 def _new_factory(node: torch.fx.Node) -> None:
-    """``aten.new_zeros(x, size[, fill], dtype=…)`` is ``x.new_zeros(size[, fill], dtype=…)`` (None keywords dropped)."""
+    """``aten.new_zeros(x, size[, fill], dtype=…)`` is ``x.new_zeros(size[, fill], dtype=…)`` (None keywords go)."""
     _set(node, "call_method", node.target.__name__.split(".")[0], node.args, _given(dict(node.kwargs)))
 
 

@@ -34,7 +34,7 @@ def _aten_ops(model: nn.Module, x: torch.Tensor) -> set:
 
 
 def assert_rejuvenation_keeps_function(model: nn.Module, x: torch.Tensor) -> None:
-    """Widening at 1.3 × c(A) (one more channel costs 12% here) and removing dead channels (zeroed BN scales) keep the outputs (export)."""
+    """Widening at 1.3 × c(A) (one channel costs 12% here) and removing dead channels keep the outputs."""
     with torch.no_grad():
         expected = model(x)
     wide = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.3), example_inputs=x, capture="export")

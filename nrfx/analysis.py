@@ -534,7 +534,13 @@ def _islands(model: nn.Module, example: Example, why: str, options: dict[str, An
 def analyze_whole(model: nn.Module, example: Example, capture: str = "auto", **options: Any) -> Analysis:
     """Capture the whole model as one graph and analyse it (no islands)."""
     captured = _capture(model, example, capture, raisable=_has_module_rule, **options)
-    values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
+    try:
+        values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
+    except ShapeError as error:  # "auto": an fx graph that does not run is retried with torch.export
+        if capture != "auto" or captured.method != "fx":
+            raise
+        captured = _export_instead(model, example, error, options)
+        values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
     state = AnalysisState(captured.gm, values)
     state.auto_leaves.update(captured.auto_leaves)
     _warn_auto_leaves(captured.auto_leaves)
@@ -545,6 +551,17 @@ def analyze_whole(model: nn.Module, example: Example, capture: str = "auto", **o
             warnings.warn(note, NrfxWarning, stacklevel=3)
     _warn_low_coverage(analysis)
     return analysis
+
+
+def _export_instead(model: nn.Module, example: Example, error: ShapeError, options: dict[str, Any]) -> Captured:
+    """torch.export after the fx graph failed to run on the example (both errors when export fails too)."""
+    why = f"the fx graph failed on the example inputs ({str(error).splitlines()[0]})"
+    try:
+        captured = _capture(model, example, "export", raisable=_has_module_rule, **options)
+    except TraceError as export_error:
+        raise TraceError(f"{why}; torch.export failed too: {export_error}") from export_error
+    captured.notes.insert(0, f"capture: torch.export, because {why}")
+    return captured
 
 
 def _has_module_rule(module: nn.Module) -> bool:

@@ -73,6 +73,20 @@ class IslandAnalysis:
         """MACs per example inside the islands (MACs outside them are not counted)."""
         return sum(a.flops for a in self.islands.values())
 
+    @property
+    def unknown_ops(self) -> dict[str, tuple[str, ...]]:
+        """Unknown ops of every island, their nodes prefixed by the island path."""
+        found: dict[str, tuple[str, ...]] = {}
+        for path, a in self.islands.items():
+            for op, nodes in a.unknown_ops.items():
+                found[op] = (*found.get(op, ()), *(f"{path}:{n}" for n in nodes))
+        return found
+
+    @property
+    def auto_leaves(self) -> dict[str, str]:
+        """Automatic fx leaves of every island, by their path in the model."""
+        return {f"{path}.{leaf}": why for path, a in self.islands.items() for leaf, why in a.auto_leaves.items()}
+
     def coverage(self) -> Coverage:
         """Channels over all islands (frozen spaces at the boundaries included)."""
         parts = [a.coverage() for a in self.islands.values()]

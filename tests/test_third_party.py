@@ -159,24 +159,17 @@ CASES: dict[str, Case] = {
         _torchvision("video.r3d_18", weights=None, num_classes=10),
         lambda batch: ((torch.randn(batch, 3, 2, 16, 16, dtype=torch.float64),), {}), "fx",
         macs=_tv_macs("video.r3d_18", "video.R3D_18_Weights", [(1, 3, 16, 112, 112)])),
-    "swin3d_t": Case(
-        _torchvision("video.swin3d_t", weights=None, num_classes=10),
-        lambda batch: ((torch.randn(batch, 3, 2, 32, 32, dtype=torch.float64),), {}), "export", slow=True),
-    "swin3d_t_export": Case(
+    "swin3d_t": Case(  # "auto": the fx graph fails shape propagation, torch.export takes over
         _torchvision("video.swin3d_t", weights=None, num_classes=10),
         lambda batch: ((torch.randn(batch, 3, 2, 32, 32, dtype=torch.float64),), {}), "export", slow=True,
-        option="export", macs=_tv_macs("video.swin3d_t", "video.Swin3D_T_Weights", [(2, 3, 16, 224, 224)], meta=False)),
+        macs=_tv_macs("video.swin3d_t", "video.Swin3D_T_Weights", [(2, 3, 16, 224, 224)], meta=False)),
     "raft_small": Case(_torchvision("optical_flow.raft_small", weights=None), _flow_inputs, "export", slow=True,
                        dtype=torch.float32),
     "smp_fpn_resnet18": Case(_smp_fpn, _images(32), "export"),
 }
 
 # name -> (exception type, or None for a wrong result; why).  Strict: a model that starts to pass fails loudly.
-EXPECTED_FAILURES: dict[str, tuple[type[BaseException] | None, str]] = {
-    "swin3d_t": (nrfx.ShapeError, "capture='auto': fx traces the root, then meta shape propagation fails in "
-                 "torchvision's _get_window_and_shift_size (window_size[i] = size_dhw[i] on an fx immutable_list); "
-                 "a ShapeError is not a TraceError, so 'auto' never tries torch.export (swin3d_t_export passes)"),
-}
+EXPECTED_FAILURES: dict[str, tuple[type[BaseException] | None, str]] = {}
 
 
 # name -> why the result's output classes differ from the model's (checked by test_output_structure_kept, strict)

@@ -221,7 +221,10 @@ def _fill(cost: CostModel, units, counts, live, alpha: float, total: int, budget
 
 def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bool = False,
               gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None) -> Plan:
-    """The rejuvenation plan for an analysed model under masks and a budget."""
+    """The rejuvenation plan for an analysed model under masks and a budget.
+
+    ``masks=None``: the masks are read from the norm scales of ``model`` now (not when it was analysed).
+    """
     gamma0 = check_gamma0(gamma0)
     if scheme not in SCHEMES:
         raise PlanError(f"unknown scheme {scheme!r}; use one of {SCHEMES} (nr: cross connections kept, "
@@ -230,6 +233,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     cost = analysis.cost_model(kind)
     units = planning_units(analysis)
     scores = _space_scores(analysis, model)
+    masks = analysis.masks_from(model) if masks is None else masks
     kept = _survivors(analysis, units, analysis.alive(masks), scores)
     full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]
     live = [len(k) for k in kept]

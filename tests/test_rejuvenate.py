@@ -26,6 +26,8 @@ def _prepared(name: str, size: int = 64, seed: int = 0):
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
     kill_channels(model, analysis, 0.4, seed)
+    if any(not s.is_frozen for s in analysis.spaces):  # the channels are dead now, whatever the analysis saw
+        assert analysis.utilization(analysis.masks_from(model)).r_params < 1, name
     return model, x, analysis
 
 
@@ -59,6 +61,8 @@ def assert_preserved(model: nn.Module, x: torch.Tensor, analysis, schemes=SCHEME
         expected = model(x)
     for scheme, rescale in schemes:
         new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, rescale=rescale, analysis=analysis)
+        dead = analysis.utilization(analysis.masks_from(model)).live_params < analysis.params
+        assert not dead or new.nrfx_plan.cost_live < new.nrfx_plan.cost_before  # dead channels were removed
         with torch.no_grad():
             got = new(x)
         scale = expected.abs().max().item()

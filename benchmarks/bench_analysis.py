@@ -343,11 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     info["targets"] = check_targets(rows)
     for key, target in info["targets"].items():
         print(f"target {key}: {target['value']} (want {target['target']}) -> {'met' if target['met'] else 'MISSED'}")
-    out = Path(args.out)
+    write_json(info, args.out)
+    return 0
+
+
+def write_json(info: dict[str, Any], path: str) -> None:
+    """Write the figures as indented JSON (folders made) and say where."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +25,8 @@ import torch.fx
 import torchvision
 
 import nrfx
-from benchmarks.bench_analysis import machine, versions
+from benchmarks.bench_analysis import machine, versions, write_json
+from benchmarks.bench_rejuvenate import _median_time
 from nrfx.capture import Example, _batch_dynamic, _export_call
 
 QUICK = ("resnet50", "hf_vit_tiny")
@@ -74,15 +71,10 @@ def _hugging_face(name: str) -> tuple[torch.nn.Module, tuple, dict]:
 def median_seconds(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
     """Median wall time after one warm-up, or the error that stopped the tool."""
     try:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+        seconds = _median_time(fn, repeats)
     except Exception as error:  # a peer that cannot handle the model: recorded, not fatal
         return {"seconds": None, "status": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
-    return {"seconds": round(statistics.median(times), 4), "status": "ok"}
+    return {"seconds": round(seconds, 4), "status": "ok"}
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -166,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench(name, repeats))
     print_table(rows)
     info["results"] = rows
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(info, args.out)
     return 0
 
 

@@ -7,6 +7,7 @@ scales or the user's) pushed through the zero rules of every value.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -478,10 +479,17 @@ def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
     module = ctx.module if node.op == "call_module" else None
     if module is not None and node.target in ctx.state.auto_leaves:
         return ctx.opaque(f"automatic leaf: {ctx.state.auto_leaves[node.target]}")
+    if node.op == "call_function" and _is_container_class(node.target):
+        return {key: ctx.spec(value) for key, value in node.kwargs.items()}  # output structure: specs by field
     rule = lookup(node.op, node.target, module)
     if rule is None:
         return ctx.unknown_op(_label(node, module))
     return rule(ctx, node)
+
+
+def _is_container_class(target: Any) -> bool:
+    """A dataclass or dict subclass built from keyword fields (fx records model outputs such as ModelOutput so)."""
+    return isinstance(target, type) and (dataclasses.is_dataclass(target) or issubclass(target, dict))
 
 
 def _label(node: torch.fx.Node, module: nn.Module | None) -> str:

@@ -11,6 +11,7 @@ Shapes are propagated afterwards by ``nrfx.shapeprop``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -136,6 +137,16 @@ class NrfxTracer(torch.fx.Tracer):
         if kind.startswith("call_") and not node.stack_trace:
             node.stack_trace = _user_source_line()
         return node
+
+    def create_arg(self, a: Any) -> Any:
+        """FX's argument, except that a dict subclass (OrderedDict, a dataclass such as Hugging Face's
+        ModelOutput) is rebuilt as itself from keyword fields, not flattened to a plain dict."""
+        if isinstance(a, dict) and type(a) is not dict and all(isinstance(k, str) for k in a):
+            fields = {k: self.create_arg(v) for k, v in a.items()}
+            if dataclasses.is_dataclass(a):
+                fields = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         """Trace into ``m``; if its code cannot be traced, report the innermost culprit."""

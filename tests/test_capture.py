@@ -10,6 +10,7 @@ the same class.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 
@@ -287,3 +288,27 @@ def test_islands_warn_once_when_little_is_monitored():
     model.scorer = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 1))  # free but unsignalled
     with pytest.warns(nrfx.NrfxWarning, match=r"only \d+% of the channels of _Filtering's islands \(backbone"):
         nrfx.analyze(model, ([torch.randn(3, 8, 8) for _ in range(2)],))
+
+
+class _Dict(collections.OrderedDict):
+    """A dict subclass output, as torchvision's segmentation models and Hugging Face return."""
+
+
+class _DictNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return _Dict(out=y, pooled=y.mean((2, 3))), _Out(logits=y.sum((2, 3)), features=y)
+
+
+def test_fx_keeps_dict_subclass_and_dataclass_outputs():
+    model, x = _randomised(_DictNet()), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x, capture="fx")
+    assert not analysis.unknown_ops
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=x, analysis=analysis)
+    first, second = new(x)
+    assert type(first) is _Dict and list(first) == ["out", "pooled"] and isinstance(second, _Out)
+    torch.testing.assert_close(second.logits, model(x)[1].logits)

@@ -172,13 +172,6 @@ CASES: dict[str, Case] = {
 EXPECTED_FAILURES: dict[str, tuple[type[BaseException] | None, str]] = {}
 
 
-# name -> why the result's output classes differ from the model's (checked by test_output_structure_kept, strict)
-STRUCTURE_LOST: dict[str, str] = {
-    "hf_resnet": "fx capture (HF ResNet traces with fx) returns a plain dict where the model returns "
-                 "ImageClassifierOutputWithNoAttention: out.logits fails on the result (export capture keeps it)",
-}
-
-
 def _marks(name: str) -> list:
     marks = [pytest.mark.slow] if CASES[name].slow else []
     if name in EXPECTED_FAILURES:
@@ -353,19 +346,7 @@ def test_widening_keeps_function(name: str):
     got = _call(new, args, kwargs)
     assert_same_outputs(got, expected, "widened")
     assert_result_behaves(new, model, name)
-    if name not in STRUCTURE_LOST:
-        assert_same_structure(got, expected)
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(raises=AssertionError, reason=why,
-                                                                            strict=True), id=name)
-                                  for name, why in STRUCTURE_LOST.items()])
-def test_output_structure_kept(name: str):
-    """The result returns the model's own output classes (HF ModelOutput: ``out.logits`` keeps working)."""
-    model, args, kwargs, analysis, _ = _fresh(name)
-    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.1), example_inputs=args,
-                          example_kwargs=kwargs or None, analysis=analysis)
-    assert_same_structure(_call(new, args, kwargs), _call(model, args, kwargs))
+    assert_same_structure(got, expected)
 
 
 def test_state_dict_and_apply_plan_round_trip():

@@ -15,6 +15,7 @@ from .errors import (
 )
 from .gates import Gate
 from .gating import add_gates, fold_gates
+from .islands import IslandAnalysis
 from .masks import norm_masks
 from .plan import Budget, Plan
 from .rejuvenate import apply_plan, rejuvenate
@@ -27,6 +28,7 @@ __all__ = [
     "Space",
     "Utilization",
     "Coverage",
+    "IslandAnalysis",
     "Gate",
     "add_gates",
     "fold_gates",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import keyword
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -141,7 +142,7 @@ class NrfxTracer(torch.fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         """FX's argument, except that a dict subclass (OrderedDict, a dataclass such as Hugging Face's
         ModelOutput) is rebuilt as itself from keyword fields, not flattened to a plain dict."""
-        if isinstance(a, dict) and type(a) is not dict and all(isinstance(k, str) for k in a):
+        if isinstance(a, dict) and type(a) is not dict and all(_is_name(k) for k in a):
             fields = {k: self.create_arg(v) for k, v in a.items()}
             if dataclasses.is_dataclass(a):
                 fields = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
@@ -159,6 +160,11 @@ class NrfxTracer(torch.fx.Tracer):
             if qualname == "" or self.is_leaf_module(m, qualname):
                 raise
             raise _SubmoduleFailed(qualname, error) from error
+
+
+def _is_name(key: Any) -> bool:
+    """Whether a dict key can be a keyword argument in generated code."""
+    return isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key)
 
 
 def _user_source_line() -> str | None:

@@ -238,18 +238,28 @@ def test_islands_when_nothing_captures_the_whole_model():
 def test_islands_on_torchvision_detection():
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None).eval()
-    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+        weights=None, weights_backbone=None).double().eval()
+    images = [torch.rand(3, 128, 128, dtype=torch.float64) for _ in range(2)]
     analysis = nrfx.analyze(model, (images,))
     assert isinstance(analysis, IslandAnalysis)
     assert {"backbone", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"} <= set(analysis.islands)
     assert analysis.params == sum(p.numel() for p in model.parameters())
-    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.1), example_inputs=(images,), analysis=analysis)
-    assert type(new) is type(model)
+    kill_per_norm(model.backbone, analysis.islands["backbone"], seed=6)
+    masks = analysis.masks_from(model)
+    assert analysis.utilization(masks).live_params < analysis.params
     batch = torch.stack(images)
-    with torch.no_grad():
-        torch.testing.assert_close(new.backbone(batch)["0"], model.backbone(batch)["0"], rtol=1e-4, atol=1e-5)
-        new(images)  # the detector still takes a list of images
+    for budget in (nrfx.Budget.fraction(1.0), nrfx.Budget.fraction(1.1)):  # dead channels; then widening too
+        new = nrfx.rejuvenate(model, masks, budget, example_inputs=(images,), analysis=analysis)
+        assert type(new) is type(model) and set(new.nrfx_plans) == set(analysis.islands)
+        with torch.no_grad():
+            features, expected = new.backbone(batch), model.backbone(batch)
+            for level in expected:
+                torch.testing.assert_close(features[level], expected[level], rtol=1e-9, atol=1e-9)
+            levels = list(expected.values())
+            torch.testing.assert_close(new.rpn.head(levels), model.rpn.head(levels), rtol=1e-9, atol=1e-9)
+            pooled = torch.randn(5, 256, 7, 7, dtype=torch.float64)
+            torch.testing.assert_close(new.roi_heads.box_head(pooled), model.roi_heads.box_head(pooled))
+            new(images)  # the detector still takes a list of images
 
 
 def test_driver_trains_an_export_captured_model_through_rejuvenations():
@@ -301,7 +311,8 @@ class _DictNet(nn.Module):
 
     def forward(self, x):
         y = self.bn(self.conv(x))
-        return _Dict(out=y, pooled=y.mean((2, 3))), _Out(logits=y.sum((2, 3)), features=y)
+        numbered = _Dict([("0", y), ("pool", y.amax((2, 3)))])  # not keyword names: returned as a plain dict
+        return _Dict(out=y, pooled=y.mean((2, 3))), _Out(logits=y.sum((2, 3)), features=y), numbered
 
 
 def test_fx_keeps_dict_subclass_and_dataclass_outputs():
@@ -309,6 +320,7 @@ def test_fx_keeps_dict_subclass_and_dataclass_outputs():
     analysis = nrfx.analyze(model, x, capture="fx")
     assert not analysis.unknown_ops
     new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=x, analysis=analysis)
-    first, second = new(x)
+    first, second, numbered = new(x)
+    assert list(numbered) == ["0", "pool"]
     assert type(first) is _Dict and list(first) == ["out", "pooled"] and isinstance(second, _Out)
     torch.testing.assert_close(second.logits, model(x)[1].logits)

@@ -562,12 +562,13 @@ def analyze_whole(model: nn.Module, example: Example, capture: str = "auto", **o
 
 
 def _export_instead(model: nn.Module, example: Example, error: ShapeError, options: dict[str, Any]) -> Captured:
-    """torch.export after the fx graph failed to run on the example (both errors when export fails too)."""
+    """torch.export after the fx graph failed on the example; when export fails too, the fx error stands
+    (most often the inputs do not fit the model, and the fx error names the node that says so)."""
     why = f"the fx graph failed on the example inputs ({str(error).splitlines()[0]})"
     try:
         captured = _capture(model, example, "export", raisable=_has_module_rule, **options)
-    except TraceError as export_error:
-        raise TraceError(f"{why}; torch.export failed too: {export_error}") from export_error
+    except TraceError:
+        raise error from None
     captured.notes.insert(0, f"capture: torch.export, because {why}")
     return captured
 

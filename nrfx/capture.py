@@ -29,7 +29,7 @@ from torch import nn
 
 from .aten import to_torch_level
 from .errors import TraceError
-from .shapeprop import untouched
+from .shapeprop import in_eval_mode, untouched
 from .trace import Traced, defaulted_args, trace
 
 __all__ = ["Example", "Captured", "CAPTURES", "capture", "auto_leaf_share"]
@@ -147,11 +147,9 @@ def export_capture(model: nn.Module, example: Example, raisable: Callable[[nn.Mo
 
 def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, list[str]]:
     """``torch.export`` in eval mode with the batch dim dynamic (static when that fails); the model untouched."""
-    training = {name: m.training for name, m in model.named_modules()}
     notes: list[str] = []
     try:
-        with untouched(model):
-            model.eval()
+        with untouched(model), in_eval_mode(model):
             try:
                 program = _export_call(model, example, _batch_dynamic(model, example))
             except Exception as dynamic_error:  # retried with every shape static
@@ -162,9 +160,6 @@ def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, l
         raise TraceError(f"torch.export failed on {type(model).__name__}: {type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}\n  Help it as torch.export's docs say "
                          "(torch._check for data-dependent sizes), or make the failing submodule a leaf.") from error
-    finally:
-        for name, m in model.named_modules():
-            m.training = training.get(name, m.training)
     exported = program.module()
     if example.tensors() and not _batch_is_dynamic(exported):
         notes.append("capture: torch.export specialised the batch dim (an example batch of 1 does that); "

@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from .maps import dim_map
-from .shapeprop import untouched
+from .shapeprop import in_eval_mode, untouched
 
 __all__ = ["measure_folds", "apply_folds"]
 
@@ -59,14 +59,10 @@ def _capture(gm: torch.fx.GraphModule, names, example) -> dict[str, list[torch.T
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = [gm.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
-    modes = [(m, m.training) for m in gm.modules()]  # the user's modules: each flag put back as it was
     try:
-        gm.eval()
-        with torch.no_grad(), untouched(gm):
+        with torch.no_grad(), untouched(gm), in_eval_mode(gm):  # the user's modules: each flag put back
             example.call(gm)
     finally:
-        for module, training in modes:
-            module.training = training
         for handle in handles:
             handle.remove()
     return seen

@@ -21,7 +21,7 @@ from torch import nn
 from .analysis import COVERAGE_MIN_CHANNELS, COVERAGE_WARN_BELOW, Analysis, Coverage, Utilization, analyze_whole
 from .capture import Example
 from .errors import NrfxError, NrfxWarning, TraceError
-from .shapeprop import untouched
+from .shapeprop import in_eval_mode, untouched
 
 __all__ = ["IslandAnalysis", "find_islands"]
 
@@ -30,16 +30,12 @@ def record_calls(model: nn.Module, example: Example) -> dict[str, list[Example]]
     calls: dict[str, list[Example]] = {}
     hooks = [m.register_forward_pre_hook(_recorder(calls, name), with_kwargs=True)
              for name, m in model.named_modules() if name]
-    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.no_grad(), untouched(model):
-            model.eval()
+        with torch.no_grad(), untouched(model), in_eval_mode(model):
             example.call(model)
     finally:
         for hook in hooks:
             hook.remove()
-        for m, training in modes.items():
-            m.training = training
     return calls
 
 

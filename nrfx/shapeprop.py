@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ShapeError, error_frames, frame_line, node_location, user_frame
 from .shape_formulas import function_shape, method_shape, module_shape
 
-__all__ = ["propagate_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched"]
+__all__ = ["propagate_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched", "in_eval_mode"]
 
 
 def to_meta(value: Any) -> Any:
@@ -42,6 +42,18 @@ def meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     return {k: to_meta(v) for k, v in tensors.items()}
+
+
+@contextmanager
+def in_eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` and every submodule in eval mode for the block; each training flag put back after."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @contextmanager

@@ -5,8 +5,8 @@ ResNet-50 with 40 % of its channels dead, in two patterns: ``per_norm`` (every B
 random on its own: a residual channel is dead only where all its norms are, so the residual
 spaces stay almost fully alive and reallocation widens them) and ``per_space`` (40 % of every
 space dead, as in the tests: reallocation gives back roughly the original widths).  Latency is
-measured at batch 32 (8 with --quick) on one thread, interleaved, for the original model, each
-scheme at the original's MACs (``ca_untiled``: ca with its inference tiles off), and a dense
+measured at batch 8 on two threads (64×64 on one thread with --quick), interleaved, for the original model, each
+scheme at the original's MACs, and a dense
 model of equal MACs: the original eager torchvision model with every conv, norm and linear
 swapped for a plain one at the plan's widths (built without FX or nrfx's rewrite; its outputs
 are checked equal to the ``nr`` rewrite's).  The original is a dense model of equal MACs too,
@@ -31,9 +31,10 @@ import torch
 import torchvision
 
 import nrfx
-import nrfx.srlayers as srlayers
 
 TARGETS = {"nr": 1.05, "cr": 1.10, "ca": 1.30}  # latency ≤ target × the dense model of equal MACs
+# issue [1/5]: 2 threads, batch 8, 40 % of each norm dead, rewritten at c(A) MACs: latency ≤ target × the original's
+TARGETS_VS_ORIGINAL = {"nr": 1.05, "cr": 0.85, "ca": 1.25}
 
 
 def _kill(model: torch.nn.Module, fraction: float, seed: int) -> None:
@@ -69,21 +70,6 @@ def _dense_like(original: torch.nn.Module, rewritten: torch.nn.Module) -> torch.
     return dense
 
 
-class _Untiled(torch.nn.Module):
-    """Runs a model with nrfx's S/R layers computing each batch in one piece (no inference tiles)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saved, srlayers._TILE_BYTES = srlayers._TILE_BYTES, 1 << 62
-        try:
-            return self.model(x)
-        finally:
-            srlayers._TILE_BYTES = saved
-
-
 def _conv_output_elements(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Elements written by every conv for one input (the activation memory a forward moves)."""
     total = 0
@@ -113,9 +99,9 @@ def _median_time(fn, repeats: int) -> float:
 
 def run(quick: bool) -> dict:
     """All figures for resnet50 in both dead-channel patterns (a smaller input with --quick)."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if quick else 2)
     warnings.simplefilter("ignore")
-    size, batch, repeats = (64, 8, 3) if quick else (224, 32, 3)
+    size, batch, repeats = (64, 8, 3) if quick else (224, 8, 3)
     x1 = torch.randn(1, 3, size, size)
     x = torch.randn(batch, 3, size, size)
     original = torchvision.models.resnet50(weights=None).eval()
@@ -131,7 +117,6 @@ def run(quick: bool) -> dict:
         for scheme in ("nr", "cr", "ca"):
             models[f"{pattern}/{scheme}"] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"),
                                                             example_inputs=x1, scheme=scheme)
-        models[f"{pattern}/ca_untiled"] = _Untiled(models[f"{pattern}/ca"])
         models[f"{pattern}/dense"] = dense = _dense_like(model, models[f"{pattern}/nr"]).eval()
         with torch.no_grad():
             torch.testing.assert_close(dense(x1), models[f"{pattern}/nr"](x1))
@@ -146,9 +131,10 @@ def run(quick: bool) -> dict:
         entry["latency_s"] = own
         entry["conv_output_elements"] = {"original": _conv_output_elements(original, x1),
                                          "rejuvenated": _conv_output_elements(models[f"{pattern}/nr"], x1)}
-        entry["overhead_vs_dense_equal_macs"] = {k: own[k] / own["dense"] for k in ("nr", "cr", "ca", "ca_untiled")}
+        entry["overhead_vs_dense_equal_macs"] = {k: own[k] / own["dense"] for k in ("nr", "cr", "ca")}
         entry["overhead_vs_original"] = {k: own[k] / latency["original"] for k in own}
     results["targets_vs_dense"] = dict(TARGETS)
+    results["targets_vs_original"] = dict(TARGETS_VS_ORIGINAL)
     return results
 
 

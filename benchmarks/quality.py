@@ -19,6 +19,11 @@ when ``eval_test`` is on.
 
     python -m benchmarks.quality [--quick] [--methods nr slim-half] [--seeds 0 1 2] [--set steps=1600 gamma0=none]
     python -m benchmarks.quality --ablation      # ABLATION: NR's settings one at a time, validation split only
+    python -m benchmarks.quality ... --resume    # keep the finished (method, seed) runs of the results file
+
+Every finished (method, seed) run prints one line and is written to the results file at once
+(atomically, ``"partial": true`` until the last one): a run stopped halfway keeps what it
+finished, and ``--resume`` trains only what is missing (it refuses a file made with other settings).
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -47,6 +53,7 @@ from torch import nn
 import nrfx
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fashion_mnist_vgg.py"
+log_line = functools.partial(print, flush=True)  # progress lines reach a log file at once
 SPLIT_SEED = 20190615  # the fixed draw of the validation split
 
 
@@ -233,7 +240,8 @@ class Rejuvenating:
             model, optimizer_factory(setup), example_inputs=EXAMPLE_INPUT,
             budget=nrfx.Budget.fraction(method.budget, "params"), target=method.target or setup.target,
             interval=setup.interval, delta_r=setup.delta_r, delta_lambda=setup.delta_lambda, scheme=method.scheme,
-            rescale=setup.rescale, max_rounds=method.rounds, seed=seed, scheduler_factory=cosine(setup.steps))
+            rescale=setup.rescale, max_rounds=method.rounds, seed=seed, scheduler_factory=cosine(setup.steps),
+            align=1)  # the paper's exact allocation (the recorded results predate align)
         self.rounds, self.probe, self.jumps = 0, probe, []
 
     @property
@@ -317,7 +325,8 @@ class Slimming:
         live = nrfx.analyze(self.model, EXAMPLE_INPUT).utilization(masks).live_params
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", nrfx.NrfxWarning)
-            self.model = nrfx.rejuvenate(self.model, masks, nrfx.Budget(params=live), example_inputs=EXAMPLE_INPUT)
+            self.model = nrfx.rejuvenate(self.model, masks, nrfx.Budget(params=live), example_inputs=EXAMPLE_INPUT,
+                                         align=1)
         self.model.train()
         remaining = self.setup.steps - self.prune_at
         lr = self.setup.lr if self.setup.slim_restart else self.scheduler.get_last_lr()[0]
@@ -379,7 +388,8 @@ def train(name: str, seed: int, setup: Setup) -> dict[str, Any]:
         runner.step(loss)
         losses.append(loss.item())
     model = runner.model
-    record = {"method": name, "seed": seed, "val_error": error(model, *data["val"]),
+    record = {"method": name, "seed": seed, "steps": setup.steps,
+              "epochs": round(setup.steps * setup.batch / len(images), 2), "val_error": error(model, *data["val"]),
               "test_error": error(model, *data["test"]) if setup.eval_test else None,
               "params": sum(p.numel() for p in model.parameters()),
               "macs": nrfx.analyze(model, EXAMPLE_INPUT).flops, "train_loss_last_100": statistics.fmean(losses[-100:]),
@@ -399,20 +409,110 @@ def _train_job(job: tuple[str, int, Setup, str]) -> dict[str, Any]:
     return train(name, seed, setup) | {"variant": variant}
 
 
-def run_jobs(jobs: list[tuple[str, int, Setup, str]], workers: int = 2, log=print) -> list[dict[str, Any]]:
-    """Every (method, seed, setup, variant), ``workers`` processes at a time (one thread each); in job order."""
+def run_jobs(jobs: list[tuple[str, int, Setup, str]], workers: int = 2, log=log_line,
+             done=None) -> list[dict[str, Any]]:
+    """Every (method, seed, setup, variant), ``workers`` processes at a time (one thread each); in job order.
+
+    Each run is logged, and handed to ``done(record)`` (e.g. to save it), as soon as it finishes.
+    When a job raises, the jobs not yet started are cancelled, those running are still collected
+    (and handed to ``done``), then the error is raised.
+    """
+    count = {"finished": 0}
+
+    def finished(record: dict[str, Any]) -> dict[str, Any]:
+        count["finished"] += 1
+        _logged(log, record, f"[{count['finished']}/{len(jobs)}]")
+        if done is not None:
+            done(record)
+        return record
+
     if workers <= 1:
-        return [_logged(log, _train_job(job)) for job in jobs]
+        return [finished(_train_job(job)) for job in jobs]
+    records: list[dict[str, Any] | None] = [None] * len(jobs)
+    failure: BaseException | None = None
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return [_logged(log, r) for r in pool.map(_train_job, jobs)]
+        futures = {pool.submit(_train_job, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            try:
+                record = future.result()
+            except Exception as exc:
+                _, seed, _, variant = jobs[futures[future]]
+                log(f"  {variant} seed {seed} failed: {type(exc).__name__}: {exc}")
+                if failure is None:
+                    failure = exc
+                    for other in futures:
+                        other.cancel()
+                continue
+            records[futures[future]] = finished(record)
+    if failure is not None:
+        raise failure
+    return [r for r in records if r is not None]
 
 
-def _logged(log, record: dict[str, Any]) -> dict[str, Any]:
-    """Log one finished run."""
+def _logged(log, record: dict[str, Any], count: str = "") -> dict[str, Any]:
+    """Log one finished run: steps (epochs), errors, size, time."""
     test = f" test {record['test_error']:.2f}%" if record["test_error"] is not None else ""
-    log(f"  {record['variant']:24} seed {record['seed']}: val {record['val_error']:.2f}%{test}  "
+    steps = f"{record['steps']} steps ({record['epochs']:g} epochs)  " if "steps" in record else ""
+    log(f"  {count} {record['variant']:24} seed {record['seed']}: {steps}val {record['val_error']:.2f}%{test}  "
         f"params {record['params']:,}  rounds {record.get('rounds', '-')}  {record['seconds']:.0f}s")
     return record
+
+
+# -- results files that keep what finished ------------------------------------------------------------------------
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``.
+
+    A process killed mid-write leaves the previous file whole, never a truncated one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_previous(path: Path, setup: dict[str, Any], resume: bool, log=log_line) -> dict[str, Any] | None:
+    """The results file to resume from, or None (no ``--resume``, or no file yet).
+
+    Refuses (SystemExit) a file made with other settings rather than mixing runs of two setups
+    in one table, and a file that is not JSON.
+    """
+    if not resume:
+        return None
+    if not path.is_file():
+        log(f"--resume: no {path} yet: starting afresh")
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--resume: {path} is not valid JSON ({exc}): move it away and start afresh") from None
+    ours, theirs = json.loads(json.dumps(setup)), data.get("setup", {})
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differ)
+        raise SystemExit(f"--resume: {path} was made with other settings ({changes}); not mixing them: run "
+                         "without --resume (starts afresh, overwrites it) or with another --out")
+    return data
+
+
+def _resumable(path: Path, setup: dict[str, Any], jobs: list[tuple[str, int, Setup, str]], resume: bool,
+               log) -> tuple[list[dict[str, Any]], list[tuple[str, int, Setup, str]], float]:
+    """The runs kept from the file, the jobs still to do, and the wall seconds already spent."""
+    previous = load_previous(path, setup, resume, log)
+    if previous is None:
+        return [], jobs, 0.0
+    kept = list(previous.get("runs", []))
+    finished = {(r.get("variant", r.get("method")), r["seed"]) for r in kept}
+    todo = [job for job in jobs if (job[3], job[1]) not in finished]
+    log(f"--resume: {len(jobs) - len(todo)} of {len(jobs)} runs already in {path}; {len(todo)} to train")
+    return kept, todo, float(previous.get("wall_seconds", 0.0))
+
+
+def _in_order(records: list[dict[str, Any]], jobs: list[tuple[str, int, Setup, str]]) -> list[dict[str, Any]]:
+    """The records in job order; records of the file that this run did not ask for come last."""
+    order = {(job[3], job[1]): i for i, job in enumerate(jobs)}
+    return sorted(records, key=lambda r: order.get((r.get("variant", r.get("method")), r["seed"]), len(order)))
 
 
 # -- tables -----------------------------------------------------------------------------------------------------
@@ -596,42 +696,75 @@ def _setup_dict(setup: Setup) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(setup).items()}
 
 
-def run(names: list[str], seeds: list[int], setup: Setup, out: Path, workers: int = 2, log=print) -> dict | None:
-    """Train, aggregate, write quality.json / quality.md / plots into ``out``; None when the data is missing."""
+def run(names: list[str], seeds: list[int], setup: Setup, out: Path, workers: int = 2, log=log_line,
+        resume: bool = False) -> dict | None:
+    """Train, aggregate, write quality.json / quality.md / plots into ``out``; None when the data is missing.
+
+    quality.json (and .md) is rewritten after every finished run, ``"partial": true`` until the
+    last; ``resume``: the runs already in quality.json (same settings) are kept, not retrained.
+    """
     if _skip(setup, log):
         return None
-    start = time.perf_counter()
-    records = run_jobs([(name, seed, setup, name) for seed in seeds for name in names], workers, log)
+    start, path = time.perf_counter(), out / "quality.json"
+    jobs = [(name, seed, setup, name) for seed in seeds for name in names]
+    records, todo, spent = _resumable(path, _setup_dict(setup), jobs, resume, log)
     c_params = params_of(setup.config)
-    result = {"setup": _setup_dict(setup), "c_params": c_params,
-              "c_macs": nrfx.analyze(example().vgg_bn(setup.config), EXAMPLE_INPUT).flops,
-              "methods": {n: dataclasses.asdict(METHODS[n]) for n in names}, "seeds": seeds, "workers": workers,
-              "wall_seconds": round(time.perf_counter() - start, 1), "table": aggregate(records, names),
-              "runs": records}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "quality.md").write_text(markdown(result["table"], c_params))
+    c_macs = nrfx.analyze(example().vgg_bn(setup.config), EXAMPLE_INPUT).flops
+
+    def result_of(partial: bool) -> dict[str, Any]:
+        runs = _in_order(records, jobs)
+        methods = list(dict.fromkeys([*names, *(r["method"] for r in runs)]))
+        return {"setup": _setup_dict(setup), "c_params": c_params, "c_macs": c_macs,
+                "methods": {n: dataclasses.asdict(METHODS[n]) for n in methods},
+                "seeds": sorted({*seeds, *(r["seed"] for r in runs)}), "workers": workers,
+                "wall_seconds": round(spent + time.perf_counter() - start, 1), "partial": partial,
+                "finished_runs": len(runs), "planned_runs": len(jobs), "table": aggregate(runs, methods),
+                "runs": runs}
+
+    def save(record: dict[str, Any] | None = None, partial: bool = True) -> dict[str, Any]:
+        if record is not None:
+            records.append(record)
+        result = result_of(partial)
+        write_atomic(path, json.dumps(result, indent=1) + "\n")
+        write_atomic(out / "quality.md", markdown(result["table"], c_params))
+        return result
+
+    run_jobs(todo, workers, log, done=save)
+    result = save(partial=False)
     result["plots"] = plot(result, out)
     return result
 
 
-def run_ablation(seeds: list[int], setup: Setup, out: Path, workers: int = 2, log=print) -> dict | None:
-    """Every ABLATION variant on the validation split; quality_ablation.json / .md into ``out``."""
+def run_ablation(seeds: list[int], setup: Setup, out: Path, workers: int = 2, log=log_line,
+                 resume: bool = False) -> dict | None:
+    """Every ABLATION variant on the validation split; quality_ablation.json / .md into ``out``.
+
+    Saved after every finished run (``"partial": true`` until the last); ``resume`` keeps the runs already there.
+    """
     if _skip(setup, log):
         return None
-    start = time.perf_counter()
+    start, path = time.perf_counter(), out / "quality_ablation.json"
     setup = setup.replace(eval_test=False)
     jobs = [(name, seed, setup.replace(**changes), label) for seed in seeds
             for label, (name, changes) in ABLATION.items()]
-    records = run_jobs(jobs, workers, log)
-    result = {"setup": _setup_dict(setup), "variants": {k: {"method": m, "changes": c} for k, (m, c) in
-                                                        ABLATION.items()},
-              "seeds": seeds, "wall_seconds": round(time.perf_counter() - start, 1),
-              "table": aggregate(records, list(ABLATION), "variant", label=lambda key: key), "runs": records}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality_ablation.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "quality_ablation.md").write_text(ablation_markdown(result["table"]))
-    return result
+    records, todo, spent = _resumable(path, _setup_dict(setup), jobs, resume, log)
+
+    def save(record: dict[str, Any] | None = None, partial: bool = True) -> dict[str, Any]:
+        if record is not None:
+            records.append(record)
+        runs = _in_order(records, jobs)
+        result = {"setup": _setup_dict(setup), "variants": {k: {"method": m, "changes": c} for k, (m, c) in
+                                                            ABLATION.items()},
+                  "seeds": sorted({*seeds, *(r["seed"] for r in runs)}),
+                  "wall_seconds": round(spent + time.perf_counter() - start, 1), "partial": partial,
+                  "finished_runs": len(runs), "planned_runs": len(jobs),
+                  "table": aggregate(runs, list(ABLATION), "variant", label=lambda key: key), "runs": runs}
+        write_atomic(path, json.dumps(result, indent=1) + "\n")
+        write_atomic(out / "quality_ablation.md", ablation_markdown(result["table"]))
+        return result
+
+    run_jobs(todo, workers, log, done=save)
+    return save(partial=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,16 +777,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Setup field")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (method, seed) runs already in the results file; train the rest")
     args = parser.parse_args(argv)
     setup = Setup().replace(**QUICK) if args.quick else Setup()
     setup = setup.replace(**dict(item.split("=", 1) for item in args.set))
     if args.ablation:
-        result = run_ablation(args.seeds or [0, 1], setup, Path(args.out), args.workers)
+        result = run_ablation(args.seeds or [0, 1], setup, Path(args.out), args.workers, resume=args.resume)
         print(ablation_markdown(result["table"]) if result else "", end="")
         return 0
     names = args.methods or (QUICK_METHODS if args.quick else list(METHODS))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    result = run(names, seeds, setup, Path(args.out), args.workers)
+    result = run(names, seeds, setup, Path(args.out), args.workers, resume=args.resume)
     print(markdown(result["table"], result["c_params"]) if result else "", end="")
     return 0
 

@@ -28,7 +28,12 @@ The three NR arms share their pre-rejuvenation phase (a driver checkpoint, repla
 among the values that reach r ≤ T_r within ``pre_fraction``·E epochs the one with the lowest
 validation error just before the rejuvenation is kept.  The test split is read only at the end.
 
-    python -m benchmarks.quality_paper [--quick] [--device cpu|cuda] [--seeds 0 1 2] [--set epochs=20]
+    python -m benchmarks.quality_paper [--quick] [--device cpu|cuda] [--seeds 0 1 2] [--set epochs=20] [--resume]
+
+Every finished (arm, seed) prints one line (epochs, errors, time) and is written to the results
+file at once (atomically, ``"partial": true`` until the last): a run stopped halfway (a time
+limit, a lost machine) keeps every finished arm.  ``--resume`` keeps them and trains only the
+missing ones, with the λ the file records (it refuses a file made with other settings).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from torch import nn
 
 import nrfx
 from benchmarks import quality
+from nrfx.srlayers import unused_weights
 
 __all__ = ["PaperSetup", "QUICK", "ARMS", "load", "run", "main", "used_cost", "choose_lambda"]
 
@@ -176,7 +182,7 @@ def _used_weights(module: nn.Module) -> int:
 
 @torch.no_grad()
 def used_cost(models: list[nn.Module], example: torch.Tensor) -> dict[str, int]:
-    """Parameters (dense stored, used, non-zero) and MACs per example of conv + linear (used blocks only)."""
+    """Parameters (dense size, used = stored blocks, non-zero) and MACs per example of conv + linear (used blocks)."""
     macs, hooks = [0], []
 
     def count(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -187,8 +193,9 @@ def used_cost(models: list[nn.Module], example: torch.Tensor) -> dict[str, int]:
     for model in models:
         layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         hooks += [m.register_forward_hook(count) for m in layers]
-        stored += sum(p.numel() for p in model.parameters())
-        used += sum(p.numel() for p in model.parameters()) - sum(m.weight.numel() - _used_weights(m) for m in layers)
+        physical = sum(p.numel() for p in model.parameters())  # cr S/R layers store their diagonal blocks only
+        stored += physical + sum(unused_weights(m) for m in layers)  # the dense size, as a budget counts it
+        used += physical
         nonzero += sum(int(torch.count_nonzero(p)) for p in model.parameters())
         was = model.training
         model.eval()
@@ -264,7 +271,8 @@ def driver(model: nn.Module, scheme: str, lam: float, seed: int, setup: PaperSet
     return nrfx.NeuralRejuvenation(
         model, sgd(setup), example_inputs=example, target=setup.target, interval=None, lam=lam,
         delta_lambda=0.0, scheme=scheme, gamma0=setup.gamma_init, max_rounds=1, seed=seed,
-        scheduler_factory=step_schedule(setup.epochs, setup), restart_schedule=True, carry_state=False)
+        scheduler_factory=step_schedule(setup.epochs, setup), restart_schedule=True, carry_state=False,
+        align=1)  # the paper's exact allocation: these nets are 8–32 channels wide
 
 
 def _driver_step(nr: nrfx.NeuralRejuvenation) -> Callable[[torch.Tensor], None]:
@@ -371,37 +379,52 @@ def _record(arm: str, seed: int, models: list[nn.Module], data: dict, example: t
             **extra}
 
 
-def run_seed(seed: int, lam: float, data: dict, setup: PaperSetup, device: torch.device, log=print,
-             arms: tuple[str, ...] = tuple(ARMS)) -> list[dict[str, Any]]:
-    """The chosen arms for one seed: the shared NR pre-phase and its branches, the baselines, the half nets."""
+def run_seed(seed: int, lam: float, data: dict, setup: PaperSetup, device: torch.device, log=quality.log_line,
+             arms: tuple[str, ...] = tuple(ARMS), done: Callable[[dict[str, Any]], None] | None = None,
+             k: int | None = None) -> list[dict[str, Any]]:
+    """The chosen arms for one seed: the shared NR pre-phase and its branches, the baselines, the half nets.
+
+    Each arm is logged and handed to ``done(record)`` as soon as it is trained.  ``k`` (the
+    pre-phase's epochs, known from a finished NR arm of this seed) spares the pre-phase when no
+    NR arm is asked for: baseline-matched needs only k.
+    """
     example = torch.zeros(2, 1, 28, 28, device=device)
     original = build(setup.config, seed, setup, device)
-    start = time.perf_counter()
-    pre = pre_phase(original, lam, max(1, round(setup.pre_max * setup.epochs)), data, seed, setup, example)
-    pre_seconds = round(time.perf_counter() - start, 1)
-    k = pre["k"] if pre["k"] is not None else len(pre["losses"])
-    log(f"  seed {seed}: r < {setup.target} after k = {pre['k']} epochs ({pre_seconds:.0f}s)")
-    records = []
+    records: list[dict[str, Any]] = []
+
+    def finished(record: dict[str, Any]) -> None:
+        records.append(record | {"device": str(device)})
+        log(f"    seed {seed} {record['arm']:18} {record['epochs']} epochs  test {record['test_error']:.2f}%  "
+            f"val {record['val_error']:.2f}%  train {record['train_error']:.2f}%  "
+            f"params used {record['params_used']:,}  {record['seconds']:.0f}s")
+        if done is not None:
+            done(records[-1])
+
+    pre, pre_seconds = None, None
+    if any(a in arms for a in NR_ARMS) or ("baseline-matched" in arms and k is None):
+        start = time.perf_counter()
+        pre = pre_phase(original, lam, max(1, round(setup.pre_max * setup.epochs)), data, seed, setup, example)
+        pre_seconds = round(time.perf_counter() - start, 1)
+        k = pre["k"] if pre["k"] is not None else len(pre["losses"])
+        log(f"  seed {seed}: r < {setup.target} after k = {pre['k']} epochs ({pre_seconds:.0f}s)")
     for arm in (a for a in NR_ARMS if a in arms):
         start = time.perf_counter()
         models, info = nr_branch(original, pre, arm, data, seed, setup, example)
-        records.append(_record(arm, seed, models, data, example, k + setup.epochs, start,
-                               pre_seconds=pre_seconds, **info))
-    for arm, epochs in (("baseline", setup.epochs), ("baseline-matched", k + setup.epochs)):
+        finished(_record(arm, seed, models, data, example, k + setup.epochs, start, pre_seconds=pre_seconds,
+                         **info))
+    for arm in ("baseline", "baseline-matched"):
         if arm in arms:
+            epochs = setup.epochs if arm == "baseline" else k + setup.epochs
             start, model = time.perf_counter(), copy.deepcopy(original)
             losses = train_plain(model, epochs, data, seed, setup)
-            records.append(_record(arm, seed, [model], data, example, epochs, start, losses=losses))
+            finished(_record(arm, seed, [model], data, example, epochs, start, losses=losses))
     half = quality.narrower(setup.config, 0.5)
     for arm, count in (("ensemble", 2), ("baseline-half", 1)):
         if arm in arms:
             start, nets = time.perf_counter(), [build(half, seed + 1000 * i, setup, device) for i in range(count)]
             losses = [train_plain(net, setup.epochs, data, seed + 1000 * i, setup) for i, net in enumerate(nets)]
-            records.append(_record(arm, seed, nets, data, example, setup.epochs, start, losses=losses[0],
-                                   config=list(half)))
-    for r in records:
-        log(f"    {r['arm']:18} test {r['test_error']:.2f}%  train {r['train_error']:.2f}%  "
-            f"params used {r['params_used']:,}  {r['seconds']:.0f}s")
+            finished(_record(arm, seed, nets, data, example, setup.epochs, start, losses=losses[0],
+                             config=list(half)))
     return records
 
 
@@ -498,18 +521,31 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
     return str(path)
 
 
+def _setup_dict(setup: PaperSetup) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(setup).items()}
+
+
 def _result(setup: PaperSetup, seeds: list[int], lam: float, tried: list, records: list, device: torch.device,
-            start: float) -> dict[str, Any]:
-    """Everything written to quality_paper.json."""
-    return {"setup": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(setup).items()},
-            "device": str(device), "threads": torch.get_num_threads(), "seeds": seeds,
+            start: float, spent: float = 0.0) -> dict[str, Any]:
+    """Everything written to quality_paper.json (``spent``: wall seconds of the runs resumed from)."""
+    return {"setup": _setup_dict(setup), "device": str(device), "threads": torch.get_num_threads(),
+            "seeds": sorted({*seeds, *(r["seed"] for r in records)}),
             "c_params": quality.params_of(setup.config), "lambda": {"chosen": lam, "tried": tried},
-            "wall_seconds": round(time.perf_counter() - start, 1), "table": aggregate(records), "runs": records}
+            "wall_seconds": round(spent + time.perf_counter() - start, 1), "table": aggregate(records),
+            "runs": records}
 
 
-def run(setup: PaperSetup, seeds: list[int], out: Path, device: str = "auto", log=print,
-        arms: tuple[str, ...] = tuple(ARMS), name: str = "quality_paper") -> dict | None:
-    """λ search, then the arms per seed; ``name``.json / .md / .png into ``out`` after every seed."""
+def _known_k(records: list[dict[str, Any]], seed: int, setup: PaperSetup) -> int | None:
+    """The pre-phase's epochs of ``seed`` from a finished NR arm (its epochs are k + E), or None."""
+    return next((r["epochs"] - setup.epochs for r in records if r["seed"] == seed and r["arm"] in NR_ARMS), None)
+
+
+def run(setup: PaperSetup, seeds: list[int], out: Path, device: str = "auto", log=quality.log_line,
+        arms: tuple[str, ...] = tuple(ARMS), name: str = "quality_paper", resume: bool = False) -> dict | None:
+    """λ search, then the arms per seed; ``name``.json / .md into ``out`` after every arm, the plot at the end.
+
+    ``resume``: the (arm, seed) runs and the λ already in ``name``.json (same settings) are kept.
+    """
     if not setup.synthetic and quality.example().missing_files(setup.data):
         log(f"paper: Fashion-MNIST not found in {setup.data}: skipped. "
             "Install it with: sudo apt-get install dataset-fashion-mnist")
@@ -517,23 +553,46 @@ def run(setup: PaperSetup, seeds: list[int], out: Path, device: str = "auto", lo
     warnings.simplefilter("ignore", nrfx.UnknownOpWarning)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
+    path = out / f"{name}.json"
+    previous = quality.load_previous(path, _setup_dict(setup), resume, log)
+    records: list[dict[str, Any]] = list(previous["runs"]) if previous else []
+    spent = float(previous.get("wall_seconds", 0.0)) if previous else 0.0
+    if previous and previous.get("device") != str(dev):
+        log(f"--resume: {path} was run on {previous.get('device')}, this run is on {dev} (each run records its device)")
     start, data = time.perf_counter(), load(setup, dev)
     example = torch.zeros(2, 1, 28, 28, device=dev)
-    if setup.lam is None:
+    if previous and previous.get("lambda"):
+        lam, tried = previous["lambda"]["chosen"], previous["lambda"]["tried"]
+        log(f"paper: λ = {lam:g} from {path}")
+    elif setup.lam is None:
         log(f"paper: choosing λ on the validation split from {setup.lam_grid} ...")
         lam, tried = choose_lambda(build(setup.config, setup.search_seed, setup, dev), data, setup, example, log)
     else:
         lam, tried = setup.lam, []
+    planned = [(arm, seed) for seed in seeds for arm in arms]
+    finished = {(r["arm"], r["seed"]) for r in records}
+    if previous:
+        log(f"--resume: {sum(p in finished for p in planned)} of {len(planned)} runs already in {path}")
     log(f"paper: λ = {lam:g}; {len(arms)} arms × {len(seeds)} seeds, E = {setup.epochs} epochs on {dev} ...")
-    out.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
+
+    def save(record: dict[str, Any] | None = None, partial: bool = True) -> dict[str, Any]:
+        if record is not None:
+            records.append(record)
+        result = _result(setup, seeds, lam, tried, records, dev, start, spent)
+        result |= {"partial": partial, "finished_runs": sum(p in {(r["arm"], r["seed"]) for r in records}
+                                                            for p in planned), "planned_runs": len(planned)}
+        quality.write_atomic(path, json.dumps(result, indent=1) + "\n")
+        quality.write_atomic(out / f"{name}.md", markdown(result))
+        return result
+
+    save()  # λ is on disk before the first arm: a run stopped from here on resumes without the search
     for seed in seeds:
-        records += run_seed(seed, lam, data, setup, dev, log, arms)
-        result = _result(setup, seeds, lam, tried, records, dev, start)
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / f"{name}.md").write_text(markdown(result))
+        todo = tuple(arm for arm in arms if (arm, seed) not in finished)
+        if todo:
+            run_seed(seed, lam, data, setup, dev, log, todo, done=save, k=_known_k(records, seed, setup))
+    result = save(partial=False)
     result["plot"] = plot(result, out / f"{name}.png")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    quality.write_atomic(path, json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -548,12 +607,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--name", default="quality_paper", help="file names of the results (NAME.json/.md/.png)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (arm, seed) runs and the λ already in NAME.json; train the rest")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     setup = PaperSetup().replace(**QUICK) if args.quick else PaperSetup()
     setup = setup.replace(**dict(item.split("=", 1) for item in args.set))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    result = run(setup, seeds, Path(args.out), args.device, arms=tuple(args.arms), name=args.name)
+    result = run(setup, seeds, Path(args.out), args.device, arms=tuple(args.arms), name=args.name,
+                 resume=args.resume)
     print(markdown(result) if result else "", end="")
     return 0
 

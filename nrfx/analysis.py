@@ -26,10 +26,12 @@ from .cost import CostModel, mac_cost, param_cost
 from .errors import NrfxWarning, ShapeError, TraceError
 from .masks import check_masks, norm_masks, whole_blocks
 from .records import LayerRecord, SliceRecord
+from .reprs import analysis_repr, utilization_repr
 from .rules.registry import lookup
 from .shapeprop import propagate_shapes
 from .spaces import Layout
 from .specs import TensorSpec
+from .srlayers import dense_names
 
 __all__ = ["analyze", "analyze_whole", "Example", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW",
            "COVERAGE_MIN_CHANNELS"]
@@ -79,6 +81,10 @@ class Utilization:
     def r_flops(self) -> float:
         """Utilization ratio in MACs."""
         return self.live_flops / self.flops if self.flops else 1.0
+
+    def __repr__(self) -> str:
+        """r(θ), U(θ)/c(A) and the count of dead channels (the masks are in ``alive``)."""
+        return utilization_repr(self)
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,10 @@ class Analysis:
         self.params = self.param_cost(full)
         self.flops = self.mac_cost(full)
         self._default_masks = norm_masks(model)
+
+    def __repr__(self) -> str:
+        """One line: model, inputs, c(A), r(θ), spaces and coverage (``report()`` has the layers)."""
+        return analysis_repr(self)
 
     # -- structure ------------------------------------------------------------------------
     def _index_spaces(self) -> None:
@@ -241,8 +251,10 @@ class Analysis:
 
     def _count_constant_params(self, model: nn.Module) -> int:
         """Parameters no rule claimed (branches the trace never reaches too): counted at full size."""
-        named = dict(self.gm.named_parameters(remove_duplicate=False))
-        claimed = {id(named[n]) for n, p in self.param_info.items() if not p.buffer and n in named}
+        dense = dense_names(self.gm)  # an S/R layer's blocks are claimed with its dense weight and bias
+        registered = {n for n, p in self.param_info.items() if not p.buffer}
+        claimed = {id(p) for n, p in self.gm.named_parameters(remove_duplicate=False)
+                   if dense.get(n, n) in registered}
         return sum(p.numel() for p in model.parameters() if id(p) not in claimed)
 
     def _mask_sites(self) -> dict[str, int]:

@@ -170,6 +170,9 @@ def _add_rejuvenate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="γ of rejuvenated norm channels: a number, or 'match' (per norm, the median |γ| of "
                              "its survivors); default: the layer's initial value")
     parser.add_argument("--seed", type=int, default=0, help="seed of the rejuvenated channels' initialisation")
+    parser.add_argument("--align", type=int, default=8,
+                        help="resized widths (and their S and R parts) stay multiples of this; 1: the paper's "
+                             "exact allocation (default 8: tensor-core friendly)")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE",
                         help="write {'plan': plan dict, 'state_dict': ...} with torch.save (weights_only-loadable)")
 
@@ -220,7 +223,7 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     before_report = before.report(masks)
     print("before:", before_report.summary(), sep="\n", file=out)
     new = rejuvenate(model, masks, budget, example_inputs=x, scheme=args.scheme, rescale=args.rescale,
-                     gamma0=args.gamma0, seed=args.seed, analysis=before)
+                     gamma0=args.gamma0, seed=args.seed, align=args.align, analysis=before)
     after = analyze(new, x, capture=args.capture).report()
     print("after:", after.summary(), sep="\n", file=out)
     plan = new.nrfx_plan

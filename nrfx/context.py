@@ -16,6 +16,7 @@ from .records import Record
 from .shapeprop import measure_node_macs
 from .spaces import AtomTable, Layout
 from .specs import TensorSpec, Zero, iter_tensor_specs
+from .srlayers import dense_names
 
 __all__ = ["AnalysisState", "Context", "ParamInfo", "MacTerm", "Consumer"]
 
@@ -65,6 +66,7 @@ class AnalysisState:
         self.memo: dict[Any, Layout | None] = {}
         self.names = {id(t): n for n, t in gm.named_parameters()}
         self.param_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+        self.param_names.update(dense_names(gm).values())  # an S/R layer's blocks read as its dense weight
         self.names.update({id(t): n for n, t in gm.named_buffers()})
         self.modules: dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
         self.auto_leaves: dict[str, str] = {}

@@ -35,7 +35,7 @@ from .errors import NrfxError, NrfxWarning, PlanError
 from .history import PROGRESS_KINDS, Progress, plot_history, save_history
 from .masks import norm_masks
 from .optim_state import carry_optimizer_state, copy_group_settings
-from .plan import SCHEMES, Budget, Plan, check_gamma0
+from .plan import SCHEMES, Budget, Plan, check_align, check_gamma0
 from .rejuvenate import apply_plan, rejuvenate
 
 __all__ = [
@@ -61,6 +61,40 @@ class DriverError(NrfxError):
 
 
 # -- one stage: everything that a rejuvenation replaces ---------------------------------------
+@dataclass(eq=False)
+class _Penalty:
+    """The monitored scales laid out once per stage for the L1 term: masked norms first, then the rest."""
+
+    gammas: list[nn.Parameter]
+    masks: list[torch.Tensor]  # masks[i] goes with gammas[i]; the norms past len(masks) have none
+
+    @classmethod
+    def of(cls, norms: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> _Penalty:
+        """The norms with a mask of free channels first (in order), then those whose channels are all free."""
+        masked = [(gamma, mask) for _, gamma, mask in norms if mask is not None]
+        return cls([g for g, _ in masked] + [g for _, g, m in norms if m is None], [m for _, m in masked])
+
+    def with_grads(self) -> tuple[_Penalty, list[torch.Tensor]]:
+        """The layout restricted to the scales that have a grad (itself when all have one), and those grads."""
+        grads = [gamma.grad for gamma in self.gammas]
+        if all(grad is not None for grad in grads):
+            return self, grads
+        keep = [i for i, grad in enumerate(grads) if grad is not None]
+        layout = _Penalty([self.gammas[i] for i in keep], [self.masks[i] for i in keep if i < len(self.masks)])
+        return layout, [grads[i] for i in keep]
+
+    def apply(self, lam: float) -> None:
+        """grad += λ·sign(γ)·mask (mask 1 where all channels are free), in three foreach calls at most."""
+        layout, grads = self.with_grads()
+        if not grads:
+            return
+        with torch.no_grad():
+            signs = torch._foreach_sign(layout.gammas)
+            if layout.masks:
+                torch._foreach_mul_(signs[: len(layout.masks)], layout.masks)
+            torch._foreach_add_(grads, signs, alpha=lam)
+
+
 @dataclass
 class _Stage:
     """The current model with its analysis, monitored scales, optimizer, scheduler and wrapper."""
@@ -73,6 +107,10 @@ class _Stage:
     scheduler: Any = None
     plans: list[Plan] = field(default_factory=list)
     sites: frozenset[str] = frozenset()  # norms whose masks the analysis follows (frozen ones left out)
+    penalty: _Penalty = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.penalty = _Penalty.of(self.norms)
 
 
 def _monitored_norms(analysis: Analysis, module: nn.Module) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
@@ -165,10 +203,10 @@ def ddp_wrapper(**ddp_kwargs: Any) -> Callable[[nn.Module], nn.Module]:
 
 
 def _progress_kind(progress: bool | str) -> str:
-    """The bar's kind for ``progress=True`` / ``"tqdm"`` / ``"rich"``, else a DriverError."""
-    kind = "tqdm" if progress is True else progress
+    """The bar's kind for ``progress=True`` (tqdm, else plain text) / ``"tqdm"`` / ``"rich"`` / ``"text"``."""
+    kind = "auto" if progress is True else progress
     if kind not in PROGRESS_KINDS:
-        raise DriverError(f"progress must be False, True, 'tqdm' or 'rich', got {progress!r}")
+        raise DriverError(f"progress must be False, True, 'tqdm', 'rich' or 'text', got {progress!r}")
     return kind
 
 
@@ -177,6 +215,14 @@ def _check_gamma0(gamma0: Any) -> float | str | None:
     """The plan's γ0 check, raised as a DriverError at construction rather than at the first rejuvenation."""
     try:
         return check_gamma0(gamma0)
+    except PlanError as error:
+        raise DriverError(str(error)) from error
+
+
+def _check_align(align: Any) -> int:
+    """The plan's ``align`` check, raised as a DriverError at construction."""
+    try:
+        return check_align(align)
     except PlanError as error:
         raise DriverError(str(error)) from error
 
@@ -215,13 +261,15 @@ class NeuralRejuvenation:
                  threshold: float = 0.01, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  progress: bool | str = False, total: int | None = None, lam: float = 0.0,
                  carry_state: bool = True, example_kwargs: dict[str, Any] | None = None,
-                 capture: str = "auto") -> None:
+                 capture: str = "auto", align: int = 8) -> None:
         _check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme, lam)
         if not callable(optimizer_factory):
             raise DriverError("optimizer_factory must be callable: params -> torch.optim.Optimizer")
-        self.target, self.interval, self.delta_r, self.delta_lambda = float(target), interval, delta_r, delta_lambda
+        self.target, self.interval = float(target), interval
+        self.delta_r, self.delta_lambda = float(delta_r), float(delta_lambda)  # floats: no tensor λ, no sync
         self.scheme, self.rescale, self.max_rounds, self.threshold = scheme, bool(rescale), max_rounds, threshold
         self.gamma0 = _check_gamma0(gamma0)
+        self.align = _check_align(align)
         self.example_inputs = example_inputs
         self._capture = {"example_kwargs": example_kwargs, "capture": capture}
         self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**31
@@ -315,18 +363,10 @@ class NeuralRejuvenation:
                                   f"r={record['r']:.3f} λ={record['lam']:.2e} round={record['rounds']}")
 
     def _penalize(self) -> None:
-        """Add the L1 sub-gradient λ·sign(γ) to the grads of the scales of free norms (one foreach pass)."""
+        """Add the L1 sub-gradient λ·sign(γ) to the grads of the scales of free norms (no host sync, O(1) calls)."""
         if self.lam == 0.0 or self.finished:
             return
-        norms = [(gamma, mask) for _, gamma, mask in self._stage.norms if gamma.grad is not None]
-        if not norms:
-            return
-        with torch.no_grad():
-            signs = torch._foreach_sign([gamma for gamma, _ in norms])
-            masked = [(sign, mask) for sign, (_, mask) in zip(signs, norms, strict=True) if mask is not None]
-            if masked:
-                torch._foreach_mul_([sign for sign, _ in masked], [mask for _, mask in masked])
-            torch._foreach_add_([gamma.grad for gamma, _ in norms], signs, alpha=self.lam)
+        self._stage.penalty.apply(self.lam)
 
     def check(self) -> dict[str, Any]:
         """Measure r(θ); rejuvenate below the target, else adapt λ; returns the history record."""
@@ -394,7 +434,7 @@ class NeuralRejuvenation:
                 module = rejuvenate(self.module, masks, self.budget, example_inputs=self.example_inputs,
                                     **self._capture,
                                     scheme=self.scheme, rescale=self.rescale, gamma0=self.gamma0,
-                                    seed=self.seed + self.rounds, analysis=self.analysis)
+                                    seed=self.seed + self.rounds, align=self.align, analysis=self.analysis)
             except Exception as error:
                 if not _distributed():
                     raise
@@ -454,7 +494,7 @@ class NeuralRejuvenation:
         budget = state["budget"]
         self._stage, self.budget = stage, Budget(params=budget["params"]) if budget["params"] is not None else \
             Budget(flops=budget["flops"])
-        self.seed, self.lam, self._r_prev = state["seed"], state["lam"], state["r_prev"]
+        self.seed, self.lam, self._r_prev = state["seed"], float(state["lam"]), state["r_prev"]
         self.rounds, self.steps, self.history = state["rounds"], state["steps"], list(state["history"])
         self._scale0 = list(state.get("scale0", _largest_scales(stage.norms)))
         self._collapse_warned = bool(state.get("collapse_warned", False))

@@ -3,8 +3,8 @@
 The paper allows "an affine transform layer with learnable parameters" where batch
 normalization is not practical (Sec. 3.1.1).  A ``Gate`` multiplies its input by ``weight``
 along one channel dim; it starts at 1 (the identity), and the analysis treats it as a norm
-scale: it marks dead channels (``|g| < 0.01·max|g|``), carries the driver's L1 penalty, and
-its rejuvenated entries start at γ0.  This module imports only torch, so the analysis rules,
+scale: it marks dead channels (``g = 0`` or ``|g| < 0.01·max|g|``), carries the driver's L1
+penalty, and its rejuvenated entries start at γ0.  This module imports only torch, so the analysis rules,
 the tracer and the rewrite may all depend on it.
 """
 

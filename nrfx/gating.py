@@ -29,7 +29,9 @@ from torch import nn
 from .analysis import Analysis, analyze
 from .errors import NrfxWarning
 from .gates import Gate
+from .results import attach
 from .shapeprop import propagate_shapes
+from .srlayers import SR_LAYERS
 from .trace import trace
 
 __all__ = ["GateFold", "add_gates", "fold_gates", "gate_sites"]
@@ -119,7 +121,7 @@ def add_gates(model: nn.Module, example_inputs: Any, **trace_options: Any) -> to
         record = analysis.records[name]
         path = _gate_path(gm, record.module or name)
         site = _after_activation(gm, producer)
-        weight = gm.get_parameter(f"{record.module}.weight" if record.module else record.weight)
+        weight = gm.get_submodule(record.module).weight if record.module else gm.get_parameter(record.weight)
         gm.add_submodule(path, Gate(width, dim, device=weight.device, dtype=weight.dtype))
         with gm.graph.inserting_after(site):
             gate = gm.graph.call_module(path, (site,))
@@ -128,7 +130,7 @@ def add_gates(model: nn.Module, example_inputs: Any, **trace_options: Any) -> to
     gm.graph.lint()
     gm.recompile()
     gm.training = model.training
-    gm.nrfx_gates = tuple(added)
+    attach(gm, nrfx_gates=tuple(added))
     return gm
 
 
@@ -179,7 +181,7 @@ def fold_gates(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphMo
         gm.delete_submodule(node.target)
     gm.graph.lint()
     gm.recompile()
-    gm.nrfx_gates = tuple(kept)
+    attach(gm, nrfx_gates=tuple(kept))
     return gm
 
 
@@ -217,13 +219,22 @@ def _gate_folds(gm: torch.fx.GraphModule, gate_node: torch.fx.Node, values: dict
             fold = _reader(module, node, source, ids, gate, calls)
             if isinstance(fold, str):
                 return fold
-            found.append(fold)
+            found.extend(_stored_folds(module, fold))
             continue
         step = _through(gm, node, source, ids, values, gate, downstream)
         if isinstance(step, str):
             return step
         stack.extend((user, node, step) for user in node.users)
     return found or "nothing reads it"
+
+
+def _stored_folds(module: nn.Module, fold: GateFold) -> list[GateFold]:
+    """A fold into an S/R layer's dense weight as folds into the blocks it stores (their input columns)."""
+    if not isinstance(module, SR_LAYERS):
+        return [fold]
+    dense_columns = torch.arange(fold.channels.numel())
+    return [GateFold(module.get_parameter(name), 1, fold.channels[dense_columns[index[1]]])
+            for name, attr, index in module._specs() if attr == "weight"]
 
 
 def _downstream(gm: torch.fx.GraphModule, gate_node: torch.fx.Node) -> set[torch.fx.Node]:

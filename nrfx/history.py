@@ -1,20 +1,26 @@
 """The driver's record of a run: history as JSON, the r(θ)/λ plot (paper Fig. 1), a progress bar.
 
+The bar is tqdm or rich when installed; ``progress=True`` falls back to plain text on stderr
+with the core dependencies alone.
+
 A history is a list of dicts ``{step, r, lam, event, rounds, cost}`` (+ ``lam_before, r_after,
 cost_before, widths`` for ``"rejuvenate"`` and ``collapsed`` where the collapse warning fired).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import warnings
-from typing import Any
+from typing import Any, TextIO
 
-from .errors import NrfxWarning
+from .errors import NrfxError, NrfxWarning
 
-__all__ = ["save_history", "plot_history", "Progress", "PROGRESS_KINDS"]
+__all__ = ["save_history", "plot_history", "Progress", "TextBar", "resolve_kind", "PROGRESS_KINDS"]
 
-PROGRESS_KINDS = ("tqdm", "rich")
+PROGRESS_KINDS = ("auto", "tqdm", "rich", "text")  # progress=True is "auto": tqdm when installed, else text
+_PACKAGES = {"tqdm": "tqdm", "rich": "rich"}
 
 
 def save_history(history: list[dict[str, Any]], path: str) -> None:
@@ -54,21 +60,58 @@ def plot_history(history: list[dict[str, Any]], path: str, target: float | None 
     return True
 
 
+class TextBar:
+    """A plain-text progress report on stderr (core dependencies only): one line per status text."""
+
+    def __init__(self, total: int | None, stream: TextIO | None = None) -> None:
+        self.total, self.n, self.stream = total, 0, stream
+
+    def update(self, text: str | None) -> None:
+        """Rule: count the step; print a line only when a check brought a new status text."""
+        self.n += 1
+        if text:
+            print(f"nrfx step {self.n}{'' if self.total is None else f'/{self.total}'}: {text}",
+                  file=self.stream or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Nothing to tear down (every line is already printed)."""
+
+
+def _importable(name: str) -> bool:
+    """Whether a module can be imported (None in sys.modules counts as missing, as import does)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def resolve_kind(kind: str) -> str:
+    """Rule: "auto" is tqdm when installed, else plain text; "tqdm"/"rich" need their package (the error names it)."""
+    if kind == "auto":
+        return "tqdm" if _importable("tqdm") else "text"
+    if kind in _PACKAGES and not _importable(_PACKAGES[kind]):
+        raise NrfxError(f"progress={kind!r} needs the {_PACKAGES[kind]} package, which is not installed: "
+                        f"pip install {_PACKAGES[kind]} (or pip install 'nrfx[progress]'), or pass progress=True "
+                        "for a plain-text report with no extra package")
+    return kind
+
+
 class Progress:
-    """A tqdm or rich progress bar showing r, λ and the round (``kind`` is one of PROGRESS_KINDS)."""
+    """A progress report showing r, λ and the round: a tqdm or rich bar, or plain text (``kind`` in PROGRESS_KINDS)."""
 
     def __init__(self, kind: str, total: int | None) -> None:
-        self.kind = kind
-        if kind == "tqdm":
+        self.kind = resolve_kind(kind)
+        if self.kind == "tqdm":
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc="nrfx", unit="step")
-        else:
+        elif self.kind == "rich":
             from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress()
             self.task = self.bar.add_task("nrfx", total=total)
             self.bar.start()
+        else:
+            self.bar = TextBar(total)
 
     def update(self, text: str | None) -> None:
         """One step; a new status text after a check."""
@@ -76,9 +119,11 @@ class Progress:
             self.bar.update(1)
             if text:
                 self.bar.set_postfix_str(text)
-        else:
+        elif self.kind == "rich":
             self.bar.update(self.task, advance=1, **({"description": f"nrfx {text}"} if text else {}))
+        else:
+            self.bar.update(text)
 
     def close(self) -> None:
         """Finish the bar."""
-        (self.bar.close if self.kind == "tqdm" else self.bar.stop)()
+        (self.bar.stop if self.kind == "rich" else self.bar.close)()

@@ -11,6 +11,7 @@ count as constants; MACs outside the islands are not counted (the report says so
 
 from __future__ import annotations
 
+import html
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from .analysis import COVERAGE_MIN_CHANNELS, COVERAGE_WARN_BELOW, Analysis, Coverage, Utilization, analyze_whole
 from .capture import Example
 from .errors import NrfxError, NrfxWarning, TraceError
+from .reprs import island_analysis_repr
 from .shapeprop import in_eval_mode, untouched
 
 __all__ = ["IslandAnalysis", "find_islands"]
@@ -117,6 +119,10 @@ class IslandAnalysis:
         return {f"{path}.{name}": mask for path, a in self.islands.items()
                 for name, mask in a.masks_from(model.get_submodule(path), threshold).items()}
 
+    def __repr__(self) -> str:
+        """One line: model, islands, c(A), r(θ) and coverage."""
+        return island_analysis_repr(self)
+
     def report(self, masks: dict[str, torch.Tensor] | None = None) -> IslandReport:
         """Each island's report, and what was left out and why."""
         routed = self.split_masks(masks)
@@ -154,6 +160,17 @@ class IslandReport:
 
     def __str__(self) -> str:
         return self.table() + "\n" + self.summary()
+
+    def __repr__(self) -> str:
+        """One line: the model and each island's r(θ)."""
+        parts = ", ".join(f"{p} r(θ) {r.totals.r_params:.4f}" for p, r in list(self.reports.items())[:4])
+        more = f", … ({len(self.reports)} islands)" if len(self.reports) > 4 else ""
+        return f"<nrfx.IslandReport of {self.analysis.model_name}: {parts}{more}>"
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the island summary, then every island's table."""
+        head = "<pre>" + html.escape("\n".join(self.summary_lines())) + "</pre>"
+        return head + "".join(f"<h4>island {html.escape(p)}</h4>{r._repr_html_()}" for p, r in self.reports.items())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: the summary and every island's report."""

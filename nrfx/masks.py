@@ -1,7 +1,8 @@
 """Channel masks: read from norm scales, or given by the user as {module_name: BoolTensor}.
 
 True means alive.  A channel is dead when ``|γ| < threshold · max|γ|`` of its norm layer
-(the paper's rule, threshold 0.01).  User masks are keyed by a norm or by a layer that
+(the paper's rule, threshold 0.01) or when ``γ == 0`` exactly (so a norm whose scales are all
+zero is wholly dead, not wholly alive).  User masks are keyed by a norm or by a layer that
 produces channels (conv, linear); they replace the masks read from the norms.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 from .errors import MaskError, NrfxWarning
 from .gates import Gate
 
-__all__ = ["norm_masks", "check_masks", "whole_blocks", "PER_CHANNEL_NORMS"]
+__all__ = ["alive_scales", "norm_masks", "check_masks", "whole_blocks", "PER_CHANNEL_NORMS"]
 
 PER_CHANNEL_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                                         nn.GroupNorm, Gate)
@@ -23,7 +24,7 @@ PER_CHANNEL_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modul
 
 def norm_masks(model: nn.Module, threshold: float = 0.01) -> dict[str, torch.BoolTensor]:
     """Live channels of every per-channel norm scale (BatchNorm, InstanceNorm, GroupNorm) and ``nrfx.Gate``:
-    ``|γ| >= threshold · max|γ|``."""
+    ``|γ| > 0 and |γ| >= threshold · max|γ|``."""
     if not 0.0 <= threshold < 1.0:
         raise MaskError(f"threshold must be in [0, 1), got {threshold}")
     masks: dict[str, torch.BoolTensor] = {}
@@ -39,8 +40,16 @@ def norm_masks(model: nn.Module, threshold: float = 0.01) -> dict[str, torch.Boo
                 f"norm '{name}' has non-finite scales (γ contains NaN or inf); the model has diverged: "
                 "restore a checkpoint or lower the learning rate before measuring utilization"
             )
-        masks[name] = (gamma >= threshold * gamma.max()).cpu() if gamma.numel() else gamma.bool().cpu()
+        masks[name] = alive_scales(gamma, threshold).cpu()
     return masks
+
+
+def alive_scales(gamma: torch.Tensor, threshold: float = 0.01) -> torch.BoolTensor:
+    """Rule: a scale is alive iff ``|γ| > 0`` and ``|γ| >= threshold · max|γ|`` (a zero scale is dead)."""
+    magnitude = gamma.detach().abs()
+    if not magnitude.numel():
+        return magnitude.bool()
+    return (magnitude > 0) & (magnitude >= threshold * magnitude.max())
 
 
 def check_masks(masks: dict[str, torch.Tensor], sites: dict[str, int], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ A state tensor shaped like its parameter (SGD ``momentum_buffer``, Adam ``exp_av
 ``exp_avg_sq``, ...) is rebuilt at the new shape with the rewrite's own block copy: the S×S
 block is copied from the old state, every slot that touches an R channel is zero.  Scalar state
 (Adam's ``step``) is copied.  State that is not shaped like its parameter (factored optimizers)
-has no slot-by-slot meaning: that parameter starts fresh and is reported.
+has no slot-by-slot meaning: that parameter starts fresh and is reported.  An S/R layer's
+stored blocks are joined into its dense weight before and cut into the new blocks after.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from torch import nn
 
 from .errors import NrfxWarning
 from .rewrite import ParamMap, copy_block
+from .srlayers import SR_LAYERS, blocks_of, dense_names, join_blocks
 
-__all__ = ["carry_optimizer_state", "copy_group_settings", "slice_state"]
+__all__ = ["carry_optimizer_state", "copy_group_settings", "dense_parameters", "dense_states", "slice_state"]
 
 
 def slice_state(old: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
@@ -29,12 +31,12 @@ def slice_state(old: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
     return new
 
 
-def _carry_one(state: dict[str, Any], old: nn.Parameter, pmap: ParamMap | None) -> dict[str, Any] | None:
-    """The new state of one parameter: slices of param-shaped tensors, copies of the rest; None if unsliceable."""
+def _carry_one(state: dict[str, Any], shape: tuple[int, ...], pmap: ParamMap | None) -> dict[str, Any] | None:
+    """The new state of one dense parameter: slices of param-shaped tensors, copies of the rest; None if unsliceable."""
     carried: dict[str, Any] = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and pmap is not None:
-            if tuple(value.shape) != tuple(old.shape):
+            if tuple(value.shape) != tuple(shape):
                 return None  # a factored or flattened state: no slot-by-slot meaning
             carried[key] = slice_state(value, pmap)
         else:
@@ -42,29 +44,91 @@ def _carry_one(state: dict[str, Any], old: nn.Parameter, pmap: ParamMap | None) 
     return carried
 
 
+DenseParam = tuple[nn.Module, str, tuple[int, ...], list[tuple[str, nn.Parameter]]]
+
+
+def dense_parameters(module: nn.Module) -> dict[str, DenseParam]:
+    """Dense name -> (owner, attribute, dense shape, stored parameters): an S/R layer's blocks under its weight/bias."""
+    dense = dense_names(module)
+    found: dict[str, DenseParam] = {}
+    for name, param in module.named_parameters():
+        key = dense.get(name, name)
+        path, _, attr = key.rpartition(".")
+        if key not in found:
+            owner = module.get_submodule(path) if path else module
+            shape = owner._dense_shape(attr) if isinstance(owner, SR_LAYERS) else tuple(param.shape)
+            found[key] = (owner, attr, tuple(shape), [])
+        found[key][3].append((name.rpartition(".")[2], param))
+    return found
+
+
+def _joined_state(optimizer: torch.optim.Optimizer, entry: DenseParam) -> dict[str, Any] | None:
+    """The optimizer state of a dense parameter, param-shaped tensors joined from its stored blocks."""
+    owner, attr, _, members = entry
+    states = [optimizer.state.get(p) for _, p in members]
+    if any(not state for state in states):
+        return None
+    if len(members) == 1 and not isinstance(owner, SR_LAYERS):
+        return states[0]
+    joined: dict[str, Any] = {}
+    for key, value in states[0].items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            parts = {name: state[key] for (name, p), state in zip(members, states, strict=True)}
+            if any(tuple(parts[name].shape) != tuple(p.shape) for name, p in members):
+                return None
+            joined[key] = join_blocks(owner, attr, parts)
+        else:
+            joined[key] = value
+    return joined
+
+
+def dense_states(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, dict[str, Any]]:
+    """The optimizer's state per dense parameter name (S/R blocks joined into their dense weight and bias)."""
+    joined = {name: _joined_state(optimizer, entry) for name, entry in dense_parameters(module).items()}
+    return {name: state for name, state in joined.items() if state is not None}
+
+
+def _split_state(entry: DenseParam, state: dict[str, Any]) -> dict[nn.Parameter, dict[str, Any]]:
+    """A dense parameter's new state cut into the state of each stored block."""
+    owner, attr, _, members = entry
+    if len(members) == 1 and not isinstance(owner, SR_LAYERS):
+        return {members[0][1]: state}
+    cut = {key: blocks_of(owner, attr, value) for key, value in state.items()
+           if isinstance(value, torch.Tensor) and value.dim() > 0}
+    return {p: {key: cut[key][name] if key in cut else _copy(value) for key, value in state.items()}
+            for name, p in members}
+
+
+def _copy(value: Any) -> Any:
+    """A tensor cloned, anything else as is."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
 def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, old_module: nn.Module,
                           new_module: nn.Module, param_map: dict[str, ParamMap]) -> list[str]:
     """Copy every parameter's optimizer state into ``new``: S slots kept, R slots zero; returns dropped names.
 
-    Parameters are matched by name.  State tensors shaped like the parameter (momentum,
-    Adam moments) are sliced with the parameter's map; scalar state (Adam's ``step``) is
-    copied.  A parameter whose state cannot be sliced starts fresh and is named in the result.
+    Parameters are matched by their dense name (an S/R layer's stored blocks read as its dense
+    weight and bias, joined before and cut after).  State tensors shaped like the parameter
+    (momentum, Adam moments) are sliced with the parameter's map; scalar state (Adam's
+    ``step``) is copied.  A parameter whose state cannot be sliced starts fresh and is named.
     """
-    old_named = dict(old_module.named_parameters())
+    before = dense_parameters(old_module)
     dropped = []
-    for name, param in new_module.named_parameters():
-        source = old_named.get(name)
-        if source is None or source not in old.state:
+    for name, entry in dense_parameters(new_module).items():
+        source = before.get(name)
+        state = _joined_state(old, source) if source is not None else None
+        if state is None:
             continue
         pmap = param_map.get(name)
-        before, after = (pmap.old_shape, pmap.new_shape) if pmap is not None else (source.shape, source.shape)
+        shapes = (pmap.old_shape, pmap.new_shape) if pmap is not None else (source[2], source[2])
         carried = None
-        if tuple(before) == tuple(source.shape) and tuple(after) == tuple(param.shape):
-            carried = _carry_one(old.state[source], source, pmap)
+        if tuple(shapes[0]) == source[2] and tuple(shapes[1]) == entry[2]:
+            carried = _carry_one(state, source[2], pmap)
         if carried is None:
             dropped.append(name)
             continue
-        new.state[param] = carried
+        new.state.update(_split_state(entry, carried))
     return dropped
 
 

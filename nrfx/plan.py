@@ -4,7 +4,11 @@ A pure function of (analysis, masks, budget, options).  One expansion rate α is
 every free space (the paper's Sec. 3.2): ``w'' = max(1, ⌊α·w'⌋)``; α is found by bisection
 so the cost is within the budget, then single channels are added greedily (largest
 rounding loss first) until no channel fits: the result is within one channel's cost of the
-budget.  Spaces in whole blocks (grouped convs, GroupNorm) are planned per *unit*: the
+budget.  With ``align`` (default 8) a space whose width is a multiple of it moves in steps of
+``align`` channels: its survivors are rounded up (the most alive dead channels are kept, so
+the function stays exact), α's widths round down to a step, the greedy step is ``align``
+channels, and the budget holds within one step per space.  ``align=1`` is the paper's
+exact allocation.  Spaces in whole blocks (grouped convs, GroupNorm) are planned per *unit*: the
 spaces a grouped conv ties share a number of blocks n (``w = n·block``), α scales n, the
 same blocks survive in each, and the greedy step adds one block to every space of a unit,
 so the budget is met within the cost of one unit.  A plan is plain data: JSON in, JSON out,
@@ -24,7 +28,7 @@ import torch
 from .cost import CostModel
 from .errors import BudgetError, NrfxWarning, PlanError
 
-__all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "SCHEMES"]
+__all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "align_steps", "check_align", "SCHEMES"]
 
 SCHEMES = ("nr", "cr", "ca")
 
@@ -91,6 +95,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     folds: dict[str, dict[str, float]] | None = None
     capture: str = "fx"
+    align: int = 1
 
     @property
     def new_widths(self) -> list[int]:
@@ -182,50 +187,84 @@ def _space_widths(units: list[Unit], counts: list[int], total: int) -> list[int]
     return widths
 
 
-def _expanded(units: list[Unit], live: list[int], full: list[int], alpha: float) -> list[int]:
-    """Blocks ⌊α·n'⌋ (at least 1) per free unit; frozen units keep their count."""
-    return [f if u.frozen else max(1, math.floor(alpha * n + 1e-9)) for u, n, f in zip(units, live, full, strict=True)]
+def align_steps(units: list[Unit], full: list[int], align: int) -> list[int]:
+    """Blocks a unit grows by so that every width stays a multiple of ``align`` (1: unaligned).
+
+    A unit whose original widths are not all multiples of ``align`` keeps steps of one block.
+    """
+    steps = []
+    for unit, n in zip(units, full, strict=True):
+        step = math.lcm(*(align // math.gcd(b, align) for b in unit.blocks))
+        aligned = all((n * b) % align == 0 for b in unit.blocks)
+        steps.append(step if aligned and not unit.frozen and n >= step else 1)
+    return steps
 
 
-def _solve(cost: CostModel, units, live, full, total: int, budget: int) -> tuple[float, list[int]]:
-    """Largest shared α whose widths fit the budget, then greedy single units up to it (block counts per unit)."""
-    at = lambda alpha: cost(_space_widths(units, _expanded(units, live, full, alpha), total))  # noqa: E731
+def _aligned_survivors(live: list[int], step: int, full: int, score: torch.Tensor) -> list[int]:
+    """Live blocks rounded up to a multiple of ``step`` by keeping the most alive of the dead ones (in order)."""
+    want, alive = min(full, -(-len(live) // step) * step), set(live)
+    dead = sorted((b for b in range(full) if b not in alive), key=lambda b: (-float(score[b]), b))
+    return sorted([*live, *dead[:want - len(live)]])
+
+
+def _expanded(units: list[Unit], live: list[int], full: list[int], steps: list[int], alpha: float) -> list[int]:
+    """Blocks ⌊α·n'⌋ rounded down to the unit's step (at least one step) per free unit; frozen units keep theirs."""
+    return [f if u.frozen else max(step, step * math.floor(alpha * n / step + 1e-9))
+            for u, n, f, step in zip(units, live, full, steps, strict=True)]
+
+
+_MAX_ALPHA = 1e6
+
+
+def _solve(cost: CostModel, units, live, full, steps, total: int, budget: int) -> tuple[float, list[int]]:
+    """Largest shared α whose widths fit the budget, then greedy single steps up to it (block counts per unit)."""
+    at = lambda alpha: cost(_space_widths(units, _expanded(units, live, full, steps, alpha), total))  # noqa: E731
     minimum = at(0.0)
     if budget < minimum:
         raise BudgetError(f"budget {budget:,} is below {minimum:,}, the {cost.kind} of the frozen part with one "
-                          f"channel (one group) per free space; ask for at least {minimum:,}")
+                          f"channel (one group, one alignment step) per free space; ask for at least {minimum:,}")
+    if all(u.frozen for u in units):
+        return 1.0, list(full)
+    if at(_MAX_ALPHA) <= budget:
+        raise BudgetError(f"budget {budget:,} {cost.kind} is beyond any meaningful width (every free space "
+                          f"{_MAX_ALPHA:.0e} × its live channels costs {at(_MAX_ALPHA):,}); ask for less")
     lo, hi = 0.0, 1.0
-    while at(hi) <= budget and hi < 1e6:
+    while at(hi) <= budget:
         lo, hi = hi, hi * 2
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if at(mid) <= budget else (lo, mid)
-    counts = _expanded(units, live, full, lo)
-    return lo, _fill(cost, units, counts, live, lo, total, budget)
+    counts = _expanded(units, live, full, steps, lo)
+    return lo, _fill(cost, units, counts, steps, live, lo, total, budget)
 
 
-def _fill(cost: CostModel, units, counts, live, alpha: float, total: int, budget: int) -> list[int]:
-    """Add one block to a unit at a time, largest rounding loss first, until none fits the budget."""
+def _fill(cost: CostModel, units, counts, steps, live, alpha: float, total: int, budget: int) -> list[int]:
+    """Add one step of blocks to a unit at a time, largest rounding loss first, until none fits the budget."""
     order = sorted((i for i, u in enumerate(units) if not u.frozen), key=lambda i: counts[i] - alpha * live[i])
     added = True
     while added:
         added = False
         for i in order:
-            counts[i] += 1
+            counts[i] += steps[i]
             if cost(_space_widths(units, counts, total)) <= budget:
                 added = True
             else:
-                counts[i] -= 1
+                counts[i] -= steps[i]
     return counts
 
 
 def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bool = False,
-              gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None) -> Plan:
+              gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None,
+              align: int = 8) -> Plan:
     """The rejuvenation plan for an analysed model under masks and a budget.
 
     ``masks=None``: the masks are read from the norm scales of ``model`` now (not when it was analysed).
+    ``align``: every resized space whose width is a multiple of it stays one, and so do its S and
+    R parts (survivors rounded up with the most alive dead channels); ``align=1`` is the paper's
+    exact allocation.
     """
     gamma0 = check_gamma0(gamma0)
+    align = check_align(align)
     if scheme not in SCHEMES:
         raise PlanError(f"unknown scheme {scheme!r}; use one of {SCHEMES} (nr: cross connections kept, "
                         "cr: removed, ca: cross attention)")
@@ -234,12 +273,15 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     units = planning_units(analysis)
     scores = _space_scores(analysis, model)
     masks = analysis.masks_from(model) if masks is None else masks
-    kept = _survivors(analysis, units, analysis.alive(masks), scores)
     full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]
+    steps = align_steps(units, full, align)
+    survivors = _survivors(analysis, units, analysis.alive(masks), scores)
+    kept = [_aligned_survivors(blocks, step, n, _block_scores(unit, scores))
+            for unit, blocks, step, n in zip(units, survivors, steps, full, strict=True)]
     live = [len(k) for k in kept]
     total = len(analysis.spaces)
     if realloc:
-        alpha, counts = _solve(cost, units, live, full, total, value)
+        alpha, counts = _solve(cost, units, live, full, steps, total, value)
     else:
         alpha, counts = 1.0, list(full)
     keep: list[list[int]] = [[] for _ in range(total)]
@@ -253,9 +295,17 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
         scheme=scheme, rescale=bool(rescale), realloc=bool(realloc), seed=int(seed if seed is not None else 0),
         gamma0=gamma0, budget_kind=kind, budget=value, alpha=alpha, widths=[s.width for s in analysis.spaces],
         keep=keep, grow=grow, cost_before=cost([s.width for s in analysis.spaces]),
-        cost_live=cost(_space_widths(units, live, total)), cost_after=cost(widths),
+        cost_live=cost(_space_widths(units, [len(b) for b in survivors], total)), cost_after=cost(widths),
         input_shapes=[list(s) for s in analysis.input_shapes], capture=getattr(analysis, "capture", "fx"),
+        align=align,
     )
+
+
+def check_align(align: Any) -> int:
+    """``align``: a positive int (1 = unaligned, the paper's exact allocation)."""
+    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1024:
+        raise PlanError(f"align must be an int from 1 (no rounding, the paper's allocation) to 1024, got {align!r}")
+    return align
 
 
 def check_gamma0(gamma0: Any) -> float | str | None:

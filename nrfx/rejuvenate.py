@@ -24,8 +24,9 @@ from .maps import ParamMap, param_maps
 from .plan import Budget, Plan, make_plan
 from .rescale import apply_rescale
 from .reslice import regroup, reslice
+from .results import attach
 from .rewrite import copy_for_rewrite, rewrite_params, verify
-from .schemes import apply_scheme
+from .schemes import apply_scheme, densify
 from .shapeprop import propagate_shapes
 from .trace import keep_safe_inplace
 
@@ -58,16 +59,19 @@ def _with_folds(analysis: Analysis, plan: Plan) -> Plan:
 def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any = None, *,
                example_inputs: Any, example_kwargs: dict[str, Any] | None = None, scheme: str = "nr",
                rescale: bool = False, gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None,
-               analysis: Analysis | None = None, **capture_options: Any) -> torch.fx.GraphModule:
+               align: int = 8, analysis: Analysis | None = None, **capture_options: Any) -> torch.fx.GraphModule:
     """Remove dead channels, grow every free space by one shared rate α to the budget, re-initialise.
 
     Returns a new GraphModule (the model is not modified) with ``nrfx_plan`` (the replayable
     Plan, with the notes of the build) and ``nrfx_param_map`` ({name: ParamMap}) attached.
     It takes the model's own arguments (``example_inputs``, ``example_kwargs``) and returns its
     output structure; ``capture`` and the trace options are those of ``nrfx.analyze``.
+    ``align`` (default 8): resized widths, and in cr/ca their S and R parts, stay multiples of it
+    (tensor-core friendly); ``align=1`` is the paper's exact allocation.
     """
     analysis = analysis or analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
-    options = {"scheme": scheme, "rescale": rescale, "gamma0": gamma0, "realloc": realloc, "seed": seed}
+    options = {"scheme": scheme, "rescale": rescale, "gamma0": gamma0, "realloc": realloc, "seed": seed,
+               "align": align}
     if isinstance(analysis, IslandAnalysis):
         return _rejuvenate_islands(model, analysis, masks, budget, options)
     plan = plan_rejuvenation(analysis, model, masks, budget, **options)
@@ -92,7 +96,7 @@ def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[
         parent, _, name = path.rpartition(".")
         setattr(result.get_submodule(parent), name, module)
         plans[path] = module.nrfx_plan
-    result.nrfx_plans = plans
+    attach(result, nrfx_plans=plans)
     return result
 
 
@@ -128,6 +132,7 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan) -> torch.fx.GraphMo
     """Copy the traced graph module, run every rewrite pass, verify; the plan is only read."""
     maps: dict[str, ParamMap] = param_maps(analysis, plan)
     gm = copy_for_rewrite(analysis.gm, maps)
+    densify(gm)  # an earlier round's S/R layers are rewritten as the plain layers they stand for
     notes = list(plan.notes)
     for rewrite_pass in REWRITE_PASSES:
         notes += rewrite_pass(gm, analysis, plan, maps)
@@ -135,8 +140,7 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan) -> torch.fx.GraphMo
     gm.recompile()
     verify(gm)
     _check_runs(gm, analysis.example.flat())
-    gm.nrfx_plan = dataclasses.replace(plan, notes=list(dict.fromkeys(notes)))
-    gm.nrfx_param_map = maps
+    attach(gm, nrfx_plan=dataclasses.replace(plan, notes=list(dict.fromkeys(notes))), nrfx_param_map=maps)
     gm.train(model.training)
     return gm
 

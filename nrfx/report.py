@@ -9,6 +9,7 @@ exactly, in params and in MACs.
 
 from __future__ import annotations
 
+import html
 import io
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,10 +18,13 @@ import torch
 import torch.fx
 
 from .records import LayerRecord
+from .reprs import format_count
+from .srlayers import dense_names, dense_numel
 
-__all__ = ["Report", "Row", "Totals", "build_report", "format_count"]
+__all__ = ["Report", "Row", "Totals", "build_report", "format_count", "html_table", "TABLE_HEADER"]
 
 OTHER = "(other)"
+TABLE_HEADER = ["layer", "op", "in", "out", "params", "live", "MACs", "live", "frozen"]
 
 
 @dataclass(frozen=True)
@@ -105,12 +109,11 @@ class Report:
 
     def table(self, width: int = 150) -> str:
         """The per-layer rows as a text table (rich when installed, plain text otherwise)."""
-        header = ["layer", "op", "in", "out", "params", "live", "MACs", "live", "frozen"]
         cells = [_cells(r) for r in (*self.rows, self.other)]
         try:
-            return _rich_table(header, cells, width)
+            return _rich_table(TABLE_HEADER, cells, width)
         except ImportError:
-            return _plain_table(header, cells)
+            return _plain_table(TABLE_HEADER, cells)
 
     def summary(self) -> str:
         """The totals: c(A), U(θ), r(θ), spaces, unknown ops and automatic leaves."""
@@ -134,6 +137,19 @@ class Report:
 
     def __str__(self) -> str:
         return self.table() + "\n" + self.summary()
+
+    def __repr__(self) -> str:
+        """One line: model, rows, c(A), U(θ), r(θ) (``str()`` has the table, ``to_dict()`` the data)."""
+        t = self.totals
+        return (f"<nrfx.Report of {self.model}: {len(self.rows)} layers; c(A) {format_count(t.params)} params, "
+                f"{format_count(t.macs)} MACs; U(θ) {format_count(t.live_params)} params, "
+                f"{format_count(t.live_macs)} MACs; r(θ) params {t.r_params:.4f}, MACs {t.r_macs:.4f}; "
+                f"{t.frozen_spaces}/{t.spaces} spaces frozen>")
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the per-layer rows as an HTML table, then the totals."""
+        return html_table(TABLE_HEADER, [_cells(r) for r in (*self.rows, self.other)]) + \
+            "<pre>" + html.escape(self.summary()) + "</pre>"
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -185,7 +201,8 @@ def _row_nodes(analysis, with_macs: set[str]) -> list[torch.fx.Node]:
 
 def _param_owners(gm: torch.fx.GraphModule) -> dict[str, str]:
     """Parameter name -> the first node that reads it (its module call or a get_attr's user)."""
-    names = {id(p): n for n, p in gm.named_parameters()}
+    dense = dense_names(gm)  # an S/R layer's blocks are owned as its dense weight and bias
+    names = {id(p): dense.get(n, n) for n, p in gm.named_parameters()}
     owner: dict[str, str] = {}
     for node in gm.graph.nodes:
         for tensor in _node_params(gm, node):
@@ -230,7 +247,7 @@ def _row(analysis, node: torch.fx.Node, mine: list[str], full, live) -> Row:
     """The row of one node: its channels, the parameters it owns, its MAC terms."""
     record = analysis.records.get(node.name)
     record = record if isinstance(record, LayerRecord) else None
-    params = [_param_sizes(analysis, n, analysis.gm.get_parameter(n).numel(), full, live) for n in mine]
+    params = [_param_sizes(analysis, n, dense_numel(analysis.gm, n), full, live) for n in mine]
     macs = analysis.mac_cost.of(node.name, full), analysis.mac_cost.of(node.name, live)
     cin, cout = _static_channels(analysis, record)
     in_l, out_l = (record.input, record.output) if record is not None else (None, None)
@@ -252,7 +269,8 @@ def _row(analysis, node: torch.fx.Node, mine: list[str], full, live) -> Row:
 
 def _other_row(analysis, rows, owner, row_names: set[str], full, live, util) -> Row:
     """Parameters no row claims (and MACs lost to per-row rounding), so that rows add up."""
-    sizes = {n: p.numel() for n, p in analysis.gm.named_parameters()}
+    dense = dense_names(analysis.gm)
+    sizes = {dense.get(n, n): dense_numel(analysis.gm, dense.get(n, n)) for n, _ in analysis.gm.named_parameters()}
     unowned = [n for n in sizes if owner.get(n) not in row_names]
     claimed = sizes.keys() - set(unowned)
     # parameters outside the graph (never reached by the trace) count whole, as in c(A)
@@ -359,15 +377,6 @@ def _effective_line(t: Totals) -> list[str]:
 
 
 # -- formatting -------------------------------------------------------------------------------
-def format_count(n: int | float) -> str:
-    """A count with an SI suffix: 4.089G, 25.56M, 9.41K, 512."""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            digits = 3 if suffix == "G" else 2
-            return f"{n / scale:.{digits}f}{suffix}"
-    return str(int(n))
-
-
 def _fraction(live: int | None, total: int | None) -> str:
     """'live/total' channels, or '-' when the layer has none there."""
     if total is None:
@@ -392,6 +401,17 @@ def _cells(row: Row) -> list[str]:
     return [row.name, row.op, _fraction(row.in_live, row.in_total), _fraction(row.out_live, row.out_total),
             format_count(row.params), format_count(row.live_params), format_count(row.macs),
             format_count(row.live_macs), _short_reason(row.frozen)]
+
+
+def html_table(header: list[str], cells: list[list[str]]) -> str:
+    """Rule: every cell HTML-escaped; count columns (3rd to 8th) right-aligned, as in the text table."""
+    def row(values: list[str], tag: str) -> str:
+        """One table row of escaped cells."""
+        return "<tr>" + "".join(f'<{tag} style="text-align:{"right" if 2 <= i <= 7 else "left"}">'
+                                f"{html.escape(v)}</{tag}>" for i, v in enumerate(values)) + "</tr>"
+
+    body = "".join(row(r, "td") for r in cells)
+    return f"<table><thead>{row(header, 'th')}</thead><tbody>{body}</tbody></table>"
 
 
 def _rich_table(header: list[str], cells: list[list[str]], width: int) -> str:

@@ -1,119 +1,99 @@
 """S/R layers (paper Sec. 3.3): a conv or linear whose channels are ordered [S…, R…] on both sides.
 
-``cr``: cross connections removed: S_out = W_SS*S_in, R_out = W_RR*R_in, two convolutions on
-slices of the one weight (the cross blocks are never computed and stay zero).
-``ca``: cross attention (Eq. 9–10): S_out = W_SS*S + 2σ(W_SS*S)·(W_RS*R), and symmetrically,
-with two convolutions (one per input block, each producing all output rows).
+The split is a property of the stored layout: each layer holds, as its own contiguous
+parameters, exactly the weight blocks its scheme computes, so a forward launches what the
+maths needs and never slices or copies a weight.
 
-The layers keep their parameter names (``weight``, ``bias``).  This module imports only
-torch: the analysis rules and the tracer may depend on it without depending on the rewrite.
+``cr`` (cross connections removed): ``weight_ss``, ``weight_rr`` (and ``bias_s``, ``bias_r``);
+S_out = W_SS*S_in, R_out = W_RR*R_in: one split of the input, two convolutions, one cat.
+The cross blocks are not stored (they are zero and never trained).
+
+``ca`` (cross attention, Eq. 9–10): ``weight_s_in`` = [W_SS; W_RS] (every output row from the S
+inputs) and ``weight_r_in`` = [W_SR; W_RR] (and ``bias_all``).  Two convolutions give
+a = W_·S*S and b = W_·R*R; the diagonal d = [a_S; b_R] and the cross terms c = [b_S; a_R] are
+picked by one row mask, then out = d + 2σ(d)·c (one addcmul).
+
+The layer still *reads* as the dense layer it replaces: ``weight`` and ``bias`` are
+properties assembling the full tensors (zeros for cr's cross blocks), and ``in_channels``,
+``out_channels``, ``in_features``, ``out_features`` stay true.  ``to_dense`` gives the plain
+layer back; ``blocks_of``/``join_blocks`` move any full-shape tensor (optimizer state) into
+and out of the stored layout.  This module imports only torch.
 """
 
 from __future__ import annotations
+
+import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SRConv1d", "SRConv2d", "SRConv3d", "SRLinear", "SR_LAYERS", "SR_CLASSES", "unused_weights"]
+__all__ = ["SRConv1d", "SRConv2d", "SRConv3d", "SRLinear", "SR_LAYERS", "SR_CLASSES", "unused_weights",
+           "make_sr", "to_dense", "block_names", "blocks_of", "join_blocks", "dense_names", "dense_numel"]
+
+_ALL = slice(None)
 
 
 class _SRMixin:
-    """Forward of a layer split into S and R blocks: S first, then R, along the channel dims.
-
-    With autograd the blocks are combined by differentiable ops.  Without it (inference) a
-    batch is cut into tiles of about ``_TILE_BYTES`` of output, each written into one
-    preallocated output, so the block outputs stay in cache and no full-size temporary is
-    made; a single tile is gated in place.
-    """
+    """A conv/linear stored as the blocks of its scheme; forward = the scheme's block formula."""
 
     scheme: str
     s_in: int
     s_out: int
 
+    # -- what the layer reads as ------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight [S…, R…] × [S…, R…] assembled from the blocks (cr: zero cross blocks); read-only copy."""
+        return join_blocks(self, "weight", {n: self._parameters[n] for n in block_names(self, "weight")})
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The dense bias assembled from the blocks (a read-only copy), or None."""
+        names = block_names(self, "bias")
+        return join_blocks(self, "bias", {n: self._parameters[n] for n in names}) if names else None
+
+    def _dense_shape(self, attr: str) -> tuple[int, ...]:
+        """Shape of the dense ``weight`` or ``bias``."""
+        out, inp = (self.out_features, self.in_features) if isinstance(self, nn.Linear) else \
+            (self.out_channels, self.in_channels)
+        return (out,) if attr == "bias" else (out, inp, *getattr(self, "kernel_size", ()))
+
+    def _specs(self) -> list[tuple[str, str, tuple[slice, ...]]]:
+        """(parameter, dense attribute, index of its block in the dense tensor) of every stored block."""
+        s, r = slice(0, self.s_out), slice(self.s_out, None)
+        si, ri = slice(0, self.s_in), slice(self.s_in, None)
+        if self.scheme == "cr":
+            return [("weight_ss", "weight", (s, si)), ("weight_rr", "weight", (r, ri)),
+                    ("bias_s", "bias", (s,)), ("bias_r", "bias", (r,))]
+        return [("weight_s_in", "weight", (_ALL, si)), ("weight_r_in", "weight", (_ALL, ri)),
+                ("bias_all", "bias", (_ALL,))]
+
+    def _bias_shape(self) -> tuple[int, ...]:
+        """ca's bias is stored broadcastable against the output: (out,) for linear, (out, 1, …) for convs."""
+        return self._dense_shape("bias") + (1,) * len(getattr(self, "kernel_size", ()))
+
+    # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """S/R block forward over the channel dim (last for linear, before the kernel dims for convs)."""
         if isinstance(self, nn.Linear):
-            return self._sr_forward(x, x.dim() - 1, F.linear)
-        return self._sr_forward(x, x.dim() - len(self.kernel_size) - 1, self._conv_forward)
-
-    def _blocks(self, x: torch.Tensor, dim: int):
-        """Input S and R parts."""
-        return x.tensor_split([self.s_in], dim)
-
-    def _parts(self, x: torch.Tensor, dim: int, op) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two block ops: cr (W_SS*S, W_RR*R); ca (all rows from S inputs, all rows from R inputs)."""
-        xs, xr = self._blocks(x, dim)
-        s, r = slice(0, self.s_out), slice(self.s_out, None)
-        si, ri = slice(0, self.s_in), slice(self.s_in, None)
-        bias = self.bias
+            dim, op = x.dim() - 1, F.linear
+        else:
+            dim, op = x.dim() - len(self.kernel_size) - 1, self._conv_forward
+        xs, xr = torch.split(x, (self.s_in, x.shape[dim] - self.s_in), dim)
         if self.scheme == "cr":
-            return (op(xs, self.weight[s, si], None if bias is None else bias[s]),
-                    op(xr, self.weight[r, ri], None if bias is None else bias[r]))
-        bias_s = bias_r = None
-        if bias is not None:  # the diagonal blocks carry the bias: [b_S ; 0] and [0 ; b_R]
-            bias_s = torch.cat([bias[s], torch.zeros_like(bias[r])])
-            bias_r = torch.cat([torch.zeros_like(bias[s]), bias[r]])
-        return op(xs, self.weight[:, si], bias_s), op(xr, self.weight[:, ri], bias_r)
-
-    def _sr_forward(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
-        """S and R outputs from their own blocks; cross attention gates the cross terms."""
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return self._differentiable(x, dim, op)
-        if dim == 0 or x.shape[0] <= 1:
-            return self._combine(x, dim, op)
-        first = self._combine(x[:1], dim, op)  # its size gives the tile size; it is not computed twice
-        rows = _rows_per_tile(first)
-        out = first.new_empty((x.shape[0], *first.shape[1:]))
-        out[:1].copy_(first)
-        for start in range(1, x.shape[0], rows):
-            self._combine(x[start:start + rows], dim, op, out=out[start:start + rows])
-        return out
-
-    def _differentiable(self, x: torch.Tensor, dim: int, op) -> torch.Tensor:
-        """The scheme's output built from differentiable ops (training)."""
-        a, b = self._parts(x, dim, op)
-        if self.scheme == "cr":
-            return torch.cat([a, b], dim)
-        (a_s, a_r), (b_s, b_r) = (t.tensor_split([self.s_out], dim) for t in (a, b))
-        return torch.cat([_gate(a_s, b_s), _gate(b_r, a_r)], dim)
-
-    def _combine(self, x: torch.Tensor, dim: int, op, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The scheme's output without autograd, into ``out`` (ca: the S-input block's own output when None)."""
-        a, b = self._parts(x, dim, op)
-        if self.scheme == "cr":
-            return torch.cat([a, b], dim) if out is None else torch.cat([a, b], dim, out=out)
-        out = a if out is None else out
-        (a_s, a_r), (b_s, b_r), (o_s, o_r) = (t.tensor_split([self.s_out], dim) for t in (a, b, out))
-        _gate_into(o_s, a_s, b_s)  # S = W_SS*S + 2σ(W_SS*S)·(W_RS*R)
-        _gate_into(o_r, b_r, a_r)  # R = W_RR*R + 2σ(W_RR*R)·(W_SR*S)
-        return out
+            return torch.cat((op(xs, self.weight_ss, self.bias_s), op(xr, self.weight_rr, self.bias_r)), dim)
+        a, b = op(xs, self.weight_s_in, None), op(xr, self.weight_r_in, None)
+        return _cross_attention(a, b, self.s_rows, self.bias_all)
 
 
-_TILE_BYTES = 1 << 21
-
-
-def _rows_per_tile(row: torch.Tensor) -> int:
-    """Rows of dim 0 making about ``_TILE_BYTES`` (at least one), from the size of one row."""
-    return max(1, _TILE_BYTES // max(1, row.numel() * row.element_size()))
-
-
-def _gate(diag: torch.Tensor, cross: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross attention (Eq. 9–10): diag + 2σ(diag)·cross."""
-    return torch.addcmul(diag, torch.sigmoid(diag), cross, value=2, out=out)
-
-
-def _gate_into(out: torch.Tensor, diag: torch.Tensor, cross: torch.Tensor) -> None:
-    """``_gate`` into ``out``, in chunks along dim 0 so the σ buffer stays small.
-
-    ``out`` may be ``diag`` or ``cross`` itself (the same view): the op is elementwise.
-    """
-    if diag.dim() == 0 or diag.numel() == 0:
-        _gate(diag, cross, out)
-        return
-    rows = _rows_per_tile(diag[0])
-    for o, d, c in zip(out.split(rows), diag.split(rows), cross.split(rows), strict=True):
-        _gate(d, c, o)
+def _cross_attention(a: torch.Tensor, b: torch.Tensor, s_rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 9–10 from a = W_·S*S and b = W_·R*R: d = [a_S; b_R] (+ bias), c = [b_S; a_R], d + 2σ(d)·c."""
+    diag, cross = torch.where(s_rows, a, b), torch.where(s_rows, b, a)
+    if bias is not None:
+        diag = diag + bias
+    return torch.addcmul(diag, torch.sigmoid(diag), cross, value=2)
 
 
 class SRConv1d(_SRMixin, nn.Conv1d):
@@ -134,12 +114,108 @@ class SRLinear(_SRMixin, nn.Linear):
 
 SR_CLASSES: dict[type, type] = {nn.Conv1d: SRConv1d, nn.Conv2d: SRConv2d, nn.Conv3d: SRConv3d, nn.Linear: SRLinear}
 SR_LAYERS: tuple[type, ...] = tuple(SR_CLASSES.values())
+_BASE: dict[type, type] = {sr: base for base, sr in SR_CLASSES.items()}
+
+
+def block_names(layer: nn.Module, attr: str) -> tuple[str, ...]:
+    """The stored parameters that hold a dense ``weight`` or ``bias`` of an S/R layer (the name itself otherwise)."""
+    if not isinstance(layer, SR_LAYERS):
+        return (attr,) if getattr(layer, attr, None) is not None else ()
+    return tuple(name for name, dense, _ in layer._specs() if dense == attr and layer._parameters.get(name) is not None)
+
+
+def blocks_of(layer: nn.Module, attr: str, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A dense-shaped tensor of ``attr`` (a weight, its gradient, its momentum) cut into the layer's stored blocks."""
+    if not isinstance(layer, SR_LAYERS):
+        return {attr: dense}
+    return {name: _stored_shape(layer, name, dense[index]).contiguous()
+            for name, a, index in layer._specs() if a == attr}
+
+
+def join_blocks(layer: nn.Module, attr: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense tensor of ``attr`` from the stored blocks (zeros where no block is stored); a detached copy."""
+    if not isinstance(layer, SR_LAYERS):
+        return parts[attr]
+    first = next(iter(parts.values()))
+    dense = torch.zeros(layer._dense_shape(attr), dtype=first.dtype, device=first.device)
+    with torch.no_grad():
+        for name, a, index in layer._specs():
+            if a == attr and name in parts:
+                dense[index] = parts[name].reshape(dense[index].shape)
+    return dense
+
+
+def _stored_shape(layer: _SRMixin, name: str, block: torch.Tensor) -> torch.Tensor:
+    """A dense block in the shape the layer stores it (ca's bias: broadcastable over the output)."""
+    return block.reshape(layer._bias_shape()) if name == "bias_all" else block
+
+
+def make_sr(layer: nn.Module, scheme: str, s_in: int, s_out: int) -> nn.Module:
+    """The S/R form of a plain conv/linear (or a re-split S/R layer): its blocks copied, the rest of it kept."""
+    dense = to_dense(layer)
+    cls = SR_CLASSES[type(dense)]
+    new = _shell(dense, cls)
+    new.__dict__.update(scheme=scheme, s_in=int(s_in), s_out=int(s_out))
+    weight, bias = dense._parameters["weight"], dense._parameters.get("bias")
+    new._parameters = {}
+    for attr, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        for name, block in blocks_of(new, attr, tensor.detach()).items():
+            new._parameters[name] = nn.Parameter(block.clone(), requires_grad=tensor.requires_grad)
+    if scheme == "ca":
+        rows = (torch.arange(new._dense_shape("bias")[0], device=weight.device) < s_out).reshape(new._bias_shape())
+        new.register_buffer("s_rows", rows, persistent=False)
+    if bias is None:  # the bias blocks exist as None, as a plain layer's bias does
+        new._parameters.update({name: None for name, attr, _ in new._specs() if attr == "bias"})
+    return new
+
+
+def to_dense(layer: nn.Module) -> nn.Module:
+    """The plain layer an S/R layer stands for (dense weight and bias as parameters); other layers unchanged."""
+    if not isinstance(layer, SR_LAYERS):
+        return layer
+    weight, bias = layer.weight.detach(), layer.bias
+    requires_grad = next(iter(layer.parameters())).requires_grad
+    dense = _shell(layer, _BASE[type(layer)])
+    for key in ("scheme", "s_in", "s_out"):
+        dense.__dict__.pop(key, None)
+    dense._buffers.pop("s_rows", None)
+    dense._non_persistent_buffers_set.discard("s_rows")
+    dense._parameters = {"weight": nn.Parameter(weight.clone(), requires_grad=requires_grad),
+                         "bias": None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad)}
+    return dense
+
+
+def _shell(layer: nn.Module, cls: type) -> nn.Module:
+    """An instance of ``cls`` with the layer's attributes, hooks and buffers (own containers, shared tensors)."""
+    new = cls.__new__(cls)
+    new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()}
+    return new
+
+
+def dense_names(model: nn.Module) -> dict[str, str]:
+    """Stored block name -> the dense parameter it belongs to, for every S/R layer in ``model`` (others: absent)."""
+    names: dict[str, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, SR_LAYERS):
+            prefix = f"{path}." if path else ""
+            names.update({prefix + name: prefix + attr for name, attr, _ in module._specs()
+                          if module._parameters.get(name) is not None})
+    return names
+
+
+def dense_numel(model: nn.Module, name: str) -> int:
+    """Elements of a parameter as the dense model has it (an S/R layer's ``weight``/``bias`` at full size)."""
+    path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(path) if path else model
+    if isinstance(owner, SR_LAYERS) and attr in ("weight", "bias"):
+        return math.prod(owner._dense_shape(attr))
+    return model.get_parameter(name).numel()
 
 
 def unused_weights(layer: nn.Module) -> int:
-    """Weight entries an S/R layer stores but never computes: the cross blocks of cr (0 otherwise)."""
+    """Weight entries the dense form counts that an S/R layer neither stores nor computes: cr's cross blocks."""
     if not isinstance(layer, SR_LAYERS) or layer.scheme != "cr":
         return 0
-    w = layer.weight
-    cout, cin, kernel = w.shape[0], w.shape[1], w[0, 0].numel()
-    return kernel * (layer.s_out * (cin - layer.s_in) + (cout - layer.s_out) * layer.s_in)
+    return math.prod(layer._dense_shape("weight")) - layer.weight_ss.numel() - layer.weight_rr.numel()

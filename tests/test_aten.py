@@ -34,10 +34,10 @@ def _aten_ops(model: nn.Module, x: torch.Tensor) -> set:
 
 
 def assert_rejuvenation_keeps_function(model: nn.Module, x: torch.Tensor) -> None:
-    """Widening at 1.3 × c(A) (one channel costs 12% here) and removing dead channels keep the outputs."""
+    """Widening at 1.3 × c(A) (one channel costs 12% here: align=1) and removing dead channels keep the outputs."""
     with torch.no_grad():
         expected = model(x)
-    wide = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.3), example_inputs=x, capture="export")
+    wide = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.3), example_inputs=x, capture="export", align=1)
     assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         torch.testing.assert_close(wide(x), expected, rtol=1e-9, atol=1e-12)
@@ -47,7 +47,7 @@ def assert_rejuvenation_keeps_function(model: nn.Module, x: torch.Tensor) -> Non
     analysis = _analyze(model, x, "export")
     with torch.no_grad():
         expected = model(x)
-    slim = nrfx.rejuvenate(model, None, None, example_inputs=x, capture="export", analysis=analysis)
+    slim = nrfx.rejuvenate(model, None, None, example_inputs=x, capture="export", analysis=analysis, align=1)
     with torch.no_grad():
         torch.testing.assert_close(slim(x), expected, rtol=1e-9, atol=1e-12)
 

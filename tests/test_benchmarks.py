@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import importlib.util
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -129,9 +131,201 @@ def test_matched_gamma0_starts_new_channels_at_the_survivors_scale():
     with torch.no_grad():
         bn = model[1]
         bn.weight.copy_(torch.tensor([0.2, 0.4, 0.0, 0.0, 0.3, 0.0, 0.5, 0.0]))
-    new = nrfx.rejuvenate(model, None, None, example_inputs=quality.EXAMPLE_INPUT)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=quality.EXAMPLE_INPUT, align=1)  # 4 of 8 regrown
     quality.set_new_gamma(new, "match")
     gamma, source = new.get_submodule("1").weight, new.nrfx_param_map["1.weight"].dims[0].source
     assert (source < 0).any()
     assert torch.allclose(gamma[source < 0], torch.tensor([0.2, 0.3, 0.4, 0.5]).median())
     assert torch.equal(gamma[source >= 0], torch.tensor([0.2, 0.4, 0.3, 0.5]))
+
+
+# -- the GPU benchmark: its CPU smoke form, and the clean skip without CUDA --------------------------------------
+bench_gpu = importlib.import_module("benchmarks.bench_gpu")
+run_module = importlib.import_module("benchmarks.run")
+
+
+def test_gpu_benchmark_quick_on_cpu_times_every_variant(tmp_path, capsys):
+    out = tmp_path / "gpu_cpu.json"
+    assert bench_gpu.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    data = _json(out)
+    assert not data["partial"] and not data["failed"] and not data["skipped"]
+    assert data["meta"]["device"] == "cpu" and data["meta"]["device_name"].startswith("CPU")
+    assert data["meta"]["torch"] == torch.__version__ and data["settings"]["quick"]
+    assert set(data["models"]) == {"resnet50", "mobilenet_v3_large", "vit_b_16"}
+    for name, entry in data["models"].items():
+        assert 0.3 < entry["r_macs"] < 1 and set(entry["rewrite_pause_s"]) == {"pruned", "nr", "cr", "ca"}
+        variants = entry["variants"]
+        assert variants["pruned"]["macs"] <= entry["live_macs"]  # budget U(θ): the dead removed (align may
+        assert variants["pruned"]["grown"] < 0.1 * variants["nr"]["grown"]  # trade a few channels between spaces)
+        for scheme in ("nr", "cr", "ca"):  # rejuvenated to c(A) in MACs, within one channel's cost
+            assert 0.98 < variants[scheme]["macs_over_original"] <= 1.0
+            assert 0 <= variants[scheme]["widths_multiple_of_8"]["conv"] <= 1
+        for mode in ("inference", "train"):
+            for precision in ("fp32", "bf16"):
+                ratios = entry[mode][precision]["ratio_to_original"]
+                assert set(ratios) == set(bench_gpu.VARIANTS) and ratios["original"] == 1.0
+                assert all(0.05 < r < 20 for r in ratios.values())  # sane, not meaningful at these sizes
+        if name == "resnet50":
+            assert variants["cr"]["sr_layers"] > 0 and variants["ca"]["sr_layers"] > 0
+    assert data["models"]["vit_b_16"]["gates"] == 2
+    driver = data["driver"]
+    assert driver["rounds"] == 0 and driver["lam"] > 0
+    assert all(0.2 < cell["ratio"] < 5 and cell["check_s"] > 0 for cell in driver["precisions"].values())
+    assert len(data["targets"]) == 8 and all(isinstance(t["met"], bool) for t in data["targets"])
+    table = bench_gpu.markdown(data)
+    assert "| resnet50 | bf16 + channels_last | inference |" in table and "rewrite pause" in table
+    assert "resnet50            bf16 inference original" in capsys.readouterr().out  # progress lines as it goes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_benchmark_says_so_and_skips_without_cuda(tmp_path, capsys):
+    assert bench_gpu.main(["--out", str(tmp_path / "gpu.json")]) == 0
+    assert "no CUDA device" in capsys.readouterr().out and not (tmp_path / "gpu.json").exists()
+    assert bench_gpu.main(["--device", "cuda", "--out", str(tmp_path / "gpu.json")]) == 2
+    assert run_module.main(["--only", "gpu", "--out", str(tmp_path)]) == 0
+    info = _json(tmp_path / "run.json")
+    assert info["steps"]["benchmarks.bench_gpu"]["skipped"] and not (tmp_path / "gpu.json").exists()
+
+
+def test_write_json_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    bench_gpu.write_json(path, {"a": 1})
+
+    def broken(self, text):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken)
+    with pytest.raises(OSError):
+        quality.write_atomic(path, "{}")
+    monkeypatch.undo()
+    assert _json(path) == {"a": 1}  # the old file is whole
+
+
+# -- long benchmarks keep what they finished: --resume -------------------------------------------------------
+def _fake_fashion(root: Path, train: int = 100, test: int = 40) -> Path:
+    """Four tiny Fashion-MNIST-format IDX files (stripes whose frequency is the class): the real loader reads them."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.arange(28.0).view(1, 28, 1)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("test", test)):
+        labels = torch.arange(n) % 10
+        images = 127 + 100 * torch.cos(0.3 * (1 + labels.float()).view(n, 1, 1) * rows).expand(n, 28, 28)
+        images = (images + 20 * torch.randn(n, 28, 28, generator=gen)).clamp(0, 255).to(torch.uint8)
+        names = quality.example().FILES[split]
+        for name, data, header in ((names[0], images, struct.pack(">HBBIII", 0, 8, 3, n, 28, 28)),
+                                   (names[1], labels.to(torch.uint8), struct.pack(">HBBI", 0, 8, 1, n))):
+            with gzip.open(root / name, "wb") as handle:
+                handle.write(header + data.numpy().tobytes())
+    return root
+
+
+TINY = {"config": (4, "M", 8, "M"), "steps": 4, "batch": 8, "interval": 2, "val_size": 20}
+
+
+@pytest.fixture
+def tiny_quality(monkeypatch, tmp_path):
+    """A tiny quality setup on fake IDX files; quality.train counted (and made to fail at a chosen call)."""
+    calls = []
+    real = quality.train
+
+    def counted(name, seed, setup):
+        calls.append((name, seed))
+        if getattr(counted, "fail_at", None) == len(calls):
+            raise RuntimeError("machine lost")
+        return real(name, seed, setup)
+
+    monkeypatch.setattr(quality, "train", counted)
+    return quality.Setup().replace(data=str(_fake_fashion(tmp_path / "data")), **TINY), counted, calls
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_quality_keeps_finished_runs_and_resumes(tmp_path, tiny_quality):
+    setup, counted, calls = tiny_quality
+    lines: list[str] = []
+    counted.fail_at = 2  # the second run dies: the first must be on disk already
+    with pytest.raises(RuntimeError, match="machine lost"):
+        quality.run(["baseline", "nr"], [0], setup, tmp_path, workers=1, log=lines.append)
+    partial = _json(tmp_path / "quality.json")
+    assert partial["partial"] and partial["finished_runs"] == 1 and partial["planned_runs"] == 2
+    assert [(r["method"], r["seed"]) for r in partial["runs"]] == [("baseline", 0)]
+    assert any("[1/2] baseline" in line and "4 steps" in line and "val" in line for line in lines)
+    first = partial["runs"][0]
+
+    counted.fail_at, calls[:] = None, []
+    result = quality.run(["baseline", "nr"], [0], setup, tmp_path, workers=1, log=lines.append, resume=True)
+    assert calls == [("nr", 0)]  # the finished baseline is not trained again
+    final = _json(tmp_path / "quality.json")
+    assert not final["partial"] and final["finished_runs"] == final["planned_runs"] == 2
+    assert [r["method"] for r in final["runs"]] == ["baseline", "nr"] and final["runs"][0] == first
+    assert set(result["table"]) == {"baseline", "nr"} and "| NR |" in (tmp_path / "quality.md").read_text()
+
+    calls[:] = []
+    quality.run(["baseline", "nr"], [0], setup, tmp_path, workers=1, log=lines.append, resume=True)
+    assert calls == []  # everything there: nothing trained
+    with pytest.raises(SystemExit, match="steps: 4 there, 5 now"):  # other settings: refuse, do not mix
+        quality.run(["baseline"], [0], setup.replace(steps=5), tmp_path, workers=1, log=lines.append, resume=True)
+    assert _json(tmp_path / "quality.json") == final
+
+
+def test_quality_command_line_resume_with_two_workers(tmp_path):
+    data = _fake_fashion(tmp_path / "data")
+    settings = ["--set", f"data={data}", "config=4,M,8,M", "steps=4", "batch=8", "interval=2", "val_size=20"]
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "benchmarks.quality", "--out", str(tmp_path / "out"),
+                               "--workers", "2", "--seeds", "0", *args, *settings], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    first = command("--methods", "baseline")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "[1/1] baseline" in first.stdout
+    baseline = _json(tmp_path / "out" / "quality.json")["runs"][0]
+    second = command("--methods", "baseline", "nr", "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "1 of 2 runs already in" in second.stdout and "[1/1] nr" in second.stdout
+    final = _json(tmp_path / "out" / "quality.json")
+    assert not final["partial"] and [r["method"] for r in final["runs"]] == ["baseline", "nr"]
+    assert final["runs"][0] == baseline
+
+
+paper = importlib.import_module("benchmarks.quality_paper")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_paper_benchmark_keeps_finished_arms_and_resumes(tmp_path, monkeypatch):
+    setup = paper.PaperSetup().replace(**paper.QUICK).replace(per_class=8, val_size=40, test_limit=40, epochs=2,
+                                                                 lam=5e-2, config=(4, "M", 8, "M"))
+    arms = ("nr-cr", "baseline", "baseline-matched")
+    real_plain, calls = paper.train_plain, {"plain": 0, "pre": 0, "branch": 0}
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("time limit")
+
+    monkeypatch.setattr(paper, "train_plain", dies)  # nr-cr finishes, then the baseline dies
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="time limit"):
+        paper.run(setup, [0], tmp_path, "cpu", log=lines.append, arms=arms)
+    partial = _json(tmp_path / "quality_paper.json")
+    assert partial["partial"] and [(r["arm"], r["seed"]) for r in partial["runs"]] == [("nr-cr", 0)]
+    assert any("nr-cr" in line and "epochs" in line and "test" in line for line in lines)
+    k = partial["runs"][0]["epochs"] - setup.epochs
+
+    def counting(key, real):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(paper, "train_plain", counting("plain", real_plain))
+    monkeypatch.setattr(paper, "pre_phase", counting("pre", paper.pre_phase))
+    monkeypatch.setattr(paper, "nr_branch", counting("branch", paper.nr_branch))
+    result = paper.run(setup, [0], tmp_path, "cpu", log=lines.append, arms=arms, resume=True)
+    assert calls == {"plain": 2, "pre": 0, "branch": 0}  # k comes from the finished nr-cr arm
+    final = _json(tmp_path / "quality_paper.json")
+    assert not final["partial"] and final["finished_runs"] == 3
+    runs = {r["arm"]: r for r in final["runs"]}
+    assert runs["nr-cr"] == partial["runs"][0] and runs["baseline-matched"]["epochs"] == k + setup.epochs
+    assert set(result["table"]) == set(arms)
+    with pytest.raises(SystemExit, match="epochs"):
+        paper.run(setup.replace(epochs=3), [0], tmp_path, "cpu", log=lines.append, arms=arms, resume=True)

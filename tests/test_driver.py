@@ -14,6 +14,7 @@ from torch import nn
 import nrfx
 from nrfx.driver import DriverError, NeuralRejuvenation, plot_history
 from nrfx.errors import BudgetError, NrfxError, NrfxWarning
+from nrfx.optim_state import dense_states
 
 EXAMPLE = torch.zeros(2, 1, 8, 8)
 
@@ -160,8 +161,9 @@ def test_resume_before_any_rejuvenation():
 
 # -- optimizer state carried slice by slice -----------------------------------------------------
 def _state_by_name(nr: NeuralRejuvenation) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: {k: v.clone() for k, v in nr.optimizer.state[p].items()}
-            for name, p in nr.module.named_parameters() if p in nr.optimizer.state}
+    """Optimizer state per dense parameter name (an S/R layer's blocks joined into its weight and bias)."""
+    return {name: {k: v.clone() for k, v in state.items()}
+            for name, state in dense_states(nr.optimizer, nr.module).items()}
 
 
 def _assert_sliced(old: torch.Tensor, new: torch.Tensor, pmap) -> None:

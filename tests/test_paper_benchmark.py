@@ -81,14 +81,15 @@ def _rejuvenated(scheme: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight[: m.num_features // 2] = 0.0
-    return nrfx.rejuvenate(model, None, None, example_inputs=EXAMPLE, scheme=scheme)
+    return nrfx.rejuvenate(model, None, None, example_inputs=EXAMPLE, scheme=scheme, align=1)
 
 
 def test_used_cost_counts_the_diagonal_blocks_of_cr_layers():
     cr, ca = _rejuvenated("cr"), _rejuvenated("ca")
     split = [m for m in cr.modules() if getattr(m, "scheme", None) == "cr"]
     assert split  # the body convs were split into S/R blocks
-    expected_params = sum(p.numel() for p in cr.parameters())
+    expected_params = sum(p.numel() for p in cr.parameters())  # cr stores its diagonal blocks only
+    dense_params = expected_params
     expected_macs = 0
     positions = iter([28 * 28, 14 * 14])  # conv outputs: 28² then 14² (padding 1, pooling after each)
     for m in (m for m in cr.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
@@ -96,10 +97,11 @@ def test_used_cost_counts_the_diagonal_blocks_of_cr_layers():
         used = m.weight.numel()
         if getattr(m, "scheme", None) == "cr":
             used = m.weight[0, 0].numel() * (m.s_out * m.s_in + (out - m.s_out) * (inp - m.s_in))
-            expected_params -= m.weight.numel() - used
+            assert used == m.weight_ss.numel() + m.weight_rr.numel()
+            dense_params += m.weight.numel() - used
         expected_macs += used * (next(positions) if isinstance(m, nn.Conv2d) else 1)
     cost = paper.used_cost([cr], EXAMPLE)
-    assert cost["params_used"] == expected_params < cost["params_stored"]
+    assert cost["params_used"] == expected_params < cost["params_stored"] == dense_params
     assert cost["macs_used"] == expected_macs
     ca_cost = paper.used_cost([ca], EXAMPLE)
     assert ca_cost["params_used"] == ca_cost["params_stored"] == sum(p.numel() for p in ca.parameters())

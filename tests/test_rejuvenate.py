@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from aligned import assert_aligned
 from dead import kill_channels
 from torch import nn
 
@@ -55,12 +56,18 @@ def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor | str]) -
 
 
 def assert_preserved(model: nn.Module, x: torch.Tensor, analysis, schemes=SCHEMES, exact_snapshot: bool = True) -> None:
-    """Every scheme × rescale gives the original outputs (float64, rtol 1e-7); the model is untouched."""
+    """Every scheme × rescale gives the original outputs (float64, rtol 1e-7); the model is untouched.
+
+    Without rescaling the default ``align=8`` is used, with it ``align=1`` (both widths checked).
+    """
     before = _snapshot(model, exact_snapshot)
     with torch.no_grad():
         expected = model(x)
     for scheme, rescale in schemes:
-        new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, rescale=rescale, analysis=analysis)
+        align = 1 if rescale else 8
+        new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, rescale=rescale, analysis=analysis,
+                              align=align)
+        assert_aligned(analysis, new.nrfx_plan)
         dead = analysis.utilization(analysis.masks_from(model)).live_params < analysis.params
         assert not dead or new.nrfx_plan.cost_live < new.nrfx_plan.cost_before  # dead channels were removed
         with torch.no_grad():
@@ -78,24 +85,37 @@ def test_function_preserved_fast_zoo(name):
     assert_preserved(model, x, analysis)
 
 
+def _cheapest_step(analysis, kind: str, widths: list[int], align: int) -> int:
+    """The cost of the cheapest growth the planner could still make: one alignment step of one free unit."""
+    from nrfx.plan import align_steps, planning_units
+
+    units = planning_units(analysis)
+    full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]
+    model_cost, base = analysis.cost_model(kind), analysis.cost_model(kind)(widths)
+    costs = []
+    for unit, step in zip(units, align_steps(units, full, align), strict=True):
+        if not unit.frozen:
+            grown = list(widths)
+            for s, b in zip(unit.spaces, unit.blocks, strict=True):
+                grown[s] += step * b
+            costs.append(model_cost(grown) - base)
+    return min(costs)
+
+
+@pytest.mark.parametrize("align", [1, 8])
 @pytest.mark.parametrize("kind", ["params", "flops"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 1.3])
-def test_budget_met_within_one_channel(kind, fraction):
+def test_budget_met_within_one_step_never_exceeded(kind, fraction, align):
     model, x, analysis = _prepared("resnet18", size=32)
     budget = nrfx.Budget.fraction(fraction, kind)
-    new = nrfx.rejuvenate(model, None, budget, example_inputs=x, analysis=analysis)
+    new = nrfx.rejuvenate(model, None, budget, example_inputs=x, analysis=analysis, align=align)
     plan = new.nrfx_plan
+    assert plan.align == align
     target = int(fraction * (analysis.params if kind == "params" else analysis.flops))
     after = nrfx.analyze(new, x)
     cost = after.params if kind == "params" else after.flops
     assert cost == plan.cost_after <= target
-    model_cost = analysis.cost_model(kind)
-    widths = plan.new_widths
-    cheapest = min(
-        model_cost([w + (i == s) for i, w in enumerate(widths)]) - model_cost(widths)
-        for s, space in enumerate(analysis.spaces) if not space.is_frozen
-    )
-    assert target - cost < cheapest
+    assert target - cost < _cheapest_step(analysis, kind, plan.new_widths, align)
     if kind == "params":
         assert sum(p.numel() for p in new.parameters()) == cost
 
@@ -195,8 +215,9 @@ def test_matched_gamma0_with_rescale_preserves_function_and_lifts_survivors(sche
         gamma = module.weight
         assert torch.allclose(gamma[source < 0], median.expand(int((source < 0).sum())))
         skipped = any(note.startswith(f"rescale skipped at {name.rsplit('.', 1)[0]}:") for note in new.nrfx_plan.notes)
-        if not skipped:
-            assert (gamma[source >= 0].abs() >= median * (1 - 1e-12)).all()
+        if not skipped:  # a dead channel kept only to fill an alignment step stays at γ = 0
+            lifted = gamma[source >= 0][old != 0]
+            assert (lifted.abs() >= median * (1 - 1e-12)).all()
 
 
 @pytest.mark.parametrize("gamma0", [0.0, -1.0, "median", True])
@@ -253,7 +274,7 @@ def test_cli_rejuvenate_writes_a_replayable_file(tmp_path, capsys):
     dead[:20] = False
     torch.save({"layer1.0.bn1": dead}, masks)
     code = main(["rejuvenate", "resnet18", "--input-size", "3", "32", "32", "--budget", "params", "--scheme", "ca",
-                 "--gamma0", "match", "--masks", str(masks), "--out", str(out)])
+                 "--gamma0", "match", "--masks", str(masks), "--out", str(out), "--align", "1"])
     assert code == 0
     text = capsys.readouterr().out
     assert "before:" in text and "after:" in text
@@ -261,7 +282,10 @@ def test_cli_rejuvenate_writes_a_replayable_file(tmp_path, capsys):
     model = torchvision.models.resnet18(weights=None).eval()
     replay = nrfx.apply_plan(model, saved["plan"], torch.zeros(1, 3, 32, 32))
     assert replay.state_dict().keys() == saved["state_dict"].keys()
-    assert saved["plan"]["keep"] and len(saved["plan"]["keep"][1]) == 44
+    assert saved["plan"]["keep"] and len(saved["plan"]["keep"][1]) == 44 and saved["plan"]["align"] == 1
+    size = ["--input-size", "3", "32", "32"]
+    assert main(["rejuvenate", "resnet18", *size, "--masks", str(masks), "--out", str(out)]) == 0
+    assert len(torch.load(out, weights_only=True)["plan"]["keep"][1]) == 48  # 44 survivors rounded up to 8s
     assert saved["plan"]["gamma0"] == "match"
     with pytest.raises(SystemExit):
         main(["rejuvenate", "resnet18", "--gamma0", "median", "--out", str(out)])
@@ -297,7 +321,7 @@ def test_constants_of_dead_channels_are_folded(scheme):
         model.b2.weight[:2] = 0
         model.b2.bias[:2] = 0.7
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, align=1)  # 8 would keep the dead
     assert set(new.nrfx_plan.folds) == {"c2", "c3"}
     torch.testing.assert_close(new(x), model(x), rtol=1e-7, atol=1e-12)
     replay = nrfx.apply_plan(model, json.loads(new.nrfx_plan.to_json()), x)

@@ -1,14 +1,14 @@
-"""S/R layers: inference tiles and in-place gates give the block formulas of Sec. 3.3 exactly."""
+"""S/R layers: the stored blocks give the block formulas of Sec. 3.3 exactly, with the fewest aten calls."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from aten_calls import AtenCalls
 from torch import nn
 
-import nrfx.srlayers as srlayers
-from nrfx.schemes import SRConv1d, SRConv2d, SRConv3d, SRLinear, _convert
+from nrfx.srlayers import SRConv1d, SRConv2d, SRConv3d, SRLinear, blocks_of, join_blocks, make_sr, to_dense
 
 CASES = [  # (base layer, SR class, input shape, functional op)
     (lambda: nn.Conv1d(7, 9, 3, padding=1), SRConv1d, (5, 7, 11), F.conv1d),
@@ -16,29 +16,30 @@ CASES = [  # (base layer, SR class, input shape, functional op)
     (lambda: nn.Conv3d(7, 9, 1), SRConv3d, (5, 7, 3, 4, 5), F.conv3d),
     (lambda: nn.Linear(7, 9), SRLinear, (5, 4, 7), F.linear),
 ]
+S_IN, S_OUT = 3, 5
 
 
-def _layer(make, cls, scheme: str, bias: bool):
-    """A random S/R layer with S = 3 of 7 inputs and 5 of 9 outputs, float64."""
+def _dense(make, bias: bool) -> nn.Module:
+    """A random plain layer in float64 (7 inputs, 9 outputs)."""
     torch.manual_seed(0)
     base = make().double()
     if not bias:
         base.bias = None
-    return _convert(base, cls, scheme=scheme, s_in=3, s_out=5)
+    return base
 
 
-def _reference(layer, x: torch.Tensor, scheme: str, op) -> torch.Tensor:
-    """The scheme's outputs from the four weight blocks, computed separately."""
+def _reference(dense: nn.Module, x: torch.Tensor, scheme: str, op) -> torch.Tensor:
+    """The scheme's outputs from the four blocks of the dense weight, computed separately."""
     dim = 1 if op is not F.linear else x.dim() - 1
-    kwargs = {k: getattr(layer, k) for k in ("stride", "padding", "dilation")} if op is not F.linear else {}
-    w, b = layer.weight, layer.bias
-    xs, xr = x.narrow(dim, 0, 3), x.narrow(dim, 3, 4)
+    kwargs = {k: getattr(dense, k) for k in ("stride", "padding", "dilation")} if op is not F.linear else {}
+    w, b = dense.weight, dense.bias
+    xs, xr = x.narrow(dim, 0, S_IN), x.narrow(dim, S_IN, x.shape[dim] - S_IN)
 
     def block(inp, rows, cols, with_bias):
         bias = b[rows] if (with_bias and b is not None) else None
         return op(inp, w[rows, cols], bias, **kwargs)
 
-    s, r, si, ri = slice(0, 5), slice(5, 9), slice(0, 3), slice(3, 7)
+    s, r, si, ri = slice(0, S_OUT), slice(S_OUT, None), slice(0, S_IN), slice(S_IN, None)
     ss, rr = block(xs, s, si, True), block(xr, r, ri, True)
     if scheme == "cr":
         return torch.cat([ss, rr], dim)
@@ -49,35 +50,70 @@ def _reference(layer, x: torch.Tensor, scheme: str, op) -> torch.Tensor:
 @pytest.mark.parametrize("scheme", ["cr", "ca"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_tiled_inference_and_training_paths_match_block_formulas(case, bias, scheme, monkeypatch):
+def test_training_and_inference_match_block_formulas(case, bias, scheme):
     make, cls, shape, op = CASES[case]
-    layer = _layer(make, cls, scheme, bias)
+    dense = _dense(make, bias)
+    layer = make_sr(dense, scheme, S_IN, S_OUT)
+    assert type(layer) is cls and layer.scheme == scheme
     x = torch.randn(shape, dtype=torch.float64)
-    expected = _reference(layer, x, scheme, op)
-    trained = layer(x)  # autograd path (weights require grad)
+    expected = _reference(dense, x, scheme, op)
+    trained = layer(x)
     assert trained.requires_grad
     torch.testing.assert_close(trained, expected)
     with torch.no_grad():
-        whole = layer(x)  # one tile: gates written in place
-        monkeypatch.setattr(srlayers, "_TILE_BYTES", 1)  # every example its own tile, every gate row a chunk
-        tiled = layer(x)
-    torch.testing.assert_close(whole, expected)
-    torch.testing.assert_close(tiled, expected)
-    assert not tiled.requires_grad
+        torch.testing.assert_close(layer(x), expected)
+        torch.testing.assert_close(layer(x[:1]), expected[:1])
 
 
 @pytest.mark.parametrize("scheme", ["cr", "ca"])
-def test_unbatched_and_single_example_inputs(scheme, monkeypatch):
-    monkeypatch.setattr(srlayers, "_TILE_BYTES", 1)
-    layer = _layer(lambda: nn.Conv2d(7, 9, 3, padding=1), SRConv2d, scheme, True)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_stored_blocks_are_contiguous_and_only_what_the_scheme_computes(case, scheme):
+    make, _, _, _ = CASES[case]
+    dense = _dense(make, True)
+    layer = make_sr(dense, scheme, S_IN, S_OUT)
+    params = dict(layer.named_parameters())
+    assert all(p.is_contiguous() for p in params.values())
+    w = dense.weight.detach()
+    if scheme == "cr":
+        assert set(params) == {"weight_ss", "weight_rr", "bias_s", "bias_r"}
+        assert torch.equal(params["weight_ss"], w[:S_OUT, :S_IN]) and torch.equal(params["weight_rr"], w[S_OUT:, S_IN:])
+        assert sum(p.numel() for p in params.values()) < sum(p.numel() for p in dense.parameters())
+        expected = w.clone()
+        expected[:S_OUT, S_IN:] = 0
+        expected[S_OUT:, :S_IN] = 0
+    else:
+        assert set(params) == {"weight_s_in", "weight_r_in", "bias_all"}
+        assert torch.equal(params["weight_s_in"], w[:, :S_IN]) and torch.equal(params["weight_r_in"], w[:, S_IN:])
+        expected = w
+    assert torch.equal(layer.weight, expected) and torch.equal(layer.bias, dense.bias.detach())
+    back = to_dense(layer)
+    assert type(back) is type(dense) and torch.equal(back.weight, expected)
+    assert (back.in_features if isinstance(back, nn.Linear) else back.in_channels) == 7
+
+
+@pytest.mark.parametrize("scheme", ["cr", "ca"])
+def test_blocks_of_and_join_blocks_are_inverse(scheme):
+    layer = make_sr(_dense(CASES[1][0], True), scheme, S_IN, S_OUT)
+    for attr in ("weight", "bias"):
+        dense = getattr(layer, attr)
+        parts = blocks_of(layer, attr, dense)
+        assert {k: tuple(v.shape) for k, v in parts.items()} == {
+            k: tuple(p.shape) for k, p in layer.named_parameters() if k.startswith(attr)}
+        torch.testing.assert_close(join_blocks(layer, attr, parts), dense)
+
+
+@pytest.mark.parametrize("scheme", ["cr", "ca"])
+def test_unbatched_and_single_example_inputs(scheme):
+    dense = _dense(lambda: nn.Conv2d(7, 9, 3, padding=1), True)
+    layer = make_sr(dense, scheme, S_IN, S_OUT)
     x = torch.randn(1, 7, 6, 6, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x[0]), _reference(layer, x, scheme, F.conv2d)[0])
-        torch.testing.assert_close(layer(x), _reference(layer, x, scheme, F.conv2d))
+        torch.testing.assert_close(layer(x[0]), _reference(dense, x, scheme, F.conv2d)[0])
+        torch.testing.assert_close(layer(x), _reference(dense, x, scheme, F.conv2d))
 
 
 def test_inference_never_writes_into_the_input():
-    layer = _layer(lambda: nn.Conv2d(7, 9, 1), SRConv2d, "ca", False)
+    layer = make_sr(_dense(lambda: nn.Conv2d(7, 9, 1), False), "ca", S_IN, S_OUT)
     x = torch.randn(4, 7, 5, 5, dtype=torch.float64)
     before = x.clone()
     with torch.no_grad():
@@ -87,13 +123,33 @@ def test_inference_never_writes_into_the_input():
 
 @pytest.mark.parametrize("scheme", ["cr", "ca"])
 def test_gradients_match_block_formulas(scheme):
-    make, cls, shape, op = CASES[1]
-    layer = _layer(make, cls, scheme, True)
+    make, _, shape, op = CASES[1]
+    dense = _dense(make, True)
+    layer = make_sr(dense, scheme, S_IN, S_OUT)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     layer(x).square().sum().backward()
-    got = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
-    for t in (x, layer.weight, layer.bias):
-        t.grad = None
-    _reference(layer, x, scheme, op).square().sum().backward()
-    for a, b in zip(got, (x.grad, layer.weight.grad, layer.bias.grad), strict=True):
-        torch.testing.assert_close(a, b)
+    got_x = x.grad.clone()
+    x.grad = None
+    _reference(dense, x, scheme, op).square().sum().backward()
+    torch.testing.assert_close(got_x, x.grad)
+    for attr in ("weight", "bias"):
+        want = blocks_of(layer, attr, getattr(dense, attr).grad)
+        for name, grad in want.items():
+            torch.testing.assert_close(layer.get_parameter(name).grad, grad)
+
+
+# (scheme, bias) -> aten calls of one forward: split, two convs, then cat (cr) or where, where, [add], sigmoid, addcmul
+EXPECTED_CALLS = {("cr", False): 4, ("cr", True): 4, ("ca", False): 7, ("ca", True): 8}
+
+
+@pytest.mark.parametrize("scheme", ["cr", "ca"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_forward_launches_only_what_the_maths_needs(scheme, bias):
+    layer = make_sr(_dense(lambda: nn.Conv2d(7, 9, 3, padding=1), bias), scheme, S_IN, S_OUT)
+    x = torch.randn(4, 7, 6, 6, dtype=torch.float64)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), AtenCalls() as mode:
+            layer(x)
+        launched = sum(n for op, n in mode.calls.items() if op != "detach")  # autograd's saved-output alias
+        assert launched == EXPECTED_CALLS[scheme, bias], mode.calls
+        assert mode.calls["convolution"] == 2 and not (mode.calls["copy_"] or mode.calls["clone"])

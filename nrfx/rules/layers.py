@@ -10,7 +10,7 @@ from torch import nn
 from ..gates import Gate
 from ..records import LayerRecord
 from ..specs import TensorSpec, Zero
-from ..srlayers import SR_LAYERS, unused_weights
+from ..srlayers import SR_LAYERS, block_names, unused_weights
 from .common import param_of
 from .registry import function_rule, module_rule
 
@@ -80,6 +80,17 @@ def _grouped(ctx, in_l, out_l, w_shape, groups: int, transposed: bool, per_weigh
     ctx.add_macs(w_shape[1] * per_weight * (1 if whole is not None else w_shape[0]), whole)
     return (whole,) + (None,) * (len(w_shape) - 1)
 
+def _layer_params(ctx, m: nn.Module, target: str, w_dims, out_l) -> None:
+    """Register a layer's weight and bias; an S/R layer's blocks register as its dense ``weight`` and ``bias``."""
+    if not isinstance(m, SR_LAYERS):
+        ctx.param(m.weight, w_dims)
+        ctx.param(m.bias, (out_l,))
+        return
+    for attr, dims in (("weight", w_dims), ("bias", (out_l,))):
+        if block_names(m, attr):
+            ctx.param_named(f"{target}.{attr}", m._dense_shape(attr), dims)
+
+
 @module_rule(*_CONVS, *_TRANSPOSED)
 def conv_module(ctx, node):
     """Conv / ConvTranspose module: in consumes a space, out produces one (depthwise: same space)."""
@@ -87,8 +98,7 @@ def conv_module(ctx, node):
     transposed = isinstance(m, _TRANSPOSED)
     x = ctx.spec(node.args[0])
     spec, in_l, out_l, w_dims = _conv(ctx, x, tuple(m.weight.shape), m.groups, node.target, transposed, node.target)
-    ctx.param(m.weight, w_dims)
-    ctx.param(m.bias, (out_l,))
+    _layer_params(ctx, m, node.target, w_dims, out_l)
     unused = unused_weights(m)
     ctx.record(LayerRecord("conv", module=node.target, input=in_l, output=out_l, groups=m.groups,
                            transposed=transposed, unused_params=unused,
@@ -140,8 +150,7 @@ def linear_module(ctx, node):
     """Linear module: last dim in consumes a space, last dim out produces one."""
     m = ctx.module
     spec, in_l, out_l = _linear(ctx, ctx.spec(node.args[0]), tuple(m.weight.shape), node.target, node.target)
-    ctx.param(m.weight, (out_l, in_l))
-    ctx.param(m.bias, (out_l,))
+    _layer_params(ctx, m, node.target, (out_l, in_l), out_l)
     unused = unused_weights(m)
     ctx.record(LayerRecord("linear", module=node.target, input=in_l, output=out_l, unused_params=unused,
                            unused_macs=unused * (ctx.out.numel() // m.weight.shape[0])))

@@ -9,5 +9,6 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/cuda_tests.log"
-timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee -a "$out/cuda_tests.log"
-timeout 280 python3 -m benchmarks.bench_gpu --out "$out/gpu.json" 2>&1 | tee "$out/gpu.log"
+timeout 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee -a "$out/cuda_tests.log"
+timeout 240 python3 -m benchmarks.bench_gpu --out "$out/gpu.json" 2>&1 | tee "$out/gpu.log"
+timeout 60 python3 -m benchmarks.bench_srlayers --device cuda --out "$out/srlayers_cuda.json" 2>&1 | tee -a "$out/gpu.log"

@@ -11,7 +11,10 @@ The cross blocks are not stored (they are zero and never trained).
 ``ca`` (cross attention, Eq. 9–10): ``weight_s_in`` = [W_SS; W_RS] (every output row from the S
 inputs) and ``weight_r_in`` = [W_SR; W_RR] (and ``bias_all``).  Two convolutions give
 a = W_·S*S and b = W_·R*R; the diagonal d = [a_S; b_R] and the cross terms c = [b_S; a_R] are
-picked by one row mask, then out = d + 2σ(d)·c (one addcmul).
+picked by one row mask, then out = d + 2σ(d)·c (one addcmul).  Without autograd the same
+formula is written into ``a`` half by half (two passes over the output instead of four);
+under ``torch.compile`` the mask form is kept (its gate fuses into one kernel, and in-place
+writes into strided halves would break the graph).
 
 The layer still *reads* as the dense layer it replaces: ``weight`` and ``bias`` are
 properties assembling the full tensors (zeros for cr's cross blocks), and ``in_channels``,
@@ -85,7 +88,9 @@ class _SRMixin:
         if self.scheme == "cr":
             return torch.cat((op(xs, self.weight_ss, self.bias_s), op(xr, self.weight_rr, self.bias_r)), dim)
         a, b = op(xs, self.weight_s_in, None), op(xr, self.weight_r_in, None)
-        return _cross_attention(a, b, self.s_rows, self.bias_all)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled: the gate fuses into one kernel
+            return _cross_attention(a, b, self.s_rows, self.bias_all)
+        return _cross_attention_into(a, b, self.s_out, self.bias_all, dim)
 
 
 def _cross_attention(a: torch.Tensor, b: torch.Tensor, s_rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -94,6 +99,23 @@ def _cross_attention(a: torch.Tensor, b: torch.Tensor, s_rows: torch.Tensor, bia
     if bias is not None:
         diag = diag + bias
     return torch.addcmul(diag, torch.sigmoid(diag), cross, value=2)
+
+
+def _cross_attention_into(a: torch.Tensor, b: torch.Tensor, s_out: int, bias: torch.Tensor | None,
+                          dim: int) -> torch.Tensor:
+    """Eq. 9–10 without autograd, written into ``a``: S rows a_S + 2σ(a_S)·b_S, R rows b_R + 2σ(b_R)·a_R.
+
+    The same formula as ``_cross_attention`` in two passes over the output instead of four:
+    each row of ``a`` is read (as the S diagonal or as the R cross term) before it is written.
+    """
+    (a_s, a_r), (b_s, b_r) = (t.split((s_out, t.shape[dim] - s_out), dim) for t in (a, b))
+    if bias is not None:
+        bias_s, bias_r = bias.split((s_out, bias.shape[0] - s_out), 0)
+        a_s.add_(bias_s)
+        b_r.add_(bias_r)
+    torch.addcmul(a_s, torch.sigmoid(a_s), b_s, value=2, out=a_s)
+    torch.addcmul(b_r, torch.sigmoid(b_r), a_r, value=2, out=a_r)
+    return a
 
 
 class SRConv1d(_SRMixin, nn.Conv1d):

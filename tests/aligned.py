@@ -6,14 +6,16 @@ from nrfx.plan import align_steps, planning_units
 
 
 def assert_aligned(analysis, plan) -> int:
-    """Every space of an alignable unit has |S| and |S| + |R| multiples of ``plan.align``; returns how many."""
+    """Every space of a free unit whose widths are multiples of ``plan.align`` keeps |S| and |S| + |R| so.
+
+    (A unit narrower than one alignment step keeps its unaligned behaviour.)  Returns how many spaces were checked.
+    """
     units = planning_units(analysis)
     full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]
     checked = 0
-    for unit, step in zip(units, align_steps(units, full, plan.align), strict=True):
-        if step == 1 and plan.align > 1:
-            assert unit.frozen or any(analysis.spaces[s].width % plan.align for s in unit.spaces) or \
-                full[units.index(unit)] < plan.align, unit
+    for unit, step, n in zip(units, align_steps(units, full, plan.align), full, strict=True):
+        widths = [analysis.spaces[s].width for s in unit.spaces]
+        if unit.frozen or any(w % plan.align for w in widths) or n < step:
             continue
         for s in unit.spaces:
             width = len(plan.keep[s]) + plan.grow[s]

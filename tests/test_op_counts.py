@@ -95,3 +95,25 @@ def test_widths_are_aligned_under_the_default(variants):
         widths += [w for m in model.modules() if isinstance(m, SR_LAYERS) for w in (m.s_in, m.s_out)]  # S blocks
         share = sum(w % 8 == 0 for w in widths) / len(widths)
         assert share >= 0.95, (name, variant, share)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_s_r_layers_compile_into_as_many_graphs_as_the_original(train):
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    _kill_per_norm(model, 0.4, seed=2)
+    x = torch.randn(2, 3, 32, 32)
+    variants = {"original": model}
+    for scheme in ("cr", "ca"):
+        variants[scheme] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"), example_inputs=x,
+                                           scheme=scheme)
+        assert _sr_layers(variants[scheme]) > 5
+    graphs = {}
+    for name, module in variants.items():
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(train):
+            explained = torch._dynamo.explain(module.train(train))(x)
+        graphs[name] = (explained.graph_count, explained.graph_break_count)
+    torch._dynamo.reset()
+    assert graphs["cr"] == graphs["ca"] == graphs["original"], graphs

@@ -138,8 +138,9 @@ def test_gradients_match_block_formulas(scheme):
             torch.testing.assert_close(layer.get_parameter(name).grad, grad)
 
 
-# (scheme, bias) -> aten calls of one forward: split, two convs, then cat (cr) or where, where, [add], sigmoid, addcmul
-EXPECTED_CALLS = {("cr", False): 4, ("cr", True): 4, ("ca", False): 7, ("ca", True): 8}
+# (scheme, bias, grad) -> aten calls of one forward: split, two convs, then cr: cat; ca with autograd: where,
+# where, [add], sigmoid, addcmul; ca without: split a, split b, [split bias, add_, add_], sigmoid ×2, addcmul ×2
+EXPECTED_CALLS = {("cr", False): (4, 4), ("cr", True): (4, 4), ("ca", False): (9, 7), ("ca", True): (12, 8)}
 
 
 @pytest.mark.parametrize("scheme", ["cr", "ca"])
@@ -151,5 +152,15 @@ def test_one_forward_launches_only_what_the_maths_needs(scheme, bias):
         with torch.set_grad_enabled(grad), AtenCalls() as mode:
             layer(x)
         launched = sum(n for op, n in mode.calls.items() if op != "detach")  # autograd's saved-output alias
-        assert launched == EXPECTED_CALLS[scheme, bias], mode.calls
+        assert launched == EXPECTED_CALLS[scheme, bias][grad], mode.calls
         assert mode.calls["convolution"] == 2 and not (mode.calls["copy_"] or mode.calls["clone"])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_ca_gate_without_autograd_equals_the_differentiable_one(bias):
+    dense = _dense(lambda: nn.Conv2d(16, 24, 1), bias)
+    layer = make_sr(dense, "ca", 8, 16)
+    x = torch.randn(3, 16, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer(x).detach(), rtol=1e-12, atol=1e-12)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_srlayers [--device cpu|cuda] [--quick] [--out benchmarks/results/srlayers_cpu.json]
 
-For one ResNet-50-like 3×3 conv, one 1×1 conv and one ViT-like linear, with 60 % survivors (S)
+For one ResNet-50-like 3×3 conv, one 1×1 conv and one ViT-like linear (no bias), with 60 % survivors (S)
 and the rest rejuvenated (R), aligned to 8, the same maths is computed several ways, interleaved,
 median time, inference (no grad) and a training step (forward + backward):
 
@@ -117,7 +117,7 @@ def _ca_variants(dense: nn.Module, s_in: int, s_out: int, op) -> dict[str, Calla
         return out
 
     def where_gate(x: torch.Tensor) -> torch.Tensor:
-        return _cross_attention(*blocks(x), layer.s_rows, None)
+        return _cross_attention(*blocks(x), layer.s_rows, layer.bias_all)
 
     return {"dense": dense, "nrfx": layer, "where_gate": where_gate, "cat_gate": cat_gate,
             "prealloc_gate": prealloc_gate}
@@ -129,7 +129,7 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, nn.Module, torc
     side = 14 if quick else 28
     conv3 = nn.Conv2d(256, 256, 3, padding=1, bias=False)
     conv1 = nn.Conv2d(256, 1024, 1, bias=False)
-    linear = nn.Linear(768, 3072)
+    linear = nn.Linear(768, 3072, bias=False)  # no bias anywhere: the alternatives' gates are written without one
     return [("conv3x3_256", conv3, torch.randn(batch, 256, side, side), None),
             ("conv1x1_256_1024", conv1, torch.randn(batch, 256, side, side), None),
             ("linear_768_3072", linear, torch.randn(batch, 197, 768), F.linear)]

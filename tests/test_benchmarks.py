@@ -329,3 +329,27 @@ def test_paper_benchmark_keeps_finished_arms_and_resumes(tmp_path, monkeypatch):
     assert set(result["table"]) == set(arms)
     with pytest.raises(SystemExit, match="epochs"):
         paper.run(setup.replace(epochs=3), [0], tmp_path, "cpu", log=lines.append, arms=arms, resume=True)
+
+
+def test_srlayer_alternatives_agree_and_are_timed(tmp_path):
+    from benchmarks import bench_srlayers
+
+    cases = ((nn.Conv2d(16, 24, 3, padding=1, bias=False), torch.randn(2, 16, 6, 6)),
+             (nn.Linear(16, 24, bias=False), torch.randn(2, 5, 16)))
+    for dense, x in cases:
+        conv = lambda t, w, b, d=dense: d._conv_forward(t, w, b)  # noqa: E731 - the benchmark's op signature
+        op = nn.functional.linear if isinstance(dense, nn.Linear) else conv
+        for build in (bench_srlayers._cr_variants, bench_srlayers._ca_variants):
+            variants = {k: f for k, f in build(dense, 8, 16, op).items() if k not in ("dense", "grouped_half")}
+            with torch.no_grad():
+                outputs = {k: f(x) for k, f in variants.items() if not k.endswith("_half")}
+            reference = outputs.pop("nrfx" if "nrfx" in outputs else "nrfx_two_calls_cat")
+            for name, out in outputs.items():  # every alternative computes the same block formula
+                torch.testing.assert_close(out, reference, msg=name)
+    out = tmp_path / "sr.json"
+    bench_srlayers.main(["--quick", "--device", "cpu", "--repeats", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    for case in data["cases"].values():
+        assert {"nrfx_two_calls_cat", "dense"} <= set(case["cr"]["inference_vs_dense"])
+        assert {"nrfx", "where_gate", "cat_gate", "prealloc_gate"} <= set(case["ca"]["inference_vs_dense"])
+        assert "prealloc_gate" not in case["ca"]["training_vs_dense"]

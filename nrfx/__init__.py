@@ -4,6 +4,7 @@ from .analysis import Analysis, Coverage, Space, Utilization, analyze
 from .driver import DriverError, NeuralRejuvenation
 from .errors import (
     BudgetError,
+    InputError,
     MaskError,
     NrfxError,
     NrfxWarning,
@@ -40,6 +41,7 @@ __all__ = [
     "NeuralRejuvenation",
     "DriverError",
     "NrfxError",
+    "InputError",
     "TraceError",
     "ShapeError",
     "MaskError",

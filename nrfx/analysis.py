@@ -24,6 +24,7 @@ from .capture import capture as _capture
 from .context import AnalysisState, Context, ParamInfo
 from .cost import CostModel, mac_cost, param_cost
 from .errors import NrfxWarning, ShapeError, TraceError
+from .inputs import check_example, check_model
 from .masks import check_masks, norm_masks, whole_blocks
 from .records import LayerRecord, SliceRecord
 from .reprs import analysis_repr, utilization_repr
@@ -532,7 +533,9 @@ def analyze(
     fx nor torch.export captures whole is analysed as islands (``nrfx.islands.IslandAnalysis``,
     the same reporting API).  The model is not modified.
     """
+    check_model(model)
     example = _as_inputs(example_inputs, example_kwargs)
+    check_example(model, example.args, example.kwargs)
     options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args, "autowrap_functions": autowrap_functions}
     if capture == "islands":
         return _islands(model, example, "capture='islands' was asked for", options)

@@ -192,14 +192,15 @@ def parse_budget(text: str) -> Budget:
     from .plan import Budget
 
     kind, _, value = text.partition("=")
+    kind = "flops" if kind == "macs" else kind
     if kind not in ("params", "flops"):
-        raise NrfxError(f"--budget {text!r}: write params, flops, params=N or flops=N")
+        raise NrfxError(f"--budget {text!r}: write params, flops (= macs), params=N or flops=N")
     if not value:
         return Budget.fraction(1.0, kind)
     try:
         number = int(float(value))
-    except ValueError:
-        raise NrfxError(f"--budget {text!r}: {value!r} is not a number") from None
+    except (ValueError, OverflowError):
+        raise NrfxError(f"--budget {text!r}: {value!r} is not a finite number") from None
     return Budget(params=number) if kind == "params" else Budget(flops=number)
 
 

@@ -230,17 +230,17 @@ def _check_align(align: Any) -> int:
 def _check_settings(target: float, interval: int | None, delta_r: float, delta_lambda: float,
                     max_rounds: int | None, scheme: str, lam: float) -> None:
     """Settings within their ranges, else a DriverError saying which."""
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+    if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise DriverError(f"lam (the initial λ) must be a finite number >= 0, got {lam!r}; the official CIFAR "
                           "code uses a fixed 1.5e-4 (lam=1.5e-4, delta_lambda=0), the paper's ImageNet run 0")
     if not (isinstance(target, (int, float)) and 0.0 < target < 1.0):
         raise DriverError(f"target must be a utilization ratio in (0, 1), got {target!r}; the paper uses 0.5")
-    if interval is not None and (not isinstance(interval, int) or interval < 1):
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
         raise DriverError(f"interval must be a positive number of steps or None (call check() yourself), "
                           f"got {interval!r}")
     if not (math.isfinite(delta_r) and delta_r >= 0 and math.isfinite(delta_lambda) and delta_lambda >= 0):
         raise DriverError(f"delta_r and delta_lambda must be finite and >= 0, got {delta_r!r}, {delta_lambda!r}")
-    if max_rounds is not None and (not isinstance(max_rounds, int) or max_rounds < 0):
+    if max_rounds is not None and (isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 0):
         raise DriverError(f"max_rounds must be None or an int >= 0, got {max_rounds!r}")
     if scheme not in SCHEMES:
         raise DriverError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
@@ -479,6 +479,7 @@ class NeuralRejuvenation:
         if self._stage.plans or self.rounds:
             raise DriverError("load_state_dict needs a driver built over a fresh copy of the original model "
                               f"(this one has already rejuvenated {self.rounds} times)")
+        _check_checkpoint(state)
         module, plans = self.module, []
         for data in state["plans"]:
             plan = Plan.from_dict(data)
@@ -487,10 +488,10 @@ class NeuralRejuvenation:
         _check_model_state(module, state["model"])
         analysis = analyze(module, self.example_inputs, **self._capture) if plans else self.analysis
         stage = self._new_stage(module, analysis, plans)
-        stage.optimizer.load_state_dict(state["optimizer"])
+        _load_part("optimizer", stage.optimizer, state["optimizer"])
         if stage.scheduler is not None and state["scheduler"] is not None:
-            stage.scheduler.load_state_dict(state["scheduler"])
-        module.load_state_dict(state["model"])
+            _load_part("scheduler", stage.scheduler, state["scheduler"])
+        module.load_state_dict(state["model"])  # last: keys and shapes were checked, nothing else can fail
         budget = state["budget"]
         self._stage, self.budget = stage, Budget(params=budget["params"]) if budget["params"] is not None else \
             Budget(flops=budget["flops"])
@@ -514,6 +515,39 @@ class NeuralRejuvenation:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+
+
+_CHECKPOINT_TYPES: dict[str, tuple[type, ...]] = {
+    "plans": (list,), "seed": (int,), "lam": (int, float), "rounds": (int,), "steps": (int,), "history": (list,),
+    "budget": (dict,), "model": (dict,), "optimizer": (dict,), "scheduler": (dict, type(None)),
+    "r_prev": (int, float, type(None)),
+}
+
+
+def _check_checkpoint(state: dict[str, Any]) -> None:
+    """Every key a driver checkpoint needs, of its type and range, before anything is replaced."""
+    for key, types in _CHECKPOINT_TYPES.items():
+        if key not in state:
+            raise DriverError(f"driver checkpoint: key {key!r} is missing (a partial or corrupt file?)")
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise DriverError(f"driver checkpoint: {key!r} must be {' or '.join(t.__name__ for t in types)}, "
+                              f"got {type(value).__name__}")
+    if not math.isfinite(state["lam"]) or state["lam"] < 0:
+        raise DriverError(f"driver checkpoint: 'lam' must be finite and >= 0, got {state['lam']!r}")
+    if min(state["rounds"], state["steps"], state["seed"]) < 0:
+        raise DriverError("driver checkpoint: 'rounds', 'steps' and 'seed' must be >= 0")
+    budget = state["budget"]
+    if set(budget) != {"params", "flops"} or sum(budget[k] is not None for k in budget) != 1:
+        raise DriverError("driver checkpoint: 'budget' must be {'params': N or None, 'flops': N or None}, one set")
+
+
+def _load_part(key: str, target: Any, state: dict[str, Any]) -> None:
+    """``target.load_state_dict(state)``, a failure raised as a DriverError naming the checkpoint key."""
+    try:
+        target.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
+        raise DriverError(f"driver checkpoint: {key!r} does not fit the rebuilt {key}: {error}") from error
 
 
 def _check_model_state(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:

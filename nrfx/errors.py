@@ -22,6 +22,7 @@ __all__ = [
     "UnknownOpWarning",
     "NrfxWarning",
     "node_location",
+    "InputError",
     "user_frame",
     "live_frames",
     "error_frames",
@@ -32,6 +33,10 @@ __all__ = [
 
 class NrfxError(Exception):
     """Base class of every error nrfx raises on bad input or an unsupported model."""
+
+
+class InputError(NrfxError):
+    """What was passed in is not something nrfx can work on (not a Module, a scripted one, empty or odd inputs)."""
 
 
 class TraceError(NrfxError):

@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from .maps import dim_map
-from .shapeprop import in_eval_mode, untouched
+from .shapeprop import hooks_silenced, in_eval_mode, untouched
 
 __all__ = ["measure_folds", "apply_folds"]
 
@@ -57,14 +57,11 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
 def _capture(gm: torch.fx.GraphModule, names, example) -> dict[str, list[torch.Tensor]]:
     """Inputs each named module receives on the example inputs, in eval mode, no grad, leaving no trace."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [gm.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
-    try:
+    with hooks_silenced(gm):  # the user's own hooks do not fire; ours go with the swapped-in hook dicts
+        for n in names:
+            gm.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach()))
         with torch.no_grad(), untouched(gm), in_eval_mode(gm):  # the user's modules: each flag put back
             example.call(gm)
-    finally:
-        for handle in handles:
-            handle.remove()
     return seen
 
 

@@ -59,6 +59,9 @@ def check_masks(masks: dict[str, torch.Tensor], sites: dict[str, int], model: nn
     modules = dict(model.named_modules())
     checked: dict[str, torch.Tensor] = {}
     for name, mask in masks.items():
+        if not isinstance(name, str):
+            raise MaskError(f"mask keys are module names (str) as in model.named_modules(), got {name!r} "
+                            f"({type(name).__name__})")
         if name not in modules:
             close = [m for m in modules if m and (name in m or m in name)][:3]
             raise MaskError(f"mask for unknown module '{name}'" + (f"; did you mean {close}?" if close else ".") +

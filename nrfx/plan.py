@@ -43,23 +43,30 @@ class Budget:
 
     @staticmethod
     def fraction(f: float, kind: str = "params") -> Budget:
-        """A budget of ``f`` times the model's own cost c(A) in ``kind`` ('params' or 'flops')."""
-        if kind not in ("params", "flops"):
-            raise BudgetError(f"budget kind must be 'params' or 'flops', got {kind!r}")
-        if not f > 0:
-            raise BudgetError(f"budget fraction must be positive, got {f}")
+        """A budget of ``f`` times the model's own cost c(A) in ``kind`` ('params', or 'flops' = 'macs': MACs)."""
+        kind = _budget_kind(kind)
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not f > 0:
+            raise BudgetError(f"budget fraction must be a finite number > 0 (1.0 = the model's own cost c(A)), "
+                              f"got {f!r}")
+        if f > _MAX_FRACTION:
+            raise BudgetError(f"budget fraction {f} is absurd: the largest meaningful one is {_MAX_FRACTION:.0e}")
         return Budget(fraction_of=(float(f), kind))
 
     @staticmethod
     def coerce(budget: Any) -> Budget:
-        """A Budget from a Budget, a plain int (params) or None (c(A) in params)."""
+        """A Budget from a Budget, a plain int (params) or None (c(A) in params); its numbers checked."""
         if budget is None:
             return Budget.fraction(1.0, "params")
         if isinstance(budget, Budget):
             if sum(x is not None for x in (budget.params, budget.flops, budget.fraction_of)) != 1:
                 raise BudgetError("a Budget takes exactly one of params=, flops= or Budget.fraction(f, kind)")
+            for name in ("params", "flops"):
+                _check_count(name, getattr(budget, name))
+            if budget.fraction_of is not None:
+                Budget.fraction(*budget.fraction_of)
             return budget
         if isinstance(budget, int) and not isinstance(budget, bool):
+            _check_count("params", budget)
             return Budget(params=budget)
         raise BudgetError(f"budget must be an nrfx.Budget or an int (params), got {type(budget).__name__}")
 
@@ -67,10 +74,31 @@ class Budget:
         """(kind, absolute value) against an analysis."""
         if self.fraction_of is not None:
             f, kind = self.fraction_of
-            return kind, int(f * (analysis.params if kind == "params" else analysis.flops))
+            return _budget_kind(kind), int(f * (analysis.params if _budget_kind(kind) == "params" else analysis.flops))
         if self.params is not None:
             return "params", int(self.params)
         return "flops", int(self.flops)
+
+
+_MAX_FRACTION = 1e6
+
+
+def _budget_kind(kind: Any) -> str:
+    """'params' or 'flops' ('macs' is the same quantity: MACs per example)."""
+    if kind == "macs":
+        return "flops"
+    if kind not in ("params", "flops"):
+        raise BudgetError(f"budget kind must be 'params', 'flops' or 'macs' (both count MACs), got {kind!r}")
+    return kind
+
+
+def _check_count(name: str, value: Any) -> None:
+    """An absolute budget: None or a finite whole number > 0 (an int, or a float with no fraction)."""
+    if value is None:
+        return
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value == int(value))
+    if isinstance(value, bool) or not whole or not value > 0:
+        raise BudgetError(f"Budget({name}=...) must be a whole number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -265,6 +293,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     """
     gamma0 = check_gamma0(gamma0)
     align = check_align(align)
+    seed = check_seed(seed)
     if scheme not in SCHEMES:
         raise PlanError(f"unknown scheme {scheme!r}; use one of {SCHEMES} (nr: cross connections kept, "
                         "cr: removed, ca: cross attention)")
@@ -292,13 +321,22 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     widths = _space_widths(units, counts, total)
     grow = [w - len(k) for k, w in zip(keep, widths, strict=True)]
     return Plan(
-        scheme=scheme, rescale=bool(rescale), realloc=bool(realloc), seed=int(seed if seed is not None else 0),
+        scheme=scheme, rescale=bool(rescale), realloc=bool(realloc), seed=seed,
         gamma0=gamma0, budget_kind=kind, budget=value, alpha=alpha, widths=[s.width for s in analysis.spaces],
         keep=keep, grow=grow, cost_before=cost([s.width for s in analysis.spaces]),
         cost_live=cost(_space_widths(units, [len(b) for b in survivors], total)), cost_after=cost(widths),
         input_shapes=[list(s) for s in analysis.input_shapes], capture=getattr(analysis, "capture", "fx"),
         align=align,
     )
+
+
+def check_seed(seed: Any) -> int:
+    """The R initialisation's seed: None (0) or an int in [0, 2**63)."""
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise PlanError(f"seed must be None or an int from 0 to 2**63 - 1, got {seed!r}")
+    return seed
 
 
 def check_align(align: Any) -> int:
@@ -312,9 +350,9 @@ def check_gamma0(gamma0: Any) -> float | str | None:
     """γ0 of rejuvenated norm channels: None (the layer's initial 1), a positive number, or "match"."""
     if gamma0 is None or gamma0 == "match":
         return gamma0
-    if isinstance(gamma0, (int, float)) and not isinstance(gamma0, bool) and gamma0 > 0:
+    if isinstance(gamma0, (int, float)) and not isinstance(gamma0, bool) and math.isfinite(gamma0) and gamma0 > 0:
         return float(gamma0)
-    raise PlanError(f"gamma0 must be None (the layer's initial value), a positive number or 'match' (per norm, "
+    raise PlanError(f"gamma0 must be None (the layer's initial value), a finite positive number or 'match' (per norm, "
                     f"the median |γ| of its surviving channels), got {gamma0!r}")
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from .analysis import Analysis, analyze
 from .errors import BudgetError, NrfxError, PlanError, RewriteError
 from .fold import apply_folds, measure_folds
+from .inputs import check_model, check_real_weights
 from .islands import IslandAnalysis
 from .maps import ParamMap, param_maps
 from .plan import Budget, Plan, make_plan
@@ -69,6 +70,8 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
     ``align`` (default 8): resized widths, and in cr/ca their S and R parts, stay multiples of it
     (tensor-core friendly); ``align=1`` is the paper's exact allocation.
     """
+    check_model(model)
+    check_real_weights(model)
     analysis = analysis or analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
     options = {"scheme": scheme, "rescale": rescale, "gamma0": gamma0, "realloc": realloc, "seed": seed,
                "align": align}

@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ShapeError, error_frames, frame_line, node_location, user_frame
 from .shape_formulas import function_shape, method_shape, module_shape
 
-__all__ = ["propagate_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched", "in_eval_mode"]
+__all__ = ["propagate_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched", "in_eval_mode",
+           "hooks_silenced"]
 
 
 def to_meta(value: Any) -> Any:
@@ -54,6 +55,35 @@ def in_eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextmanager
+def hooks_silenced(module: nn.Module) -> Iterator[None]:
+    """Rule: the user's forward hooks do not fire in the block; torch's own (weight_norm, spectral_norm) still do.
+
+    Each submodule's hook dicts are swapped for copies holding only torch's hooks and put back on
+    exit, so hooks registered inside the block vanish with them.
+    """
+    saved = [(m, {k: m.__dict__[k] for k in _HOOK_DICTS if k in m.__dict__}) for m in module.modules()]
+    try:
+        for m, hooks in saved:
+            kept = {k: v for k, v in hooks["_forward_pre_hooks"].items() if _torch_own(v)} \
+                if "_forward_pre_hooks" in hooks else {}
+            for key, value in hooks.items():
+                m.__dict__[key] = type(value)(kept.items()) if key == "_forward_pre_hooks" else type(value)()
+        yield
+    finally:
+        for m, hooks in saved:
+            m.__dict__.update(hooks)
+
+
+def _torch_own(hook: object) -> bool:
+    """A hook torch installs for a parametrisation (weight_norm, spectral_norm): part of the model's forward."""
+    return type(hook).__module__.startswith("torch.nn.utils")
 
 
 @contextmanager

@@ -1,0 +1,93 @@
+"""Budgets, seeds and settings out of range end in a clean NrfxError, never a hang, a crash or a silent pass."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import nrfx
+from nrfx.driver import DriverError
+from nrfx.errors import BudgetError, PlanError
+
+
+def _net() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[1].weight[:5] = 0
+    return model, torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("budget", [nrfx.Budget(flops=10**30), nrfx.Budget(params=10**40), nrfx.Budget(params=1e99)])
+def test_absurd_budgets_raise_at_once_naming_the_largest_meaningful_one(budget):
+    model, x = _net()
+    start = time.perf_counter()
+    with pytest.raises(BudgetError, match="beyond any meaningful width"):
+        nrfx.rejuvenate(model, None, budget, example_inputs=x)
+    assert time.perf_counter() - start < 30  # no loop proportional to the budget
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nrfx.Budget.coerce(nrfx.Budget(params=math.nan)),
+    lambda: nrfx.Budget.coerce(nrfx.Budget(flops=math.inf)),
+    lambda: nrfx.Budget.coerce(nrfx.Budget(params=-5)),
+    lambda: nrfx.Budget.coerce(nrfx.Budget(params=2.5)),
+    lambda: nrfx.Budget.coerce(nrfx.Budget(params=True)),
+    lambda: nrfx.Budget.fraction(math.inf),
+    lambda: nrfx.Budget.fraction(math.nan),
+    lambda: nrfx.Budget.fraction(0.0),
+    lambda: nrfx.Budget.fraction(1e9),
+    lambda: nrfx.Budget.fraction(1.0, "joules"),
+    lambda: nrfx.Budget.coerce(-3),
+])
+def test_non_finite_and_out_of_range_budgets_are_budget_errors(make):
+    with pytest.raises(BudgetError):
+        make()
+
+
+def test_macs_is_the_flops_kind():
+    model, x = _net()
+    a = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"), example_inputs=x, align=1).nrfx_plan
+    b = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"), example_inputs=x, align=1).nrfx_plan
+    assert a.budget_kind == b.budget_kind == "flops" and a.new_widths == b.new_widths
+
+
+@pytest.mark.parametrize(("option", "value"), [("gamma0", math.inf), ("gamma0", math.nan), ("seed", 2**70),
+                                                ("seed", -1), ("seed", 1.5), ("align", 0), ("align", True)])
+def test_plan_options_out_of_range_are_plan_errors(option, value):
+    model, x = _net()
+    with pytest.raises(PlanError, match=option):
+        nrfx.rejuvenate(model, None, None, example_inputs=x, **{option: value})
+
+
+@pytest.mark.parametrize(("option", "value"), [("interval", True), ("max_rounds", True), ("lam", True),
+                                                ("lam", math.nan), ("align", 3.0)])
+def test_driver_settings_out_of_range_are_driver_errors(option, value):
+    model, x = _net()
+    with pytest.raises(DriverError):
+        nrfx.NeuralRejuvenation(model, lambda p: torch.optim.SGD(p, lr=0.1), example_inputs=x, **{option: value})
+
+
+def test_a_model_with_nothing_free_rejuvenates_to_itself():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x)
+    assert new.nrfx_plan.new_widths == new.nrfx_plan.widths
+    torch.testing.assert_close(new(x), model(x))
+
+
+@pytest.mark.parametrize("budget", ["params=inf", "flops=nan", "macs=1e99"])
+def test_cli_bad_budgets_exit_2_with_one_line(budget, tmp_path, capsys):
+    from nrfx.cli import main
+
+    code = main(["rejuvenate", "resnet18", "--input-size", "3", "32", "32", "--budget", budget,
+                 "--out", str(tmp_path / "r.pt")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget" in err[0].lower(), err

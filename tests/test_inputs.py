@@ -1,0 +1,90 @@
+"""Front-door inputs nrfx cannot work on end in an InputError (or MaskError) that says what to pass instead."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import nrfx
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, 4)).eval()
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize(("model", "match"), [
+    (lambda: (lambda t: t), "torch.nn.Module"),
+    (lambda: torch.jit.script(_net()), "TorchScript"),
+])
+@pytest.mark.parametrize("call", ["analyze", "rejuvenate"])
+def test_not_an_eager_module(model, match, call):
+    with pytest.raises(nrfx.InputError, match=match):
+        if call == "analyze":
+            nrfx.analyze(model(), X)
+        else:
+            nrfx.rejuvenate(model(), None, None, example_inputs=X)
+
+
+@pytest.mark.parametrize(("example", "match"), [
+    (X[:0], "empty batch"),
+    ((X, X), "takes 1 positional"),
+    (X.double(), "float64 but the model's parameters are torch.float32"),
+])
+def test_inputs_the_forward_does_not_take(example, match):
+    with pytest.raises(nrfx.InputError, match=match):
+        nrfx.analyze(_net(), example)
+    with pytest.raises(nrfx.InputError, match=match):
+        nrfx.rejuvenate(_net(), None, None, example_inputs=example)
+
+
+def test_meta_model_analyses_but_does_not_rejuvenate():
+    model = _net().to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert nrfx.analyze(model, X.to("meta")).params == sum(p.numel() for p in _net().parameters())
+    with pytest.raises(nrfx.InputError, match="meta device"):
+        nrfx.rejuvenate(model, None, None, example_inputs=X.to("meta"))
+
+
+def test_mask_keys_are_module_names():
+    with pytest.raises(nrfx.MaskError, match="module names"):
+        nrfx.rejuvenate(_net(), {1: torch.ones(16, dtype=torch.bool)}, None, example_inputs=X)
+
+
+def test_forward_hooks_do_not_fire_during_rejuvenate():
+    model, calls = _net(), []
+    with torch.no_grad():
+        model[1].weight[:6] = 0
+        model[1].bias[:6] = 0.5  # dead channels with a constant: the fold is measured on a forward
+    for m in model.modules():
+        m.register_forward_hook(lambda *args: calls.append(1))
+        m.register_forward_pre_hook(lambda *args: calls.append(1))
+    new = nrfx.rejuvenate(model, None, None, example_inputs=X, align=1)
+    assert new.nrfx_plan.folds and not calls
+
+
+def test_hooks_silenced_keeps_torch_parametrisation_hooks_and_restores_the_users():
+    from nrfx.shapeprop import hooks_silenced
+
+    model = _net()
+    model[0] = nn.utils.weight_norm(model[0])  # torch's own pre-hook recomputes the weight: part of the forward
+    calls = []
+    model[5].register_forward_hook(lambda *args: calls.append("user"))
+    with hooks_silenced(model):
+        assert len(model[0]._forward_pre_hooks) == 1 and not model[5]._forward_hooks
+        model[5].register_forward_hook(lambda *args: calls.append("inside"))
+        with torch.no_grad():
+            model[0].weight_g.mul_(2)
+            out = model(X)
+    assert calls == ["inside"] and len(model[5]._forward_hooks) == 1  # the user's hook is back, ours is gone
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), out)  # the weight was recomputed inside the block too
+    assert calls == ["inside", "user"]

@@ -17,6 +17,7 @@ replayable on the original model.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -27,6 +28,7 @@ import torch
 
 from .cost import CostModel
 from .errors import BudgetError, NrfxWarning, PlanError
+from .plan_check import PLAN_VERSION, check_plan_data
 
 __all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "align_steps", "check_align", "SCHEMES"]
 
@@ -124,6 +126,7 @@ class Plan:
     folds: dict[str, dict[str, float]] | None = None
     capture: str = "fx"
     align: int = 1
+    version: int = PLAN_VERSION
 
     @property
     def new_widths(self) -> list[int]:
@@ -140,11 +143,18 @@ class Plan:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Plan:
-        """A plan from ``to_dict`` output."""
+        """A plan from ``to_dict`` output, every field checked first (a ``PlanError`` names the bad one)."""
+        data = check_plan_data(data)
+        return Plan(**{k: copy.deepcopy(v) for k, v in data.items()})
+
+    @staticmethod
+    def from_json(text: str) -> Plan:
+        """A plan from ``to_json`` output (JSON text), checked as ``from_dict``."""
         try:
-            return Plan(**data)
-        except TypeError as error:
-            raise PlanError(f"not an nrfx plan: {error}") from error
+            data = json.loads(text)
+        except (TypeError, ValueError) as error:
+            raise PlanError(f"a plan is JSON text (Plan.to_json()): {error}") from error
+        return Plan.from_dict(data)
 
 
 def _space_scores(analysis, model) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ from .inputs import check_model, check_real_weights
 from .islands import IslandAnalysis
 from .maps import ParamMap, param_maps
 from .plan import Budget, Plan, make_plan
+from .plan_check import check_plan_fits
 from .rescale import apply_rescale
 from .reslice import regroup, reslice
 from .results import attach
@@ -117,7 +118,7 @@ def _island_fraction(analysis: IslandAnalysis, budget: Any) -> tuple[float, str]
 def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, *,
                example_kwargs: dict[str, Any] | None = None, **capture_options: Any) -> torch.fx.GraphModule:
     """Rebuild the rejuvenated module a plan describes, from the original model (replay)."""
-    plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+    plan = Plan.from_dict(plan.to_dict() if isinstance(plan, Plan) else plan)  # checked whole, whatever its source
     if example_inputs is None and plan.capture != "fx":
         raise PlanError(f"this plan was made on a model captured by {plan.capture}: pass example_inputs= "
                         "(and example_kwargs=) as the model takes them to replay it")
@@ -125,9 +126,7 @@ def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, 
         example_inputs = tuple(torch.zeros(s) for s in plan.input_shapes)
     capture_options.setdefault("capture", plan.capture)
     analysis = analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
-    if [s.width for s in analysis.spaces] != plan.widths:
-        raise PlanError("the plan does not fit this model: its channel spaces differ (was it made for another "
-                        "architecture or another set of trace options?)")
+    check_plan_fits(plan, analysis)
     return _build(model, analysis, _with_folds(analysis, plan))
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import torch
 
-from .errors import MaskError, NrfxError
+from .errors import MaskError, NrfxError, ShapeError
 
 if TYPE_CHECKING:
     from .plan import Budget
@@ -57,7 +59,37 @@ def parse_input_size(tokens: Sequence[str], batch: int) -> tuple[int, ...]:
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise NrfxError(f"--input-size gives shape {shape}; write C H W (e.g. 3 224 224) "
                         "or the full shape with commas (e.g. 1,3,224,224)")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise NrfxError(f"--input-size {shape} is {math.prod(shape):,} elements, over {MAX_INPUT_ELEMENTS:,}: "
+                        "the analysis needs one real example; give a smaller size (e.g. 3 224 224)")
     return shape
+
+
+MAX_INPUT_ELEMENTS = 1 << 27  # 512 MiB of float32: one example input the CLI builds
+
+
+def _check_out_path(path: Path | None, what: str) -> None:
+    """An output file the work can end in: not a folder, its folder exists and is writable (checked first)."""
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        raise NrfxError(f"{what} {path} is a folder; name a file in it (e.g. {path / 'out.pt'})")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise NrfxError(f"{what} {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise NrfxError(f"{what} {path} is not writable; choose another path")
+
+
+def _positive_width(text: str) -> int:
+    """--width: a table width of at least 40 characters."""
+    try:
+        width = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if width < 40:
+        raise argparse.ArgumentTypeError(f"{width} is too narrow for the table; use 40 or more")
+    return width
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +107,8 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the report as JSON to PATH; '-' writes it to stdout and the table "
                              "and totals to stderr")
-    parser.add_argument("--width", type=int, default=150, help="table width in characters (default 150)")
+    parser.add_argument("--width", type=_positive_width, default=150,
+                        help="table width in characters, at least 40 (default 150)")
     parser.add_argument("--add-gates", action="store_true",
                         help="first insert an nrfx.Gate in every free channel space without a norm scale "
                              "(nrfx.add_gates): transformer and ConvNeXt MLPs get a liveliness signal")
@@ -142,6 +175,7 @@ def run_report(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise NrfxError(f"--batch must be at least 1, got {args.batch}")
     masks = _load_masks(args.masks) if args.masks else None  # fail fast, before building the model
+    _check_out_path(args.json, "--json")
     model = resolve_model(args.model).eval()
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     shape = parse_input_size(size, args.batch)
@@ -212,6 +246,8 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     from .rejuvenate import rejuvenate
 
     budget = parse_budget(args.budget)
+    _check_out_path(args.out, "--out")
+    _check_out_path(args.json, "--json")
     masks = _load_masks(args.masks) if args.masks else None
     model = resolve_model(args.model).eval()
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
@@ -238,10 +274,19 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``nrfx report: error: ...``) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr, then exit 2 (``--help`` still prints the usage)."""
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per registered command."""
-    parser = argparse.ArgumentParser(prog="nrfx", description="Neural Rejuvenation for any PyTorch model.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _OneLineParser(prog="nrfx", description="Neural Rejuvenation for any PyTorch model.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       parser_class=_OneLineParser)
     for name, (add_arguments, run) in COMMANDS.items():
         doc = _plain(run.__doc__.strip().splitlines()[0]) if run.__doc__ else None
         sub = subparsers.add_parser(name, help=doc, description=doc)
@@ -268,11 +313,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.run(args)
         except NrfxError as error:
-            print(f"nrfx: error: {error}", file=sys.stderr)
+            print(f"nrfx: error: {_one_line(error)}", file=sys.stderr)
             return EXIT_ERROR
         except OSError as error:
             print(f"nrfx: error: {error}", file=sys.stderr)
             return EXIT_ERROR
+
+
+def _one_line(error: NrfxError) -> str:
+    """An error as one line; a shape error points at ``--input-size`` (the CLI's way to give the input)."""
+    if isinstance(error, ShapeError):
+        first = str(error).splitlines()[0]
+        return f"{first}; give the model's input shape with --input-size C H W (or N,C,H,W)"
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

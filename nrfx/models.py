@@ -82,7 +82,10 @@ def _from_factory(spec: str) -> nn.Module:
             if factory is None:
                 raise NrfxError(f"'{module_name}' has no attribute '{attr}' (model '{spec}'); "
                                 "name a function that returns an nn.Module after the colon")
-        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+        try:
+            model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+        except Exception as error:  # the user's factory: any failure is theirs, reported as one line
+            raise NrfxError(f"the factory '{spec}' raised {type(error).__name__}: {error}") from error
     if not isinstance(model, nn.Module):
         raise NrfxError(f"'{spec}' returned {type(model).__name__}, not an nn.Module; "
                         "the factory must build and return the model")

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/rejuvenate.json")
     args = parser.parse_args(argv)
     results = run(args.quick)
-    results["meta"] = {"command": " ".join([sys.executable, "-m", "benchmarks.bench_rejuvenate", *sys.argv[1:]]),
+    results["meta"] = {"command": " ".join(["python", "-m", "benchmarks.bench_rejuvenate", *sys.argv[1:]]),
                        "machine": platform.platform(), "processor": platform.processor(),
                        "date": datetime.now(UTC).isoformat(), "torch": torch.__version__,
                        "threads": torch.get_num_threads()}

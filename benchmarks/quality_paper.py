@@ -1,7 +1,7 @@
 """The paper's protocol (the official code's CIFAR mode) on Fashion-MNIST: does NR beat plain training?
 
 What the official code does on CIFAR (joe-siyuan-qiao/NeuralRejuvenation-CVPR19, see
-/work/shared/ANCHORS.md), at a scale one CPU thread can run:
+the project's notes on the official code), at a scale one CPU thread can run:
 
 * a class-balanced training subset the VGG-BN fits (~99 % train accuracy), random crop (pad 2)
   and horizontal flip, batch 64, SGD lr 0.1 momentum 0.9 wd 1e-4, LR ÷10 at 50 % and 75 % of E

@@ -51,7 +51,8 @@ def run_module(module: str, args: list[str], log) -> dict[str, Any]:
     """``python -m module args`` from the repository root; its status and how long it took."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True)
-    status = {"command": " ".join(["python", "-m", module, *args]), "returncode": done.returncode,
+    shown = [a.replace(f"{ROOT}/", "") for a in args]  # paths relative to the checkout: no machine paths
+    status = {"command": " ".join(["python", "-m", module, *shown]), "returncode": done.returncode,
               "seconds": round(time.perf_counter() - start, 1)}
     if done.returncode != 0:
         status["stderr_tail"] = done.stderr[-2000:]

@@ -110,7 +110,7 @@ def python_blocks(path: Path) -> list[str]:
     return _FENCE.findall(path.read_text())
 
 
-DOC_FILES = ["concepts.md", "op-rules.md", "cost.md", "api.md", "rejuvenate.md", "capture.md"]
+DOC_FILES = ["concepts.md", "op-rules.md", "cost.md", "api.md", "rejuvenate.md", "capture.md", "driver.md"]
 
 
 @pytest.mark.parametrize("name", DOC_FILES)

@@ -25,7 +25,7 @@ from .errors import ShapeError, error_frames, frame_line, node_location, user_fr
 from .shape_formulas import function_shape, method_shape, module_shape
 
 __all__ = ["propagate_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched", "in_eval_mode",
-           "hooks_silenced"]
+           "hooks_silenced", "buffer_values", "restore_buffer_values"]
 
 
 def to_meta(value: Any) -> Any:
@@ -88,12 +88,14 @@ def _torch_own(hook: object) -> bool:
 
 @contextmanager
 def untouched(module: nn.Module) -> Iterator[None]:
-    """Rule: whatever a forward assigns to any submodule's attributes, buffers or dicts and lists is undone on exit.
+    """Rule: whatever a forward assigns to any submodule's attributes, buffers or dicts and lists is undone on exit,
+    and so are in-place updates of buffer data (a step counter's ``add_``, an EMA's ``mul_``).
 
     The dicts and lists are put back in place: a cache a forward fills (timm's attention-bias cache,
     which an FX trace fills with a proxy of its own graph) is emptied again.
     """
     saved = [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters), _contents(m)) for m in module.modules()]
+    values = buffer_values(module)
     try:
         yield
     finally:
@@ -103,6 +105,27 @@ def untouched(module: nn.Module) -> Iterator[None]:
             _restore(m._parameters, parameters)
             for container, items in contents:
                 _refill(container, items)
+        restore_buffer_values(values)
+
+
+BufferValue = tuple[str, torch.Tensor, int, torch.Tensor]
+
+
+def buffer_values(module: nn.Module) -> list[BufferValue]:
+    """(name, buffer, its version counter, a copy of its data) of every buffer with data (not on meta)."""
+    return [(name, b, b._version, b.detach().clone()) for name, b in module.named_buffers()
+            if isinstance(b, torch.Tensor) and not b.is_meta]
+
+
+def restore_buffer_values(values: list[BufferValue]) -> list[str]:
+    """Rule: a buffer a forward updated in place (its version moved) gets its data back; returns their names."""
+    changed = []
+    with torch.no_grad():
+        for name, buffer, version, data in values:
+            if buffer._version != version:
+                buffer.copy_(data)
+                changed.append(name)
+    return changed
 
 
 def _contents(module: nn.Module) -> list[tuple[dict | list, dict | list]]:

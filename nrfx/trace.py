@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from .gates import Gate
-from .shapeprop import untouched
+from .shapeprop import buffer_values, untouched
 from .srlayers import SR_LAYERS
 
 __all__ = ["Traced", "trace", "defaulted_args", "keep_safe_inplace"]
@@ -194,10 +194,12 @@ def trace(
     auto: dict[str, str] = {}
     for _ in range(_MAX_AUTO_LEAVES):
         tracer = NrfxTracer(leaves, autowrap_functions)
+        values = buffer_values(model)
         try:
             with untouched(model):  # a forward run on proxies leaves none in the model (timm's bias caches)
                 graph = tracer.trace(model, concrete_args=concrete_args)
                 gm = _graph_module(tracer.root, graph, type(model).__name__)  # copies FX's _tensor_constant*
+                updated = [name for name, b, version, _ in values if b._version != version]
         except _SubmoduleFailed as failed:
             auto[failed.qualname] = f"untraceable code ({type(failed.error).__name__}: {failed.error})"
             leaves.append(failed.qualname)
@@ -210,6 +212,11 @@ def trace(
                 "len()/int() of a tensor, ...). Move that code into a submodule and pass it as "
                 "leaf_modules=[...], or fix the branch with concrete_args={...}."
             ) from error
+        if updated:
+            raise TraceError(
+                f"{type(model).__name__}'s forward updates buffer(s) {updated[:5]} in place (a counter, a running "
+                "average): FX tracing runs that update once on the real buffer and leaves it out of the graph. "
+                "capture='export' keeps it in the graph (capture='auto' falls back to it)")
         keep_safe_inplace(gm)
         return Traced(gm, auto)
     raise TraceError(f"nrfx gave up on {type(model).__name__}: more than {_MAX_AUTO_LEAVES} untraceable submodules")

@@ -10,9 +10,11 @@ that stdout stays one JSON document (``nrfx report resnet50 --json - | jq .total
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -107,8 +109,11 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the report as JSON to PATH; '-' writes it to stdout and the table "
                              "and totals to stderr")
-    parser.add_argument("--width", type=_positive_width, default=150,
-                        help="table width in characters, at least 40 (default 150)")
+    parser.add_argument("--width", type=_positive_width, default=None,
+                        help="table width in characters, at least 40 (default: the terminal's, else 150)")
+    parser.add_argument("--weights", type=Path, metavar="FILE",
+                        help="a state dict for the named model (torch.save'd, loaded with weights_only=True); "
+                             "default: random initial weights")
     parser.add_argument("--add-gates", action="store_true",
                         help="first insert an nrfx.Gate in every free channel space without a norm scale "
                              "(nrfx.add_gates): transformer and ConvNeXt MLPs get a liveliness signal")
@@ -171,12 +176,13 @@ def run_report(args: argparse.Namespace) -> int:
     """``nrfx report``: build the model, analyse it and print the per-layer table and totals."""
     from .analysis import analyze
     from .models import default_input_size, resolve_model
+    from .report import LEGEND
 
     if args.batch < 1:
         raise NrfxError(f"--batch must be at least 1, got {args.batch}")
     masks = _load_masks(args.masks) if args.masks else None  # fail fast, before building the model
     _check_out_path(args.json, "--json")
-    model = resolve_model(args.model).eval()
+    model = _built(args, resolve_model)
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     shape = parse_input_size(size, args.batch)
     model = _gated(args, model, torch.zeros(shape))
@@ -185,8 +191,9 @@ def run_report(args: argparse.Namespace) -> int:
         masks = analysis.masks_from(model, args.threshold)
     report = analysis.report(masks)
     out = _text_stream(args)
-    print(report.table(args.width), file=out)
+    print(report.table(args.width or _terminal_width()), file=out)
     print(report.summary(), file=out)
+    print(_weights_line(args), LEGEND, sep="\n", file=out)
     _write_json(args, report.to_dict())
     return 0
 
@@ -207,8 +214,9 @@ def _add_rejuvenate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--align", type=int, default=8,
                         help="resized widths (and their S and R parts) stay multiples of this; 1: the paper's "
                              "exact allocation (default 8: tensor-core friendly)")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE",
-                        help="write {'plan': plan dict, 'state_dict': ...} with torch.save (weights_only-loadable)")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="write {'plan': plan dict, 'state_dict': ...} with torch.save (weights_only-loadable); "
+                             "without it, a dry run: each resized layer's old -> new width is printed")
 
 
 def _gamma0(text: str) -> float | str:
@@ -249,7 +257,7 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     _check_out_path(args.out, "--out")
     _check_out_path(args.json, "--json")
     masks = _load_masks(args.masks) if args.masks else None
-    model = resolve_model(args.model).eval()
+    model = _built(args, resolve_model)
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
     x = torch.zeros(parse_input_size(size, args.batch))
     model = _gated(args, model, x)
@@ -268,10 +276,63 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
           f"-> {plan.cost_after:,} (alpha {plan.alpha:.4f})", file=out)
     for note in plan.notes:
         print("note:", note, file=out)
-    torch.save({"plan": plan.to_dict(), "state_dict": new.state_dict()}, args.out)
-    print(f"wrote {args.out}", file=out)
+    print(_weights_line(args), file=out)
+    if args.out is None:
+        kept, grown = sum(len(k) for k in plan.keep), sum(plan.grow)
+        print(f"dry run (no --out): {sum(plan.widths) - kept:,} channels removed, {grown:,} new; resized layers, "
+              "old -> new width:", file=out)
+        for line in _resized_layers(model, new) or ["(none: every layer keeps its width, re-initialised inside)"]:
+            print(" ", line, file=out)
+    else:
+        torch.save({"plan": plan.to_dict(), "state_dict": new.state_dict()}, args.out)
+        print(f"wrote {args.out}", file=out)
     _write_json(args, {"before": before_report.to_dict(), "after": after.to_dict(), "plan": plan.to_dict()})
     return 0
+
+
+def _built(args: argparse.Namespace, resolve_model: Callable[[str], torch.nn.Module]) -> torch.nn.Module:
+    """The named model in eval mode, with ``--weights`` loaded into it when given (weights_only=True)."""
+    model = resolve_model(args.model).eval()
+    if getattr(args, "weights", None) is None:
+        return model
+    try:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except FileNotFoundError:
+        raise NrfxError(f"--weights {args.weights}: no such file") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        raise NrfxError(f"--weights {args.weights} does not load into {args.model}: "
+                        f"{text[:300] + '…' if len(text) > 300 else text}") from error
+    return model
+
+
+def _weights_line(args: argparse.Namespace) -> str:
+    """Where the weights came from: a file, or random initial weights (γ = 1: nothing is dead yet)."""
+    if getattr(args, "weights", None) is not None:
+        return f"weights: {args.weights}"
+    return "weights: random init (no --weights): every norm scale starts at 1, so nothing is dead yet"
+
+
+def _resized_layers(model: torch.nn.Module, new: torch.nn.Module) -> list[str]:
+    """``name: in a -> b, out c -> d`` for every conv/linear/norm whose widths the rewrite changed."""
+    before, lines = dict(model.named_modules()), []
+    for name, module in new.named_modules():
+        old = before.get(name)
+        pairs = [(a, b) for a, b in (("in_channels", "out_channels"), ("in_features", "out_features"),
+                                     ("num_features", "num_features")) if hasattr(module, a)]
+        if old is None or not pairs:
+            continue
+        a, b = pairs[0]
+        if (getattr(old, a), getattr(old, b)) != (getattr(module, a), getattr(module, b)):
+            lines.append(f"{name}: in {getattr(old, a)} -> {getattr(module, a)}, out {getattr(old, b)} -> "
+                         f"{getattr(module, b)}")
+    return lines
+
+
+def _terminal_width() -> int:
+    """The terminal's width (150 when not a terminal), at least 40."""
+    return max(40, shutil.get_terminal_size((150, 24)).columns)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -285,6 +346,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per registered command."""
     parser = _OneLineParser(prog="nrfx", description="Neural Rejuvenation for any PyTorch model.")
+    parser.add_argument("--version", action="version", version=f"nrfx {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                        parser_class=_OneLineParser)
     for name, (add_arguments, run) in COMMANDS.items():
@@ -293,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
+
+
+def _version() -> str:
+    """The installed nrfx's version (the package metadata), or 'unknown' outside an install."""
+    try:
+        return importlib.metadata.version("nrfx")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _plain(text: str) -> str:

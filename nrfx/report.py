@@ -26,6 +26,13 @@ __all__ = ["Report", "Row", "Totals", "build_report", "format_count", "html_tabl
 OTHER = "(other)"
 TABLE_HEADER = ["layer", "op", "in", "out", "params", "live", "MACs", "live", "frozen"]
 
+LEGEND = """\
+legend: c(A) the model's cost (parameters; MACs per example) · U(θ) the cost of its live channels
+  (a channel is dead when its norm scale is 0 or below threshold × the norm's largest) · r(θ) = U(θ)/c(A)
+  in/out: live/total channels of a layer's input and output · params, MACs: total, then live ·
+  frozen: the side that keeps its width, and why · coverage: the share of channels in free spaces
+  (nrfx may resize them) and in monitored ones (a norm scale or a gate tells which are alive)"""
+
 
 @dataclass(frozen=True)
 class Row:
@@ -136,7 +143,8 @@ class Report:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return self.table() + "\n" + self.summary()
+        return self.table() + "\n" + self.summary() + "\n" + LEGEND
+
 
     def __repr__(self) -> str:
         """One line: model, rows, c(A), U(θ), r(θ) (``str()`` has the table, ``to_dict()`` the data)."""

@@ -15,7 +15,8 @@ def factories(tmp_path, monkeypatch):
         "def broken():\n    raise ValueError('no weights here')\n"
         "def small():\n"
         "    pathlib.Path('built').write_text('yes')\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())\n")
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),\n"
+        "                               torch.nn.Conv2d(8, 4, 1))\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -53,3 +54,33 @@ def _exit_code(args: list[str]) -> int:
         return main(args)
     except SystemExit as exited:
         return exited.code
+
+
+def test_version_weights_dry_run_and_legend(factories, capsys, tmp_path):
+    import torch
+
+    from nrfx.cli import main as cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("nrfx ")
+    import cli_factories
+
+    model = cli_factories.small()
+    with torch.no_grad():
+        model[1].weight[:4] = 0  # half the channels dead: the rewrite changes widths
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    assert cli(["report", "cli_factories:small", "--input-size", "3", "8", "8", "--weights", "w.pt"]) == 0
+    text = capsys.readouterr().out
+    assert "weights: w.pt" in text and "legend: c(A)" in text and "r(θ)  params 0." in text  # half dead
+    assert cli(["report", "cli_factories:small", "--input-size", "3", "8", "8"]) == 0
+    assert "random init" in capsys.readouterr().out
+    args = ["rejuvenate", "cli_factories:small", "--input-size", "3", "8", "8", "--weights", "w.pt", "--align", "1",
+            "--budget", "params=400"]
+    assert cli(args) == 0  # no --out: a dry run
+    text = capsys.readouterr().out
+    assert "dry run (no --out): 4 channels removed" in text and "0: in 3 -> 3, out 8 -> " in text
+    assert not list(tmp_path.glob("*.pt"))[1:]  # nothing written but the weights
+    torch.save({"nope": torch.zeros(1)}, tmp_path / "bad.pt")
+    assert cli(["report", "cli_factories:small", "--input-size", "3", "8", "8", "--weights", "bad.pt"]) == 2
+    assert "does not load" in _one_error_line(capsys)

@@ -128,6 +128,14 @@ class Plan:
     align: int = 1
     version: int = PLAN_VERSION
 
+    def __repr__(self) -> str:
+        """One line: scheme, budget and costs, α, channels removed and new (``to_dict()`` has everything)."""
+        kept, grown = sum(len(k) for k in self.keep), sum(self.grow)
+        return (f"<nrfx.Plan {self.scheme}{' +rescale' if self.rescale else ''}, align {self.align}: budget "
+                f"{self.budget_kind} {self.budget:,}; cost {self.cost_before:,} -> live {self.cost_live:,} -> "
+                f"{self.cost_after:,}; alpha {self.alpha:.4f}; {len(self.widths)} spaces, "
+                f"{sum(self.widths) - kept:,} channels removed, {grown:,} new; {len(self.notes)} notes>")
+
     @property
     def new_widths(self) -> list[int]:
         """Width of every space after the rewrite: |S| + |R|."""

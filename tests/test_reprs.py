@@ -89,3 +89,16 @@ def test_island_reprs():
     report = analysis.report()
     assert "backbone r(θ) 1.0000" in _short(repr(report))
     assert report._repr_html_().count("<table>") == 2
+
+
+def test_plan_repr_is_one_short_line():
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight[::3] = 0
+    plan = nrfx.rejuvenate(model, None, None, example_inputs=torch.randn(1, 3, 32, 32)).nrfx_plan
+    text = repr(plan)
+    assert len(text) < 300 and "\n" not in text and "alpha" in text and "channels removed" in text

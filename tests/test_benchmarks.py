@@ -262,6 +262,8 @@ def test_quality_keeps_finished_runs_and_resumes(tmp_path, tiny_quality):
     calls[:] = []
     quality.run(["baseline", "nr"], [0], setup, tmp_path, workers=1, log=lines.append, resume=True)
     assert calls == []  # everything there: nothing trained
+    final = _json(tmp_path / "quality.json")  # rewritten (its wall time is this run's)
+    assert [r["method"] for r in final["runs"]] == ["baseline", "nr"] and final["runs"][0] == first
     with pytest.raises(SystemExit, match="steps: 4 there, 5 now"):  # other settings: refuse, do not mix
         quality.run(["baseline"], [0], setup.replace(steps=5), tmp_path, workers=1, log=lines.append, resume=True)
     assert _json(tmp_path / "quality.json") == final

@@ -29,7 +29,7 @@ from torch import nn
 
 from .aten import to_torch_level
 from .errors import TraceError
-from .shapeprop import in_eval_mode, untouched
+from .shapeprop import hooks_silenced, in_eval_mode, untouched
 from .trace import Traced, defaulted_args, trace
 
 __all__ = ["Example", "Captured", "CAPTURES", "capture", "auto_leaf_share"]
@@ -172,8 +172,8 @@ def _export_call(model: nn.Module, example: Example, dynamic_shapes: Any):
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings(), hooks_silenced(model):
+            warnings.simplefilter("ignore")  # the user's hooks do not fire (nor enter the graph, as with fx)
             return torch.export.export(model, example.args, example.kwargs, strict=False,
                                        dynamic_shapes=dynamic_shapes)
     finally:

@@ -88,3 +88,14 @@ def test_hooks_silenced_keeps_torch_parametrisation_hooks_and_restores_the_users
     with torch.no_grad():
         torch.testing.assert_close(model(X), out)  # the weight was recomputed inside the block too
     assert calls == ["inside", "user"]
+
+
+def test_forward_hooks_do_not_fire_during_export_capture():
+    model, calls = _net(), []
+    for m in model.modules():
+        m.register_forward_hook(lambda *args: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = nrfx.analyze(model, X, capture="export")
+    assert analysis.capture == "export" and not calls
+    assert all(len(m._forward_hooks) == 1 for m in model.modules())  # the user's hooks are back

@@ -11,6 +11,7 @@ import builtins
 import linecache
 import operator
 import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -131,6 +132,14 @@ def test_python_examples_run(name):
             linecache.cache[filename] = (len(block), None, block.splitlines(True), filename)  # source lines in errors
             code = compile(block, filename, "exec")
             exec(code, namespace)
+
+
+def test_op_rules_example_runs_as_a_script(tmp_path):
+    """Copied into a file and run as ``__main__`` (not in the test's namespace), the example still passes."""
+    script = tmp_path / "op_rules_example.py"
+    script.write_text("\n".join(python_blocks(OP_RULES)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 if __name__ == "__main__":

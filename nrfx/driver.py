@@ -33,6 +33,7 @@ from torch import nn
 from .analysis import Analysis, analyze
 from .errors import NrfxError, NrfxWarning, PlanError
 from .history import PROGRESS_KINDS, Progress, plot_history, save_history
+from .inputs import check_real_weights
 from .masks import norm_masks
 from .optim_state import carry_optimizer_state, copy_group_settings
 from .plan import SCHEMES, Budget, Plan, check_align, check_gamma0
@@ -263,6 +264,7 @@ class NeuralRejuvenation:
                  carry_state: bool = True, example_kwargs: dict[str, Any] | None = None,
                  capture: str = "auto", align: int = 8) -> None:
         _check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme, lam)
+        check_real_weights(model)  # at construction, not at the first rejuvenation
         if not callable(optimizer_factory):
             raise DriverError("optimizer_factory must be callable: params -> torch.optim.Optimizer")
         self.target, self.interval = float(target), interval

@@ -42,12 +42,26 @@ def check_example(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None
 
 
 def check_real_weights(model: nn.Module) -> None:
-    """Parameters with data (rejuvenate copies weights): none on the meta device."""
+    """Weights rejuvenate can copy: none on the meta device, none computed by a parametrisation each forward."""
     meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
         raise InputError(f"parameter '{meta}' is on the meta device (no data): rejuvenate copies the survivors' "
                          "weights. Materialise the model first (model.to_empty(device='cpu'), then load a state "
                          "dict); nrfx.analyze works on meta models")
+    computed = next((name for name, m in model.named_modules() if _parametrised(m)), None)
+    if computed is not None:
+        raise InputError(f"module '{computed}' computes its weight from other parameters at every forward "
+                         "(weight_norm, spectral_norm or a torch.nn.utils.parametrize parametrisation): rejuvenate "
+                         "would resize the computed weight, not the parameters behind it. Remove it first "
+                         "(torch.nn.utils.remove_weight_norm / remove_spectral_norm / "
+                         "parametrize.remove_parametrizations(..., leave_parametrized=True)) and add it back after")
+
+
+def _parametrised(module: nn.Module) -> bool:
+    """A weight computed per forward: torch's weight_norm / spectral_norm hook, or a parametrize parametrisation."""
+    hooks = [*module._forward_pre_hooks.values()]
+    return any(type(h).__module__.startswith("torch.nn.utils") for h in hooks) or \
+        torch.nn.utils.parametrize.is_parametrized(module)
 
 
 def _check_dtypes(model: nn.Module, tensors: list[torch.Tensor]) -> None:

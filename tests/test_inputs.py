@@ -99,3 +99,27 @@ def test_forward_hooks_do_not_fire_during_export_capture():
         analysis = nrfx.analyze(model, X, capture="export")
     assert analysis.capture == "export" and not calls
     assert all(len(m._forward_hooks) == 1 for m in model.modules())  # the user's hooks are back
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda conv: nn.utils.weight_norm(conv),
+    lambda conv: nn.utils.spectral_norm(conv),
+    lambda conv: nn.utils.parametrizations.weight_norm(conv),
+])
+def test_computed_weights_are_refused_not_resized_silently(wrap):
+    model = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model[0] = wrap(model[0])
+        with torch.no_grad():
+            model[1].weight[:6] = 0
+        with pytest.raises(nrfx.InputError, match="computes its weight"):
+            nrfx.rejuvenate(model, None, None, example_inputs=X, align=1)
+        nrfx.analyze(model, X)  # analysing is fine: shapes and costs do not depend on how the weight is made
+
+
+def test_the_driver_refuses_computed_weights_at_construction():
+    model = _net()
+    model[0] = nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(nrfx.InputError, match="computes its weight"):
+        nrfx.NeuralRejuvenation(model, lambda p: torch.optim.SGD(p, lr=0.1), example_inputs=X)

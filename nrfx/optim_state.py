@@ -117,13 +117,13 @@ def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer
     dropped = []
     for name, entry in dense_parameters(new_module).items():
         source = before.get(name)
-        state = _joined_state(old, source) if source is not None else None
-        if state is None:
+        if source is None or not any(old.state.get(p) for _, p in source[3]):
             continue
+        state = _joined_state(old, source)  # None: blocks whose state cannot be joined (factored, partial)
         pmap = param_map.get(name)
         shapes = (pmap.old_shape, pmap.new_shape) if pmap is not None else (source[2], source[2])
         carried = None
-        if tuple(shapes[0]) == source[2] and tuple(shapes[1]) == entry[2]:
+        if state is not None and tuple(shapes[0]) == source[2] and tuple(shapes[1]) == entry[2]:
             carried = _carry_one(state, source[2], pmap)
         if carried is None:
             dropped.append(name)

@@ -535,7 +535,7 @@ def analyze(
     """
     check_model(model)
     example = _as_inputs(example_inputs, example_kwargs)
-    check_example(model, example.args, example.kwargs)
+    check_example(model, example)
     options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args, "autowrap_functions": autowrap_functions}
     if capture == "islands":
         return _islands(model, example, "capture='islands' was asked for", options)

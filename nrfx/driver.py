@@ -212,18 +212,10 @@ def _progress_kind(progress: bool | str) -> str:
 
 
 # -- the driver --------------------------------------------------------------------------------------
-def _check_gamma0(gamma0: Any) -> float | str | None:
-    """The plan's γ0 check, raised as a DriverError at construction rather than at the first rejuvenation."""
+def _plan_option(check: Callable[[Any], Any], value: Any) -> Any:
+    """A plan option checked at construction (``check_gamma0``, ``check_align``), a failure raised as a DriverError."""
     try:
-        return check_gamma0(gamma0)
-    except PlanError as error:
-        raise DriverError(str(error)) from error
-
-
-def _check_align(align: Any) -> int:
-    """The plan's ``align`` check, raised as a DriverError at construction."""
-    try:
-        return check_align(align)
+        return check(value)
     except PlanError as error:
         raise DriverError(str(error)) from error
 
@@ -270,8 +262,8 @@ class NeuralRejuvenation:
         self.target, self.interval = float(target), interval
         self.delta_r, self.delta_lambda = float(delta_r), float(delta_lambda)  # floats: no tensor λ, no sync
         self.scheme, self.rescale, self.max_rounds, self.threshold = scheme, bool(rescale), max_rounds, threshold
-        self.gamma0 = _check_gamma0(gamma0)
-        self.align = _check_align(align)
+        self.gamma0 = _plan_option(check_gamma0, gamma0)
+        self.align = _plan_option(check_align, align)
         self.example_inputs = example_inputs
         self._capture = {"example_kwargs": example_kwargs, "capture": capture}
         self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**31

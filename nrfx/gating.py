@@ -232,8 +232,7 @@ def _stored_folds(module: nn.Module, fold: GateFold) -> list[GateFold]:
     """A fold into an S/R layer's dense weight as folds into the blocks it stores (their input columns)."""
     if not isinstance(module, SR_LAYERS):
         return [fold]
-    dense_columns = torch.arange(fold.channels.numel())
-    return [GateFold(module.get_parameter(name), 1, fold.channels[dense_columns[index[1]]])
+    return [GateFold(module.get_parameter(name), 1, fold.channels[index[1]].clone())
             for name, attr, index in module._specs() if attr == "weight"]
 
 

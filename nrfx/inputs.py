@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import Example
 from .errors import InputError
 
 __all__ = ["check_model", "check_example", "check_real_weights"]
@@ -27,10 +28,10 @@ def check_model(model: Any) -> None:
                          "whose forward calls it")
 
 
-def check_example(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+def check_example(model: nn.Module, example: Example) -> None:
     """Inputs the forward takes: no empty batch (a positional tensor with dim 0 of size 0), no more positionals
     than it has, floats of the model's dtype."""
-    tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    args, tensors = example.args, list(example.tensors())
     empty = next((t for t in args if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0), None)
     if empty is not None:
         raise InputError(f"example input of shape {tuple(empty.shape)} has an empty batch: give at least one example")
@@ -84,11 +85,3 @@ def _positional_room(model: nn.Module) -> int | None:
         return None
     return sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
 
-
-def _leaves(tree: Any) -> list[Any]:
-    """Every leaf of a nest of tuples, lists and dicts."""
-    if isinstance(tree, (tuple, list)):
-        return [x for item in tree for x in _leaves(item)]
-    if isinstance(tree, dict):
-        return [x for item in tree.values() for x in _leaves(item)]
-    return [tree]

@@ -28,9 +28,10 @@ import torch
 
 from .cost import CostModel
 from .errors import BudgetError, NrfxWarning, PlanError
-from .plan_check import PLAN_VERSION, check_plan_data
+from .plan_check import PLAN_VERSION, check_align, check_gamma0, check_plan_data, check_seed
 
-__all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "align_steps", "check_align", "SCHEMES"]
+__all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "align_steps", "check_align", "check_gamma0",
+           "check_seed", "SCHEMES"]
 
 SCHEMES = ("nr", "cr", "ca")
 
@@ -75,8 +76,8 @@ class Budget:
     def resolve(self, analysis) -> tuple[str, int]:
         """(kind, absolute value) against an analysis."""
         if self.fraction_of is not None:
-            f, kind = self.fraction_of
-            return _budget_kind(kind), int(f * (analysis.params if _budget_kind(kind) == "params" else analysis.flops))
+            f, kind = self.fraction_of[0], _budget_kind(self.fraction_of[1])
+            return kind, int(f * (analysis.params if kind == "params" else analysis.flops))
         if self.params is not None:
             return "params", int(self.params)
         return "flops", int(self.flops)
@@ -346,32 +347,6 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
         input_shapes=[list(s) for s in analysis.input_shapes], capture=getattr(analysis, "capture", "fx"),
         align=align,
     )
-
-
-def check_seed(seed: Any) -> int:
-    """The R initialisation's seed: None (0) or an int in [0, 2**63)."""
-    if seed is None:
-        return 0
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise PlanError(f"seed must be None or an int from 0 to 2**63 - 1, got {seed!r}")
-    return seed
-
-
-def check_align(align: Any) -> int:
-    """``align``: a positive int (1 = unaligned, the paper's exact allocation)."""
-    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1024:
-        raise PlanError(f"align must be an int from 1 (no rounding, the paper's allocation) to 1024, got {align!r}")
-    return align
-
-
-def check_gamma0(gamma0: Any) -> float | str | None:
-    """γ0 of rejuvenated norm channels: None (the layer's initial 1), a positive number, or "match"."""
-    if gamma0 is None or gamma0 == "match":
-        return gamma0
-    if isinstance(gamma0, (int, float)) and not isinstance(gamma0, bool) and math.isfinite(gamma0) and gamma0 > 0:
-        return float(gamma0)
-    raise PlanError(f"gamma0 must be None (the layer's initial value), a finite positive number or 'match' (per norm, "
-                    f"the median |γ| of its surviving channels), got {gamma0!r}")
 
 
 def _strongest(keep: list[int], width: int, score: torch.Tensor) -> list[int]:

@@ -5,7 +5,8 @@ checks a dict field by field (a ``PlanError`` names the first bad field and what
 ``check_plan_fits`` checks a plan against the analysed model it is replayed on: widths, whole
 groups, frozen spaces untouched, folds on layers that exist, and a size no larger than the plan's
 own budget allows (and never over ``MAX_GROWTH`` × the model's parameters).  Nothing in a plan is
-ever executed or imported.
+ever executed or imported.  The option checks (``check_seed``, ``check_align``, ``check_gamma0``)
+live here too: ``make_plan`` and the driver use the same ones.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 from .errors import PlanError
 from .maps import dim_map
 
-__all__ = ["PLAN_VERSION", "MAX_GROWTH", "check_plan_data", "check_plan_fits"]
+__all__ = ["PLAN_VERSION", "MAX_GROWTH", "check_plan_data", "check_plan_fits", "check_seed", "check_align",
+           "check_gamma0"]
 
 PLAN_VERSION = 1
 MAX_GROWTH = 64  # a replayed plan never builds a model of more than this many times the original's parameters
@@ -43,12 +45,10 @@ def _check_scalars(data: dict[str, Any]) -> None:
     for key in ("rescale", "realloc"):
         if not isinstance(data[key], bool):
             raise _fail(key, "true or false", data[key])
-    if not _is_int(data["seed"], 0, 2**63):
-        raise _fail("seed", "an int in [0, 2**63)", data["seed"])
-    gamma0 = data["gamma0"]
-    if not (gamma0 is None or gamma0 == "match" or (isinstance(gamma0, (int, float)) and not isinstance(gamma0, bool)
-                                                     and math.isfinite(gamma0) and gamma0 > 0)):
-        raise _fail("gamma0", "null, 'match' or a finite number > 0", gamma0)
+    if data["seed"] is None:
+        raise _fail("seed", "an int in [0, 2**63)", None)
+    check_seed(data["seed"])
+    check_gamma0(data["gamma0"])
     if data["budget_kind"] not in ("params", "flops"):
         raise _fail("budget_kind", "'params' or 'flops'", data["budget_kind"])
     for key in ("budget", "cost_before", "cost_live", "cost_after"):
@@ -59,8 +59,7 @@ def _check_scalars(data: dict[str, Any]) -> None:
         raise _fail("alpha", "a finite number >= 0", alpha)
     if data.get("capture", "fx") not in _CAPTURES:
         raise _fail("capture", f"one of {_CAPTURES}", data.get("capture"))
-    if not _is_int(data.get("align", 1), 1, 1025):
-        raise _fail("align", "an int from 1 to 1024", data.get("align"))
+    check_align(data.get("align", 1))
     if data.get("version", PLAN_VERSION) != PLAN_VERSION:
         raise _fail("version", f"{PLAN_VERSION} (this nrfx reads plans of version {PLAN_VERSION})", data.get("version"))
 
@@ -101,6 +100,32 @@ def _check_folds(folds: Any) -> None:
             if not (isinstance(position, str) and position.isdigit()) or isinstance(value, bool) or \
                     not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise _fail(f"folds[{layer!r}]", "{position (digits): finite number}", {position: value})
+
+
+def check_seed(seed: Any) -> int:
+    """The R initialisation's seed: None (0) or an int in [0, 2**63)."""
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise PlanError(f"seed must be None or an int from 0 to 2**63 - 1, got {seed!r}")
+    return seed
+
+
+def check_align(align: Any) -> int:
+    """``align``: a positive int (1 = unaligned, the paper's exact allocation)."""
+    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1024:
+        raise PlanError(f"align must be an int from 1 (no rounding, the paper's allocation) to 1024, got {align!r}")
+    return align
+
+
+def check_gamma0(gamma0: Any) -> float | str | None:
+    """γ0 of rejuvenated norm channels: None (the layer's initial 1), a positive number, or "match"."""
+    if gamma0 is None or gamma0 == "match":
+        return gamma0
+    if isinstance(gamma0, (int, float)) and not isinstance(gamma0, bool) and math.isfinite(gamma0) and gamma0 > 0:
+        return float(gamma0)
+    raise PlanError(f"gamma0 must be None (the layer's initial value), a finite positive number or 'match' (per norm, "
+                    f"the median |γ| of its surviving channels), got {gamma0!r}")
 
 
 REQUIRED = ("scheme", "rescale", "realloc", "seed", "gamma0", "budget_kind", "budget", "alpha", "widths", "keep",

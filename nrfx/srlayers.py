@@ -237,7 +237,8 @@ def dense_numel(model: nn.Module, name: str) -> int:
 
 
 def unused_weights(layer: nn.Module) -> int:
-    """Weight entries the dense form counts that an S/R layer neither stores nor computes: cr's cross blocks."""
-    if not isinstance(layer, SR_LAYERS) or layer.scheme != "cr":
+    """Weight entries the dense form counts that an S/R layer does not store (nor compute): cr's cross blocks."""
+    if not isinstance(layer, SR_LAYERS):
         return 0
-    return math.prod(layer._dense_shape("weight")) - layer.weight_ss.numel() - layer.weight_rr.numel()
+    stored = sum(layer._parameters[name].numel() for name in block_names(layer, "weight"))
+    return math.prod(layer._dense_shape("weight")) - stored

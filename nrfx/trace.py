@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from .gates import Gate
-from .shapeprop import buffer_values, untouched
+from .shapeprop import untouched
 from .srlayers import SR_LAYERS
 
 __all__ = ["Traced", "trace", "defaulted_args", "keep_safe_inplace"]
@@ -194,12 +194,12 @@ def trace(
     auto: dict[str, str] = {}
     for _ in range(_MAX_AUTO_LEAVES):
         tracer = NrfxTracer(leaves, autowrap_functions)
-        values = buffer_values(model)
+        versions = [(name, b, b._version) for name, b in model.named_buffers()]  # an in-place update moves these
         try:
             with untouched(model):  # a forward run on proxies leaves none in the model (timm's bias caches)
                 graph = tracer.trace(model, concrete_args=concrete_args)
                 gm = _graph_module(tracer.root, graph, type(model).__name__)  # copies FX's _tensor_constant*
-                updated = [name for name, b, version, _ in values if b._version != version]
+                updated = [name for name, b, version in versions if b._version != version]
         except _SubmoduleFailed as failed:
             auto[failed.qualname] = f"untraceable code ({type(failed.error).__name__}: {failed.error})"
             leaves.append(failed.qualname)

@@ -8,6 +8,7 @@ from .errors import (
     MaskError,
     NrfxError,
     NrfxWarning,
+    OptimizerStateError,
     PlanError,
     RewriteError,
     ShapeError,
@@ -19,7 +20,7 @@ from .gating import add_gates, fold_gates
 from .islands import IslandAnalysis
 from .masks import norm_masks
 from .plan import Budget, Plan
-from .rejuvenate import apply_plan, rejuvenate
+from .rejuvenate import apply_plan, load_rejuvenated, rejuvenate
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "norm_masks",
     "rejuvenate",
     "apply_plan",
+    "load_rejuvenated",
     "Budget",
     "Plan",
     "NeuralRejuvenation",
@@ -48,6 +50,7 @@ __all__ = [
     "BudgetError",
     "PlanError",
     "RewriteError",
+    "OptimizerStateError",
     "NrfxWarning",
     "UnknownOpWarning",
 ]

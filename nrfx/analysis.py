@@ -1,8 +1,9 @@
 """analyze: trace a model, run the op rules over its graph, and count c(A), U(θ) and r(θ).
 
-The analysis never runs the model's weights: shapes come from meta tensors, costs from the
-parameter layouts and MAC terms the rules registered, and liveliness from the masks (norm
-scales or the user's) pushed through the zero rules of every value.
+The rule pass never runs the model's weights (the capture ran it once, to accept the graph):
+shapes come from meta tensors, costs from the parameter layouts and MAC terms the rules
+registered, and liveliness from the masks (norm scales or the user's) pushed through the zero
+rules of every value.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .specs import TensorSpec
 from .srlayers import dense_names
 
 __all__ = ["analyze", "analyze_whole", "Example", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW",
-           "COVERAGE_MIN_CHANNELS"]
+           "COVERAGE_MIN_CHANNELS", "as_example"]
 
 COVERAGE_WARN_BELOW = 0.5  # analyze warns when less than this share of the channels is monitored,
 COVERAGE_MIN_CHANNELS = 256  # in a model with at least this many channels (tiny test models stay quiet)
@@ -113,7 +114,7 @@ class Coverage:
         return self.monitored_channels / self.channels if self.channels else 0.0
 
 
-def _as_inputs(example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> Example:
+def as_example(example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> Example:
     """Example inputs: a tensor, or a tuple/list of positional args (each any nest of lists, tuples, dicts)."""
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(args, (list, tuple)) or not (args or example_kwargs):
@@ -534,7 +535,7 @@ def analyze(
     the same reporting API).  The model is not modified.
     """
     check_model(model)
-    example = _as_inputs(example_inputs, example_kwargs)
+    example = as_example(example_inputs, example_kwargs)
     check_example(model, example)
     options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args, "autowrap_functions": autowrap_functions}
     if capture == "islands":
@@ -599,9 +600,17 @@ def _warn_low_coverage(analysis: Analysis) -> None:
     Fires when under ``COVERAGE_WARN_BELOW`` of the channels are monitored, the model has at least
     ``COVERAGE_MIN_CHANNELS`` channels, and some free space has no liveliness signal; it says what froze
     the rest.  A model whose free spaces all carry a norm stays quiet (the report shows its coverage).
+    A model with unknown ops and nothing free warns whatever its size: the channels behind an unknown op
+    get no space, so the channel count alone would call it tiny.
     """
     cover = analysis.coverage()
     unsignalled = cover.free_channels - cover.monitored_channels
+    if analysis.unknown_ops and not cover.free_channels:  # whatever the size: unknown ops hide their channels
+        ops = ", ".join(sorted(analysis.unknown_ops))
+        warnings.warn(f"nrfx can rejuvenate only 0% of the channels of {analysis.model_name}: no channel space is "
+                      f"free, and ops without a rule froze every channel they touch ({ops}). Register rules "
+                      "(nrfx.rules.function_rule, ...) for them to analyse through.", NrfxWarning, stacklevel=3)
+        return
     if cover.channels < COVERAGE_MIN_CHANNELS or cover.monitored >= COVERAGE_WARN_BELOW or not unsignalled:
         return
     reasons: dict[str, int] = {}

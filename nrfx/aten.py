@@ -87,15 +87,23 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.zeros.default: torch.zeros, aten.ones.default: torch.ones, aten.full.default: torch.full,
     aten.empty.memory_format: torch.empty, aten.zeros_like.default: torch.zeros_like,
     aten.ones_like.default: torch.ones_like, aten.full_like.default: torch.full_like,
-    aten.pad.default: F.pad, aten.lift_fresh_copy.default: torch.clone,
+    aten.pad.default: F.pad, aten.lift_fresh_copy.default: torch.clone, aten.addmm.default: torch.addmm,
+    aten.linalg_vector_norm.default: torch.linalg.vector_norm, aten.pow.Tensor_Scalar: torch.pow,
+    aten.pow.Tensor_Tensor: torch.pow, aten.pow.Scalar: torch.pow, aten.__and__.Tensor: torch.bitwise_and,
+    aten.bitwise_and.Tensor: torch.bitwise_and, aten.__or__.Tensor: torch.bitwise_or,
+    aten.bitwise_or.Tensor: torch.bitwise_or, aten.cumsum.default: torch.cumsum, aten.gather.default: torch.gather,
+    aten.roll.default: torch.roll, aten.diff.default: torch.diff, aten.meshgrid.default: torch.meshgrid,
+    aten.meshgrid.indexing: torch.meshgrid,
 }
 _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_",
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",
                     aten.contiguous.default: "contiguous", aten.detach.default: "detach", aten.alias.default: "detach",
                     aten.type_as.default: "type_as", aten.to.device: "to", aten.to.dtype: "to", aten.to.other: "to",
-                    aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_", aten.detach_.default: "detach"}
-_SIZE_METHODS = {aten.view.default: "view", aten.reshape.default: "reshape", aten._unsafe_view.default: "view",
-                 aten.permute.default: "permute", aten.expand.default: "expand"}
+                    aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_", aten.detach_.default: "detach",
+                    aten.copy_.default: "copy_", aten.masked_fill.Scalar: "masked_fill",
+                    aten.masked_fill.Tensor: "masked_fill", aten.masked_fill_.Scalar: "masked_fill_",
+                    aten.masked_fill_.Tensor: "masked_fill_"}
+_SIZE_METHODS = {aten.permute.default: "permute", aten.expand.default: "expand", aten.repeat.default: "repeat"}
 
 for _overload, _target in _SAME_ARGS.items():
     TORCH_LEVEL.function(_overload)(_function(_target))
@@ -103,6 +111,64 @@ for _overload, _name in _INPLACE_METHODS.items():
     TORCH_LEVEL.function(_overload)(_method(_name))
 for _overload, _name in _SIZE_METHODS.items():
     TORCH_LEVEL.function(_overload)(_method(_name, splat=True))
+
+
+@TORCH_LEVEL.function(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def _view(node: torch.fx.Node) -> None:
+    """``aten.view(x, sizes)`` is ``x.view(*sizes)``; a last size equal to ``x``'s last dim is written as kept.
+
+    export specialises every size but the batch, so a view that keeps the last dim (HF ``Conv1D``:
+    ``x.view(-1, x.size(-1))`` then ``.view(*lead, nf)``) spells its width as a literal.  The same view
+    with that size left to follow the input (``-1``; ``[-1, c]`` is ``x.flatten(0, -2)``) computes the
+    same values at this width and still the right ones when the last dim is resized.
+    """
+    x, sizes = node.args[0], list(node.args[1])
+    name = "reshape" if node.target is aten.reshape.default else "view"
+    ndim, last = _ndim(x), _last_size(x)
+    if ndim is None or last is None or not sizes or sizes[-1] != last or not isinstance(sizes[-1], int):
+        _set(node, "call_method", name, [x, *sizes])
+    elif sizes[:-1] == [-1] and ndim >= 2:
+        _set(node, "call_method", "flatten", [x, 0, ndim - 2])
+    elif -1 not in sizes[:-1]:
+        _set(node, "call_method", name, [x, *sizes[:-1], -1])
+    else:
+        _set(node, "call_method", name, [x, *sizes])
+
+
+def _last_size(value: Any) -> int | None:
+    """The static size of the last dim of a node's recorded value (None when symbolic or absent)."""
+    val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() == 0 or not isinstance(val.shape[-1], int):
+        return None
+    return int(val.shape[-1])
+
+
+@TORCH_LEVEL.function(aten.embedding.default)
+def _embedding(node: torch.fx.Node) -> None:
+    """``aten.embedding(weight, indices, padding_idx=-1, …)`` is ``F.embedding(indices, weight[, padding_idx])``."""
+    weight, indices = node.args[:2]
+    padding = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+    kwargs = {"padding_idx": padding} if isinstance(padding, int) and padding >= 0 else {}
+    _set(node, "call_function", F.embedding, (indices, weight), kwargs)
+
+
+@TORCH_LEVEL.function(aten.linspace.default)
+def _linspace(node: torch.fx.Node) -> None:
+    """``aten.linspace(start, end, steps, dtype=, layout=, device=, …)`` is ``torch.linspace`` (None keywords go)."""
+    kwargs = {k: v for k, v in _given(dict(node.kwargs)).items() if k not in ("layout", "pin_memory")}
+    _set(node, "call_function", torch.linspace, node.args, kwargs)
+
+
+_GRID_MODES = ("bilinear", "nearest", "bicubic")
+_GRID_PADDING = ("zeros", "border", "reflection")
+
+
+@TORCH_LEVEL.function(aten.grid_sampler.default, aten.grid_sampler_2d.default, aten.grid_sampler_3d.default)
+def _grid_sampler(node: torch.fx.Node) -> None:
+    """``aten.grid_sampler(x, grid, mode, padding, align_corners)`` (enums as ints) is ``F.grid_sample``."""
+    x, grid, mode, padding, align = node.args[:5]
+    kwargs = {"mode": _GRID_MODES[mode], "padding_mode": _GRID_PADDING[padding], "align_corners": align}
+    _set(node, "call_function", F.grid_sample, (x, grid), kwargs)
 
 
 @TORCH_LEVEL.function(aten.silu_.default, aten.hardswish_.default)

@@ -214,6 +214,9 @@ def _add_rejuvenate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--align", type=int, default=8,
                         help="resized widths (and their S and R parts) stay multiples of this; 1: the paper's "
                              "exact allocation (default 8: tensor-core friendly)")
+    parser.add_argument("--constants", choices=("drop", "keep"), default="drop",
+                        help="dead channels whose constant output cannot be folded exactly (zero padding, gates): "
+                             "drop (the paper; warned with the measured change) or keep (exact, counted in the budget)")
     parser.add_argument("--out", type=Path, metavar="FILE",
                         help="write {'plan': plan dict, 'state_dict': ...} with torch.save (weights_only-loadable); "
                              "without it, a dry run: each resized layer's old -> new width is printed")
@@ -259,7 +262,9 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     masks = _load_masks(args.masks) if args.masks else None
     model = _built(args, resolve_model)
     size = args.input_size or [str(d) for d in default_input_size(args.model, model)]
-    x = torch.zeros(parse_input_size(size, args.batch))
+    # seeded random inputs: the constants of removed channels are measured on them (all zeros would make
+    # almost every channel look constant); only that measurement depends on the values
+    x = torch.randn(parse_input_size(size, args.batch), generator=torch.Generator().manual_seed(0))
     model = _gated(args, model, x)
     before = analyze(model, x, capture=args.capture)
     if masks is None:
@@ -268,7 +273,8 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     before_report = before.report(masks)
     print("before:", before_report.summary(), sep="\n", file=out)
     new = rejuvenate(model, masks, budget, example_inputs=x, scheme=args.scheme, rescale=args.rescale,
-                     gamma0=args.gamma0, seed=args.seed, align=args.align, analysis=before)
+                     gamma0=args.gamma0, seed=args.seed, align=args.align, constants=args.constants,
+                     analysis=before)
     after = analyze(new, x, capture=args.capture).report()
     print("after:", after.summary(), sep="\n", file=out)
     plan = new.nrfx_plan

@@ -15,6 +15,13 @@ Everything a rejuvenation builds (model, analysis, optimizer, scheduler, wrapper
 first and swapped in only when all of it succeeded: an error leaves the driver as it was.
 Checkpoints hold the replayable plans, so a driver over a fresh copy of the original model
 rebuilds the same architecture and continues bit for bit.
+
+With ``inplace=True`` the rejuvenation rewrites the user's model object itself
+(``rejuvenate(..., inplace=True, optimizer=...)``): ``nr.model``/``nr.module``, ``nr.optimizer``
+(which may be passed as an optimizer instead of a factory) and ``nr.scheduler`` stay the same
+objects through every round; only a ``wrap`` (DDP) is rebuilt around the resized model.  The
+in-place rewrite is undone whole if it fails its check.  ``penalize()``, ``check()`` and
+``progress_state()``/``load_progress()`` are what framework callbacks (``nrfx.integrations``) drive.
 """
 
 from __future__ import annotations
@@ -33,16 +40,18 @@ from torch import nn
 from .analysis import Analysis, analyze
 from .errors import NrfxError, NrfxWarning, PlanError
 from .history import PROGRESS_KINDS, Progress, plot_history, save_history
+from .inplace import PLANS_KEY, freeze_for_inplace
 from .inputs import check_real_weights
 from .masks import norm_masks
 from .optim_state import carry_optimizer_state, copy_group_settings
-from .plan import SCHEMES, Budget, Plan, check_align, check_gamma0
+from .plan import SCHEMES, Budget, Plan, check_align, check_constants, check_gamma0
 from .rejuvenate import apply_plan, rejuvenate
 
 __all__ = [
     "NeuralRejuvenation",
     "DriverError",
     "ddp_wrapper",
+    "check_settings",
     "carry_optimizer_state",
     "save_history",
     "plot_history",
@@ -173,6 +182,19 @@ def _no_signal_message(module: nn.Module, analysis: Analysis) -> str:
     return text + ", and every channel space is frozen: check analysis.frozen_spaces for why"
 
 
+def _restart_in_place(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """``restart_schedule`` in place: every group back at its ``initial_lr``, the scheduler at its first step."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise DriverError(f"restart_schedule in place needs a torch LRScheduler, got {type(scheduler).__name__}; "
+                          "use restart_schedule=False (the schedule continues) or inplace=False")
+    scheduler.last_epoch = 0
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 # -- distributed helpers ------------------------------------------------------------------------
 def _distributed() -> bool:
     """Whether a process group with more than one rank is running."""
@@ -220,7 +242,7 @@ def _plan_option(check: Callable[[Any], Any], value: Any) -> Any:
         raise DriverError(str(error)) from error
 
 
-def _check_settings(target: float, interval: int | None, delta_r: float, delta_lambda: float,
+def check_settings(target: float, interval: int | None, delta_r: float, delta_lambda: float,
                     max_rounds: int | None, scheme: str, lam: float) -> None:
     """Settings within their ranges, else a DriverError saying which."""
     if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
@@ -242,8 +264,9 @@ def _check_settings(target: float, interval: int | None, delta_r: float, delta_l
 class NeuralRejuvenation:
     """Train any model with Neural Rejuvenation: sparsify γ, monitor r(θ), rejuvenate below the target.
 
-    ``nr.model`` and ``nr.optimizer`` are the current ones (both change at a rejuvenation);
-    ``nr.module`` is the model without the ``wrap`` (DDP) around it.
+    ``nr.model`` and ``nr.optimizer`` are the current ones (both change at a rejuvenation, unless
+    ``inplace=True``: then they stay the user's objects); ``nr.module`` is the model without the
+    ``wrap`` (DDP) around it.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, *, example_inputs: Any,
@@ -254,22 +277,25 @@ class NeuralRejuvenation:
                  threshold: float = 0.01, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  progress: bool | str = False, total: int | None = None, lam: float = 0.0,
                  carry_state: bool = True, example_kwargs: dict[str, Any] | None = None,
-                 capture: str = "auto", align: int = 8) -> None:
-        _check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme, lam)
+                 capture: str = "auto", align: int = 8, inplace: bool = False, constants: str = "drop") -> None:
+        check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme, lam)
         check_real_weights(model)  # at construction, not at the first rejuvenation
-        if not callable(optimizer_factory):
-            raise DriverError("optimizer_factory must be callable: params -> torch.optim.Optimizer")
+        if not callable(optimizer_factory) and not (inplace and isinstance(optimizer_factory, torch.optim.Optimizer)):
+            raise DriverError("optimizer_factory must be callable: params -> torch.optim.Optimizer (with inplace=True "
+                              "it may also be the optimizer itself)")
+        self.inplace = bool(inplace)
         self.target, self.interval = float(target), interval
         self.delta_r, self.delta_lambda = float(delta_r), float(delta_lambda)  # floats: no tensor λ, no sync
         self.scheme, self.rescale, self.max_rounds, self.threshold = scheme, bool(rescale), max_rounds, threshold
         self.gamma0 = _plan_option(check_gamma0, gamma0)
         self.align = _plan_option(check_align, align)
+        self.constants = _plan_option(check_constants, constants)
         self.example_inputs = example_inputs
         self._capture = {"example_kwargs": example_kwargs, "capture": capture}
         self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**31
         self._factory, self._scheduler_factory, self._wrap = optimizer_factory, scheduler_factory, wrap
         self.restart_schedule, self.carry_state, self.lam0 = restart_schedule, bool(carry_state), float(lam)
-        analysis = analyze(model, example_inputs, **self._capture)
+        analysis = self._analyze(model)
         if not isinstance(analysis, Analysis):
             raise DriverError(f"{type(model).__name__} was captured as islands ({', '.join(analysis.islands)}): the "
                               "driver trains one graph. Build it on one island (model.get_submodule(path)), or "
@@ -282,6 +308,11 @@ class NeuralRejuvenation:
         self._r_prev = _from_rank0(self.utilization())
         self._scale0, self._collapse_warned, self._collapse_run = _largest_scales(self._stage.norms), False, 0
         self._progress = Progress(_progress_kind(progress), total) if progress and _is_rank0() else None
+
+    def _analyze(self, module: nn.Module) -> Analysis:
+        """The analysis of a model; in place, with the spaces its own code pins frozen (they are not monitored)."""
+        analysis = analyze(module, self.example_inputs, **self._capture)
+        return freeze_for_inplace(analysis) if self.inplace and isinstance(analysis, Analysis) else analysis
 
     # -- the current stage --------------------------------------------------------------------
     @property
@@ -320,12 +351,17 @@ class NeuralRejuvenation:
         return self.max_rounds is not None and self.rounds >= self.max_rounds
 
     def _new_stage(self, module: nn.Module, analysis: Analysis, plans: list[Plan]) -> _Stage:
-        """Monitored norms, optimizer and scheduler for a model (nothing is swapped in here)."""
+        """Monitored norms, optimizer and scheduler for a model (nothing is swapped in here); in place after the
+        first stage, the optimizer and scheduler are the current ones."""
         norms = _monitored_norms(analysis, module)
         if not norms:
             raise DriverError(_no_signal_message(module, analysis))
-        optimizer = _build_optimizer(self._factory, module)
-        scheduler = self._scheduler_factory(optimizer) if self._scheduler_factory is not None else None
+        if self.inplace and plans:
+            optimizer, scheduler = self.optimizer, self.scheduler
+        else:
+            optimizer = self._factory if isinstance(self._factory, torch.optim.Optimizer) else \
+                _build_optimizer(self._factory, module)
+            scheduler = self._scheduler_factory(optimizer) if self._scheduler_factory is not None else None
         model = self._wrap(module) if self._wrap is not None else module
         sites = frozenset(analysis.mask_sites) - frozenset(analysis.frozen_sites)
         return _Stage(module, model, analysis, norms, optimizer, scheduler, plans, sites)
@@ -344,7 +380,7 @@ class NeuralRejuvenation:
         """λ·sign(γ) into the grads of the monitored scales, an optimizer step, and a check every interval."""
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        self._penalize()
+        self.penalize()
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -356,8 +392,12 @@ class NeuralRejuvenation:
             self._progress.update(None if record is None else
                                   f"r={record['r']:.3f} λ={record['lam']:.2e} round={record['rounds']}")
 
-    def _penalize(self) -> None:
-        """Add the L1 sub-gradient λ·sign(γ) to the grads of the scales of free norms (no host sync, O(1) calls)."""
+    def penalize(self) -> None:
+        """Add the L1 sub-gradient λ·sign(γ) to the grads of the scales of free norms (no host sync, O(1) calls).
+
+        ``step()`` calls it before the optimizer step; a training framework that steps the optimizer
+        itself calls it after backward (and after unscaling, with AMP) and then ``check()`` every interval.
+        """
         if self.lam == 0.0 or self.finished:
             return
         self._stage.penalty.apply(self.lam)
@@ -407,11 +447,17 @@ class NeuralRejuvenation:
         return self.analysis.params if self.budget.params is not None else self.analysis.flops
 
     def _rejuvenate(self, r: float) -> dict[str, Any]:
-        """Rewrite the model, rebuild the optimizer with carried state; swap only when all succeeded."""
+        """Rewrite the model, rebuild the optimizer with carried state; swap only when all succeeded.
+
+        In place the model, optimizer and scheduler objects stay (the rewrite is undone whole if it
+        fails its check); only a ``wrap`` (DDP) is rebuilt around the resized model.
+        """
         module = self._rejuvenated_module(self.masks())
-        stage = self._new_stage(module, analyze(module, self.example_inputs, **self._capture),
-                                [*self._stage.plans, module.nrfx_plan])
-        self._carry(stage)
+        stage = self._new_stage(module, self._analyze(module), [*self._stage.plans, module.nrfx_plan])
+        if not self.inplace:
+            self._carry(stage)
+        elif self.restart_schedule:
+            _restart_in_place(stage.scheduler, stage.optimizer)
         lam, cost, self._stage = self.lam, self._cost(), stage
         self.rounds += 1
         self.lam = self.lam0
@@ -426,9 +472,10 @@ class NeuralRejuvenation:
         if _is_rank0():
             try:
                 module = rejuvenate(self.module, masks, self.budget, example_inputs=self.example_inputs,
-                                    **self._capture,
+                                    **self._capture, **self._inplace_options(),
                                     scheme=self.scheme, rescale=self.rescale, gamma0=self.gamma0,
-                                    seed=self.seed + self.rounds, align=self.align, analysis=self.analysis)
+                                    seed=self.seed + self.rounds, align=self.align, constants=self.constants,
+                                    analysis=self.analysis)
             except Exception as error:
                 if not _distributed():
                     raise
@@ -438,7 +485,11 @@ class NeuralRejuvenation:
             raise DriverError(f"rejuvenation failed on rank 0: {shared}")
         if module is not None:
             return module
-        return apply_plan(self.module, shared, self.example_inputs, **self._capture)
+        return apply_plan(self.module, shared, self.example_inputs, **self._capture, **self._inplace_options())
+
+    def _inplace_options(self) -> dict[str, Any]:
+        """The in-place keywords of a rewrite: the model and this optimizer rewritten where they are."""
+        return {"inplace": True, "optimizer": self.optimizer, "carry_state": self.carry_state} if self.inplace else {}
 
     def _carry(self, stage: _Stage) -> None:
         """Optimizer state (unless ``carry_state=False``), group settings and schedule into a new stage."""
@@ -454,14 +505,41 @@ class NeuralRejuvenation:
         copy_group_settings(self.optimizer, stage.optimizer)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Plans, seed, λ, counters, history, and model/optimizer/scheduler state (tensors not copied)."""
+    def progress_state(self) -> dict[str, Any]:
+        """Plans, seed, λ, counters and history: the driver's own state, plain data (JSON-safe)."""
         return {
             "format": _FORMAT, "plans": [p.to_dict() for p in self._stage.plans], "seed": self.seed,
             "lam": self.lam, "r_prev": self._r_prev, "rounds": self.rounds, "steps": self.steps,
             "scale0": list(self._scale0), "collapse_warned": self._collapse_warned, "collapse_run": self._collapse_run,
             "history": json.loads(json.dumps(self.history)),
             "budget": {"params": self.budget.params, "flops": self.budget.flops},
+        }
+
+    def load_progress(self, state: dict[str, Any]) -> None:
+        """Take λ, counters, history and seed from ``progress_state()``; in place, for a model a framework already
+        rebuilt (its state dict replayed the plans): the plans are only recorded, nothing is rewritten."""
+        if not self.inplace:
+            raise DriverError("load_progress is for a driver in place (inplace=True); use load_state_dict")
+        if not isinstance(state, dict) or state.get("format") != _FORMAT or not isinstance(state.get("plans"), list):
+            raise DriverError("not a NeuralRejuvenation progress_state (format key missing or different)")
+        plans = [Plan.from_dict(data) for data in state["plans"]]
+        self._stage = self._new_stage(self.module, self._analyze(self.module), plans) if plans else self._stage
+        self._set_progress(state)
+
+    def _set_progress(self, state: dict[str, Any]) -> None:
+        """Budget, seed, λ, counters and history from a saved state."""
+        budget = state["budget"]
+        self.budget = Budget(params=budget["params"]) if budget["params"] is not None else Budget(flops=budget["flops"])
+        self.seed, self.lam, self._r_prev = state["seed"], float(state["lam"]), state["r_prev"]
+        self.rounds, self.steps, self.history = state["rounds"], state["steps"], list(state["history"])
+        self._scale0 = list(state.get("scale0", _largest_scales(self._stage.norms)))
+        self._collapse_warned = bool(state.get("collapse_warned", False))
+        self._collapse_run = int(state.get("collapse_run", 0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """``progress_state()`` plus model/optimizer/scheduler state (tensors not copied)."""
+        return {
+            **self.progress_state(),
             "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
         }
@@ -477,23 +555,17 @@ class NeuralRejuvenation:
         module, plans = self.module, []
         for data in state["plans"]:
             plan = Plan.from_dict(data)
-            module = apply_plan(module, plan, self.example_inputs, **self._capture)
+            module = apply_plan(module, plan, self.example_inputs, **self._capture, **self._inplace_options())
             plans.append(plan)
         _check_model_state(module, state["model"])
-        analysis = analyze(module, self.example_inputs, **self._capture) if plans else self.analysis
+        analysis = self._analyze(module) if plans else self.analysis
         stage = self._new_stage(module, analysis, plans)
         _load_part("optimizer", stage.optimizer, state["optimizer"])
         if stage.scheduler is not None and state["scheduler"] is not None:
             _load_part("scheduler", stage.scheduler, state["scheduler"])
         module.load_state_dict(state["model"])  # last: keys and shapes were checked, nothing else can fail
-        budget = state["budget"]
-        self._stage, self.budget = stage, Budget(params=budget["params"]) if budget["params"] is not None else \
-            Budget(flops=budget["flops"])
-        self.seed, self.lam, self._r_prev = state["seed"], float(state["lam"]), state["r_prev"]
-        self.rounds, self.steps, self.history = state["rounds"], state["steps"], list(state["history"])
-        self._scale0 = list(state.get("scale0", _largest_scales(stage.norms)))
-        self._collapse_warned = bool(state.get("collapse_warned", False))
-        self._collapse_run = int(state.get("collapse_run", 0))
+        self._stage = stage
+        self._set_progress(state)
 
     # -- history --------------------------------------------------------------------------------
     def save_history(self, path: str) -> None:
@@ -545,10 +617,11 @@ def _load_part(key: str, target: Any, state: dict[str, Any]) -> None:
 
 
 def _check_model_state(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """The saved model state has exactly this module's keys and shapes (checked before loading)."""
+    """The saved model state has exactly this module's keys and shapes (checked before loading; the plans an
+    in-place model carries are compared by the load itself)."""
     own = module.state_dict()
-    bad = sorted(set(own) ^ set(saved)) + [k for k in own.keys() & saved.keys()
-                                            if tuple(own[k].shape) != tuple(saved[k].shape)]
+    bad = sorted(set(own) ^ set(saved)) + [k for k in own.keys() & saved.keys() if k != PLANS_KEY and
+                                            tuple(own[k].shape) != tuple(saved[k].shape)]
     if bad:
         raise DriverError(f"the checkpoint's model state does not fit the replayed model ({len(bad)} keys differ, "
                           f"e.g. {bad[:3]}): was the driver built over a fresh copy of the original model?")

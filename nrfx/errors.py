@@ -18,6 +18,7 @@ __all__ = [
     "MaskError",
     "BudgetError",
     "PlanError",
+    "OptimizerStateError",
     "RewriteError",
     "UnknownOpWarning",
     "NrfxWarning",
@@ -61,6 +62,10 @@ class PlanError(NrfxError):
 
 class RewriteError(NrfxError):
     """The rewritten module broke an invariant; this is a bug in nrfx, please report it."""
+
+
+class OptimizerStateError(NrfxError):
+    """An optimizer's state cannot follow a rewrite of its parameters (it is not shaped like them)."""
 
 
 class NrfxWarning(UserWarning):

@@ -7,10 +7,16 @@ space (a transformer MLP: ``fc1 → GELU → gate → dropout → fc2``).  A gra
 wrapping modules, because the activation is often not a module of its own (``F.gelu`` in the
 forward), the same code then serves torchvision, timm and user models, and the result is the
 same kind of ``GraphModule`` that ``nrfx.rejuvenate`` returns, with the original submodule
-hierarchy (each gate sits next to its producer: ``mlp.0`` gets ``mlp.0_gate``).
+hierarchy (each gate sits next to its producer: ``mlp.0`` gets ``mlp.0_gate``; a producer that is
+no module call, such as Hugging Face's ``Conv1D`` captured as ``addmm`` with an ``[in, out]``
+weight, is named by the module owning its weight: ``mlp.c_fc_gate``).
 
 ``fold_gates`` multiplies each gate into the input columns of the linear / conv layers that
 read it (``W[:, c] *= g_c``, exact) and removes it: the plain architecture, same function.
+
+A model analysed as islands (``nrfx.islands``) is gated island by island: the result is a copy
+of the model, same class, with each island that gets a gate replaced by its gated GraphModule;
+``fold_gates`` folds every gated GraphModule inside such a model in the same way.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .analysis import Analysis, analyze
+from .capture import Example
 from .errors import NrfxWarning
 from .gates import Gate
+from .islands import IslandAnalysis, record_calls
 from .results import attach
 from .shapeprop import propagate_shapes
 from .srlayers import SR_LAYERS
@@ -75,7 +83,7 @@ def gate_sites(analysis: Analysis) -> list[tuple[str, int, int]]:
     sites = []
     for name, record in analysis.layers("conv", "linear"):
         spaces = analysis.space_ids(record.output) if record.output is not None else []
-        if len(spaces) != 1 or spaces[0] not in wanted or record.transposed:
+        if len(spaces) != 1 or spaces[0] not in wanted or (record.transposed and record.kind != "linear"):
             continue
         out = analysis.state.values[next(n for n in analysis.gm.graph.nodes if n.name == name)]
         weight = analysis.param_info[f"{record.module}.weight" if record.module else record.weight]
@@ -92,6 +100,14 @@ def _gate_path(gm: torch.fx.GraphModule, base: str) -> str:
     return candidate
 
 
+def _producer_path(record: Any, node_name: str) -> str:
+    """Rule: the producer's module, else the owner of its weight (HF ``Conv1D`` runs as ``addmm``), else the node."""
+    if record.module:
+        return record.module
+    owner = (record.weight or "").rpartition(".")[0]
+    return owner or node_name
+
+
 def _has_submodule(gm: nn.Module, path: str) -> bool:
     """Whether ``path`` names a submodule or any other attribute already."""
     parent, _, leaf = path.rpartition(".")
@@ -102,24 +118,52 @@ def _has_submodule(gm: nn.Module, path: str) -> bool:
     return hasattr(owner, leaf)
 
 
-def add_gates(model: nn.Module, example_inputs: Any, **trace_options: Any) -> torch.fx.GraphModule:
+def add_gates(model: nn.Module, example_inputs: Any, **trace_options: Any) -> nn.Module:
     """A copy of ``model`` with an ``nrfx.Gate`` (all ones, same function) in every free space without a signal.
 
     Each gate follows the activation after the conv/linear that produces the space.  Returns a
     GraphModule (``nrfx_gates``: the paths of the gates added); the user's model is not modified.
-    ``trace_options`` are ``analyze``'s (``leaf_modules``, ``concrete_args``, ``autowrap_functions``).
+    A model analysed as islands comes back as a copy of its own class with every gated island a
+    GraphModule (``nrfx_gates``: the gates' paths in the model).  ``trace_options`` are
+    ``analyze``'s (``example_kwargs``, ``capture``, ``leaf_modules``, ``concrete_args``, ``autowrap_functions``).
     """
     clone = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "nrfx can rejuvenate only")  # that is why gates are being added
         analysis = analyze(clone, example_inputs, **trace_options)
+    if isinstance(analysis, IslandAnalysis):
+        return _gate_islands(clone, analysis)
+    gm, added = _gate_graph(analysis)
+    gm.training = model.training
+    attach(gm, nrfx_gates=tuple(added))
+    return gm
+
+
+def _gate_islands(clone: nn.Module, analysis: IslandAnalysis) -> nn.Module:
+    """Rule: each island with a gate site is replaced in ``clone`` by its gated graph; the others stay as they are."""
+    added: list[str] = []
+    for path, island in analysis.islands.items():
+        if not gate_sites(island):
+            continue
+        module = clone.get_submodule(path)
+        gm, gates = _gate_graph(island)
+        gm.train(module.training)
+        parent, _, name = path.rpartition(".")
+        setattr(clone.get_submodule(parent), name, gm)
+        added += [f"{path}.{gate}" for gate in gates]
+    attach(clone, nrfx_gates=tuple(added))
+    return clone
+
+
+def _gate_graph(analysis: Analysis) -> tuple[torch.fx.GraphModule, list[str]]:
+    """Rule: a gate after the activation that follows each gate site's producer, in the analysis' own graph."""
     gm = analysis.gm
     nodes = {n.name: n for n in gm.graph.nodes}
     added = []
     for name, dim, width in gate_sites(analysis):
         producer = nodes[name]
         record = analysis.records[name]
-        path = _gate_path(gm, record.module or name)
+        path = _gate_path(gm, _producer_path(record, name))
         site = _after_activation(gm, producer)
         weight = gm.get_submodule(record.module).weight if record.module else gm.get_parameter(record.weight)
         gm.add_submodule(path, Gate(width, dim, device=weight.device, dtype=weight.dtype))
@@ -129,9 +173,7 @@ def add_gates(model: nn.Module, example_inputs: Any, **trace_options: Any) -> to
         added.append(path)
     gm.graph.lint()
     gm.recompile()
-    gm.training = model.training
-    attach(gm, nrfx_gates=tuple(added))
-    return gm
+    return gm, added
 
 
 def _is_pass(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -150,7 +192,8 @@ class GateFold:
     channels: torch.Tensor  # long, one entry per input channel / feature of the reader; -1: not fed by the gate
 
 
-def fold_gates(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModule:
+def fold_gates(model: nn.Module, example_inputs: Any = None, *,
+               example_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """A copy of a gated model with every foldable gate multiplied into its readers' input columns (W[:, c] *= g_c).
 
     Exact: the same function, without the gate.  A gate folds when everything between it and
@@ -159,10 +202,52 @@ def fold_gates(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphMo
     transpose, indexing), average pools, means and sums over other dims, interpolation, and max
     pools where the gate is ≥ 0.  A gate that cannot fold stays (an ``NrfxWarning`` names it and
     the op that stops it); ``gm.nrfx_gates`` lists those left.  The model is not modified (a model
-    that is not a GraphModule is traced first).
+    that is not a GraphModule is traced first, unless it holds gated GraphModules: the islands
+    ``add_gates`` made, each folded in a copy of the model on the inputs it receives).
     """
+    if not isinstance(model, torch.fx.GraphModule) and _gated_graphs(model):
+        return _fold_islands(model, example_inputs, example_kwargs)
     gm = copy.deepcopy(model) if isinstance(model, torch.fx.GraphModule) else trace(copy.deepcopy(model)).gm
-    values = propagate_shapes(gm, _positional(example_inputs)) if example_inputs is not None else None
+    example = None if example_inputs is None else _as_example(example_inputs, example_kwargs)
+    values = propagate_shapes(gm, example.flat()) if example is not None else None
+    kept = _fold_graph(gm, values)
+    attach(gm, nrfx_gates=tuple(kept))
+    return gm
+
+
+def _gated_graphs(model: nn.Module) -> list[str]:
+    """Paths of the outermost GraphModules inside ``model`` that hold a gate."""
+    found: list[str] = []
+    for path, module in model.named_modules():
+        inside = any(path.startswith(f"{p}.") for p in found)
+        if path and not inside and isinstance(module, torch.fx.GraphModule) and any(
+                isinstance(m, Gate) for m in module.modules()):
+            found.append(path)
+    return found
+
+
+def _fold_islands(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None) -> nn.Module:
+    """Rule: every gated GraphModule of a copy of ``model`` folded on its own, shapes from one recorded forward."""
+    clone = copy.deepcopy(model)
+    paths = _gated_graphs(clone)
+    calls = {} if example_inputs is None else record_calls(clone, _as_example(example_inputs, example_kwargs))
+    kept: list[str] = []
+    for path in paths:
+        gm = clone.get_submodule(path)
+        received = calls.get(id(gm), [])
+        values = propagate_shapes(gm, received[0].flat()) if len(received) == 1 else None
+        kept += [f"{path}.{gate}" for gate in _fold_graph(gm, values)]
+    attach(clone, nrfx_gates=tuple(kept))
+    return clone
+
+
+def _as_example(example_inputs: Any, example_kwargs: dict[str, Any] | None) -> Example:
+    """The model's inputs as an ``Example`` (a tensor becomes a 1-tuple)."""
+    return Example(_positional(example_inputs), dict(example_kwargs or {}))
+
+
+def _fold_graph(gm: torch.fx.GraphModule, values: dict | None) -> list[str]:
+    """Rule: fold every gate of ``gm`` that can fold, in place; return the targets of the gates that stay."""
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -172,7 +257,7 @@ def fold_gates(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphMo
         folds = _gate_folds(gm, node, values, calls)
         if isinstance(folds, str):
             warnings.warn(f"nrfx.fold_gates keeps gate '{node.target}' (node {node.name}): {folds}; it stays in the "
-                          "model (one multiply per channel)", NrfxWarning, stacklevel=2)
+                          "model (one multiply per channel)", NrfxWarning, stacklevel=3)
             kept.append(node.target)
             continue
         _scale_columns(gm.get_submodule(node.target), folds)
@@ -181,8 +266,7 @@ def fold_gates(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphMo
         gm.delete_submodule(node.target)
     gm.graph.lint()
     gm.recompile()
-    attach(gm, nrfx_gates=tuple(kept))
-    return gm
+    return kept
 
 
 def _positional(example_inputs: Any) -> tuple:

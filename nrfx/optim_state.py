@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import NrfxWarning
+from .errors import NrfxWarning, OptimizerStateError
 from .rewrite import ParamMap, copy_block
 from .srlayers import SR_LAYERS, blocks_of, dense_names, join_blocks
 
-__all__ = ["carry_optimizer_state", "copy_group_settings", "dense_parameters", "dense_states", "slice_state"]
+__all__ = ["carry_optimizer_state", "copy_group_settings", "dense_parameters", "dense_states", "slice_state",
+           "inplace_states", "move_inplace_states"]
 
 
 def slice_state(old: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
@@ -143,3 +144,59 @@ def copy_group_settings(old: torch.optim.Optimizer, new: torch.optim.Optimizer) 
         return
     for before, after in zip(old.param_groups, new.param_groups, strict=True):
         after.update({k: v for k, v in before.items() if k != "params"})
+
+
+# -- in place: the user's optimizer object keeps working across a rewrite of its parameters -----
+def _held(optimizer: torch.optim.Optimizer) -> set[int]:
+    """ids of every parameter in the optimizer's groups."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def inplace_states(optimizer: torch.optim.Optimizer, before: dict[str, DenseParam], param_map: dict[str, ParamMap],
+                   carry_state: bool = True) -> dict[str, dict[str, Any] | None]:
+    """Per dense parameter the optimizer holds that the rewrite resizes or re-splits: its state at the new shape.
+
+    Called before anything changes.  None means "start fresh" (``carry_state=False``, or no state
+    yet); a state that cannot be sliced slot by slot raises, naming ``carry_state=False``.
+    """
+    held = _held(optimizer)
+    states: dict[str, dict[str, Any] | None] = {}
+    for name, entry in before.items():
+        pmap = param_map.get(name)
+        if not any(id(p) in held for _, p in entry[3]) or (pmap is None and not isinstance(entry[0], SR_LAYERS)):
+            continue
+        has_state = any(optimizer.state.get(p) for _, p in entry[3])
+        state = _joined_state(optimizer, entry) if carry_state and has_state else None
+        carried = _carry_one(state, entry[2], pmap) if state is not None else None
+        if carry_state and has_state and carried is None:
+            raise OptimizerStateError(
+                f"{type(optimizer).__name__}'s state of '{name}' is not shaped like the parameter, so it cannot be "
+                "sliced to the surviving channels: pass carry_state=False (resized parameters start with fresh state)")
+        states[name] = carried
+    return states
+
+
+def move_inplace_states(optimizer: torch.optim.Optimizer, before: dict[str, DenseParam],
+                        after: dict[str, DenseParam], states: dict[str, dict[str, Any] | None]) -> None:
+    """Rule: groups keep every parameter that survives (same object) in place, a new block joins the group of
+    its dense parameter right after it, a gone one leaves; the rewritten parameters get ``states``."""
+    survivors = {id(p) for entry in after.values() for _, p in entry[3]}
+    known = {id(p) for entry in before.values() for _, p in entry[3]}
+    owner = {id(p): name for name, entry in before.items() for _, p in entry[3]}
+    extra = {name: [p for _, p in after[name][3] if id(p) not in known] for name in states if name in after}
+    for name in after.keys() - before.keys():  # a parameter the rewrite created (a folded bias): beside its weight
+        sibling = f"{name.rpartition('.')[0]}.weight".lstrip(".")
+        if sibling in before:
+            extra.setdefault(sibling, []).extend(p for _, p in after[name][3])
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if id(p) not in owner or id(p) in survivors:
+                params.append(p)
+            params.extend(extra.pop(owner.get(id(p)), []))
+        group["params"][:] = params  # the same list object: LBFGS and wrappers keep a reference to it
+    for name, state in states.items():
+        for _, p in before[name][3]:
+            optimizer.state.pop(p, None)
+        if state is not None and name in after:
+            optimizer.state.update(_split_state(after[name], state))

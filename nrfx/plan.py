@@ -18,6 +18,7 @@ replayable on the original model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -28,10 +29,11 @@ import torch
 
 from .cost import CostModel
 from .errors import BudgetError, NrfxWarning, PlanError
-from .plan_check import PLAN_VERSION, check_align, check_gamma0, check_plan_data, check_seed
+from .fold import probe_constants, split_folds, unfoldable_channels
+from .plan_check import PLAN_VERSION, check_align, check_constants, check_gamma0, check_plan_data, check_seed
 
 __all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "align_steps", "check_align", "check_gamma0",
-           "check_seed", "SCHEMES"]
+           "check_seed", "check_constants", "SCHEMES"]
 
 SCHEMES = ("nr", "cr", "ca")
 
@@ -127,6 +129,7 @@ class Plan:
     folds: dict[str, dict[str, float]] | None = None
     capture: str = "fx"
     align: int = 1
+    constants: str = "drop"
     version: int = PLAN_VERSION
 
     def __repr__(self) -> str:
@@ -302,33 +305,47 @@ def _fill(cost: CostModel, units, counts, steps, live, alpha: float, total: int,
 
 def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bool = False,
               gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None,
-              align: int = 8) -> Plan:
+              align: int = 8, constants: str = "drop") -> Plan:
     """The rejuvenation plan for an analysed model under masks and a budget.
 
     ``masks=None``: the masks are read from the norm scales of ``model`` now (not when it was analysed).
     ``align``: every resized space whose width is a multiple of it stays one, and so do its S and
     R parts (survivors rounded up with the most alive dead channels); ``align=1`` is the paper's
-    exact allocation.
+    exact allocation.  ``constants="keep"``: dead channels whose constant output no consumer can
+    absorb exactly (``nrfx.fold``) survive and count in the budget; the model runs once on the
+    analysis' example inputs to find them and the plan carries its folds.  ``"drop"`` (the paper's
+    behaviour, default): they are removed, and the plan is a pure function of its inputs.
     """
     gamma0 = check_gamma0(gamma0)
     align = check_align(align)
     seed = check_seed(seed)
+    constants = check_constants(constants)
     if scheme not in SCHEMES:
         raise PlanError(f"unknown scheme {scheme!r}; use one of {SCHEMES} (nr: cross connections kept, "
                         "cr: removed, ca: cross attention)")
     kind, value = Budget.coerce(budget).resolve(analysis)
+    masks = analysis.masks_from(model) if masks is None else masks
+    options = {"scheme": scheme, "rescale": bool(rescale), "realloc": bool(realloc), "seed": seed, "gamma0": gamma0,
+               "align": align, "constants": constants}
+    build = lambda alive: _allocate(analysis, model, alive, kind, value, options)  # noqa: E731
+    alive = [a.clone() for a in analysis.alive(masks)]
+    plan = build(alive)
+    return plan if constants == "drop" else _keep_constants(analysis, plan, alive, build)
+
+
+def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int, options: dict[str, Any]) -> Plan:
+    """The plan for given live channels per space: survivors (aligned), α and the widths it gives."""
     cost = analysis.cost_model(kind)
     units = planning_units(analysis)
     scores = _space_scores(analysis, model)
-    masks = analysis.masks_from(model) if masks is None else masks
     full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]
-    steps = align_steps(units, full, align)
-    survivors = _survivors(analysis, units, analysis.alive(masks), scores)
+    steps = align_steps(units, full, options["align"])
+    survivors = _survivors(analysis, units, alive, scores)
     kept = [_aligned_survivors(blocks, step, n, _block_scores(unit, scores))
             for unit, blocks, step, n in zip(units, survivors, steps, full, strict=True)]
     live = [len(k) for k in kept]
     total = len(analysis.spaces)
-    if realloc:
+    if options["realloc"]:
         alpha, counts = _solve(cost, units, live, full, steps, total, value)
     else:
         alpha, counts = 1.0, list(full)
@@ -340,13 +357,41 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     widths = _space_widths(units, counts, total)
     grow = [w - len(k) for k, w in zip(keep, widths, strict=True)]
     return Plan(
-        scheme=scheme, rescale=bool(rescale), realloc=bool(realloc), seed=seed,
-        gamma0=gamma0, budget_kind=kind, budget=value, alpha=alpha, widths=[s.width for s in analysis.spaces],
+        **options, budget_kind=kind, budget=value, alpha=alpha, widths=[s.width for s in analysis.spaces],
         keep=keep, grow=grow, cost_before=cost([s.width for s in analysis.spaces]),
         cost_live=cost(_space_widths(units, [len(b) for b in survivors], total)), cost_after=cost(widths),
         input_shapes=[list(s) for s in analysis.input_shapes], capture=getattr(analysis, "capture", "fx"),
-        align=align,
     )
+
+
+def _keep_constants(analysis, plan: Plan, alive: list[torch.Tensor], build) -> Plan:
+    """constants="keep": removed channels whose constant no consumer folds exactly turn alive; replanned till none."""
+    constants = probe_constants(analysis, plan)
+    if constants is None:  # no norm or layer can emit a constant: nothing to keep, nothing to fold
+        return dataclasses.replace(plan, folds={})
+    kept: set[tuple[int, int]] = set()
+    while True:
+        found = {(s, c) for s, cs in unfoldable_channels(analysis.gm, analysis, plan, constants).items() for c in cs}
+        if not found - kept:
+            break
+        kept |= found
+        _force_alive(analysis, alive, found)
+        plan = build(alive)
+    notes = [f"constants=keep: {len(kept)} dead channels whose output cannot be folded exactly are kept"]
+    if found:
+        notes.append(f"constants=keep: the budget is below the live cost; {len(found)} of them are still removed")
+    folds, _ = split_folds(analysis.gm, analysis, plan, constants)
+    return dataclasses.replace(plan, folds=folds, notes=[*plan.notes, *(notes if kept else [])])
+
+
+def _force_alive(analysis, alive: list[torch.Tensor], channels: set[tuple[int, int]]) -> None:
+    """Mark (space, channel) pairs alive, with their whole block in every space of the planning unit."""
+    for s, c in channels:
+        space = analysis.spaces[s]
+        block = c // space.block
+        for other in analysis.spaces:
+            if other.unit == space.unit:
+                alive[other.index][block * other.block:(block + 1) * other.block] = True
 
 
 def _strongest(keep: list[int], width: int, score: torch.Tensor) -> list[int]:

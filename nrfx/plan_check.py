@@ -5,8 +5,9 @@ checks a dict field by field (a ``PlanError`` names the first bad field and what
 ``check_plan_fits`` checks a plan against the analysed model it is replayed on: widths, whole
 groups, frozen spaces untouched, folds on layers that exist, and a size no larger than the plan's
 own budget allows (and never over ``MAX_GROWTH`` × the model's parameters).  Nothing in a plan is
-ever executed or imported.  The option checks (``check_seed``, ``check_align``, ``check_gamma0``)
-live here too: ``make_plan`` and the driver use the same ones.
+ever executed or imported.  The option checks (``check_seed``, ``check_align``, ``check_gamma0``,
+``check_constants``) live here too: ``make_plan`` and the driver use the same ones.  A plan written
+before a field existed reads as it was built: ``align`` 1, ``constants`` "drop".
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from typing import Any
 from .errors import PlanError
 from .maps import dim_map
 
-__all__ = ["PLAN_VERSION", "MAX_GROWTH", "check_plan_data", "check_plan_fits", "check_seed", "check_align",
-           "check_gamma0"]
+__all__ = ["PLAN_VERSION", "MAX_GROWTH", "CONSTANTS", "check_plan_data", "check_plan_fits", "check_seed",
+           "check_align", "check_gamma0", "check_constants"]
 
 PLAN_VERSION = 1
 MAX_GROWTH = 64  # a replayed plan never builds a model of more than this many times the original's parameters
 _SCHEMES = ("nr", "cr", "ca")
 _CAPTURES = ("fx", "export")
+CONSTANTS = ("drop", "keep")  # dead channels whose constant cannot be folded exactly: removed (the paper) or kept
 
 
 def _fail(field: str, must: str, value: Any) -> PlanError:
@@ -39,7 +41,7 @@ def _is_int(value: Any, low: int = 0, high: int | None = None) -> bool:
 
 
 def _check_scalars(data: dict[str, Any]) -> None:
-    """scheme, flags, seed, γ0, budget and costs, α, capture, align, version."""
+    """scheme, flags, seed, γ0, budget and costs, α, capture, align, constants, version."""
     if data["scheme"] not in _SCHEMES:
         raise _fail("scheme", f"one of {_SCHEMES}", data["scheme"])
     for key in ("rescale", "realloc"):
@@ -60,6 +62,8 @@ def _check_scalars(data: dict[str, Any]) -> None:
     if data.get("capture", "fx") not in _CAPTURES:
         raise _fail("capture", f"one of {_CAPTURES}", data.get("capture"))
     check_align(data.get("align", 1))
+    if data.get("constants", "drop") not in CONSTANTS:  # plans written before the field: "drop", as they were built
+        raise _fail("constants", f"one of {CONSTANTS}", data.get("constants"))
     if data.get("version", PLAN_VERSION) != PLAN_VERSION:
         raise _fail("version", f"{PLAN_VERSION} (this nrfx reads plans of version {PLAN_VERSION})", data.get("version"))
 
@@ -128,9 +132,18 @@ def check_gamma0(gamma0: Any) -> float | str | None:
                     f"the median |γ| of its surviving channels), got {gamma0!r}")
 
 
+def check_constants(constants: Any) -> str:
+    """``constants``: "drop" (unfoldable constants of dead channels dropped, warned: the paper) or "keep" (exact)."""
+    if isinstance(constants, str) and constants in CONSTANTS:
+        return constants
+    raise PlanError(f"constants must be 'drop' (dead channels whose constant output cannot be folded exactly are "
+                    f"removed anyway, the paper's behaviour) or 'keep' (such channels survive: exact), "
+                    f"got {constants!r}")
+
+
 REQUIRED = ("scheme", "rescale", "realloc", "seed", "gamma0", "budget_kind", "budget", "alpha", "widths", "keep",
             "grow", "cost_before", "cost_live", "cost_after", "input_shapes")
-OPTIONAL = ("notes", "folds", "capture", "align", "version")
+OPTIONAL = ("notes", "folds", "capture", "align", "constants", "version")
 
 
 def check_plan_data(data: Any) -> dict[str, Any]:

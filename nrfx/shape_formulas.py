@@ -252,6 +252,32 @@ def _layer_norm(x, normalized_shape, weight=None, bias=None, *args, **kwargs):
     return _same(x)
 
 
+def _pow(x, exponent, *args, **kwargs):
+    """x ** p with a number exponent: x's shape (a tensor exponent, or an int tensor, falls back: promotion)."""
+    if args or kwargs or isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
+        return None
+    return _same(x)
+
+
+def _addmm(bias, x, weight, *args, **kwargs):
+    """addmm(b, x, W): (n, k) @ (k, m) -> (n, m) when b is (m,) or a scalar-like (1,) (beta/alpha keep it)."""
+    if args or set(kwargs) - {"beta", "alpha"} or not all(_float(t) for t in (bias, x, weight)):
+        return None
+    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[0] or len({bias.dtype, x.dtype, weight.dtype}) > 1:
+        return None
+    out = (x.shape[0], weight.shape[1])
+    return _empty(out, x.dtype) if _broadcast(bias.shape, out) == out else None
+
+
+def _masked_fill(x, mask, value, *args, **kwargs):
+    """masked_fill: x's shape when the bool mask broadcasts to it and the value is a number."""
+    if args or kwargs or not _float(x) or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return _same(x) if _broadcast(x.shape, mask.shape) == tuple(x.shape) else None
+
+
 def _unary(x, *args, **kwargs):
     """Channel-wise function whose extra arguments are plain numbers (slopes, p, inplace)."""
     values = list(args) + [v for k, v in kwargs.items() if k != "approximate"]
@@ -298,6 +324,11 @@ FORMULAS.method("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "sqrt", "
 FORMULAS.method("add", "sub", "mul", "div")(_binary)
 FORMULAS.method("add_", "sub_", "mul_", "div_")(_inplace_binary)
 FORMULAS.method("matmul")(_matmul)
+FORMULAS.function(torch.pow, operator.pow)(_pow)
+FORMULAS.method("pow")(_pow)
+FORMULAS.function(torch.addmm)(_addmm)
+FORMULAS.function(torch.masked_fill)(_masked_fill)
+FORMULAS.method("masked_fill")(_masked_fill)
 FORMULAS.method("softmax", "log_softmax")(_softmax)
 
 

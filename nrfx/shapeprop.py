@@ -11,7 +11,7 @@ one node the same way under ``FlopCounterMode`` (2 FLOPs = 1 MAC).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,8 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ShapeError, error_frames, frame_line, node_location, user_frame
 from .shape_formulas import function_shape, method_shape, module_shape
 
-__all__ = ["propagate_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched", "in_eval_mode",
-           "hooks_silenced", "buffer_values", "restore_buffer_values"]
+__all__ = ["propagate_shapes", "probe_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched",
+           "in_eval_mode", "hooks_silenced", "buffer_values", "restore_buffer_values"]
 
 
 def to_meta(value: Any) -> Any:
@@ -118,14 +118,27 @@ def buffer_values(module: nn.Module) -> list[BufferValue]:
 
 
 def restore_buffer_values(values: list[BufferValue]) -> list[str]:
-    """Rule: a buffer a forward updated in place (its version moved) gets its data back; returns their names."""
+    """Rule: a buffer a forward updated in place gets its data back; returns their names.
+
+    Updated means its version moved or its data changed: a kernel that writes a buffer itself (BatchNorm's
+    running stats in training) does not move the version.
+    """
     changed = []
     with torch.no_grad():
         for name, buffer, version, data in values:
-            if buffer._version != version:
+            if buffer._version != version or not _same(buffer, data):
                 buffer.copy_(data)
                 changed.append(name)
     return changed
+
+
+def _same(buffer: torch.Tensor, data: torch.Tensor) -> bool:
+    """Whether a buffer still holds ``data`` (same shape, equal values, NaN where ``data`` has NaN)."""
+    if buffer.shape != data.shape or buffer.dtype != data.dtype:
+        return False
+    if not buffer.is_floating_point():
+        return torch.equal(buffer, data)
+    return bool(((buffer == data) | (buffer.isnan() & data.isnan())).all())
 
 
 def _contents(module: nn.Module) -> list[tuple[dict | list, dict | list]]:
@@ -224,6 +237,35 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     except Exception as error:  # reported with the failing node
         raise _shape_error(interpreter, example_inputs, error, auto_leaves or {}) from error
     return interpreter.env
+
+
+Adjust = Callable[[torch.fx.Node, tuple, dict], tuple[tuple, dict]]
+
+
+class _ProbeInterpreter(_MetaInterpreter):
+    """The meta interpreter, with each node's arguments passed through ``adjust`` before it runs."""
+
+    def __init__(self, gm: torch.fx.GraphModule, adjust: Adjust) -> None:
+        super().__init__(gm)
+        self.adjust = adjust
+
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return self.adjust(n, args, kwargs) if n.op.startswith("call_") else (args, kwargs)
+
+
+def probe_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any], adjust: Adjust
+                 ) -> tuple[Any, tuple[torch.fx.Node, BaseException] | None]:
+    """Rule: run the graph on meta tensors, ``adjust(node, args, kwargs)`` deciding each call's arguments; return
+    (the output, None), or (None, (the failing node, its error)) where it fails: a probe, never a ShapeError."""
+    interpreter = _ProbeInterpreter(gm, adjust)
+    try:
+        with torch.no_grad():
+            out = interpreter.run(*[to_meta(x) for x in inputs], enable_io_processing=False)
+    except Exception as error:  # the probe reports where the graph stops
+        node = _failing_node(interpreter)
+        return None, (node, error)
+    return out, None
 
 
 def _shape_error(interpreter: _MetaInterpreter, example_inputs: Sequence[Any], error: BaseException,

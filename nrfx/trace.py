@@ -11,6 +11,7 @@ Shapes are propagated afterwards by ``nrfx.shapeprop``.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import inspect
 import keyword
@@ -183,6 +184,21 @@ def _user_frame(error: BaseException) -> str:
     return frame_line(frame) if frame is not None else "unknown location"
 
 
+def drop_stale_wraps() -> int:
+    """Rule: a ``torch.fx.wrap`` registration whose globals lack the name is dropped (it breaks every later trace).
+
+    A recompiled GraphModule that calls a wrapped function of torch itself (fx's ``_assert_is_none``,
+    emitted for ``concrete_args`` of None) registers it under its dotted name in its generated
+    code's globals, where no such name exists; every ``symbolic_trace`` in the process then fails
+    with a KeyError (pytorch/pytorch#130701).  Returns how many were dropped.
+    """
+    table = torch.fx._symbolic_trace._wrapped_fns_to_patch
+    stale = [key for key, frame in table.items() if key[1] not in frame and not hasattr(builtins, key[1])]
+    for key in stale:
+        del table[key]
+    return len(stale)
+
+
 def trace(
     model: nn.Module,
     leaf_modules: Iterable[type | str] = (),
@@ -192,6 +208,7 @@ def trace(
     """Symbolically trace ``model``; untraceable submodules become leaves, the root cannot."""
     leaves = list(leaf_modules)
     auto: dict[str, str] = {}
+    drop_stale_wraps()
     for _ in range(_MAX_AUTO_LEAVES):
         tracer = NrfxTracer(leaves, autowrap_functions)
         versions = [(name, b, b._version) for name, b in model.named_buffers()]  # an in-place update moves these

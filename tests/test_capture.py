@@ -325,3 +325,19 @@ def test_fx_keeps_dict_subclass_and_dataclass_outputs():
     assert list(numbered) == ["0", "pool"]
     assert type(first) is _Dict and list(first) == ["out", "pooled"] and isinstance(second, _Out)
     torch.testing.assert_close(second.logits, model(x)[1].logits)
+
+
+def test_a_stale_fx_wrap_registration_does_not_break_tracing():
+    """pytorch#130701: generated code can register ``wrap("torch.fx._symbolic_trace._assert_is_none")`` in globals
+    that lack that name; torch's next trace then fails with a KeyError. nrfx drops such entries before tracing."""
+    table = torch.fx._symbolic_trace._wrapped_fns_to_patch
+    frame: dict = {}
+    table[(id(frame), "torch.fx._symbolic_trace._assert_is_none")] = frame
+    try:
+        with pytest.raises(KeyError):
+            torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+        analysis = nrfx.analyze(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.randn(2, 3, 4, 4),
+                                capture="fx")
+        assert analysis.capture == "fx" and (id(frame), "torch.fx._symbolic_trace._assert_is_none") not in table
+    finally:
+        table.pop((id(frame), "torch.fx._symbolic_trace._assert_is_none"), None)

@@ -38,15 +38,20 @@ def _snapshot(nr: NeuralRejuvenation) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in nr.module.named_parameters()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    """Train on rank-specific data until a rejuvenation, 30 steps more; save parameter snapshots."""
+def _worker(rank: int, port: int, out: str, inplace: bool) -> None:
+    """Train on rank-specific data until a rejuvenation, 30 steps more; save parameter snapshots.
+
+    In place, the driver keeps the rank's own model and optimizer objects and rebuilds the DDP wrapper.
+    """
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        nr = NeuralRejuvenation(_cnn(), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        model = _cnn()
+        nr = NeuralRejuvenation(model, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
                                 example_inputs=torch.zeros(2, 1, 8, 8), interval=10, delta_lambda=3e-3,
-                                seed=11, wrap=ddp_wrapper())
+                                seed=11, wrap=ddp_wrapper(), inplace=inplace)
+        optimizer, wrapper = nr.optimizer, nr.model
         projection = torch.randn(64, 2, generator=torch.Generator().manual_seed(123))
         data = torch.Generator().manual_seed(100 + rank)  # every rank sees different batches
         snapshots, after = {}, 0
@@ -60,6 +65,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             if nr.rounds and "rejuvenated" not in snapshots:
                 snapshots["rejuvenated"] = _snapshot(nr)
                 snapshots["wrapped"] = isinstance(nr.model, nn.parallel.DistributedDataParallel)
+                snapshots["same_objects"] = nr.module is model and nr.optimizer is optimizer
+                snapshots["new_wrapper"] = nr.model is not wrapper and nr.model.module is nr.module
             after += bool(nr.rounds)
             if after == 30:
                 break
@@ -69,10 +76,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ranks_stay_identical_through_rejuvenation(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ranks_stay_identical_through_rejuvenation(tmp_path, inplace):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), inplace), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    assert all(r["rounds"] >= 1 and r["wrapped"] for r in ranks)
+    assert all(r["rounds"] >= 1 and r["wrapped"] and r["new_wrapper"] for r in ranks)
+    assert all(r["same_objects"] == inplace for r in ranks)
     assert ranks[0]["history"] == ranks[1]["history"]
     for key in ("rejuvenated", "final"):
         first, second = ranks[0][key], ranks[1][key]

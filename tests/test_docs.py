@@ -111,7 +111,9 @@ def python_blocks(path: Path) -> list[str]:
     return _FENCE.findall(path.read_text())
 
 
-DOC_FILES = ["concepts.md", "op-rules.md", "cost.md", "api.md", "rejuvenate.md", "capture.md", "driver.md"]
+DOC_FILES = ["concepts.md", "op-rules.md", "cost.md", "api.md", "rejuvenate.md", "capture.md", "driver.md",
+             "integrations.md"]
+NEEDS = {"integrations.md": ("lightning", "transformers")}  # optional extras a file's examples import
 
 
 @pytest.mark.parametrize("name", DOC_FILES)
@@ -122,6 +124,8 @@ def test_doc_exists_with_content(name):
 
 @pytest.mark.parametrize("name", DOC_FILES)
 def test_python_examples_run(name):
+    for package in NEEDS.get(name, ()):
+        pytest.importorskip(package)
     namespace: dict = {"__name__": f"docs_{name.replace('-', '_').replace('.', '_')}"}
     blocks = python_blocks(DOCS / name)
     assert blocks, f"docs/{name} has no python example"

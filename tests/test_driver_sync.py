@@ -101,7 +101,7 @@ def test_step_costs_the_same_number_of_aten_calls_whatever_the_norm_count():
         backward(nr, seed=1)
         optimizer = recorded(nr.optimizer.step)
         backward(nr, seed=2)
-        penalty = recorded(nr._penalize)
+        penalty = recorded(nr.penalize)
         assert len(step) == len(optimizer) + len(penalty)  # step adds nothing but the penalty
         assert len(penalty) <= 3 and all(op.startswith("aten::_foreach_") for op in penalty)
         counts[blocks] = (len(step) - len(optimizer), sorted(penalty))

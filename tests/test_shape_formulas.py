@@ -75,6 +75,10 @@ FUNCTION_CASES = [
     (F.layer_norm, (meta(2, 3, 4), (4,))),
     (F.leaky_relu, (meta(2, 3), 0.2)),
     (torch.sigmoid, (meta(2, 3),)),
+    (torch.pow, (meta(2, 3), 3)),
+    (operator.pow, (meta(2, 3), 0.5)),
+    (torch.addmm, (meta(6), meta(4, 5), meta(5, 6))),
+    (torch.masked_fill, (meta(2, 3, 4), meta(2, 1, 4, dtype=torch.bool), 0.0)),
 ]
 
 
@@ -90,6 +94,9 @@ def test_method_formulas_match_the_meta_kernel():
     assert _same(method_shape("add_", (x, y), {}), x.clone().add_(y))
     assert _same(method_shape("softmax", (x, 1), {}), x.softmax(1))
     assert _same(method_shape("matmul", (x, meta(3, 4)), {}), x @ meta(3, 4))
+    assert _same(method_shape("pow", (x, 2), {}), x.pow(2))
+    mask = meta(1, 3, dtype=torch.bool)
+    assert _same(method_shape("masked_fill", (x, mask, 1.0), {}), x.masked_fill(mask, 1.0))
 
 
 DECLINED = [
@@ -117,6 +124,12 @@ def test_module_formula_declines(module, args, why):
     (torch.bmm, (meta(2, 3, 4), meta(1, 4, 5))),  # bmm does not broadcast
     (operator.matmul, (meta(3, 4), meta(5, 6))),  # inner sizes differ
     (F.softmax, (meta(2, 3),)),  # implicit dim
+    (torch.pow, (meta(2, 3), meta(3))),  # a tensor exponent: broadcasting and promotion left to the kernel
+    (torch.pow, (2, meta(3))),  # a number base
+    (torch.addmm, (meta(6), meta(4, 5), meta(4, 6))),  # inner sizes differ
+    (torch.addmm, (meta(5), meta(4, 5), meta(5, 6))),  # the bias does not broadcast to the output
+    (torch.masked_fill, (meta(2, 3), meta(4, 2, 3, dtype=torch.bool), 0.0)),  # the mask would grow the result
+    (torch.masked_fill, (meta(2, 3), meta(2, 3), 0.0)),  # a float mask: the kernel raises
 ])
 def test_function_formula_declines(fn, args):
     """Mismatched or ambiguous calls are left to the meta kernel."""

@@ -1,4 +1,5 @@
-"""Third-party models (Hugging Face transformers 5, ultralytics YOLO, torchvision segmentation / video /
+"""Third-party models (Hugging Face transformers 5, T5 and Whisper with key/value caches in their outputs
+(GPT-2: tests/test_decoders.py), ultralytics YOLO, torchvision segmentation / video /
 optical flow, segmentation-models-pytorch): capture, exact costs, function-preserving rejuvenation.
 
 Every model is built from a tiny config (no weights, nothing downloaded) in float64 (RAFT, which
@@ -78,6 +79,16 @@ def _bert_inputs(batch: int) -> tuple[tuple, dict]:
     return (ids,), {"attention_mask": mask}
 
 
+def _seq2seq_inputs(batch: int) -> tuple[tuple, dict]:
+    """Encoder tokens and decoder tokens (T5): the output holds an EncoderDecoderCache (nrfx.caches)."""
+    return (torch.randint(0, 128, (batch, 8)),), {"decoder_input_ids": torch.randint(0, 128, (batch, 5))}
+
+
+def _audio_inputs(batch: int) -> tuple[tuple, dict]:
+    """Whisper: 2 × max_source_positions frames of num_mel_bins features, and decoder tokens."""
+    return (torch.randn(batch, 16, 32, dtype=torch.float64),), {"decoder_input_ids": torch.randint(0, 128, (batch, 5))}
+
+
 def _yolo(yaml: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         tasks = pytest.importorskip("ultralytics.nn.tasks")
@@ -133,6 +144,14 @@ CASES: dict[str, Case] = {
     "hf_resnet": Case(_hf("ResNetConfig", "ResNetForImageClassification", embedding_size=16,
                           hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10),
                       _images(32), "fx"),
+    "hf_t5": Case(_hf("T5Config", "T5ForConditionalGeneration", d_model=32, d_ff=64, num_layers=2, num_heads=4,
+                      vocab_size=128, d_kv=8),
+                  _seq2seq_inputs, "export"),
+    "hf_whisper": Case(_hf("WhisperConfig", "WhisperForConditionalGeneration", d_model=32, encoder_layers=2,
+                           decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
+                           vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
+                       _audio_inputs, "export"),
     "hf_swin": Case(_hf("SwinConfig", "SwinForImageClassification", image_size=32, patch_size=2, embed_dim=16,
                         depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=10),
                     _images(32), "export"),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..specs import TensorSpec, Zero
-from .common import broadcast
+from .common import broadcast, copy_zero
 from .registry import function_rule, method_rule, module_rule
 
 __all__: list[str] = []
@@ -170,3 +170,63 @@ method_rule("eq", "ne", "lt", "le", "gt", "ge")(_compare)
 def assertion(ctx, node):
     """torch._assert(condition, message): a check with no value, no channels."""
     return None
+
+
+# logical / bitwise: 0 & y = 0 (zero where any operand is), 0 | 0 = 0 (zero where every operand is)
+function_rule(operator.and_, operator.iand, torch.bitwise_and, torch.logical_and)(_MUL)
+function_rule(operator.or_, operator.ior, torch.bitwise_or, torch.logical_or)(_ADD)
+method_rule("bitwise_and", "bitwise_and_", "logical_and", "logical_and_")(_MUL)
+method_rule("bitwise_or", "bitwise_or_", "logical_or", "logical_or_")(_ADD)
+
+
+@function_rule(torch.pow, operator.pow, operator.ipow)
+@method_rule("pow", "pow_")
+def power(ctx, node):
+    """x ** p: a number exponent is channel-wise (zeros kept when p > 0); tensor operands broadcast, zeros lost."""
+    if not isinstance(ctx.out, torch.Tensor):
+        return None
+    base, exponent = ctx.arg(0, "input"), ctx.arg(1, "exponent")
+    if isinstance(ctx.spec(base), TensorSpec) and not isinstance(ctx.value(exponent), torch.Tensor):
+        literal = isinstance(exponent, (int, float)) and not isinstance(exponent, bool)
+        return _unary(ctx, node, literal and exponent > 0)
+    spec = broadcast(ctx, [base, exponent], "and")
+    return ctx.tensor(spec.shape, spec.dims)
+
+
+@function_rule(torch.masked_fill)
+@method_rule("masked_fill", "masked_fill_")
+def masked_fill(ctx, node):
+    """x.masked_fill(mask, v): x and the (broadcast) mask tie aligned channel dims; zeros kept only when v is 0."""
+    if not isinstance(ctx.out, torch.Tensor):
+        return ctx.blank(ctx.out)
+    value = ctx.arg(2, "value")
+    spec = broadcast(ctx, [node.args[0], ctx.arg(1, "mask")], "first")
+    if isinstance(value, (int, float)) and value == 0:
+        return spec
+    return ctx.tensor(spec.shape, spec.dims)
+
+
+@method_rule("copy_")
+def copy_(ctx, node):
+    """dst.copy_(src): aligned channel dims of dst and src tie (a plain one freezes the other); zeros are src's.
+
+    Later readers of ``dst`` read the copied values: they get the result's spec.
+    """
+    dst, src = ctx.spec(node.args[0]), ctx.spec(ctx.arg(1, "src"))
+    if not isinstance(dst, TensorSpec):
+        return ctx.blank(ctx.out)
+    dims, zeros = [], []
+    for d, dst_layout in enumerate(dst.dims):
+        k = d - (dst.ndim - src.ndim) if isinstance(src, TensorSpec) else -1
+        if k < 0 or src.shape[k] != dst.shape[d]:  # src broadcast along d: no channel of src to tie
+            dims.append(dst_layout)
+            zeros.append(None if dst_layout is None else Zero("none"))
+        elif dst_layout is None and src.dims[k] is None:
+            dims.append(None)
+            zeros.append(None)
+        else:
+            dims.append(ctx.unify(dst_layout, src.dims[k], "tied by copy_"))
+            zeros.append(copy_zero(ctx, src, k) if src.dims[k] is not None and dst_layout is not None else Zero("none"))
+    spec = ctx.tensor(dst.shape, tuple(dims), tuple(zeros))
+    ctx.specs[node.args[0]] = spec
+    return spec

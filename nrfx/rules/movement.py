@@ -1,4 +1,5 @@
-"""Rules for ops that move, merge, cut or reduce dims: cat, split, getitem, view, permute, pool."""
+"""Rules for ops that move, merge, cut, scan or reduce dims (cat, split, view, permute, pool, cumsum, gather…),
+and for parameter products outside any module (addmm: HF Conv1D; F.embedding)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..records import SliceRecord
+from ..records import LayerRecord, SliceRecord
 from ..spaces import Layout
 from ..specs import Segment, TensorSpec, Zero
-from .common import SizeSpec, copy_zero, move, norm_dim, tensor_args
+from .common import SizeSpec, copy_zero, move, norm_dim, param_of, tensor_args
+from .layers import _linear
 from .registry import function_rule, method_rule, module_rule
 
 __all__: list[str] = []
@@ -23,8 +25,9 @@ __all__: list[str] = []
 @function_rule(torch.cat, torch.concat, torch.concatenate)
 def cat(ctx, node):
     """cat along a channel dim: the output layout is the inputs' atoms in order; other dims tie."""
-    tensors = tensor_args(ctx, ctx.arg(0, "tensors"))
     out = ctx.out
+    tensors = [(spec, n) for spec, n in tensor_args(ctx, ctx.arg(0, "tensors"))
+               if not (out.ndim > 1 and tuple(spec.shape) == (0,))]  # torch skips a legacy empty 1-d input
     dim = norm_dim(ctx.arg(1, "dim", 0), out.ndim)
     dims, zeros = [], []
     for d in range(out.ndim):
@@ -656,3 +659,159 @@ def factory_method(ctx, node):
     if node.target in ("bernoulli_", "uniform_", "normal_", "fill_", "zero_") and isinstance(x, TensorSpec):
         return ctx.tensor(x.shape, x.dims)
     return ctx.blank(ctx.out)
+
+
+@function_rule(torch.linalg.vector_norm, torch.norm)
+def vector_norm(ctx, node):
+    """vector_norm(x, ord, dim): a reduction; a channel dim in ``dim`` freezes, other channels pass (‖0‖ = 0)."""
+    keepdim = bool(ctx.arg(3, "keepdim", False)) or _keeps(ctx, node)
+    return _reduce(ctx, node, ctx.arg(2, "dim", None), keepdim)
+
+
+# -- scans, rolls, gathers, repeats -------------------------------------------------------------------
+def _along(ctx, node, dims, reason: str, keeps_zero: bool = True) -> TensorSpec:
+    """An op along ``dims`` (None: the flattened tensor): channel dims there freeze, the others pass."""
+    x = ctx.spec(node.args[0])
+    if not isinstance(x, TensorSpec):
+        return ctx.blank(ctx.out)
+    along = range(x.ndim) if dims is None else [norm_dim(int(d), x.ndim) for d in dims]
+    spec = ctx.like(x, tuple(ctx.out.shape))
+    zeros = list(spec.zero)
+    for d in along:
+        ctx.freeze(x.dims[d], reason)
+        zeros[d] = None if x.dims[d] is None else Zero("none")
+    if not keeps_zero:
+        zeros = [None if z is None else Zero("none") for z in zeros]
+    return ctx.tensor(spec.shape, spec.dims, tuple(zeros))
+
+
+@function_rule(torch.cumsum, torch.cumprod)
+@method_rule("cumsum", "cumsum_", "cumprod", "cumprod_")
+def cumulative(ctx, node):
+    """cumsum / cumprod along a dim: along channels it freezes (channel c reads those before it); else channels pass."""
+    return _along(ctx, node, [ctx.arg(1, "dim")], "cumulative sum or product along channels")
+
+
+@function_rule(torch.diff)
+@method_rule("diff")
+def diff(ctx, node):
+    """diff along a dim: along channels it freezes (neighbours subtract); else channels pass, zeros kept."""
+    ends = [ctx.arg(3, "prepend"), ctx.arg(4, "append")]
+    for end in ends:
+        ctx.freeze_all(ctx.spec(end), "prepended or appended to a diff")
+    keeps_zero = all(end is None for end in ends)  # a prepended value enters the first difference
+    return _along(ctx, node, [ctx.arg(2, "dim", -1)], "difference along channels", keeps_zero)
+
+
+@function_rule(torch.roll)
+@method_rule("roll")
+def roll(ctx, node):
+    """roll: a rolled channel dim freezes (channels change places, wrapping at the width); other dims pass."""
+    dims = ctx.arg(2, "dims", None)
+    dims = [dims] if isinstance(dims, int) else dims
+    return _along(ctx, node, dims or None, "roll along channels")
+
+
+@function_rule(torch.gather)
+@method_rule("gather")
+def gather(ctx, node):
+    """gather(x, dim, index): a channel dim gathered along freezes; every other dim ties x, index and output."""
+    x, index = ctx.spec(node.args[0]), ctx.spec(ctx.arg(2, "index"))
+    if not isinstance(x, TensorSpec) or not isinstance(index, TensorSpec):
+        ctx.freeze_all(x, "gather with an index nrfx cannot follow")
+        return ctx.blank(ctx.out)
+    dim = norm_dim(int(ctx.arg(1, "dim")), x.ndim)
+    dims, zeros = [], []
+    for d in range(x.ndim):
+        if d == dim or x.shape[d] != index.shape[d]:  # gathered along, or only a prefix of it read
+            for layout in (x.dims[d], index.dims[d]):
+                ctx.freeze(layout, "gather along channels" if d == dim else "gather reads part of a channel dim")
+            dims.append(None)
+            zeros.append(None)
+        elif x.dims[d] is None and index.dims[d] is None:
+            dims.append(None)
+            zeros.append(None)
+        else:
+            dims.append(ctx.unify(x.dims[d], index.dims[d], "tied by gather"))
+            zeros.append(copy_zero(ctx, x, d) if x.dims[d] is not None else Zero("none"))
+    return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+
+
+@method_rule("repeat")
+def repeat(ctx, node):
+    """x.repeat(*sizes): a channel dim repeated more than once freezes; dims repeated once pass; new dims are plain."""
+    x = ctx.spec(node.args[0])
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    sizes = [ctx.value(s) for s in sizes]
+    offset = len(sizes) - x.ndim
+    order: list[int | None] = [None] * offset
+    for d in range(x.ndim):
+        once = isinstance(sizes[offset + d], int) and sizes[offset + d] == 1
+        if not once:
+            ctx.freeze(x.dims[d], "repeat along channels")
+        order.append(d if once else None)
+    return move(ctx, x, order, ctx.out.shape)
+
+
+# -- coordinates and resampling ---------------------------------------------------------------------------
+@function_rule(torch.meshgrid)
+def meshgrid(ctx, node):
+    """meshgrid: coordinate grids with no channel space (a channel vector given as input freezes)."""
+    ctx.freeze_all(tuple(ctx.spec(a) for a in node.all_input_nodes), "input of meshgrid")
+    return ctx.blank(ctx.out)
+
+
+@function_rule(F.grid_sample)
+def grid_sample(ctx, node):
+    """F.grid_sample(x, grid): channels are resampled one by one: dim 1 passes, zeros kept; the grid has none."""
+    x, grid = ctx.spec(node.args[0]), ctx.spec(ctx.arg(1, "grid"))
+    ctx.freeze_all(grid, "sampling grid of grid_sample")
+    if not isinstance(x, TensorSpec):
+        return ctx.blank(ctx.out)
+    for d in (0, *range(2, x.ndim)):
+        ctx.freeze(x.dims[d], "resampled by grid_sample")
+    dims = [None] * x.ndim
+    zeros: list = [None] * x.ndim
+    if x.dims[1] is not None:
+        dims[1], zeros[1] = x.dims[1], copy_zero(ctx, x, 1)
+    return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+
+
+# -- products with a parameter and lookups in a parameter table, outside any module ---------------------------
+@function_rule(torch.addmm)
+def addmm(ctx, node):
+    """addmm(b, x, W) = b + x @ W on parameters W (in, out), b (out,): a linear layer whose weight dims are (in, out).
+
+    Hugging Face ``Conv1D`` (GPT-2).  x's channels are consumed, the output's are a new space; W's dim 0
+    carries the input space and dim 1 the output space, so the rewrite resizes it in place.  A computed W
+    or b (not a parameter, or b not one vector of the output width) is an unknown op.
+    """
+    name, w_shape = param_of(ctx, ctx.arg(2, "mat2"))
+    bias_name, bias_shape = param_of(ctx, ctx.arg(0, "input"))
+    x = ctx.spec(ctx.arg(1, "mat1"))
+    if name is None or len(w_shape) != 2 or not isinstance(x, TensorSpec) or x.ndim != 2:
+        return ctx.unknown_op("function addmm with a computed weight")
+    if bias_name is None or bias_shape != (w_shape[1],):
+        return ctx.unknown_op("function addmm with a computed or broadcast input")
+    spec, in_l, out_l = _linear(ctx, x, (w_shape[1], w_shape[0]), name, None)
+    ctx.param_named(name, w_shape, (in_l, out_l))
+    ctx.param_named(bias_name, bias_shape, (out_l,))
+    ctx.record(LayerRecord("linear", weight=name, bias=bias_name, input=in_l, output=out_l, transposed=True))
+    return spec
+
+
+@function_rule(F.embedding)
+def embedding_function(ctx, node):
+    """F.embedding(indices, table) on a parameter table: the table's dim 1 is a new space, the output's last dim."""
+    name, shape = param_of(ctx, ctx.arg(1, "weight"))
+    indices = ctx.spec(node.args[0])
+    if name is None or len(shape) != 2 or not isinstance(indices, TensorSpec):
+        return ctx.unknown_op("function embedding with a computed table")
+    out_l = ctx.fresh(shape[1], (name, "out"))
+    if ctx.arg(3, "max_norm") is not None:
+        ctx.freeze(out_l, "embedding max_norm rescales rows by their norm over the channels")
+    ctx.param_named(name, shape, (None, out_l))
+    ctx.record(LayerRecord("embedding", weight=name, output=out_l))
+    return ctx.tensor(ctx.out.shape, (*indices.dims, out_l))

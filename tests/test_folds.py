@@ -1,0 +1,420 @@
+"""Constants of removed channels stay exact where maths allows (issue 4/5, item 7).
+
+Dead channels here have γ = 0 and a random β ≠ 0, drawn independently per norm: each emits a
+constant that the rewrite must fold into the next layer with weights, or — where zero padding
+makes that impossible — warn about (constants="drop") or keep (constants="keep").
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nrfx
+from nrfx.errors import NrfxWarning, PlanError
+from nrfx.fold import _delta, _every_tap_reads
+
+
+def dead_constants(model: nn.Module, analysis, fraction: float = 0.4, seed: int = 0, block: int = 1) -> int:
+    """γ = 0 and β random (|β| ≥ 0.5) on random channels (blocks of ``block``) of every norm on a free space."""
+    gen = torch.Generator().manual_seed(seed)
+    killed = 0
+    with torch.no_grad():
+        for _, norm, segments in analysis.norm_spaces(model):
+            n = norm.weight.numel()
+            norm.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+            norm.bias.copy_(torch.randn(n, generator=gen))
+            if getattr(norm, "running_mean", None) is not None:
+                norm.running_mean.copy_(torch.randn(n, generator=gen))
+                norm.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            for s, entries in segments:
+                if analysis.spaces[s].is_frozen:
+                    continue
+                width = analysis.spaces[s].width
+                dead = (torch.rand(width // block, generator=gen) < fraction).repeat_interleave(block)
+                sign = torch.where(torch.rand(int(dead.sum()), generator=gen) < 0.5, -1.0, 1.0)
+                norm.weight[entries].view(width, -1)[dead] = 0
+                beta = sign * (0.5 + torch.rand(len(sign), generator=gen))
+                norm.bias[entries].view(width, -1)[dead] = beta[:, None].to(norm.bias.dtype)
+                killed += int(dead.sum())
+    return killed
+
+
+def _rejuvenate(model, x, **options):
+    """rejuvenate at c(A), align 1, with the NrfxWarnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = nrfx.rejuvenate(model, None, None, example_inputs=x, align=1, **options)
+    return new, [str(w.message) for w in caught if issubclass(w.category, NrfxWarning)]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖."""
+    return float((a - b).norm() / b.norm())
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """Every parameter and buffer bit for bit as before (and no new ones)."""
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _exact(new, model, shape, batches=(3, 5)) -> None:
+    """Same outputs as the model at batch sizes other than the example's (float64)."""
+    with torch.no_grad():
+        for n in batches:
+            x = torch.randn(n, *shape, dtype=torch.float64)
+            torch.testing.assert_close(new(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+def _without_folds(model, new, x) -> float:
+    """The error of the same plan rebuilt with nothing folded: what the folds are worth."""
+    plan = new.nrfx_plan.to_dict() | {"folds": {}}
+    bare = nrfx.apply_plan(model, plan, x)
+    with torch.no_grad():
+        return _relative(bare(x), model(x))
+
+
+# -- closed form: a constant input channel through a layer --------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv1d(6, 8, 3, stride=2), (6, 17)),
+    (lambda: nn.Conv1d(6, 8, 10, stride=5, bias=False), (6, 40)),
+    (lambda: nn.Conv2d(8, 12, (3, 2), stride=(2, 1), dilation=(1, 2), groups=4), (8, 9, 9)),
+    (lambda: nn.Conv2d(8, 8, 3, groups=8), (8, 7, 7)),
+    (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (4, 6, 6)),
+    (lambda: nn.Conv3d(4, 4, 2, stride=2, groups=2, padding="valid"), (4, 4, 4, 4)),
+    (lambda: nn.Linear(5, 3), (7, 5)),
+])
+def test_a_constant_input_shifts_every_output_by_the_folded_delta(make, shape):
+    """layer(x with channel c = v) − layer(x with channel c = 0) = Σ_k W[o, c, k]·v at every position."""
+    torch.manual_seed(0)
+    layer = make().double()
+    assert _every_tap_reads(layer) is None
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    dim = x.dim() - 1 if isinstance(layer, nn.Linear) else 1
+    channels, values = [1, 3], [0.7, -1.3]
+    with_v, without = x.clone(), x.clone()
+    for c, v in zip(channels, values, strict=True):
+        with_v.select(dim, c).fill_(v)
+        without.select(dim, c).fill_(0)
+    delta = _delta(layer, {str(c): v for c, v in zip(channels, values, strict=True)})
+    diff = layer(with_v) - layer(without)
+    expected = delta if isinstance(layer, nn.Linear) else delta.reshape(-1, *[1] * (x.dim() - 2))
+    torch.testing.assert_close(diff, expected.expand_as(diff), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(4, 4, 3, padding=1), nn.Conv1d(4, 4, 3, padding="same"),
+                                   nn.ConvTranspose2d(4, 4, 2, stride=2)])
+def test_zero_padding_and_transposed_convs_cannot_absorb_a_constant(layer):
+    """Near a zero-padded border (or between a transposed conv's taps) a constant input is not a constant output."""
+    assert _every_tap_reads(layer) is not None
+    x = torch.full((1, 4, *[6] * (layer.weight.dim() - 2)), 2.0)
+    out = layer(x) - layer(torch.zeros_like(x))
+    assert float((out.amax() - out.amin()).detach()) > 1e-6  # the shift differs by position: no bias can hold it
+
+
+# -- flatten → BatchNorm1d → Linear (LeViT) ------------------------------------------------------------------------
+
+
+class LinearNorm(nn.Module):
+    """timm LeViT's LinearNorm: a bias-free linear, then a BatchNorm1d over (batch·tokens) rows."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTLike(nn.Module):
+    """Patch conv + BN, tokens (flatten, transpose), two LinearNorms, a mean and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.ln1 = LinearNorm(16, 32)
+        self.ln2 = LinearNorm(32, 24)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.hardswish(self.bn0(self.stem(x))).flatten(2).transpose(1, 2)
+        x = self.ln2(F.hardswish(self.ln1(x)))
+        return self.head(F.hardswish(x).mean(1))
+
+
+def test_levit_like_constants_fold_through_flatten_into_the_batchnorm_after_a_bias_free_linear():
+    torch.manual_seed(0)
+    model = LeViTLike().double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    assert dead_constants(model, analysis, seed=1) > 0
+    before = _state(model)
+    new, warned = _rejuvenate(model, x, analysis=analysis)
+    assert not [w for w in warned if "cannot absorb" in w]
+    assert {"ln1.linear", "ln2.linear", "head"} <= set(new.nrfx_plan.folds)
+    notes = "\n".join(new.nrfx_plan.notes)
+    assert "ln1.linear moved into ln1.bn.running_mean" in notes and "ln2.linear moved into ln2.bn.running_mean" in notes
+    _exact(new, model, (3, 16, 16))
+    assert _without_folds(model, new, x) > 1e-3  # the constants mattered
+    assert _unchanged(model, before)
+    assert model.ln1.linear.bias is None
+
+
+# -- unpadded k-tap Conv1d (Wav2Vec2) ------------------------------------------------------------------------------
+
+
+def wav2vec2_like() -> nn.Sequential:
+    """Wav2Vec2's feature encoder shape: bias-free strided unpadded convs, a per-channel GroupNorm, GELU."""
+    return nn.Sequential(
+        nn.Conv1d(1, 16, 10, stride=5, bias=False), nn.GroupNorm(16, 16), nn.GELU(),
+        nn.Conv1d(16, 24, 3, stride=2, bias=False), nn.GELU(),          # no bias, no norm: a new bias
+        nn.Conv1d(24, 24, 3, stride=2, dilation=2, bias=False), nn.BatchNorm1d(24), nn.GELU(),
+        nn.Conv1d(24, 8, 3, stride=2), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_wav2vec2_like_unpadded_strided_convs_fold_exactly():
+    torch.manual_seed(0)
+    model = wav2vec2_like().double().eval()
+    x = torch.randn(2, 1, 400, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    assert dead_constants(model, analysis, seed=2) > 0
+    before = _state(model)
+    new, warned = _rejuvenate(model, x, analysis=analysis)
+    assert not [w for w in warned if "cannot absorb" in w]
+    assert {"3", "8"} <= set(new.nrfx_plan.folds)
+    assert "3 make its new bias" in "\n".join(new.nrfx_plan.notes)
+    assert new.get_submodule("3").bias is not None and model[3].bias is None
+    with torch.no_grad():
+        for n, length in ((3, 400), (5, 523)):
+            xn = torch.randn(n, 1, length, dtype=torch.float64)
+            torch.testing.assert_close(new(xn), model(xn), rtol=1e-10, atol=1e-12)
+    assert _without_folds(model, new, x) > 1e-3
+    assert _unchanged(model, before)
+
+
+@pytest.mark.parametrize("scheme", ["cr", "ca"])
+def test_a_new_bias_survives_the_s_r_schemes(scheme):
+    """The bias a fold creates is carried into the S/R layers (cross blocks start at zero: still exact)."""
+    torch.manual_seed(0)
+    model = wav2vec2_like().double().eval()
+    x = torch.randn(2, 1, 400, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    dead_constants(model, analysis, seed=2)
+    new, _ = _rejuvenate(model, x, analysis=analysis, scheme=scheme)
+    _exact(new, model, (1, 400))
+
+
+# -- grouped unpadded conv -----------------------------------------------------------------------------------------
+
+
+def test_grouped_unpadded_conv_constants_fold_exactly():
+    """Whole dead groups (γ = 0, β ≠ 0) before and after a strided grouped conv; a 1×1 conv and a head read them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, stride=2, dilation=2, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)).double().eval()
+    x = torch.randn(2, 3, 21, 21, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    dead_constants(model, analysis, fraction=0.5, seed=3, block=4)
+    before = _state(model)
+    new, warned = _rejuvenate(model, x, analysis=analysis)
+    assert not [w for w in warned if "cannot absorb" in w]
+    kept = new.nrfx_plan.keep[analysis.space_ids(analysis.records["_1"].output)[0]]  # bn1's channels
+    assert len(kept) % 4 == 0 and len(kept) < 16  # whole groups were removed
+    # a removed input group feeds only its own output group, removed with it (tied blocks): nothing to fold
+    # there; the 1×1 conv folds what the removed group's outputs carry (Σ_k W·v + bias, through bn2 and relu)
+    assert "3" not in new.nrfx_plan.folds and "6" in new.nrfx_plan.folds
+    _exact(new, model, (3, 21, 21))
+    assert _without_folds(model, new, x) > 1e-3
+    assert _unchanged(model, before)
+
+
+def test_a_padded_depthwise_conv_whose_channel_dies_with_it_needs_no_fold():
+    """Dead at the norms before and after a zero-padded depthwise conv: the padded border's change dies with the
+    channel (bn2 emits its own constant, folded by the 1×1 conv): exact, no warning, nothing kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double().eval()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    dead_constants(model, analysis, seed=6)
+    with torch.no_grad():
+        model[1].bias.abs_()
+        model[4].weight[model[1].weight == 0] = 0  # the same channels dead after the depthwise conv
+    new, warned = _rejuvenate(model, x, analysis=analysis)
+    kept, _ = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w] and "3" not in new.nrfx_plan.folds
+    assert "6" in new.nrfx_plan.folds and sum(map(len, new.nrfx_plan.keep)) < sum(new.nrfx_plan.widths)
+    assert kept.nrfx_plan.keep == new.nrfx_plan.keep
+    _exact(new, model, (3, 10, 10))
+
+
+# -- zero padding: warn (drop) or keep -----------------------------------------------------------------------------
+
+
+class Padded(nn.Module):
+    """Two 3×3 convs with zero padding: a dead channel of bn1 reaches conv2 only through its padded border."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _padded():
+    """A Padded model with dead constant channels and its example input and analysis."""
+    torch.manual_seed(0)
+    model = Padded().double().eval()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    dead_constants(model, analysis, seed=4)
+    with torch.no_grad():
+        model.bn1.bias.abs_()  # ReLU keeps every dead channel's constant
+    return model, x, analysis
+
+
+def test_padded_conv_warns_with_the_layer_and_the_measured_change():
+    model, x, analysis = _padded()
+    new, warned = _rejuvenate(model, x, analysis=analysis)
+    (message,) = [w for w in warned if "cannot absorb" in w]
+    assert "conv2" in message and "constants='keep'" in message
+    with torch.no_grad():
+        actual = _relative(new(x), model(x))
+    assert actual > 1e-3
+    measured = float(message.split("changes the output by ")[1].split(" ")[0])
+    assert measured == pytest.approx(actual, rel=1e-2)  # the figure printed to 3 digits
+    assert new.nrfx_plan.constants == "drop"
+    assert any("conv2" in n and "zero padding" in n for n in new.nrfx_plan.notes)
+
+
+def test_padded_conv_constants_keep_is_exact_and_pays_for_the_kept_channels():
+    model, x, analysis = _padded()
+    before = _state(model)
+    dropped, _ = _rejuvenate(model, x, analysis=analysis)
+    kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    plan = kept.nrfx_plan
+    assert plan.constants == "keep" and plan.cost_after <= plan.budget
+    dead = torch.nonzero(model.bn1.weight == 0).flatten().tolist()
+    space = analysis.space_ids(analysis.records["bn1"].output)[0]
+    assert set(dead) <= set(plan.keep[space]) and not set(dead) & set(dropped.nrfx_plan.keep[space])
+    assert plan.cost_live > dropped.nrfx_plan.cost_live  # the kept channels count in U(θ)
+    assert any(n.startswith("constants=keep: ") for n in plan.notes)
+    _exact(kept, model, (3, 10, 10))
+    assert _unchanged(model, before)
+    replayed = nrfx.apply_plan(model, _through_json(plan), x)
+    _exact(replayed, model, (3, 10, 10), batches=(4,))
+
+
+def _through_json(plan) -> dict:
+    """The plan through JSON and back, as a checkpoint would carry it."""
+    return nrfx.Plan.from_json(plan.to_json()).to_dict()
+
+
+class Gated(nn.Module):
+    """EfficientNet's squeeze-excitation: a dead channel's constant times a per-example gate is no constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.project, self.bn2 = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.bn(self.conv(x)))
+        x = x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.head(self.bn2(self.project(x)).mean((2, 3)))
+
+
+def test_a_gated_constant_warns_and_is_kept():
+    torch.manual_seed(0)
+    model = Gated().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    dead_constants(model, analysis, seed=7)
+    dropped, warned = _rejuvenate(model, x, analysis=analysis)
+    (message,) = [w for w in warned if "cannot absorb" in w]
+    assert "project" in message and "fc1" not in message  # fc1 reads the pooled constant: folded
+    assert "fc1" in dropped.nrfx_plan.folds
+    assert any("a gate multiplies it" in n for n in dropped.nrfx_plan.notes)
+    kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    _exact(kept, model, (3, 6, 6))
+
+
+def test_constants_option_round_trips_and_old_plans_read_as_drop():
+    model, x, analysis = _padded()
+    kept, _ = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    data = kept.nrfx_plan.to_dict()
+    assert nrfx.Plan.from_dict(data).constants == "keep"
+    old = {k: v for k, v in data.items() if k != "constants"}
+    assert nrfx.Plan.from_dict(old).constants == "drop"
+    with pytest.raises(PlanError, match="constants"):
+        nrfx.Plan.from_dict(data | {"constants": "maybe"})
+    with pytest.raises(PlanError, match="constants"):
+        nrfx.rejuvenate(model, None, None, example_inputs=x, analysis=analysis, constants="all")
+
+
+def test_reflect_padding_folds_exactly():
+    """A reflect-padded conv pads a constant with itself: its border stays constant, the fold is exact."""
+    torch.manual_seed(0)
+    model = Padded()
+    model.conv2.padding_mode = "reflect"
+    model = model.double().eval()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    dead_constants(model, analysis, seed=4)
+    new, warned = _rejuvenate(model, x, analysis=analysis)
+    assert not [w for w in warned if "cannot absorb" in w] and "conv2" in new.nrfx_plan.folds
+    _exact(new, model, (3, 10, 10))
+
+
+# -- timm levit_128s -----------------------------------------------------------------------------------------------
+
+
+def test_levit_128s_folds_its_linear_norms_and_keeps_its_padded_stem():
+    """timm's LeViT: every LinearNorm folds into its BatchNorm; only the zero-padded stem convs warn."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False).double().eval()
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    dead_constants(model, analysis, fraction=0.3, seed=1)
+    reference = copy.deepcopy(model)
+    dropped, warned = _rejuvenate(model, x, analysis=analysis)
+    (message,) = [w for w in warned if "cannot absorb" in w]
+    assert "stem.conv2.linear" in message and "stages" not in message
+    kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    with torch.no_grad():
+        x2 = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+        want = model(x2)
+        assert _relative(dropped(x2), want) < 0.05  # 0.09 before LinearNorm folds; 0.0044 measured
+        torch.testing.assert_close(kept(x2), want, rtol=1e-9, atol=1e-9)
+    assert _unchanged(model, _state(reference))

@@ -14,7 +14,8 @@ model compute the same function without replacing it:
   rewritten layer of the same type.
 
 The forward stays the user's Python code: a channel bound that the GraphModule path rewrites
-in the graph (slice bounds, split sizes, a functional conv's ``groups``) is a literal there,
+in the graph (slice bounds, split sizes, a functional conv's ``groups``, a channel mean's divisor) is a
+literal there,
 so ``freeze_for_inplace`` freezes its spaces before planning, with the reason.  After the
 transplant the user's model and the GraphModule run once on the example inputs; if any output
 differs, every change is undone (``Journal``) and a ``RewriteError`` names the output.
@@ -41,6 +42,7 @@ from torch import nn
 from .errors import RewriteError
 from .optim_state import dense_parameters
 from .plan import Plan
+from .records import SumRecord
 from .shapeprop import untouched
 from .srlayers import SR_LAYERS
 
@@ -55,11 +57,20 @@ Rounds = list[dict[str, dict[str, Any]]]  # per round: {island path or "": plan 
 # -- planning: what the user's code pins ------------------------------------------------------
 def freeze_for_inplace(analysis):
     """Rule: every space under a literal the graph rewrite would move (slice bounds, split sizes, a
-    functional conv's or group_norm's ``groups``) is frozen, since in place the user's code keeps it."""
+    functional conv's or group_norm's ``groups``, a sum/mean over channels) is frozen, since in place
+    the user's code keeps it."""
     reasons: dict[int, str] = {}
     for name, record in analysis.slices():
         for s in analysis.space_ids(record.layout):
             reasons.setdefault(s, f"in place: node '{name}' spells channel bounds in the model's own code")
+    for name, record in analysis.records.items():
+        if isinstance(record, SumRecord):
+            for s in analysis.space_ids(record.layout):
+                reasons.setdefault(s, f"in place: node '{name}' sums these channels in the model's own code")
+    for name, record in analysis.records.items():
+        for _, layout in getattr(record, "sizes", ()) if getattr(record, "kind", None) == "view" else ():
+            for s in analysis.space_ids(layout):
+                reasons.setdefault(s, f"in place: node '{name}' spells attention heads in the model's own code")
     for name, record in analysis.layers("conv", "group_norm"):
         layout = record.input if record.transposed else record.output
         if record.groups > 1 and record.groups_arg is not None and layout is not None:

@@ -2,7 +2,9 @@
 
 ``LayerRecord``: a layer with weights whose channels the rewrite resizes (conv, linear,
 embedding, norm).  ``SliceRecord``: literal channel bounds (slice, split sizes, narrow) that
-the rewrite moves to the new widths.  ``Analysis.records`` maps node names to them.
+the rewrite moves to the new widths.  ``SumRecord``: a sum or mean over a free channel dim,
+which the rewrite restricts to the surviving channels (with the original divisor for a mean).
+``Analysis.records`` maps node names to them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 from .spaces import Layout
 
-__all__ = ["LayerRecord", "SliceRecord", "Record"]
+__all__ = ["LayerRecord", "SliceRecord", "SumRecord", "Record"]
 
 
 @dataclass(frozen=True)
@@ -49,4 +51,18 @@ class SliceRecord:
     kind: str = "slice"
 
 
-Record = LayerRecord | SliceRecord
+@dataclass(frozen=True)
+class SumRecord:
+    """A sum or mean over one free channel dim (and any plain dims): its layout, dim and original divisor.
+
+    ``count``: how many elements the original mean divided by (1 for a sum).
+    """
+
+    layout: Layout
+    dim: int
+    count: int
+
+    kind: str = "sum"
+
+
+Record = LayerRecord | SliceRecord | SumRecord

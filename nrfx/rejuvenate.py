@@ -42,7 +42,7 @@ from .optim_state import dense_parameters, inplace_states, move_inplace_states
 from .plan import Budget, Plan, make_plan
 from .plan_check import check_plan_fits
 from .rescale import apply_rescale
-from .reslice import regroup, reslice
+from .reslice import regroup, reslice, resum
 from .results import attach
 from .rewrite import copy_for_rewrite, rewrite_params, verify
 from .schemes import apply_scheme, densify
@@ -53,7 +53,8 @@ __all__ = ["rejuvenate", "apply_plan", "plan_rejuvenation", "load_rejuvenated", 
 
 RewritePass = Callable[[torch.fx.GraphModule, Analysis, Plan, dict[str, ParamMap]], list[str]]
 # in order: new tensors, literal channel sizes, folded constants, neural rescaling, S/R schemes
-REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, apply_folds, apply_rescale, apply_scheme)
+REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, resum, apply_folds, apply_rescale,
+                                           apply_scheme)
 
 
 def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any,

@@ -1,21 +1,33 @@
-"""Move literal channel sizes (slices, split sizes, chunks, narrow, depthwise ``groups``) to the new widths.
+"""Move literal channel sizes (slices, split sizes, chunks, narrow, depthwise ``groups``, a mean's divisor)
+to the new widths.
 
 The analysis records every slice of a free channel dim with its old bounds; each bound falls
 on an atom border, so in the new layout it sits after the same atoms, now |S| + |R| wide.
 split/chunk become ``split`` with explicit sizes, a getitem gets its new slice, narrow its new
 start and length.  The literal ``groups`` of a functional grouped or depthwise conv and the
 ``num_groups`` of a GroupNorm (module or F.group_norm) follow the new width, channels per group unchanged.
+A sum or mean over a resized channel dim (ConvNeXt-V2's GRN: ``Gx / Gx.mean(dim=C)``) becomes the sum of the
+surviving channels only (``index_select``), divided by the original count for a mean: removed channels read
+zero there and rejuvenated ones do not enter it, so it is what it was; a removed channel that is *not* zero at
+that sum is reported (``NrfxWarning``, with its largest value on the example inputs).
 """
 
 from __future__ import annotations
+
+import operator
+import warnings
 
 import torch
 import torch.fx
 from torch import nn
 
+from .errors import NrfxWarning
+from .maps import dim_map
+from .records import SumRecord
 from .rewrite import set_group_norm_width
+from .shapeprop import untouched
 
-__all__ = ["reslice", "regroup"]
+__all__ = ["reslice", "regroup", "resum"]
 
 
 def _new_offset(analysis, plan, layout, old: int) -> int:
@@ -111,3 +123,77 @@ def regroup(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
             _set_literal(nodes[name], record.groups_arg, groups)
         changed += groups != record.groups
     return [f"regroup: {changed} group counts (grouped convs, GroupNorm) set to the new widths"] if changed else []
+
+
+def resum(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
+    """Rewrite pass: every recorded sum/mean over a resized channel dim sums the surviving channels only (a mean
+    divides by its original count); removed channels that are not zero there are reported."""
+    records = {name: record for name, record in analysis.records.items() if isinstance(record, SumRecord)}
+    kept = {name: _survivors(analysis, plan, record) for name, record in records.items()}
+    kept = {name: index for name, index in kept.items() if index is not None}
+    if not kept:
+        return []
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, index in kept.items():
+        _restrict(gm, nodes[name], records[name], index)
+    gm.graph.lint()
+    return [f"resum: {len(kept)} sums/means over channels restricted to the surviving channels",
+            *_nonzero_removed(analysis, plan, {name: records[name] for name in kept})]
+
+
+def _survivors(analysis, plan, record: SumRecord) -> torch.Tensor | None:
+    """Positions of the surviving channels in the new layout (None when the dim keeps every channel)."""
+    source = dim_map(analysis, plan, record.layout, record.dim).source
+    if torch.equal(source, torch.arange(analysis.atoms.channels(record.layout) * record.layout.inner)):
+        return None
+    return torch.nonzero(source >= 0).flatten()
+
+
+def _restrict(gm: torch.fx.GraphModule, node: torch.fx.Node, record: SumRecord, index: torch.Tensor) -> None:
+    """``x.sum/mean(dims)`` -> ``index_select(x, dim, survivors).sum(dims)`` (÷ the original count for a mean)."""
+    name = f"_nrfx_survivors_{node.name}"
+    gm.register_buffer(name, index, persistent=False)
+    x = node.args[0]
+    with gm.graph.inserting_before(node):
+        picked = gm.graph.call_function(torch.index_select, (x, record.dim, gm.graph.get_attr(name)))
+    node.args = (picked, *node.args[1:])
+    node.target = "sum" if node.op == "call_method" else torch.sum
+    if record.kind != "mean":
+        return
+    with gm.graph.inserting_after(node):
+        divided = gm.graph.call_function(operator.truediv, (node, record.count))
+    node.replace_all_uses_with(divided, delete_user_cb=lambda user: user is not divided)
+
+
+def _nonzero_removed(analysis, plan, records: dict[str, SumRecord]) -> list[str]:
+    """One eval run of the original on the example: removed channels whose value at a restricted sum is not zero."""
+    seen: dict[str, torch.Tensor] = {}
+    interpreter = _Inputs(analysis.gm, set(records), seen)
+    with torch.no_grad(), untouched(analysis.gm):
+        interpreter.run(*analysis.example.flat())
+    notes = []
+    for name, record in records.items():
+        source = dim_map(analysis, plan, record.layout, record.dim).source
+        removed = sorted(set(range(seen[name].shape[record.dim])) - set(source[source >= 0].tolist()))
+        largest = float(seen[name].index_select(record.dim, torch.tensor(removed)).abs().max()) if removed else 0.0
+        if largest > 0:
+            notes.append(f"resum: removed channels read by the sum/mean at node '{name}' are not zero there (up to "
+                         f"{largest:.3g} on the example inputs): dropping them changes it")
+    for note in notes:
+        warnings.warn(note, NrfxWarning, stacklevel=6)
+    return notes
+
+
+class _Inputs(torch.fx.Interpreter):
+    """Runs a graph and keeps the first argument of the named nodes."""
+
+    def __init__(self, gm: torch.fx.GraphModule, names: set[str], seen: dict[str, torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.names, self.seen = names, seen
+
+    def run_node(self, n: torch.fx.Node):
+        """Record the input of a watched node, then run it."""
+        if n.name in self.names:
+            self.seen[n.name] = self.env[n.args[0]].detach()
+        return super().run_node(n)
+

@@ -502,17 +502,97 @@ def test_export_views_that_keep_the_last_dim_do_not_spell_its_width():
         torch.testing.assert_close(got, expected)
 
 
-def test_convnextv2_grn_freezes_only_through_its_channel_mean():
-    """GRN's ‖x‖ over the spatial dims passes its channels; what freezes the MLP hidden dims is the mean of those
-    norms over channels (exact resizing needs a rewrite of that mean's divisor: not done, see docs/coverage.md)."""
+def _grn_model(timm):
+    """ConvNeXt-V2 atto in float64 with gates on its free spaces, 30 % of each gate dead, GRN γ/β random."""
+    torch.manual_seed(0)
+    model = timm.create_model("convnextv2_atto", pretrained=False, num_classes=10).eval().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gated = nrfx.add_gates(model, x)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for path in gated.nrfx_gates:
+            gate = gated.get_submodule(path)
+            gate.weight[torch.rand(gate.weight.numel(), generator=generator) < 0.3] = 0
+        for module in gated.modules():
+            if type(module).__name__ == "GlobalResponseNorm":  # zeros at init: make them matter
+                module.weight.normal_(generator=generator)
+                module.bias.normal_(generator=generator)
+    return model, gated, x
+
+
+def test_convnextv2_grn_hidden_dims_are_free_and_its_params_follow_them():
+    """GRN's ‖x‖ over the spatial dims passes its channels, its mean over channels reads them (SumRecord), its
+    per-channel γ and β take the MLP hidden space: every fc1 output space is free; params and MACs exact."""
     timm = pytest.importorskip("timm")
-    model = timm.create_model("convnextv2_atto", pretrained=False).eval()
-    analysis = _analyze(model, (torch.randn(1, 3, 64, 64),), "fx")
-    assert not analysis.unknown_ops
-    fc1 = [r for name, r in analysis.layers("conv") if name.endswith("mlp_fc1")]
-    assert len(fc1) == sum(len(stage.blocks) for stage in model.stages)
-    for record in fc1:
-        space = analysis.spaces[analysis.space_ids(record.output)[0]]
-        assert space.width == model.get_submodule(record.module).out_channels
-        assert space.is_frozen and any("reduction mean over channels" in r for r in space.frozen)
-        assert not any("norm" in r.split(" [")[0] or "unknown" in r for r in space.frozen)
+    model, _, x = _grn_model(timm)
+    for capture in ("fx", "export"):
+        analysis = _analyze(model, (x,), capture)
+        assert not analysis.unknown_ops
+        assert analysis.params == sum(p.numel() for p in model.parameters())
+        fc1 = [r for name, r in analysis.layers("conv", "linear") if r.module and r.module.endswith("fc1")]
+        assert len(fc1) == sum(len(stage.blocks) for stage in model.stages)
+        for record in fc1:
+            space = analysis.spaces[analysis.space_ids(record.output)[0]]
+            assert not space.is_frozen
+            grn = record.module.replace("fc1", "grn")
+            assert analysis.param_info[f"{grn}.weight"].dims[0] is not None
+    assert _analyze(model, (x,), "fx").flops == _analyze(model, (x,), "export").flops
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr"])
+def test_convnextv2_grn_rejuvenation_is_exact(scheme):
+    """Dead hidden channels removed and the hidden dims regrown: the GRN mean sums the survivors over the original
+    count, the constants GRN's β adds to removed channels fold into fc2: the function is kept at any batch."""
+    timm = pytest.importorskip("timm")
+    _, gated, x = _grn_model(timm)
+    with torch.no_grad():
+        expected = gated(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = nrfx.rejuvenate(gated, None, None, example_inputs=x, scheme=scheme)
+    assert any(note.startswith("resum: 12 ") for note in new.nrfx_plan.notes)
+    probe = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(new(probe), gated(probe), rtol=1e-9, atol=1e-12)
+
+
+class _ChannelMean(nn.Module):
+    """conv → gate → x·(‖x‖ / mean_c ‖x‖) → conv (channels first), and a sum over channels as a second output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gate, self.head = nn.Conv2d(3, 16, 3, padding=1), nrfx.Gate(16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = self.gate(F.gelu(self.conv(x)))
+        g = torch.norm(h, p=2, dim=(2, 3), keepdim=True)
+        return self.head(h * (g / (g.mean(dim=1, keepdim=True) + 1e-6))), h.sum(1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_channel_mean_keeps_its_divisor_and_a_sum_its_survivors(capture):
+    torch.manual_seed(0)
+    model = _ChannelMean().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        model.gate.weight[torch.tensor([1, 4, 9])] = 0
+        expected = model(x)
+    analysis = _analyze(model, (x,), capture)
+    space = analysis.spaces[analysis.space_ids(analysis.records["conv"].output)[0]] if "conv" in analysis.records \
+        else next(s for s in analysis.spaces if s.width == 16)
+    assert not space.is_frozen
+    sums = [r for r in analysis.records.values() if type(r).__name__ == "SumRecord"]
+    assert sorted((r.kind, r.count) for r in sums) == [("mean", 16), ("sum", 1)]
+    for budget in (nrfx.Budget.fraction(1.0), nrfx.Budget.fraction(1.4)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            new = nrfx.rejuvenate(model, None, budget, example_inputs=x, align=1, capture=capture)
+        with torch.no_grad():
+            torch.testing.assert_close(new(x), expected, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():  # in place, the mean is the user's code: its channels stay
+        warnings.simplefilter("ignore")
+        nrfx.rejuvenate(model, None, None, example_inputs=x, align=1, inplace=True, capture=capture)
+    assert "sums these channels" in " ".join(model.nrfx_plan.notes) and model.conv.out_channels == 16

@@ -24,8 +24,8 @@ from ..driver import DriverError, NeuralRejuvenation, check_settings
 from ..inplace import skeleton
 from ..rejuvenate import replays_plans
 
-__all__ = ["Settings", "Runner", "driver_options", "target_module", "prepare_target", "build_driver", "metrics",
-           "check_single_process", "torch_optimizer", "torch_scheduler", "PROGRESS_FILE"]
+__all__ = ["Settings", "Runner", "CallbackCore", "driver_options", "target_module", "prepare_target", "build_driver",
+           "metrics", "check_single_process", "torch_optimizer", "torch_scheduler", "PROGRESS_FILE"]
 
 PROGRESS_FILE = "nrfx_progress.json"  # the driver's progress in a Hugging Face checkpoint folder
 
@@ -188,3 +188,41 @@ class Runner:
     def progress(self) -> dict[str, Any] | None:
         """The driver's progress (JSON-safe), or the progress still waiting to be loaded, or None."""
         return self.nr.progress_state() if self.nr is not None else self.pending
+
+
+class CallbackCore:
+    """What both callbacks hold: the settings, the runner, and the driver and its history once training started.
+
+    Takes the keyword arguments of ``nrfx.NeuralRejuvenation`` plus ``every_n_steps`` (check r(θ)
+    every N optimizer steps), ``check_on_epoch_end`` (default: True when ``every_n_steps`` is
+    None) and ``module`` (the submodule to rejuvenate; default the whole model).
+    """
+
+    def __init__(self, *, example_inputs: Any, example_kwargs: dict[str, Any] | None = None,
+                 module: str | None = None, every_n_steps: int | None = None,
+                 check_on_epoch_end: bool | None = None, budget: Any = None,
+                 target: float = 0.5, lam: float = 0.0, delta_lambda: float = 5e-5, delta_r: float = 0.01,
+                 scheme: str = "nr", rescale: bool = False, gamma0: float | str | None = None, align: int = 8,
+                 max_rounds: int | None = None, carry_state: bool = True, restart_schedule: bool = False,
+                 threshold: float = 0.01, seed: int | None = None, capture: str = "auto",
+                 constants: str = "drop") -> None:
+        options = driver_options(budget=budget, target=target, lam=lam, delta_lambda=delta_lambda, delta_r=delta_r,
+                                 scheme=scheme, rescale=rescale, gamma0=gamma0, align=align, max_rounds=max_rounds,
+                                 carry_state=carry_state, restart_schedule=restart_schedule, threshold=threshold,
+                                 seed=seed, capture=capture, constants=constants)
+        self.settings = Settings(example_inputs, example_kwargs, module, every_n_steps, check_on_epoch_end, options)
+        self._runner = Runner(self.settings)
+
+    @property
+    def nr(self) -> NeuralRejuvenation | None:
+        """The driver (None before training starts)."""
+        return self._runner.nr
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The driver's history records (empty before training)."""
+        return self._runner.nr.history if self._runner.nr is not None else []
+
+    def _target(self, model: nn.Module) -> nn.Module:
+        """The module rejuvenated: ``module`` inside the framework's model, or all of it."""
+        return target_module(model, self.settings.module)

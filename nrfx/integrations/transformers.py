@@ -20,19 +20,14 @@ from typing import Any
 
 from torch import nn
 
-from ..driver import NeuralRejuvenation
 from ..errors import NrfxWarning
 from ..inplace import recorded_rounds
-from ..plan import Budget
 from ._common import (
     PROGRESS_FILE,
-    Runner,
-    Settings,
+    CallbackCore,
     check_single_process,
-    driver_options,
     metrics,
     prepare_target,
-    target_module,
     torch_optimizer,
     torch_scheduler,
 )
@@ -46,7 +41,7 @@ except ImportError as error:
 __all__ = ["NeuralRejuvenationCallback"]
 
 
-class NeuralRejuvenationCallback(TrainerCallback):
+class NeuralRejuvenationCallback(CallbackCore, TrainerCallback):
     """Train the Trainer's model (or its submodule ``module``) with Neural Rejuvenation, in place.
 
     Takes the keyword arguments of ``nrfx.NeuralRejuvenation`` plus ``every_n_steps`` (check r(θ)
@@ -54,35 +49,9 @@ class NeuralRejuvenationCallback(TrainerCallback):
     None).  ``callback.nr`` is the driver once training started; ``callback.history`` its records.
     """
 
-    def __init__(self, *, example_inputs: Any, example_kwargs: dict[str, Any] | None = None,
-                 module: str | None = None, every_n_steps: int | None = None,
-                 check_on_epoch_end: bool | None = None, budget: Budget | int | None = None,
-                 target: float = 0.5, lam: float = 0.0, delta_lambda: float = 5e-5, delta_r: float = 0.01,
-                 scheme: str = "nr", rescale: bool = False, gamma0: float | str | None = None, align: int = 8,
-                 max_rounds: int | None = None, carry_state: bool = True, restart_schedule: bool = False,
-                 threshold: float = 0.01, seed: int | None = None, capture: str = "auto",
-                 constants: str = "drop") -> None:
-        options = driver_options(budget=budget, target=target, lam=lam, delta_lambda=delta_lambda, delta_r=delta_r,
-                                 scheme=scheme, rescale=rescale, gamma0=gamma0, align=align, max_rounds=max_rounds,
-                                 carry_state=carry_state, restart_schedule=restart_schedule, threshold=threshold,
-                                 seed=seed, capture=capture, constants=constants)
-        self.settings = Settings(example_inputs, example_kwargs, module, every_n_steps, check_on_epoch_end, options)
-        self._runner = Runner(self.settings)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self._logs: dict[str, float] = {}
-
-    @property
-    def nr(self) -> NeuralRejuvenation | None:
-        """The driver (None before ``on_train_begin``)."""
-        return self._runner.nr
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """The driver's history records (empty before training)."""
-        return self._runner.nr.history if self._runner.nr is not None else []
-
-    def _target(self, model: nn.Module) -> nn.Module:
-        """The module rejuvenated: ``module`` inside the Trainer's model, or all of it."""
-        return target_module(model, self.settings.module)
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:

@@ -10,7 +10,7 @@ import torch
 from ..spaces import Layout
 from ..specs import TensorSpec, Zero
 
-__all__ = ["SizeSpec", "norm_dim", "tensor_args", "broadcast", "move", "param_of", "copy_zero"]
+__all__ = ["SizeSpec", "norm_dim", "tensor_args", "broadcast", "move", "param_of", "copy_zero", "channel_param"]
 
 
 @dataclass(frozen=True)
@@ -45,22 +45,29 @@ def broadcast(ctx, operands: list[Any], zero_op: str) -> TensorSpec:
     """Elementwise op with broadcasting: aligned channel dims are tied; size-1 dims do not couple.
 
     ``zero_op`` says when the result is zero: ``and`` (add/sub: every operand zero),
-    ``or`` (mul: any operand zero) or ``first`` (div: the first operand zero).
+    ``or`` (mul: any operand zero) or ``first`` (div: the first operand zero).  A per-channel
+    parameter (``channel_param``: GRN's weight and bias, a layer scale) aligned with a channel dim
+    takes that space and is resized with it; like a norm's β it is no zero source (a constant it
+    adds to a removed channel is folded into the next layer).
     """
     out = ctx.out
     shape = tuple(out.shape)
-    tensors = tensor_args(ctx, operands)
+    tensors = [(a, *pair) for a in operands for pair in tensor_args(ctx, [a])]
     first = ctx.spec(operands[0]) if operands else None
     scalars = len(tensors) < len(operands)
+    params = {id(a): channel_param(ctx, a) for a, _, _ in tensors}
     dims, zeros = [], []
     for d in range(len(shape)):
-        layouts, sources, plain, skipped = [], [], False, scalars
-        for spec, _ in tensors:
+        layouts, sources, plain, skipped, held = [], [], False, scalars, []
+        for operand, spec, _ in tensors:
             k = d - (len(shape) - spec.ndim)
             if k < 0 or (spec.shape[k] == 1 and shape[d] != 1):
                 skipped = True
                 continue
             layout = spec.dims[k]
+            if layout is None and params[id(operand)] is not None and params[id(operand)][3] == k:
+                held.append(params[id(operand)])
+                continue
             if layout is None:
                 plain = True
                 continue
@@ -69,14 +76,37 @@ def broadcast(ctx, operands: list[Any], zero_op: str) -> TensorSpec:
         if not layouts:
             dims.append(None)
             zeros.append(None)
+            plain = plain or bool(held)
             continue
         for other in layouts[1:]:
             ctx.unify(layouts[0], other, "elementwise operands")
+        for name, param_shape, p, _ in held:
+            ctx.param_named(name, param_shape, tuple(layouts[0] if i == p else None for i in range(len(param_shape))))
         if plain:
             ctx.freeze(layouts[0], "channels meet a plain dim in an elementwise op")
         dims.append(layouts[0])
         zeros.append(_broadcast_zero(ctx, sources, zero_op, plain or skipped, first))
     return ctx.tensor(shape, tuple(dims), tuple(zeros))
+
+
+_VIEWS = frozenset({"view", "reshape", "unsqueeze", "expand", "contiguous", "to", "type_as"})
+
+
+def channel_param(ctx, node: Any) -> tuple[str, tuple[int, ...], int, int] | None:
+    """Rule: a parameter or buffer with one non-1 dim ``p``, reached through views only, read where that dim is
+    dim ``k`` of the operand: (name, its shape, p, k); None for anything else."""
+    value = ctx.value(node)
+    while getattr(node, "op", None) in ("call_method", "call_function") and (
+            node.target in _VIEWS or getattr(node.target, "__name__", None) in ("reshape", "unsqueeze")):
+        node = node.args[0]
+    name, param_shape = param_of(ctx, node)
+    if name is None or not isinstance(value, torch.Tensor) or name not in ctx.state.param_names:
+        return None
+    wide = [i for i, n in enumerate(param_shape) if n != 1]
+    seen = [i for i, n in enumerate(value.shape) if n != 1]
+    if len(wide) != 1 or len(seen) != 1 or param_shape[wide[0]] != value.shape[seen[0]]:
+        return None
+    return name, param_shape, wide[0], seen[0]
 
 
 def _broadcast_zero(ctx, sources, zero_op: str, partial: bool, first) -> Zero:

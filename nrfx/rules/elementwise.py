@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..specs import TensorSpec, Zero
-from .common import broadcast, copy_zero
+from .common import broadcast, channel_param, copy_zero
 from .registry import function_rule, method_rule, module_rule
 
 __all__: list[str] = []
@@ -126,13 +126,16 @@ method_rule("div", "div_", "true_divide", "floor_divide")(_DIV)
 @function_rule(torch.addcmul)
 @method_rule("addcmul", "addcmul_")
 def addcmul(ctx, node):
-    """addcmul(input, t1, t2, value=v) = input + v·t1·t2: broadcast; zero where input and (t1 or t2) are zero."""
+    """addcmul(input, t1, t2, value=v) = input + v·t1·t2: broadcast; zero where input and (t1 or t2) are zero
+    (a per-channel parameter as input counts as zero: a constant, folded like a norm's β)."""
     if not isinstance(ctx.out, torch.Tensor):
         return ctx.blank(ctx.out)
     x, t1, t2 = node.args[0], ctx.arg(1, "tensor1"), ctx.arg(2, "tensor2")
     product = broadcast(ctx, [t1, t2], "or")  # zero where t1 or t2 is
     whole = broadcast(ctx, [x, t1, t2], "and")  # ties every aligned channel dim
     spec, zeros = ctx.spec(x), []
+    if channel_param(ctx, x) is not None:  # a per-channel bias (GRN's β): zero where the product is, as a norm's
+        return ctx.tensor(whole.shape, whole.dims, tuple(product.zero))
     for d, layout in enumerate(whole.dims):
         k = d - (whole.ndim - spec.ndim) if isinstance(spec, TensorSpec) else -1
         direct = k >= 0 and spec.dims[k] is not None and spec.shape[k] == whole.shape[d]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..records import LayerRecord, SliceRecord
+from ..records import LayerRecord, SliceRecord, SumRecord
 from ..spaces import Layout
 from ..specs import Segment, TensorSpec, Zero
 from .common import SizeSpec, copy_zero, move, norm_dim, param_of, tensor_args
@@ -497,7 +497,8 @@ def expand(ctx, node):
 
 # -- reductions and softmax ----------------------------------------------------------------------
 def _reduce(ctx, node, dims_arg, keepdim: bool):
-    """Reduce over dims: a reduced channel dim is frozen (channels are summed together)."""
+    """Reduce over dims: a reduced channel dim is frozen (channels are summed together), except in a plain
+    sum or mean over one channel dim, which reads its channels and is restricted to the survivors (``_sum_over``)."""
     x = ctx.spec(node.args[0])
     out = ctx.out if isinstance(ctx.out, torch.Tensor) else ctx.out[0]
     if dims_arg is None:
@@ -505,8 +506,9 @@ def _reduce(ctx, node, dims_arg, keepdim: bool):
     else:
         dims_arg = dims_arg if isinstance(dims_arg, (tuple, list)) else (dims_arg,)
         reduced = {norm_dim(d, x.ndim) for d in dims_arg}
-    for d in reduced:
-        ctx.freeze(x.dims[d], f"reduction {getattr(node.target, '__name__', node.target)} over channels")
+    if not _sum_over(ctx, node, x, reduced):
+        for d in reduced:
+            ctx.freeze(x.dims[d], f"reduction {getattr(node.target, '__name__', node.target)} over channels")
     order = [d for d in range(x.ndim) if keepdim or d not in reduced]
     order = [None if d in reduced else d for d in order]
     spec = move(ctx, x, order, out.shape)
@@ -515,12 +517,30 @@ def _reduce(ctx, node, dims_arg, keepdim: bool):
     return (spec, ctx.blank(ctx.out[1]))
 
 
+_SUMS = {"sum": "sum", "mean": "mean", torch.sum: "sum", torch.mean: "mean"}
+
+
+def _sum_over(ctx, node, x: TensorSpec, reduced: set[int]) -> bool:
+    """Rule: a sum or mean over exactly one channel dim (plus plain dims) reads those channels and records a
+    ``SumRecord``; the rewrite then sums the surviving channels only (a mean keeps its original divisor), so
+    removed channels (zeros) and rejuvenated ones leave it as it was.  Anything else: False (it freezes)."""
+    op = _SUMS.get(node.target)
+    channels = [d for d in reduced if x.dims[d] is not None]
+    if op is None or len(channels) != 1 or set(node.kwargs) - {"dim", "keepdim"} or len(node.args) > 3:
+        return False
+    dim = channels[0]
+    layout = ctx.consume(x, dim)
+    count = math.prod(int(x.shape[d]) for d in reduced) if op == "mean" else 1
+    ctx.record(SumRecord(layout, dim, count, kind=op))
+    return True
+
+
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "nansum", "nanmean")
 
 
 @method_rule(*_REDUCTIONS, "max", "min")
 def reduce_method(ctx, node):
-    """x.mean(dims, keepdim) and friends: reduced channel dims freeze."""
+    """x.mean(dims, keepdim) and friends: reduced channel dims freeze (a plain sum/mean over one reads it)."""
     if node.target in ("max", "min") and len(tensor_args(ctx, node.args)) > 1:
         from .elementwise import _ADD
 
@@ -541,7 +561,7 @@ def _keeps(ctx, node) -> bool:
 @function_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.prod,
                torch.max, torch.min)
 def reduce_function(ctx, node):
-    """torch.mean(x, dims) and friends: reduced channel dims freeze."""
+    """torch.mean(x, dims) and friends: reduced channel dims freeze (a plain sum/mean over one reads it)."""
     if node.target in (torch.max, torch.min) and len(tensor_args(ctx, node.args)) > 1:
         from .elementwise import _ADD
 

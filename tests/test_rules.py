@@ -789,12 +789,41 @@ def test_reductions_over_spatial_dims_pass_the_space(reduce):
     assert not frozen(a, out_ids(a, "c1"))[0]
 
 
+class _Reduced(nn.Module):
+    """conv → bn → a reduction over channels → a 1-channel conv."""
+
+    def __init__(self, reduce):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(1, 4, 1)
+        self.reduce = reduce
+
+    def forward(self, x):
+        return self.head(self.reduce(self.bn(self.c1(x))))
+
+
+@pytest.mark.parametrize(("reduce", "count"), [
+    (lambda y: y.mean(1, keepdim=True), 6),
+    (lambda y: y.sum(dim=1, keepdim=True), 1),
+    (lambda y: torch.mean(y, 1, True), 6),
+], ids=["mean", "sum", "torch.mean"])
+def test_a_channel_sum_or_mean_reads_its_channels(reduce, count):
+    """A plain sum/mean over one channel dim consumes the channels (a dead one is dead there) and records its
+    original count; the space stays free (the rewrite sums the survivors: tests/test_aten_gaps.py)."""
+    model = _Reduced(reduce)
+    a = analyze(model, (B, 3, 4, 4))
+    flops = (3 * 6 + 4) * 16
+    check_costs(a, model, flops, {"bn": alive(6, (0,))}, a.params - (3 + 1 + 2), (3 * 5 + 4) * 16)
+    assert not any(frozen(a, out_ids(a, "c1")))
+    (record,) = [r for r in a.records.values() if type(r).__name__ == "SumRecord"]
+    assert record.count == count and record.kind == ("sum" if count == 1 else "mean")
+
+
 @pytest.mark.parametrize("reduce", [
-    lambda y: y.mean(1, keepdim=True),
-    lambda y: y.sum(dim=1, keepdim=True),
     lambda y: torch.amax(y, 1, keepdim=True),
     lambda y: F.softmax(y, dim=1)[:, :1],
-], ids=["mean", "sum", "amax", "softmax"])
+    lambda y: y.std(1, keepdim=True),
+], ids=["amax", "softmax", "std"])
 def test_reductions_over_channels_freeze(reduce):
     class M(nn.Module):
         def __init__(self):

@@ -93,15 +93,21 @@ def pinned_notes(analysis, pinned) -> list[str]:
 # -- the transplant, undoable -----------------------------------------------------------------
 @dataclass
 class Journal:
-    """What a transplant changed, newest last: tensor data, attributes (grads, sizes), module slots."""
+    """What a transplant changed, newest last: tensor data, cleared grads, attributes (sizes, module slots)."""
 
     data: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    attrs: list[tuple[Any, str, Any]] = field(default_factory=list)
+    grads: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    attrs: list[tuple[dict, str, Any]] = field(default_factory=list)
 
     def set_data(self, tensor: torch.Tensor, data: torch.Tensor) -> None:
         """tensor.data = data, remembered."""
         self.data.append((tensor, tensor.data))
         set_data(tensor, data)
+
+    def clear_grad(self, tensor: torch.Tensor) -> None:
+        """tensor.grad = None, remembered."""
+        self.grads.append((tensor, tensor.grad))
+        tensor.grad = None
 
     def set_attr(self, owner: Any, name: str, value: Any) -> None:
         """setattr(owner, name, value), remembered (modules through their dicts, so nothing is re-registered)."""
@@ -113,19 +119,31 @@ class Journal:
         store[name] = value
 
     def undo(self) -> None:
-        """Put back every tensor's data, then every attribute (grads match their data again), newest first."""
+        """Put back every tensor's data, then its grad (matching its data again), then every attribute."""
         for tensor, old in reversed(self.data):
             set_data(tensor, old)
+        for tensor, grad in reversed(self.grads):
+            tensor.grad = grad
         for store, name, old in reversed(self.attrs):
             if old is _MISSING:
                 store.pop(name, None)
             else:
                 store[name] = old
         self.data.clear()
+        self.grads.clear()
         self.attrs.clear()
 
 
 _MISSING = object()
+
+
+def _slot_dict(owner: Any, name: str) -> dict:
+    """The dict an attribute of ``owner`` lives in: a module's _modules/_parameters/_buffers or its __dict__."""
+    if isinstance(owner, nn.Module):
+        for store in (owner._modules, owner._parameters, owner._buffers):
+            if name in store:
+                return store
+    return owner.__dict__
 
 
 def set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
@@ -139,35 +157,6 @@ def set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
         other = torch.float16 if data.dtype != torch.float16 else torch.float32
         tensor.data = torch.empty(0, dtype=other, device=data.device)
     tensor.data = data
-
-
-def _slot_dict(owner: Any, name: str) -> dict:
-    """The dict an attribute of ``owner`` lives in: a module's _modules/_parameters/_buffers or its __dict__."""
-    if isinstance(owner, nn.Module):
-        for store in (owner._modules, owner._parameters, owner._buffers):
-            if name in store:
-                return store
-    return owner.__dict__ if not isinstance(owner, torch.Tensor) else _TensorAttrs(owner)
-
-
-class _TensorAttrs(dict):
-    """A tensor attribute (``grad``) seen through the dict interface the journal uses."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        super().__init__()
-        self.tensor = tensor
-
-    def get(self, name: str, default: Any = None) -> Any:
-        """The attribute's value."""
-        return getattr(self.tensor, name)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        """Set the attribute."""
-        setattr(self.tensor, name, value)
-
-    def pop(self, name: str, default: Any = None) -> Any:
-        """Attributes of tensors cannot be removed; unused."""
-        return default
 
 
 def transplant(model: nn.Module, gm: torch.fx.GraphModule, journal: Journal) -> None:
@@ -221,7 +210,7 @@ def _move_tensors(old: nn.Module, new: nn.Module, journal: Journal) -> None:
 def _resize(target: torch.Tensor, source: torch.Tensor, journal: Journal) -> None:
     """target keeps its identity and takes source's data; a shape change clears its stale grad."""
     if tuple(target.shape) != tuple(source.shape) and target.grad is not None:
-        journal.set_attr(target, "grad", None)
+        journal.clear_grad(target)
     journal.set_data(target, source.detach())
 
 

@@ -20,6 +20,7 @@ import torch.fx
 from torch import nn
 
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
+from .caches import cache_output_leaves
 from .capture import Captured, Example
 from .capture import capture as _capture
 from .context import AnalysisState, Context, ParamInfo
@@ -49,7 +50,8 @@ class Space:
     ``block``: channels are kept and added in whole blocks of this width (a grouped conv's or a
     GroupNorm's group); ``unit``: the first space of its planning unit (spaces a grouped conv
     ties group by group share the number of blocks and which blocks survive; its own index
-    when untied).
+    when untied); ``heads``: its channels count attention heads (alignment skips it: the head
+    count is no layer's width, q, k and v are).
     """
 
     index: int
@@ -57,6 +59,7 @@ class Space:
     frozen: tuple[str, ...]
     block: int = 1
     unit: int = -1
+    heads: bool = False  # its channels count attention heads (a batch dim of attention, never a layer's width)
 
     @property
     def is_frozen(self) -> bool:
@@ -189,7 +192,8 @@ class Analysis:
                 reasons = tuple(self.atoms.frozen.get(root, ()))
                 tied = blocks.get(root)
                 spaces.append(Space(len(spaces), self.atoms.width[leaf], reasons, tied.block if tied else 1,
-                                    units.setdefault(tied.unit, len(spaces)) if tied else len(spaces)))
+                                    units.setdefault(tied.unit, len(spaces)) if tied else len(spaces),
+                                    any(m in self.atoms.heads for m in self.atoms.members[root])))
         self.spaces: list[Space] = spaces
         self._space_of_root = index
 
@@ -219,13 +223,15 @@ class Analysis:
         return found
 
     def signalled_spaces(self) -> set[int]:
-        """Spaces that a norm scale or a gate reads (a "norm" record whose module has a ``weight``)."""
+        """Spaces that a norm scale or a gate reads (a "norm" record whose module has a ``weight``), with every space
+        planned in one unit with them (the q, k and v blocks of gated heads)."""
         modules = dict(self.gm.named_modules())
         found: set[int] = set()
         for _, record in self.layers("norm"):
             if record.output is not None and getattr(modules.get(record.module), "weight", None) is not None:
                 found.update(self.space_ids(record.output))
-        return found
+        units = {self.spaces[s].unit for s in found}  # spaces planned as one unit (heads) share its signal
+        return {s.index for s in self.spaces if s.unit in units}
 
     def coverage(self) -> Coverage:
         """Channels in free spaces, and in free spaces with a liveliness signal, as a typed record."""
@@ -307,8 +313,8 @@ class Analysis:
     def alive(self, masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """Live channels per space: dead only where zero at every weight that reads the space.
 
-        Channels grouped in blocks (grouped convs, GroupNorm) live or die a whole block at a time:
-        a block is alive when any of its channels is, in any space of its planning unit.
+        Channels grouped in blocks (grouped convs, GroupNorm, heads) live or die a whole block at a time:
+        a block is alive when any of its channels is, in any space of its planning unit that a weight reads.
         """
         masks = self._default_masks if masks is None else self._user_masks(masks)
         zeros = _propagate_zeros(self, masks)
@@ -324,7 +330,7 @@ class Analysis:
         return whole_blocks(self.spaces, [
             torch.ones(s.width, dtype=torch.bool) if d is None or s.is_frozen else ~d
             for s, d in zip(self.spaces, dead, strict=True)
-        ])
+        ], [d is not None or s.is_frozen for s, d in zip(self.spaces, dead, strict=True)])
 
     def _user_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Validated user masks; a mask on a frozen space is ignored with a warning."""
@@ -487,7 +493,7 @@ def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
     if node.op in ("placeholder", "get_attr"):
         return ctx.blank(ctx.out)
     if node.op == "output":
-        for arg in node.all_input_nodes:
+        for arg in _pinned_outputs(ctx, node):
             ctx.freeze_all(ctx.spec(arg), "reaches the model output")
         return None
     module = ctx.module if node.op == "call_module" else None
@@ -499,6 +505,15 @@ def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
     if rule is None:
         return ctx.unknown_op(_label(node, module))
     return rule(ctx, node)
+
+
+def _pinned_outputs(ctx: Context, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The output's tensors whose channels the user reads: all but those inside a key/value cache (nrfx.caches)."""
+    caches = cache_output_leaves(ctx.state.gm)
+    if not caches:
+        return list(node.all_input_nodes)
+    leaves = torch.utils._pytree.tree_leaves(node.args[0])
+    return [leaf for i, leaf in enumerate(leaves) if isinstance(leaf, torch.fx.Node) and i not in caches]
 
 
 def _is_container_class(target: Any) -> bool:

@@ -93,7 +93,8 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.bitwise_and.Tensor: torch.bitwise_and, aten.__or__.Tensor: torch.bitwise_or,
     aten.bitwise_or.Tensor: torch.bitwise_or, aten.cumsum.default: torch.cumsum, aten.gather.default: torch.gather,
     aten.roll.default: torch.roll, aten.diff.default: torch.diff, aten.meshgrid.default: torch.meshgrid,
-    aten.meshgrid.indexing: torch.meshgrid,
+    aten.meshgrid.indexing: torch.meshgrid, aten.where.self: torch.where, aten.where.ScalarOther: torch.where,
+    aten.where.ScalarSelf: torch.where, aten.where.Scalar: torch.where,
 }
 _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_",
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",

@@ -10,6 +10,11 @@ and every rewrite of it return the cache the model returns, under the user's cal
 the one its ExecuTorch export uses); ``EncoderDecoderCache`` flattens to its two ``DynamicCache``s.
 The registration is process-wide and permanent (the result's forward unflattens its output
 with it) and happens once; a class someone registered already is left as it is.
+
+A cache in the output is the model's own state, not a result the user reads channel by channel:
+its key and value tensors do not pin the channels they carry (``cache_output_leaves``), so the
+attention heads stay free and a rewritten model returns caches with its new head counts (which
+its next call reads consistently).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch.fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
-__all__ = ["register_cache_pytrees"]
+__all__ = ["register_cache_pytrees", "cache_output_leaves"]
 
 
 def register_cache_pytrees() -> None:
@@ -62,3 +68,25 @@ def _register_encoder_decoder_cache(cls: type) -> None:
     pytree.register_pytree_node(cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
                                 serialized_type_name=f"{cls.__module__}.{cls.__name__}")
     fx_pytree.register_pytree_flatten_spec(cls, lambda cache, _spec: flatten(cache)[0])
+
+
+def cache_output_leaves(gm: torch.fx.GraphModule) -> set[int]:
+    """Positions among the graph's flat outputs of the tensors inside a cache object (a class named ``*Cache``)."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.out_spec is None:
+        return set()
+    found: set[int] = set()
+    _mark_cache_leaves(info.out_spec, 0, False, found)
+    return found
+
+
+def _mark_cache_leaves(spec: pytree.TreeSpec, start: int, inside: bool, found: set[int]) -> int:
+    """Walk a TreeSpec from leaf position ``start``; record the leaves under a cache node; return the next position."""
+    if spec.is_leaf():
+        if inside:
+            found.add(start)
+        return start + 1
+    inside = inside or (isinstance(spec.type, type) and spec.type.__name__.endswith("Cache"))
+    for child in spec.children() if hasattr(spec, "children") else spec.children_specs:
+        start = _mark_cache_leaves(child, start, inside, found)
+    return start

@@ -36,6 +36,7 @@ from torch import nn
 from .aten import to_torch_level
 from .caches import register_cache_pytrees
 from .errors import ShapeError, TraceError, node_location
+from .mha import heads_exposed, keep_opened_modules
 from .shapeprop import hooks_silenced, in_eval_mode, probe_shapes, propagate_shapes, untouched
 from .trace import Traced, defaulted_args, trace
 
@@ -169,6 +170,7 @@ def _fx_capture(model, example: Example, leaf_modules, concrete_args, autowrap_f
     """Symbolic tracing (nrfx.trace) with forward parameters past the inputs fixed at their defaults."""
     concrete_args = defaulted_args(model, len(example.args), concrete_args)
     traced = trace(model, leaf_modules, concrete_args, autowrap_functions)
+    keep_opened_modules(traced.gm, model)
     return Captured(traced.gm, traced.auto_leaves, method="fx")
 
 
@@ -179,10 +181,12 @@ def export_capture(model: nn.Module, example: Example, raisable: Callable[[nn.Mo
     graph = exported.graph
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target.startswith("_guards")]:
         graph.erase_node(node)
+    graph.eliminate_dead_code()  # aten ops nothing reads (attention weights a caller dropped); mutations stay
     raised = raise_leaf_runs(graph, model, raisable)
     for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
         graph.erase_node(node)
     gm = torch.fx.GraphModule(_root(graph, model, exported), graph, type(model).__name__)
+    keep_opened_modules(gm, model)
     left = to_torch_level(gm)
     gm.graph.lint()
     gm.recompile()
@@ -198,7 +202,7 @@ def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, l
     notes: list[str] = []
     register_cache_pytrees()  # HF caches in the output (nrfx.caches)
     try:
-        with untouched(model), in_eval_mode(model):
+        with untouched(model), in_eval_mode(model), heads_exposed():
             try:
                 program = _export_call(model, example, _batch_dynamic(model, example))
             except Exception as dynamic_error:  # retried with every shape static

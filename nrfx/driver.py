@@ -312,7 +312,7 @@ class NeuralRejuvenation:
     def _analyze(self, module: nn.Module) -> Analysis:
         """The analysis of a model; in place, with the spaces its own code pins frozen (they are not monitored)."""
         analysis = analyze(module, self.example_inputs, **self._capture)
-        return freeze_for_inplace(analysis) if self.inplace and isinstance(analysis, Analysis) else analysis
+        return freeze_for_inplace(analysis, module) if self.inplace and isinstance(analysis, Analysis) else analysis
 
     # -- the current stage --------------------------------------------------------------------
     @property

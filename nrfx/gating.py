@@ -42,7 +42,7 @@ from .shapeprop import propagate_shapes
 from .srlayers import SR_LAYERS
 from .trace import trace
 
-__all__ = ["GateFold", "add_gates", "fold_gates", "gate_sites"]
+__all__ = ["GateFold", "add_gates", "fold_gates", "gate_sites", "head_gate_sites"]
 
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                        nn.Hardswish, nn.Tanh, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.PReLU)
@@ -77,19 +77,75 @@ def _after_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx
     return node
 
 
-def gate_sites(analysis: Analysis) -> list[tuple[str, int, int]]:
-    """(producer node, channel dim, width) of every conv/linear whose output is a free space with no signal."""
+def gate_sites(analysis: Analysis,
+               head_sites: list[tuple[str, int, int, str]] | None = None) -> list[tuple[str, int, int]]:
+    """(producer node, channel dim, width) of every conv/linear whose output is a free space with no signal, but for
+    the q, k, v of heads gated per head (``head_sites``: ``head_gate_sites(analysis)``, found when not given)."""
     wanted = set(analysis.coverage().unsignalled)
+    heads = _head_units(analysis, head_gate_sites(analysis) if head_sites is None else head_sites)
     sites = []
     for name, record in analysis.layers("conv", "linear"):
         spaces = analysis.space_ids(record.output) if record.output is not None else []
         if len(spaces) != 1 or spaces[0] not in wanted or (record.transposed and record.kind != "linear"):
+            continue
+        if analysis.spaces[spaces[0]].unit in heads:  # attention heads: one gate per head (head_gate_sites)
             continue
         out = analysis.state.values[next(n for n in analysis.gm.graph.nodes if n.name == name)]
         weight = analysis.param_info[f"{record.module}.weight" if record.module else record.weight]
         dim = -1 if record.kind == "linear" else out.dim() - len(weight.shape) + 1  # conv: 1 batched, 0 not
         sites.append((name, dim, analysis.spaces[spaces[0]].width))
     return sites
+
+
+_HEAD_MOVES = ("transpose", "permute", "contiguous", torch.transpose, torch.permute)
+
+
+def head_gate_sites(analysis: Analysis) -> list[tuple[str, int, int, str]]:
+    """(node, head dim, heads, gate path base) for every merge of a free head space without a signal: the attention
+    output (SDPA, ``attn @ v``) read where heads merge back into channels, gated per head on its head dim (a head
+    space shared by several attentions, as T5's layers share their position bias, gets a gate at each)."""
+    from .rules.movement import ViewRecord
+
+    wanted = set(analysis.coverage().unsignalled)
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    sites, seen = [], set()
+    for name, record in analysis.records.items():
+        if not isinstance(record, ViewRecord) or not record.merge:
+            continue
+        node = nodes[name].args[0]
+        while node.target in _HEAD_MOVES and len(node.users) == 1 and isinstance(node.args[0], torch.fx.Node):
+            node = node.args[0]
+        spec = analysis.state.specs.get(node)
+        for dim, layout in enumerate(getattr(spec, "dims", ()) or ()):
+            spaces = analysis.space_ids(layout) if layout is not None else []
+            if len(spaces) == 1 and spaces[0] in wanted and (node.name, dim) not in seen and \
+                    analysis.atoms.is_heads(layout):
+                seen.add((node.name, dim))  # every merge of a head space (T5 shares one across its layers)
+                owner = _reader_owner(analysis, nodes[name])
+                sites.append((node.name, dim, analysis.spaces[spaces[0]].width, f"{owner}.heads" if owner else name))
+    return sites
+
+
+def _reader_owner(analysis: Analysis, node: torch.fx.Node) -> str:
+    """The module holding the layer that reads merged heads (``blocks.0.attn`` for ``blocks.0.attn.proj``), or ''."""
+    for _ in range(4):  # through the views between (HF ``Conv1D``: ``x.view(-1, x.size(-1))`` then addmm)
+        if len(node.users) != 1:
+            return ""
+        node = next(iter(node.users))
+        record = analysis.records.get(node.name)
+        if getattr(record, "kind", None) == "linear":
+            return _producer_path(record, node.name).rpartition(".")[0]
+    return ""
+
+
+def _head_units(analysis: Analysis, sites: list[tuple[str, int, int, str]]) -> set[int]:
+    """Planning units of the head spaces gated per head (their q, k, v projections get no gate of their own)."""
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    units = set()
+    for name, dim, _, _ in sites:
+        layout = analysis.state.specs[nodes[name]].dims[dim]
+        units.update(analysis.spaces[s].unit for s in analysis.space_ids(layout))
+    return units
 
 
 def _gate_path(gm: torch.fx.GraphModule, base: str) -> str:
@@ -143,7 +199,7 @@ def _gate_islands(clone: nn.Module, analysis: IslandAnalysis) -> nn.Module:
     """Rule: each island with a gate site is replaced in ``clone`` by its gated graph; the others stay as they are."""
     added: list[str] = []
     for path, island in analysis.islands.items():
-        if not gate_sites(island):
+        if not gate_sites(island) and not head_gate_sites(island):
             continue
         module = clone.get_submodule(path)
         gm, gates = _gate_graph(island)
@@ -159,21 +215,29 @@ def _gate_graph(analysis: Analysis) -> tuple[torch.fx.GraphModule, list[str]]:
     """Rule: a gate after the activation that follows each gate site's producer, in the analysis' own graph."""
     gm = analysis.gm
     nodes = {n.name: n for n in gm.graph.nodes}
+    head_sites = head_gate_sites(analysis)  # found before the graph changes
     added = []
-    for name, dim, width in gate_sites(analysis):
-        producer = nodes[name]
+    for name, dim, width in gate_sites(analysis, head_sites):
         record = analysis.records[name]
-        path = _gate_path(gm, _producer_path(record, name))
-        site = _after_activation(gm, producer)
         weight = gm.get_submodule(record.module).weight if record.module else gm.get_parameter(record.weight)
-        gm.add_submodule(path, Gate(width, dim, device=weight.device, dtype=weight.dtype))
-        with gm.graph.inserting_after(site):
-            gate = gm.graph.call_module(path, (site,))
-        site.replace_all_uses_with(gate, delete_user_cb=lambda user, gate=gate: user is not gate)
-        added.append(path)
+        added.append(_insert_gate(gm, _gate_path(gm, _producer_path(record, name)), _after_activation(gm, nodes[name]),
+                                  Gate(width, dim, device=weight.device, dtype=weight.dtype)))
+    device = next((p.device for p in gm.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    for name, dim, heads, base in head_sites:
+        dtype = analysis.state.values[nodes[name]].dtype
+        added.append(_insert_gate(gm, _gate_path(gm, base), nodes[name], Gate(heads, dim, device=device, dtype=dtype)))
     gm.graph.lint()
     gm.recompile()
     return gm, added
+
+
+def _insert_gate(gm: torch.fx.GraphModule, path: str, site: torch.fx.Node, gate: Gate) -> str:
+    """``gate`` registered at ``path`` and applied to ``site``'s value for every reader of it; returns ``path``."""
+    gm.add_submodule(path, gate)
+    with gm.graph.inserting_after(site):
+        node = gm.graph.call_module(path, (site,))
+    site.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return path
 
 
 def _is_pass(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -55,11 +55,12 @@ Rounds = list[dict[str, dict[str, Any]]]  # per round: {island path or "": plan 
 
 
 # -- planning: what the user's code pins ------------------------------------------------------
-def freeze_for_inplace(analysis):
+def freeze_for_inplace(analysis, model: nn.Module | None = None):
     """Rule: every space under a literal the graph rewrite would move (slice bounds, split sizes, a
     functional conv's or group_norm's ``groups``, a sum/mean over channels) is frozen, since in place
-    the user's code keeps it."""
-    reasons: dict[int, str] = {}
+    the user's code keeps it; so is every dim of an ``nn.MultiheadAttention``'s parameters in ``model``
+    (its ``embed_dim`` and ``num_heads`` stay)."""
+    reasons: dict[int, str] = _attention_modules(analysis, model)
     for name, record in analysis.slices():
         for s in analysis.space_ids(record.layout):
             reasons.setdefault(s, f"in place: node '{name}' spells channel bounds in the model's own code")
@@ -82,6 +83,22 @@ def freeze_for_inplace(analysis):
     frozen.spaces = [dataclasses.replace(sp, frozen=(*sp.frozen, reasons[sp.index]))
                      if sp.index in reasons and not sp.is_frozen else sp for sp in analysis.spaces]
     return frozen
+
+
+def _attention_modules(analysis, model: nn.Module | None) -> dict[int, str]:
+    """Spaces of the parameters of every ``nn.MultiheadAttention`` in ``model`` (opened by the capture, ``nrfx.mha``),
+    with the reason they stay in place."""
+    reasons: dict[int, str] = {}
+    for path, module in model.named_modules() if model is not None else ():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        for name, _ in module.named_parameters():
+            info = analysis.param_info.get(f"{path}.{name}" if path else name)
+            for layout in info.dims if info is not None else ():
+                for s in analysis.space_ids(layout) if layout is not None else ():
+                    reasons.setdefault(s, f"in place: '{path}' is an nn.MultiheadAttention, whose embed_dim and "
+                                          "num_heads stay")
+    return reasons
 
 
 def pinned_notes(analysis, pinned) -> list[str]:

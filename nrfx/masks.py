@@ -81,11 +81,17 @@ def check_masks(masks: dict[str, torch.Tensor], sites: dict[str, int], model: nn
     return checked
 
 
-def whole_blocks(spaces, alive: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def whole_blocks(spaces, alive: list[torch.Tensor], informed: list[bool] | None = None) -> tuple[torch.Tensor, ...]:
     """Rule: a block of a space (``space.block`` channels) is alive when any of its channels is alive in
-    any space of the same planning unit (``space.unit``); block k of one space goes with block k of the others."""
+    any space of the same planning unit (``space.unit``) that some weight reads (``informed``; a space no
+    weight reads, such as T5's per-head bias table or the kv heads of grouped-query attention, follows
+    the others); block k of one space goes with block k of the others."""
+    informed = informed if informed is not None else [True] * len(spaces)
+    voting = {space.unit for space, known in zip(spaces, informed, strict=True) if known}
     units: dict[int, torch.Tensor] = {}
-    for space, mask in zip(spaces, alive, strict=True):
+    for space, mask, known in zip(spaces, alive, informed, strict=True):
+        if not known and space.unit in voting:
+            continue
         blocks = mask.reshape(-1, space.block).any(1)
         units[space.unit] = blocks if space.unit not in units else units[space.unit] | blocks
     return tuple(units[space.unit].repeat_interleave(space.block) for space in spaces)

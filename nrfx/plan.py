@@ -192,6 +192,7 @@ class Unit:
     spaces: tuple[int, ...]
     blocks: tuple[int, ...]
     frozen: bool
+    heads: tuple[bool, ...] = ()  # per space: it counts attention heads (no alignment of its own)
 
     def widths(self, n: int) -> list[tuple[int, int]]:
         """(space, width) of every space of the unit at ``n`` blocks."""
@@ -204,7 +205,7 @@ def planning_units(analysis) -> list[Unit]:
     for space in analysis.spaces:
         grouped.setdefault(space.unit, []).append(space)
     return [Unit(tuple(s.index for s in members), tuple(s.block for s in members),
-                 any(s.is_frozen for s in members)) for members in grouped.values()]
+                 any(s.is_frozen for s in members), tuple(s.heads for s in members)) for members in grouped.values()]
 
 
 def _block_scores(unit: Unit, scores) -> torch.Tensor:
@@ -240,12 +241,16 @@ def _space_widths(units: list[Unit], counts: list[int], total: int) -> list[int]
 def align_steps(units: list[Unit], full: list[int], align: int) -> list[int]:
     """Blocks a unit grows by so that every width stays a multiple of ``align`` (1: unaligned).
 
-    A unit whose original widths are not all multiples of ``align`` keeps steps of one block.
+    A unit whose original widths are not all multiples of ``align`` keeps steps of one block.  A
+    space counting attention heads is no layer's width: only q, k, v (blocks of the head dim) align,
+    so heads of 64 channels move one at a time.
     """
     steps = []
     for unit, n in zip(units, full, strict=True):
-        step = math.lcm(*(align // math.gcd(b, align) for b in unit.blocks))
-        aligned = all((n * b) % align == 0 for b in unit.blocks)
+        blocks = [b for b, heads in zip(unit.blocks, unit.heads or (False,) * len(unit.blocks), strict=True)
+                  if not heads]
+        step = math.lcm(*(align // math.gcd(b, align) for b in blocks)) if blocks else 1
+        aligned = all((n * b) % align == 0 for b in blocks)
         steps.append(step if aligned and not unit.frozen and n >= step else 1)
     return steps
 

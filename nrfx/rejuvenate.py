@@ -42,7 +42,7 @@ from .optim_state import dense_parameters, inplace_states, move_inplace_states
 from .plan import Budget, Plan, make_plan
 from .plan_check import check_plan_fits
 from .rescale import apply_rescale
-from .reslice import regroup, reslice, resum
+from .reslice import regroup, reheads, reslice, resum
 from .results import attach
 from .rewrite import copy_for_rewrite, rewrite_params, verify
 from .schemes import apply_scheme, densify
@@ -53,7 +53,7 @@ __all__ = ["rejuvenate", "apply_plan", "plan_rejuvenation", "load_rejuvenated", 
 
 RewritePass = Callable[[torch.fx.GraphModule, Analysis, Plan, dict[str, ParamMap]], list[str]]
 # in order: new tensors, literal channel sizes, folded constants, neural rescaling, S/R schemes
-REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, resum, apply_folds, apply_rescale,
+REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, resum, reheads, apply_folds, apply_rescale,
                                            apply_scheme)
 
 
@@ -147,7 +147,7 @@ def _targets(analysis: Analysis | IslandAnalysis, masks, budget) -> dict[str, tu
 
 def _inplace_job(model: nn.Module, analysis: Analysis, masks, budget, options: dict[str, Any]) -> tuple[Analysis, Plan]:
     """The analysis with the spaces the user's code pins frozen, and the plan made on it."""
-    pinned = freeze_for_inplace(analysis)
+    pinned = freeze_for_inplace(analysis, model)
     plan = plan_rejuvenation(pinned, model, masks, budget, **options)
     return pinned, dataclasses.replace(plan, notes=[*plan.notes, *pinned_notes(analysis, pinned)])
 
@@ -217,7 +217,8 @@ def _replay_job(model: nn.Module, path: str, plan: Plan, example: Example | None
     """The analysis (pinned spaces frozen, as when the plan was made) of the module a saved plan rewrites."""
     module = model.get_submodule(path)
     inputs = _replay_inputs(model, path, plan, example)
-    analysis = freeze_for_inplace(analyze(module, inputs.args, example_kwargs=inputs.kwargs, capture=plan.capture))
+    analysis = freeze_for_inplace(analyze(module, inputs.args, example_kwargs=inputs.kwargs, capture=plan.capture),
+                                  module)
     check_plan_fits(plan, analysis)
     return analysis, _with_folds(analysis, plan)
 
@@ -298,7 +299,7 @@ def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, 
     if optimizer is not None and not inplace:
         raise InputError("optimizer= follows a rewrite in place only: pass inplace=True")
     if inplace:
-        analysis = freeze_for_inplace(analysis)
+        analysis = freeze_for_inplace(analysis, model)
     check_plan_fits(plan, analysis)
     if inplace:
         jobs = {"": (analysis, _with_folds(analysis, plan))}

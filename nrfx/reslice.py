@@ -10,6 +10,9 @@ A sum or mean over a resized channel dim (ConvNeXt-V2's GRN: ``Gx / Gx.mean(dim=
 surviving channels only (``index_select``), divided by the original count for a mean: removed channels read
 zero there and rejuvenated ones do not enter it, so it is what it was; a removed channel that is *not* zero at
 that sum is reported (``NrfxWarning``, with its largest value on the example inputs).
+Attention heads: a view / reshape that spells a head count (``q.view(B, N, H, d)``) or heads merged back into
+channels (``x.reshape(B, N, C)``, C = H·d, a literal or a size read from another tensor) gets the new count
+(``reheads``); the head dim d never changes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .records import SumRecord
 from .rewrite import set_group_norm_width
 from .shapeprop import untouched
 
-__all__ = ["reslice", "regroup", "resum"]
+__all__ = ["reslice", "regroup", "resum", "reheads"]
 
 
 def _new_offset(analysis, plan, layout, old: int) -> int:
@@ -197,3 +200,24 @@ class _Inputs(torch.fx.Interpreter):
             self.seen[n.name] = self.env[n.args[0]].detach()
         return super().run_node(n)
 
+
+def reheads(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
+    """Rewrite pass: every size a view / reshape spells for attention heads (``ViewRecord``: a head count, or heads
+    × head dim where heads merge back into channels) becomes the new width of its layout times its inner."""
+    from .rules.movement import ViewRecord, view_sizes
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    changed = 0
+    for name, record in analysis.records.items():
+        if not isinstance(record, ViewRecord) or not record.sizes or name not in nodes:
+            continue  # a merge that spells no size (``-1``, ``flatten``) needs nothing
+        sizes, put = view_sizes(nodes[name])
+        new = list(sizes)
+        for dim, layout in record.sizes:
+            width = layout.inner * sum(len(plan.keep[s]) + plan.grow[s] for s in analysis.space_ids(layout))
+            if width != layout.inner * sum(analysis.spaces[s].width for s in analysis.space_ids(layout)):
+                new[dim] = width  # the same count stays as the code spells it
+        if new != sizes:
+            put(new)
+            changed += 1
+    return [f"reheads: {changed} attention head counts (view / reshape sizes) set to the new widths"] if changed else []

@@ -12,12 +12,21 @@ input (``cin/groups`` channels) to block ``k`` of its output (``cout/groups``), 
 ties its groups to themselves.  ``resolve_blocks`` runs once the rules are done: it cuts the
 tied layouts so that their atoms pair up block for block, gives every class its block width,
 and joins the classes a tie links into one *planning unit* (same number of blocks, the same
-blocks surviving).  A group straddling two classes, a class asked for two block widths, or a
-unit touching a frozen class freezes the whole unit, with the reason.
+blocks surviving: the gcd of the block counts its ties ask for, so a class read in groups of two
+widths moves in the coarser one).  A group straddling two classes, or a unit touching a frozen
+class, freezes the whole unit, with the reason.
+
+*Attention heads* are block ties too: a reshape of a channel dim into ``(H, d)`` (``q.view(B, N, H, d)``)
+makes the ``H`` dim carry a fresh *head* layout (``new_heads``, one channel per head) tied block by block to
+the channels it splits (blocks of ``d``), so q, k, v and the output projection's input keep and add whole
+heads.  A head class that no attention op marked (``mark_attended``: SDPA, a matmul over the head dim as a
+batch dim) is frozen by ``resolve_blocks``: a reshape into two dims that is not an attention head split
+(``fc(z).view(B, 64, 7, 7)``) keeps its width.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["Layout", "AtomTable", "BlockTie", "BlockClass"]
@@ -60,6 +69,8 @@ class AtomTable:
         self.members: dict[int, list[int]] = {}
         self.frozen: dict[int, list[str]] = {}
         self.ties: list[BlockTie] = []
+        self.heads: set[int] = set()  # atoms (and their pieces) made by ``new_heads``
+        self.attended: set[int] = set()  # atoms an attention op read as its head (batch) dim
 
     # -- creation -------------------------------------------------------------------------
     def new(self, width: int) -> int:
@@ -125,6 +136,9 @@ class AtomTable:
         for atom in members:
             head, tail = self.new(at), self.new(self.width[atom] - at)
             self.children[atom] = (head, tail)
+            for flags in (self.heads, self.attended):
+                if atom in flags:
+                    flags.update((head, tail))
             heads.append(head)
             tails.append(tail)
         for group in (heads, tails):
@@ -192,6 +206,40 @@ class AtomTable:
         """Record that ``a`` and ``b`` keep and add channels in whole blocks, block k with block k."""
         self.ties.append(BlockTie(a, b, int(block_a), int(block_b), reason))
 
+    # -- attention heads ------------------------------------------------------------------
+    def new_heads(self, heads: int) -> Layout:
+        """A fresh head layout: one channel per attention head (see module doc)."""
+        layout = self.layout(heads)
+        self.heads.update(layout.atoms)
+        return layout
+
+    def mark_attended(self, layout: Layout) -> None:
+        """Record that an attention op reads ``layout`` as its head dim (heads there are independent)."""
+        self.attended.update(self.leaves(layout.atoms))
+
+    def is_heads(self, layout: Layout | None) -> bool:
+        """Whether every class the layout touches holds a head layout."""
+        if layout is None:
+            return False
+        roots = {self.find(leaf) for leaf in self.leaves(layout.atoms)}
+        return bool(roots) and all(any(m in self.heads for m in self.members[r]) for r in roots)
+
+    def _check_heads(self) -> list[BlockTie]:
+        """Freeze every head class that no attention op read (a split into two dims not proven to be heads) and the
+        channels it split, dropping its ties; returns the other ties."""
+        unread = {root for root, members in self.members.items()
+                  if any(m in self.heads for m in members) and not any(m in self.attended for m in members)}
+        for root in unread:
+            self.frozen.setdefault(root, []).append(
+                "reshape into (heads, head dim) never read by attention: not proven to be attention heads")
+        kept = []
+        for tie in self.ties:
+            if any(self.find(leaf) in unread for leaf in self.leaves(tie.b.atoms)):
+                self.freeze(tie.a, f"reshape mixes channels with other dims: {tie.reason}, never read by attention")
+            else:
+                kept.append(tie)
+        return kept
+
     def _align(self, tie: BlockTie) -> str | None:
         """Cut both sides of a tie at each other's block borders; why they cannot align, or None."""
         while True:
@@ -210,7 +258,7 @@ class AtomTable:
 
     def resolve_blocks(self) -> dict[int, BlockClass]:
         """Align every tie, then give each tied class its block width and planning unit (see module doc)."""
-        ties, changed = list(self.ties), True
+        ties, changed = self._check_heads(), True
         while changed:  # cuts made for one tie may move the borders of another: align until stable
             changed = False
             for tie in list(ties):
@@ -224,9 +272,15 @@ class AtomTable:
         return self._units(ties)
 
     def _units(self, ties: list[BlockTie]) -> dict[int, BlockClass]:
-        """Block widths per class and unit roots; inconsistent or frozen-touching units freeze whole."""
+        """Block widths per class and unit roots; frozen-touching units freeze whole.
+
+        Rule: a unit keeps and adds blocks together, so every class in it gets the same number of blocks: the
+        gcd of the block counts its ties ask for (a class read in groups of 2 and of 4 moves in groups of 4;
+        query heads tied one to one to their channels and r to one to the kv heads move r at a time).  A
+        coarser block is a union of whole finer ones, so every tie still pairs whole groups."""
         unit: dict[int, int] = {}
         blocks: dict[int, set[int]] = {}
+        widths: dict[int, int] = {}
         reasons: dict[int, str] = {}
 
         def root(r: int) -> int:
@@ -240,6 +294,7 @@ class AtomTable:
                 rx, ry = self.find(x), self.find(y)
                 blocks.setdefault(rx, set()).add(tie.block_a)
                 blocks.setdefault(ry, set()).add(tie.block_b)
+                widths[rx], widths[ry] = self.width[x], self.width[y]
                 reasons.setdefault(rx, tie.reason)
                 reasons.setdefault(ry, tie.reason)
                 unit[root(ry)] = root(rx)
@@ -248,13 +303,11 @@ class AtomTable:
             members.setdefault(root(r), []).append(r)
         out: dict[int, BlockClass] = {}
         for head, classes in members.items():
-            mixed = next((sorted(blocks[r]) for r in classes if len(blocks[r]) > 1), None)
             frozen = next((self.frozen[r][0] for r in classes if r in self.frozen), None)
-            if mixed is None and frozen is None:
-                out.update({r: BlockClass(next(iter(blocks[r])), head) for r in classes})
+            if frozen is None:
+                count = math.gcd(*(widths[r] // b for r in classes for b in blocks[r]))
+                out.update({r: BlockClass(widths[r] // count, head) for r in classes})
                 continue
-            why = (f"channels tied in groups of {mixed} channels: inconsistent group structures"
-                   if mixed is not None else f"tied group by group to a frozen space ({frozen})")
             for r in classes:
-                self.frozen.setdefault(r, []).append(f"{reasons[r]}: {why}")
+                self.frozen.setdefault(r, []).append(f"{reasons[r]}: tied group by group to a frozen space ({frozen})")
         return out

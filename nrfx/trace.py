@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from .gates import Gate
+from .mha import traced_call
 from .shapeprop import untouched
 from .srlayers import SR_LAYERS
 
@@ -153,6 +154,11 @@ class NrfxTracer(torch.fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         """Trace into ``m``; if its code cannot be traced, report the innermost culprit."""
         qualname = self.path_of_module(m)
+        if isinstance(m, nn.MultiheadAttention) and qualname not in self.leaf_names and not (
+                self.leaf_types and isinstance(m, self.leaf_types)):
+            expanded = traced_call(m, args, kwargs)  # its heads, in the open (nrfx.mha)
+            if expanded is not None:
+                return expanded
         try:
             return super().call_module(m, forward, args, kwargs)
         except _SubmoduleFailed:

@@ -97,6 +97,10 @@ CASES = {
     "masked_fill_zero": Case(lambda m, x, y: y.masked_fill(x[:, :1] > 0, 0.0), frozenset({aten.masked_fill.Scalar})),
     "masked_fill_one": Case(lambda m, x, y: y.masked_fill(x[:, :1] > 0, 1.0), frozenset({aten.masked_fill.Scalar}),
                             keeps_zero=False),
+    "where_zero": Case(lambda m, x, y: torch.where(x[:, :1] > 0, y, 0.0), frozenset({aten.where.ScalarOther})),
+    "where_tensors": Case(lambda m, x, y: torch.where(y > 0, y, y * 0.5), frozenset({aten.where.self})),
+    "where_one": Case(lambda m, x, y: torch.where(x[:, :1] > 0, y, 1.0), frozenset({aten.where.ScalarOther}),
+                      keeps_zero=False),
     "cumsum": Case(lambda m, x, y: torch.cumsum(y, 2), frozenset({aten.cumsum.default})),
     "cumsum_channels": Case(lambda m, x, y: torch.cumsum(y, 1), frozenset({aten.cumsum.default}), "cumulative"),
     "roll": Case(lambda m, x, y: torch.roll(y, 1, 3), frozenset({aten.roll.default})),
@@ -315,11 +319,12 @@ def _tiny_gpt2(gates: bool):
 
 
 def test_gpt2_mlp_hidden_spaces_are_free():
-    """GPT-2 (Conv1D everywhere) was wholly frozen; now each MLP hidden space (4 × n_embd) is free."""
+    """GPT-2 (Conv1D everywhere) was wholly frozen; now each MLP hidden space (4 × n_embd) is free, and so are
+    the attention heads of each block (q, k, v of n_embd channels in whole heads, and the 4 heads themselves)."""
     model, ids = _tiny_gpt2(gates=False)
     analysis = _analyze(model, (ids,), "export")
     assert not analysis.unknown_ops
-    assert [s.width for s in analysis.spaces if not s.is_frozen] == [256, 256]
+    assert [s.width for s in analysis.spaces if not s.is_frozen] == [64, 64, 64, 4, 256] * 2
     assert analysis.params == sum(p.numel() for p in model.parameters())
     for block in range(2):
         for name in ("c_fc", "c_proj"):
@@ -331,14 +336,15 @@ def test_gpt2_rejuvenation_keeps_function():
     model, ids = _tiny_gpt2(gates=True)
     analysis = _analyze(model, (ids,), "export")
     u = analysis.utilization()
-    assert sorted(int(a.sum()) for a, s in zip(u.alive, analysis.spaces, strict=True) if not s.is_frozen) == [156, 156]
+    assert sorted(int(a.sum()) for a, s in zip(u.alive, analysis.spaces, strict=True) if not s.is_frozen) == \
+        [4, 4] + [64] * 6 + [156, 156]  # heads all alive, 100 hidden channels dead per block
     with torch.no_grad():
         expected = model(ids).last_hidden_state
     slim = nrfx.rejuvenate(model, None, nrfx.Budget(params=u.live_params), example_inputs=(ids,), capture="export",
                            analysis=analysis, align=1)
     assert slim.get_parameter("h.0.mlp.c_fc.weight").shape == (64, 156)
     regrown = nrfx.rejuvenate(model, None, None, example_inputs=(ids,), capture="export", analysis=analysis, align=1)
-    assert regrown.get_parameter("h.1.mlp.c_proj.weight").shape == (256, 64)
+    assert regrown.get_parameter("h.1.mlp.c_proj.weight").shape == (224, 64)  # heads share the regrown budget
     with torch.no_grad():
         for new in (slim, regrown):
             torch.testing.assert_close(new(ids).last_hidden_state, expected, rtol=1e-9, atol=1e-12)

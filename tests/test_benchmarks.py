@@ -167,7 +167,7 @@ def test_gpu_benchmark_quick_on_cpu_times_every_variant(tmp_path, capsys):
                 assert all(0.05 < r < 20 for r in ratios.values())  # sane, not meaningful at these sizes
         if name == "resnet50":
             assert variants["cr"]["sr_layers"] > 0 and variants["ca"]["sr_layers"] > 0
-    assert data["models"]["vit_b_16"]["gates"] == 2
+    assert data["models"]["vit_b_16"]["gates"] == 4  # per block (2): the MLP hidden space and the heads
     driver = data["driver"]
     assert driver["rounds"] == 0 and driver["lam"] > 0
     assert all(0.2 < cell["ratio"] < 5 and cell["check_s"] > 0 for cell in driver["precisions"].values())

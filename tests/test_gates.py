@@ -141,7 +141,11 @@ def test_add_gates_keeps_the_function_and_monitors_the_free_spaces(name):
     assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in
                                                               model.state_dict().items())
     gates = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in gm.nrfx_gates}
-    assert len(gates) == len(gm.nrfx_gates) == 2
+    assert len(gates) == len(gm.nrfx_gates)
+    heads = [path for path in gates if path.endswith(".heads_gate")]  # one per attention block (2 in the ViT)
+    assert len(heads) == (2 if name == "vit" else 0)
+    gates = {path: node for path, node in gates.items() if path not in heads}
+    assert len(gates) == 2
     for path, node in gates.items():  # after the activation that follows the producer
         assert isinstance(gm.get_submodule(node.args[0].target), nn.GELU), path
         assert path == f"{node.args[0].args[0].target}_gate"
@@ -177,7 +181,7 @@ def test_fold_gates_round_trip(name):
     model, gm, x = gated(name)
     kill_gates(gm)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    folded = nrfx.fold_gates(gm)
+    folded = nrfx.fold_gates(gm, x)  # the shapes let head gates fold through the merge of heads
     assert not any(isinstance(m, Gate) for m in folded.modules())
     assert sum(p.numel() for p in folded.parameters()) == sum(p.numel() for p in model.parameters())
     with torch.no_grad():

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..specs import TensorSpec
+from ..spaces import Layout
+from ..specs import TensorSpec, Zero
 from .common import copy_zero, tensor_args
 from .registry import function_rule, method_rule, module_rule
 
@@ -35,17 +36,55 @@ def _matmul(ctx, node):
             dims[dst] = spec.dims[src]
             zeros[dst] = copy_zero(ctx, spec, src)
     for d in range(out.ndim - 2):
-        ctx.freeze(_batch_dim(a, d, out.ndim), "batch dim of a matmul")
-        ctx.freeze(_batch_dim(b, d, out.ndim), "batch dim of a matmul")
+        dims[d], zeros[d] = _batch_heads(ctx, a, b, d, out)
     plain = math.prod(s for s, lay in zip(out.shape, dims, strict=True) if lay is None)
     ctx.add_macs(plain * (k if contract is None else 1), contract, *dims)
     return ctx.tensor(out.shape, tuple(dims), tuple(zeros))
 
 
-def _batch_dim(spec: TensorSpec, d: int, out_ndim: int):
-    """Layout of a broadcast batch dim of a matmul operand (None when absent)."""
-    k = d - (out_ndim - spec.ndim)
-    return spec.dims[k] if k >= 0 else None
+def _batch_heads(ctx, a: TensorSpec, b: TensorSpec, d: int, out):
+    """Rule: a batch dim of a matmul carrying attention heads on both operands (or on one, the other broadcast
+    with size 1) is one head space, flowing to the output (each head multiplies on its own); any other channel
+    layout on a batch dim freezes.  Returns (layout, zero rule) of the output dim."""
+    sides = [(spec, k) for spec in (a, b) if (k := d - (out.ndim - spec.ndim)) >= 0]
+    present = [(spec, k) for spec, k in sides if spec.dims[k] is not None]
+    if not present:
+        return None, None
+    broadcast = all(spec.dims[k] is not None or spec.shape[k] == 1 for spec, k in sides)
+    layout = None
+    if broadcast and all(ctx.atoms.is_heads(spec.dims[k]) for spec, k in present):
+        layout = join_heads(ctx, [spec.dims[k] for spec, k in present], "attention heads of a matmul")
+    if layout is None:
+        for spec, k in sides:
+            ctx.freeze(spec.dims[k], "batch dim of a matmul")
+        return None, None
+    segments = tuple(spec.whole(k, ctx.atoms.channels(spec.dims[k])) for spec, k in present
+                     if spec.dims[k].inner == layout.inner and ctx.atoms.channels(spec.dims[k]) ==
+                     ctx.atoms.channels(layout))  # a repeated kv side says nothing per query head
+    return layout, Zero("or", segments)
+
+
+def join_heads(ctx, layouts: list, reason: str):
+    """Rule: the head layouts one attention op reads on a batch dim are one head space; a side with r times
+    fewer heads (``enable_gqa``, or kv heads repeated by ``expand`` + ``reshape``: each spans r) is tied to the
+    query heads in groups of r (grouped-query attention: a kv head and its r query heads move together).
+    Returns the query heads' layout (the output's), or None when the heads do not pair up."""
+    atoms = ctx.atoms
+    query = max(layouts, key=lambda lay: (atoms.channels(lay), -lay.inner))
+    for other in layouts:
+        if other is query:
+            continue
+        ratio, rest = divmod(atoms.channels(query), atoms.channels(other))
+        if ratio == 1 and other.inner == query.inner:
+            query = ctx.unify(query, other, reason)
+        elif ratio > 1 and not rest and query.inner == 1 and other.inner in (1, ratio):
+            atoms.tie_blocks(query, Layout(other.atoms), ratio, 1,
+                             f"grouped-query attention: {ratio} query heads per kv head [{ctx.where}]")
+            atoms.mark_attended(other)
+        else:
+            return None
+    atoms.mark_attended(query)
+    return query
 
 
 function_rule(torch.matmul, operator.matmul, torch.bmm, torch.mm)(_matmul)
@@ -54,22 +93,75 @@ method_rule("matmul", "bmm", "mm")(_matmul)
 
 @function_rule(F.scaled_dot_product_attention)
 def sdpa(ctx, node):
-    """SDPA: q·kᵀ contracts the head dim (frozen: the 1/√d scale depends on it); v's dim flows out."""
+    """SDPA: q·kᵀ contracts the head dim (frozen: 1/√d reads it); v's dim flows out; batch-dim heads are one space.
+
+    A batch dim carrying attention heads in q, k and v is one head space (heads are independent), kept and added
+    whole (``_sdpa_heads``)."""
     q, k, v = (ctx.spec(a) for a in node.args[:3])
-    qv, kv = ctx.value(node.args[0]), ctx.value(node.args[1])
-    rows = math.prod(qv.shape[:-1]) * kv.shape[-2]
+    qv, kv, vv = ctx.value(node.args[0]), ctx.value(node.args[1]), ctx.value(node.args[2])
     head = ctx.unify(q.dims[-1], k.dims[-1], "q and k head dims") if (q.dims[-1] or k.dims[-1]) else None
     ctx.freeze(head, "attention scale depends on the head dim")
+    heads = _sdpa_heads(ctx, node, (q, k, v))
     for spec in (q, k, v):
         for d in range(spec.ndim - 1):
-            ctx.freeze(spec.dims[d], "attention mixes tokens")
+            if d >= spec.ndim - 2 or d >= len(heads) or heads[d] is None:
+                ctx.freeze(spec.dims[d], "attention mixes tokens")
     ctx.consume(v, v.ndim - 1)
-    ctx.add_macs(rows * qv.shape[-1])
-    ctx.add_macs(rows * (1 if v.dims[-1] is not None else v.shape[-1]), v.dims[-1])
+    head_layouts = [lay for lay in heads if lay is not None]
+    per_head = math.prod(qv.shape[d] for d in range(qv.ndim - 2) if heads[d] is None)
+    rows = per_head * qv.shape[-2] * kv.shape[-2]
+    ctx.add_macs(rows * qv.shape[-1], *head_layouts)
+    ctx.add_macs(rows * (1 if v.dims[-1] is not None else vv.shape[-1]), v.dims[-1], *head_layouts)
     out = ctx.out
-    dims = (None,) * (out.ndim - 1) + (v.dims[-1],)
-    zero = (None,) * (out.ndim - 1) + ((copy_zero(ctx, v, v.ndim - 1),) if v.dims[-1] is not None else (None,))
-    return ctx.tensor(out.shape, dims, zero)
+    dims = (*heads[:out.ndim - 2], None, v.dims[-1])
+    zero = [None] * out.ndim
+    for d, layout in enumerate(dims):
+        if layout is not None and d < out.ndim - 2:
+            zero[d] = Zero("none")
+    if v.dims[-1] is not None:
+        zero[-1] = copy_zero(ctx, v, v.ndim - 1)
+    return ctx.tensor(out.shape, dims, tuple(zero))
+
+
+def _sdpa_heads(ctx, node, qkv) -> list:
+    """Rule: the layout of every batch dim of SDPA's q, k, v (None where plain): attention heads in all three (the
+    same count, or r times fewer in k and v: grouped-query attention, see ``join_heads``; an ``attn_mask``
+    broadcast over them, or carrying one entry per head: ``_mask_heads``) are one head space; any other channel
+    layout on a batch dim freezes."""
+    q = qkv[0]
+    mask = ctx.spec(node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask"))
+    gqa = bool(node.kwargs.get("enable_gqa", False))
+    out = []
+    for d in range(q.ndim - 2):
+        specs = [s for s in qkv if s.ndim == q.ndim]
+        layouts = [s.dims[d] for s in specs]
+        extra = []
+        if isinstance(mask, TensorSpec) and (m := d - (q.ndim - mask.ndim)) >= 0 and mask.shape[m] != 1:
+            extra = [mask.dims[m]]
+        present = [lay for lay in layouts + extra if lay is not None]
+        if not present:
+            out.append(None)
+            continue
+        same = len(specs) == 3 and (gqa or len({s.shape[d] for s in specs}) == 1)
+        layout = None
+        if same and None not in layouts + extra and all(ctx.atoms.is_heads(lay) for lay in layouts):
+            layout = join_heads(ctx, layouts, "q, k and v heads of attention")
+        if layout is not None and extra:
+            layout = _mask_heads(ctx, layout, extra[0])
+        if layout is None:
+            for lay in present:
+                ctx.freeze(lay, "batch dim of attention: q, k and v heads do not pair up")
+        out.append(layout)
+    return out
+
+
+def _mask_heads(ctx, heads, mask):
+    """Rule: an ``attn_mask`` carrying a channel layout on the heads dim (T5's relative position bias: a table
+    with one column per head) has one entry per query head: it joins the head space (its table resized with the
+    heads); anything else freezes the heads.  Returns the head layout, or None."""
+    if mask.inner != heads.inner or ctx.atoms.channels(mask) != ctx.atoms.channels(heads):
+        return None
+    return ctx.unify(heads, mask, "attention mask per head")
 
 
 @module_rule(nn.MultiheadAttention)

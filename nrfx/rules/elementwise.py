@@ -209,6 +209,33 @@ def masked_fill(ctx, node):
     return ctx.tensor(spec.shape, spec.dims)
 
 
+@function_rule(torch.where)
+def where(ctx, node):
+    """torch.where(cond, x, y): cond, x and y tie aligned channel dims (size-1 dims broadcast); zero where x and
+    y both are (a scalar 0 is zero, any other scalar: nothing known)."""
+    if len(node.args) < 3 or not isinstance(ctx.out, torch.Tensor):
+        return ctx.unknown_op("function torch.where with one argument (nonzero indices)")
+    return _where(ctx, *node.args[:3])
+
+
+@method_rule("where")
+def where_method(ctx, node):
+    """x.where(cond, y): as torch.where(cond, x, y)."""
+    if len(node.args) < 3 or not isinstance(ctx.out, torch.Tensor):
+        return ctx.unknown_op("method Tensor.where without y")
+    return _where(ctx, node.args[1], node.args[0], node.args[2])
+
+
+def _where(ctx, cond, x, y) -> TensorSpec:
+    """The spec of a where: layouts from all three operands, zeros from the two values."""
+    spec = broadcast(ctx, [cond, x, y], "and")
+    values = [v for v in (x, y) if isinstance(v, torch.fx.Node)]
+    constants = [v for v in (x, y) if not isinstance(v, torch.fx.Node)]
+    if any(c != 0 for c in constants) or not values:
+        return ctx.tensor(spec.shape, spec.dims)
+    return ctx.tensor(spec.shape, spec.dims, broadcast(ctx, values, "and").zero)
+
+
 @method_rule("copy_")
 def copy_(ctx, node):
     """dst.copy_(src): aligned channel dims of dst and src tie (a plain one freezes the other); zeros are src's.

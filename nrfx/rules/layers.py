@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,9 +118,7 @@ def conv_function(ctx, node):
     x = ctx.spec(node.args[0])
     spec, in_l, out_l, w_dims = _conv(ctx, x, w_shape, int(groups), name, transposed, None)
     ctx.param_named(name, w_shape, w_dims)
-    bias_name, bias_shape = param_of(ctx, ctx.arg(2, "bias"))
-    if bias_name is not None:
-        ctx.param_named(bias_name, bias_shape, (out_l,))
+    bias_name = _bias(ctx, ctx.arg(2, "bias"), out_l)
     ctx.record(LayerRecord("conv", weight=name, bias=bias_name, input=in_l, output=out_l, groups=int(groups),
                            transposed=transposed, groups_arg=_literal_groups(ctx, node, w_shape, transposed, out_l)))
     return spec
@@ -165,11 +164,26 @@ def linear_function(ctx, node):
         return ctx.unknown_op("function linear with a computed weight")
     spec, in_l, out_l = _linear(ctx, ctx.spec(node.args[0]), w_shape, name, None)
     ctx.param_named(name, w_shape, (out_l, in_l))
-    bias_name, bias_shape = param_of(ctx, ctx.arg(2, "bias"))
-    if bias_name is not None:
-        ctx.param_named(bias_name, bias_shape, (out_l,))
+    bias_name = _bias(ctx, ctx.arg(2, "bias"), out_l)
     ctx.record(LayerRecord("linear", weight=name, bias=bias_name, input=in_l, output=out_l))
     return spec
+
+
+def _bias(ctx, bias, out_l) -> str | None:
+    """Rule: a bias parameter takes the output space; a computed bias (BEiT's ``cat((q_bias, k_bias, v_bias))``)
+    ties its channel layout to it, and one that carries none freezes the output (its width is spelled elsewhere).
+    Returns the bias parameter's name, or None."""
+    bias_name, bias_shape = param_of(ctx, bias)
+    if bias_name is not None:
+        ctx.param_named(bias_name, bias_shape, (out_l,))
+        return bias_name
+    spec = ctx.spec(bias) if isinstance(bias, torch.fx.Node) else None
+    if isinstance(spec, TensorSpec) and spec.ndim >= 1 and out_l is not None:
+        if spec.dims[-1] is not None:
+            ctx.unify(out_l, spec.dims[-1], "bias computed from other channels")
+        else:
+            ctx.freeze(out_l, "a computed bias without a channel space (its width is spelled elsewhere)")
+    return None
 
 
 @module_rule(nn.Embedding)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import builtins
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..context import Consumer
 from ..records import LayerRecord, SliceRecord, SumRecord
 from ..spaces import Layout
 from ..specs import Segment, TensorSpec, Zero
@@ -29,6 +31,8 @@ def cat(ctx, node):
     tensors = [(spec, n) for spec, n in tensor_args(ctx, ctx.arg(0, "tensors"))
                if not (out.ndim > 1 and tuple(spec.shape) == (0,))]  # torch skips a legacy empty 1-d input
     dim = norm_dim(ctx.arg(1, "dim", 0), out.ndim)
+    vectors = _parameter_vectors(ctx, ctx.arg(0, "tensors")) if out.ndim == 1 else None
+    tensors = vectors or tensors
     dims, zeros = [], []
     for d in range(out.ndim):
         if d == dim:
@@ -38,6 +42,24 @@ def cat(ctx, node):
         dims.append(layout)
         zeros.append(zero)
     return ctx.tensor(out.shape, tuple(dims), tuple(zeros))
+
+
+def _parameter_vectors(ctx, parts) -> list | None:
+    """Rule: a 1-d cat of parameters / buffers only (BEiT's ``cat((q_bias, k_bias, v_bias))``) is a vector of
+    per-channel values: each part gets a fresh channel space of its own, which it takes from the channels it meets
+    (a linear's output, as its bias), so the parts are resized with them.  Returns the parts' (spec, node) with
+    those spaces, or None where the rule does not apply."""
+    if not isinstance(parts, (list, tuple)) or not parts:
+        return None
+    found = [param_of(ctx, part) for part in parts]
+    if any(name is None or len(shape) != 1 for name, shape in found):
+        return None
+    vectors = []
+    for part, (name, shape) in zip(parts, found, strict=True):
+        layout = ctx.fresh(shape[0], (name, "vector"))
+        ctx.param_named(name, shape, (layout,))
+        vectors.append((ctx.tensor(shape, (layout,), (None,)), part))
+    return vectors
 
 
 def _cat_layout(ctx, tensors, d: int):
@@ -157,7 +179,9 @@ def _split(ctx, node, name: str):
     if name == "unbind":
         if x.dims[dim] is not None:
             ctx.freeze(x.dims[dim], "unbind over channels")
-        return tuple(ctx.blank(p) for p in pieces)
+            return tuple(ctx.blank(p) for p in pieces)
+        order = [d for d in range(x.ndim) if d != dim]  # along a plain dim the other dims keep their channels
+        return tuple(move(ctx, x, order, p.shape) for p in pieces)
     sizes = [p.shape[dim] for p in pieces]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     _record_slice(ctx, x, dim, [(a, a + n) for a, n in zip(starts, sizes, strict=True)], "split")
@@ -207,7 +231,41 @@ def getitem(ctx, node):
         return spec.get(index)
     if not isinstance(spec, TensorSpec):
         return ctx.blank(ctx.out)
+    if _table_lookup(ctx, source, index):
+        return _lookup(ctx, source, index if isinstance(index, torch.fx.Node) else index[0])
     return _tensor_index(ctx, spec, index if isinstance(index, tuple) else (index,))
+
+
+def _table_lookup(ctx, source, index) -> bool:
+    """Whether ``table[i]`` reads rows of a 2-d parameter by one integer tensor (a relative position bias table
+    indexed by a buffer: BEiT, Swin), which is ``F.embedding(i, table)``."""
+    if isinstance(index, tuple):
+        index = index[0] if len(index) == 1 else None
+    value = ctx.value(index) if isinstance(index, torch.fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32):
+        return False
+    _, shape = param_of(ctx, source)
+    return shape is not None and len(shape) == 2
+
+
+def _lookup(ctx, source, index):
+    """Rule: ``table[i]`` on a parameter is an embedding lookup: the table's dim 1 is a new space, the output's last
+    dim (resized with it; a per-head bias table's columns join the heads it is added to)."""
+    name, shape = param_of(ctx, source)
+    indices = ctx.spec(index)
+    dims = indices.dims if isinstance(indices, TensorSpec) else (None,) * (ctx.out.ndim - 1)
+    return _table_rows(ctx, name, shape, dims)
+
+
+def _table_rows(ctx, name: str, shape, index_dims, frozen: str | None = None) -> TensorSpec:
+    """Rows of a parameter table read by indices: the table's dim 1 is a new space (frozen with ``frozen`` when
+    given), the output's last dim after the indices' dims."""
+    out_l = ctx.fresh(shape[1], (name, "out"))
+    if frozen is not None:
+        ctx.freeze(out_l, frozen)
+    ctx.param_named(name, shape, (None, out_l))
+    ctx.record(LayerRecord("embedding", weight=name, output=out_l))
+    return ctx.tensor(ctx.out.shape, (*index_dims, out_l))
 
 
 def _size_item(ctx, spec: SizeSpec, index):
@@ -345,21 +403,44 @@ def _groups(in_shape, out_shape):
     return groups
 
 
-def _reshape(ctx, x: TensorSpec, out_shape, literal: set[int] = frozenset()) -> TensorSpec:
+def _reshape(ctx, x: TensorSpec, out_shape, literal: set[int] = frozenset(),
+             sized: set[int] | None = None) -> TensorSpec:
     """Reshape: a channel dim merged with trailing plain dims keeps its space (inner grows);
-    an unflatten back undoes it; any other mix of a channel dim, or a literal size, freezes."""
+    an unflatten back undoes it; any other mix of a channel dim, or a literal size, freezes.
+
+    ``sized`` (view / reshape only: the out dims whose size the code spells, a literal or a value): a channel
+    dim split into ``(H, d)`` or ``(P, H, d)`` becomes attention heads (``_head_split``), and a size spelling
+    heads, or heads merged back into channels, is recorded (``ViewRecord``) for the rewrite to set instead of
+    freezing."""
     groups = _groups(list(x.shape), list(out_shape))
     dims: list = [None] * len(out_shape)
     zeros: list = [None] * len(out_shape)
     if groups is None:
         ctx.freeze_all(x, "reshape not understood")
         return ctx.tensor(out_shape, tuple(dims), tuple(zeros))
+    resized: list[tuple[int, Layout]] = []
+    merged = False
     for gi, gj in groups:
         carried = [d for d in gi if x.dims[d] is not None]
         if not carried:
             continue
         target = _reshape_group(ctx, x, gi, gj, out_shape)
-        if target is None or target[0] in literal:
+        split = _head_split(ctx, x, gi, gj, out_shape) if target is None and sized is not None else None
+        if split is not None:
+            h_dim, heads = split
+            dims[h_dim], zeros[h_dim] = heads, Zero("none")
+            if h_dim in sized:
+                resized.append((h_dim, heads))
+            continue
+        heads = target is not None and ctx.atoms.is_heads(target[1])
+        merge = heads and target[1].inner > x.dims[target[2]].inner
+        if merge and target[0] != len(out_shape) - 1:
+            if not _repeated_heads(x, gi, target[2]):
+                target, heads = None, False  # heads merged into anything else but the last dim: not understood
+            merge = False  # (kv heads, r) merged into a head dim: each kv head spans its r query heads (GQA)
+        if heads and sized is not None and target[0] in sized:
+            resized.append((target[0], target[1]))
+        if target is None or (target[0] in literal and not heads):
             for d in carried:
                 ctx.freeze(x.dims[d], "reshape mixes channels with other dims"
                            if target is None else "reshape to a literal channel count")
@@ -368,7 +449,97 @@ def _reshape(ctx, x: TensorSpec, out_shape, literal: set[int] = frozenset()) -> 
         out_dim, layout, src = target
         dims[out_dim] = layout
         zeros[out_dim] = copy_zero(ctx, x, src)
+        if merge:  # (H, d) merged back into the last dim: H·d channels
+            _head_readers(ctx, x, src, layout.inner)
+            merged = True
+    if resized or merged:
+        ctx.record(ViewRecord(tuple(resized), merge=merged))
     return ctx.tensor(out_shape, tuple(dims), tuple(zeros))
+
+
+@dataclass(frozen=True)
+class ViewRecord:
+    """Sizes of a view / reshape that the rewrite sets to the new widths (attention heads).
+
+    ``sizes``: (out dim, layout) per size to set: the new size is the layout's new channel count times its
+    ``inner`` (a head count, or heads × head dim where heads merge back into channels).  ``merge``: the view
+    merges heads back into channels (``x.transpose(1, 2).reshape(B, N, C)``).
+    """
+
+    sizes: tuple[tuple[int, Layout], ...]
+    merge: bool = False
+
+    kind: str = "view"
+
+
+def _head_split(ctx, x: TensorSpec, gi, gj, out_shape):
+    """Rule: a channel dim (one feature per channel) reshaped into ``(H, d)`` or ``(P, H, d)`` is split into
+    attention heads: the ``H`` dim carries a fresh head layout, each of the ``P`` parts (q, k, v of a fused
+    projection) is tied to it in blocks of ``d`` channels, the ``d`` and ``P`` dims stay plain (their sizes
+    never change).  Returns (H's out dim, head layout), or None when the pattern does not match."""
+    big_in = [d for d in gi if x.shape[d] != 1]
+    big_out = [d for d in gj if out_shape[d] != 1]
+    carried = [d for d in gi if x.dims[d] is not None]
+    if len(carried) != 1 or big_in != carried or len(big_out) not in (2, 3) or carried[0] != x.ndim - 1:
+        return None  # heads split the last dim (tokens × channels): a channel dim before spatial dims is no head split
+    layout = x.dims[carried[0]]
+    *part_dims, h_dim, d_dim = big_out
+    if d_dim != len(out_shape) - 1:
+        return None
+    parts = out_shape[part_dims[0]] if part_dims else 1
+    heads, d = int(out_shape[h_dim]), int(out_shape[d_dim])
+    if layout.inner != 1 or parts * heads * d != ctx.atoms.channels(layout):
+        return None
+    head_layout = ctx.atoms.new_heads(heads)
+    for p in range(parts):
+        part = ctx.atoms.select(layout, p * heads * d, (p + 1) * heads * d)
+        ctx.atoms.tie_blocks(part, head_layout, d, 1, f"attention heads of {d} channels [{ctx.where}]")
+    return h_dim, head_layout
+
+
+def _repeated_heads(x: TensorSpec, group: list[int], src: int) -> bool:
+    """Whether a head dim is merged with plain dims after it into a dim other than the last: kv heads
+    repeated for grouped-query attention (``k[:, :, None].expand(B, Hkv, r, N, d).reshape(B, Hkv·r, N, d)``)."""
+    return group[0] == src and all(x.dims[d] is None for d in group[1:])
+
+
+def _head_readers(ctx, x: TensorSpec, src: int, inner: int) -> None:
+    """Rule: where heads merge back into channels, the channels of each head in the q, k, v projections are read
+    as that head: a consumer per tied part whose zeros are the head's (head h dead: its d channels dead).  Parts
+    without such a reader count as alive, so their heads never die."""
+    atoms, heads = ctx.atoms, x.dims[src]
+    classes = _classes(atoms, heads)
+    count = atoms.channels(heads)
+    for tie in atoms.ties:
+        if tie.block_b != 1 or _classes(atoms, tie.b) != classes:
+            continue
+        if atoms.channels(tie.a) != count * tie.block_a or tie.a.inner != 1 or heads.inner != 1 or inner < 2:
+            continue
+        segments = tuple(Segment(x.vid, src, h, h + 1) for h in range(count) for _ in range(tie.block_a))
+        reader = ctx.tensor((count * tie.block_a,), (tie.a,), (Zero("copy", (segments,)),))
+        ctx.state.consumers.append(Consumer(ctx.node.name, reader.vid, 0, tie.a))
+    _kv_head_readers(ctx, x, src, classes, count)
+
+
+def _classes(atoms, layout: Layout) -> list[tuple[int, int]]:
+    """(class root, width) of every leaf atom of a layout: two layouts are the same channels when these agree."""
+    return [(atoms.find(leaf), atoms.width[leaf]) for leaf in atoms.leaves(layout.atoms)]
+
+
+def _kv_head_readers(ctx, x: TensorSpec, src: int, classes: list, count: int) -> None:
+    """Rule: under grouped-query attention the k and v channels of kv head j are read as the r query heads of its
+    group: dead where all r are (a consumer per k / v projection, zero where every one of the r heads is)."""
+    atoms = ctx.atoms
+    groups = [tie for tie in atoms.ties if tie.block_b == 1 and tie.block_a > 1 and _classes(atoms, tie.a) == classes]
+    for group in groups:
+        r, kv = group.block_a, _classes(atoms, group.b)
+        parts = [tie for tie in atoms.ties if tie.block_b == 1 and tie.a.inner == 1 and tie is not group and
+                 _classes(atoms, tie.b) == kv and atoms.channels(tie.a) == count // r * tie.block_a]
+        for layout, block in [(group.b, 1)] + [(tie.a, tie.block_a) for tie in parts]:  # kv heads, then k / v
+            sources = tuple(tuple(Segment(x.vid, src, j * r + i, j * r + i + 1) for j in range(count // r)
+                                  for _ in range(block)) for i in range(r))
+            reader = ctx.tensor((atoms.channels(layout),), (layout,), (Zero("and", sources),))
+            ctx.state.consumers.append(Consumer(ctx.node.name, reader.vid, 0, layout))
 
 
 def _reshape_group(ctx, x: TensorSpec, gi, gj, out_shape):
@@ -437,8 +608,31 @@ def _view(ctx, node, sizes):
     if not isinstance(ctx.value(sizes[0]) if sizes else None, (int, torch.SymInt)) and sizes and \
             isinstance(ctx.spec(sizes[0]) if isinstance(sizes[0], torch.fx.Node) else None, SizeSpec):
         ctx.freeze_all(x, "reshape to a size read from a tensor")
+        return _reshape(ctx, x, tuple(ctx.out.shape))
     literal = {i for i, s in enumerate(sizes) if isinstance(s, int) and s != -1}
-    return _reshape(ctx, x, tuple(ctx.out.shape), literal)
+    sized = literal | {i for i, s in enumerate(sizes) if isinstance(s, torch.fx.Node)}
+    if len(sizes) != len(ctx.out.shape):
+        return _reshape(ctx, x, tuple(ctx.out.shape), literal)
+    return _reshape(ctx, x, tuple(ctx.out.shape), literal, sized)
+
+
+def view_sizes(node: torch.fx.Node) -> tuple[list, object]:
+    """The size arguments of a view / reshape node and how to put them back (``set(new_sizes)``)."""
+    if node.op == "call_function":
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs["shape"]
+
+        def put(new):
+            if len(node.args) > 1:
+                node.args = (node.args[0], tuple(new), *node.args[2:])
+            else:
+                node.kwargs = {**node.kwargs, "shape": tuple(new)}
+        return list(shape), put
+    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1]) if packed else list(node.args[1:])
+
+    def put_method(new):
+        node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
+    return sizes, put_method
 
 
 @method_rule("view_as", "reshape_as")
@@ -492,7 +686,27 @@ def expand(ctx, node):
     out = tuple(ctx.out.shape)
     offset = len(out) - x.ndim
     order = [None] * offset + [d if x.shape[d] == out[d + offset] else None for d in range(x.ndim)]
+    _expand_literals(ctx, node, x, offset)
     return move(ctx, x, order, out)
+
+
+def _expand_literals(ctx, node, x: TensorSpec, offset: int) -> None:
+    """Rule: a channel dim whose size ``expand`` spells as a number freezes (the rewrite cannot follow it),
+    except a head count (kv heads repeated for grouped-query attention), recorded for the rewrite to set."""
+    if node.target != "expand":
+        return
+    sizes, _ = view_sizes(node)
+    resized = []
+    for d, layout in enumerate(x.dims):
+        size = sizes[d + offset] if d + offset < len(sizes) else -1
+        if layout is None or not isinstance(size, int) or size == -1:
+            continue
+        if ctx.atoms.is_heads(layout) and layout.inner == 1:
+            resized.append((d + offset, layout))
+        else:
+            ctx.freeze(layout, "expand to a literal channel count")
+    if resized:
+        ctx.record(ViewRecord(tuple(resized)))
 
 
 # -- reductions and softmax ----------------------------------------------------------------------
@@ -829,9 +1043,5 @@ def embedding_function(ctx, node):
     indices = ctx.spec(node.args[0])
     if name is None or len(shape) != 2 or not isinstance(indices, TensorSpec):
         return ctx.unknown_op("function embedding with a computed table")
-    out_l = ctx.fresh(shape[1], (name, "out"))
-    if ctx.arg(3, "max_norm") is not None:
-        ctx.freeze(out_l, "embedding max_norm rescales rows by their norm over the channels")
-    ctx.param_named(name, shape, (None, out_l))
-    ctx.record(LayerRecord("embedding", weight=name, output=out_l))
-    return ctx.tensor(ctx.out.shape, (*indices.dims, out_l))
+    norm = "embedding max_norm rescales rows by their norm over the channels"
+    return _table_rows(ctx, name, shape, indices.dims, norm if ctx.arg(3, "max_norm") is not None else None)

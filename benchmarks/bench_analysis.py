@@ -213,7 +213,7 @@ def bench_model(name: str, repeats: int, warmup: bool, peer_timeout: float) -> d
         model = build(name)
         row["peer_build_seconds"] = round(time.perf_counter() - start, 3)
         real = run_nrfx(model, x)
-        row["same_counts_on_real_build"] = (real.params, real.flops) == (row["params"], row["nrfx_macs"])
+        row["same_counts_on_real_build"] = (real.params, real.macs) == (row["params"], row["nrfx_macs"])
         peers = {"nrfx_on_real_model": lambda: run_nrfx(model, x), **peers}
         row.update(interleaved(peers, 1, False, peer_timeout))
     else:
@@ -234,7 +234,7 @@ def _nrfx_figures(model: nn.Module, x: torch.Tensor, analysis: nrfx.Analysis) ->
     return {
         "params": analysis.params,
         "params_exact": analysis.params == sum(p.numel() for p in model.parameters()),
-        "nrfx_macs": analysis.flops,
+        "nrfx_macs": analysis.macs,
         "graph_nodes": len(analysis.gm.graph.nodes),
         "spaces": len(analysis.spaces),
         "frozen_spaces": len(analysis.frozen_spaces),

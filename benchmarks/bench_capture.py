@@ -109,7 +109,7 @@ def bench(name: str, repeats: int) -> dict[str, Any]:
     cover = analysis.coverage()
     row: dict[str, Any] = {
         "model": name, "capture": analysis.capture, "params": analysis.params,
-        "params_exact": analysis.params == sum(p.numel() for p in model.parameters()), "nrfx_macs": analysis.flops,
+        "params_exact": analysis.params == sum(p.numel() for p in model.parameters()), "nrfx_macs": analysis.macs,
         "coverage_free": round(cover.free, 4), "coverage_monitored": round(cover.monitored, 4),
         "aten_left": [n for n in analysis.capture_notes if "without a torch-level rule" in n],
         "nrfx": median_seconds(analyze, repeats),

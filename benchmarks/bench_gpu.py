@@ -13,8 +13,8 @@ built by ``nrfx.rejuvenate`` from that model with the example at the benchmark's
 
 * ``original``: the model with its dead channels (eager torchvision / the gated GraphModule).
 * ``pruned``: dead channels removed, nothing regrown: a rejuvenation to budget U(θ) in MACs
-  (``Budget(flops=analysis.live_flops)``; ``realloc=False`` would keep every width).
-* ``nr``, ``cr``, ``ca``: rejuvenated to c(A) in MACs (``Budget.fraction(1.0, "flops")``) with that scheme.
+  (``Budget(macs=analysis.live_macs)``; ``realloc=False`` would keep every width).
+* ``nr``, ``cr``, ``ca``: rejuvenated to c(A) in MACs (``Budget.fraction(1.0, "macs")``) with that scheme.
 
 Measured on every variant, interleaved (alternating order per round), CUDA-event timed, median:
 inference (``eval()``, ``torch.inference_mode()``) and one training step (``train()``, SGD
@@ -162,16 +162,16 @@ def prepare(name: str, s: Settings, dev: torch.device) -> tuple[dict[str, nn.Mod
     analysis = nrfx.analyze(model, x1)
     info["analyze_s"] = round(time.perf_counter() - start, 4)
     u = analysis.utilization()
-    info |= {"c_params": u.params, "c_macs": u.flops, "live_macs": u.live_flops, "r_macs": round(u.r_flops, 4),
+    info |= {"c_params": u.params, "c_macs": u.macs, "live_macs": u.live_macs, "r_macs": round(u.r_macs, 4),
              "r_params": round(u.r_params, 4)}
     variants: dict[str, nn.Module] = {"original": model}
-    entries: dict[str, dict[str, Any]] = {"original": {"params": u.params, "macs": u.flops,
+    entries: dict[str, dict[str, Any]] = {"original": {"params": u.params, "macs": u.macs,
                                                         "widths_multiple_of_8": widths_multiple_of(model)}}
     pause: dict[str, float] = {}
     builds: dict[str, Callable[[], nn.Module]] = {
-        "pruned": lambda: nrfx.rejuvenate(model, None, nrfx.Budget(flops=u.live_flops), example_inputs=x1,
+        "pruned": lambda: nrfx.rejuvenate(model, None, nrfx.Budget(macs=u.live_macs), example_inputs=x1,
                                           scheme="nr"),
-        **{scheme: (lambda sc=scheme: nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"),
+        **{scheme: (lambda sc=scheme: nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"),
                                                       example_inputs=x1, scheme=sc)) for scheme in SCHEMES}}
     for variant, make in builds.items():
         try:
@@ -187,7 +187,7 @@ def prepare(name: str, s: Settings, dev: torch.device) -> tuple[dict[str, nn.Mod
         plan = new.nrfx_plan
         pause[variant] = round(seconds, 4)
         entries[variant] = {"params": sum(p.numel() for p in new.parameters()), "macs": plan.cost_after,
-                            "macs_over_original": round(plan.cost_after / u.flops, 4), "grown": sum(plan.grow),
+                            "macs_over_original": round(plan.cost_after / u.macs, 4), "grown": sum(plan.grow),
                             "alpha": plan.alpha, "align": getattr(plan, "align", None),
                             "widths_multiple_of_8": widths_multiple_of(new),
                             "sr_layers": sum(1 for m in new.modules() if getattr(m, "scheme", None) in ("cr", "ca"))}

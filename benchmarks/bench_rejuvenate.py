@@ -111,18 +111,18 @@ def run(quick: bool) -> dict:
         model = copy.deepcopy(original)
         _kill(model, 0.4, 0) if pattern == "per_norm" else _kill_spaces(model, x1, 0.4, 0)
         analysis = nrfx.analyze(model, x1)
-        entry = {"r_params": analysis.utilization().r_params, "r_flops": analysis.utilization().r_flops}
+        entry = {"r_params": analysis.utilization().r_params, "r_macs": analysis.utilization().r_macs}
         entry["rejuvenate_s"] = _median_time(lambda m=model: nrfx.rejuvenate(m, None, None, example_inputs=x1),
                                              repeats)
         for scheme in ("nr", "cr", "ca"):
-            models[f"{pattern}/{scheme}"] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"),
+            models[f"{pattern}/{scheme}"] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"),
                                                             example_inputs=x1, scheme=scheme)
         models[f"{pattern}/dense"] = dense = _dense_like(model, models[f"{pattern}/nr"]).eval()
         with torch.no_grad():
             torch.testing.assert_close(dense(x1), models[f"{pattern}/nr"](x1))
-        entry["macs"] = {"original": analysis.flops, "rejuvenated": nrfx.analyze(dense, x1).flops}
+        entry["macs"] = {"original": analysis.macs, "rejuvenated": nrfx.analyze(dense, x1).macs}
         results["patterns"][pattern] = entry
-    results["c_params"], results["c_flops"] = analysis.params, analysis.flops
+    results["c_params"], results["c_macs"] = analysis.params, analysis.macs
     results["rejuvenate_s"] = max(e["rejuvenate_s"] for e in results["patterns"].values())
     latency = _interleaved_latency(models, x, repeats)
     results["latency_s"] = {"original": latency["original"]}

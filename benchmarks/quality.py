@@ -392,7 +392,7 @@ def train(name: str, seed: int, setup: Setup) -> dict[str, Any]:
               "epochs": round(setup.steps * setup.batch / len(images), 2), "val_error": error(model, *data["val"]),
               "test_error": error(model, *data["test"]) if setup.eval_test else None,
               "params": sum(p.numel() for p in model.parameters()),
-              "macs": nrfx.analyze(model, EXAMPLE_INPUT).flops, "train_loss_last_100": statistics.fmean(losses[-100:]),
+              "macs": nrfx.analyze(model, EXAMPLE_INPUT).macs, "train_loss_last_100": statistics.fmean(losses[-100:]),
               "loss_curve": [round(statistics.fmean(losses[i:i + 20]), 4) for i in range(0, len(losses), 20)],
               "seconds": round(time.perf_counter() - start, 1)}
     return record | runner.summary()
@@ -709,7 +709,7 @@ def run(names: list[str], seeds: list[int], setup: Setup, out: Path, workers: in
     jobs = [(name, seed, setup, name) for seed in seeds for name in names]
     records, todo, spent = _resumable(path, _setup_dict(setup), jobs, resume, log)
     c_params = params_of(setup.config)
-    c_macs = nrfx.analyze(example().vgg_bn(setup.config), EXAMPLE_INPUT).flops
+    c_macs = nrfx.analyze(example().vgg_bn(setup.config), EXAMPLE_INPUT).macs
 
     def result_of(partial: bool) -> dict[str, Any]:
         runs = _in_order(records, jobs)

@@ -21,6 +21,7 @@ from .islands import IslandAnalysis
 from .masks import norm_masks
 from .plan import Budget, Plan
 from .rejuvenate import apply_plan, load_rejuvenated, rejuvenate
+from .rules import register_layer, unregister_layer
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,8 @@ __all__ = [
     "load_rejuvenated",
     "Budget",
     "Plan",
+    "register_layer",
+    "unregister_layer",
     "NeuralRejuvenation",
     "DriverError",
     "NrfxError",

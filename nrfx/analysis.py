@@ -24,8 +24,8 @@ from .caches import cache_output_leaves
 from .capture import Captured, Example
 from .capture import capture as _capture
 from .context import AnalysisState, Context, ParamInfo
-from .cost import CostModel, mac_cost, param_cost
-from .errors import NrfxWarning, ShapeError, TraceError
+from .cost import CostModel, by_kind, mac_cost, param_cost
+from .errors import NrfxWarning, RenamedAttribute, ShapeError, TraceError
 from .inputs import check_example, check_model
 from .masks import check_masks, norm_masks, whole_blocks
 from .records import LayerRecord, SliceRecord
@@ -72,10 +72,14 @@ class Utilization:
     """U(θ) and r(θ) in params and MACs, and the live channels of every space."""
 
     params: int
-    flops: int
+    macs: int
     live_params: int
-    live_flops: int
+    live_macs: int
     alive: tuple[torch.Tensor, ...]
+
+    flops = RenamedAttribute("macs")
+    live_flops = RenamedAttribute("live_macs")
+    r_flops = RenamedAttribute("r_macs")
 
     @property
     def r_params(self) -> float:
@@ -83,9 +87,9 @@ class Utilization:
         return self.live_params / self.params if self.params else 1.0
 
     @property
-    def r_flops(self) -> float:
+    def r_macs(self) -> float:
         """Utilization ratio in MACs."""
-        return self.live_flops / self.flops if self.flops else 1.0
+        return self.live_macs / self.macs if self.macs else 1.0
 
     def __repr__(self) -> str:
         """r(θ), U(θ)/c(A) and the count of dead channels (the masks are in ``alive``)."""
@@ -166,12 +170,18 @@ class Analysis:
         self.mac_cost = mac_cost(state.macs, self.space_ids, _input_dependent_nodes(self.gm), self.batch)
         full = [s.width for s in self.spaces]
         self.params = self.param_cost(full)
-        self.flops = self.mac_cost(full)
+        self.macs = self.mac_cost(full)
         self._default_masks = norm_masks(model)
 
     def __repr__(self) -> str:
         """One line: model, inputs, c(A), r(θ), spaces and coverage (``report()`` has the layers)."""
         return analysis_repr(self)
+
+    flops = RenamedAttribute("macs")
+    live_flops = RenamedAttribute("live_macs")
+    effective_flops = RenamedAttribute("effective_macs")
+    flops_at = RenamedAttribute("macs_at")
+    flops_under = RenamedAttribute("macs_under")
 
     # -- structure ------------------------------------------------------------------------
     def _index_spaces(self) -> None:
@@ -293,19 +303,19 @@ class Analysis:
         return self.params - sum(r.unused_params for _, r in self.layers())
 
     @property
-    def effective_flops(self) -> int:
-        """MACs per example that run: ``flops`` less the cross blocks of cr S/R layers."""
-        return self.flops - sum(r.unused_macs for _, r in self.layers()) // self.batch
+    def effective_macs(self) -> int:
+        """MACs per example that run: ``macs`` less the cross blocks of cr S/R layers."""
+        return self.macs - sum(r.unused_macs for _, r in self.layers()) // self.batch
 
     def cost_model(self, kind: str) -> CostModel:
-        """The cost model the planner and the report evaluate: 'params' or 'flops' (MACs per example)."""
-        return self.param_cost if kind == "params" else self.mac_cost
+        """The cost model the planner and the report evaluate: 'params' or 'macs' (MACs per example)."""
+        return by_kind(kind, self.param_cost, self.mac_cost)
 
-    def flops_under(self, alive: Sequence[torch.Tensor]) -> int:
+    def macs_under(self, alive: Sequence[torch.Tensor]) -> int:
         """MACs per example of the network with only the ``alive`` channels."""
-        return self.flops_at(self._counts(alive))
+        return self.macs_at(self._counts(alive))
 
-    def flops_at(self, live: Sequence[int]) -> int:
+    def macs_at(self, live: Sequence[int]) -> int:
         """MACs per example when space ``s`` has ``live[s]`` channels (work on weights alone is not divided)."""
         return self.mac_cost(live)
 
@@ -374,7 +384,7 @@ class Analysis:
     def utilization(self, masks: dict[str, torch.Tensor] | None = None) -> Utilization:
         """U(θ) and r(θ) under the given masks (None: masks read from the norm scales)."""
         alive = self.alive(masks)
-        return Utilization(self.params, self.flops, self.params_under(alive), self.flops_under(alive), alive)
+        return Utilization(self.params, self.macs, self.params_under(alive), self.macs_under(alive), alive)
 
     @property
     def live_params(self) -> int:
@@ -382,9 +392,9 @@ class Analysis:
         return self.utilization().live_params
 
     @property
-    def live_flops(self) -> int:
+    def live_macs(self) -> int:
         """U(θ) in MACs per example under the masks read from the norms at analysis time."""
-        return self.utilization().live_flops
+        return self.utilization().live_macs
 
     def masks_from(self, model: nn.Module, threshold: float = 0.01) -> dict[str, torch.Tensor]:
         """Masks read now from the norm scales of ``model`` at the sites this analysis follows (no forward).

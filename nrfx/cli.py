@@ -202,7 +202,7 @@ def _add_rejuvenate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``nrfx rejuvenate``: those of report, plus budget, scheme and output."""
     _add_report_arguments(parser)
     parser.add_argument("--budget", default="params",
-                        help="params|flops[=VALUE]: the kind of budget and its absolute value "
+                        help="params|macs[=VALUE]: the kind of budget and its absolute value "
                              "(default: the model's own cost c(A) in that kind)")
     parser.add_argument("--scheme", choices=("nr", "cr", "ca"), default="nr",
                         help="nr: cross connections kept; cr: removed; ca: cross attention")
@@ -233,20 +233,20 @@ def _gamma0(text: str) -> float | str:
 
 
 def parse_budget(text: str) -> Budget:
-    """'params', 'flops', 'params=123', 'flops=4.1e9' -> nrfx.Budget."""
+    """'params', 'macs', 'params=123', 'macs=4.1e9' -> nrfx.Budget ('flops', the old name of macs, still read)."""
     from .plan import Budget
 
     kind, _, value = text.partition("=")
-    kind = "flops" if kind == "macs" else kind
-    if kind not in ("params", "flops"):
-        raise NrfxError(f"--budget {text!r}: write params, flops (= macs), params=N or flops=N")
+    kind = "macs" if kind == "flops" else kind
+    if kind not in ("params", "macs"):
+        raise NrfxError(f"--budget {text!r}: write params, macs, params=N or macs=N")
     if not value:
         return Budget.fraction(1.0, kind)
     try:
         number = int(float(value))
     except (ValueError, OverflowError):
         raise NrfxError(f"--budget {text!r}: {value!r} is not a finite number") from None
-    return Budget(params=number) if kind == "params" else Budget(flops=number)
+    return Budget.of(kind, number)
 
 
 @command("rejuvenate", _add_rejuvenate_arguments)

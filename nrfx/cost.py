@@ -3,7 +3,7 @@
 A term is ``coef × Π (inner · Σ widths of the spaces a layout carries)``.  MAC terms of
 nodes whose value depends on the example inputs scale with the batch and are divided by
 it; work on weights alone (a weight standardisation, a computed kernel) is counted once.
-``Analysis.params/flops/params_at/flops_at``, the planner and the report rows all evaluate
+``Analysis.params/macs/params_at/macs_at``, the planner and the report rows all evaluate
 the same ``CostModel``, so c(A) and a plan's ``cost_before`` agree at any batch size.
 """
 
@@ -12,8 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-__all__ = ["CostTerm", "CostModel", "param_cost", "mac_cost"]
+from .errors import BudgetError, renamed
+
+__all__ = ["CostTerm", "CostModel", "param_cost", "mac_cost", "KINDS", "cost_kind", "by_kind"]
+
+KINDS = ("params", "macs")  # the two costs: parameters, and MACs per example
+T = TypeVar("T")
 
 Factor = tuple[int, tuple[int, ...]]  # (inner, space ids) of one layout
 
@@ -94,4 +100,19 @@ def param_cost(param_info: dict, space_ids: Callable, constant: int) -> CostMode
 def mac_cost(macs: Iterable, space_ids: Callable, batched_nodes: set[str], batch: int) -> CostModel:
     """MACs per example: one term per registered MAC term, divided by the batch when input-dependent."""
     terms = tuple(CostTerm(t.node, t.coef, _factors(t.layouts, space_ids), t.node in batched_nodes) for t in macs)
-    return CostModel("flops", terms, max(int(batch), 1))
+    return CostModel("macs", terms, max(int(batch), 1))
+
+
+def cost_kind(kind: object) -> str:
+    """'params' or 'macs'; 'flops', the old name of the same MACs, is read as 'macs' with a DeprecationWarning."""
+    if kind == "flops":
+        renamed("the cost kind 'flops'", "'macs'", stacklevel=4)
+        return "macs"
+    if kind not in KINDS:
+        raise BudgetError(f"cost kind must be 'params' or 'macs' (MACs per example), got {kind!r}")
+    return str(kind)
+
+
+def by_kind(kind: object, params: T, macs: T) -> T:
+    """The one place the choice is written: ``params`` for kind 'params', ``macs`` for 'macs'."""
+    return params if cost_kind(kind) == "params" else macs

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .analysis import Analysis, analyze
+from .cost import by_kind
 from .errors import NrfxError, NrfxWarning, PlanError
 from .history import PROGRESS_KINDS, Progress, plot_history, save_history
 from .inplace import PLANS_KEY, freeze_for_inplace
@@ -301,7 +302,7 @@ class NeuralRejuvenation:
                               "driver trains one graph. Build it on one island (model.get_submodule(path)), or "
                               "call nrfx.rejuvenate on the whole model yourself")
         kind, value = Budget.coerce(budget).resolve(analysis)
-        self.budget = Budget(params=value) if kind == "params" else Budget(flops=value)
+        self.budget = Budget.of(kind, value)
         self._stage = self._new_stage(model, analysis, [])
         self.lam, self.rounds, self.steps = self.lam0, 0, 0
         self.history: list[dict[str, Any]] = []
@@ -374,7 +375,7 @@ class NeuralRejuvenation:
     def utilization(self) -> float:
         """r(θ) of the current model, read from γ alone, in the budget's kind (params or MACs)."""
         use = self.analysis.utilization(self.masks())
-        return use.r_params if self.budget.params is not None else use.r_flops
+        return by_kind(self.budget.kind, use.r_params, use.r_macs)
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
         """λ·sign(γ) into the grads of the monitored scales, an optimizer step, and a check every interval."""
@@ -444,7 +445,7 @@ class NeuralRejuvenation:
 
     def _cost(self) -> int:
         """c(A) of the current model in the budget's kind."""
-        return self.analysis.params if self.budget.params is not None else self.analysis.flops
+        return by_kind(self.budget.kind, self.analysis.params, self.analysis.macs)
 
     def _rejuvenate(self, r: float) -> dict[str, Any]:
         """Rewrite the model, rebuild the optimizer with carried state; swap only when all succeeded.
@@ -512,7 +513,7 @@ class NeuralRejuvenation:
             "lam": self.lam, "r_prev": self._r_prev, "rounds": self.rounds, "steps": self.steps,
             "scale0": list(self._scale0), "collapse_warned": self._collapse_warned, "collapse_run": self._collapse_run,
             "history": json.loads(json.dumps(self.history)),
-            "budget": {"params": self.budget.params, "flops": self.budget.flops},
+            "budget": {"params": self.budget.params, "macs": self.budget.macs},
         }
 
     def load_progress(self, state: dict[str, Any]) -> None:
@@ -528,8 +529,8 @@ class NeuralRejuvenation:
 
     def _set_progress(self, state: dict[str, Any]) -> None:
         """Budget, seed, λ, counters and history from a saved state."""
-        budget = state["budget"]
-        self.budget = Budget(params=budget["params"]) if budget["params"] is not None else Budget(flops=budget["flops"])
+        kind, value = next((k, v) for k, v in state["budget"].items() if v is not None)
+        self.budget = Budget.of("macs" if kind == "flops" else kind, value)  # flops: written before the rename
         self.seed, self.lam, self._r_prev = state["seed"], float(state["lam"]), state["r_prev"]
         self.rounds, self.steps, self.history = state["rounds"], state["steps"], list(state["history"])
         self._scale0 = list(state.get("scale0", _largest_scales(self._stage.norms)))
@@ -604,8 +605,8 @@ def _check_checkpoint(state: dict[str, Any]) -> None:
     if min(state["rounds"], state["steps"], state["seed"]) < 0:
         raise DriverError("driver checkpoint: 'rounds', 'steps' and 'seed' must be >= 0")
     budget = state["budget"]
-    if set(budget) != {"params", "flops"} or sum(budget[k] is not None for k in budget) != 1:
-        raise DriverError("driver checkpoint: 'budget' must be {'params': N or None, 'flops': N or None}, one set")
+    if set(budget) not in ({"params", "macs"}, {"params", "flops"}) or sum(v is not None for v in budget.values()) != 1:
+        raise DriverError("driver checkpoint: 'budget' must be {'params': N or None, 'macs': N or None}, one set")
 
 
 def _load_part(key: str, target: Any, state: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import linecache
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "error_frames",
     "format_frame",
     "frame_line",
+    "renamed",
+    "RenamedAttribute",
 ]
 
 
@@ -137,3 +140,26 @@ def format_frame(frame: Frame) -> str:
 def frame_line(frame: Frame) -> str:
     """``path:line: code`` on one line."""
     return f"{frame[0]}:{frame[1]}: {linecache.getline(frame[0], frame[1]).strip()}"
+
+
+def renamed(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn that ``old`` is the deprecated name of ``new`` (MACs are ``macs`` everywhere; aliases last one release)."""
+    warnings.warn(f"{old} is deprecated: use {new} (the quantity is MACs; the alias goes in the next release)",
+                  DeprecationWarning, stacklevel=stacklevel)
+
+
+class RenamedAttribute:
+    """A read-only deprecated alias (``flops`` of ``macs``): warns, then returns the attribute it now names."""
+
+    def __init__(self, new: str) -> None:
+        self.new = new
+        self.old = new
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.old = f"{owner.__name__}.{name}"
+
+    def __get__(self, obj: object, owner: type | None = None) -> object:
+        if obj is None:
+            return self
+        renamed(self.old, f"{type(obj).__name__}.{self.new}")
+        return getattr(obj, self.new)

@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import NrfxWarning
+from .layer_kinds import constant_input_problem, is_scale
 from .maps import dim_map
 from .shapeprop import hooks_silenced, in_eval_mode, untouched
 
@@ -122,24 +123,9 @@ def _shift_target(gm: torch.fx.GraphModule, analysis, name: str) -> str:
     return norm.target if same and ours.output.inner == 1 else "new bias"
 
 
-def _every_tap_reads(module: nn.Module) -> str | None:
-    """Why a layer cannot turn a constant input into a constant output (None: it can: linear, unpadded conv)."""
-    if isinstance(module, nn.Linear):
-        return None
-    if not isinstance(module, nn.modules.conv._ConvNd):
-        return f"a {type(module).__name__} is not a linear or conv layer"
-    if module.transposed:
-        return "a transposed conv's output is not constant near its borders"
-    if module.padding_mode != "zeros" or module.padding == "valid":
-        return None
-    padding = module.padding if module.padding != "same" else \
-        tuple(d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True))
-    return None if all(p == 0 for p in padding) else "zero padding makes its output differ near the borders"
-
-
 def _why_not(gm: torch.fx.GraphModule, name: str) -> str | None:
     """Why a consumer's constants cannot be folded exactly (None: they can)."""
-    return _every_tap_reads(gm.get_submodule(name))
+    return constant_input_problem(gm.get_submodule(name))
 
 
 # -- measuring constants -------------------------------------------------------------------------------------------
@@ -318,9 +304,6 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
     return out
 
 
-_SCALED_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # γ = 0 with β ≠ 0 emits the constant β
-
-
 def _may_emit_constants(gm: torch.fx.GraphModule) -> bool:
     """Whether some channel's producer ignores its input: a norm with γ = 0 and β ≠ 0, or a
     conv/linear with an all-zero weight row and a bias.  Without one no constant exists."""
@@ -328,7 +311,7 @@ def _may_emit_constants(gm: torch.fx.GraphModule) -> bool:
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor) or weight.is_meta:
             continue
-        if isinstance(module, _SCALED_NORMS) and bool(((weight == 0) & (bias != 0)).any()):
+        if is_scale(module) and bool(((weight == 0) & (bias != 0)).any()):
             return True
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and weight.dim() >= 2:
             rows = weight.detach().reshape(weight.shape[0], -1) if not getattr(module, "transposed", False) else None

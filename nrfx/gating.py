@@ -41,25 +41,13 @@ from .results import attach
 from .shapeprop import propagate_shapes
 from .srlayers import SR_LAYERS
 from .trace import trace
+from .vocabulary import OpInfo, Trait, node_info
 
 __all__ = ["GateFold", "add_gates", "fold_gates", "gate_sites", "head_gate_sites"]
 
-_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-                       nn.Hardswish, nn.Tanh, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.PReLU)
-_ACTIVATION_FUNCTIONS = (F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-                         F.hardtanh, F.sigmoid, F.hardsigmoid, torch.relu, torch.tanh, torch.sigmoid)
-_ACTIVATION_METHODS = ("relu", "gelu", "silu", "sigmoid", "tanh")
-_PASS_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)  # x·g passes unchanged
-_PASS_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
-
-
 def _is_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Whether a node applies a channel-wise activation."""
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _ACTIVATION_MODULES)
-    if node.op == "call_function":
-        return node.target in _ACTIVATION_FUNCTIONS
-    return node.op == "call_method" and node.target in _ACTIVATION_METHODS
+    """Whether a node applies a channel-wise activation (the op vocabulary's ACTIVATION)."""
+    return node_info(gm, node).has(Trait.ACTIVATION)
 
 
 def _after_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
@@ -241,10 +229,9 @@ def _insert_gate(gm: torch.fx.GraphModule, path: str, site: torch.fx.Node, gate:
 
 
 def _is_pass(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Whether a node passes a per-channel scale through unchanged (dropout, identity)."""
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _PASS_MODULES)
-    return node.op == "call_function" and node.target in _PASS_FUNCTIONS
+    """Whether a node passes a per-channel scale through unchanged (PASS: dropout, identity, clone; no casts)."""
+    traits = node_info(gm, node).traits
+    return Trait.PASS in traits and Trait.CONVERTS not in traits
 
 
 @dataclass(frozen=True)
@@ -475,7 +462,7 @@ def _through(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Nod
     if kind == "max" and bool((gate.weight < 0).any()):
         return f"{stops}: a max commutes with the gate only where it is >= 0, and it has negative entries"
     try:
-        out = _moved(gm, node, ids, values) if kind == "move" else _pooled(_op_name(gm, node), node, ids, values[node])
+        out = _moved(gm, node, ids, values) if kind == "move" else _pooled(node_info(gm, node), node, ids, values[node])
     except Exception as error:  # an op whose arguments the index tensor cannot stand in for
         return f"{stops}: following its channels failed ({type(error).__name__}: {error})"
     if isinstance(out, str):
@@ -488,24 +475,20 @@ def _through(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Nod
 def _kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     """'move' (elements rearranged), 'pool' (a per-channel linear map), 'max' (per channel, commutes for g >= 0)."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, _MOVEMENT_MODULES):
+        if isinstance(gm.get_submodule(node.target), _MOVEMENT_MODULES):
             return "move"
-        if isinstance(module, _POOL_MODULES):
-            return "pool"
-        return "max" if isinstance(module, _MAX_MODULES) else None
-    name = _op_name(gm, node)
-    if (node.op == "call_method" and name in _MOVEMENT_METHODS) or (
+    elif (node.op == "call_method" and node.target in _MOVEMENT_METHODS) or (
             node.op == "call_function" and node.target in _MOVEMENT_FUNCTIONS):
         return "move"
-    if node.op in ("call_method", "call_function") and name in _POOL_NAMES:
+    info = node_info(gm, node)
+    if info.has(Trait.LINEAR_POOL):
         return "pool"
     if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.concatenate):
         return "cat"
     if (node.op == "call_function" and node.target in _SCALE_FUNCTIONS) or (
             node.op == "call_method" and node.target in ("mul", "div")):
         return "scale"
-    return "max" if node.op in ("call_method", "call_function") and name in _MAX_NAMES else None
+    return "max" if info.has(Trait.MAX_POOL) else None
 
 
 def _moved(gm: torch.fx.GraphModule, node: torch.fx.Node, ids: torch.Tensor, values: dict) -> Any:
@@ -520,34 +503,16 @@ def _moved(gm: torch.fx.GraphModule, node: torch.fx.Node, ids: torch.Tensor, val
 
 
 _SCALE_FUNCTIONS = (operator.mul, torch.mul, operator.truediv, torch.div, torch.true_divide)
-_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveAvgPool3d, nn.Upsample)
-_MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                nn.AdaptiveMaxPool3d)
-_POOL_NAMES = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                         "adaptive_avg_pool3d", "interpolate", "upsample", "mean", "sum"})
-_MAX_NAMES = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-                        "adaptive_max_pool3d", "amax"})
-_REDUCTIONS = frozenset({"mean", "sum", "amax"})
-
-
-def _op_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
-    """A method's name, a function's ``__name__``, a module's class name in lower case."""
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__.lower()
-    return node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-
-
-def _pooled(name: str, node: torch.fx.Node, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor | str:
+def _pooled(info: OpInfo, node: torch.fx.Node, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor | str:
     """Channel ids after a per-channel pool or reduction: each output mixes elements of one channel only."""
-    if name in _REDUCTIONS:
+    if info.has(Trait.REDUCTION):
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         if dims is None or not all(isinstance(d, int) for d in ([dims] if isinstance(dims, int) else dims)):
             return "it reduces over every dim or over dims only known at run time"
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
         low, high = ids.amin(dims, keepdim=bool(keep)), ids.amax(dims, keepdim=bool(keep))
         return low if bool((low == high).all()) else "it reduces over the gate's channels"
-    spatial = _spatial_dims(name, ids.dim())
+    spatial = info.spatial or ids.dim() - 2  # 0: every dim past N and C (interpolate, Upsample)
     channel = ids.dim() - spatial - 1
     column = ids.movedim(channel, -1).reshape(-1, ids.shape[channel])
     if out.dim() != ids.dim() or out.shape[channel] != ids.shape[channel] or not bool((column == column[:1]).all()):
@@ -555,14 +520,6 @@ def _pooled(name: str, node: torch.fx.Node, ids: torch.Tensor, out: torch.Tensor
     view = [1] * ids.dim()
     view[channel] = -1
     return column[0].view(view).expand(tuple(out.shape)).contiguous()
-
-
-def _spatial_dims(name: str, ndim: int) -> int:
-    """How many trailing dims a pool / interpolation acts on (1d, 2d, 3d; interpolate: all past N and C)."""
-    for spatial in (1, 2, 3):
-        if name.endswith(f"{spatial}d"):
-            return spatial
-    return ndim - 2
 
 
 def _combined(node: torch.fx.Node, source: torch.fx.Node, ids: torch.Tensor | None, values: dict | None,

@@ -26,7 +26,7 @@ from torch import nn
 
 from .analysis import COVERAGE_MIN_CHANNELS, COVERAGE_WARN_BELOW, Analysis, Coverage, Utilization, analyze_whole
 from .capture import Example
-from .errors import NrfxError, NrfxWarning, TraceError
+from .errors import NrfxError, NrfxWarning, RenamedAttribute, TraceError
 from .reprs import island_analysis_repr
 from .shapeprop import in_eval_mode, untouched
 
@@ -77,9 +77,11 @@ class IslandAnalysis:
         return sum(a.params for a in self.islands.values()) + self.outside_params - self.shared_params
 
     @property
-    def flops(self) -> int:
+    def macs(self) -> int:
         """MACs per example inside the islands (MACs outside them are not counted)."""
-        return sum(a.flops for a in self.islands.values())
+        return sum(a.macs for a in self.islands.values())
+
+    flops = RenamedAttribute("macs")
 
     @property
     def unknown_ops(self) -> dict[str, tuple[str, ...]]:
@@ -122,7 +124,7 @@ class IslandAnalysis:
         """U(θ) and r(θ) summed over the islands; parameters outside them count as alive."""
         parts = {p: self.islands[p].utilization(m) for p, m in self.split_masks(masks).items()}
         live = sum(u.live_params for u in parts.values()) + self.outside_params - self.shared_params
-        return Utilization(self.params, self.flops, live, sum(u.live_flops for u in parts.values()), ())
+        return Utilization(self.params, self.macs, live, sum(u.live_macs for u in parts.values()), ())
 
     def masks_from(self, model: nn.Module, threshold: float = 0.01) -> dict[str, torch.Tensor]:
         """Masks from the norm scales of ``model``, keyed by the model's module names."""

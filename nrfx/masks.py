@@ -14,12 +14,9 @@ import torch
 from torch import nn
 
 from .errors import MaskError, NrfxWarning
-from .gates import Gate
+from .layer_kinds import is_scale
 
-__all__ = ["alive_scales", "norm_masks", "check_masks", "whole_blocks", "PER_CHANNEL_NORMS"]
-
-PER_CHANNEL_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-                                        nn.GroupNorm, Gate)
+__all__ = ["alive_scales", "norm_masks", "check_masks", "whole_blocks"]
 
 
 def norm_masks(model: nn.Module, threshold: float = 0.01) -> dict[str, torch.BoolTensor]:
@@ -30,7 +27,7 @@ def norm_masks(model: nn.Module, threshold: float = 0.01) -> dict[str, torch.Boo
     masks: dict[str, torch.BoolTensor] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, PER_CHANNEL_NORMS) or weight is None:
+        if not is_scale(module) or weight is None:
             continue
         gamma = weight.detach().abs()
         if gamma.is_meta:

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .cost import CostModel
-from .errors import BudgetError, NrfxWarning, PlanError
+from .cost import CostModel, by_kind, cost_kind
+from .errors import BudgetError, NrfxWarning, PlanError, RenamedAttribute, renamed
 from .fold import probe_constants, split_folds, unfoldable_channels
 from .plan_check import PLAN_VERSION, check_align, check_constants, check_gamma0, check_plan_data, check_seed
 
@@ -38,18 +38,34 @@ __all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "align_steps
 SCHEMES = ("nr", "cr", "ca")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Budget:
-    """A resource constraint C: parameters or MACs per example, absolute or a fraction of c(A)."""
+    """A resource constraint C: parameters or MACs per example, absolute or a fraction of c(A).
+
+    ``Budget(flops=N)`` is the deprecated spelling of ``Budget(macs=N)`` (the count is MACs).
+    """
 
     params: int | None = None
-    flops: int | None = None
+    macs: int | None = None
     fraction_of: tuple[float, str] | None = None
+
+    def __init__(self, params: int | None = None, macs: int | None = None,
+                 fraction_of: tuple[float, str] | None = None, *, flops: int | None = None) -> None:
+        if flops is not None:
+            renamed("Budget(flops=...)", "Budget(macs=...)")
+            if macs is not None:
+                raise BudgetError("Budget(macs=..., flops=...): flops is the old name of macs, give one")
+            macs = flops
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "macs", macs)
+        object.__setattr__(self, "fraction_of", fraction_of)
+
+    flops = RenamedAttribute("macs")
 
     @staticmethod
     def fraction(f: float, kind: str = "params") -> Budget:
-        """A budget of ``f`` times the model's own cost c(A) in ``kind`` ('params', or 'flops' = 'macs': MACs)."""
-        kind = _budget_kind(kind)
+        """A budget of ``f`` times the model's own cost c(A) in ``kind`` ('params' or 'macs')."""
+        kind = cost_kind(kind)
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not f > 0:
             raise BudgetError(f"budget fraction must be a finite number > 0 (1.0 = the model's own cost c(A)), "
                               f"got {f!r}")
@@ -58,14 +74,19 @@ class Budget:
         return Budget(fraction_of=(float(f), kind))
 
     @staticmethod
+    def of(kind: str, value: int) -> Budget:
+        """An absolute budget of ``value`` in ``kind`` ('params' or 'macs')."""
+        return by_kind(kind, Budget(params=value), Budget(macs=value))
+
+    @staticmethod
     def coerce(budget: Any) -> Budget:
         """A Budget from a Budget, a plain int (params) or None (c(A) in params); its numbers checked."""
         if budget is None:
             return Budget.fraction(1.0, "params")
         if isinstance(budget, Budget):
-            if sum(x is not None for x in (budget.params, budget.flops, budget.fraction_of)) != 1:
-                raise BudgetError("a Budget takes exactly one of params=, flops= or Budget.fraction(f, kind)")
-            for name in ("params", "flops"):
+            if sum(x is not None for x in (budget.params, budget.macs, budget.fraction_of)) != 1:
+                raise BudgetError("a Budget takes exactly one of params=, macs= or Budget.fraction(f, kind)")
+            for name in ("params", "macs"):
                 _check_count(name, getattr(budget, name))
             if budget.fraction_of is not None:
                 Budget.fraction(*budget.fraction_of)
@@ -75,26 +96,22 @@ class Budget:
             return Budget(params=budget)
         raise BudgetError(f"budget must be an nrfx.Budget or an int (params), got {type(budget).__name__}")
 
+    @property
+    def kind(self) -> str:
+        """'params' or 'macs': what the budget counts."""
+        if self.fraction_of is not None:
+            return cost_kind(self.fraction_of[1])
+        return "params" if self.params is not None else "macs"
+
     def resolve(self, analysis) -> tuple[str, int]:
         """(kind, absolute value) against an analysis."""
+        kind = self.kind
         if self.fraction_of is not None:
-            f, kind = self.fraction_of[0], _budget_kind(self.fraction_of[1])
-            return kind, int(f * (analysis.params if kind == "params" else analysis.flops))
-        if self.params is not None:
-            return "params", int(self.params)
-        return "flops", int(self.flops)
+            return kind, int(self.fraction_of[0] * by_kind(kind, analysis.params, analysis.macs))
+        return kind, int(by_kind(kind, self.params, self.macs))
 
 
 _MAX_FRACTION = 1e6
-
-
-def _budget_kind(kind: Any) -> str:
-    """'params' or 'flops' ('macs' is the same quantity: MACs per example)."""
-    if kind == "macs":
-        return "flops"
-    if kind not in ("params", "flops"):
-        raise BudgetError(f"budget kind must be 'params', 'flops' or 'macs' (both count MACs), got {kind!r}")
-    return kind
 
 
 def _check_count(name: str, value: Any) -> None:

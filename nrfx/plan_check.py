@@ -51,8 +51,8 @@ def _check_scalars(data: dict[str, Any]) -> None:
         raise _fail("seed", "an int in [0, 2**63)", None)
     check_seed(data["seed"])
     check_gamma0(data["gamma0"])
-    if data["budget_kind"] not in ("params", "flops"):
-        raise _fail("budget_kind", "'params' or 'flops'", data["budget_kind"])
+    if data["budget_kind"] not in ("params", "macs", "flops"):  # 'flops': plans written before the rename
+        raise _fail("budget_kind", "'params' or 'macs'", data["budget_kind"])
     for key in ("budget", "cost_before", "cost_live", "cost_after"):
         if not _is_int(data[key]):
             raise _fail(key, "an int >= 0", data[key])
@@ -158,7 +158,7 @@ def check_plan_data(data: Any) -> dict[str, Any]:
         raise PlanError("not an nrfx plan: " + "; ".join(problems))
     _check_scalars(data)
     _check_lists(data)
-    return data
+    return {**data, "budget_kind": "macs"} if data["budget_kind"] == "flops" else data
 
 
 def check_plan_fits(plan: Any, analysis: Any) -> None:

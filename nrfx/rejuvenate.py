@@ -18,6 +18,7 @@ from torch import nn
 
 from .analysis import Analysis, analyze, as_example
 from .capture import Example
+from .cost import by_kind
 from .errors import BudgetError, InputError, NrfxError, PlanError, RewriteError
 from .fold import apply_folds, measure_folds
 from .inplace import (
@@ -271,8 +272,8 @@ def _prepare_replay(model: nn.Module, path: str, example: Example | None) -> Non
 def _island_fraction(analysis: IslandAnalysis, budget: Any) -> tuple[float, str]:
     """The one fraction of their own cost every island gets so the whole model meets the budget."""
     kind, value = Budget.coerce(budget).resolve(analysis)
-    inside = sum(island.params for island in analysis.islands.values()) if kind == "params" else analysis.flops
-    available = value - analysis.outside_params + analysis.shared_params if kind == "params" else value
+    inside = by_kind(kind, sum(island.params for island in analysis.islands.values()), analysis.macs)
+    available = by_kind(kind, value - analysis.outside_params + analysis.shared_params, value)
     if inside <= 0 or available <= 0:
         raise BudgetError(f"a budget of {value:,} {kind} leaves nothing for the islands "
                           f"({analysis.outside_params:,} parameters lie outside them)")

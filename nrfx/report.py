@@ -173,9 +173,9 @@ def build_report(analysis, masks: dict[str, torch.Tensor] | None = None) -> Repo
     nodes = _row_nodes(analysis, {t.owner for t in analysis.mac_cost.terms})
     rows = tuple(_row(analysis, node, owned.get(node.name, []), full, live) for node in nodes)
     other = _other_row(analysis, rows, owner, {n.name for n in nodes}, full, live, util)
-    totals = Totals(util.params, util.live_params, util.flops, util.live_flops, len(analysis.spaces),
+    totals = Totals(util.params, util.live_params, util.macs, util.live_macs, len(analysis.spaces),
                     len(analysis.frozen_spaces), len(analysis.unknown_ops), len(analysis.auto_leaves),
-                    analysis.effective_params, analysis.effective_flops)
+                    analysis.effective_params, analysis.effective_macs)
     frozen = tuple((s.index, s.width, _first_reason(s.frozen)) for s in analysis.frozen_spaces)
     return Report(analysis.model_name, tuple(analysis.input_shapes), analysis.batch, rows, other, totals, frozen,
                   dict(analysis.unknown_ops), dict(analysis.auto_leaves), analysis.coverage(),
@@ -282,14 +282,14 @@ def _other_row(analysis, rows, owner, row_names: set[str], full, live, util) -> 
     unowned = [n for n in sizes if owner.get(n) not in row_names]
     claimed = sizes.keys() - set(unowned)
     # parameters outside the graph (never reached by the trace) count whole, as in c(A)
-    unclaimed_total = analysis._constant_params - sum(sizes[n] for n in claimed if _is_constant(analysis, n))
+    unclaimed_total = analysis.param_cost.constant - sum(sizes[n] for n in claimed if _is_constant(analysis, n))
     params = [_param_sizes(analysis, n, sizes[n], full, live) for n in unowned if not _is_constant(analysis, n)]
     return Row(
         name=OTHER, op="-", kind="other", in_live=None, in_total=None, out_live=None, out_total=None,
         params=unclaimed_total + sum(p[0] for p in params),
         live_params=unclaimed_total + sum(p[1] for p in params),
-        macs=util.flops - sum(r.macs for r in rows),
-        live_macs=util.live_flops - sum(r.live_macs for r in rows),
+        macs=util.macs - sum(r.macs for r in rows),
+        live_macs=util.live_macs - sum(r.live_macs for r in rows),
     )
 
 

@@ -28,9 +28,9 @@ def shapes_text(shapes: tuple[tuple[int, ...], ...]) -> str:
 
 def utilization_repr(u: Any) -> str:
     """Rule: r(θ) and U(θ)/c(A) in params and MACs, and dead channels out of all (no mask tensors)."""
-    text = (f"Utilization(r_params={u.r_params:.4f}, r_flops={u.r_flops:.4f}, "
+    text = (f"Utilization(r_params={u.r_params:.4f}, r_macs={u.r_macs:.4f}, "
             f"params {format_count(u.live_params)}/{format_count(u.params)}, "
-            f"MACs {format_count(u.live_flops)}/{format_count(u.flops)}")
+            f"MACs {format_count(u.live_macs)}/{format_count(u.macs)}")
     if u.alive:
         total = sum(int(m.numel()) for m in u.alive)
         dead = total - sum(int(m.sum()) for m in u.alive)
@@ -43,8 +43,8 @@ def analysis_repr(a: Any) -> str:
     u, cover = a.utilization(), a.coverage()
     frozen = sum(1 for s in a.spaces if s.is_frozen)
     return (f"<nrfx.Analysis of {a.model_name} on {shapes_text(a.input_shapes)} ({a.capture}): "
-            f"c(A) {format_count(a.params)} params, {format_count(a.flops)} MACs; "
-            f"r(θ) params {u.r_params:.4f}, MACs {u.r_flops:.4f}; "
+            f"c(A) {format_count(a.params)} params, {format_count(a.macs)} MACs; "
+            f"r(θ) params {u.r_params:.4f}, MACs {u.r_macs:.4f}; "
             f"{len(a.spaces)} channel spaces, {frozen} frozen; {cover.monitored:.0%} of "
             f"{cover.channels:,} channels monitored; {len(a.unknown_ops)} unknown ops>")
 
@@ -55,6 +55,6 @@ def island_analysis_repr(a: Any) -> str:
     shown = ", ".join(paths[:4]) + (f", … ({len(paths)} in all)" if len(paths) > 4 else "")
     u, cover = a.utilization(), a.coverage()
     return (f"<nrfx.IslandAnalysis of {a.model_name}: islands {shown}; "
-            f"c(A) {format_count(a.params)} params, {format_count(a.flops)} MACs in the islands; "
-            f"r(θ) params {u.r_params:.4f}, MACs {u.r_flops:.4f}; {cover.monitored:.0%} of "
+            f"c(A) {format_count(a.params)} params, {format_count(a.macs)} MACs in the islands; "
+            f"r(θ) params {u.r_params:.4f}, MACs {u.r_macs:.4f}; {cover.monitored:.0%} of "
             f"{cover.channels:,} channels monitored>")

@@ -11,22 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
-from .gates import Gate
+from .layer_kinds import is_scale
 from .rewrite import matched_gamma
+from .vocabulary import Trait, node_info, op_info
 
 __all__ = ["apply_rescale"]
-
-_HOMOGENEOUS_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
-                        nn.Dropout, nn.Dropout2d, nn.Identity)
-_HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout)
-
-
-_RESCALED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, Gate)  # scales raised to γ0 (a gate has no β)
-
 
 def _plain_scale(norm: nn.Module) -> bool:
     """Rule: only a norm whose forward is the stock one (no activation fused in, as timm's BatchNormAct2d)."""
@@ -35,16 +26,13 @@ def _plain_scale(norm: nn.Module) -> bool:
     if type(norm).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
         return True
     fused = [getattr(norm, name, None) for name in ("drop", "act")]  # timm's BatchNormAct2d: ReLU is fine
-    return hasattr(norm, "act") and all(p is None or isinstance(p, _HOMOGENEOUS_MODULES) for p in fused)
+    return hasattr(norm, "act") and all(p is None or op_info("call_module", None, p).has(Trait.HOMOGENEOUS)
+                                        for p in fused)
 
 
 def _is_homogeneous(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Whether f(s·x) = s·f(x) per channel for s > 0."""
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _HOMOGENEOUS_MODULES)
-    if node.op == "call_function":
-        return node.target in _HOMOGENEOUS_FUNCTIONS
-    return node.op == "call_method" and node.target in ("relu", "relu_")
+    """Whether f(s·x) = s·f(x) per channel for s > 0 (the op vocabulary's HOMOGENEOUS)."""
+    return node_info(gm, node).has(Trait.HOMOGENEOUS)
 
 
 def _consumers(gm: torch.fx.GraphModule, norm: torch.fx.Node, calls: dict[str, int]) -> list[str] | str:
@@ -75,7 +63,7 @@ def apply_rescale(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _RESCALED):
+        if node.op != "call_module" or not is_scale(gm.get_submodule(node.target)):
             continue
         norm = gm.get_submodule(node.target)
         if norm.weight is None:

@@ -25,9 +25,9 @@ import torch.fx
 from torch import nn
 
 from .errors import NrfxWarning
+from .layer_kinds import set_group_norm_width
 from .maps import dim_map
 from .records import SumRecord
-from .rewrite import set_group_norm_width
 from .shapeprop import untouched
 
 __all__ = ["reslice", "regroup", "resum", "reheads"]
@@ -115,7 +115,7 @@ def regroup(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
         layout = record.input if record.transposed else record.output
         if record.groups <= 1 or layout is None or name not in nodes or (record.kind != "norm" and
                                                                           record.groups_arg is None):
-            continue  # module convs get their groups with their new weight (rewrite.fix_attributes)
+            continue  # module convs get their groups with their new weight (layer_kinds.fix_attributes)
         groups = _new_groups(analysis, plan, record, layout)
         if record.kind == "norm":
             module = gm.get_submodule(record.module)

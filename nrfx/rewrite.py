@@ -16,11 +16,11 @@ import torch.fx
 from torch import nn
 
 from .errors import RewriteError
-from .gates import Gate
+from .layer_kinds import fix_attributes, invariant_problem, is_scale, layer_kind
 from .maps import DimMap, ParamMap, dim_map, param_maps
 
 __all__ = ["DimMap", "ParamMap", "dim_map", "param_maps", "rewrite_params", "copy_for_rewrite", "copy_block",
-           "fix_attributes", "set_group_norm_width", "verify", "matched_gamma"]
+           "verify", "matched_gamma"]
 
 
 def _combine(old: torch.Tensor, fresh: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
@@ -69,11 +69,6 @@ def _assign(new: torch.Tensor, target: list, block: torch.Tensor) -> None:
     new[tuple(index)] = block
 
 
-_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.Embedding,
-                nn.PReLU, Gate)
-_SCALES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, Gate)  # per-channel scales: R entries start at γ0
-
-
 def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
                    gamma0: float | None) -> dict[str, torch.Tensor]:
     """The layer's own initial values at the new shapes (reset_parameters on a detached copy)."""
@@ -89,20 +84,19 @@ def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
         else:
             clone._buffers[attr] = tensor
     fix_attributes(clone)
+    kind = layer_kind(clone)
     with torch.no_grad():
-        if isinstance(clone, nn.modules.batchnorm._NormBase):
-            clone.reset_running_stats()
-            if clone.affine:
-                nn.init.ones_(clone.weight) if gamma0 is None else nn.init.constant_(clone.weight, gamma0)
-                nn.init.zeros_(clone.bias)
-        elif isinstance(clone, (Gate, nn.GroupNorm)):
-            if clone.weight is not None:
-                nn.init.ones_(clone.weight) if gamma0 is None else nn.init.constant_(clone.weight, gamma0)
-            if getattr(clone, "bias", None) is not None:
-                nn.init.zeros_(clone.bias)
+        if kind is not None and kind.init is not None:
+            kind.init(clone, gamma0)
         elif hasattr(clone, "reset_parameters"):
             clone.reset_parameters()
     return {attr: getattr(clone, attr) for attr in shapes}
+
+
+def _initialises(module: nn.Module) -> bool:
+    """Whether a layer draws its own initial values: a registered kind with ``init``, or ``reset_parameters``."""
+    kind = layer_kind(module)
+    return kind is not None and (kind.init is not None or hasattr(module, "reset_parameters"))
 
 
 def _generic_fresh(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -149,9 +143,9 @@ def _rewrite_module(gm: nn.Module, path: str, attrs: dict[str, ParamMap], gamma0
     shapes = {attr: pmap.new_shape for attr, pmap in attrs.items()}
     if gamma0 == "match":  # per norm: its survivors' γ, read from the old weight before it is replaced
         weight = attrs.get("weight")
-        is_norm = isinstance(module, _SCALES) and weight is not None and bool(weight.dims)
+        is_norm = is_scale(module) and weight is not None and bool(weight.dims)  # R starts at γ0
         gamma0 = matched_gamma(module.weight[weight.dims[0].source[weight.dims[0].kept]]) if is_norm else None
-    if isinstance(module, _LAYER_TYPES):
+    if _initialises(module):
         fresh = _fresh_tensors(module, shapes, gamma0)
     else:
         fresh = {attr: _generic_fresh(getattr(module, attr), shape) for attr, shape in shapes.items()}
@@ -165,73 +159,10 @@ def _rewrite_module(gm: nn.Module, path: str, attrs: dict[str, ParamMap], gamma0
     fix_attributes(module)
 
 
-def fix_attributes(module: nn.Module) -> None:
-    """Set a layer's size attributes (in/out channels, features, groups) from its weights."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        _fix_conv(module)
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        source = module.weight if module.weight is not None else module.running_mean
-        if source is not None:
-            module.num_features = source.shape[0]
-    elif isinstance(module, nn.Embedding):
-        module.embedding_dim = module.weight.shape[1]
-    elif isinstance(module, nn.PReLU):
-        module.num_parameters = module.weight.numel()
-    elif isinstance(module, Gate):
-        module.num_features = module.weight.numel()
-    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
-        set_group_norm_width(module, module.weight.numel())
-
-
-def set_group_norm_width(norm: nn.GroupNorm, channels: int) -> None:
-    """GroupNorm over ``channels``: channels per group unchanged, ``num_groups`` follows the width."""
-    per_group = norm.num_channels // norm.num_groups
-    norm.num_channels, norm.num_groups = channels, channels // per_group
-
-
-def _fix_conv(conv: nn.modules.conv._ConvNd) -> None:
-    """Conv attributes: channels per group unchanged, ``groups`` follows the width (depthwise: groups == channels)."""
-    w = conv.weight
-    if conv.transposed:
-        if conv.groups > 1:
-            conv.groups = w.shape[0] // (conv.in_channels // conv.groups)
-        conv.in_channels = w.shape[0]
-        conv.out_channels = w.shape[1] * conv.groups
-    else:
-        if conv.groups > 1:
-            conv.groups = w.shape[0] // (conv.out_channels // conv.groups)
-        conv.out_channels = w.shape[0]
-        conv.in_channels = w.shape[1] * conv.groups
-
-
 def verify(gm: torch.fx.GraphModule) -> None:
     """Module invariants after a rewrite (sizes agree with weights) and graph lint."""
     gm.graph.lint()
     for name, module in gm.named_modules():
-        problem = _invariant_problem(module)
+        problem = invariant_problem(module)
         if problem:
             raise RewriteError(f"rewritten module '{name}' ({type(module).__name__}) is inconsistent: {problem}")
-
-
-def _invariant_problem(module: nn.Module) -> str | None:
-    """What is wrong with a layer's sizes, or None."""
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-        w = module.weight
-        if w.shape[0] != module.out_channels or w.shape[1] * module.groups != module.in_channels:
-            return f"weight {tuple(w.shape)} vs in={module.in_channels} out={module.out_channels} g={module.groups}"
-        if module.bias is not None and module.bias.shape[0] != module.out_channels:
-            return f"bias {tuple(module.bias.shape)} vs out={module.out_channels}"
-    if isinstance(module, nn.Linear) and tuple(module.weight.shape) != (module.out_features, module.in_features):
-        return f"weight {tuple(module.weight.shape)} vs ({module.out_features}, {module.in_features})"
-    if isinstance(module, nn.GroupNorm) and module.num_channels % module.num_groups:
-        return f"num_channels={module.num_channels} is not a multiple of num_groups={module.num_groups}"
-    if isinstance(module, nn.GroupNorm) and module.weight is not None and module.weight.numel() != module.num_channels:
-        return f"weight {tuple(module.weight.shape)} vs num_channels={module.num_channels}"
-    if isinstance(module, Gate) and module.weight.numel() != module.num_features:
-        return f"weight {tuple(module.weight.shape)} vs num_features={module.num_features}"
-    if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-        if module.running_mean.shape[0] != module.num_features:
-            return f"running_mean {tuple(module.running_mean.shape)} vs num_features={module.num_features}"
-    return None

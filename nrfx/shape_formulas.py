@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .optable import OpTable
+from .vocabulary import Trait, functions_with, methods_with, modules_with
 
 __all__ = ["FORMULAS", "module_shape", "function_shape", "method_shape"]
 
@@ -286,13 +287,14 @@ def _unary(x, *args, **kwargs):
     return _same(x)
 
 
-_SAME_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)
+def _channelwise(pick) -> tuple:
+    """The channel-wise unary ops (f(0) = 0 or not) that keep dtype and device, from the op vocabulary."""
+    return tuple(op for trait in (Trait.ZERO_KEEPING, Trait.ZERO_BREAKING, Trait.ZERO_BY_ARGS)
+                 for op in pick(trait, Trait.CONVERTS))
+
+
 FORMULAS: OpTable[Shape] = OpTable("shape formulas")
-FORMULAS.module(*_SAME_MODULES)(_same_module)
+FORMULAS.module(*_channelwise(modules_with))(_same_module)
 FORMULAS.module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(_batch_norm_module)
 FORMULAS.module(nn.LayerNorm, nn.RMSNorm)(_layer_norm_module)
 FORMULAS.module(nn.GroupNorm)(_group_norm_module)
@@ -303,13 +305,7 @@ FORMULAS.module(nn.Conv1d, nn.Conv2d, nn.Conv3d)(_conv_module)
 FORMULAS.module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)(_pool_module)
 FORMULAS.module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)(_adaptive_module)
 
-_UNARY_FUNCTIONS = (
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.relu,
-    torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.erf,
-    operator.neg,
-)
-FORMULAS.function(*_UNARY_FUNCTIONS)(_unary)
+FORMULAS.function(*_channelwise(functions_with))(_unary)
 FORMULAS.function(operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                   torch.div)(_binary)
 FORMULAS.function(operator.iadd, operator.isub, operator.imul, operator.itruediv)(_inplace_binary)
@@ -319,8 +315,7 @@ FORMULAS.function(torch.bmm)(_bmm)
 FORMULAS.function(F.scaled_dot_product_attention)(_sdpa)
 FORMULAS.function(F.softmax, torch.softmax, F.log_softmax)(_softmax)
 FORMULAS.function(F.layer_norm)(_layer_norm)
-FORMULAS.method("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "sqrt", "rsqrt", "neg", "abs",
-                "contiguous")(_unary)
+FORMULAS.method(*_channelwise(methods_with))(_unary)
 FORMULAS.method("add", "sub", "mul", "div")(_binary)
 FORMULAS.method("add_", "sub_", "mul_", "div_")(_inplace_binary)
 FORMULAS.method("matmul")(_matmul)

@@ -88,9 +88,9 @@ class _SRMixin:
         if self.scheme == "cr":
             return torch.cat((op(xs, self.weight_ss, self.bias_s), op(xr, self.weight_rr, self.bias_r)), dim)
         a, b = op(xs, self.weight_s_in, None), op(xr, self.weight_r_in, None)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled: the gate fuses into one kernel
-            return _cross_attention(a, b, self.s_rows, self.bias_all)
-        return _cross_attention_into(a, b, self.s_out, self.bias_all, dim)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.bias_all is not None:
+            return _cross_attention(a, b, self.s_rows, self.bias_all)  # compiled: the gate fuses into one kernel
+        return _cross_attention_into(a, b, self.s_out, dim)
 
 
 def _cross_attention(a: torch.Tensor, b: torch.Tensor, s_rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -101,18 +101,15 @@ def _cross_attention(a: torch.Tensor, b: torch.Tensor, s_rows: torch.Tensor, bia
     return torch.addcmul(diag, torch.sigmoid(diag), cross, value=2)
 
 
-def _cross_attention_into(a: torch.Tensor, b: torch.Tensor, s_out: int, bias: torch.Tensor | None,
-                          dim: int) -> torch.Tensor:
+def _cross_attention_into(a: torch.Tensor, b: torch.Tensor, s_out: int, dim: int) -> torch.Tensor:
     """Eq. 9–10 without autograd, written into ``a``: S rows a_S + 2σ(a_S)·b_S, R rows b_R + 2σ(b_R)·a_R.
 
-    The same formula as ``_cross_attention`` in two passes over the output instead of four:
-    each row of ``a`` is read (as the S diagonal or as the R cross term) before it is written.
+    The same formula as ``_cross_attention`` in two passes over the output instead of four: each
+    row of ``a`` is read (as the S diagonal or as the R cross term) before it is written.  Layers
+    with a bias take the mask form instead: adding it here would cost three more calls (a split and
+    two adds) than the mask form's one, and a launch costs more than a pass on small layers.
     """
     (a_s, a_r), (b_s, b_r) = (t.split((s_out, t.shape[dim] - s_out), dim) for t in (a, b))
-    if bias is not None:
-        bias_s, bias_r = bias.split((s_out, bias.shape[0] - s_out), 0)
-        a_s.add_(bias_s)
-        b_r.add_(bias_r)
     torch.addcmul(a_s, torch.sigmoid(a_s), b_s, value=2, out=a_s)
     torch.addcmul(b_r, torch.sigmoid(b_r), a_r, value=2, out=a_r)
     return a

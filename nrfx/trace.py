@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from .gates import Gate
+from .layer_kinds import LEAF_LAYERS
 from .mha import traced_call
 from .shapeprop import untouched
 from .srlayers import SR_LAYERS
@@ -123,8 +124,8 @@ class NrfxTracer(torch.fx.Tracer):
         """torch.nn built-ins, the user's leaf types and names, and auto leaves are leaves."""
         if module_qualified_name in self.leaf_names:
             return True
-        if isinstance(m, (*SR_LAYERS, Gate)):
-            return True  # nrfx's own S/R layers and gates: analysed as the conv/linear/norm they stand for
+        if isinstance(m, (*SR_LAYERS, Gate, *LEAF_LAYERS)):
+            return True  # nrfx's S/R layers and gates (the conv/linear/norm they stand for), registered layers
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)

@@ -124,9 +124,9 @@ def test_translated_ops_cost_and_spaces(name: str):
     assert not analysis.unknown_ops
     assert not any("without a torch-level rule" in note for note in analysis.capture_notes)
     assert analysis.params == params
-    bn_macs = analysis.flops - CONV_MACS  # BatchNorm's per-element cost, whatever the cost model says: as in fx
+    bn_macs = analysis.macs - CONV_MACS  # BatchNorm's per-element cost, whatever the cost model says: as in fx
     fx = _analyze(model, x, "fx")
-    assert (fx.params, fx.flops) == (analysis.params, analysis.flops)
+    assert (fx.params, fx.macs) == (analysis.params, analysis.macs)
     assert bn_macs in (0, 8 * 100, 2 * 8 * 100, 8 * 64, 2 * 8 * 64)
     free = [s.width for s in analysis.spaces if not s.is_frozen]
     assert free == [8]

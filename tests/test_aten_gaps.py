@@ -48,7 +48,7 @@ def _assert_agree(model: nn.Module, args: tuple):
     assert ex.capture == "export" and fx.capture == "fx"
     assert not fx.unknown_ops and not ex.unknown_ops
     assert _spaces(fx) == _spaces(ex)
-    assert (fx.params, fx.flops) == (ex.params, ex.flops)
+    assert (fx.params, fx.macs) == (ex.params, ex.macs)
     return fx, ex
 
 
@@ -153,7 +153,7 @@ def test_op_spaces_cost_and_agreement(name: str):
     assert ex.params == (3 * 8 + 8) + 2 * 8 + (case.head_in * 4 + 4)
     identity = _analyze(Around(lambda m, x, y: y).double().eval(), (x,), "export")
     conv_macs = 8 * 3 * H * W + 4 * case.head_in * case.positions
-    assert ex.flops - conv_macs == identity.flops - (8 * 3 + 4 * 8) * H * W  # the op itself costs no MACs
+    assert ex.macs - conv_macs == identity.macs - (8 * 3 + 4 * 8) * H * W  # the op itself costs no MACs
     conv = ex.space_ids(ex.records["conv"].output)
     assert len(conv) == 1 and ex.spaces[conv[0]].width == 8
     space = ex.spaces[conv[0]]
@@ -219,7 +219,7 @@ def test_addmm_is_a_linear_layer_with_weight_in_out():
     fx, ex = _assert_agree(model, (x,))
     for analysis in (fx, ex):
         assert analysis.params == 8 * 16 + 16 + 16 * 4 + 4
-        assert analysis.flops == 5 * 8 * 16 + 5 * 16 * 4  # per example: 5 rows
+        assert analysis.macs == 5 * 8 * 16 + 5 * 16 * 4  # per example: 5 rows
         assert [s.width for s in analysis.spaces if not s.is_frozen] == [16]
         hidden = analysis.space_ids(analysis.param_info["w1"].dims[1])
         assert analysis.param_info["w1"].dims[0] is None  # the model input: no space
@@ -279,7 +279,7 @@ def test_hf_conv1d_is_free_under_export():
     assert analysis.space_ids(proj.dims[0]) == hidden and analysis.spaces[hidden[0]].width == 16
     assert analysis.spaces[analysis.space_ids(proj.dims[1])[0]].is_frozen  # the residual stream: the output
     assert analysis.params == sum(p.numel() for p in model.parameters())
-    assert analysis.flops == 5 * (8 * 16 + 16 * 8)
+    assert analysis.macs == 5 * (8 * 16 + 16 * 8)
 
 
 def test_hf_conv1d_rejuvenation_keeps_function():
@@ -544,7 +544,7 @@ def test_convnextv2_grn_hidden_dims_are_free_and_its_params_follow_them():
             assert not space.is_frozen
             grn = record.module.replace("fc1", "grn")
             assert analysis.param_info[f"{grn}.weight"].dims[0] is not None
-    assert _analyze(model, (x,), "fx").flops == _analyze(model, (x,), "export").flops
+    assert _analyze(model, (x,), "fx").macs == _analyze(model, (x,), "export").macs
 
 
 @pytest.mark.parametrize("scheme", ["nr", "cr"])

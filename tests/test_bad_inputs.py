@@ -167,7 +167,7 @@ def test_untraceable_submodule_becomes_a_frozen_automatic_leaf():
     assert list(analysis.auto_leaves) == ["gate"]
     assert "untraceable code" in analysis.auto_leaves["gate"]
     assert analysis.params == sum(p.numel() for p in model.parameters())
-    assert analysis.flops == 8 * 3 * 9 * 36 + 4 * 8 * 36 + 6 * 4 * 36
+    assert analysis.macs == 8 * 3 * 9 * 36 + 4 * 8 * 36 + 6 * 4 * 36
     records = analysis.records
     frozen = {s.index for s in analysis.frozen_spaces}
     assert set(analysis.space_ids(records["a"].output)) <= frozen  # the leaf's input space

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def _net() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(2, 3, 8, 8)
 
 
-@pytest.mark.parametrize("budget", [nrfx.Budget(flops=10**30), nrfx.Budget(params=10**40), nrfx.Budget(params=1e99)])
+@pytest.mark.parametrize("budget", [nrfx.Budget(macs=10**30), nrfx.Budget(params=10**40), nrfx.Budget(params=1e99)])
 def test_absurd_budgets_raise_at_once_naming_the_largest_meaningful_one(budget):
     model, x = _net()
     start = time.perf_counter()
@@ -35,7 +36,7 @@ def test_absurd_budgets_raise_at_once_naming_the_largest_meaningful_one(budget):
 
 @pytest.mark.parametrize("make", [
     lambda: nrfx.Budget.coerce(nrfx.Budget(params=math.nan)),
-    lambda: nrfx.Budget.coerce(nrfx.Budget(flops=math.inf)),
+    lambda: nrfx.Budget.coerce(nrfx.Budget(macs=math.inf)),
     lambda: nrfx.Budget.coerce(nrfx.Budget(params=-5)),
     lambda: nrfx.Budget.coerce(nrfx.Budget(params=2.5)),
     lambda: nrfx.Budget.coerce(nrfx.Budget(params=True)),
@@ -51,11 +52,30 @@ def test_non_finite_and_out_of_range_budgets_are_budget_errors(make):
         make()
 
 
-def test_macs_is_the_flops_kind():
+def test_flops_is_a_deprecated_alias_of_macs():
     model, x = _net()
-    a = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"), example_inputs=x, align=1).nrfx_plan
-    b = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"), example_inputs=x, align=1).nrfx_plan
-    assert a.budget_kind == b.budget_kind == "flops" and a.new_widths == b.new_widths
+    with pytest.deprecated_call(match="'macs'"):
+        old = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"), example_inputs=x, align=1).nrfx_plan
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"), example_inputs=x, align=1).nrfx_plan
+    assert old.budget_kind == new.budget_kind == "macs" and old.new_widths == new.new_widths
+    with pytest.deprecated_call(match=r"Budget\(macs=...\)"):
+        budget = nrfx.Budget(flops=1000)
+    assert budget == nrfx.Budget(macs=1000) and budget.kind == "macs"
+    with pytest.raises(BudgetError, match="old name"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        nrfx.Budget(macs=1, flops=1)
+    a = nrfx.analyze(model, x)
+    u = a.utilization()
+    pairs = [(budget, "flops", "macs"), (a, "flops", "macs"), (a, "live_flops", "live_macs"),
+             (a, "effective_flops", "effective_macs"), (u, "flops", "macs"), (u, "live_flops", "live_macs"),
+             (u, "r_flops", "r_macs")]
+    for obj, old_name, new_name in pairs:
+        with pytest.deprecated_call(match=f"{type(obj).__name__}.{new_name}"):
+            assert getattr(obj, old_name) == getattr(obj, new_name)
+    widths = [s.width for s in a.spaces]
+    with pytest.deprecated_call(match="macs_at"):
+        assert a.flops_at(widths) == a.macs_at(widths) == a.macs
+    assert nrfx.Plan.from_dict({**new.to_dict(), "budget_kind": "flops"}).budget_kind == "macs"  # older plan files
 
 
 @pytest.mark.parametrize(("option", "value"), [("gamma0", math.inf), ("gamma0", math.nan), ("seed", 2**70),

@@ -146,7 +146,7 @@ def test_export_and_fx_agree(name):
     assert (fx.capture, ex.capture) == ("fx", "export")
     assert [s.width for s in ex.spaces] == [s.width for s in fx.spaces]
     assert [s.is_frozen for s in ex.spaces] == [s.is_frozen for s in fx.spaces]
-    assert (ex.params, ex.flops) == (fx.params, fx.flops)
+    assert (ex.params, ex.macs) == (fx.params, fx.macs)
     assert ex.coverage() == fx.coverage()
 
 

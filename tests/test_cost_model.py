@@ -51,23 +51,23 @@ def test_budget_of_c_a_is_met_at_every_batch(batch):
     hw = 36
     # stem, grouped conv (groups=2), q/k/v, attention (QKᵀ and AV), two matmuls, head: MACs per example
     expected = 3 * 8 * 9 * hw + 8 * 4 * 9 * hw + 3 * hw * 8 * 8 + 2 * hw * hw * 8 + 2 * hw * hw * 8 + 8 * 5
-    assert analysis.flops == expected
+    assert analysis.macs == expected
     assert analysis.params == sum(p.numel() for p in model.parameters())
-    for kind in ("params", "flops"):
+    for kind in ("params", "macs"):
         new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, kind), example_inputs=x, analysis=analysis)
-        c_a = analysis.params if kind == "params" else analysis.flops
+        c_a = analysis.params if kind == "params" else analysis.macs
         assert new.nrfx_plan.cost_before == c_a >= new.nrfx_plan.cost_after
     report = analysis.report()
-    assert sum(r.macs for r in report.rows) + report.other.macs == analysis.flops
-    assert report.totals.macs == analysis.flops
+    assert sum(r.macs for r in report.rows) + report.other.macs == analysis.macs
+    assert report.totals.macs == analysis.macs
 
 
 def test_cost_is_independent_of_the_batch():
     model = Mixed().eval()
     costs = {b: nrfx.analyze(model, torch.randn(b, 3, 6, 6)) for b in (1, 2, 5)}
-    assert len({a.flops for a in costs.values()}) == 1
+    assert len({a.macs for a in costs.values()}) == 1
     widths = [s.width + 1 for s in costs[1].spaces]
-    assert len({a.flops_at(widths) for a in costs.values()}) == 1
+    assert len({a.macs_at(widths) for a in costs.values()}) == 1
 
 
 @pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
@@ -83,9 +83,9 @@ def test_cr_counts_the_blocks_it_computes(scheme):
     new = nrfx.rejuvenate(model, None, example_inputs=x, scheme=scheme)
     after = nrfx.analyze(new, x)
     assert after.effective_params == sum(p.numel() for p in new.parameters())  # stored
-    assert after.effective_flops == _macs_per_example(new, x)  # what runs
+    assert after.effective_macs == _macs_per_example(new, x)  # what runs
     if scheme == "cr":
-        assert after.effective_params < after.params and after.effective_flops < after.flops
+        assert after.effective_params < after.params and after.effective_macs < after.macs
         layers = [m for m in new.modules() if getattr(m, "scheme", None) == "cr"]
         diagonal = sum(m.weight_ss.numel() + m.weight_rr.numel() for m in layers)
         assert diagonal == sum(m.weight[: m.s_out, : m.s_in].numel() + m.weight[m.s_out:, m.s_in:].numel()
@@ -94,7 +94,7 @@ def test_cr_counts_the_blocks_it_computes(scheme):
         assert after.params - after.effective_params == cross
         assert "runs  params" in after.report().summary()
     else:
-        assert (after.effective_params, after.effective_flops) == (after.params, after.flops)
+        assert (after.effective_params, after.effective_macs) == (after.params, after.macs)
 
 
 class SameDepthwise(nn.Conv2d):

@@ -87,7 +87,7 @@ def test_gate_rule_space_mask_and_utilization():
     assert masks["2"].tolist() == [True, False, True, False, True, False]
     u = a.utilization(masks)
     assert u.params == (8 * 6 + 6) + 6 + (6 * 3 + 3) and u.live_params == (8 * 3 + 3) + 3 + (3 * 3 + 3)
-    assert u.flops == 8 * 6 + 6 * 3 and u.live_flops == 8 * 3 + 3 * 3
+    assert u.macs == 8 * 6 + 6 * 3 and u.live_macs == 8 * 3 + 3 * 3
     assert u.alive[0].tolist() == masks["2"].tolist()
 
 

@@ -98,11 +98,11 @@ def test_grouped_conv_closed_form_costs_and_plan():
     assert (a.spaces[s_in].block, a.spaces[s_out].block) == (2, 3) and a.spaces[s_in].unit == a.spaces[s_out].unit
     P = 36
     assert a.params == (3 * 8 + 8) + 16 + (12 * 2 * 9 + 12) + 24 + (4 * 12 + 4) + (4 * 2 + 2)
-    assert a.flops == 8 * 3 * P + 12 * 2 * 9 * P + 4 * 12 * P + 4 * 2
+    assert a.macs == 8 * 3 * P + 12 * 2 * 9 * P + 4 * 12 * P + 4 * 2
     u = a.utilization()  # group 0 removed on both sides: 6 in, 9 out
     assert [int(m.sum()) for m in u.alive][:2] == [6, 9]
     assert u.live_params == (3 * 6 + 6) + 12 + (9 * 2 * 9 + 9) + 18 + (4 * 9 + 4) + 10
-    assert u.live_flops == 6 * 3 * P + 9 * 2 * 9 * P + 4 * 9 * P + 8
+    assert u.live_macs == 6 * 3 * P + 9 * 2 * 9 * P + 4 * 9 * P + 8
     new = nrfx.rejuvenate(model, None, None, example_inputs=x, analysis=a, align=1)
     plan = new.nrfx_plan
     assert plan.keep[s_in] == [2, 3, 4, 5, 6, 7] and plan.keep[s_out] == list(range(3, 12))
@@ -118,7 +118,7 @@ def test_budget_exact_within_one_planning_unit():
     model = GroupedNet().eval()
     x = torch.randn(1, 3, 6, 6)
     a = nrfx.analyze(model, x)
-    for kind in ("params", "flops"):
+    for kind in ("params", "macs"):
         for fraction in (0.6, 1.0, 1.7):
             plan = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(fraction, kind), example_inputs=x,
                                    analysis=a, align=1).nrfx_plan

@@ -1,9 +1,9 @@
 """Proof without a GPU: the aten calls one forward (and forward + backward) of a rewritten model launches.
 
-ResNet-50 and MobileNet-V3-Large with 40 % of each norm's channels dead, rewritten at c(A) MACs
-(pruned: at U(θ)), counted on the meta device at batch 64 with a dispatch mode: the S/R layers
-launch two convolutions and a few elementwise ops, nothing copies a weight, and under the
-default ``align=8`` the widths stay tensor-core friendly.
+ResNet-50, MobileNet-V3-Large (and VGG-11-BN, whose convs carry a bias) with 40 % of each norm's
+channels dead, rewritten at c(A) MACs (pruned: at U(θ)), counted on the meta device at batch 64
+with a dispatch mode: the S/R layers launch two convolutions and a few elementwise ops, nothing
+copies a weight, and under the default ``align=8`` the widths stay tensor-core friendly.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 import nrfx
 from nrfx.srlayers import SR_LAYERS
 
-MODELS = ["resnet50", "mobilenet_v3_large"]
+MODELS = ["resnet50", "mobilenet_v3_large", "vgg11_bn"]  # VGG: convs with a bias before every BN
 LIMITS = {"cr": 2.0, "ca": 3.0}  # total aten calls ≤ limit × the original's, inference and training
 
 
@@ -56,11 +56,11 @@ def variants(request):
     _kill_per_norm(model, 0.4, seed=1)
     x = torch.randn(1, 3, 224, 224)
     analysis = nrfx.analyze(model, x)
-    live = analysis.utilization(analysis.masks_from(model)).live_flops
+    live = analysis.utilization(analysis.masks_from(model)).live_macs
     built = {"original": model,
-             "pruned": nrfx.rejuvenate(model, None, nrfx.Budget(flops=live), example_inputs=x, analysis=analysis)}
+             "pruned": nrfx.rejuvenate(model, None, nrfx.Budget(macs=live), example_inputs=x, analysis=analysis)}
     for scheme in ("nr", "cr", "ca"):
-        built[scheme] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"), example_inputs=x,
+        built[scheme] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"), example_inputs=x,
                                         scheme=scheme, analysis=analysis)
     return request.param, built
 
@@ -82,7 +82,7 @@ def test_rewrites_launch_what_the_maths_needs(variants, train):
         assert _sr_layers(built[variant]) == 0
     for scheme, limit in LIMITS.items():
         split = _sr_layers(built[scheme])
-        assert split > 10, (name, scheme)  # the schemes did split layers
+        assert split > 5, (name, scheme)  # the schemes did split layers (VGG-11: 9 of 11)
         assert counts[scheme]["convolution"] <= original["convolution"] + split, (name, scheme)
         total, before = sum(counts[scheme].values()), sum(original.values())
         assert total <= limit * before, (name, scheme, total, before)
@@ -106,7 +106,7 @@ def test_s_r_layers_compile_into_as_many_graphs_as_the_original(train):
     x = torch.randn(2, 3, 32, 32)
     variants = {"original": model}
     for scheme in ("cr", "ca"):
-        variants[scheme] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "flops"), example_inputs=x,
+        variants[scheme] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"), example_inputs=x,
                                            scheme=scheme)
         assert _sr_layers(variants[scheme]) > 5
     graphs = {}

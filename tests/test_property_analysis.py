@@ -86,7 +86,7 @@ def check(arch: Arch, masks: dict[str, torch.Tensor], use_gamma: bool) -> None:
     assert not a.unknown_ops
     # c(A): the full network
     assert a.params == sum(p.numel() for p in full.parameters())
-    assert a.flops == count_macs(full, x)
+    assert a.macs == count_macs(full, x)
     # U(θ): the network built by hand without the dead channels
     graph = ChannelGraph(arch, masks)
     narrow = graph.narrow()
@@ -97,7 +97,7 @@ def check(arch: Arch, masks: dict[str, torch.Tensor], use_gamma: bool) -> None:
     hand = {n: p.numel() for n, p in narrow.named_parameters()}
     assert sizes == hand
     assert u.live_params == sum(hand.values())
-    assert u.live_flops == count_macs(narrow, x)
+    assert u.live_macs == count_macs(narrow, x)
 
 
 @settings(max_examples=80, **SETTINGS)

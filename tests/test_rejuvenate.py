@@ -103,7 +103,7 @@ def _cheapest_step(analysis, kind: str, widths: list[int], align: int) -> int:
 
 
 @pytest.mark.parametrize("align", [1, 8])
-@pytest.mark.parametrize("kind", ["params", "flops"])
+@pytest.mark.parametrize("kind", ["params", "macs"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 1.3])
 def test_budget_met_within_one_step_never_exceeded(kind, fraction, align):
     model, x, analysis = _prepared("resnet18", size=32)
@@ -111,9 +111,9 @@ def test_budget_met_within_one_step_never_exceeded(kind, fraction, align):
     new = nrfx.rejuvenate(model, None, budget, example_inputs=x, analysis=analysis, align=align)
     plan = new.nrfx_plan
     assert plan.align == align
-    target = int(fraction * (analysis.params if kind == "params" else analysis.flops))
+    target = int(fraction * (analysis.params if kind == "params" else analysis.macs))
     after = nrfx.analyze(new, x)
-    cost = after.params if kind == "params" else after.flops
+    cost = after.params if kind == "params" else after.macs
     assert cost == plan.cost_after <= target
     assert target - cost < _cheapest_step(analysis, kind, plan.new_widths, align)
     if kind == "params":
@@ -356,7 +356,7 @@ def test_several_inputs_dict_outputs_and_weight_sharing(scheme, rescale):
     analysis = nrfx.analyze(model, inputs)
     kill_channels(model, analysis, 0.4, 1)
     before = _snapshot(model)
-    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2, "flops"), example_inputs=inputs, scheme=scheme,
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2, "macs"), example_inputs=inputs, scheme=scheme,
                           rescale=rescale, analysis=analysis)
     with torch.no_grad():
         expected, got = model(*inputs), new(*inputs)

@@ -41,8 +41,8 @@ def _assert_adds_up(report: Report, analysis, util) -> None:
     rows = (*report.rows, report.other)
     assert sum(r.params for r in rows) == analysis.params == report.totals.params
     assert sum(r.live_params for r in rows) == util.live_params == report.totals.live_params
-    assert sum(r.macs for r in rows) == analysis.flops == report.totals.macs
-    assert sum(r.live_macs for r in rows) == util.live_flops == report.totals.live_macs
+    assert sum(r.macs for r in rows) == analysis.macs == report.totals.macs
+    assert sum(r.live_macs for r in rows) == util.live_macs == report.totals.live_macs
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_to_dict_is_json_and_table_lists_every_row(resnet_analysis, monkeypatch)
     report = resnet_analysis.report()
     data = json.loads(json.dumps(report.to_dict()))
     assert data["totals"]["params"] == resnet_analysis.params
-    assert data["totals"]["macs"] == resnet_analysis.flops
+    assert data["totals"]["macs"] == resnet_analysis.macs
     assert data["totals"]["r_params"] == 1.0
     assert [r["name"] for r in data["rows"]] == [r.name for r in report.rows]
     assert data["frozen_spaces"] and data["frozen_spaces"][0]["reason"].startswith("reaches the model output")

@@ -46,7 +46,7 @@ def test_utilization_repr(resnet):
     u = analysis.utilization()
     text = _short(repr(u))
     dead = sum(int((~m).sum()) for m in u.alive)
-    assert f"r_params={u.r_params:.4f}" in text and f"r_flops={u.r_flops:.4f}" in text
+    assert f"r_params={u.r_params:.4f}" in text and f"r_macs={u.r_macs:.4f}" in text
     assert f"dead channels {dead:,}/" in text and dead > 0
 
 

@@ -63,15 +63,15 @@ def conv_out(n: int, k: int, s: int = 1, p: int = 0, d: int = 1) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def check_costs(a, model, flops, masks, live_params, live_flops):
+def check_costs(a, model, macs, masks, live_params, live_macs):
     assert a.params == numel(model)
-    assert a.flops == flops
+    assert a.macs == macs
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "mask for .* is ignored", nrfx.NrfxWarning)  # masks on frozen spaces
         u = a.utilization(masks)
-    assert (u.params, u.flops) == (a.params, a.flops)
+    assert (u.params, u.macs) == (a.params, a.macs)
     assert u.live_params == live_params
-    assert u.live_flops == live_flops
+    assert u.live_macs == live_macs
     return u
 
 
@@ -112,8 +112,8 @@ def test_conv_bn_relu_conv(nd, kw, spatial):
 
     assert a.params == params(c)
     masks = {"1": alive(c, (1, 4))}
-    flops, live_flops = c * cin * K * P + cout * c * P, (c - 2) * cin * K * P + cout * (c - 2) * P
-    check_costs(a, model, flops, masks, params(c - 2), live_flops)
+    macs, live_macs = c * cin * K * P + cout * c * P, (c - 2) * cin * K * P + cout * (c - 2) * P
+    check_costs(a, model, macs, masks, params(c - 2), live_macs)
     # spaces: conv0 out == bn == conv3 in (one free space); conv3 out reaches the output (frozen)
     (s0,) = out_ids(a, "0")
     assert ids(a, "1.weight", 0) == [s0] and in_ids(a, "3") == [s0]
@@ -172,7 +172,7 @@ def test_grouped_conv_ties_its_sides_group_by_group():
         nn.Conv2d(12, 4, 1),
     )
     a = analyze(model, (B, 3, 6, 6))
-    flops = 8 * 3 * P + 12 * (8 // 4) * 9 * P + 4 * 12 * P
+    macs = 8 * 3 * P + 12 * (8 // 4) * 9 * P + 4 * 12 * P
     rec = next(r for r in a.records.values() if getattr(r, "module", None) == "2")
     (s_in,), (s_out,) = a.space_ids(rec.input), a.space_ids(rec.output)
     assert [s_in] == out_ids(a, "0") and [s_out] == in_ids(a, "4") and in_ids(a, "2") is None
@@ -182,8 +182,8 @@ def test_grouped_conv_ties_its_sides_group_by_group():
     # group 0 dead on both sides (channels 0-1 in, 0-2 out); group 1 half dead in, alive out: kept whole
     masks = {"1": alive(8, (0, 1, 2)), "3": alive(12, (0, 1, 2, 5))}
     live_params = (3 * 6 + 6) + 2 * 6 + (9 * 9 * 2 + 9) + 2 * 9 + (4 * 9 + 4)
-    live_flops = 6 * 3 * P + 9 * 2 * 9 * P + 4 * 9 * P
-    u = check_costs(a, model, flops, masks, live_params, live_flops)
+    live_macs = 6 * 3 * P + 9 * 2 * 9 * P + 4 * 9 * P
+    u = check_costs(a, model, macs, masks, live_params, live_macs)
     assert u.alive[s_in].tolist() == [False] * 2 + [True] * 6
     assert u.alive[s_out].tolist() == [False] * 3 + [True] * 9
 
@@ -237,14 +237,14 @@ def test_conv_transpose2d():
     a = analyze(model, (B, cin, h, h))
     ho = (h - 1) * 2 - 2 * 1 + 3 + 1  # = 10
     # transposed conv: every input position meets every weight element
-    flops = c * cin * h * h + c * cout * 9 * h * h + 2 * cout * ho * ho
+    macs = c * cin * h * h + c * cout * 9 * h * h + 2 * cout * ho * ho
 
     def params(w, v):
         return (cin * w + w) + 2 * w + (w * v * 9 + v) + 2 * v + (2 * v + 2)
 
     masks = {"1": alive(c, (0, 7)), "3": alive(cout, (2,))}
-    live_flops = (c - 2) * cin * h * h + (c - 2) * (cout - 1) * 9 * h * h + 2 * (cout - 1) * ho * ho
-    check_costs(a, model, flops, masks, params(c - 2, cout - 1), live_flops)
+    live_macs = (c - 2) * cin * h * h + (c - 2) * (cout - 1) * 9 * h * h + 2 * (cout - 1) * ho * ho
+    check_costs(a, model, macs, masks, params(c - 2, cout - 1), live_macs)
     # ConvTranspose weight is (in, out, k, k)
     assert ids(a, "2.weight", 0) == out_ids(a, "0")
     assert ids(a, "2.weight", 1) == ids(a, "3.weight", 0) == in_ids(a, "4")
@@ -309,8 +309,8 @@ def test_coupling_norms_freeze_the_space(norm):  # GroupNorm resizes in whole gr
     a = analyze(model, (B, 3, 5, 5))
     norm_params = sum(p.numel() for p in norm.parameters())
     params = 3 * 6 + 6 + norm_params + 4 * 6 + 4
-    flops = 3 * 6 * 25 + 4 * 6 * 25
-    check_costs(a, model, flops, {"c1": alive(6, (0, 1, 2))}, params, flops)
+    macs = 3 * 6 * 25 + 4 * 6 * 25
+    check_costs(a, model, macs, {"c1": alive(6, (0, 1, 2))}, params, macs)
     (s,) = out_ids(a, "c1")
     assert in_ids(a, "head") == [s] and a.spaces[s].is_frozen
     assert "statistics couple the channels" in reasons(a, [s])
@@ -352,7 +352,7 @@ def test_norm_masks_read_gamma():
     a = analyze(model, (B, 3, 4, 4))
     u = a.utilization()  # masks read from γ at analysis time
     assert u.live_params == (3 * 4 + 4) + 2 * 4 + (4 * 4 + 4)
-    assert u.live_flops == (3 * 4 + 4 * 4) * 16
+    assert u.live_macs == (3 * 4 + 4 * 4) * 16
 
 
 # -- channel-wise ops ----------------------------------------------------------------------------------------
@@ -374,9 +374,9 @@ def test_activations_share_the_space_and_keep_zeros_iff_f0_is_0(op):
     model = Between(op)
     a = analyze(model, (B, 3, 4, 4))
     live = 4 if any(op is o for o in ZERO_KEEPING) else 6
-    _, flops = between_costs(6, 16, 16)
-    live_params, live_flops = between_costs(live, 16, 16)
-    check_costs(a, model, flops, {"bn": alive(6, (1, 4))}, live_params, live_flops)
+    _, macs = between_costs(6, 16, 16)
+    live_params, live_macs = between_costs(live, 16, 16)
+    check_costs(a, model, macs, {"bn": alive(6, (1, 4))}, live_params, live_macs)
     assert out_ids(a, "c1") == in_ids(a, "head")
     assert not frozen(a, out_ids(a, "c1"))[0]
 
@@ -403,9 +403,9 @@ def test_pooling_resizing_padding_pass_the_space(op, hw, out_hw):
     model = Between(op)
     a = analyze(model, (B, 3, *hw))
     p_in, p_out = math.prod(hw), math.prod(out_hw)
-    _, flops = between_costs(6, p_in, p_out)
-    live_params, live_flops = between_costs(4, p_in, p_out)
-    check_costs(a, model, flops, {"bn": alive(6, (0, 5))}, live_params, live_flops)
+    _, macs = between_costs(6, p_in, p_out)
+    live_params, live_macs = between_costs(4, p_in, p_out)
+    check_costs(a, model, macs, {"bn": alive(6, (0, 5))}, live_params, live_macs)
     assert out_ids(a, "c1") == in_ids(a, "head")
     assert not frozen(a, out_ids(a, "c1"))[0]
 
@@ -413,8 +413,8 @@ def test_pooling_resizing_padding_pass_the_space(op, hw, out_hw):
 def test_pad_with_a_nonzero_value_loses_zeros():
     model = Between(lambda y: F.pad(y, (1, 1, 1, 1), value=1.0))
     a = analyze(model, (B, 3, 4, 4))
-    _, flops = between_costs(6, 16, 36)
-    check_costs(a, model, flops, {"bn": alive(6, (0, 5))}, a.params, flops)
+    _, macs = between_costs(6, 16, 36)
+    check_costs(a, model, macs, {"bn": alive(6, (0, 5))}, a.params, macs)
 
 
 def test_pad_along_channels_freezes():
@@ -492,11 +492,11 @@ def test_binary_ops_tie_operands(form):
     def params(w):
         return (3 * w + w) + 2 * w + (27 * w + w) + 2 * w + (4 * w + 4)
 
-    def flops(w):
+    def macs(w):
         return (3 * w + 27 * w + 4 * w) * P
 
     live = {"and": 5, "or": 3, "first": 4}[rule]  # dead: b1 {0,1}, b2 {1,2}
-    check_costs(a, model, flops(6), {"b1": alive(6, (0, 1)), "b2": alive(6, (1, 2))}, params(live), flops(live))
+    check_costs(a, model, macs(6), {"b1": alive(6, (0, 1)), "b2": alive(6, (1, 2))}, params(live), macs(live))
     assert out_ids(a, "c1") == out_ids(a, "c2") == in_ids(a, "head")
     assert not frozen(a, out_ids(a, "c1"))[0]
 
@@ -551,11 +551,11 @@ def test_se_gate_ties_the_channel_dim():
     def params(w):
         return (3 * w + w) + 2 * w + (2 * w + 2) + (2 * w + w) + (4 * w + 4)
 
-    def flops(w):
+    def macs(w):
         return 3 * w * P + 2 * w + 2 * w + 4 * w * P
 
     # channel 3 is zero into fc1 (pooled) and into head (x * s): dead
-    check_costs(a, model, flops(8), {"bn": alive(8, (3,))}, params(7), flops(7))
+    check_costs(a, model, macs(8), {"bn": alive(8, (3,))}, params(7), macs(7))
     (s,) = out_ids(a, "c1")
     assert in_ids(a, "fc1") == out_ids(a, "fc2") == in_ids(a, "head") == [s]
     assert not a.spaces[s].is_frozen
@@ -619,11 +619,11 @@ def test_cat_output_is_the_list_of_input_spaces():
     def params(wa, wb):
         return (4 * wa + 2 * wa) + (28 * wb + 2 * wb) + (4 * (wa + wb) + 4)
 
-    def flops(wa, wb):
+    def macs(wa, wb):
         return (3 * wa + 27 * wb + 4 * (wa + wb)) * P
 
     masks = {"b1": alive(3, (0,)), "b2": alive(5, (2, 4))}
-    check_costs(a, model, flops(3, 5), masks, params(2, 3), flops(2, 3))
+    check_costs(a, model, macs(3, 5), masks, params(2, 3), macs(2, 3))
 
 
 def _split_tails():
@@ -666,12 +666,12 @@ def test_split_cuts_across_the_concat_border(form):
         wb = wb0 + wb1
         return (4 * wa + 2 * wa) + (28 * wb + 2 * wb) + (2 * (wa + wb0) + 2) + (2 * wb1 + 2)
 
-    def flops(wa, wb0, wb1):
+    def macs(wa, wb0, wb1):
         return (3 * wa + 27 * (wb0 + wb1) + 2 * (wa + wb0) + 2 * wb1) * P
 
     # b1 dead {0}: A has 2; b2 dead {0, 3}: B[0:1] has 0, B[1:5] has 3
     masks = {"b1": alive(3, (0,)), "b2": alive(5, (0, 3))}
-    check_costs(a, model, flops(3, 1, 4), masks, params(2, 0, 3), flops(2, 0, 3))
+    check_costs(a, model, macs(3, 1, 4), masks, params(2, 0, 3), macs(2, 0, 3))
 
 
 def test_getitem_slice_inside_both_atoms():
@@ -686,8 +686,8 @@ def test_getitem_slice_inside_both_atoms():
     masks = {"b1": alive(3, (0, 2)), "b2": alive(5, (1, 4))}
     wa, wb = 2, 4
     params = (4 * wa + 2 * wa) + (28 * wb + 2 * wb) + (2 * 2 + 2)
-    flops = (3 * wa + 27 * wb + 2 * 2) * P
-    check_costs(a, model, (3 * 3 + 27 * 5 + 2 * 4) * P, masks, params, flops)
+    macs = (3 * wa + 27 * wb + 2 * 2) * P
+    check_costs(a, model, (3 * 3 + 27 * 5 + 2 * 4) * P, masks, params, macs)
 
 
 def test_split_pieces_added_back_tie_the_halves():
@@ -746,11 +746,11 @@ def test_flatten_channel_blocks_into_linear(form):
     def params(w):
         return (27 * w + w) + 2 * w + (5 * w * hw + 5)
 
-    def flops(w):
+    def macs(w):
         return 27 * w * hw + 5 * w * hw
 
     live = 6 if literal else 5
-    check_costs(a, model, flops(6), {"bn": alive(6, (2,))}, params(live), flops(live))
+    check_costs(a, model, macs(6), {"bn": alive(6, (2,))}, params(live), macs(live))
     (s,) = out_ids(a, "c1")
     assert in_ids(a, "fc") == [s]
     assert a.param_info["fc.weight"].dims[1].inner == hw
@@ -777,9 +777,9 @@ def test_permute_transpose_move_the_space(move):
     model = Between(move, head="linear")
     a = analyze(model, (B, 3, 3, 5))
     P = 15
-    _, flops = between_costs(6, P, P)
-    live_params, live_flops = between_costs(3, P, P)
-    check_costs(a, model, flops, {"bn": alive(6, (0, 2, 4))}, live_params, live_flops)
+    _, macs = between_costs(6, P, P)
+    live_params, live_macs = between_costs(3, P, P)
+    check_costs(a, model, macs, {"bn": alive(6, (0, 2, 4))}, live_params, live_macs)
     assert out_ids(a, "c1") == in_ids(a, "head")
     assert not frozen(a, out_ids(a, "c1"))[0]
 
@@ -800,9 +800,9 @@ SPATIAL_REDUCTIONS = [
 def test_reductions_over_spatial_dims_pass_the_space(reduce):
     model = Between(lambda y: reduce(F.relu(y)), head="linear")
     a = analyze(model, (B, 3, 4, 5))
-    _, flops = between_costs(6, 20, 1)
-    live_params, live_flops = between_costs(5, 20, 1)
-    check_costs(a, model, flops, {"bn": alive(6, (3,))}, live_params, live_flops)
+    _, macs = between_costs(6, 20, 1)
+    live_params, live_macs = between_costs(5, 20, 1)
+    check_costs(a, model, macs, {"bn": alive(6, (3,))}, live_params, live_macs)
     assert out_ids(a, "c1") == in_ids(a, "head")
     assert not frozen(a, out_ids(a, "c1"))[0]
 
@@ -830,8 +830,8 @@ def test_a_channel_sum_or_mean_reads_its_channels(reduce, count):
     original count; the space stays free (the rewrite sums the survivors: tests/test_aten_gaps.py)."""
     model = _Reduced(reduce)
     a = analyze(model, (B, 3, 4, 4))
-    flops = (3 * 6 + 4) * 16
-    check_costs(a, model, flops, {"bn": alive(6, (0,))}, a.params - (3 + 1 + 2), (3 * 5 + 4) * 16)
+    macs = (3 * 6 + 4) * 16
+    check_costs(a, model, macs, {"bn": alive(6, (0,))}, a.params - (3 + 1 + 2), (3 * 5 + 4) * 16)
     assert not any(frozen(a, out_ids(a, "c1")))
     (record,) = [r for r in a.records.values() if type(r).__name__ == "SumRecord"]
     assert record.count == count and record.kind == ("sum" if count == 1 else "mean")
@@ -854,8 +854,8 @@ def test_reductions_over_channels_freeze(reduce):
 
     model = M()
     a = analyze(model, (B, 3, 4, 4))
-    flops = (3 * 6 + 4) * 16
-    check_costs(a, model, flops, {"bn": alive(6, (0,))}, a.params, flops)
+    macs = (3 * 6 + 4) * 16
+    check_costs(a, model, macs, {"bn": alive(6, (0,))}, a.params, macs)
     spaces = out_ids(a, "c1")  # the softmax case slices the (frozen) space in two
     assert all(frozen(a, spaces))
     assert "over channels" in reasons(a, spaces)
@@ -880,9 +880,9 @@ def test_multihead_attention_opened_macs_and_free_embedding():
     model = M()
     a = analyze(model, (B, t, 6))
     mha = 3 * t * e * e + 2 * t * t * e + t * e * e  # q/k/v projections, q·kᵀ and attn·v, out projection
-    flops = t * 6 * e + mha + t * e * 3
-    check_costs(a, model, flops, {"inp": alive(8, (0, 1))}, a.params - 2 * (6 + 1) - 2 * 3 * e,
-                flops - 2 * t * 6 - 2 * 3 * t * e)
+    macs = t * 6 * e + mha + t * e * 3
+    check_costs(a, model, macs, {"inp": alive(8, (0, 1))}, a.params - 2 * (6 + 1) - 2 * 3 * e,
+                macs - 2 * t * 6 - 2 * 3 * t * e)
     assert a.params == 6 * 8 + 8 + (3 * e * e + 3 * e) + (e * e + e) + 8 * 3 + 3
     assert not a.spaces[out_ids(a, "inp")[0]].is_frozen
 
@@ -903,15 +903,15 @@ def test_scaled_dot_product_attention():
 
     def costs(dv):
         params = 2 * (6 * 8 + 8) + (6 * dv + dv) + (3 * dv + 3)
-        flops = t * 6 * (8 + 8 + dv) + t * t * (8 + dv) + t * dv * 3
-        return params, flops
+        macs = t * 6 * (8 + 8 + dv) + t * t * (8 + dv) + t * dv * 3
+        return params, macs
 
-    params, flops = costs(10)
+    params, macs = costs(10)
     assert a.params == params
-    live_params, live_flops = costs(8)
+    live_params, live_macs = costs(8)
     # q/k head dims are frozen (the 1/√d scale): masks there change nothing; v's dim flows to out
     masks = {"v": alive(10, (0, 9)), "q": alive(8, (1,))}
-    check_costs(a, model, flops, masks, live_params, live_flops)
+    check_costs(a, model, macs, masks, live_params, live_macs)
     assert out_ids(a, "q") == out_ids(a, "k") and a.spaces[out_ids(a, "q")[0]].is_frozen
     assert out_ids(a, "v") == in_ids(a, "out") and not a.spaces[out_ids(a, "v")[0]].is_frozen
 
@@ -937,14 +937,14 @@ def test_module_called_twice_counts_params_once_macs_twice():
     def params(w):
         return (3 * w + w) + 2 * w + (9 * w * w + w) + (2 * w + 2)
 
-    def flops(w):
+    def macs(w):
         return 3 * w * P + 2 * 9 * w * w * P + 2 * w * P
 
     assert a.params == params(4)
     # bn0 dead {1} alone: the second call of c reads c's own output (alive) -> nothing dead
-    check_costs(a, model, flops(4), {"bn0": alive(4, (1,))}, params(4), flops(4))
+    check_costs(a, model, macs(4), {"bn0": alive(4, (1,))}, params(4), macs(4))
     # also dead at c's output: zero at all three readers -> dead
-    check_costs(a, model, flops(4), {"bn0": alive(4, (1,)), "c": alive(4, (1,))}, params(3), flops(3))
+    check_costs(a, model, macs(4), {"bn0": alive(4, (1,)), "c": alive(4, (1,))}, params(3), macs(3))
     (s,) = out_ids(a, "c0")
     assert in_ids(a, "c") == out_ids(a, "c") == in_ids(a, "head") == [s]
     assert not a.spaces[s].is_frozen

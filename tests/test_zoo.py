@@ -5,7 +5,7 @@ the crop size of its DEFAULT weights' transforms:
 
 * ``analyze`` succeeds;
 * ``params`` equals ``sum(p.numel())`` of the model;
-* ``flops`` rounded to 3 decimals in G equals torchvision's own ``_ops`` metadata;
+* ``macs`` rounded to 3 decimals in G equals torchvision's own ``_ops`` metadata;
 * every op has a rule: the unknown ops left are at most those in ``ALLOWED_UNKNOWN_OPS``,
   with one ``UnknownOpWarning`` each.
 
@@ -107,7 +107,7 @@ def zoo_params() -> list:
 def assert_exact_costs(name: str, model: nn.Module, analysis) -> None:
     """params = Σ numel; MACs = torchvision's ``_ops`` at 3 decimals in G."""
     assert analysis.params == sum(p.numel() for p in model.parameters())
-    assert round(analysis.flops / 1e9, 3) == default_weights(name).meta["_ops"], analysis.flops
+    assert round(analysis.macs / 1e9, 3) == default_weights(name).meta["_ops"], analysis.macs
 
 
 def assert_known_ops(name: str, analysis, unknown_warnings: list) -> None:
@@ -150,7 +150,7 @@ def test_zoo_macs_are_per_example(name: str):
     model = build(name)
     one, _ = analyze_recording(model, crop_size(name), batch=1)
     two, _ = analyze_recording(model, crop_size(name), batch=2)
-    assert (two.params, two.flops) == (one.params, one.flops)
+    assert (two.params, two.macs) == (one.params, one.macs)
 
 
 REAL_WEIGHTS_TOO_BIG = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}
@@ -170,7 +170,7 @@ def test_zoo_real_weights(name: str):
     masks = nrfx.norm_masks(model)
     utilization = analysis.utilization()
     if all(bool(m.all()) for m in masks.values()):
-        assert (utilization.live_params, utilization.live_flops) == (analysis.params, analysis.flops)
+        assert (utilization.live_params, utilization.live_macs) == (analysis.params, analysis.macs)
     else:  # a norm initialised with zero scales (none in torchvision today)
         assert utilization.live_params <= analysis.params
 
@@ -235,7 +235,7 @@ def test_unknown_torch_rot90_freezes_and_warns_once():
     assert any("unknown op" in r for s in analysis.frozen_spaces for r in s.frozen)
     assert analysis.params == sum(p.numel() for p in model.parameters())
     macs = 8 * 3 * 9 * 64 + 16 * 8 * 64 + 12 * 16 * 64 + 10 * 12
-    assert analysis.flops == macs
+    assert analysis.macs == macs
 
 
 def test_unknown_wrapped_function_is_measured_and_freezes():
@@ -248,7 +248,7 @@ def test_unknown_wrapped_function_is_measured_and_freezes():
     assert _space_frozen(analysis, "conv2", "output")
     assert analysis.params == sum(p.numel() for p in model.parameters())
     macs = 8 * 3 * 9 * 25 + 6 * 8 * 25 + 6 * 6 * 25 + 10 * 36
-    assert analysis.flops == macs
+    assert analysis.macs == macs
 
 
 # -- rules the zoo needed ---------------------------------------------------------------------------------
@@ -281,12 +281,12 @@ def test_einsum_contracts_one_free_space():
     q_space = analysis.space_ids(analysis.records["q"].output)
     assert q_space == analysis.space_ids(analysis.records["k"].output)
     assert not analysis.spaces[q_space[0]].is_frozen
-    assert analysis.flops == 2 * 5 * 8 * 6 + 5 * 5 * 6
+    assert analysis.macs == 2 * 5 * 8 * 6 + 5 * 5 * 6
     keep = {"q": torch.tensor([True, True, False, False, False, False])}
     live = analysis.utilization(keep)
-    assert live.live_flops == 2 * 5 * 8 * 6 + 5 * 5 * 6  # k still reads all six: a channel dies only if dead in both
+    assert live.live_macs == 2 * 5 * 8 * 6 + 5 * 5 * 6  # k still reads all six: a channel dies only if dead in both
     both = {**keep, "k": keep["q"].clone()}
-    assert analysis.utilization(both).live_flops == 2 * 5 * 8 * 2 + 5 * 5 * 2
+    assert analysis.utilization(both).live_macs == 2 * 5 * 8 * 2 + 5 * 5 * 2
 
 
 def analyze_recording_tokens(model: nn.Module, shape: tuple[int, ...]):
@@ -310,7 +310,7 @@ def test_swin_window_attention_macs(version: int):
     tokens, area, dim = 64, 16, 16
     attention_macs = tokens * (3 * dim * dim + 2 * area * dim + dim * dim)
     mlp_macs = 0 if version == 1 else 49 * (2 * 512 + 512 * 2)  # v2: bias MLP over the 7 × 7 offsets
-    assert analysis.flops == attention_macs + mlp_macs  # the bias MLP reads no input: not divided by the batch
+    assert analysis.macs == attention_macs + mlp_macs  # the bias MLP reads no input: not divided by the batch
     assert measured_macs(attention, x) == 2 * attention_macs + mlp_macs
     assert analysis.params == sum(p.numel() for p in attention.parameters())
 
@@ -337,10 +337,10 @@ def test_patch_merging_repeats_the_channel_space():
     embed = analysis.space_ids(analysis.records["embed"].output)
     assert analysis.space_ids(analysis.records["merge_reduction"].input) == embed * 4
     assert not analysis.spaces[embed[0]].is_frozen
-    assert analysis.flops == 25 * 3 * 8 + 9 * 32 * 16  # 5 × 5 tokens embedded, padded to 6 × 6, merged to 3 × 3
+    assert analysis.macs == 25 * 3 * 8 + 9 * 32 * 16  # 5 × 5 tokens embedded, padded to 6 × 6, merged to 3 × 3
     keep = torch.tensor([True] * 5 + [False] * 3)
     live = analysis.utilization({"embed": keep})
-    assert live.live_flops == 25 * 3 * 5 + 9 * 20 * 16
+    assert live.live_macs == 25 * 3 * 5 + 9 * 20 * 16
     assert live.live_params == analysis.params - 3 * 3 - 3 - 16 * 12
 
 

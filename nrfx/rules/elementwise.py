@@ -5,39 +5,52 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..specs import TensorSpec, Zero
+from ..vocabulary import Trait, functions_with, methods_with, modules_with
 from .common import broadcast, channel_param, copy_zero
 from .registry import function_rule, method_rule, module_rule
 
 __all__: list[str] = []
 
-# f(0) == 0: a dead channel stays dead through these
-_ZERO_KEEPING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
-)
-_ZERO_BREAKING_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
+# the channel-wise unary ops, by whether f(0) == 0 (a dead channel stays dead): from the one op vocabulary
+_ZERO_KEEPING_MODULES = modules_with(Trait.ZERO_KEEPING)
+_ZERO_BREAKING_MODULES = modules_with(Trait.ZERO_BREAKING)
+_ZERO_KEEPING_FUNCTIONS = functions_with(Trait.ZERO_KEEPING)
+_ZERO_BREAKING_FUNCTIONS = functions_with(Trait.ZERO_BREAKING)
+_ZERO_KEEPING_METHODS = methods_with(Trait.ZERO_KEEPING)
+_ZERO_BREAKING_METHODS = methods_with(Trait.ZERO_BREAKING)
 
-_ZERO_KEEPING_FUNCTIONS = (
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu,
-    F.mish, F.hardswish, F.hardtanh, F.hardtanh_, F.tanh, F.softsign, F.tanhshrink, F.dropout, F.dropout1d,
-    F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.relu_, torch.tanh, torch.abs, torch.neg,
-    torch.clone, torch.sin, torch.square, torch.sqrt, torch.nn.functional.threshold, torch.clamp, torch.clip,
-)
-_ZERO_BREAKING_FUNCTIONS = (
-    F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.log,
-    torch.rsqrt, torch.reciprocal, torch.erf, torch.nan_to_num,
-)
-_ZERO_KEEPING_METHODS = (
-    "relu", "relu_", "tanh", "tanh_", "abs", "abs_", "neg", "neg_", "clone", "contiguous", "detach", "to", "type",
-    "float", "double", "half", "bfloat16", "cpu", "cuda", "clamp", "clamp_", "clip", "clamp_min", "clamp_min_",
-    "clamp_max", "sqrt", "square", "sin", "requires_grad_", "type_as", "hardtanh_", "silu", "gelu",
-)
-_ZERO_BREAKING_METHODS = ("sigmoid", "sigmoid_", "exp", "exp_", "cos", "log", "rsqrt", "reciprocal", "erf")
+
+@module_rule(*modules_with(Trait.ZERO_BY_ARGS))
+def zero_by_args_module(ctx, node):
+    """Channel-wise module whose f(0) depends on its settings (Hardtanh(0.5, 1)): zeros kept iff f(0) = 0."""
+    return _unary(ctx, node, _maps_zero_to_zero(ctx, node, ctx.module))
+
+
+@function_rule(*functions_with(Trait.ZERO_BY_ARGS))
+def zero_by_args_function(ctx, node):
+    """clamp, clip, hardtanh, threshold: same space; zeros kept iff f(0) = 0 with these numbers."""
+    return _unary(ctx, node, _maps_zero_to_zero(ctx, node, node.target))
+
+
+@method_rule(*methods_with(Trait.ZERO_BY_ARGS))
+def zero_by_args_method(ctx, node):
+    """x.clamp(...) and friends: same space; zeros kept iff f(0) = 0 with these numbers."""
+    return _unary(ctx, node, _maps_zero_to_zero(ctx, node, lambda x, *a, **k: getattr(x, node.target)(*a, **k)))
+
+
+def _maps_zero_to_zero(ctx, node, call) -> bool:
+    """Rule: f(0) = 0 for the node's own number arguments (a tensor argument, or a failing call: not known, False)."""
+    args = [ctx.value(a) for a in node.args[1:]]
+    kwargs = {k: ctx.value(v) for k, v in node.kwargs.items() if k != "inplace"}
+    if any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+        return False
+    try:
+        return bool((call(torch.zeros(1), *args, **kwargs) == 0).all())
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _unary(ctx, node, keeps_zero: bool) -> TensorSpec:
@@ -110,15 +123,15 @@ def _binary(zero_op: str):
     return rule
 
 
-_ADD = _binary("and")
+union_rule = _binary("and")
 _MUL = _binary("or")
 _DIV = _binary("first")
 
 function_rule(operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, torch.subtract,
-              torch.maximum, torch.minimum)(_ADD)
+              torch.maximum, torch.minimum)(union_rule)
 function_rule(operator.mul, operator.imul, torch.mul, torch.multiply)(_MUL)
 function_rule(operator.truediv, operator.itruediv, torch.div, torch.true_divide, operator.floordiv)(_DIV)
-method_rule("add", "add_", "sub", "sub_", "maximum", "minimum")(_ADD)
+method_rule("add", "add_", "sub", "sub_", "maximum", "minimum")(union_rule)
 method_rule("mul", "mul_", "multiply")(_MUL)
 method_rule("div", "div_", "true_divide", "floor_divide")(_DIV)
 
@@ -147,12 +160,6 @@ def addcmul(ctx, node):
     return ctx.tensor(whole.shape, whole.dims, tuple(zeros))
 
 
-@function_rule(operator.neg, operator.pos)
-def negate(ctx, node):
-    """-x: same space, zeros kept."""
-    return _unary(ctx, node, True)
-
-
 _COMPARISONS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
                 torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge)
 
@@ -177,9 +184,9 @@ def assertion(ctx, node):
 
 # logical / bitwise: 0 & y = 0 (zero where any operand is), 0 | 0 = 0 (zero where every operand is)
 function_rule(operator.and_, operator.iand, torch.bitwise_and, torch.logical_and)(_MUL)
-function_rule(operator.or_, operator.ior, torch.bitwise_or, torch.logical_or)(_ADD)
+function_rule(operator.or_, operator.ior, torch.bitwise_or, torch.logical_or)(union_rule)
 method_rule("bitwise_and", "bitwise_and_", "logical_and", "logical_and_")(_MUL)
-method_rule("bitwise_or", "bitwise_or_", "logical_or", "logical_or_")(_ADD)
+method_rule("bitwise_or", "bitwise_or_", "logical_or", "logical_or_")(union_rule)
 
 
 @function_rule(torch.pow, operator.pow, operator.ipow)

@@ -132,7 +132,7 @@ def _literal_groups(ctx, node, w_shape, transposed: bool, out_l) -> int | str | 
     return 6 if len(node.args) > 6 else "groups"
 
 
-def _linear(ctx, x: TensorSpec, w_shape, key, mask: str | None):
+def linear_layout(ctx, x: TensorSpec, w_shape, key, mask: str | None):
     """Linear rule: the last dim consumes a space and produces a new one."""
     in_l = ctx.consume(x, x.ndim - 1)
     ctx.share((key, "in"), in_l)
@@ -148,7 +148,7 @@ def _linear(ctx, x: TensorSpec, w_shape, key, mask: str | None):
 def linear_module(ctx, node):
     """Linear module: last dim in consumes a space, last dim out produces one."""
     m = ctx.module
-    spec, in_l, out_l = _linear(ctx, ctx.spec(node.args[0]), tuple(m.weight.shape), node.target, node.target)
+    spec, in_l, out_l = linear_layout(ctx, ctx.spec(node.args[0]), tuple(m.weight.shape), node.target, node.target)
     _layer_params(ctx, m, node.target, (out_l, in_l), out_l)
     unused = unused_weights(m)
     ctx.record(LayerRecord("linear", module=node.target, input=in_l, output=out_l, unused_params=unused,
@@ -162,7 +162,7 @@ def linear_function(ctx, node):
     name, w_shape = param_of(ctx, ctx.arg(1, "weight"))
     if name is None or len(w_shape) != 2:
         return ctx.unknown_op("function linear with a computed weight")
-    spec, in_l, out_l = _linear(ctx, ctx.spec(node.args[0]), w_shape, name, None)
+    spec, in_l, out_l = linear_layout(ctx, ctx.spec(node.args[0]), w_shape, name, None)
     ctx.param_named(name, w_shape, (out_l, in_l))
     bias_name = _bias(ctx, ctx.arg(2, "bias"), out_l)
     ctx.record(LayerRecord("linear", weight=name, bias=bias_name, input=in_l, output=out_l))

@@ -16,8 +16,10 @@ from ..context import Consumer
 from ..records import LayerRecord, SliceRecord, SumRecord
 from ..spaces import Layout
 from ..specs import Segment, TensorSpec, Zero
+from ..vocabulary import Trait, functions_with, methods_with, modules_with, op_info
 from .common import SizeSpec, copy_zero, move, norm_dim, param_of, tensor_args
-from .layers import _linear
+from .elementwise import union_rule
+from .layers import linear_layout
 from .registry import function_rule, method_rule, module_rule
 
 __all__: list[str] = []
@@ -749,16 +751,11 @@ def _sum_over(ctx, node, x: TensorSpec, reduced: set[int]) -> bool:
     return True
 
 
-_REDUCTIONS = ("mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "nansum", "nanmean")
-
-
-@method_rule(*_REDUCTIONS, "max", "min")
+@method_rule(*methods_with(Trait.REDUCTION), "max", "min")
 def reduce_method(ctx, node):
     """x.mean(dims, keepdim) and friends: reduced channel dims freeze (a plain sum/mean over one reads it)."""
     if node.target in ("max", "min") and len(tensor_args(ctx, node.args)) > 1:
-        from .elementwise import _ADD
-
-        return _ADD(ctx, node)
+        return union_rule(ctx, node)
     dims_arg = ctx.arg(1, "dim", None)
     if node.target == "norm":
         dims_arg = ctx.arg(2, "dim", None)
@@ -772,14 +769,11 @@ def _keeps(ctx, node) -> bool:
     return isinstance(out, torch.Tensor) and out.ndim == x.ndim
 
 
-@function_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.prod,
-               torch.max, torch.min)
+@function_rule(*functions_with(Trait.REDUCTION), torch.max, torch.min)
 def reduce_function(ctx, node):
     """torch.mean(x, dims) and friends: reduced channel dims freeze (a plain sum/mean over one reads it)."""
     if node.target in (torch.max, torch.min) and len(tensor_args(ctx, node.args)) > 1:
-        from .elementwise import _ADD
-
-        return _ADD(ctx, node)
+        return union_rule(ctx, node)
     return _reduce(ctx, node, ctx.arg(1, "dim", None), _keeps(ctx, node))
 
 
@@ -806,56 +800,29 @@ def softmax_module(ctx, node):
 
 
 # -- pooling, resizing, padding ---------------------------------------------------------------------
-def _spatial(ctx, x: TensorSpec, n_spatial: int) -> TensorSpec:
+def spatial_op(ctx, x: TensorSpec, n_spatial: int) -> TensorSpec:
     """Ops over the last ``n_spatial`` dims: channel dims there freeze, the rest pass through."""
     for d in range(x.ndim - n_spatial, x.ndim):
         ctx.freeze(x.dims[d], "pooled or resized over channels")
     return ctx.like(x, tuple(ctx.out.shape))
 
 
-_POOL_MODULES = {
-    1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d),
-    2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d,
-        nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d),
-    3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.LPPool3d, nn.FractionalMaxPool3d),
-}
-
-
-@module_rule(*_POOL_MODULES[1], *_POOL_MODULES[2], *_POOL_MODULES[3])
+@module_rule(*modules_with(Trait.SPATIAL))
 def pool_module(ctx, node):
-    """Pooling / upsampling modules act on spatial dims: the channel space passes through."""
-    m = ctx.module
-    n = next(k for k, types in _POOL_MODULES.items() if isinstance(m, types))
+    """Pooling / resizing / padding modules act on trailing (spatial) dims: the channel space passes through."""
     x = ctx.spec(node.args[0])
-    if isinstance(m, nn.Upsample):
-        n = x.ndim - 2
-    out = _spatial(ctx, x, n)
+    out = spatial_op(ctx, x, op_info("call_module", None, ctx.module).spatial or x.ndim - 2)
     if isinstance(ctx.out, tuple):
         return (out, ctx.blank(ctx.out[1]))
     return out
 
 
-_POOL_FUNCTIONS = {
-    1: (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d),
-    2: (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d),
-    3: (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d, F.lp_pool3d),
-}
-
-
-@function_rule(*_POOL_FUNCTIONS[1], *_POOL_FUNCTIONS[2], *_POOL_FUNCTIONS[3])
+@function_rule(*functions_with(Trait.SPATIAL))
 def pool_function(ctx, node):
-    """Functional pooling: the channel space passes through."""
-    n = next(k for k, fns in _POOL_FUNCTIONS.items() if node.target in fns)
-    out = ctx.out
-    spec = _spatial(ctx, ctx.spec(node.args[0]), n)
-    return (spec, ctx.blank(out[1])) if isinstance(out, tuple) else spec
-
-
-@function_rule(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
-def interpolate(ctx, node):
-    """interpolate resizes the dims after the channel dim: the channel space passes through."""
+    """Functional pooling / interpolation: the channel space passes through (spatial 0: every dim past N, C)."""
     x = ctx.spec(node.args[0])
-    return _spatial(ctx, x, x.ndim - 2)
+    spec = spatial_op(ctx, x, op_info("call_function", node.target).spatial or x.ndim - 2)
+    return (spec, ctx.blank(ctx.out[1])) if isinstance(ctx.out, tuple) else spec
 
 
 @function_rule(F.pad)
@@ -1029,7 +996,7 @@ def addmm(ctx, node):
         return ctx.unknown_op("function addmm with a computed weight")
     if bias_name is None or bias_shape != (w_shape[1],):
         return ctx.unknown_op("function addmm with a computed or broadcast input")
-    spec, in_l, out_l = _linear(ctx, x, (w_shape[1], w_shape[0]), name, None)
+    spec, in_l, out_l = linear_layout(ctx, x, (w_shape[1], w_shape[0]), name, None)
     ctx.param_named(name, w_shape, (in_l, out_l))
     ctx.param_named(bias_name, bias_shape, (out_l,))
     ctx.record(LayerRecord("linear", weight=name, bias=bias_name, input=in_l, output=out_l, transposed=True))

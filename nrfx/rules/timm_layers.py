@@ -15,7 +15,7 @@ from torch import nn
 from ..specs import TensorSpec
 from .elementwise import zero_breaking_module, zero_keeping_module
 from .layers import conv_module, per_channel_norm
-from .movement import _spatial
+from .movement import spatial_op
 from .registry import lookup, module_rule
 
 __all__: list[str] = []
@@ -83,7 +83,7 @@ def std_conv_module(ctx, node):
 
 def same_pool_module(ctx, node):
     """MaxPool2dSame / AvgPool2dSame: SAME padding then pooling over the spatial dims: same space."""
-    return _spatial(ctx, ctx.spec(node.args[0]), 2)
+    return spatial_op(ctx, ctx.spec(node.args[0]), 2)
 
 
 if norm_act is not None:

@@ -1,0 +1,147 @@
+"""nrfx.register_layer: a layer nrfx has never seen is analysed *and* rewritten, with its own attributes kept true.
+
+Properties: random widths, dead sets and budgets keep the function (fx and export); the registered
+``fix`` keeps the layer's size attribute equal to its weight; a registered scale layer is a
+liveliness signal whose new channels start at γ0; a ``check`` that fails names the module; and
+``unregister_layer`` takes it all back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import nrfx
+from nrfx.errors import RewriteError
+from nrfx.layer_kinds import is_scale, layer_kind
+from nrfx.rules.layers import gate, linear_module
+
+
+class Dense(nn.Module):
+    """A from-scratch linear layer whose forward reads its width attribute."""
+
+    def __init__(self, inputs: int, units: int) -> None:
+        super().__init__()
+        self.units = units
+        self.weight = nn.Parameter(torch.randn(units, inputs) / inputs**0.5)
+        self.bias = nn.Parameter(torch.randn(units) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias.expand(x.shape[0], self.units), x, self.weight.t())
+
+
+class Scale(nn.Module):
+    """A per-channel scale of its own (no bias): a liveliness signal once registered with ``scale=True``."""
+
+    dim = 1
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight.view(1, self.channels)
+
+
+def _fix_dense(layer: Dense) -> None:
+    layer.units = layer.weight.shape[0]
+
+
+def _check_dense(layer: Dense) -> str | None:
+    return None if layer.bias.shape == (layer.units,) else f"bias {tuple(layer.bias.shape)} vs units={layer.units}"
+
+
+def _fix_scale(layer: Scale) -> None:
+    layer.channels = layer.weight.numel()
+
+
+@pytest.fixture
+def registered():
+    """Dense and Scale registered for one test, then taken back."""
+    nrfx.register_layer(Dense, rule=linear_module, fix=_fix_dense, check=_check_dense,
+                        constant_passes=lambda layer: None)
+    nrfx.register_layer(Scale, rule=gate, fix=_fix_scale, scale=True)
+    yield
+    nrfx.unregister_layer(Dense)
+    nrfx.unregister_layer(Scale)
+
+
+def _net(hidden: int, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(Dense(5, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), Dense(hidden, hidden), Scale(hidden),
+                         nn.ReLU(), Dense(hidden, 3)).eval()
+
+
+def _kill(net: nn.Sequential, fraction: float, seed: int) -> None:
+    """Zero γ (and β) of a random share of the BatchNorm and of the custom scale, drawn per norm."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in (net[1], net[4]):
+            dead = torch.randperm(norm.weight.numel(), generator=gen)[: round(fraction * norm.weight.numel())]
+            norm.weight[dead] = 0
+            if getattr(norm, "bias", None) is not None:
+                norm.bias[dead] = 0
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize(("hidden", "fraction", "budget", "seed"),
+                         [(12, 0.25, 1.0, 0), (16, 0.5, 2.0, 1), (9, 0.4, 1.5, 2), (24, 0.3, 0.8, 3)])
+def test_registered_layers_are_rewritten_and_keep_the_function(registered, capture, hidden, fraction, budget, seed):
+    net = _net(hidden, seed)
+    _kill(net, fraction, seed)
+    x = torch.randn(6, 5)
+    analysis = nrfx.analyze(net, x, capture=capture)
+    dead = round(fraction * hidden)
+    assert analysis.utilization().live_params < analysis.params
+    assert sum((~a).sum().item() for a in analysis.alive()) >= dead  # both scales are read as signals
+    new = nrfx.rejuvenate(net, None, nrfx.Budget.fraction(budget), example_inputs=x, analysis=analysis, align=1)
+    torch.testing.assert_close(new(x), net(x))
+    torch.testing.assert_close(new(x[:2]), net(x[:2]))  # another batch size
+    assert sum(new.nrfx_plan.grow) > 0  # new channels were added (and the dead ones removed)
+    for layer in new.modules():
+        if isinstance(layer, Dense):
+            assert layer.units == layer.weight.shape[0] == layer.bias.shape[0]
+        if isinstance(layer, Scale):
+            assert layer.channels == layer.weight.numel()
+
+
+def test_a_registered_scale_is_a_liveliness_signal_whose_new_channels_start_at_gamma0(registered):
+    net = _net(8, 0)
+    with torch.no_grad():
+        net[4].weight[:3] = 0
+    assert is_scale(net[4]) and "4" in nrfx.norm_masks(net)
+    x = torch.randn(4, 5)
+    new = nrfx.rejuvenate(net, None, nrfx.Budget.fraction(2.0), example_inputs=x, gamma0=0.75, align=1)
+    scale = next(m for m in new.modules() if isinstance(m, Scale))
+    survivors = int((net[4].weight != 0).sum())
+    assert scale.weight.numel() > 8
+    assert bool((scale.weight[survivors:] == 0.75).all())  # [S, R] order: the R entries start at γ0
+    torch.testing.assert_close(new(x), net(x))
+
+
+def test_a_failing_check_names_the_module(registered):
+    nrfx.register_layer(Dense, rule=linear_module, check=_check_dense)  # no fix: units go stale
+    net = _net(8, 0)
+    _kill(net, 0.25, 0)
+    with pytest.raises(RewriteError, match=r"rewritten module '0' \(Dense\) is inconsistent: bias \(\d+,\) vs units=8"):
+        nrfx.rejuvenate(net, None, nrfx.Budget.fraction(2.0), example_inputs=torch.randn(4, 5), align=1)
+
+
+def test_unregister_takes_the_layer_back(registered):
+    nrfx.unregister_layer(Dense)
+    assert layer_kind(Dense(2, 2)) is None
+    net = nn.Sequential(Dense(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        net[1].weight[:3] = 0
+    with pytest.warns(nrfx.UnknownOpWarning):  # traced into: no rule for weight.t() fed to addmm: frozen
+        assert nrfx.analyze(net, torch.randn(4, 5)).utilization().r_params == 1.0
+
+
+@pytest.mark.parametrize("bad", [dict(kind=int), dict(kind=Dense, fix=3), dict(kind=Dense, rule="linear")])
+def test_bad_registrations_are_type_errors(bad):
+    kind = bad.pop("kind")
+    with pytest.raises(TypeError, match="register_layer"):
+        nrfx.register_layer(kind, **bad)
+    assert layer_kind(Dense(2, 2)) is None

@@ -1,6 +1,6 @@
 """nrfx: Neural Rejuvenation for any PyTorch model, as torch.fx graph transformations."""
 
-from .analysis import Analysis, Coverage, Space, Utilization, analyze
+from .analysis import Analysis, Coverage, ModelAnalysis, Space, Utilization
 from .driver import DriverError, NeuralRejuvenation
 from .errors import (
     BudgetError,
@@ -15,6 +15,7 @@ from .errors import (
     TraceError,
     UnknownOpWarning,
 )
+from .front import analyze
 from .gates import Gate
 from .gating import add_gates, fold_gates
 from .islands import IslandAnalysis
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "analyze",
     "Analysis",
+    "ModelAnalysis",
     "Space",
     "Utilization",
     "Coverage",

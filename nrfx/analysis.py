@@ -1,4 +1,4 @@
-"""analyze: trace a model, run the op rules over its graph, and count c(A), U(θ) and r(θ).
+"""Analysis: run the op rules over one captured graph, and count c(A), U(θ) and r(θ) (``analyze_whole``).
 
 The rule pass never runs the model's weights (the capture ran it once, to accept the graph):
 shapes come from meta tensors, costs from the parameter layouts and MAC terms the rules
@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx
@@ -25,19 +25,17 @@ from .capture import Captured, Example
 from .capture import capture as _capture
 from .context import AnalysisState, Context, ParamInfo
 from .cost import CostModel, by_kind, mac_cost, param_cost
-from .errors import NrfxWarning, RenamedAttribute, ShapeError, TraceError
-from .inputs import check_example, check_model
+from .errors import NrfxWarning, RenamedAttribute, ShapeError
 from .masks import check_masks, norm_masks, whole_blocks
 from .records import LayerRecord, SliceRecord
 from .reprs import analysis_repr, utilization_repr
 from .rules.registry import lookup
-from .shapeprop import propagate_shapes
 from .spaces import Layout
 from .specs import TensorSpec
 from .srlayers import dense_names
 
-__all__ = ["analyze", "analyze_whole", "Example", "Analysis", "Space", "Utilization", "Coverage", "COVERAGE_WARN_BELOW",
-           "COVERAGE_MIN_CHANNELS", "as_example"]
+__all__ = ["analyze_whole", "Example", "Analysis", "ModelAnalysis", "Space", "Utilization", "Coverage",
+           "COVERAGE_WARN_BELOW", "COVERAGE_MIN_CHANNELS", "as_example"]
 
 COVERAGE_WARN_BELOW = 0.5  # analyze warns when less than this share of the channels is monitored,
 COVERAGE_MIN_CHANNELS = 256  # in a model with at least this many channels (tiny test models stay quiet)
@@ -121,6 +119,43 @@ class Coverage:
         return self.monitored_channels / self.channels if self.channels else 0.0
 
 
+@runtime_checkable
+class ModelAnalysis(Protocol):
+    """What every analysis answers, of a whole graph (``Analysis``) or of islands (``nrfx.IslandAnalysis``).
+
+    ``whole`` tells which; ``parts()`` maps module paths to the graph analyses it is made of (``{"": self}``
+    for a whole one), so a caller plans, gates or reports part by part without asking for a type.
+    """
+
+    capture: str
+    capture_notes: list[str]
+
+    @property
+    def whole(self) -> bool: ...
+
+    @property
+    def params(self) -> int: ...
+
+    @property
+    def macs(self) -> int: ...
+
+    @property
+    def unknown_ops(self) -> dict[str, tuple[str, ...]]: ...
+
+    @property
+    def auto_leaves(self) -> dict[str, str]: ...
+
+    def parts(self) -> dict[str, Analysis]: ...
+
+    def coverage(self) -> Coverage: ...
+
+    def utilization(self, masks: dict[str, torch.Tensor] | None = None) -> Utilization: ...
+
+    def masks_from(self, model: nn.Module, threshold: float = 0.01) -> dict[str, torch.Tensor]: ...
+
+    def report(self, masks: dict[str, torch.Tensor] | None = None) -> Any: ...
+
+
 def as_example(example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> Example:
     """Example inputs: a tensor, or a tuple/list of positional args (each any nest of lists, tuples, dicts)."""
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
@@ -176,6 +211,12 @@ class Analysis:
     def __repr__(self) -> str:
         """One line: model, inputs, c(A), r(θ), spaces and coverage (``report()`` has the layers)."""
         return analysis_repr(self)
+
+    whole = True  # one graph of the whole model (ModelAnalysis)
+
+    def parts(self) -> dict[str, Analysis]:
+        """This one graph, at the model's root path ``""``."""
+        return {"": self}
 
     flops = RenamedAttribute("macs")
     live_flops = RenamedAttribute("live_macs")
@@ -542,55 +583,10 @@ def _label(node: torch.fx.Node, module: nn.Module | None) -> str:
     return f"function {getattr(target, '__module__', '')}.{qualname}"
 
 
-def analyze(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    example_kwargs: dict[str, Any] | None = None,
-    capture: str = "auto",
-    leaf_modules: Iterable[type | str] = (),
-    concrete_args: dict[str, Any] | None = None,
-    autowrap_functions: Sequence[Callable] = (),
-) -> Analysis:
-    """Capture ``model`` (``capture``: 'auto', 'fx', 'export' or 'islands'), follow its channels, count c(A), U(θ).
-
-    ``example_inputs``: a tensor or a tuple of positional arguments (any nest of lists, tuples and
-    dicts of tensors); ``example_kwargs``: keyword arguments.  With 'auto', a model that neither
-    fx nor torch.export captures whole is analysed as islands (``nrfx.islands.IslandAnalysis``,
-    the same reporting API).  The model is not modified.
-    """
-    check_model(model)
-    example = as_example(example_inputs, example_kwargs)
-    check_example(model, example)
-    options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args, "autowrap_functions": autowrap_functions}
-    if capture == "islands":
-        return _islands(model, example, "capture='islands' was asked for", options)
-    try:
-        return analyze_whole(model, example, capture, **options)
-    except TraceError as error:
-        if capture != "auto":
-            raise
-        return _islands(model, example, str(error), options)
-
-
-def _islands(model: nn.Module, example: Example, why: str, options: dict[str, Any]):
-    """The island analysis (a lazy import: islands sits beside analysis and builds on it)."""
-    from .islands import find_islands
-
-    return find_islands(model, example, why, **options)
-
-
 def analyze_whole(model: nn.Module, example: Example, capture: str = "auto", **options: Any) -> Analysis:
     """Capture the whole model as one graph and analyse it (no islands)."""
-    captured = _capture(model, example, capture, raisable=_has_module_rule, **options)
-    try:
-        values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
-    except ShapeError as error:  # "auto": an fx graph that does not run is retried with torch.export
-        if capture != "auto" or captured.method != "fx":
-            raise
-        captured = _export_instead(model, example, error, options)
-        values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
-    state = AnalysisState(captured.gm, values)
+    captured = _capture(model, example, capture, raisable=_has_module_rule, **options)  # fx, else torch.export
+    state = AnalysisState(captured.gm, captured.values)
     state.auto_leaves.update(captured.auto_leaves)
     _warn_auto_leaves(captured.auto_leaves)
     _analyze_graph(state)
@@ -600,18 +596,6 @@ def analyze_whole(model: nn.Module, example: Example, capture: str = "auto", **o
             warnings.warn(note, NrfxWarning, stacklevel=3)
     _warn_low_coverage(analysis)
     return analysis
-
-
-def _export_instead(model: nn.Module, example: Example, error: ShapeError, options: dict[str, Any]) -> Captured:
-    """torch.export after the fx graph failed on the example; when export fails too, the fx error stands
-    (most often the inputs do not fit the model, and the fx error names the node that says so)."""
-    why = f"the fx graph failed on the example inputs ({str(error).splitlines()[0]})"
-    try:
-        captured = _capture(model, example, "export", raisable=_has_module_rule, **options)
-    except TraceError:
-        raise error from None
-    captured.notes.insert(0, f"capture: torch.export, because {why}")
-    return captured
 
 
 def _has_module_rule(module: nn.Module) -> bool:

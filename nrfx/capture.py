@@ -42,7 +42,7 @@ from .trace import Traced, defaulted_args, trace
 
 __all__ = ["Example", "Captured", "CAPTURES", "CaptureMismatch", "capture", "auto_leaf_share", "check_batch_literals"]
 
-CAPTURES = ("auto", "fx", "export", "islands")  # islands: nrfx.islands, when nothing captures the whole
+CAPTURES = ("auto", "fx", "export")  # one graph of the whole model; analyze also takes "islands" (nrfx.islands)
 AUTO_LEAF_LIMIT = 0.5  # "auto" leaves fx for export when automatic leaves hold more of the parameters
 
 
@@ -83,6 +83,15 @@ class Captured(Traced):
     method: str = "fx"
     notes: list[str] = field(default_factory=list)
     aten_left: dict[str, int] = field(default_factory=dict)
+    values: dict[torch.fx.Node, Any] = field(default_factory=dict)  # every node's value on meta tensors
+
+
+@dataclass(frozen=True)
+class _ShapeFailure:
+    """An fx graph that matched the model but failed on meta tensors: 'auto' tries export, and raises this if that
+    fails too."""
+
+    error: ShapeError
 
 
 def auto_leaf_share(model: nn.Module, auto_leaves: Iterable[str]) -> float:
@@ -98,9 +107,13 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
     """The model as one FX graph, by ``method`` ('auto', 'fx' or 'export'); see the module docstring.
 
     A graph is accepted only when one real forward of it matches the model's on the example inputs
-    (``_verify``); its literal batch sizes are then checked (``check_batch_literals``).
+    (``_verify``) and it runs on meta tensors (``values``); its literal batch sizes are then checked
+    (``check_batch_literals``).  The fallback policy of 'auto' is here, whole: fx first; torch.export
+    when fx cannot trace the root, the inputs are not plain tensors, automatic leaves hold too much, or
+    the fx graph differs from the model or fails on meta tensors (that failure stands when export
+    fails too: it names the node).  ``nrfx.analyze`` goes on to islands when this raises a TraceError.
     """
-    if method not in CAPTURES[:3]:
+    if method not in CAPTURES:
         raise TraceError(f"capture must be one of {CAPTURES}, got {method!r}")
     reference = _Reference(model, example)
     if method == "export":
@@ -127,15 +140,27 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
     return _export_after(model, example, raisable, why, detail, reference)
 
 
+def _with_values(captured: Captured, example: Example) -> Captured:
+    """The capture with every node's value on meta tensors (a ShapeError when the graph does not run)."""
+    captured.values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
+    return captured
+
+
 def _accepted_fx(captured: Captured, model: nn.Module, example: Example, reference: _Reference,
-                 method: str) -> Captured | str:
+                 method: str) -> Captured | _ShapeFailure | str:
     """The fx capture when one real forward of its graph matches the model's (in the model's own mode).
 
     Otherwise: with ``method`` 'fx' a ``CaptureMismatch``; with 'auto' why capture moves on to export.
     """
     why = _verify(captured, reference, eval_mode=False)
     if why is None:
-        return check_batch_literals(captured, example)
+        accepted = check_batch_literals(captured, example)
+        try:
+            return _with_values(accepted, example)
+        except ShapeError as error:
+            if method == "fx":
+                raise
+            return _ShapeFailure(error)
     if method == "fx":
         raise CaptureMismatch(f"the fx graph of {type(model).__name__} does not compute what the model computes on the "
                               f"example inputs: {why}.\n  fx runs the Python code once on proxies, so a branch taken "
@@ -144,12 +169,19 @@ def _accepted_fx(captured: Captured, model: nn.Module, example: Example, referen
     return f"the fx graph differs from the model on the example inputs ({why})"
 
 
-def _export_after(model: nn.Module, example: Example, raisable, why: str, detail: str,
+def _export_after(model: nn.Module, example: Example, raisable, why: str | _ShapeFailure, detail: str,
                   reference: _Reference) -> Captured:
-    """torch.export because fx fell short (``why``); both errors in the message when export fails too."""
+    """torch.export because fx fell short (``why``); both errors in the message when export fails too (after an fx
+    graph that failed on meta tensors, that failure: it names the node, most often the inputs do not fit)."""
+    if isinstance(why, _ShapeFailure):
+        failure, why = why.error, f"the fx graph failed on the example inputs ({str(why.error).splitlines()[0]})"
+    else:
+        failure = None
     try:
         captured = _checked_export(model, example, raisable, reference)
     except TraceError as error:
+        if failure is not None:
+            raise failure from None
         raise TraceError(f"nrfx cannot capture {type(model).__name__}: {why}{detail}\n"
                          f"torch.export (tried next) failed too: {error}") from error
     captured.notes.insert(0, f"capture: torch.export, because {why}")
@@ -163,7 +195,7 @@ def _checked_export(model: nn.Module, example: Example, raisable, reference: _Re
     if why is not None:
         raise CaptureMismatch(f"torch.export's graph of {type(model).__name__} does not compute what the model "
                               f"computes on the example inputs (in eval mode): {why}")
-    return check_batch_literals(captured, example)
+    return _with_values(check_batch_literals(captured, example), example)
 
 
 def _fx_capture(model, example: Example, leaf_modules, concrete_args, autowrap_functions) -> Captured:

@@ -174,7 +174,7 @@ def _write_json(args: argparse.Namespace, data: dict[str, Any]) -> None:
 @command("report", _add_report_arguments)
 def run_report(args: argparse.Namespace) -> int:
     """``nrfx report``: build the model, analyse it and print the per-layer table and totals."""
-    from .analysis import analyze
+    from .front import analyze
     from .models import default_input_size, resolve_model
     from .report import LEGEND
 
@@ -252,7 +252,7 @@ def parse_budget(text: str) -> Budget:
 @command("rejuvenate", _add_rejuvenate_arguments)
 def run_rejuvenate(args: argparse.Namespace) -> int:
     """``nrfx rejuvenate``: rewrite the model under a budget and print the before/after report."""
-    from .analysis import analyze
+    from .front import analyze
     from .models import default_input_size, resolve_model
     from .rejuvenate import rejuvenate
 

@@ -10,8 +10,8 @@ the same ``CostModel``, so c(A) and a plan's ``cost_before`` agree at any batch 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .errors import BudgetError, renamed
@@ -49,6 +49,7 @@ class CostModel:
     terms: tuple[CostTerm, ...]
     batch: int = 1
     constant: int = 0
+    by_owner: Mapping[str, tuple[CostTerm, ...]] = field(init=False, repr=False, compare=False)
 
     def __call__(self, widths: Sequence[int]) -> int:
         """Params, or MACs per example, at the given widths per space."""
@@ -66,18 +67,14 @@ class CostModel:
 
     def of(self, owner: str, widths: Sequence[int]) -> int:
         """The cost of one owner's terms (a node's MACs, a parameter's size)."""
-        return self.evaluate(self._by_owner().get(owner, ()), widths)
+        return self.evaluate(self.by_owner.get(owner, ()), widths)
 
-    def _by_owner(self) -> dict[str, tuple[CostTerm, ...]]:
-        """Terms grouped by owner (built on first use)."""
-        grouped = self.__dict__.get("_grouped")
-        if grouped is None:
-            collected: dict[str, list[CostTerm]] = {}
-            for term in self.terms:
-                collected.setdefault(term.owner, []).append(term)
-            grouped = {k: tuple(v) for k, v in collected.items()}
-            object.__setattr__(self, "_grouped", grouped)
-        return grouped
+    def __post_init__(self) -> None:
+        """Terms grouped by owner, derived once when the model is built (it never changes after)."""
+        collected: dict[str, list[CostTerm]] = {}
+        for term in self.terms:
+            collected.setdefault(term.owner, []).append(term)
+        object.__setattr__(self, "by_owner", {k: tuple(v) for k, v in collected.items()})
 
 
 def _factors(layouts, space_ids: Callable) -> tuple[Factor, ...]:

@@ -37,9 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .analysis import Analysis, analyze
+from .analysis import Analysis
 from .cost import by_kind
 from .errors import NrfxError, NrfxWarning, PlanError
+from .front import analyze
 from .history import PROGRESS_KINDS, Progress, plot_history, save_history
 from .inplace import PLANS_KEY, freeze_for_inplace
 from .inputs import check_real_weights
@@ -297,7 +298,7 @@ class NeuralRejuvenation:
         self._factory, self._scheduler_factory, self._wrap = optimizer_factory, scheduler_factory, wrap
         self.restart_schedule, self.carry_state, self.lam0 = restart_schedule, bool(carry_state), float(lam)
         analysis = self._analyze(model)
-        if not isinstance(analysis, Analysis):
+        if not analysis.whole:
             raise DriverError(f"{type(model).__name__} was captured as islands ({', '.join(analysis.islands)}): the "
                               "driver trains one graph. Build it on one island (model.get_submodule(path)), or "
                               "call nrfx.rejuvenate on the whole model yourself")
@@ -313,7 +314,7 @@ class NeuralRejuvenation:
     def _analyze(self, module: nn.Module) -> Analysis:
         """The analysis of a model; in place, with the spaces its own code pins frozen (they are not monitored)."""
         analysis = analyze(module, self.example_inputs, **self._capture)
-        return freeze_for_inplace(analysis, module) if self.inplace and isinstance(analysis, Analysis) else analysis
+        return freeze_for_inplace(analysis, module) if self.inplace and analysis.whole else analysis
 
     # -- the current stage --------------------------------------------------------------------
     @property

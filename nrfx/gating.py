@@ -32,9 +32,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .analysis import Analysis, analyze
+from .analysis import Analysis
 from .capture import Example
 from .errors import NrfxWarning
+from .front import analyze
 from .gates import Gate
 from .islands import IslandAnalysis, record_calls
 from .results import attach
@@ -175,7 +176,7 @@ def add_gates(model: nn.Module, example_inputs: Any, **trace_options: Any) -> nn
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "nrfx can rejuvenate only")  # that is why gates are being added
         analysis = analyze(clone, example_inputs, **trace_options)
-    if isinstance(analysis, IslandAnalysis):
+    if not analysis.whole:
         return _gate_islands(clone, analysis)
     gm, added = _gate_graph(analysis)
     gm.training = model.training

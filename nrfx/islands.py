@@ -82,6 +82,11 @@ class IslandAnalysis:
         return sum(a.macs for a in self.islands.values())
 
     flops = RenamedAttribute("macs")
+    whole = False  # analysed island by island (ModelAnalysis)
+
+    def parts(self) -> dict[str, Analysis]:
+        """The islands' graph analyses, by their module path in the model."""
+        return dict(self.islands)
 
     @property
     def unknown_ops(self) -> dict[str, tuple[str, ...]]:

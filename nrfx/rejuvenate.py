@@ -16,11 +16,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from .analysis import Analysis, analyze, as_example
+from .analysis import Analysis, ModelAnalysis, as_example
 from .capture import Example
 from .cost import by_kind
 from .errors import BudgetError, InputError, NrfxError, PlanError, RewriteError
 from .fold import apply_folds, measure_folds
+from .front import analyze
 from .inplace import (
     PLANS_KEY,
     Journal,
@@ -59,12 +60,9 @@ REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, res
 
 
 def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any,
-                      example_inputs: Any = None, **options: Any) -> Plan:
-    """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit.
-
-    The constants are measured on the analysis' own example inputs (``example_inputs`` is accepted
-    for compatibility and ignored).
-    """
+                      **options: Any) -> Plan:
+    """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit
+    (measured on the analysis' own example inputs)."""
     plan = make_plan(analysis, model, masks, budget, **options)
     return _with_folds(analysis, plan)
 
@@ -108,7 +106,7 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
         jobs = {path: _inplace_job(model.get_submodule(path), island, island_masks, island_budget, options)
                 for path, (island, island_masks, island_budget) in _targets(analysis, masks, budget).items()}
         return _apply_in_place(model, jobs, optimizer, carry_state, as_example(example_inputs, example_kwargs))
-    if isinstance(analysis, IslandAnalysis):
+    if not analysis.whole:
         return _rejuvenate_islands(model, analysis, masks, budget, options)
     plan = plan_rejuvenation(analysis, model, masks, budget, **options)
     return _build(model, analysis, plan)
@@ -137,9 +135,9 @@ def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[
     return result
 
 
-def _targets(analysis: Analysis | IslandAnalysis, masks, budget) -> dict[str, tuple[Analysis, Any, Any]]:
+def _targets(analysis: ModelAnalysis, masks, budget) -> dict[str, tuple[Analysis, Any, Any]]:
     """What gets planned: the whole graph (path ""), or each island at the islands' shared budget fraction."""
-    if not isinstance(analysis, IslandAnalysis):
+    if analysis.whole:
         return {"": (analysis, masks, budget)}
     fraction, kind = _island_fraction(analysis, budget)
     return {path: (analysis.islands[path], island_masks, Budget.fraction(fraction, kind))

@@ -37,7 +37,7 @@ from nrfx import Gate
 __all__ = [
     "Conv", "Residual", "Add", "Cat", "Slice", "SE", "Norm", "GNorm", "Mlp", "Pool", "Head", "Arch", "Net", "build",
     "shapes",
-    "ChannelGraph", "zero_masked", "repair_masks", "archs", "mask_sites", "count_macs",
+    "ChannelGraph", "zero_masked", "repair_masks", "archs", "mask_sites", "masks_for", "count_macs",
 ]
 
 
@@ -623,6 +623,24 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
 # -- the hypothesis strategy ----------------------------------------------------------------------------------------
 _RESIDUAL_STYLES = ("op", "method", "function", "iadd", "add_", "add_unused")
 _ADD_STYLES = ("op", "method", "function", "sub")
+
+
+@st.composite
+def masks_for(draw, arch: Arch, all_norm_sites_alive_once: bool = False) -> dict[str, torch.Tensor]:
+    """Random dead channels per mask site (norms and norm-less convs)."""
+    seed = draw(st.integers(0, 2**16))
+    p = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]))
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, width in mask_sites(arch).items():
+        is_norm = name.startswith(("b", "n")) or name.endswith("n")  # b{i}, n{i}, r{i}an, r{i}bn
+        if all_norm_sites_alive_once and not is_norm:
+            continue  # γ path: only norms carry masks
+        mask = torch.rand(width, generator=gen) >= p
+        if all_norm_sites_alive_once and not mask.any():
+            mask[0] = True  # an all-zero γ would read as all alive (threshold relative to max|γ|)
+        masks[name] = mask
+    return masks
 
 
 @st.composite

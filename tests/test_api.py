@@ -41,3 +41,26 @@ def test_public_functions_are_fully_typed(name):
                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     untyped = [p.name for p in parameters if p.name not in hints]
     assert not untyped and "return" in hints, f"nrfx.{name}: untyped {untyped or 'return'}"
+
+
+def test_both_analyses_answer_one_protocol():
+    """A whole graph and an island analysis are both ``nrfx.ModelAnalysis``: ``whole`` and ``parts()`` say which
+    graphs they are made of, so callers need no type check."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    whole = nrfx.analyze(model, x)
+    islands = nrfx.analyze(model, x, capture="islands")
+    for analysis in (whole, islands):
+        assert isinstance(analysis, nrfx.ModelAnalysis)
+        assert analysis.params == sum(p.numel() for p in model.parameters())
+        parts = analysis.parts()
+        assert all(isinstance(part, nrfx.Analysis) and part.whole for part in parts.values())
+        assert analysis.macs == sum(part.macs for part in parts.values())
+    assert whole.whole and whole.parts() == {"": whole}
+    assert not islands.whole and islands.parts() == islands.islands
+    members = [name for name in dir(nrfx.ModelAnalysis) if not name.startswith("_")]
+    for name in [*members, "capture", "capture_notes"]:
+        assert hasattr(whole, name) and hasattr(islands, name), name

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from dead import kill_per_norm
+from support import kill_per_norm
 from torch import nn
 
 import nrfx

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_driver import EXAMPLE, Task, kill_channels, small_cnn
+from support import EXAMPLE, Task, small_cnn, zero_scales
 from torch import nn
 
 import nrfx
@@ -50,7 +50,7 @@ def test_driver_rejuvenates_and_trains_on_cuda(scheme):
                             example_inputs=EXAMPLE.to(device), interval=None, target=0.9, lam=1e-3, scheme=scheme)
     assert all(m is None or m.device == device for _, _, m in nr._stage.norms)
     _train(nr, 3, device)
-    kill_channels(nr.module)
+    zero_scales(nr.module)
     assert nr.check()["event"] == "rejuvenate"
     assert _on(nr.module, device)
     assert all(v.device == device for state in nr.optimizer.state.values() for v in state.values()
@@ -76,7 +76,7 @@ def test_penalty_on_cuda_is_lambda_sign_gamma():
 @pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
 def test_rejuvenate_on_cuda_matches_cpu(scheme):
     model = small_cnn()
-    kill_channels(model)
+    zero_scales(model)
     cpu = nrfx.rejuvenate(copy.deepcopy(model), None, None, example_inputs=EXAMPLE, scheme=scheme, seed=3)
     gpu = nrfx.rejuvenate(copy.deepcopy(model).to(_cuda()), None, None, example_inputs=EXAMPLE.to(_cuda()),
                           scheme=scheme, seed=3)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from test_third_party import assert_same_outputs, assert_same_structure
+from support import assert_same_outputs, assert_same_structure
 from torch import nn
 
 import nrfx

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from support import EXAMPLE, Task, small_cnn, zero_scales
 from torch import nn
 
 import nrfx
@@ -16,33 +17,7 @@ from nrfx.driver import DriverError, NeuralRejuvenation, plot_history
 from nrfx.errors import BudgetError, NrfxError, NrfxWarning
 from nrfx.optim_state import dense_states
 
-EXAMPLE = torch.zeros(2, 1, 8, 8)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def small_cnn(width: int = 16, seed: int = 0) -> nn.Module:
-    """conv-bn-relu ×3, pool, linear: 4 classes from 8×8 single-channel inputs."""
-    torch.manual_seed(seed)
-    layers, channels = [], 1
-    for _ in range(3):
-        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-        channels = width
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 4))
-
-
-class Task:
-    """Class = sign pattern of a fixed random 2-d projection of the input (4 classes)."""
-
-    def __init__(self, seed: int = 1) -> None:
-        self.projection = torch.randn(64, 2, generator=torch.Generator().manual_seed(123))
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def batch(self, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(n, 1, 8, 8, generator=self.generator)
-        signs = (x.flatten(1) @ self.projection > 0).long()
-        return x, signs[:, 0] * 2 + signs[:, 1]
 
 
 def train(nr: NeuralRejuvenation, task: Task, steps: int, until=None) -> list[float]:
@@ -66,14 +41,6 @@ def sgd(params):
 
 def adam(params):
     return torch.optim.Adam(params, lr=3e-3)
-
-
-def kill_channels(module: nn.Module, fraction: float = 0.5) -> None:
-    """Zero the first ``fraction`` of γ in every BatchNorm (those channels become dead)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight[: int(fraction * m.num_features)] = 0.0
 
 
 def n_params(module: nn.Module) -> int:
@@ -183,7 +150,7 @@ def _assert_sliced(old: torch.Tensor, new: torch.Tensor, pmap) -> None:
 def test_surviving_slices_keep_their_optimizer_state(factory):
     nr = NeuralRejuvenation(small_cnn(), factory, example_inputs=EXAMPLE, interval=None, target=0.9, seed=3)
     train(nr, Task(), 20)
-    kill_channels(nr.module, 0.5)
+    zero_scales(nr.module, 0.5)
     before = _state_by_name(nr)
     assert nr.check()["event"] == "rejuvenate"
     after, maps = _state_by_name(nr), nr.module.nrfx_param_map
@@ -208,7 +175,7 @@ def test_two_rounds_carry_state_and_resume_for_each_scheme(scheme, rescale):
     nr = NeuralRejuvenation(copy.deepcopy(original), adam, **settings)
     for _ in range(2):
         train(nr, task, 10)
-        kill_channels(nr.module, 0.5)
+        zero_scales(nr.module, 0.5)
         before = _state_by_name(nr)
         assert nr.check()["event"] == "rejuvenate"
         maps = nr.module.nrfx_param_map
@@ -240,7 +207,7 @@ def test_lr_schedule_continues_or_restarts():
         train(nr, Task(), 3)
         for _ in range(3):
             nr.scheduler.step()
-        kill_channels(nr.module)
+        zero_scales(nr.module)
         nr.check()
         assert nr.rounds == 1 and nr.scheduler.optimizer is nr.optimizer
         assert nr.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
@@ -276,10 +243,10 @@ def test_lambda_rule_and_max_rounds():
     assert nr.lam == 0.5
     nr.check()
     assert nr.lam == 1.0
-    kill_channels(model, 0.75)
+    zero_scales(model, 0.75)
     record = nr.check()
     assert record["event"] == "rejuvenate" and nr.lam == 0.0 and nr.rounds == 1 and nr.finished
-    kill_channels(nr.module, 0.75)
+    zero_scales(nr.module, 0.75)
     assert nr.check()["event"] == "monitor" and nr.rounds == 1 and nr.lam == 0.0  # max_rounds reached
 
 
@@ -297,7 +264,7 @@ def test_fixed_lambda_from_step_zero_and_after_the_rejuvenation():
         assert torch.equal(m.weight.detach(), old - 0.125 * torch.sign(old))
     for _ in range(3):
         assert nr.check()["lam"] == 0.125 and nr.lam == 0.125  # r does not fall: Δλ = 0 keeps λ
-    kill_channels(nr.module)
+    zero_scales(nr.module)
     assert nr.check()["event"] == "rejuvenate" and nr.rounds == 1
     assert nr.lam == 0.125  # back to the initial λ, which is the fixed one
 
@@ -312,7 +279,7 @@ def test_bad_initial_lambda(lam):
 def test_carry_state_false_builds_a_fresh_optimizer(carry):
     nr = NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, interval=None, target=0.9, carry_state=carry)
     train(nr, Task(), 5)
-    kill_channels(nr.module)
+    zero_scales(nr.module)
     assert nr.check()["event"] == "rejuvenate"
     held = [p for p in nr.module.parameters() if p in nr.optimizer.state]
     if carry:
@@ -331,7 +298,7 @@ def test_restarted_schedule_counts_its_milestones_from_the_rejuvenation():
     for _ in range(3):  # epochs before the rejuvenation: the old schedule decays to 0.05 · 0.01
         nr.scheduler.step()
     assert nr.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
-    kill_channels(nr.module)
+    zero_scales(nr.module)
     nr.check()
     lrs = [nr.optimizer.param_groups[0]["lr"]]
     for _ in range(3):
@@ -350,7 +317,7 @@ def test_device_and_dtype_follow_the_model():
         nr.optimizer.zero_grad()
         loss.backward()
         nr.step()
-    kill_channels(nr.module)
+    zero_scales(nr.module)
     assert nr.check()["event"] == "rejuvenate"
     assert all(p.dtype == torch.float64 for p in nr.module.parameters())
     assert all(m is None or m.dtype == torch.float64 for _, _, m in nr._stage.norms)
@@ -415,7 +382,7 @@ def test_factory_ignoring_the_given_params():
     model = small_cnn()
     nr = NeuralRejuvenation(model, lambda p: torch.optim.SGD(model.parameters(), lr=0.1), example_inputs=EXAMPLE,
                             interval=None)
-    kill_channels(model)
+    zero_scales(model)
     snap = _snapshot(nr)
     with pytest.raises(DriverError, match="exactly the parameters"):
         nr.check()
@@ -453,13 +420,13 @@ def test_failures_at_rejuvenation_leave_the_driver_as_it_was():
         return sgd(params)
 
     nr = NeuralRejuvenation(small_cnn(), flaky, example_inputs=EXAMPLE, interval=None)
-    kill_channels(nr.module)
+    zero_scales(nr.module)
     snap = _snapshot(nr)
     with pytest.raises(RuntimeError, match="factory broke"):
         nr.check()
     _assert_same(nr, snap)
     tiny = NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, interval=None, budget=50)
-    kill_channels(tiny.module)
+    zero_scales(tiny.module)
     snap = _snapshot(tiny)
     with pytest.raises(BudgetError):
         tiny.check()
@@ -474,7 +441,7 @@ def test_bad_settings_and_checkpoints():
     nr = NeuralRejuvenation(small_cnn(), sgd, example_inputs=EXAMPLE, interval=None)
     with pytest.raises(DriverError, match="not a NeuralRejuvenation"):
         nr.load_state_dict({"model": {}})
-    kill_channels(nr.module)
+    zero_scales(nr.module)
     nr.check()
     with pytest.raises(DriverError, match="fresh copy"):
         nr.load_state_dict(nr.state_dict())
@@ -490,7 +457,7 @@ def test_matched_gamma0_reaches_the_rejuvenation():
     with torch.no_grad():
         for i, m in enumerate(m for m in nr.module.modules() if isinstance(m, nn.BatchNorm2d)):
             m.weight.copy_(torch.linspace(0.1, 0.1 * (i + 2), m.num_features))
-    kill_channels(nr.module)
+    zero_scales(nr.module)
     survivors = [m.weight[m.weight != 0].clone() for m in nr.module.modules() if isinstance(m, nn.BatchNorm2d)]
     nr.check()
     assert nr.rounds == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aten_calls import AtenCalls
+from support import AtenCalls
 from torch import nn
 
 from nrfx.driver import NeuralRejuvenation

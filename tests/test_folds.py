@@ -13,37 +13,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from support import kill_per_norm
 from torch import nn
 
 import nrfx
 from nrfx.errors import NrfxWarning, PlanError
 from nrfx.fold import _delta
 from nrfx.layer_kinds import constant_input_problem
-
-
-def dead_constants(model: nn.Module, analysis, fraction: float = 0.4, seed: int = 0, block: int = 1) -> int:
-    """γ = 0 and β random (|β| ≥ 0.5) on random channels (blocks of ``block``) of every norm on a free space."""
-    gen = torch.Generator().manual_seed(seed)
-    killed = 0
-    with torch.no_grad():
-        for _, norm, segments in analysis.norm_spaces(model):
-            n = norm.weight.numel()
-            norm.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-            norm.bias.copy_(torch.randn(n, generator=gen))
-            if getattr(norm, "running_mean", None) is not None:
-                norm.running_mean.copy_(torch.randn(n, generator=gen))
-                norm.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            for s, entries in segments:
-                if analysis.spaces[s].is_frozen:
-                    continue
-                width = analysis.spaces[s].width
-                dead = (torch.rand(width // block, generator=gen) < fraction).repeat_interleave(block)
-                sign = torch.where(torch.rand(int(dead.sum()), generator=gen) < 0.5, -1.0, 1.0)
-                norm.weight[entries].view(width, -1)[dead] = 0
-                beta = sign * (0.5 + torch.rand(len(sign), generator=gen))
-                norm.bias[entries].view(width, -1)[dead] = beta[:, None].to(norm.bias.dtype)
-                killed += int(dead.sum())
-    return killed
 
 
 def _rejuvenate(model, x, **options):
@@ -164,7 +140,7 @@ def test_levit_like_constants_fold_through_flatten_into_the_batchnorm_after_a_bi
     model = LeViTLike().double().eval()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    assert dead_constants(model, analysis, seed=1) > 0
+    assert kill_per_norm(model, analysis, constants=True, seed=1) > 0
     before = _state(model)
     new, warned = _rejuvenate(model, x, analysis=analysis)
     assert not [w for w in warned if "cannot absorb" in w]
@@ -194,7 +170,7 @@ def test_wav2vec2_like_unpadded_strided_convs_fold_exactly():
     model = wav2vec2_like().double().eval()
     x = torch.randn(2, 1, 400, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    assert dead_constants(model, analysis, seed=2) > 0
+    assert kill_per_norm(model, analysis, constants=True, seed=2) > 0
     before = _state(model)
     new, warned = _rejuvenate(model, x, analysis=analysis)
     assert not [w for w in warned if "cannot absorb" in w]
@@ -216,7 +192,7 @@ def test_a_new_bias_survives_the_s_r_schemes(scheme):
     model = wav2vec2_like().double().eval()
     x = torch.randn(2, 1, 400, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    dead_constants(model, analysis, seed=2)
+    kill_per_norm(model, analysis, constants=True, seed=2)
     new, _ = _rejuvenate(model, x, analysis=analysis, scheme=scheme)
     _exact(new, model, (1, 400))
 
@@ -233,7 +209,7 @@ def test_grouped_unpadded_conv_constants_fold_exactly():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)).double().eval()
     x = torch.randn(2, 3, 21, 21, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    dead_constants(model, analysis, fraction=0.5, seed=3, block=4)
+    kill_per_norm(model, analysis, constants=True, fraction=0.5, seed=3, block=4)
     before = _state(model)
     new, warned = _rejuvenate(model, x, analysis=analysis)
     assert not [w for w in warned if "cannot absorb" in w]
@@ -257,7 +233,7 @@ def test_a_padded_depthwise_conv_whose_channel_dies_with_it_needs_no_fold():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double().eval()
     x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    dead_constants(model, analysis, seed=6)
+    kill_per_norm(model, analysis, constants=True, seed=6)
     with torch.no_grad():
         model[1].bias.abs_()
         model[4].weight[model[1].weight == 0] = 0  # the same channels dead after the depthwise conv
@@ -293,7 +269,7 @@ def _padded():
     model = Padded().double().eval()
     x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    dead_constants(model, analysis, seed=4)
+    kill_per_norm(model, analysis, constants=True, seed=4)
     with torch.no_grad():
         model.bn1.bias.abs_()  # ReLU keeps every dead channel's constant
     return model, x, analysis
@@ -358,7 +334,7 @@ def test_a_gated_constant_warns_and_is_kept():
     model = Gated().double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    dead_constants(model, analysis, seed=7)
+    kill_per_norm(model, analysis, constants=True, seed=7)
     dropped, warned = _rejuvenate(model, x, analysis=analysis)
     (message,) = [w for w in warned if "cannot absorb" in w]
     assert "project" in message and "fc1" not in message  # fc1 reads the pooled constant: folded
@@ -390,7 +366,7 @@ def test_reflect_padding_folds_exactly():
     model = model.double().eval()
     x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    dead_constants(model, analysis, seed=4)
+    kill_per_norm(model, analysis, constants=True, seed=4)
     new, warned = _rejuvenate(model, x, analysis=analysis)
     assert not [w for w in warned if "cannot absorb" in w] and "conv2" in new.nrfx_plan.folds
     _exact(new, model, (3, 10, 10))
@@ -406,7 +382,7 @@ def test_levit_128s_folds_its_linear_norms_and_keeps_its_padded_stem():
     model = timm.create_model("levit_128s", pretrained=False).double().eval()
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
-    dead_constants(model, analysis, fraction=0.3, seed=1)
+    kill_per_norm(model, analysis, constants=True, fraction=0.3, seed=1)
     reference = copy.deepcopy(model)
     dropped, warned = _rejuvenate(model, x, analysis=analysis)
     (message,) = [w for w in warned if "cannot absorb" in w]

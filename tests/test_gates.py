@@ -11,7 +11,7 @@ import torch
 import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_rejuvenate import assert_preserved
+from support import assert_preserved, kill_gates
 from torch import nn
 from torchvision.models import VisionTransformer
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
@@ -40,21 +40,6 @@ def gated(name: str, seed: int = 0):
     model = BUILDERS[name]().double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     return model, nrfx.add_gates(model, x), x
-
-
-def kill_gates(model: nn.Module, fraction: float = 0.4, seed: int = 0) -> int:
-    """Random gate values in [0.5, 1.5), exact zeros at a random ``fraction``; returns how many were zeroed."""
-    gen = torch.Generator().manual_seed(seed)
-    killed = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Gate):
-                w = module.weight
-                w.copy_(torch.rand(w.numel(), generator=gen, dtype=w.dtype) + 0.5)
-                dead = torch.rand(w.numel(), generator=gen) < fraction
-                w[dead] = 0
-                killed += int(dead.sum())
-    return killed
 
 
 # -- the module and its rule: closed-form answers ----------------------------------------------------------

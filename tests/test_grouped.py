@@ -14,31 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from dead import kill_channels
+from support import SCHEMES, kill_channels, kill_groups
 from torch import nn
 
 import nrfx
 from nrfx.models import meta_parameters
 from nrfx.plan import planning_units
-
-SCHEMES = [(s, r) for s in ("nr", "cr", "ca") for r in (False, True)]
-
-
-def kill_groups(model: nn.Module, analysis, fraction: float = 0.3, seed: int = 0) -> None:
-    """Zero γ and β of random whole blocks (the same blocks in every space of a planning unit)."""
-    gen = torch.Generator().manual_seed(seed)
-    dead = {}
-    for unit in planning_units(analysis):
-        if unit.frozen or max(unit.blocks) == 1:
-            continue
-        blocks = torch.rand(analysis.spaces[unit.spaces[0]].width // unit.blocks[0], generator=gen) < fraction
-        dead.update({s: blocks.repeat_interleave(b) for s, b in zip(unit.spaces, unit.blocks, strict=True)})
-    with torch.no_grad():
-        for _, norm, segments in analysis.norm_spaces(model):
-            for s, entries in segments:
-                if s in dead:
-                    norm.weight[entries][dead[s]] = 0
-                    norm.bias[entries][dead[s]] = 0
 
 
 def preserved(model: nn.Module, x: torch.Tensor, analysis=None, schemes=SCHEMES, fractions=(None, 1.1)) -> list:

@@ -7,7 +7,7 @@ import operator
 import pytest
 import torch
 import torchvision
-from dead import kill_channels
+from support import kill_channels
 from torch import nn
 
 import nrfx

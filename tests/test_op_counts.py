@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from aten_calls import AtenCalls
+from support import AtenCalls, zero_scales
 from torch import nn
 
 import nrfx
@@ -23,16 +23,6 @@ from nrfx.srlayers import SR_LAYERS
 
 MODELS = ["resnet50", "mobilenet_v3_large", "vgg11_bn"]  # VGG: convs with a bias before every BN
 LIMITS = {"cr": 2.0, "ca": 3.0}  # total aten calls ≤ limit × the original's, inference and training
-
-
-def _kill_per_norm(model: nn.Module, fraction: float, seed: int) -> None:
-    """Zero γ of round(fraction · n) random channels of every BatchNorm, drawn per norm."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for norm in model.modules():
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                n = norm.weight.numel()
-                norm.weight[torch.randperm(n, generator=gen)[: round(fraction * n)]] = 0
 
 
 def _count(model: nn.Module, train: bool, batch: int = 64) -> collections.Counter:
@@ -53,7 +43,7 @@ def variants(request):
     """(name, {variant: model}): the original and its rewrites at c(A) MACs (pruned: at U(θ))."""
     warnings.simplefilter("ignore")
     model = torchvision.models.get_model(request.param, weights=None).eval()
-    _kill_per_norm(model, 0.4, seed=1)
+    zero_scales(model, 0.4, seed=1)
     x = torch.randn(1, 3, 224, 224)
     analysis = nrfx.analyze(model, x)
     live = analysis.utilization(analysis.masks_from(model)).live_macs
@@ -102,7 +92,7 @@ def test_s_r_layers_compile_into_as_many_graphs_as_the_original(train):
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
-    _kill_per_norm(model, 0.4, seed=2)
+    zero_scales(model, 0.4, seed=2)
     x = torch.randn(2, 3, 32, 32)
     variants = {"original": model}
     for scheme in ("cr", "ca"):

@@ -12,9 +12,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from dead import kill_per_norm, norms_per_space
-from test_rejuvenate import SCHEMES, assert_preserved
-from test_rejuvenate_zoo import HEAVY, _input_size
+from support import HEAVY, SCHEMES, assert_preserved, kill_per_norm, norms_per_space, zoo_input_size
 
 import nrfx
 
@@ -27,7 +25,7 @@ def _per_norm(name: str, batch: int = 2, seed: int = 0):
     warnings.simplefilter("ignore")
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None).double().eval()
-    size = _input_size(name)
+    size = zoo_input_size(name)
     x = torch.randn(batch, 3, size, size, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
     if norms_per_space(model, analysis) < 2:

@@ -32,6 +32,7 @@ from models import (
     build,
     count_macs,
     mask_sites,
+    masks_for,
     repair_masks,
     zero_masked,
 )
@@ -39,24 +40,6 @@ from models import (
 import nrfx
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@st.composite
-def masks_for(draw, arch: Arch, all_norm_sites_alive_once: bool = False) -> dict[str, torch.Tensor]:
-    """Random dead channels per mask site (norms and norm-less convs)."""
-    seed = draw(st.integers(0, 2**16))
-    p = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]))
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    for name, width in mask_sites(arch).items():
-        is_norm = name.startswith(("b", "n")) or name.endswith("n")  # b{i}, n{i}, r{i}an, r{i}bn
-        if all_norm_sites_alive_once and not is_norm:
-            continue  # γ path: only norms carry masks
-        mask = torch.rand(width, generator=gen) >= p
-        if all_norm_sites_alive_once and not mask.any():
-            mask[0] = True  # an all-zero γ would read as all alive (threshold relative to max|γ|)
-        masks[name] = mask
-    return masks
 
 
 def expected_param_sizes(a: nrfx.Analysis, alive: tuple[torch.Tensor, ...]) -> dict[str, int]:

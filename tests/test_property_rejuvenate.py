@@ -5,11 +5,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-from aligned import assert_aligned
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from models import archs, build, repair_masks, zero_masked
-from test_property_analysis import masks_for
+from models import archs, build, masks_for, repair_masks, zero_masked
+from support import assert_aligned
 from torch import nn
 
 import nrfx

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import warnings
 
 import pytest
 import torch
 import torchvision
-from aligned import assert_aligned
-from dead import kill_channels
+from support import SCHEMES, assert_preserved, assert_unchanged, kill_channels, snapshot
 from torch import nn
 
 import nrfx
 
-SCHEMES = [(s, r) for s in ("nr", "cr", "ca") for r in (False, True)]
 FAST_MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"]
 
 
@@ -30,53 +27,6 @@ def _prepared(name: str, size: int = 64, seed: int = 0):
     if any(not s.is_frozen for s in analysis.spaces):  # the channels are dead now, whatever the analysis saw
         assert analysis.utilization(analysis.masks_from(model)).r_params < 1, name
     return model, x, analysis
-
-
-def _snapshot(model: nn.Module, exact: bool = True) -> dict[str, torch.Tensor | str]:
-    """A copy of every tensor of a model's state, or (exact=False: models of several GB) a digest of its bytes."""
-    if exact:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {k: _digest(v) for k, v in model.state_dict().items()}
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    """BLAKE2 of a tensor's dtype, shape and bytes (no copy for contiguous CPU tensors)."""
-    t = tensor.detach().cpu().contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-    return f"{t.dtype}{tuple(t.shape)}" + hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor | str]) -> None:
-    """The model's state is bit-for-bit what it was."""
-    after = model.state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        same = _digest(after[key]) == value if isinstance(value, str) else torch.equal(value, after[key])
-        assert same, key
-
-
-def assert_preserved(model: nn.Module, x: torch.Tensor, analysis, schemes=SCHEMES, exact_snapshot: bool = True) -> None:
-    """Every scheme × rescale gives the original outputs (float64, rtol 1e-7); the model is untouched.
-
-    Without rescaling the default ``align=8`` is used, with it ``align=1`` (both widths checked).
-    """
-    before = _snapshot(model, exact_snapshot)
-    with torch.no_grad():
-        expected = model(x)
-    for scheme, rescale in schemes:
-        align = 1 if rescale else 8
-        new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, rescale=rescale, analysis=analysis,
-                              align=align)
-        assert_aligned(analysis, new.nrfx_plan)
-        dead = analysis.utilization(analysis.masks_from(model)).live_params < analysis.params
-        assert not dead or new.nrfx_plan.cost_live < new.nrfx_plan.cost_before  # dead channels were removed
-        with torch.no_grad():
-            got = new(x)
-        scale = expected.abs().max().item()
-        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9 * scale, msg=f"{scheme} rescale={rescale}")
-        assert sum(p.numel() for p in new.parameters()) <= analysis.params
-        del new, got  # one rewritten copy alive at a time (the zoo's largest models are ~5 GB in float64)
-    _assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("name", FAST_MODELS)
@@ -229,10 +179,10 @@ def test_bad_gamma0_is_an_error(gamma0):
 
 def test_budget_below_frozen_part_states_minimum():
     model, x, analysis = _prepared("resnet18", size=32)
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(nrfx.BudgetError, match="at least"):
         nrfx.rejuvenate(model, None, 1000, example_inputs=x, analysis=analysis)
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_unknown_scheme_is_an_error():
@@ -245,11 +195,11 @@ def test_all_dead_space_keeps_strongest_and_warns():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2)).eval()
     masks = {"1": torch.zeros(4, dtype=torch.bool), "4": torch.ones(5, dtype=torch.bool)}
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.warns(nrfx.NrfxWarning, match="strongest"):
         new = nrfx.rejuvenate(model, masks, None, example_inputs=torch.randn(1, 3, 8, 8))
     assert len(new.nrfx_plan.keep[0]) == 1
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_mask_on_frozen_space_is_ignored_with_warning():
@@ -355,7 +305,7 @@ def test_several_inputs_dict_outputs_and_weight_sharing(scheme, rescale):
     inputs = (torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 2, 8, 8, dtype=torch.float64))
     analysis = nrfx.analyze(model, inputs)
     kill_channels(model, analysis, 0.4, 1)
-    before = _snapshot(model)
+    before = snapshot(model)
     new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2, "macs"), example_inputs=inputs, scheme=scheme,
                           rescale=rescale, analysis=analysis)
     with torch.no_grad():
@@ -364,4 +314,4 @@ def test_several_inputs_dict_outputs_and_weight_sharing(scheme, rescale):
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-7, atol=1e-10)
     assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)

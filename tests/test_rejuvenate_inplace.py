@@ -16,10 +16,10 @@ import warnings
 import pytest
 import torch
 import torchvision
-from dead import kill_channels, kill_per_norm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from models import archs, build, mask_sites, repair_masks, zero_masked
+from support import kill_channels, kill_per_norm
 from torch import nn
 
 import nrfx

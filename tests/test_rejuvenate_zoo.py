@@ -13,8 +13,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from dead import kill_channels
-from test_rejuvenate import SCHEMES, assert_preserved
+from support import HEAVY, SCHEMES, assert_preserved, kill_channels, zoo_input_size
 
 import nrfx
 
@@ -24,24 +23,12 @@ MODELS = torchvision.models.list_models(module=torchvision.models)
 EXPECTED_FAILURES: dict[str, tuple[type[BaseException], str]] = {}
 # over ~100M parameters or slow at their smallest input: one variant (ca + rescale, the one that
 # rewrites most; cr + rescale for the 224² transformers) instead of all six, in a fresh process
-HEAVY = {"regnet_y_128gf", "vit_h_14", "regnet_y_32gf", "regnet_y_16gf", "vit_l_16", "vit_l_32", "efficientnet_v2_l",
-         "swin_v2_b", "swin_b", "maxvit_t", "vgg19_bn", "vgg19", "vgg16", "vgg16_bn", "vgg13", "vgg13_bn", "vgg11",
-         "convnext_large", "convnext_base"}
-
-
-def _input_size(name: str) -> int:
-    """Smallest input the model accepts, for speed."""
-    if name.startswith(("vit", "swin", "maxvit")):
-        return 224
-    return 299 if name == "inception_v3" else 64
-
-
 def check_model(name: str) -> None:
     """Kill 30 % of every free space, rejuvenate, compare outputs (float64, rtol 1e-7)."""
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).double().eval()
-    size = _input_size(name)
+    size = zoo_input_size(name)
     x = torch.randn(1, 3, size, size, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
     kill_channels(model, analysis, 0.3, 0)

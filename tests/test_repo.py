@@ -82,3 +82,16 @@ def test_ruff_clean():
     result = subprocess.run([ruff, "check", "nrfx", "tests", "benchmarks", "examples"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_test_modules_share_helpers_only_through_support():
+    """Helpers live in tests/support.py (and the random architectures in tests/models.py): no test module imports
+    another, and no second module of helpers grows beside them."""
+    tests = ROOT / "tests"
+    crossing = [f"{path.name}: {line.strip()}" for path in tests.glob("test_*.py")
+                for line in path.read_text().splitlines()
+                if re.match(r"\s*(from|import) test_\w+", line) and f"import {path.stem}" not in line
+                and f"from {path.stem} " not in line]
+    assert not crossing, crossing
+    helpers = {p.name for p in tests.glob("*.py") if not p.name.startswith("test_")}
+    assert helpers == {"support.py", "models.py", "conftest.py"}, helpers

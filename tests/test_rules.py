@@ -793,6 +793,7 @@ SPATIAL_REDUCTIONS = [
     lambda y: torch.amax(y, (2, 3)),
     lambda y: y.mean(3).mean(2),
     lambda y: y.mean((2, 3), keepdim=True).flatten(1),
+    lambda y: torch.t(y.mean((2, 3))).t(),  # (B, C) -> (C, B) -> (B, C): t swaps the two dims and back
 ]
 
 

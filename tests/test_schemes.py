@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from aten_calls import AtenCalls
+from support import AtenCalls
 from torch import nn
 
 from nrfx.srlayers import SRConv1d, SRConv2d, SRConv3d, SRLinear, blocks_of, join_blocks, make_sr, to_dense

@@ -20,7 +20,6 @@ xfail: a model that starts to pass fails loudly.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import os
@@ -31,8 +30,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
-from dead import kill_per_norm
+from support import assert_same_outputs, assert_same_structure, kill_per_norm
 from torch import nn
 
 import nrfx
@@ -41,10 +39,6 @@ from nrfx.models import meta_parameters
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics: no update checks, no downloads
 
 pytestmark = [pytest.mark.third_party, pytest.mark.usefixtures("one_thread")]
-
-RTOL = 1e-9
-RTOL_FLOAT32 = 1e-4  # RAFT, which cannot run in float64
-
 
 # -- models ---------------------------------------------------------------------------------------------
 @dataclass
@@ -225,43 +219,6 @@ def _analyze(model: nn.Module, args: tuple, kwargs: dict, capture: str = "auto")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return nrfx.analyze(model, args, example_kwargs=kwargs or None, capture=capture)
-
-
-def _tensors(output) -> list[torch.Tensor]:
-    """The tensor leaves of a model output (tuples, lists, dicts, HF ModelOutput)."""
-    if hasattr(output, "to_tuple"):  # HF ModelOutput
-        output = output.to_tuple()
-    return [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
-
-
-def assert_same_outputs(got, expected, msg: str = "") -> None:
-    """Every tensor leaf equal to rtol 1e-9 (atol 1e-9 of the leaf's largest entry; 1e-4 in float32)."""
-    got_t, expected_t = _tensors(got), _tensors(expected)
-    assert len(got_t) == len(expected_t), msg
-    for g, e in zip(got_t, expected_t, strict=True):
-        scale = e.abs().max().item() if e.numel() and e.is_floating_point() else 1.0
-        rtol = RTOL if e.dtype == torch.float64 else RTOL_FLOAT32
-        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=msg)
-
-
-def assert_same_structure(got, expected, where: str = "output") -> None:
-    """The same containers all the way down: classes (HF ModelOutput, tuples, dicts), keys, lengths.
-
-    A plain ``collections.OrderedDict`` may come back as a ``dict`` with the same keys in order
-    (torchvision segmentation under fx): the same API.  A subclass (HF ModelOutput) must stay itself.
-    """
-    if type(expected) is collections.OrderedDict and type(got) is dict:
-        pass
-    else:
-        assert type(got) is type(expected), f"{where}: {type(got).__name__} instead of {type(expected).__name__}"
-    if isinstance(expected, dict):
-        assert list(got.keys()) == list(expected.keys()), where
-        for key in expected:
-            assert_same_structure(got[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (tuple, list)):
-        assert len(got) == len(expected), where
-        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-            assert_same_structure(g, e, f"{where}[{i}]")
 
 
 def _call(module: nn.Module, args: tuple, kwargs: dict):

@@ -672,6 +672,14 @@ def transpose_function(ctx, node):
     return _transpose(ctx, node)
 
 
+@method_rule("t", "t_")
+@function_rule(torch.t)
+def t_rule(ctx, node):
+    """x.t() / torch.t(x): a 2-d tensor's two dims swap layouts (a 0-d or 1-d one passes as it is)."""
+    x = ctx.spec(node.args[0])
+    return move(ctx, x, [1, 0] if x.ndim == 2 else list(range(x.ndim)), ctx.out.shape)
+
+
 def _transpose(ctx, node):
     """Swap two dims."""
     x = ctx.spec(node.args[0])

@@ -17,11 +17,11 @@ import warnings
 import pytest
 import torch
 import torchvision
+from support import kill_per_norm
 from torch import nn
 
 import nrfx
 from nrfx.islands import IslandAnalysis
-from tests.dead import kill_per_norm
 
 warnings.filterwarnings("ignore", category=nrfx.NrfxWarning)
 

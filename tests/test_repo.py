@@ -90,8 +90,8 @@ def test_test_modules_share_helpers_only_through_support():
     tests = ROOT / "tests"
     crossing = [f"{path.name}: {line.strip()}" for path in tests.glob("test_*.py")
                 for line in path.read_text().splitlines()
-                if re.match(r"\s*(from|import) test_\w+", line) and f"import {path.stem}" not in line
-                and f"from {path.stem} " not in line]
+                if (re.match(r"\s*(from|import) test_\w+", line) and f"import {path.stem}" not in line
+                    and f"from {path.stem} " not in line) or re.match(r"\s*(from|import) tests\b", line)]
     assert not crossing, crossing
     helpers = {p.name for p in tests.glob("*.py") if not p.name.startswith("test_")}
     assert helpers == {"support.py", "models.py", "conftest.py"}, helpers

@@ -27,7 +27,7 @@ import torchvision
 import nrfx
 from benchmarks.bench_analysis import machine, versions, write_json
 from benchmarks.bench_rejuvenate import _median_time
-from nrfx.capture import Example, _batch_dynamic, _export_call
+from nrfx.capture.front_ends import Example, _batch_dynamic, _export_call
 
 QUICK = ("resnet50", "hf_vit_tiny")
 MODELS = ("resnet50", "hf_vit_base", "hf_bert_base", "hf_convnext_tiny", "swin3d_t", "yolov8n", "smp_fpn_resnet34")

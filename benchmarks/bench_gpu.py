@@ -1,6 +1,6 @@
 """GPU speed of rewritten models: original / pruned / nr / cr / ca, as ratios to the original, in one process.
 
-    PYTHONPATH=. python3 -m benchmarks.bench_gpu [--out benchmarks/results/gpu.json] [--max-seconds 200]
+    PYTHONPATH=src:. python3 -m benchmarks.bench_gpu [--out benchmarks/results/gpu.json] [--max-seconds 200]
     python -m benchmarks.bench_gpu --device cpu --quick          # a smoke run on the CPU (tiny sizes)
 
 Imports only torch, torchvision, nrfx and the standard library, so that it runs on a bare GPU

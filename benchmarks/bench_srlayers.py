@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nrfx.srlayers import _cross_attention, make_sr
+from nrfx.layers.srlayers import _cross_attention, make_sr
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -135,28 +135,38 @@ def first_line(error: BaseException) -> str:
 
 
 def measure(source: str, name: str) -> Row:
-    """The coverage row of one model: before, then after add_gates; an exception becomes the row's error."""
+    """The coverage row of one model built with parameters on meta; an exception becomes the row's error."""
     start = time.perf_counter()
     builder = build_torchvision if source == "torchvision" else build_timm
-    size, row = 0, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model, x = builder(name)
-            size = x.shape[-1]
-            before = nrfx.analyze(model, x).coverage()
         except Exception as error:  # a failing model is a row, never a crash
-            return Row(source, name, size, error=type(error).__name__, seconds=time.perf_counter() - start,
+            return Row(source, name, 0, error=type(error).__name__, seconds=time.perf_counter() - start,
                        message=first_line(error))
-        try:
-            gated = nrfx.add_gates(model, x)
-            after = nrfx.analyze(gated, x).coverage()
-            row = Row(source, name, size, before.channels, before.free, before.monitored, after.monitored,
-                      len(gated.nrfx_gates))
-        except Exception as error:
-            row = Row(source, name, size, before.channels, before.free, before.monitored, error=type(error).__name__,
-                      message=first_line(error))
+        row = coverage_row(source, name, model, x)
     return Row(**{**asdict(row), "seconds": time.perf_counter() - start})
+
+
+def coverage_row(source: str, name: str, model: nn.Module, x: torch.Tensor, analysis=None) -> Row:
+    """The coverage row of a built model at input ``x``: before (``analysis`` when given), then after add_gates.
+
+    Shares and gate counts depend on the graph only: the weights, dtype and batch of ``x`` do not change a row.
+    """
+    size = x.shape[-1]
+    try:
+        before = (analysis if analysis is not None else nrfx.analyze(model, x)).coverage()
+    except Exception as error:  # a failing model is a row, never a crash
+        return Row(source, name, size, error=type(error).__name__, message=first_line(error))
+    try:
+        gated = nrfx.add_gates(model, x)
+        after = nrfx.analyze(gated, x).coverage()
+    except Exception as error:
+        return Row(source, name, size, before.channels, before.free, before.monitored, error=type(error).__name__,
+                   message=first_line(error))
+    return Row(source, name, size, before.channels, before.free, before.monitored, after.monitored,
+               len(gated.nrfx_gates))
 
 
 HEADER = ["source", "model", "input", "channels", "free %", "monitored %", "gated monitored %", "gates", "error"]

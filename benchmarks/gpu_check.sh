@@ -5,7 +5,7 @@
 # Writes cuda_tests.log, gpu.json and gpu.log into $OUT (default benchmarks/results); commit gpu.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/cuda_tests.log"

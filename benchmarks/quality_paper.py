@@ -57,7 +57,7 @@ from torch import nn
 
 import nrfx
 from benchmarks import quality
-from nrfx.srlayers import unused_weights
+from nrfx.layers.srlayers import unused_weights
 
 __all__ = ["PaperSetup", "QUICK", "ARMS", "load", "run", "main", "used_cost", "choose_lambda"]
 

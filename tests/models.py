@@ -331,7 +331,11 @@ class ChannelGraph:
         return frozen
 
     def dead_roots(self) -> set[int]:
-        """Classes whose every read is known zero (not frozen, read at all); groups die only whole."""
+        """Classes whose every read is known zero (not frozen, read at all); groups die only whole.
+
+        A group lives whole when one of its classes is read and live (or frozen); a class no weight reads (a
+        dangling output) keeps no group alive: it dies with the groups it is in when every one of them dies.
+        """
         frozen = self.frozen_roots()
         read, nonzero = set(), set()
         for elements, zero in self.readers:
@@ -342,14 +346,17 @@ class ChannelGraph:
                     nonzero.add(r)
         dead = read - nonzero - frozen
         together, _, _ = self._group_sets()
+        unread = {r for group in together for r in group} - read - frozen
         changed = True
-        while changed:  # a group with one live class lives whole; groups overlap through ties
+        while changed:  # a group with one live read class lives whole; groups overlap through ties
             changed = False
             for group in together:
-                if group & dead and not group <= dead:
+                if group & dead and group - dead - unread:
                     dead -= group
                     changed = True
-        return dead
+        dying = [group for group in together if group & dead]
+        return dead | {r for r in unread if all(r not in g or g in dying for g in together)
+                       and any(r in g for g in dying)}
 
     def kept(self, elements: list[int], dead: set[int] | None = None) -> list[int]:
         """Indices of the live channels of an element list."""

@@ -19,9 +19,9 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nrfx
-from nrfx.gates import Gate
-from nrfx.layer_kinds import is_scale
-from nrfx.plan import align_steps, planning_units
+from nrfx.layers.gates import Gate
+from nrfx.ops.layer_kinds import is_scale
+from nrfx.plan.planner import align_steps, planning_units
 
 RTOL, RTOL_FLOAT32 = 1e-9, 1e-4  # assert_same_outputs: float64 and float32 outputs
 

@@ -1,4 +1,4 @@
-"""nrfx.aten: aten ops written as torch-level calls, each checked on a tiny exported module.
+"""nrfx.capture.aten: aten ops written as torch-level calls, each checked on a tiny exported module.
 
 Every module here is captured with ``capture="export"``; its parameters and MACs are computed
 by hand, the fx capture of the same module must agree, no aten op may be left untranslated, and
@@ -16,7 +16,7 @@ from support import kill_per_norm
 from torch import nn
 
 import nrfx
-from nrfx.aten import TORCH_LEVEL
+from nrfx.capture.aten import TORCH_LEVEL
 
 aten = torch.ops.aten
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nrfx
-from nrfx.aten import TORCH_LEVEL
+from nrfx.capture.aten import TORCH_LEVEL
 from nrfx.errors import NrfxWarning
 
 aten = torch.ops.aten
@@ -82,7 +82,7 @@ def _meshgrid(y: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Case:
     op: Callable
-    aten: frozenset  # the overloads export records (translated by nrfx.aten)
+    aten: frozenset  # the overloads export records (translated by nrfx.capture.aten)
     frozen: str | None = None  # None: the 8-wide space is free; else a phrase of its freeze reason
     keeps_zero: bool = True  # a dead BN channel (γ = β = 0) stays dead through the op
     head_in: int = 8

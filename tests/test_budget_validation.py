@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import nrfx
-from nrfx.driver import DriverError
 from nrfx.errors import BudgetError, PlanError
+from nrfx.train.driver import DriverError
 
 
 def _net() -> tuple[nn.Module, torch.Tensor]:

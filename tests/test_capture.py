@@ -21,7 +21,7 @@ from support import kill_per_norm
 from torch import nn
 
 import nrfx
-from nrfx.islands import IslandAnalysis
+from nrfx.analysis.islands import IslandAnalysis
 
 warnings.filterwarnings("ignore", category=nrfx.NrfxWarning)
 

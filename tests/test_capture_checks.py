@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import nrfx
-from nrfx.capture import CaptureMismatch, Example, capture
+from nrfx.capture.front_ends import CaptureMismatch, Example, capture
 
 
 class _StepScale(nn.Module):
@@ -134,7 +134,7 @@ def test_check_runs_on_copies_of_the_inputs_and_skips_meta_models():
 
 
 def test_a_failing_export_check_falls_to_islands_with_the_reason(monkeypatch):
-    import nrfx.capture as capture_module
+    import nrfx.capture.front_ends as capture_module
 
     real = capture_module.export_capture
 
@@ -153,7 +153,7 @@ def test_a_failing_export_check_falls_to_islands_with_the_reason(monkeypatch):
         nrfx.analyze(model, torch.randn(2, 3, 8, 8), capture="export")
     model = nn.Sequential(_NestedIn(), nn.BatchNorm2d(4)).eval()
     analysis = nrfx.analyze(model, ([torch.randn(2, 3, 8, 8)],))
-    assert isinstance(analysis, nrfx.islands.IslandAnalysis)
+    assert isinstance(analysis, nrfx.analysis.islands.IslandAnalysis)
     assert any("does not compute what the model computes" in note for note in analysis.capture_notes)
 
 

@@ -3,15 +3,15 @@
 The table is written by ``python -m benchmarks.coverage_table --write``.  Fast checks: the
 section parses, has a row for every torchvision classifier and every model of the timm family
 sweep, and a handful of models recomputed give the printed numbers exactly (to one decimal of
-a percent).  The slow check recomputes every torchvision row; the whole table (timm too, ≈ 8 min)
-is rechecked by rerunning the script.
+a percent).  Every torchvision row is recomputed by the slow per-model sweep
+(tests/test_torchvision_zoo.py, from the analysis it shares with the other checks); the whole
+table (timm too, ≈ 8 min) is rechecked by rerunning the script.
 """
 
 from __future__ import annotations
 
 import pytest
 import torchvision
-
 from benchmarks import coverage_table
 from benchmarks.coverage_table import DOC, measure, parse_table
 
@@ -51,13 +51,4 @@ def assert_row_recomputes(source: str, name: str) -> None:
 @pytest.mark.parametrize("name", SPOT_CHECKS)
 def test_spot_checked_rows_recompute_exactly(name: str):
     """resnet18, mobilenet_v2, convnext_tiny, vit_b_16 and swin_t: the table's numbers are today's."""
-    assert_row_recomputes("torchvision", name)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
-def test_every_torchvision_row_recomputes_exactly(name: str):
-    """Every torchvision row recomputes to the printed numbers (parameters on meta: light, so one test per
-    model spreads over the workers; the timm rows are checked by rerunning the script:
-    ``git diff docs/coverage.md`` stays empty)."""
     assert_row_recomputes("torchvision", name)

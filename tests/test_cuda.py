@@ -17,7 +17,7 @@ from support import EXAMPLE, Task, small_cnn, zero_scales
 from torch import nn
 
 import nrfx
-from nrfx.driver import NeuralRejuvenation
+from nrfx.train.driver import NeuralRejuvenation
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from nrfx.driver import NeuralRejuvenation, ddp_wrapper
+from nrfx.train.driver import NeuralRejuvenation, ddp_wrapper
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")

@@ -1,7 +1,7 @@
 """Decoders and caches: generative models whose outputs hold cache objects, and islands of layer lists.
 
 Hugging Face GPT-2, T5 and Whisper (tiny configs built from scratch, float64) return their key/value
-cache (``DynamicCache``, ``EncoderDecoderCache``) by default.  ``nrfx.caches`` makes torch.export take
+cache (``DynamicCache``, ``EncoderDecoderCache``) by default.  ``nrfx.capture.caches`` makes torch.export take
 those outputs, so each model exports whole: every transformer layer is in the graph, params are exact,
 rejuvenation keeps the function and the result returns the same cache class.  Forced into islands
 (``capture="islands"``), tied embeddings count once and the layers of a ``ModuleList`` that is never
@@ -22,7 +22,7 @@ from support import assert_same_outputs, assert_same_structure
 from torch import nn
 
 import nrfx
-from nrfx.islands import IslandAnalysis
+from nrfx.analysis.islands import IslandAnalysis
 
 third_party = pytest.mark.third_party
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nrfx  # registers the built-in rules (nrfx.NrfxWarning is used below)
-from nrfx.rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+from nrfx.analysis.rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 OP_RULES = DOCS / "op-rules.md"

@@ -13,9 +13,9 @@ from support import EXAMPLE, Task, small_cnn, zero_scales
 from torch import nn
 
 import nrfx
-from nrfx.driver import DriverError, NeuralRejuvenation, plot_history
 from nrfx.errors import BudgetError, NrfxError, NrfxWarning
-from nrfx.optim_state import dense_states
+from nrfx.rewrite.optim_state import dense_states
+from nrfx.train.driver import DriverError, NeuralRejuvenation, plot_history
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import nrfx
-from nrfx.driver import DriverError
+from nrfx.train.driver import DriverError
 
 
 def _driver() -> nrfx.NeuralRejuvenation:
@@ -59,8 +59,8 @@ def test_bad_checkpoint_is_a_driver_error_and_changes_nothing(key, value):
 
 
 def test_unsliceable_state_of_s_r_blocks_is_reported_not_skipped():
-    from nrfx.optim_state import carry_optimizer_state
-    from nrfx.srlayers import SR_LAYERS
+    from nrfx.layers.srlayers import SR_LAYERS
+    from nrfx.rewrite.optim_state import carry_optimizer_state
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),

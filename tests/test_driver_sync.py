@@ -7,7 +7,7 @@ import torch
 from support import AtenCalls
 from torch import nn
 
-from nrfx.driver import NeuralRejuvenation
+from nrfx.train.driver import NeuralRejuvenation
 
 EXAMPLE = torch.zeros(2, 1, 8, 8)
 LAM = 1e-3

@@ -18,8 +18,8 @@ from torch import nn
 
 import nrfx
 from nrfx.errors import NrfxWarning, PlanError
-from nrfx.fold import _delta
-from nrfx.layer_kinds import constant_input_problem
+from nrfx.ops.layer_kinds import constant_input_problem
+from nrfx.plan.fold import _delta
 
 
 def _rejuvenate(model, x, **options):

@@ -18,7 +18,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
 
 import nrfx
-from nrfx.gates import Gate
+from nrfx.layers.gates import Gate
 
 
 def tiny_mlp() -> nn.Module:

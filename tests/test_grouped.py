@@ -19,7 +19,7 @@ from torch import nn
 
 import nrfx
 from nrfx.models import meta_parameters
-from nrfx.plan import planning_units
+from nrfx.plan.planner import planning_units
 
 
 def preserved(model: nn.Module, x: torch.Tensor, analysis=None, schemes=SCHEMES, fractions=(None, 1.1)) -> list:
@@ -268,7 +268,7 @@ def test_groupnorm_resnet_every_scheme():
     preserved(model, x, _with_dead(model, x), fractions=(None,))
 
 
-def _coverage(name: str) -> nrfx.analysis.Coverage:
+def _coverage(name: str) -> nrfx.analysis.graph.Coverage:
     with warnings.catch_warnings(), meta_parameters():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None).eval()

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import nrfx
-from nrfx.gating import head_gate_sites
-from nrfx.inplace import freeze_for_inplace
-from nrfx.plan import planning_units
+from nrfx.plan.planner import planning_units
+from nrfx.rewrite.gating import head_gate_sites
+from nrfx.rewrite.inplace import freeze_for_inplace
 
 C, H, D, N = 32, 4, 8, 6
 

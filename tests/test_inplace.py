@@ -11,7 +11,7 @@ from support import kill_channels
 from torch import nn
 
 import nrfx
-from nrfx.trace import trace
+from nrfx.capture.trace import trace
 
 
 class Block(nn.Module):

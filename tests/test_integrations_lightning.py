@@ -29,7 +29,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from nrfx.integrations.lightning import NeuralRejuvenationCallback  # noqa: E402
-from nrfx.rejuvenate import replays_plans  # noqa: E402
+from nrfx.rewrite.rejuvenate import replays_plans  # noqa: E402
 
 pytestmark = [pytest.mark.third_party, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::nrfx.NrfxWarning")]

@@ -1,4 +1,8 @@
-"""The module map of docs/concepts.md holds: no nrfx module imports one from a later pipeline layer."""
+"""The tree shows the pipeline: one package per stage, and the module map of docs/concepts.md holds.
+
+No nrfx module imports one from a later stage (absolute, relative and lazy imports alike), no module reaches
+itself through imports, every module is on the map, and every module of a stage folder sits in that stage.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,14 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "nrfx"
+PACKAGE = ROOT / "src" / "nrfx"
 CONCEPTS = ROOT / "docs" / "concepts.md"
-ALLOWED = {("analysis", "report")}  # Analysis.report(): a lazy convenience import, documented
+UNITS = ("analysis/rules", "integrations")  # packages read as one module (their files are one rule table / one API)
+ALLOWED = {("analysis/graph", "report")}  # Analysis.report(): a lazy convenience import, documented
 
 
 def documented_layers() -> dict[str, int]:
-    """Module -> layer number, read from the module map table (``rules/*`` stands for the package)."""
+    """Module -> layer number, read from the module map table (``analysis/rules/*`` stands for the package)."""
     layers, current = {}, None
     for layer, module in re.findall(r"^\| (\d*)[^|]*\| `([\w/*]+)` \|", CONCEPTS.read_text(), re.M):
         current = int(layer) if layer else current
@@ -21,42 +26,64 @@ def documented_layers() -> dict[str, int]:
     return layers
 
 
+def unit_of(dotted: str) -> str:
+    """The map's name for a module path (``capture.trace`` -> ``capture/trace``; a file of a unit package -> it)."""
+    name = dotted.replace(".", "/").removesuffix("/__init__")
+    return next((unit for unit in UNITS if name == unit or name.startswith(unit + "/")), name)
+
+
 def module_name(path: Path) -> str:
-    """``rules`` for every file of the rules package, else the file's stem."""
-    relative = path.relative_to(PACKAGE)
-    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+    """The unit a file of the package belongs to (``__init__`` for a stage folder's docstring-only init)."""
+    relative = path.relative_to(PACKAGE).with_suffix("")
+    if relative.name == "__init__" and unit_of(".".join(relative.parts)) not in UNITS:
+        return "__init__"
+    return unit_of(".".join(relative.parts))
 
 
-def imported(path: Path) -> set[str]:
-    """nrfx modules a file of the package imports (see ``imported_from``)."""
-    return imported_from(path.read_text(), len(path.relative_to(PACKAGE).parts) - 1)
+def _resolve(dotted: str, names: list[str], known: set[str]) -> set[str]:
+    """Units ``from nrfx.<dotted> import names`` reaches: a name that is a module is that module."""
+    found = set()
+    for name in names:
+        candidate = unit_of(f"{dotted}.{name}" if dotted else name)
+        found.add(candidate if candidate in known else unit_of(dotted))
+    return found - {""}
 
 
-def imported_from(text: str, package_depth: int) -> set[str]:
-    """nrfx modules a piece of source imports: relative imports and absolute ones (``from nrfx.x import``,
-    ``from nrfx import x``, ``import nrfx.x``), at the top level or inside functions."""
+def imported_from(text: str, package: str, known: set[str]) -> set[str]:
+    """Units a piece of source of the package ``package`` (dotted, relative to nrfx) imports: relative imports
+    and absolute ones (``from nrfx.x.y import``, ``from nrfx import x``, ``import nrfx.x.y``), at the top level
+    or inside functions."""
     found = set()
     for node in ast.walk(ast.parse(text)):
+        names = [alias.name for alias in getattr(node, "names", [])]
         if isinstance(node, ast.ImportFrom) and node.level:
-            if node.level - 1 < package_depth:  # inside the same subpackage
-                continue
-            found.update([node.module.split(".")[0]] if node.module else [alias.name for alias in node.names])
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nrfx."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "nrfx":
-            found.update(alias.name for alias in node.names)
+            parts = package.split(".") if package else []
+            base = parts[: len(parts) - (node.level - 1)]
+            found |= _resolve(".".join(base + ([node.module] if node.module else [])), names, known)
+        elif isinstance(node, ast.ImportFrom) and node.module and (node.module + ".").startswith("nrfx."):
+            found |= _resolve(node.module.removeprefix("nrfx").removeprefix("."), names, known)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("nrfx."))
+            found |= {unit_of(n.removeprefix("nrfx.")) for n in names if n.startswith("nrfx.")}
     return found
 
 
+def _known() -> set[str]:
+    return {module_name(p) for p in PACKAGE.rglob("*.py")} - {"__init__"}
+
+
+def imported(path: Path, known: set[str]) -> set[str]:
+    """nrfx units a file of the package imports."""
+    package = ".".join(path.relative_to(PACKAGE).parent.parts)
+    return imported_from(path.read_text(), package, known)
+
+
 def _import_graph() -> dict[str, set[str]]:
-    """Module -> the nrfx modules it imports (a subpackage's files as one module)."""
-    graph: dict[str, set[str]] = {}
+    """Unit -> the nrfx units it imports."""
+    known, graph = _known(), {}
     for path in PACKAGE.rglob("*.py"):
         source = module_name(path)
         if source != "__init__":
-            graph.setdefault(source, set()).update(imported(path) - {source})
+            graph.setdefault(source, set()).update(imported(path, known) - {source})
     return graph
 
 
@@ -73,26 +100,45 @@ def test_no_import_circle():
                 stack += [t for t in graph.get(module, ()) if (module, t) not in ALLOWED]
 
 
-def test_absolute_imports_are_seen():
-    """The check reads ``from nrfx.x import``, ``from nrfx import x`` and ``import nrfx.x`` as relative imports."""
-    text = "from nrfx.plan import Budget\nimport nrfx.report\nfrom nrfx import rewrite\nfrom .cost import by_kind\n"
-    assert imported_from(text, 0) == {"plan", "report", "rewrite", "cost"}
+def test_absolute_and_relative_imports_are_seen():
+    """``from nrfx.x.y import``, ``from nrfx.x import y`` (y a module), ``import nrfx.x.y`` and relative forms."""
+    known = {"plan/planner", "report", "rewrite/tensors", "analysis/cost", "analysis/rules", "capture/trace"}
+    text = ("from nrfx.plan.planner import Budget\nimport nrfx.report\nfrom nrfx.rewrite import tensors\n"
+            "from .cost import by_kind\nfrom nrfx.analysis.rules.registry import lookup\n"
+            "def f():\n    from ..capture.trace import trace\n")
+    assert imported_from(text, "analysis", known) == {
+        "plan/planner", "report", "rewrite/tensors", "analysis/cost", "analysis/rules", "capture/trace"}
+
+
+def test_stage_inits_import_nothing():
+    """A stage folder's ``__init__`` is a docstring: importing a stage runs no other stage's code."""
+    for path in PACKAGE.glob("*/__init__.py"):
+        if module_name(path) == "__init__":
+            assert not imported(path, _known()), path
 
 
 def test_every_module_is_on_the_map():
     layers = documented_layers()
-    modules = {module_name(p) for p in PACKAGE.rglob("*.py")} - {"__init__"}
-    assert modules == set(layers), f"docs/concepts.md module map differs: {modules ^ set(layers)}"
+    assert _known() == set(layers), f"docs/concepts.md module map differs: {_known() ^ set(layers)}"
+
+
+def test_a_stage_folder_is_one_layer():
+    """Every module of a folder sits in the same layer of the map: the tree is the pipeline."""
+    by_folder: dict[str, set[int]] = {}
+    for module, layer in documented_layers().items():
+        if "/" in module:
+            by_folder.setdefault(module.split("/")[0], set()).add(layer)
+    assert by_folder and all(len(layers) == 1 for layers in by_folder.values()), by_folder
 
 
 def test_no_module_imports_a_later_layer():
-    layers = documented_layers()
+    layers, known = documented_layers(), _known()
     wrong = []
     for path in PACKAGE.rglob("*.py"):
         source = module_name(path)
         if source == "__init__":
             continue
-        for target in imported(path) - {source}:
+        for target in imported(path, known) - {source}:
             if target in layers and layers[target] > layers[source] and (source, target) not in ALLOWED:
                 wrong.append(f"{source} (layer {layers[source]}) imports {target} (layer {layers[target]})")
     assert not wrong, wrong

@@ -19,7 +19,7 @@ from support import AtenCalls, zero_scales
 from torch import nn
 
 import nrfx
-from nrfx.srlayers import SR_LAYERS
+from nrfx.layers.srlayers import SR_LAYERS
 
 MODELS = ["resnet50", "mobilenet_v3_large", "vgg11_bn"]  # VGG: convs with a bias before every BN
 LIMITS = {"cr": 2.0, "ca": 3.0}  # total aten calls ≤ limit × the original's, inference and training

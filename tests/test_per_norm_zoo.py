@@ -2,7 +2,8 @@
 
 A channel killed by one norm of a space (γ = β = 0) is zero only until the next norm on that
 space reads it: that norm emits β − γ·μ/σ (eval) there.  The rejuvenated model must keep such
-channels (or fold their constants exactly): every scheme ± rescale keeps the function.
+channels (or fold their constants exactly): every scheme ± rescale keeps the function.  Three models
+here with every variant; every other torchvision model with one variant in tests/test_torchvision_zoo.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import warnings
 import pytest
 import torch
 import torchvision
-from support import HEAVY, SCHEMES, assert_preserved, kill_per_norm, norms_per_space, zoo_input_size
+from support import assert_preserved, kill_per_norm, norms_per_space, zoo_input_size
 
 import nrfx
 
-MODELS = [m for m in torchvision.models.list_models(module=torchvision.models) if m not in HEAVY]
 FAST = ["densenet121", "resnet18", "efficientnet_b0"]
 
 
@@ -54,17 +54,6 @@ def test_per_norm_dead_preserved_fast(name):
     prepared = _per_norm(name, batch=3)
     assert prepared is not None, f"{name} has no space with two norms"
     assert_preserved(*prepared)
-
-
-@pytest.mark.slow  # not in the "memory-heavy" group: no model here is over ~2 GB, so both workers share them
-@pytest.mark.parametrize("name", [m for m in MODELS if m not in FAST])
-def test_per_norm_dead_preserved_zoo(name):
-    prepared = _per_norm(name)
-    if prepared is None:
-        pytest.skip(f"{name}: no free space carries two norms (per-norm = per-space, covered by the zoo sweep)")
-    model, x, analysis = prepared
-    variant = SCHEMES[MODELS.index(name) % len(SCHEMES)]  # one variant per model, every variant over the sweep
-    assert_preserved(model, x, analysis, [variant])
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small_050", "resnet26d"])

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import nrfx
-from nrfx.driver import DriverError, NeuralRejuvenation
-from nrfx.history import Progress, resolve_kind
+from nrfx.train.driver import DriverError, NeuralRejuvenation
+from nrfx.train.history import Progress, resolve_kind
 
 EXAMPLE = torch.zeros(2, 1, 8, 8)
 

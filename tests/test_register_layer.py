@@ -14,9 +14,9 @@ from support import zero_scales
 from torch import nn
 
 import nrfx
+from nrfx.analysis.rules.layers import gate, linear_module
 from nrfx.errors import RewriteError
-from nrfx.layer_kinds import is_scale, layer_kind
-from nrfx.rules.layers import gate, linear_module
+from nrfx.ops.layer_kinds import is_scale, layer_kind
 
 
 class Dense(nn.Module):
@@ -135,3 +135,54 @@ def test_bad_registrations_are_type_errors(bad):
     with pytest.raises(TypeError, match="register_layer"):
         nrfx.register_layer(kind, **bad)
     assert layer_kind(Dense(2, 2)) is None
+
+
+def _constant_net(hidden: int, dead: int, seed: int) -> nn.Sequential:
+    """Linear → BatchNorm1d with ``dead`` channels at γ = 0, β ≠ 0 (each a constant) and small live γ → Dense."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, hidden), nn.BatchNorm1d(hidden), Dense(hidden, 3)).eval()
+    with torch.no_grad():
+        chosen = torch.randperm(hidden)[:dead]
+        net[1].weight.uniform_(0.001, 0.01)  # below γ0: neural rescaling raises them
+        net[1].weight[chosen] = 0
+        net[1].bias[chosen] = torch.rand(dead) + 0.5
+    return net
+
+
+@pytest.mark.parametrize(("hidden", "dead", "seed"), [(16, 6, 0), (9, 2, 1), (24, 11, 2)])
+def test_constants_of_removed_channels_reach_a_registered_layer(hidden, dead, seed):
+    """Dead channels emitting β reach a registered layer: measured there (its rule reads channels as a linear's
+    does); folded into its bias when ``constant_passes`` says it can, else a warning naming it (or kept with
+    constants='keep'); never dropped silently."""
+    net, x = _constant_net(hidden, dead, seed), torch.randn(8, 5)
+    budget = nrfx.Budget.fraction(1.0)
+    try:
+        nrfx.register_layer(Dense, rule=linear_module, fix=_fix_dense)
+        with pytest.warns(nrfx.NrfxWarning, match="2 cannot absorb exactly"):
+            nrfx.rejuvenate(net, None, budget, example_inputs=x, align=1)
+        kept = nrfx.rejuvenate(net, None, budget, example_inputs=x, align=1, constants="keep")
+        torch.testing.assert_close(kept(x), net(x))
+        nrfx.register_layer(Dense, rule=linear_module, fix=_fix_dense, constant_passes=lambda layer: None)
+        folded = nrfx.rejuvenate(net, None, budget, example_inputs=x, align=1)
+        assert "fold: constants of removed inputs of 2 added to its bias" in folded.nrfx_plan.notes
+        assert folded.get_submodule("2").weight.shape[1] == len(folded.nrfx_plan.keep[0]) + folded.nrfx_plan.grow[0]
+        torch.testing.assert_close(folded(x), net(x))
+    finally:
+        nrfx.unregister_layer(Dense)
+
+
+def test_in_columns_lets_rescaling_fold_into_a_registered_layer():
+    """``in_columns``: weight[:, j] reads input channel j, so neural rescaling divides those columns (exact);
+    without it the norm is left as it is, with a note."""
+    net, x = _constant_net(12, 4, 3), torch.randn(8, 5)
+    try:
+        for columns, note in ((None, "rescale skipped at 1"), (lambda layer: True, "rescale: 1 norms rescaled")):
+            nrfx.register_layer(Dense, rule=linear_module, fix=_fix_dense, constant_passes=lambda layer: None,
+                                in_columns=columns)
+            new = nrfx.rejuvenate(net, None, nrfx.Budget.fraction(1.5), example_inputs=x, align=1, rescale=True)
+            assert any(n.startswith(note) for n in new.nrfx_plan.notes), new.nrfx_plan.notes
+            torch.testing.assert_close(new(x), net(x))
+            gamma = next(m for m in new.modules() if isinstance(m, nn.BatchNorm1d)).weight
+            assert bool((gamma.abs() >= 1).all()) == (columns is not None)  # rescaled up to γ0 = 1 where it folds
+    finally:
+        nrfx.unregister_layer(Dense)

@@ -37,7 +37,7 @@ def test_function_preserved_fast_zoo(name):
 
 def _cheapest_step(analysis, kind: str, widths: list[int], align: int) -> int:
     """The cost of the cheapest growth the planner could still make: one alignment step of one free unit."""
-    from nrfx.plan import align_steps, planning_units
+    from nrfx.plan.planner import align_steps, planning_units
 
     units = planning_units(analysis)
     full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]

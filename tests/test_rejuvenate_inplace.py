@@ -23,7 +23,7 @@ from support import kill_channels, kill_per_norm
 from torch import nn
 
 import nrfx
-from nrfx.srlayers import SR_LAYERS
+from nrfx.layers.srlayers import SR_LAYERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -258,7 +258,7 @@ def test_a_failed_check_leaves_the_model_as_it_was(monkeypatch):
     kill_per_norm(model, nrfx.analyze(model, x), 0.4, seed=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     modules = dict(model.named_modules())
-    monkeypatch.setattr("nrfx.inplace._difference", lambda mine, expected: "output 0: forced")
+    monkeypatch.setattr("nrfx.rewrite.inplace._difference", lambda mine, expected: "output 0: forced")
     with pytest.raises(nrfx.RewriteError, match="left as it was"):
         nrfx.rejuvenate(model, None, None, example_inputs=x, inplace=True, scheme="cr", align=1)
     assert dict(model.named_modules()) == modules

@@ -61,7 +61,7 @@ def test_package_declares_ranges_and_metadata():
     assert "tqdm" in project["optional-dependencies"]["progress"]
     license_text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0" in license_text and "the nrfx authors" in license_text
-    assert (ROOT / "nrfx" / "py.typed").exists()
+    assert (ROOT / "src" / "nrfx" / "py.typed").exists()
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "py.typed" in setuptools["package-data"]["nrfx"]
 
@@ -79,7 +79,7 @@ def test_ruff_clean():
     import sys
 
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    result = subprocess.run([ruff, "check", "nrfx", "tests", "benchmarks", "examples"], cwd=ROOT,
+    result = subprocess.run([ruff, "check", "src", "tests", "benchmarks", "examples"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
 

@@ -10,7 +10,7 @@ import torch.fx
 from torch import nn
 
 import nrfx
-from nrfx.results import attach
+from nrfx.rewrite.results import attach
 
 
 def _cnn() -> nn.Sequential:

@@ -864,7 +864,7 @@ def test_reductions_over_channels_freeze(reduce):
 
 # -- attention -----------------------------------------------------------------------------------------------
 def test_multihead_attention_opened_macs_and_free_embedding():
-    """A self-attention nn.MultiheadAttention is opened (nrfx.mha): the same MACs, and the stream it reads is free
+    """A self-attention nn.MultiheadAttention is opened (capture/mha): the same MACs, and the stream it reads is free
     (two dead input channels cost 2 rows of ``inp`` and 2 columns of each of q, k, v in ``in_proj_weight``)."""
     class M(nn.Module):
         def __init__(self):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from support import AtenCalls
 from torch import nn
 
-from nrfx.srlayers import SRConv1d, SRConv2d, SRConv3d, SRLinear, blocks_of, join_blocks, make_sr, to_dense
+from nrfx.layers.srlayers import SRConv1d, SRConv2d, SRConv3d, SRLinear, blocks_of, join_blocks, make_sr, to_dense
 
 CASES = [  # (base layer, SR class, input shape, functional op)
     (lambda: nn.Conv1d(7, 9, 3, padding=1), SRConv1d, (5, 7, 11), F.conv1d),

@@ -1,4 +1,4 @@
-"""Shape formulas (nrfx.shape_formulas) agree with the meta kernels, and decline what they cannot vouch for."""
+"""Shape formulas (nrfx.capture.shape_formulas) agree with the meta kernels, and decline what they cannot vouch for."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nrfx.shape_formulas import function_shape, method_shape, module_shape
+from nrfx.capture.shape_formulas import function_shape, method_shape, module_shape
 
 
 def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

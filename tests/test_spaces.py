@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nrfx.spaces import AtomTable, Layout
+from nrfx.analysis.spaces import AtomTable, Layout
 
 
 def widths(table: AtomTable, layout: Layout) -> list[int]:

@@ -74,7 +74,7 @@ def _bert_inputs(batch: int) -> tuple[tuple, dict]:
 
 
 def _seq2seq_inputs(batch: int) -> tuple[tuple, dict]:
-    """Encoder tokens and decoder tokens (T5): the output holds an EncoderDecoderCache (nrfx.caches)."""
+    """Encoder tokens and decoder tokens (T5): the output holds an EncoderDecoderCache (nrfx.capture.caches)."""
     return (torch.randint(0, 128, (batch, 8)),), {"decoder_input_ids": torch.randint(0, 128, (batch, 5))}
 
 

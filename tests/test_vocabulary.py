@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from nrfx.vocabulary import VOCABULARY, Trait, functions_with, methods_with, modules_with, op_info
+from nrfx.ops.vocabulary import VOCABULARY, Trait, functions_with, methods_with, modules_with, op_info
 
-PACKAGE = Path(__file__).resolve().parent.parent / "nrfx"
+PACKAGE = Path(__file__).resolve().parent.parent / "src" / "nrfx"
 X = torch.randn(2, 4, 6, 6, 6)  # sliced to the rank an op wants
 
 

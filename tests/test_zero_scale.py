@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import nrfx
-from nrfx.masks import alive_scales
+from nrfx.analysis.masks import alive_scales
 
 
 def _three_blocks() -> nn.Sequential:

@@ -9,10 +9,11 @@ the crop size of its DEFAULT weights' transforms:
 * every op has a rule: the unknown ops left are at most those in ``ALLOWED_UNKNOWN_OPS``,
   with one ``UnknownOpWarning`` each.
 
-The fast sweep builds every model with its parameters on the meta device (buffers stay
-real): the analysis needs parameter shapes, never values, so even regnet_y_128gf and
-vit_h_14 build in a fraction of a second.  The slow sweep builds them for real and also
-checks that freshly initialised models are fully alive.
+The sweep builds every model with its parameters on the meta device (buffers stay real):
+the analysis needs parameter shapes, never values, so even regnet_y_128gf and vit_h_14
+build in a fraction of a second.  The slow sweep (tests/test_torchvision_zoo.py) builds
+each model for real once and checks, from one analysis, exact params, a fully alive fresh
+model, its coverage row and function preservation with dead channels.
 
 ``EXPECTED_FAILURES`` is applied as strict xfail: a model that starts to pass fails loudly.
 """
@@ -151,28 +152,6 @@ def test_zoo_macs_are_per_example(name: str):
     one, _ = analyze_recording(model, crop_size(name), batch=1)
     two, _ = analyze_recording(model, crop_size(name), batch=2)
     assert (two.params, two.macs) == (one.params, one.macs)
-
-
-REAL_WEIGHTS_TOO_BIG = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("memory-heavy")  # real weights of the big models: never two at once
-@pytest.mark.parametrize("name", zoo_params())
-def test_zoo_real_weights(name: str):
-    """Built for real: the same exact costs, and a freshly initialised model is fully alive."""
-    if name in REAL_WEIGHTS_TOO_BIG:
-        pytest.skip("over 300M parameters: several GB in RAM next to a parallel CI worker; the meta sweep covers it")
-    model = build(name, meta=False)
-    analysis, unknown = analyze_recording(model, crop_size(name))
-    assert_exact_costs(name, model, analysis)
-    assert_known_ops(name, analysis, unknown)
-    masks = nrfx.norm_masks(model)
-    utilization = analysis.utilization()
-    if all(bool(m.all()) for m in masks.values()):
-        assert (utilization.live_params, utilization.live_macs) == (analysis.params, analysis.macs)
-    else:  # a norm initialised with zero scales (none in torchvision today)
-        assert utilization.live_params <= analysis.params
 
 
 # -- the unknown-op fallback ------------------------------------------------------------------------------

@@ -1,0 +1,348 @@
+"""Rules for layers with weights: conv, conv-transpose, linear, embedding and the norms."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nrfx.analysis.records import LayerRecord
+from nrfx.analysis.rules.common import param_of
+from nrfx.analysis.rules.registry import function_rule, module_rule
+from nrfx.analysis.specs import TensorSpec, Zero
+from nrfx.layers.gates import Gate
+from nrfx.layers.srlayers import SR_LAYERS, block_names, unused_weights
+
+__all__: list[str] = []
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *(c for c in SR_LAYERS if issubclass(c, nn.modules.conv._ConvNd)))
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _channel_dim(x: TensorSpec, weight_ndim: int) -> int:
+    """Channel dim of a conv input: 1 when batched, 0 when not."""
+    return 1 if x.ndim == weight_ndim else 0
+
+
+def _conv(ctx, x: TensorSpec, w_shape, groups: int, key, transposed: bool, mask: str | None):
+    """Conv rule: input channels consume a space, output channels produce a new one.
+
+    Depthwise (groups == in == out) keeps the input space; other grouped convs tie their input
+    and output group by group (``_grouped``).  Returns (out spec, in layout, out layout, weight dims).
+    """
+    cdim = _channel_dim(x, len(w_shape))
+    cin = w_shape[0] if transposed else w_shape[1] * groups
+    cout = w_shape[1] * groups if transposed else w_shape[0]
+    in_l = ctx.consume(x, cdim)
+    ctx.share((key, "in"), in_l)
+    kernel = math.prod(w_shape[2:])
+    out = ctx.out
+    # MACs per weight element: output positions (conv) or input positions (transposed, fvcore's rule)
+    positions = ctx.value(ctx.node.args[0]).numel() // cin if transposed else out.numel() // cout
+    if groups > 1 and groups == cin == cout and not transposed:
+        out_l = in_l if in_l is not None else ctx.fresh(cout, (key, "out"))
+        if in_l is None:
+            ctx.freeze(out_l, "depthwise conv over a plain dim")
+        w_dims = (out_l,) + (None,) * (len(w_shape) - 1)
+        ctx.add_macs(kernel * positions, out_l)
+    elif groups > 1:
+        out_l = ctx.fresh(cout, (key, "out"))
+        w_dims = _grouped(ctx, in_l, out_l, w_shape, groups, transposed, kernel * positions)
+    else:
+        out_l = ctx.fresh(cout, (key, "out"))
+        w_dims = ((in_l, out_l) if transposed else (out_l, in_l)) + (None,) * (len(w_shape) - 2)
+        ctx.add_macs(kernel * positions * (cin if in_l is None else 1), in_l, out_l)
+    dims = [None] * x.ndim
+    dims[cdim] = out_l
+    zero = [None] * x.ndim
+    zero[cdim] = Zero("none", (), mask)
+    spec = ctx.tensor(out.shape, tuple(dims), tuple(zero))
+    return spec, in_l, out_l, w_dims
+
+
+def _grouped(ctx, in_l, out_l, w_shape, groups: int, transposed: bool, per_weight: int):
+    """Grouped conv: fixed channels per group, the number of groups follows the width.
+
+    Group k of the input feeds group k of the output only, so the two spaces keep and add
+    channels in whole groups, group k with group k (a block tie); the weight's per-group dim
+    (``cin/groups``, transposed ``cout/groups``) never changes.  Over a plain input dim both
+    sides freeze.  Returns the weight dims.
+    """
+    cin = w_shape[0] if transposed else w_shape[1] * groups
+    cout = w_shape[1] * groups if transposed else w_shape[0]
+    reason = f"grouped conv (groups={groups})"
+    if in_l is None:
+        ctx.freeze(out_l, f"{reason} over a plain dim")
+    else:
+        ctx.atoms.tie_blocks(in_l, out_l, cin // groups, cout // groups, f"{reason} [{ctx.where}]")
+    whole = in_l if transposed else out_l  # weight dim 0 carries a space, dim 1 is one group's channels
+    ctx.add_macs(w_shape[1] * per_weight * (1 if whole is not None else w_shape[0]), whole)
+    return (whole,) + (None,) * (len(w_shape) - 1)
+
+def _layer_params(ctx, m: nn.Module, target: str, w_dims, out_l) -> None:
+    """Register a layer's weight and bias; an S/R layer's blocks register as its dense ``weight`` and ``bias``."""
+    if not isinstance(m, SR_LAYERS):
+        ctx.param(m.weight, w_dims)
+        ctx.param(m.bias, (out_l,))
+        return
+    for attr, dims in (("weight", w_dims), ("bias", (out_l,))):
+        if block_names(m, attr):
+            ctx.param_named(f"{target}.{attr}", m._dense_shape(attr), dims)
+
+
+@module_rule(*_CONVS, *_TRANSPOSED)
+def conv_module(ctx, node):
+    """Conv / ConvTranspose module: in consumes a space, out produces one (depthwise: same space)."""
+    m = ctx.module
+    transposed = isinstance(m, _TRANSPOSED)
+    x = ctx.spec(node.args[0])
+    spec, in_l, out_l, w_dims = _conv(ctx, x, tuple(m.weight.shape), m.groups, node.target, transposed, node.target)
+    _layer_params(ctx, m, node.target, w_dims, out_l)
+    unused = unused_weights(m)
+    ctx.record(LayerRecord("conv", module=node.target, input=in_l, output=out_l, groups=m.groups,
+                           transposed=transposed, unused_params=unused,
+                           unused_macs=unused * (ctx.out.numel() // m.weight.shape[0]), input_dim=1 - m.weight.dim()))
+    return spec
+
+
+@function_rule(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+def conv_function(ctx, node):
+    """F.conv*(x, weight, bias, ...) on model parameters: as the conv module."""
+    name, w_shape = param_of(ctx, ctx.arg(1, "weight"))
+    if name is None:
+        return ctx.unknown_op(f"function {node.target.__name__} with a computed weight")
+    transposed = "transpose" in node.target.__name__
+    groups = ctx.arg(6, "groups", 1)
+    x = ctx.spec(node.args[0])
+    spec, in_l, out_l, w_dims = _conv(ctx, x, w_shape, int(groups), name, transposed, None)
+    ctx.param_named(name, w_shape, w_dims)
+    bias_name = _bias(ctx, ctx.arg(2, "bias"), out_l)
+    ctx.record(LayerRecord("conv", weight=name, bias=bias_name, input=in_l, output=out_l, groups=int(groups),
+                           transposed=transposed, groups_arg=_literal_groups(ctx, node, w_shape, transposed, out_l),
+                           input_dim=1 - len(w_shape)))
+    return spec
+
+
+def _literal_groups(ctx, node, w_shape, transposed: bool, out_l) -> int | str | None:
+    """Where a grouped or depthwise F.conv* spells ``groups`` (position 6 or the keyword): it follows the new width."""
+    groups = ctx.arg(6, "groups", 1)
+    if out_l is None or not isinstance(groups, int) or groups <= 1:
+        return None
+    return 6 if len(node.args) > 6 else "groups"
+
+
+def linear_layout(ctx, x: TensorSpec, w_shape, key, mask: str | None):
+    """Linear rule: the last dim consumes a space and produces a new one."""
+    in_l = ctx.consume(x, x.ndim - 1)
+    ctx.share((key, "in"), in_l)
+    out_l = ctx.fresh(w_shape[0], (key, "out"))
+    rows = ctx.out.numel() // w_shape[0]
+    ctx.add_macs(rows * (w_shape[1] if in_l is None else 1), in_l, out_l)
+    dims = (None,) * (x.ndim - 1) + (out_l,)
+    zero = (None,) * (x.ndim - 1) + (Zero("none", (), mask),)
+    return ctx.tensor(ctx.out.shape, dims, zero), in_l, out_l
+
+
+@module_rule(nn.Linear, *(c for c in SR_LAYERS if issubclass(c, nn.Linear)))
+def linear_module(ctx, node):
+    """Linear module: last dim in consumes a space, last dim out produces one."""
+    m = ctx.module
+    spec, in_l, out_l = linear_layout(ctx, ctx.spec(node.args[0]), tuple(m.weight.shape), node.target, node.target)
+    _layer_params(ctx, m, node.target, (out_l, in_l), out_l)
+    unused = unused_weights(m)
+    ctx.record(LayerRecord("linear", module=node.target, input=in_l, output=out_l, unused_params=unused,
+                           unused_macs=unused * (ctx.out.numel() // m.weight.shape[0]), input_dim=-1))
+    return spec
+
+
+@function_rule(F.linear)
+def linear_function(ctx, node):
+    """F.linear(x, weight, bias) on model parameters: as the linear module."""
+    name, w_shape = param_of(ctx, ctx.arg(1, "weight"))
+    if name is None or len(w_shape) != 2:
+        return ctx.unknown_op("function linear with a computed weight")
+    spec, in_l, out_l = linear_layout(ctx, ctx.spec(node.args[0]), w_shape, name, None)
+    ctx.param_named(name, w_shape, (out_l, in_l))
+    bias_name = _bias(ctx, ctx.arg(2, "bias"), out_l)
+    ctx.record(LayerRecord("linear", weight=name, bias=bias_name, input=in_l, output=out_l, input_dim=-1))
+    return spec
+
+
+def _bias(ctx, bias, out_l) -> str | None:
+    """Rule: a bias parameter takes the output space; a computed bias (BEiT's ``cat((q_bias, k_bias, v_bias))``)
+    ties its channel layout to it, and one that carries none freezes the output (its width is spelled elsewhere).
+    Returns the bias parameter's name, or None."""
+    bias_name, bias_shape = param_of(ctx, bias)
+    if bias_name is not None:
+        ctx.param_named(bias_name, bias_shape, (out_l,))
+        return bias_name
+    spec = ctx.spec(bias) if isinstance(bias, torch.fx.Node) else None
+    if isinstance(spec, TensorSpec) and spec.ndim >= 1 and out_l is not None:
+        if spec.dims[-1] is not None:
+            ctx.unify(out_l, spec.dims[-1], "bias computed from other channels")
+        else:
+            ctx.freeze(out_l, "a computed bias without a channel space (its width is spelled elsewhere)")
+    return None
+
+
+@module_rule(nn.Embedding)
+def embedding(ctx, node):
+    """Embedding: the embedding dim is a new space produced by the table."""
+    m = ctx.module
+    out_l = ctx.fresh(m.embedding_dim, (node.target, "out"))
+    ctx.param(m.weight, (None, out_l))
+    shape = tuple(ctx.out.shape)
+    ctx.record(LayerRecord("embedding", module=node.target, output=out_l))
+    return ctx.tensor(shape, (None,) * (len(shape) - 1) + (out_l,))
+
+
+_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+@module_rule(*_PER_CHANNEL)
+def per_channel_norm(ctx, node):
+    """BatchNorm / InstanceNorm: same space in and out; γ marks the live channels.
+
+    Zeros do not pass through a norm: a channel that is zero at its input leaves as a constant
+    (β − γ·μ/σ in eval mode, β in training), so the output is known zero only where the norm's
+    own mask says so (γ = 0, and β = 0 for an exact zero).
+    """
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    cdim = 1 if x.ndim > 1 else 0
+    layout = x.dims[cdim]
+    for tensor in (m.weight, m.bias, m.running_mean, m.running_var):
+        ctx.param(tensor, (layout,))
+    ctx.record(LayerRecord("norm", module=node.target, input=layout, output=layout))
+    if layout is None:
+        return ctx.tensor(ctx.out.shape)
+    zero = [None] * x.ndim
+    zero[cdim] = Zero("none", (), node.target)
+    return ctx.tensor(ctx.out.shape, x.dims, tuple(zero))
+
+
+@module_rule(Gate)
+def gate(ctx, node):
+    """nrfx.Gate: same space in and out on its ``dim``; its scale marks the live channels, as a norm's γ.
+
+    The output is known zero only where the gate's own mask says so (like a norm), not where its
+    input is: the rewrite may give the gate's new entries a value of its own (γ0).
+    """
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    if not isinstance(x, TensorSpec):
+        return ctx.blank(ctx.out)
+    cdim = m.dim % x.ndim
+    layout = x.dims[cdim]
+    ctx.param(m.weight, (layout,))
+    ctx.record(LayerRecord("norm", module=node.target, input=layout, output=layout))
+    if layout is None:
+        return ctx.tensor(ctx.out.shape)
+    zero = [None if d is None else Zero("none") for d in x.dims]
+    zero[cdim] = Zero("none", (), node.target)
+    return ctx.tensor(ctx.out.shape, x.dims, tuple(zero))
+
+
+@function_rule(F.batch_norm, F.instance_norm)
+def per_channel_norm_function(ctx, node):
+    """F.batch_norm / F.instance_norm: same space in and out; parameters follow dim 1; zeros do not pass."""
+    x = ctx.spec(node.args[0])
+    layout = x.dims[1] if x.ndim > 1 else x.dims[0]
+    for arg in node.args[1:5]:
+        name, shape = param_of(ctx, arg)
+        if name is not None:
+            ctx.param_named(name, shape, (layout,), buffer="running" in name)
+    return ctx.tensor(ctx.out.shape, x.dims)
+
+
+def _group_space(ctx, x, groups: int):
+    """The channel layout of a GroupNorm input, tied to itself in whole groups (None: no channel space)."""
+    if not isinstance(x, TensorSpec) or x.ndim < 2 or x.dims[1] is None:
+        return None
+    layout = x.dims[1]
+    width = ctx.atoms.channels(layout)
+    if layout.inner != 1 or not isinstance(groups, int) or groups < 1 or width % groups:
+        ctx.freeze(layout, f"GroupNorm with groups={groups!r} over {width} channels")
+        return layout
+    ctx.atoms.tie_blocks(layout, layout, width // groups, width // groups, f"GroupNorm(groups={groups}) [{ctx.where}]")
+    return layout
+
+
+def _norm_output(ctx, x, layout, mask: str | None):
+    """A norm's output spec: the input's layouts; known zero only where the norm's own mask says."""
+    if layout is None:
+        return ctx.tensor(ctx.out.shape, x.dims if isinstance(x, TensorSpec) else None)
+    zero = [None if d is None else Zero("none") for d in x.dims]
+    zero[1] = Zero("none", (), mask)
+    return ctx.tensor(ctx.out.shape, x.dims, tuple(zero))
+
+
+@module_rule(nn.GroupNorm)
+def group_norm(ctx, node):
+    """GroupNorm: same space in and out, resized in whole groups (channels per group fixed); γ marks live channels.
+
+    A group is dead when all its channels are; removing whole groups leaves the statistics of
+    the others exactly as they were, and ``num_groups`` follows the new width.  Without affine
+    there is no liveliness signal, but the space may still be resized in whole groups.
+    """
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    layout = _group_space(ctx, x, m.num_groups)
+    for tensor in (m.weight, m.bias):
+        ctx.param(tensor, (layout,))
+    ctx.record(LayerRecord("norm", module=node.target, input=layout, output=layout, groups=m.num_groups))
+    return _norm_output(ctx, x, layout, node.target)
+
+
+@function_rule(F.group_norm)
+def group_norm_function(ctx, node):
+    """F.group_norm(x, num_groups, weight, bias): as the module; a literal ``num_groups`` follows the new width."""
+    x = ctx.spec(node.args[0])
+    groups = ctx.arg(1, "num_groups")
+    layout = _group_space(ctx, x, groups)
+    names = []
+    for index, key in ((2, "weight"), (3, "bias")):
+        name, shape = param_of(ctx, ctx.arg(index, key))
+        if name is not None:
+            ctx.param_named(name, shape, (layout,))
+        names.append(name)
+    position = 1 if len(node.args) > 1 else "num_groups"
+    ctx.record(LayerRecord("group_norm", weight=names[0], bias=names[1], input=layout, output=layout,
+                           groups=groups if isinstance(groups, int) else 1, groups_arg=position))
+    return _norm_output(ctx, x, layout, None)
+
+
+@module_rule(nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
+def coupling_norm(ctx, node):
+    """LayerNorm / RMSNorm / LRN: statistics couple all the normalised channels, freeze them.
+
+    (A LayerNorm is a GroupNorm with one group: removing a channel changes every other one's
+    statistics, so it stays frozen.)
+    """
+    m = ctx.module
+    x = ctx.spec(node.args[0])
+    shape = getattr(m, "normalized_shape", None)
+    touched = range(x.ndim - len(shape), x.ndim) if shape is not None else [1]
+    for d in touched:
+        ctx.freeze(x.dims[d], f"{type(m).__name__} statistics couple the channels")
+    return ctx.tensor(ctx.out.shape, x.dims)  # a zero slice leaves as β: zeros do not pass
+
+
+@function_rule(F.layer_norm, F.rms_norm, F.local_response_norm, F.normalize)
+def coupling_norm_function(ctx, node):
+    """Functional layer/rms norm, LRN and normalize: freeze the normalised dims."""
+    x = ctx.spec(node.args[0])
+    name = node.target.__name__
+    if name in ("layer_norm", "rms_norm"):
+        shape = ctx.arg(1, "normalized_shape")
+        touched = range(x.ndim - len(shape), x.ndim)
+    elif name == "normalize":
+        touched = [ctx.arg(2, "dim", 1)]
+    else:
+        touched = [1]
+    for d in touched:
+        ctx.freeze(x.dims[d], f"{name} statistics couple the channels")
+    return ctx.tensor(ctx.out.shape, x.dims)

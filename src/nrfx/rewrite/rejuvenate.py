@@ -1,0 +1,335 @@
+"""rejuvenate: analyse, plan and rewrite in one call; apply_plan replays a saved plan.
+
+The plan is complete (survivors, widths, folded constants, planning notes) and immutable
+before the build starts; the build is a fixed list of rewrite passes that share one
+signature ``(gm, analysis, plan, maps) -> notes`` and never write the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from nrfx.analysis.cost import by_kind
+from nrfx.analysis.front import analyze
+from nrfx.analysis.graph import Analysis, ModelAnalysis, as_example
+from nrfx.analysis.islands import IslandAnalysis, record_calls
+from nrfx.capture.front_ends import Example
+from nrfx.capture.inputs import check_model, check_real_weights
+from nrfx.capture.shapeprop import propagate_shapes
+from nrfx.capture.trace import keep_safe_inplace
+from nrfx.errors import BudgetError, InputError, NrfxError, PlanError, RewriteError
+from nrfx.plan.check import check_plan_fits
+from nrfx.plan.fold import apply_folds, measure_folds
+from nrfx.plan.maps import ParamMap, param_maps
+from nrfx.plan.planner import Budget, Plan, make_plan
+from nrfx.rewrite.inplace import (
+    PLANS_KEY,
+    Journal,
+    check_same_outputs,
+    decode_rounds,
+    freeze_for_inplace,
+    materialise,
+    pinned_notes,
+    record_round,
+    recorded_rounds,
+    same_history,
+    saves_plans,
+    skeleton,
+    transplant,
+)
+from nrfx.rewrite.optim_state import dense_parameters, inplace_states, move_inplace_states
+from nrfx.rewrite.rescale import apply_rescale
+from nrfx.rewrite.reslice import regroup, reheads, reslice, resum
+from nrfx.rewrite.results import attach
+from nrfx.rewrite.schemes import apply_scheme, densify
+from nrfx.rewrite.tensors import copy_for_rewrite, rewrite_params, verify
+
+__all__ = ["rejuvenate", "apply_plan", "plan_rejuvenation", "load_rejuvenated", "replays_plans", "REWRITE_PASSES"]
+
+RewritePass = Callable[[torch.fx.GraphModule, Analysis, Plan, dict[str, ParamMap]], list[str]]
+# in order: new tensors, literal channel sizes, folded constants, neural rescaling, S/R schemes
+REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, resum, reheads, apply_folds, apply_rescale,
+                                           apply_scheme)
+
+
+def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any,
+                      **options: Any) -> Plan:
+    """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit
+    (measured on the analysis' own example inputs)."""
+    plan = make_plan(analysis, model, masks, budget, **options)
+    return _with_folds(analysis, plan)
+
+
+def _with_folds(analysis: Analysis, plan: Plan) -> Plan:
+    """The plan with its folded constants measured on the example inputs (kept when it has them)."""
+    if plan.folds is not None:
+        return plan
+    folds, notes = measure_folds(analysis.gm, analysis, plan, analysis.example)
+    return dataclasses.replace(plan, folds=folds, notes=[*plan.notes, *notes])
+
+
+def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any = None, *,
+               example_inputs: Any, example_kwargs: dict[str, Any] | None = None, scheme: str = "nr",
+               rescale: bool = False, gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None,
+               align: int = 8, constants: str = "drop", analysis: Analysis | None = None, inplace: bool = False,
+               optimizer: torch.optim.Optimizer | None = None, carry_state: bool = True,
+               **capture_options: Any) -> nn.Module:
+    """Remove dead channels, grow every free space by one shared rate α to the budget, re-initialise.
+
+    Returns a new GraphModule (the model is not modified) with ``nrfx_plan`` (the replayable
+    Plan, with the notes of the build) and ``nrfx_param_map`` ({name: ParamMap}) attached.
+    With ``inplace=True`` the model object itself is rewritten and returned (``nrfx.rewrite.inplace``):
+    same class, module names and surviving ``nn.Parameter`` objects, resized; ``optimizer=``
+    then follows (state sliced to the survivors, fresh for new entries; ``carry_state=False``
+    starts every resized parameter fresh), and ``model.state_dict()`` carries the plans.
+    It takes the model's own arguments (``example_inputs``, ``example_kwargs``) and returns its
+    output structure; ``capture`` and the trace options are those of ``nrfx.analyze``.
+    ``align`` (default 8): resized widths, and in cr/ca their S and R parts, stay multiples of it
+    (tensor-core friendly); ``align=1`` is the paper's exact allocation.
+    """
+    check_model(model)
+    check_real_weights(model)
+    if optimizer is not None and not inplace:
+        raise InputError("optimizer= follows a rewrite in place only: pass inplace=True (without it nrfx returns a new "
+                         "module, and the driver NeuralRejuvenation rebuilds the optimizer for it)")
+    analysis = analysis or analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
+    options = {"scheme": scheme, "rescale": rescale, "gamma0": gamma0, "realloc": realloc, "seed": seed,
+               "align": align, "constants": constants}
+    if inplace:
+        jobs = {path: _inplace_job(model.get_submodule(path), island, island_masks, island_budget, options)
+                for path, (island, island_masks, island_budget) in _targets(analysis, masks, budget).items()}
+        return _apply_in_place(model, jobs, optimizer, carry_state, as_example(example_inputs, example_kwargs))
+    if not analysis.whole:
+        return _rejuvenate_islands(model, analysis, masks, budget, options)
+    plan = plan_rejuvenation(analysis, model, masks, budget, **options)
+    return _build(model, analysis, plan)
+
+
+def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[str, torch.Tensor] | None,
+                        budget: Any, options: dict[str, Any]) -> nn.Module:
+    """A deep copy of the model with every island replaced by its rejuvenated module.
+
+    Each island is planned on its own at one shared fraction of its cost: the budget less the
+    parameters outside the islands, over the islands' c(A).  ``nrfx_plans`` maps island paths to plans.
+    """
+    fraction, kind = _island_fraction(analysis, budget)
+    result = copy.deepcopy(model)
+    plans: dict[str, Plan] = {}
+    for path, island_masks in analysis.split_masks(masks).items():
+        island = analysis.islands[path]
+        plan = plan_rejuvenation(island, model.get_submodule(path), island_masks, Budget.fraction(fraction, kind),
+                                 **options)
+        module = _build(model.get_submodule(path), island, plan)
+        parent, _, name = path.rpartition(".")
+        setattr(result.get_submodule(parent), name, module)
+        plans[path] = module.nrfx_plan
+    analysis.retie(model, result)  # a tensor two islands (or an island and the rest) share is one tensor again
+    attach(result, nrfx_plans=plans)
+    return result
+
+
+def _targets(analysis: ModelAnalysis, masks, budget) -> dict[str, tuple[Analysis, Any, Any]]:
+    """What gets planned: the whole graph (path ""), or each island at the islands' shared budget fraction."""
+    if analysis.whole:
+        return {"": (analysis, masks, budget)}
+    fraction, kind = _island_fraction(analysis, budget)
+    return {path: (analysis.islands[path], island_masks, Budget.fraction(fraction, kind))
+            for path, island_masks in analysis.split_masks(masks).items()}
+
+
+def _inplace_job(model: nn.Module, analysis: Analysis, masks, budget, options: dict[str, Any]) -> tuple[Analysis, Plan]:
+    """The analysis with the spaces the user's code pins frozen, and the plan made on it."""
+    pinned = freeze_for_inplace(analysis, model)
+    plan = plan_rejuvenation(pinned, model, masks, budget, **options)
+    return pinned, dataclasses.replace(plan, notes=[*plan.notes, *pinned_notes(analysis, pinned)])
+
+
+def _apply_in_place(model: nn.Module, jobs: dict[str, tuple[Analysis, Plan]], optimizer: torch.optim.Optimizer | None,
+                    carry_state: bool, example: Example) -> nn.Module:
+    """Build every job's GraphModule, then move it into ``model`` (undone whole on any failure), optimizer after."""
+    built = {path: _build(model.get_submodule(path), analysis, plan) for path, (analysis, plan) in jobs.items()}
+    maps = {_joined(path, name): pmap for path, gm in built.items() for name, pmap in gm.nrfx_param_map.items()}
+    before = dense_parameters(model)
+    states = inplace_states(optimizer, before, maps, carry_state) if optimizer is not None else {}
+    journal = Journal()
+    for path, gm in built.items():
+        transplant(model.get_submodule(path), gm, journal)
+        check_same_outputs(model.get_submodule(path), gm, jobs[path][0].example, journal)
+    if optimizer is not None:
+        move_inplace_states(optimizer, before, dense_parameters(model), states)
+    plans = {path: gm.nrfx_plan for path, gm in built.items()}
+    _remember(model, plans, example)
+    attach(model, nrfx_plan=plans.get(""), nrfx_plans=plans, nrfx_param_map=maps)
+    return model
+
+
+def _joined(path: str, name: str) -> str:
+    """``path.name``, or ``name`` at the root."""
+    return f"{path}.{name}" if path else name
+
+
+def _remember(model: nn.Module, plans: dict[str, Plan], example: Example) -> None:
+    """Record the round for ``state_dict``, keep the inputs' shapes, and let ``load_state_dict`` replay rounds."""
+    record_round(model, plans)
+    model.__dict__.setdefault("_nrfx_example", skeleton(example))
+    replays_plans(model)
+
+
+def replays_plans(model: nn.Module) -> None:
+    """Make ``model.load_state_dict`` replay, in place, the rounds a state dict carries beyond the model's own."""
+    saves_plans(model)
+    if not model.__dict__.get("_nrfx_loads_plans"):
+        model.register_load_state_dict_pre_hook(_load_plans)
+        model.__dict__["_nrfx_loads_plans"] = True
+
+
+def _load_plans(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    """Load pre-hook: the rounds under ``prefix + nrfx_plans`` that the model has not had yet, replayed in place."""
+    key = prefix + PLANS_KEY
+    if key not in state_dict:
+        return
+    rounds, done = decode_rounds(state_dict.pop(key)), recorded_rounds(module)
+    if not same_history(done, rounds):
+        error_msgs.append(f"{key}: the state dict comes from a model rejuvenated differently from this one; load it "
+                          "into a fresh instance of the original class with nrfx.load_rejuvenated(model, state_dict)")
+        return
+    for round_ in rounds[len(done):]:
+        example = module.__dict__.get("_nrfx_example")
+        jobs = {path: _replay_job(module, path, Plan.from_dict(data), example) for path, data in round_.items()}
+        _apply_in_place(module, jobs, None, True, example or _example_from_plan(next(iter(jobs.values()))[1]))
+
+
+def _example_from_plan(plan: Plan) -> Example:
+    """Zeros of the plan's input shapes: the example of an fx-captured plan replayed without one."""
+    return Example(tuple(torch.zeros(s) for s in plan.input_shapes))
+
+
+def _replay_job(model: nn.Module, path: str, plan: Plan, example: Example | None) -> tuple[Analysis, Plan]:
+    """The analysis (pinned spaces frozen, as when the plan was made) of the module a saved plan rewrites."""
+    module = model.get_submodule(path)
+    inputs = _replay_inputs(model, path, plan, example)
+    analysis = freeze_for_inplace(analyze(module, inputs.args, example_kwargs=inputs.kwargs, capture=plan.capture),
+                                  module)
+    check_plan_fits(plan, analysis)
+    return analysis, _with_folds(analysis, plan)
+
+
+def _replay_inputs(model: nn.Module, path: str, plan: Plan, example: Example | None) -> Example:
+    """The inputs module ``path`` receives: from the model's example (as zeros), else zeros of an fx plan's shapes."""
+    if example is None:
+        if plan.capture != "fx":
+            raise PlanError(f"this plan was made on a model captured by {plan.capture}: pass example_inputs= (and "
+                            "example_kwargs=) to nrfx.load_rejuvenated so the saved rounds can be replayed")
+        return _example_from_plan(plan)
+    device = next(model.parameters()).device
+    whole = materialise(example, device)
+    if not path:
+        return whole
+    return record_calls(model, whole)[id(model.get_submodule(path))][0]
+
+
+def load_rejuvenated(model: nn.Module, state_dict: dict[str, Any], example_inputs: Any = None, *,
+                     example_kwargs: dict[str, Any] | None = None, strict: bool = True) -> Any:
+    """Load a state dict saved from an in-place-rejuvenated model into a fresh instance of the original class.
+
+    The rounds of plans the state dict carries (``nrfx_plans``, under the prefix of the module that
+    was rejuvenated: a LightningModule's ``net.nrfx_plans``) are replayed in place first, so the
+    tensors fit; a state dict from before any rejuvenation loads as usual.  ``example_inputs`` (and
+    ``example_kwargs``) are needed for plans made on a model captured by torch.export.  Returns what
+    ``load_state_dict`` returns; afterwards the model saves and loads its plans by itself.
+    """
+    check_model(model)
+    example = as_example(example_inputs, example_kwargs) if example_inputs is not None else None
+    paths = {key[: -len(PLANS_KEY)].rstrip(".") for key in state_dict if key.split(".")[-1] == PLANS_KEY}
+    for path in sorted(paths | {""}):
+        _prepare_replay(model, path, example)
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+def _prepare_replay(model: nn.Module, path: str, example: Example | None) -> None:
+    """Let the submodule at ``path`` replay saved rounds on load, knowing its inputs' shapes when given."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return  # load_state_dict reports the key as unexpected
+    if example is not None:
+        inputs = example if not path else record_calls(model, example).get(id(module), [None])[0]
+        if inputs is not None:
+            module.__dict__["_nrfx_example"] = skeleton(inputs)
+    replays_plans(module)
+
+
+def _island_fraction(analysis: IslandAnalysis, budget: Any) -> tuple[float, str]:
+    """The one fraction of their own cost every island gets so the whole model meets the budget."""
+    kind, value = Budget.coerce(budget).resolve(analysis)
+    inside = by_kind(kind, sum(island.params for island in analysis.islands.values()), analysis.macs)
+    available = by_kind(kind, value - analysis.outside_params + analysis.shared_params, value)
+    if inside <= 0 or available <= 0:
+        raise BudgetError(f"a budget of {value:,} {kind} leaves nothing for the islands "
+                          f"({analysis.outside_params:,} parameters lie outside them)")
+    return available / inside, kind
+
+
+def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, *,
+               example_kwargs: dict[str, Any] | None = None, inplace: bool = False,
+               optimizer: torch.optim.Optimizer | None = None, carry_state: bool = True,
+               **capture_options: Any) -> nn.Module:
+    """Rebuild the rejuvenated module a plan describes, from the original model (replay).
+
+    ``inplace``, ``optimizer`` and ``carry_state`` as in ``rejuvenate``: the plan must then have been
+    made in place too (its spaces pinned by the model's code are frozen), else a PlanError.
+    """
+    plan = Plan.from_dict(plan.to_dict() if isinstance(plan, Plan) else plan)  # checked whole, whatever its source
+    if example_inputs is None and plan.capture != "fx":
+        raise PlanError(f"this plan was made on a model captured by {plan.capture}: pass example_inputs= "
+                        "(and example_kwargs=) as the model takes them to replay it")
+    if example_inputs is None:
+        example_inputs = tuple(torch.zeros(s) for s in plan.input_shapes)
+    capture_options.setdefault("capture", plan.capture)
+    analysis = analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
+    if optimizer is not None and not inplace:
+        raise InputError("optimizer= follows a rewrite in place only: pass inplace=True")
+    if inplace:
+        analysis = freeze_for_inplace(analysis, model)
+    check_plan_fits(plan, analysis)
+    if inplace:
+        jobs = {"": (analysis, _with_folds(analysis, plan))}
+        return _apply_in_place(model, jobs, optimizer, carry_state, as_example(example_inputs, example_kwargs))
+    return _build(model, analysis, _with_folds(analysis, plan))
+
+
+def _build(model: nn.Module, analysis: Analysis, plan: Plan) -> torch.fx.GraphModule:
+    """Copy the traced graph module, run every rewrite pass, verify; the plan is only read."""
+    maps: dict[str, ParamMap] = param_maps(analysis, plan)
+    gm = copy_for_rewrite(analysis.gm, maps)
+    densify(gm)  # an earlier round's S/R layers are rewritten as the plain layers they stand for
+    notes = list(plan.notes)
+    for rewrite_pass in REWRITE_PASSES:
+        notes += rewrite_pass(gm, analysis, plan, maps)
+    keep_safe_inplace(gm)
+    gm.recompile()
+    verify(gm)
+    _check_runs(gm, analysis.example.flat())
+    attach(gm, nrfx_plan=dataclasses.replace(plan, notes=list(dict.fromkeys(notes))), nrfx_param_map=maps)
+    gm.train(model.training)
+    return gm
+
+
+def _check_runs(gm: torch.fx.GraphModule, inputs) -> None:
+    """The rewritten graph runs on the example inputs' shapes; a failure is nrfx's, not the inputs'."""
+    try:
+        propagate_shapes(gm, inputs)
+    except NrfxError as error:
+        raise RewriteError(
+            f"the rewritten model does not run on the example inputs that the original ran on: {error}\n"
+            "  An op in the model spells a channel count nrfx does not rewrite. Make its module a leaf "
+            "(leaf_modules=[...]) so its channels freeze, and please report the op."
+        ) from error

@@ -1,0 +1,151 @@
+"""Slow sweep: every torchvision classifier built for real once, analysed once, and checked from that analysis.
+
+Per model (``weights=None``, float64, eval, batch 2 at the zoo's small input size):
+
+* costs: ``params`` equals ``sum(p.numel())``, no op is left to the unknown-op fallback, and a freshly
+  initialised model is fully alive (U(θ) = c(A));
+* coverage: the model's row in docs/coverage.md is what this analysis (and ``add_gates``) gives now;
+* dead channels per space (30 % of every free space): the rejuvenated model keeps the function, one
+  scheme × rescale variant per model in turn, so every variant runs over the sweep (all six: test_rejuvenate);
+* dead channels drawn per norm (30 % of each norm, independently): the same, with another variant, on models
+  where some free space carries two norms or more.
+
+MACs at the crop size of the DEFAULT weights, exact to torchvision's own figures, are checked for all 80 by
+the fast meta sweep (tests/test_zoo.py): they depend on the graph and the input size, never on weight values.
+A model in ``HEAVY`` (over ~100M parameters or slow at its smallest input) runs in a fresh process with one
+variant per space and no per-norm variant, so its memory goes back to the system afterwards.
+``EXPECTED_FAILURES`` is applied as a strict xfail mark: a listed model that starts to pass fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from benchmarks.coverage_table import DOC, HEADER, coverage_row, parse_table
+from support import HEAVY, SCHEMES, assert_preserved, kill_channels, kill_per_norm, norms_per_space, zoo_input_size
+
+import nrfx
+from nrfx import UnknownOpWarning
+
+ROOT = Path(__file__).resolve().parent.parent  # holds the benchmarks package, for a HEAVY model's child process
+MODELS = torchvision.models.list_models(module=torchvision.models)
+# name -> (exception the check raises, why); applied as a strict xfail mark (target: empty). A HEAVY
+# model runs in a child process: its failure reaches the test as an AssertionError.
+EXPECTED_FAILURES: dict[str, tuple[type[BaseException], str]] = {}
+
+
+def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model with fresh weights in float64 eval mode, and a batch-2 input of its small size."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).double().eval()
+    size = zoo_input_size(name)
+    return model, torch.randn(2, 3, size, size, dtype=torch.float64)
+
+
+def analyse(model: torch.nn.Module, x: torch.Tensor):
+    """The one analysis of the model, and the UnknownOpWarnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        analysis = nrfx.analyze(model, x)
+    return analysis, [w for w in caught if issubclass(w.category, UnknownOpWarning)]
+
+
+def assert_costs(model: torch.nn.Module, analysis, unknown: list) -> None:
+    """Params exact, every op known, and a freshly initialised model fully alive."""
+    assert analysis.params == sum(p.numel() for p in model.parameters())
+    assert not analysis.unknown_ops and not unknown, sorted(analysis.unknown_ops)
+    utilization = analysis.utilization()
+    if all(bool(m.all()) for m in nrfx.norm_masks(model).values()):
+        assert (utilization.live_params, utilization.live_macs) == (analysis.params, analysis.macs)
+    else:  # a norm initialised with zero scales (none in torchvision today)
+        assert utilization.live_params <= analysis.params
+
+
+def assert_coverage_row(name: str, model: torch.nn.Module, x: torch.Tensor, analysis) -> None:
+    """docs/coverage.md's row equals this analysis' coverage, before and after add_gates."""
+    printed = parse_table(DOC.read_text())[("torchvision", name)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = coverage_row("torchvision", name, model, x, analysis)
+    assert dict(zip(HEADER, fresh.cells(), strict=True)) == printed, \
+        "docs/coverage.md is stale: run python -m benchmarks.coverage_table --write"
+
+
+def variants(name: str) -> tuple[tuple[str, bool], tuple[str, bool]]:
+    """The scheme × rescale variants this model checks per space and per norm (every variant over the sweep)."""
+    if name in HEAVY:  # the one that rewrites most; cr + rescale for the 224² transformers
+        return (("cr", True) if zoo_input_size(name) > 64 else ("ca", True)), ("", False)
+    index = MODELS.index(name)
+    return SCHEMES[index % len(SCHEMES)], SCHEMES[(index + 3) % len(SCHEMES)]
+
+
+def check_model(name: str) -> None:
+    """Build and analyse once; costs, coverage row, per-space and per-norm dead channels from that analysis."""
+    warnings.simplefilter("ignore")
+    model, x = build(name)
+    analysis, unknown = analyse(model, x)
+    assert_costs(model, analysis, unknown)
+    assert_coverage_row(name, model, x, analysis)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    per_space, per_norm = variants(name)
+    kill_channels(model, analysis, 0.3, 0)
+    assert_preserved(model, x, analysis, [per_space], exact_snapshot=name not in HEAVY)
+    if per_norm[0]:
+        model.load_state_dict(fresh)
+        if norms_per_space(model, analysis) >= 2:  # else per-norm = per-space, checked above
+            assert kill_per_norm(model, analysis, 0.3, 0) > 0
+            assert_preserved(model, x, analysis, [per_norm])
+
+
+def zoo_params(expected: dict[str, tuple[type[BaseException], str]] | None = None) -> list:
+    """One pytest param per model; a model in ``expected`` (default EXPECTED_FAILURES) gets a strict xfail mark."""
+    expected = EXPECTED_FAILURES if expected is None else expected
+    params = []
+    for name in MODELS:
+        # several GB per HEAVY model: never two at once (the others are under ~2 GB and spread over the workers)
+        marks = [pytest.mark.xdist_group("memory-heavy")] if name in HEAVY else []
+        if name in expected:
+            error, why = expected[name]
+            marks.append(pytest.mark.xfail(raises=error, reason=why, strict=True))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def test_expected_failures_are_strict_xfail_marks():
+    """A listed model is marked before it runs (strict, with its exception), not xfailed from inside the test."""
+    name = MODELS[0]
+    params = {p.id: p for p in zoo_params({name: (RuntimeError, "why")})}
+    assert params.keys() == set(MODELS)
+    mark = params[name].marks[-1]
+    assert mark.name == "xfail"
+    assert mark.kwargs == {"raises": RuntimeError, "reason": "why", "strict": True}
+    assert all(m.name != "xfail" for n, p in params.items() if n != name for m in p.marks)
+
+
+def test_every_variant_runs_over_the_sweep():
+    """Per space and per norm, each of the six scheme × rescale variants is some model's."""
+    light = [n for n in MODELS if n not in HEAVY]
+    assert {variants(n)[0] for n in light} == set(SCHEMES) == {variants(n)[1] for n in light}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo_params())
+def test_torchvision_model(name):
+    if name not in HEAVY:
+        check_model(name)
+        return
+    # up to ~16 GB at peak: a fresh process, so that the memory goes back to the system afterwards
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, timeout=1200, env=env)
+    assert child.returncode == 0, f"{name} (exit {child.returncode}):\n{child.stdout[-4000:]}\n{child.stderr[-4000:]}"
+
+
+if __name__ == "__main__":
+    check_model(sys.argv[1])

@@ -19,7 +19,7 @@ from torch import nn
 import nrfx
 from nrfx.errors import NrfxWarning, PlanError
 from nrfx.ops.layer_kinds import constant_input_problem
-from nrfx.plan.fold import _delta
+from nrfx.rewrite.folds import _delta
 
 
 def _rejuvenate(model, x, **options):

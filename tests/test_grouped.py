@@ -268,7 +268,7 @@ def test_groupnorm_resnet_every_scheme():
     preserved(model, x, _with_dead(model, x), fractions=(None,))
 
 
-def _coverage(name: str) -> nrfx.analysis.graph.Coverage:
+def _coverage(name: str) -> nrfx.analysis.whole.Coverage:
     with warnings.catch_warnings(), meta_parameters():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None).eval()

@@ -72,7 +72,7 @@ def test_forward_hooks_do_not_fire_during_rejuvenate():
 
 
 def test_hooks_silenced_keeps_torch_parametrisation_hooks_and_restores_the_users():
-    from nrfx.capture.shapeprop import hooks_silenced
+    from nrfx.capture.guards import hooks_silenced
 
     model = _net()
     model[0] = nn.utils.weight_norm(model[0])  # torch's own pre-hook recomputes the weight: part of the forward

@@ -79,7 +79,7 @@ def test_caching_leaf_is_left_as_it_was():
 
 
 def test_untouched_restores_added_and_replaced_attributes():
-    from nrfx.capture.shapeprop import untouched
+    from nrfx.capture.guards import untouched
 
     model = Detector()
     before = _all_attributes(model)

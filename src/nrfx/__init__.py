@@ -1,10 +1,10 @@
 """nrfx: Neural Rejuvenation for any PyTorch model, as torch.fx graph transformations."""
 
 from nrfx.analysis.front import analyze
-from nrfx.analysis.graph import Analysis, Coverage, ModelAnalysis, Space, Utilization
 from nrfx.analysis.islands import IslandAnalysis
 from nrfx.analysis.masks import norm_masks
 from nrfx.analysis.rules import register_layer, unregister_layer
+from nrfx.analysis.whole import Analysis, Coverage, ModelAnalysis, Space, Utilization
 from nrfx.errors import (
     BudgetError,
     InputError,

@@ -82,7 +82,7 @@ class Report:
     frozen: tuple[tuple[int, int, str], ...] = ()
     unknown_ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
     auto_leaves: dict[str, str] = field(default_factory=dict)
-    coverage: Any = None  # nrfx.analysis.Coverage: channels in free spaces, and with a liveliness signal
+    coverage: Any = None  # nrfx.Coverage: channels in free spaces, and with a liveliness signal
     capture: str = "fx"
     capture_notes: tuple[str, ...] = ()
 

@@ -1,6 +1,6 @@
 """The front door: ``nrfx.analyze`` and its one fallback policy (one graph of the whole model, else islands).
 
-Capturing one graph (fx, else torch.export: ``capture.capture``, where that order and its reasons
+Capturing one graph (fx, else torch.export: ``capture.front_ends.capture``, where that order and its reasons
 live) is tried first; when it raises a TraceError under ``capture='auto'`` the model is analysed as
 islands (``islands.find_islands``).  Both results answer the ``ModelAnalysis`` protocol.
 """
@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from nrfx.analysis.graph import ModelAnalysis, analyze_whole, as_example
 from nrfx.analysis.islands import find_islands
+from nrfx.analysis.whole import ModelAnalysis, analyze_whole, as_example
 from nrfx.capture.front_ends import CAPTURES
 from nrfx.capture.inputs import check_example, check_model
 from nrfx.errors import TraceError

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nrfx.analysis.graph import (
+from nrfx.analysis.reprs import island_analysis_repr
+from nrfx.analysis.whole import (
     COVERAGE_MIN_CHANNELS,
     COVERAGE_WARN_BELOW,
     Analysis,
@@ -32,9 +33,8 @@ from nrfx.analysis.graph import (
     Utilization,
     analyze_whole,
 )
-from nrfx.analysis.reprs import island_analysis_repr
 from nrfx.capture.front_ends import Example
-from nrfx.capture.shapeprop import in_eval_mode, untouched
+from nrfx.capture.guards import in_eval_mode, untouched
 from nrfx.errors import NrfxError, NrfxWarning, RenamedAttribute, TraceError
 
 __all__ = ["IslandAnalysis", "find_islands"]

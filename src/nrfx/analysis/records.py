@@ -4,6 +4,8 @@
 embedding, norm).  ``SliceRecord``: literal channel bounds (slice, split sizes, narrow) that
 the rewrite moves to the new widths.  ``SumRecord``: a sum or mean over a free channel dim,
 which the rewrite restricts to the surviving channels (with the original divisor for a mean).
+``ViewRecord``: the sizes of a view / reshape that splits channels into attention heads (or merges
+them back), which the rewrite sets to the new widths.
 ``Analysis.records`` maps node names to them.
 """
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from nrfx.analysis.spaces import Layout
 
-__all__ = ["LayerRecord", "SliceRecord", "SumRecord", "Record"]
+__all__ = ["LayerRecord", "SliceRecord", "SumRecord", "ViewRecord", "Record"]
 
 
 @dataclass(frozen=True)
@@ -68,4 +70,19 @@ class SumRecord:
     kind: str = "sum"
 
 
-Record = LayerRecord | SliceRecord | SumRecord
+@dataclass(frozen=True)
+class ViewRecord:
+    """Sizes of a view / reshape that the rewrite sets to the new widths (attention heads).
+
+    ``sizes``: (out dim, layout) per size to set: the new size is the layout's new channel count times its
+    ``inner`` (a head count, or heads × head dim where heads merge back into channels).  ``merge``: the view
+    merges heads back into channels (``x.transpose(1, 2).reshape(B, N, C)``).
+    """
+
+    sizes: tuple[tuple[int, Layout], ...]
+    merge: bool = False
+
+    kind: str = "view"
+
+
+Record = LayerRecord | SliceRecord | SumRecord | ViewRecord

@@ -35,8 +35,9 @@ from torch import nn
 
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
+from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
-from nrfx.capture.shapeprop import hooks_silenced, in_eval_mode, probe_shapes, propagate_shapes, untouched
+from nrfx.capture.shapeprop import probe_shapes, propagate_shapes
 from nrfx.capture.trace import Traced, defaulted_args, trace
 from nrfx.errors import ShapeError, TraceError, node_location
 

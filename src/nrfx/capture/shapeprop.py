@@ -10,9 +10,7 @@ one node the same way under ``FlopCounterMode`` (2 FLOPs = 1 MAC).
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,11 +19,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from nrfx.capture.guards import untouched
 from nrfx.capture.shape_formulas import function_shape, method_shape, module_shape
 from nrfx.errors import ShapeError, error_frames, frame_line, node_location, user_frame
 
-__all__ = ["propagate_shapes", "probe_shapes", "measure_node_macs", "meta_state", "to_meta", "untouched",
-           "in_eval_mode", "hooks_silenced", "buffer_values", "restore_buffer_values"]
+__all__ = ["propagate_shapes", "probe_shapes", "measure_node_macs", "meta_state", "to_meta"]
 
 
 def to_meta(value: Any) -> Any:
@@ -45,129 +43,6 @@ def meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: to_meta(v) for k, v in tensors.items()}
 
 
-@contextmanager
-def in_eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` and every submodule in eval mode for the block; each training flag put back after."""
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        module.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-@contextmanager
-def hooks_silenced(module: nn.Module) -> Iterator[None]:
-    """Rule: the user's forward hooks do not fire in the block; torch's own (weight_norm, spectral_norm) still do.
-
-    Each submodule's hook dicts are swapped for copies holding only torch's hooks and put back on
-    exit, so hooks registered inside the block vanish with them.
-    """
-    saved = [(m, {k: m.__dict__[k] for k in _HOOK_DICTS if k in m.__dict__}) for m in module.modules()]
-    try:
-        for m, hooks in saved:
-            kept = {k: v for k, v in hooks["_forward_pre_hooks"].items() if _torch_own(v)} \
-                if "_forward_pre_hooks" in hooks else {}
-            for key, value in hooks.items():
-                m.__dict__[key] = type(value)(kept.items()) if key == "_forward_pre_hooks" else type(value)()
-        yield
-    finally:
-        for m, hooks in saved:
-            m.__dict__.update(hooks)
-
-
-def _torch_own(hook: object) -> bool:
-    """A hook torch installs for a parametrisation (weight_norm, spectral_norm): part of the model's forward."""
-    return type(hook).__module__.startswith("torch.nn.utils")
-
-
-@contextmanager
-def untouched(module: nn.Module) -> Iterator[None]:
-    """Rule: whatever a forward assigns to any submodule's attributes, buffers or dicts and lists is undone on exit,
-    and so are in-place updates of buffer data (a step counter's ``add_``, an EMA's ``mul_``).
-
-    The dicts and lists are put back in place: a cache a forward fills (timm's attention-bias cache,
-    which an FX trace fills with a proxy of its own graph) is emptied again.
-    """
-    saved = [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters), _contents(m)) for m in module.modules()]
-    values = buffer_values(module)
-    try:
-        yield
-    finally:
-        for m, attributes, buffers, parameters, contents in saved:
-            _restore(m.__dict__, attributes)
-            _restore(m._buffers, buffers)
-            _restore(m._parameters, parameters)
-            for container, items in contents:
-                _refill(container, items)
-        restore_buffer_values(values)
-
-
-BufferValue = tuple[str, torch.Tensor, int, torch.Tensor]
-
-
-def buffer_values(module: nn.Module) -> list[BufferValue]:
-    """(name, buffer, its version counter, a copy of its data) of every buffer with data (not on meta)."""
-    return [(name, b, b._version, b.detach().clone()) for name, b in module.named_buffers()
-            if isinstance(b, torch.Tensor) and not b.is_meta]
-
-
-def restore_buffer_values(values: list[BufferValue]) -> list[str]:
-    """Rule: a buffer a forward updated in place gets its data back; returns their names.
-
-    Updated means its version moved or its data changed: a kernel that writes a buffer itself (BatchNorm's
-    running stats in training) does not move the version.
-    """
-    changed = []
-    with torch.no_grad():
-        for name, buffer, version, data in values:
-            if buffer._version != version or not _same(buffer, data):
-                buffer.copy_(data)
-                changed.append(name)
-    return changed
-
-
-def _same(buffer: torch.Tensor, data: torch.Tensor) -> bool:
-    """Whether a buffer still holds ``data`` (same shape, equal values, NaN where ``data`` has NaN)."""
-    if buffer.shape != data.shape or buffer.dtype != data.dtype:
-        return False
-    if not buffer.is_floating_point():
-        return torch.equal(buffer, data)
-    return bool(((buffer == data) | (buffer.isnan() & data.isnan())).all())
-
-
-def _contents(module: nn.Module) -> list[tuple[dict | list, dict | list]]:
-    """Every dict / list attribute of a module with a shallow copy of its items (torch's own dicts apart)."""
-    return [(value, copy.copy(value)) for key, value in module.__dict__.items()
-            if isinstance(value, (dict, list)) and key not in _MODULE_INTERNALS]
-
-
-def _refill(container: dict | list, items: dict | list) -> None:
-    """Put a dict or list back to its saved items, in place (the same object stays referenced)."""
-    if isinstance(container, dict):
-        if container.keys() != items.keys() or any(container[k] is not v for k, v in items.items()):
-            container.clear()
-            container.update(items)
-    elif len(container) != len(items) or any(a is not b for a, b in zip(container, items, strict=True)):
-        container[:] = items
-
-
-def _restore(current: dict, saved: dict) -> None:
-    """Put a dict back to its saved items (same objects), dropping keys added since."""
-    for key in [k for k in current if k not in saved]:
-        del current[key]
-    for key, value in saved.items():
-        if current.get(key, _MISSING) is not value:
-            current[key] = value
-
-
-_MISSING = object()
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__)  # hooks, _parameters, _buffers, _modules: not caches
 
 
 def _call_module(module: nn.Module, state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:

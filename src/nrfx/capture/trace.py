@@ -24,8 +24,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from nrfx.capture.guards import untouched
 from nrfx.capture.mha import traced_call
-from nrfx.capture.shapeprop import untouched
 from nrfx.errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from nrfx.layers.gates import Gate
 from nrfx.layers.srlayers import SR_LAYERS

@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from nrfx.analysis.graph import as_example
+from nrfx.analysis.whole import as_example
 from nrfx.rewrite.inplace import skeleton
 from nrfx.rewrite.rejuvenate import replays_plans
 from nrfx.train.driver import DriverError, NeuralRejuvenation, check_settings

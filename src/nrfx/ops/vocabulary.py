@@ -1,9 +1,9 @@
 """One vocabulary of op traits: what nrfx may assume of an op, read by every pass that asks.
 
 Each row names a set of ops (module types, functions, tensor-method names) and the traits they
-share; an op listed in several rows has the union.  The channel rules (``rules/elementwise.py``,
-``rules/movement.py``), the shape formulas, the gate placement and fold (``gating.py``) and
-neural rescaling (``rescale.py``) read their op lists from here, so a trait is stated once:
+share; an op listed in several rows has the union.  The channel rules (``analysis/rules/elementwise.py``,
+``analysis/rules/movement.py``), the shape formulas, the gate placement and fold (``rewrite/gating.py``) and
+neural rescaling (``rewrite/rescale.py``) read their op lists from here, so a trait is stated once:
 
 ======================  ==============================================================
 ``ZERO_KEEPING``        channel-wise unary with f(0) = 0: a dead channel stays dead

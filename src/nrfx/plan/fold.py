@@ -27,8 +27,8 @@ layer that reads it.  The exact rule nrfx follows:
   group of a grouped conv, whose blocks are tied; a depthwise conv's own channel) changes nothing
   the rewrite keeps: it is neither folded nor warned about, and what the removed outputs carry is
   measured at the next layer (a norm with γ = 0 there emits its own constant).
-* **Where the shift is written.**  Into the consumer's bias; without one, subtracted from the
-  running mean of a BatchNorm that is the consumer's only reader, possibly through
+* **Where the shift is written** (the rewrite pass ``rewrite/folds``).  Into the consumer's bias; without one,
+  subtracted from the running mean of a BatchNorm that is the consumer's only reader, possibly through
   ``flatten``/``reshape``/``view``/``permute``/``transpose`` (LeViT's ``Linear → flatten(0, 1) →
   BatchNorm1d``; a ``reshape_as(y)`` reading only y's shape does not count as a reader), when
   that norm normalises the consumer's output channels in order (exact in eval mode; in train mode
@@ -51,77 +51,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-from torch import nn
 from torch.utils import _pytree as pytree
 
-from nrfx.capture.shapeprop import hooks_silenced, in_eval_mode, untouched
+from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
 from nrfx.errors import NrfxWarning
-from nrfx.ops.layer_kinds import constant_input_problem, is_scale
+from nrfx.ops.layer_kinds import constant_input_problem, in_columns, is_scale
 from nrfx.plan.maps import dim_map
 
-__all__ = ["Constants", "measure_constants", "measure_folds", "probe_constants", "split_folds", "unfoldable_channels",
-           "apply_folds"]
-
-_SHAPE_OPS = frozenset({"flatten", "reshape", "view", "permute", "transpose", "contiguous", "_unsafe_view",
-                        "clone", "t"})
-
-
-# -- which consumers absorb a constant, and where ---------------------------------------------------------------
-
-
-def _op_name(node: torch.fx.Node) -> str:
-    """A node's op as a bare name: a method name, or a function's / aten overload's name without overload."""
-    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return str(target).split(".")[0]
-
-
-_SHAPE_ONLY = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})  # read their second argument's shape
-
-
-def _value_readers(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The users that read a node's values, not only its shape (``size``, ``.shape``, ``y.reshape_as(node)``)."""
-    readers = []
-    for user in node.users:
-        name = _op_name(user)
-        if name in ("size", "dim") or (user.target is getattr and user.args[1:2] == ("shape",)):
-            continue
-        if name in _SHAPE_ONLY and user.args[0] is not node:
-            continue
-        readers.append(user)
-    return readers
-
-
-def _norm_after(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
-    """The BatchNorm call a node feeds as its only reader, through single-reader shape-only ops (or None)."""
-    while len(readers := _value_readers(node)) == 1:
-        (node,) = readers
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            return node if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
-        if node.op not in ("call_method", "call_function") or _op_name(node) not in _SHAPE_OPS:
-            return None
-    return None
-
-
-def _module_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
-    """The one call of a module in a graph (None when it is called more than once or not at all)."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-    return calls[0] if len(calls) == 1 else None
-
-
-def _shift_target(gm: torch.fx.GraphModule, analysis, name: str) -> str:
-    """Where a consumer's constant shift goes: "bias", the name of the BatchNorm after it, or "new bias"."""
-    module = gm.get_submodule(name)
-    if getattr(module, "bias", None) is not None:
-        return "bias"
-    node = _module_node(gm, name)
-    norm = _norm_after(gm, node) if node is not None else None
-    if norm is None or getattr(gm.get_submodule(norm.target), "running_mean", None) is None:
-        return "new bias"
-    ours, theirs = analysis.records.get(node.name), analysis.records.get(norm.name)
-    same = ours is not None and theirs is not None and ours.output is not None and ours.output == theirs.input
-    return norm.target if same and ours.output.inner == 1 else "new bias"
-
+__all__ = ["Constants", "measure_constants", "measure_folds", "probe_constants", "split_folds", "unfoldable_channels"]
 
 def _why_not(gm: torch.fx.GraphModule, name: str) -> str | None:
     """Why a consumer's constants cannot be folded exactly (None: they can)."""
@@ -315,7 +252,7 @@ def _may_emit_constants(gm: torch.fx.GraphModule, analysis) -> bool:
             continue
         if is_scale(module) and bool(((weight == 0) & (bias != 0)).any()):
             return True
-        if name in rows_out and weight.dim() >= 2:  # its rows are its outputs
+        if (name in rows_out or in_columns(module)) and weight.dim() >= 2:  # its rows are its outputs
             rows = weight.detach().reshape(weight.shape[0], -1)
             if bool(((rows == 0).all(1) & (bias.detach() != 0)).any()):
                 return True
@@ -389,58 +326,3 @@ def unfoldable_channels(gm: torch.fx.GraphModule, analysis, plan, constants: Con
             s, c = _space_channel(analysis, layouts[name], p)
             out.setdefault(s, set()).add(c)
     return out
-
-
-# -- the rewrite pass ------------------------------------------------------------------------------------------------
-
-
-def _dense_columns(module: nn.Module) -> torch.Tensor:
-    """A layer's weight as [out, in] with kernel taps summed and groups laid out block-diagonally (float64, CPU)."""
-    weight = module.weight.detach().to("cpu", torch.float64)
-    taps = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(-1)
-    groups = getattr(module, "groups", 1)
-    if groups == 1:
-        return taps
-    rows, cols = taps.shape[0] // groups, taps.shape[1]
-    dense = torch.zeros(taps.shape[0], cols * groups, dtype=torch.float64)
-    for g in range(groups):
-        dense[g * rows:(g + 1) * rows, g * cols:(g + 1) * cols] = taps[g * rows:(g + 1) * rows]
-    return dense
-
-
-def _delta(module: nn.Module, values: dict[str, float]) -> torch.Tensor:
-    """Per old output channel: Σ over folded inputs c and kernel taps k of W[o, c, k]·v_c (within c's group)."""
-    cols = torch.tensor([int(k) for k in values], dtype=torch.long)
-    vals = torch.tensor(list(values.values()), dtype=torch.float64)
-    return _dense_columns(module)[:, cols] @ vals
-
-
-def apply_folds(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
-    """Rewrite pass: add each consumer's folded constants to its bias, or to the following BatchNorm's mean."""
-    notes = []
-    for name, values in (plan.folds or {}).items():
-        delta = _delta(analysis.gm.get_submodule(name), values)
-        pmap = maps.get(f"{name}.weight")
-        source = pmap.dims[0].source if pmap is not None and pmap.dims[0].dim == 0 else torch.arange(delta.numel())
-        kept = torch.nonzero(source >= 0).flatten()
-        shift = torch.zeros(source.numel(), dtype=torch.float64)
-        shift[kept] = delta[source[kept]]
-        notes.append(_fold_into(gm, name, shift, _shift_target(analysis.gm, analysis, name)))
-    return notes
-
-
-def _fold_into(gm: torch.fx.GraphModule, name: str, shift: torch.Tensor, target: str) -> str:
-    """Add ``shift`` to a consumer's bias (made at zero if it has none), or take it from its BatchNorm's mean."""
-    module = gm.get_submodule(name)
-    with torch.no_grad():
-        if target == "new bias":
-            weight = module.weight
-            module.register_parameter("bias", nn.Parameter(shift.to(weight.device, weight.dtype),
-                                                           requires_grad=weight.requires_grad))
-            return f"fold: constants of removed inputs of {name} make its new bias (it had none)"
-        if target == "bias":
-            module.bias.add_(shift.to(module.bias.device, module.bias.dtype))
-            return f"fold: constants of removed inputs of {name} added to its bias"
-        mean = gm.get_submodule(target).running_mean
-        mean.sub_(shift.to(mean.device, mean.dtype))
-    return f"fold: constants of removed inputs of {name} moved into {target}.running_mean"

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nrfx.analysis.front import analyze
-from nrfx.analysis.graph import Analysis
 from nrfx.analysis.islands import IslandAnalysis, record_calls
+from nrfx.analysis.records import ViewRecord
+from nrfx.analysis.whole import Analysis
 from nrfx.capture.front_ends import Example
 from nrfx.capture.shapeprop import propagate_shapes
 from nrfx.capture.trace import trace
@@ -94,8 +95,6 @@ def head_gate_sites(analysis: Analysis) -> list[tuple[str, int, int, str]]:
     """(node, head dim, heads, gate path base) for every merge of a free head space without a signal: the attention
     output (SDPA, ``attn @ v``) read where heads merge back into channels, gated per head on its head dim (a head
     space shared by several attentions, as T5's layers share their position bias, gets a gate at each)."""
-    from nrfx.analysis.rules.movement import ViewRecord
-
     wanted = set(analysis.coverage().unsignalled)
     nodes = {n.name: n for n in analysis.gm.graph.nodes}
     sites, seen = [], set()

@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from nrfx.analysis.records import SumRecord
-from nrfx.capture.shapeprop import untouched
+from nrfx.capture.guards import untouched
 from nrfx.errors import RewriteError
 from nrfx.layers.srlayers import SR_LAYERS
 from nrfx.plan.planner import Plan

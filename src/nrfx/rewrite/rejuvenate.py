@@ -18,17 +18,18 @@ from torch import nn
 
 from nrfx.analysis.cost import by_kind
 from nrfx.analysis.front import analyze
-from nrfx.analysis.graph import Analysis, ModelAnalysis, as_example
 from nrfx.analysis.islands import IslandAnalysis, record_calls
+from nrfx.analysis.whole import Analysis, ModelAnalysis, as_example
 from nrfx.capture.front_ends import Example
 from nrfx.capture.inputs import check_model, check_real_weights
 from nrfx.capture.shapeprop import propagate_shapes
 from nrfx.capture.trace import keep_safe_inplace
 from nrfx.errors import BudgetError, InputError, NrfxError, PlanError, RewriteError
 from nrfx.plan.check import check_plan_fits
-from nrfx.plan.fold import apply_folds, measure_folds
+from nrfx.plan.fold import measure_folds
 from nrfx.plan.maps import ParamMap, param_maps
 from nrfx.plan.planner import Budget, Plan, make_plan
+from nrfx.rewrite.folds import apply_folds
 from nrfx.rewrite.inplace import (
     PLANS_KEY,
     Journal,

@@ -24,8 +24,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from nrfx.analysis.records import SumRecord
-from nrfx.capture.shapeprop import untouched
+from nrfx.analysis.records import SumRecord, ViewRecord
+from nrfx.capture.guards import untouched
 from nrfx.errors import NrfxWarning
 from nrfx.ops.layer_kinds import set_group_norm_width
 from nrfx.plan.maps import dim_map
@@ -204,7 +204,7 @@ class _Inputs(torch.fx.Interpreter):
 def reheads(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
     """Rewrite pass: every size a view / reshape spells for attention heads (``ViewRecord``: a head count, or heads
     × head dim where heads merge back into channels) becomes the new width of its layout times its inner."""
-    from nrfx.analysis.rules.movement import ViewRecord, view_sizes
+    from nrfx.analysis.rules.movement import view_sizes
 
     nodes = {n.name: n for n in gm.graph.nodes}
     changed = 0

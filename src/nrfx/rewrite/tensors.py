@@ -1,4 +1,4 @@
-"""rewrite: build the rejuvenated GraphModule from a plan; the input model is never touched.
+"""New tensors per parameter from a plan, and layer size attributes set to them (the pass ``rewrite_params``).
 
 Every space is ordered [S…, R…].  For each parameter, along every dim that carries a
 layout: S×S entries are copied, all-R entries come from the layer's own initialiser at the

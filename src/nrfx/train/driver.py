@@ -39,8 +39,8 @@ from torch import nn
 
 from nrfx.analysis.cost import by_kind
 from nrfx.analysis.front import analyze
-from nrfx.analysis.graph import Analysis
 from nrfx.analysis.masks import norm_masks
+from nrfx.analysis.whole import Analysis
 from nrfx.capture.inputs import check_real_weights
 from nrfx.errors import NrfxError, NrfxWarning, PlanError
 from nrfx.plan.planner import SCHEMES, Budget, Plan, check_align, check_constants, check_gamma0

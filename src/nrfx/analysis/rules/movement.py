@@ -6,14 +6,13 @@ from __future__ import annotations
 import builtins
 import math
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nrfx.analysis.context import Consumer
-from nrfx.analysis.records import LayerRecord, SliceRecord, SumRecord
+from nrfx.analysis.records import LayerRecord, SliceRecord, SumRecord, ViewRecord
 from nrfx.analysis.rules.common import SizeSpec, copy_zero, move, norm_dim, param_of, tensor_args
 from nrfx.analysis.rules.elementwise import union_rule
 from nrfx.analysis.rules.layers import linear_layout
@@ -457,21 +456,6 @@ def _reshape(ctx, x: TensorSpec, out_shape, literal: set[int] = frozenset(),
     if resized or merged:
         ctx.record(ViewRecord(tuple(resized), merge=merged))
     return ctx.tensor(out_shape, tuple(dims), tuple(zeros))
-
-
-@dataclass(frozen=True)
-class ViewRecord:
-    """Sizes of a view / reshape that the rewrite sets to the new widths (attention heads).
-
-    ``sizes``: (out dim, layout) per size to set: the new size is the layout's new channel count times its
-    ``inner`` (a head count, or heads × head dim where heads merge back into channels).  ``merge``: the view
-    merges heads back into channels (``x.transpose(1, 2).reshape(B, N, C)``).
-    """
-
-    sizes: tuple[tuple[int, Layout], ...]
-    merge: bool = False
-
-    kind: str = "view"
 
 
 def _head_split(ctx, x: TensorSpec, gi, gj, out_shape):

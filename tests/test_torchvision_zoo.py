@@ -13,7 +13,8 @@ Per model (``weights=None``, float64, eval, batch 2 at the zoo's small input siz
 MACs at the crop size of the DEFAULT weights, exact to torchvision's own figures, are checked for all 80 by
 the fast meta sweep (tests/test_zoo.py): they depend on the graph and the input size, never on weight values.
 A model in ``HEAVY`` (over ~100M parameters or slow at its smallest input) runs in a fresh process with one
-variant per space and no per-norm variant, so its memory goes back to the system afterwards.
+variant per space and no per-norm variant, so its memory goes back to the system afterwards; the four over 300M
+parameters hold the `memory_heavy` lock (tests/conftest.py), so no two of them run at once.
 ``EXPECTED_FAILURES`` is applied as a strict xfail mark: a listed model that starts to pass fails loudly.
 """
 
@@ -39,6 +40,7 @@ MODELS = torchvision.models.list_models(module=torchvision.models)
 # name -> (exception the check raises, why); applied as a strict xfail mark (target: empty). A HEAVY
 # model runs in a child process: its failure reaches the test as an AssertionError.
 EXPECTED_FAILURES: dict[str, tuple[type[BaseException], str]] = {}
+BIGGEST = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}  # over 300M parameters
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -111,11 +113,10 @@ def zoo_params(expected: dict[str, tuple[type[BaseException], str]] | None = Non
     expected = EXPECTED_FAILURES if expected is None else expected
     params = []
     for name in MODELS:
-        # several GB per HEAVY model: never two at once (the others are under ~2 GB and spread over the workers)
-        marks = [pytest.mark.xdist_group("memory-heavy")] if name in HEAVY else []
+        marks = []
         if name in expected:
             error, why = expected[name]
-            marks.append(pytest.mark.xfail(raises=error, reason=why, strict=True))
+            marks = [pytest.mark.xfail(raises=error, reason=why, strict=True)]
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 
@@ -125,10 +126,10 @@ def test_expected_failures_are_strict_xfail_marks():
     name = MODELS[0]
     params = {p.id: p for p in zoo_params({name: (RuntimeError, "why")})}
     assert params.keys() == set(MODELS)
-    mark = params[name].marks[-1]
+    (mark,) = params[name].marks
     assert mark.name == "xfail"
     assert mark.kwargs == {"raises": RuntimeError, "reason": "why", "strict": True}
-    assert all(m.name != "xfail" for n, p in params.items() if n != name for m in p.marks)
+    assert all(not p.marks for n, p in params.items() if n != name)
 
 
 def test_every_variant_runs_over_the_sweep():
@@ -139,10 +140,12 @@ def test_every_variant_runs_over_the_sweep():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", zoo_params())
-def test_torchvision_model(name, one_thread):  # one thread each: the other worker (or this child) shares 2 cores
+def test_torchvision_model(name, one_thread, request):  # one thread each: the other worker shares 2 cores
     if name not in HEAVY:
         check_model(name)
         return
+    if name in BIGGEST:  # 5 GB and more in float64, twice at the peak: never two at once
+        request.getfixturevalue("memory_heavy")
     # up to ~16 GB at peak: a fresh process, so that the memory goes back to the system afterwards
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, timeout=1200, env=env)

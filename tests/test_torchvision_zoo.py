@@ -111,6 +111,7 @@ def check_model(name: str) -> None:
         with torch.no_grad():  # the fresh weights back, in place (the analysis holds these tensors' modules)
             for tensor, saved in zip(model.state_dict().values(), fresh, strict=True):
                 tensor.copy_(saved)
+        del fresh
         if norms_per_space(model, analysis) >= 2:  # else per-norm = per-space, checked above
             assert kill_per_norm(model, analysis, 0.3, 0) > 0
             assert_preserved(model, x, analysis, [per_norm])

@@ -188,18 +188,21 @@ def _removed(analysis, plan, layout) -> torch.Tensor:
     return torch.nonzero(~keep).flatten()
 
 
-def _consumers(gm: torch.fx.GraphModule, analysis):
-    """(module name, input layout) of every module call reading a channel space through a weight (conv, linear,
-    a registered layer with their rules): its layer record says which input dim carries the space."""
-    for _, record in analysis.layers("conv", "linear"):
-        if record.module is not None and record.input is not None and record.input_dim is not None:
-            yield record.module, record.input
+def _consumer_records(analysis) -> list:
+    """Layer records of every module call reading a channel space through a weight (conv, linear, a registered
+    layer with their rules); ``input_dim`` says which input dim carries the space."""
+    return [record for _, record in analysis.layers("conv", "linear")
+            if record.module is not None and record.input is not None and record.input_dim is not None]
+
+
+def _consumers(analysis) -> list[tuple[str, object]]:
+    """(module name, input layout) of every consumer call."""
+    return [(record.module, record.input) for record in _consumer_records(analysis)]
 
 
 def _input_dims(analysis) -> dict[str, int]:
-    """Per consumer module: the dim of its input, from the end, that carries its channels (its layer record's)."""
-    return {record.module: record.input_dim for _, record in analysis.layers("conv", "linear")
-            if record.module is not None and record.input_dim is not None}
+    """Per consumer module: the dim of its input, from the end, that carries its channels."""
+    return {record.module: record.input_dim for record in _consumer_records(analysis)}
 
 
 def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, removed: torch.Tensor) -> torch.Tensor:
@@ -233,7 +236,7 @@ def _record_of(analysis, name: str):
 def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Tensor]:
     """Consumers with removed input features that reach a surviving output: module name -> their positions."""
     out = {}
-    for name, layout in _consumers(gm, analysis):
+    for name, layout in _consumers(analysis):
         removed = _removed(analysis, plan, layout)
         if removed.numel():
             removed = _reaching_survivors(gm, analysis, plan, name, removed)
@@ -264,7 +267,7 @@ def probe_constants(analysis, plan) -> Constants | None:
     gm = analysis.gm
     if not _may_emit_constants(gm, analysis):
         return None
-    return measure_constants(gm, analysis, plan, [name for name, _ in _consumers(gm, analysis)], analysis.example)
+    return measure_constants(gm, analysis, plan, [name for name, _ in _consumers(analysis)], analysis.example)
 
 
 _VARIES = "its input varies though the channel is dead (a gate multiplies it, or zero padding before this layer)"
@@ -319,7 +322,7 @@ def _space_channel(analysis, layout, position: int) -> tuple[int, int]:
 
 def unfoldable_channels(gm: torch.fx.GraphModule, analysis, plan, constants: Constants) -> dict[int, set[int]]:
     """Channels per space that the plan removes though a consumer cannot fold what they carry exactly."""
-    layouts = dict(_consumers(gm, analysis))
+    layouts = dict(_consumers(analysis))
     out: dict[int, set[int]] = {}
     for name, (positions, _) in split_folds(gm, analysis, plan, constants)[1].items():
         for p in positions:

@@ -279,6 +279,7 @@ class Task:
 HEAVY = {"regnet_y_128gf", "vit_h_14", "regnet_y_32gf", "regnet_y_16gf", "vit_l_16", "vit_l_32", "efficientnet_v2_l",
          "swin_v2_b", "swin_b", "maxvit_t", "vgg19_bn", "vgg19", "vgg16", "vgg16_bn", "vgg13", "vgg13_bn", "vgg11",
          "convnext_large", "convnext_base"}
+BIGGEST = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}  # over 300M parameters: 5 GB and more in float64
 
 
 def zoo_input_size(name: str) -> int:

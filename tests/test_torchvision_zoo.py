@@ -14,7 +14,9 @@ MACs at the crop size of the DEFAULT weights, exact to torchvision's own figures
 the fast meta sweep (tests/test_zoo.py): they depend on the graph and the input size, never on weight values.
 A model in ``HEAVY`` (over ~100M parameters or slow at its smallest input) runs in a fresh process with one
 variant per space and no per-norm variant, so its memory goes back to the system afterwards; the four over 300M
-parameters hold the `memory_heavy` lock (tests/conftest.py), so no two of them run at once.
+parameters (``BIGGEST``) form one unit of work for the xdist scheduler (tests/conftest.py), which one worker runs in
+turn, first, while the other runs the rest; they also hold the ``memory_heavy`` lock, so that no two of them run at
+once under any other ``--dist`` mode either.
 ``EXPECTED_FAILURES`` is applied as a strict xfail mark: a listed model that starts to pass fails loudly.
 """
 
@@ -30,7 +32,16 @@ import pytest
 import torch
 import torchvision
 from benchmarks.coverage_table import DOC, HEADER, coverage_row, parse_table
-from support import HEAVY, SCHEMES, assert_preserved, kill_channels, kill_per_norm, norms_per_space, zoo_input_size
+from support import (
+    BIGGEST,
+    HEAVY,
+    SCHEMES,
+    assert_preserved,
+    kill_channels,
+    kill_per_norm,
+    norms_per_space,
+    zoo_input_size,
+)
 
 import nrfx
 from nrfx import UnknownOpWarning
@@ -40,7 +51,6 @@ MODELS = torchvision.models.list_models(module=torchvision.models)
 # name -> (exception the check raises, why); applied as a strict xfail mark (target: empty). A HEAVY
 # model runs in a child process: its failure reaches the test as an AssertionError.
 EXPECTED_FAILURES: dict[str, tuple[type[BaseException], str]] = {}
-BIGGEST = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}  # over 300M parameters
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -141,6 +151,15 @@ def test_expected_failures_are_strict_xfail_marks():
     assert mark.name == "xfail"
     assert mark.kwargs == {"raises": RuntimeError, "reason": "why", "strict": True}
     assert all(not p.marks for n, p in params.items() if n != name)
+
+
+def test_the_biggest_models_form_one_unit_of_work():
+    """The scheduler's memory-heavy unit (tests/conftest.py) names exactly the biggest models' tests in this module."""
+    import conftest
+
+    module = Path(__file__).resolve().relative_to(ROOT).as_posix()
+    assert conftest.MEMORY_HEAVY == {f"{module}::{test_torchvision_model.__name__}[{name}]" for name in BIGGEST}
+    assert BIGGEST <= set(MODELS) and BIGGEST <= HEAVY
 
 
 def test_every_variant_runs_over_the_sweep():

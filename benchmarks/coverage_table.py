@@ -1,7 +1,8 @@
 """Coverage table: free and monitored channel shares of the torchvision and timm zoos, before and after add_gates.
 
 For each model (built with no weights, parameters on the meta device: the analysis and
-``add_gates`` need shapes, never values), ``nrfx.analyze(model, x).coverage()`` gives ``free``
+``add_gates`` need shapes, never values; built for real where its init or its forward cannot
+run so, e.g. a forward that makes tensors of its own on the CPU), ``nrfx.analyze(model, x).coverage()`` gives ``free``
 and ``monitored``; ``nrfx.analyze(nrfx.add_gates(model, x), x).coverage()`` gives ``monitored``
 after gating.  A model that fails to build, analyse or gate gets a row with the exception's
 name.  Usage::
@@ -102,10 +103,12 @@ def input_size(name: str) -> int:
     return 299 if name == "inception_v3" else 64
 
 
-def on_meta_if_possible(factory: Callable[[], nn.Module]) -> nn.Module:
+def on_meta_if_possible(factory: Callable[[], nn.Module], meta: bool = True) -> nn.Module:
     """The model built with parameters on meta; built for real where its init cannot run on meta (timm swinv2)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if not meta:
+            return factory()
         try:
             with meta_parameters():
                 return factory()
@@ -113,18 +116,24 @@ def on_meta_if_possible(factory: Callable[[], nn.Module]) -> nn.Module:
             return factory()
 
 
-def build_torchvision(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """A torchvision classifier with ``weights=None`` (parameters on meta) and its input."""
-    model = on_meta_if_possible(lambda: torchvision.models.get_model(name, weights=None))
+def has_meta_parameters(model: nn.Module) -> bool:
+    """Whether any parameter of the model lives on the meta device."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def build_torchvision(name: str, meta: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """A torchvision classifier with ``weights=None`` (parameters on meta unless ``meta=False``) and its input."""
+    model = on_meta_if_possible(lambda: torchvision.models.get_model(name, weights=None), meta)
     size = input_size(name)
     return model.eval(), torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def build_timm(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """A timm model with ``pretrained=False`` (parameters on meta) and a batch-1 input of its config's size."""
+def build_timm(name: str, meta: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """A timm model with ``pretrained=False`` (parameters on meta unless ``meta=False``) and a batch-1 input of its
+    config's size."""
     import timm
 
-    model = on_meta_if_possible(lambda: timm.create_model(name, pretrained=False))
+    model = on_meta_if_possible(lambda: timm.create_model(name, pretrained=False), meta)
     shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     return model.eval(), torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
 
@@ -135,17 +144,21 @@ def first_line(error: BaseException) -> str:
 
 
 def measure(source: str, name: str) -> Row:
-    """The coverage row of one model built with parameters on meta; an exception becomes the row's error."""
+    """The coverage row of one model built with parameters on meta, or for real where that row fails (a forward
+    that makes CPU tensors of its own meets the meta ones: timm gemma4_vit); an exception becomes the row's error."""
     start = time.perf_counter()
     builder = build_torchvision if source == "torchvision" else build_timm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model, x = builder(name)
+            row = coverage_row(source, name, model, x)
+            if row.error and has_meta_parameters(model):
+                del model
+                row = coverage_row(source, name, *builder(name, meta=False))
         except Exception as error:  # a failing model is a row, never a crash
             return Row(source, name, 0, error=type(error).__name__, seconds=time.perf_counter() - start,
                        message=first_line(error))
-        row = coverage_row(source, name, model, x)
     return Row(**{**asdict(row), "seconds": time.perf_counter() - start})
 
 

@@ -105,6 +105,7 @@ def shares_module_fixture(rootdir: str, path: str) -> bool:
                for node in ast.walk(ast.parse(file.read_text())))
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: nothing to do without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """``--dist loadgroup``, grouped by rule: the four biggest torchvision models in one unit (never two at once: one
     worker runs them in turn while the other runs everything else), and each module with a module-scoped fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 
@@ -50,6 +51,22 @@ def test_absurd_budgets_raise_at_once_naming_the_largest_meaningful_one(budget):
 def test_non_finite_and_out_of_range_budgets_are_budget_errors(make):
     with pytest.raises(BudgetError):
         make()
+
+
+def test_a_budget_below_the_aligned_minimum_names_the_unaligned_one():
+    """Under align=8 the minimum holds one 8-channel step per aligned space; the error names align=1's minimum,
+    and a budget between the two fits under align=1."""
+    model, x = _net()
+    with pytest.raises(BudgetError) as aligned:
+        nrfx.rejuvenate(model, None, nrfx.Budget(params=1), example_inputs=x)
+    with pytest.raises(BudgetError) as unaligned:
+        nrfx.rejuvenate(model, None, nrfx.Budget(params=1), example_inputs=x, align=1)
+    numbers = lambda text: [int(n.replace(",", "")) for n in re.findall(r"at least ([\d,]+)", text)]  # noqa: E731
+    minimum_8, minimum_1 = numbers(str(aligned.value))
+    assert "align=1" in str(aligned.value) and "align=1" not in str(unaligned.value)
+    assert numbers(str(unaligned.value)) == [minimum_1] and minimum_1 < minimum_8
+    new = nrfx.rejuvenate(model, None, nrfx.Budget(params=minimum_1), example_inputs=x, align=1)
+    assert sum(p.numel() for p in new.parameters()) <= minimum_1
 
 
 def test_flops_is_a_deprecated_alias_of_macs():

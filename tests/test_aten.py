@@ -140,6 +140,40 @@ def test_translated_ops_rejuvenation_keeps_function(name: str):
     assert_rejuvenation_keeps_function(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
 
 
+class RmsNormOverChannels(nn.Module):
+    """conv 1×1 (3→8) → BN → ReLU → conv 1×1 (8→6) → BN → ReLU → conv 1×1 (6→8) → RMS norm over the 8 channels
+    (channels last, a weight) → conv 3×3 (8→4).  Exports aten.rms_norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.mid, self.bn_mid, self.out = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.Conv2d(6, 8, 1)
+        self.scale = nn.Parameter(torch.rand(8))
+        self.head = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = self.out(torch.relu(self.bn_mid(self.mid(y))))
+        y = F.rms_norm(y.permute(0, 2, 3, 1), (8,), self.scale, 1e-6).permute(0, 3, 1, 2)
+        return self.head(y)
+
+
+def test_rms_norm_is_translated_and_freezes_only_what_it_normalises():
+    """aten.rms_norm is F.rms_norm: the 8 channels it normalises freeze (their statistics couple them), the block
+    before it (8 and 6 wide) stays free, and the export capture agrees with fx on params, MACs and spaces."""
+    torch.manual_seed(0)
+    model = RmsNormOverChannels().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert aten.rms_norm.default in _aten_ops(model, x)
+    exported, fx = _analyze(model, x, "export"), _analyze(model, x, "fx")
+    assert exported.capture == "export" and not exported.unknown_ops
+    assert exported.params == (3 * 8 + 8) + 2 * 8 + (8 * 6 + 6) + 2 * 6 + (6 * 8 + 8) + 8 + (8 * 4 * 9 + 4)
+    assert (exported.params, exported.macs) == (fx.params, fx.macs)
+    spaces = lambda a: [(s.width, s.is_frozen) for s in a.spaces]  # noqa: E731
+    assert spaces(exported) == spaces(fx) == [(8, False), (6, False), (8, True), (4, True)]
+    assert_rejuvenation_keeps_function(model, x)
+
+
 def test_index_with_none_is_a_full_slice():
     """aten.index(x, [None, i]) is x[:, i]: the translated graph computes what the model does."""
 

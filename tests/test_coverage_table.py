@@ -5,7 +5,7 @@ section parses, has a row for every torchvision classifier and every model of th
 sweep, and a handful of models recomputed give the printed numbers exactly (to one decimal of
 a percent).  Every torchvision row is recomputed by the slow per-model sweep
 (tests/test_torchvision_zoo.py, from the analysis it shares with the other checks); the whole
-table (timm too, ≈ 10 min) is rechecked by rerunning the script.
+table (timm too, ≈ 7 min) is rechecked by rerunning the script.
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.rsqrt.default: torch.rsqrt, aten.abs.default: torch.abs, aten.neg.default: torch.neg,
     aten.erf.default: torch.erf, aten.sin.default: torch.sin, aten.cos.default: torch.cos,
     aten.clamp.default: torch.clamp, aten.clone.default: torch.clone, aten.dropout.default: F.dropout,
+    aten.rms_norm.default: F.rms_norm,
     aten.cat.default: torch.cat, aten.stack.default: torch.stack, aten.split.Tensor: torch.split,
     aten.split_with_sizes.default: torch.split, aten.chunk.default: torch.chunk, aten.unbind.int: torch.unbind,
     aten.narrow.default: torch.narrow, aten.transpose.int: torch.transpose, aten.flatten.using_ints: torch.flatten,

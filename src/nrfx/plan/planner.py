@@ -288,18 +288,23 @@ def _expanded(units: list[Unit], live: list[int], full: list[int], steps: list[i
 _MAX_ALPHA = 1e6
 
 
+def _cost_at(cost: CostModel, units, live, full, steps, total: int, alpha: float) -> int:
+    """The cost of the widths a shared expansion rate α gives (each free unit at ⌊α·n'⌋ blocks, in its steps)."""
+    return cost(_space_widths(units, _expanded(units, live, full, steps, alpha), total))
+
+
 def _unaligned_minimum(cost: CostModel, units, live, full, steps, total: int) -> str:
     """Where alignment raised the minimum (one step of ``align`` channels per aligned space), the hint that names
     the smaller minimum of ``align=1``; else nothing."""
     if all(step == 1 for step in steps):
         return ""
-    smallest = cost(_space_widths(units, _expanded(units, live, full, [1] * len(steps), 0.0), total))
+    smallest = _cost_at(cost, units, live, full, [1] * len(steps), total, 0.0)
     return f", or pass align=1 (one channel per space: at least {smallest:,})"
 
 
 def _solve(cost: CostModel, units, live, full, steps, total: int, budget: int) -> tuple[float, list[int]]:
     """Largest shared α whose widths fit the budget, then greedy single steps up to it (block counts per unit)."""
-    at = lambda alpha: cost(_space_widths(units, _expanded(units, live, full, steps, alpha), total))  # noqa: E731
+    at = lambda alpha: _cost_at(cost, units, live, full, steps, total, alpha)  # noqa: E731
     minimum = at(0.0)
     if budget < minimum:
         raise BudgetError(f"budget {budget:,} is below {minimum:,}, the {cost.kind} of the frozen part with one "

@@ -15,6 +15,8 @@ built by ``nrfx.rejuvenate`` from that model with the example at the benchmark's
 * ``pruned``: dead channels removed, nothing regrown: a rejuvenation to budget U(θ) in MACs
   (``Budget(macs=analysis.live_macs)``; ``realloc=False`` would keep every width).
 * ``nr``, ``cr``, ``ca``: rejuvenated to c(A) in MACs (``Budget.fraction(1.0, "macs")``) with that scheme.
+* ``nr_keep``, ``cr_keep``, ``ca_keep``: the same with ``residual="keep"`` (the paper's ResNet setting: the
+  residual streams keep every channel and their width), for models that have residual streams.
 
 Measured on every variant, interleaved (alternating order per round), CUDA-event timed, median:
 inference (``eval()``, ``torch.inference_mode()``) and one training step (``train()``, SGD
@@ -58,8 +60,9 @@ from torch import nn
 import nrfx
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("original", "pruned", "nr", "cr", "ca")
 SCHEMES = ("nr", "cr", "ca")
+KEPT = tuple(f"{scheme}_keep" for scheme in SCHEMES)  # residual="keep": streams whole (models with streams only)
+VARIANTS = ("original", "pruned", *SCHEMES, *KEPT)
 DEAD = 0.4
 TARGET_MODEL, TARGET_PRECISION = "resnet50", "bf16"
 TARGETS: dict[str, dict[str, float]] = {  # time / the original's, ResNet-50, bf16 + channels_last, 40 % dead
@@ -149,7 +152,7 @@ def _error(exc: BaseException) -> str:
 
 
 def prepare(name: str, s: Settings, dev: torch.device) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """The five variants of one model on ``dev`` and what they are (MACs, params, widths, the rewrite pause)."""
+    """The variants of one model on ``dev`` and what they are (MACs, params, widths, the rewrite pause)."""
     torch.manual_seed(s.seed)
     model = build(name, s).to(dev).eval()
     x1 = torch.randn(1, 3, s.size, s.size, device=dev)
@@ -173,6 +176,10 @@ def prepare(name: str, s: Settings, dev: torch.device) -> tuple[dict[str, nn.Mod
                                           scheme="nr"),
         **{scheme: (lambda sc=scheme: nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"),
                                                       example_inputs=x1, scheme=sc)) for scheme in SCHEMES}}
+    if any(space.summed and not space.is_frozen for space in analysis.spaces):
+        builds |= {f"{scheme}_keep": (lambda sc=scheme: nrfx.rejuvenate(
+            model, None, nrfx.Budget.fraction(1.0, "macs"), example_inputs=x1, scheme=sc, residual="keep"))
+            for scheme in SCHEMES}
     for variant, make in builds.items():
         try:
             _sync(dev)
@@ -528,7 +535,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"{meta['device_name']}, torch {meta['torch']}, {data['meta']['date']}; input "
              f"{data['settings']['batch']}×3×{data['settings']['size']}², {data['dead_fraction']:.0%} dead; "
              "time / the original's time (median, interleaved)" + (" — PARTIAL run" if data.get("partial") else ""),
-             "", "| model | precision | mode | original ms | pruned | nr | cr | ca |", "|---" * 8 + "|"]
+             "", "| model | precision | mode | original ms | " + " | ".join(VARIANTS[1:]) + " |",
+             "|---" * (3 + len(VARIANTS)) + "|"]
     for name, entry in data["models"].items():
         for mode in MODES:
             for precision, cell in entry.get(mode, {}).items():
@@ -538,7 +546,7 @@ def markdown(data: dict[str, Any]) -> str:
                 cells = []
                 for variant in VARIANTS[1:]:
                     value = ratios.get(variant)
-                    text = "failed" if value is None else f"{value:.2f}"
+                    text = f"{value:.2f}" if value is not None else "failed" if variant in entry["variants"] else "—"
                     if variant in targets and value is not None:
                         text += f" (≤ {targets[variant]:.2f} {'met' if value <= targets[variant] else 'MISSED'})"
                     cells.append(text)
@@ -558,8 +566,8 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{cell['ratio_with_a_check_every_100_steps']:.3f} | {cell['check_s'] * 1e3:.1f} |")
     pauses = {name: e["rewrite_pause_s"] for name, e in data["models"].items() if e.get("rewrite_pause_s")}
     if pauses:
-        lines += ["", "| rewrite pause (nrfx.rejuvenate, analysis included) s | pruned | nr | cr | ca |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| rewrite pause (nrfx.rejuvenate, analysis included) s | " + " | ".join(VARIANTS[1:]) + " |",
+                  "|---" * len(VARIANTS) + "|"]
         for name, p in pauses.items():
             lines.append(f"| {name} | " + " | ".join(f"{p[k]:.2f}" if k in p else "—" for k in VARIANTS[1:]) + " |")
     if data["targets"]:

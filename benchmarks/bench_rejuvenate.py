@@ -4,7 +4,9 @@ Run: ``.venv/bin/python -m benchmarks.bench_rejuvenate [--quick] [--out benchmar
 ResNet-50 with 40 % of its channels dead, in two patterns: ``per_norm`` (every BN's γ zeroed at
 random on its own: a residual channel is dead only where all its norms are, so the residual
 spaces stay almost fully alive and reallocation widens them) and ``per_space`` (40 % of every
-space dead, as in the tests: reallocation gives back roughly the original widths).  Latency is
+space dead, as in the tests: reallocation gives back roughly the original widths), and
+``per_norm_residual_kept``: the ``per_norm`` model rejuvenated with ``residual="keep"`` (the paper's
+ResNet setting: the residual streams keep every channel and their width).  Latency is
 measured at batch 8 on two threads (64×64 on one thread with --quick), interleaved, for the original model, each
 scheme at the original's MACs, and a dense
 model of equal MACs: the original eager torchvision model with every conv, norm and linear
@@ -35,6 +37,9 @@ import nrfx
 TARGETS = {"nr": 1.05, "cr": 1.10, "ca": 1.30}  # latency ≤ target × the dense model of equal MACs
 # issue [1/5]: 2 threads, batch 8, 40 % of each norm dead, rewritten at c(A) MACs: latency ≤ target × the original's
 TARGETS_VS_ORIGINAL = {"nr": 1.05, "cr": 0.85, "ca": 1.25}
+# pattern name: (how channels die, the residual= option of the rejuvenation)
+PATTERNS = {"per_norm": ("norm", "rejuvenate"), "per_space": ("space", "rejuvenate"),
+            "per_norm_residual_kept": ("norm", "keep")}
 
 
 def _kill(model: torch.nn.Module, fraction: float, seed: int) -> None:
@@ -107,16 +112,17 @@ def run(quick: bool) -> dict:
     original = torchvision.models.resnet50(weights=None).eval()
     results = {"model": "resnet50", "input": [batch, 3, size, size], "dead_fraction": 0.4, "patterns": {}}
     models = {"original": original}
-    for pattern in ("per_norm", "per_space"):
+    for pattern, (dies, residual) in PATTERNS.items():
         model = copy.deepcopy(original)
-        _kill(model, 0.4, 0) if pattern == "per_norm" else _kill_spaces(model, x1, 0.4, 0)
+        _kill(model, 0.4, 0) if dies == "norm" else _kill_spaces(model, x1, 0.4, 0)
         analysis = nrfx.analyze(model, x1)
-        entry = {"r_params": analysis.utilization().r_params, "r_macs": analysis.utilization().r_macs}
-        entry["rejuvenate_s"] = _median_time(lambda m=model: nrfx.rejuvenate(m, None, None, example_inputs=x1),
-                                             repeats)
+        entry = {"r_params": analysis.utilization().r_params, "r_macs": analysis.utilization().r_macs,
+                 "residual": residual}
+        entry["rejuvenate_s"] = _median_time(lambda m=model, r=residual: nrfx.rejuvenate(
+            m, None, None, example_inputs=x1, residual=r), repeats)
         for scheme in ("nr", "cr", "ca"):
             models[f"{pattern}/{scheme}"] = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"),
-                                                            example_inputs=x1, scheme=scheme)
+                                                            example_inputs=x1, scheme=scheme, residual=residual)
         models[f"{pattern}/dense"] = dense = _dense_like(model, models[f"{pattern}/nr"]).eval()
         with torch.no_grad():
             torch.testing.assert_close(dense(x1), models[f"{pattern}/nr"](x1))

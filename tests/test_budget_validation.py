@@ -69,6 +69,40 @@ def test_a_budget_below_the_aligned_minimum_names_the_unaligned_one():
     assert sum(p.numel() for p in new.parameters()) <= minimum_1
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_budget_at_u_that_alignment_cannot_hold_warns_and_names_the_budget_that_can(seed):
+    """At U(θ) under align=8 the survivors (rounded up to 8) no longer fit: live channels go, and nrfx says so,
+    naming the budget that keeps them; align=1 keeps them at U(θ), silently, and so does the budget it names."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                          nn.Conv2d(24, 40, 3, padding=1), nn.BatchNorm2d(40), nn.ReLU(),
+                          nn.Conv2d(40, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in (model[1], model[4], model[7]):  # per norm, a count no multiple of 8 survives
+            dead = torch.randperm(norm.num_features, generator=gen)[: norm.num_features // 2 - 3]
+            norm.weight[dead] = 0
+            norm.bias[dead] = 0
+    x = torch.randn(3, 3, 8, 8, dtype=torch.double)
+    analysis = nrfx.analyze(model, x)
+    live = analysis.utilization(analysis.masks_from(model)).live_macs
+    with pytest.warns(nrfx.NrfxWarning, match=r"align=8 rounds the survivors up.*pass align=1") as caught:
+        lossy = nrfx.rejuvenate(model, None, nrfx.Budget(macs=live), example_inputs=x, analysis=analysis)
+    assert any(n.startswith("compression: ") for n in lossy.nrfx_plan.notes)
+    enough = int(re.search(r"ask for at least ([\d,]+)", str(caught[0].message)).group(1).replace(",", ""))
+    for align, budget in ((1, live), (8, enough)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", nrfx.NrfxWarning)
+            new = nrfx.rejuvenate(model, None, nrfx.Budget(macs=budget), example_inputs=x, analysis=analysis,
+                                  align=align)
+        assert not any(n.startswith("compression") for n in new.nrfx_plan.notes)
+        with torch.no_grad():
+            torch.testing.assert_close(new(x), model(x), rtol=1e-9, atol=1e-9)
+    with pytest.raises(AssertionError), torch.no_grad():
+        torch.testing.assert_close(lossy(x), model(x), rtol=1e-9, atol=1e-9)
+
+
 def test_flops_is_a_deprecated_alias_of_macs():
     model, x = _net()
     with pytest.deprecated_call(match="'macs'"):

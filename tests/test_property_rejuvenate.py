@@ -54,6 +54,7 @@ def test_rejuvenation_preserves_random_architectures(data):
     rescale = data.draw(st.booleans())
     fraction = data.draw(st.sampled_from([1.0, 1.5]))  # compression drops live channels: not preserving
     align = data.draw(st.sampled_from([1, 2, 4, 8]))
+    residual = data.draw(st.sampled_from(["rejuvenate", "keep"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -62,7 +63,7 @@ def test_rejuvenation_preserves_random_architectures(data):
         budget = nrfx.Budget.fraction(fraction, "params")
         try:
             new = nrfx.rejuvenate(model, usable, budget, example_inputs=inputs, scheme=scheme, rescale=rescale,
-                                  analysis=analysis, align=align)
+                                  analysis=analysis, align=align, residual=residual)
         except nrfx.BudgetError:
             event("budget below the frozen part")
             return  # compression below the frozen part: the error is the documented answer
@@ -75,5 +76,9 @@ def test_rejuvenation_preserves_random_architectures(data):
     stored = sum(p.numel() for p in new.parameters())  # cr stores no cross blocks
     assert stored == new.nrfx_plan.cost_after if scheme != "cr" else stored <= new.nrfx_plan.cost_after
     assert_aligned(analysis, new.nrfx_plan)
+    if residual == "keep":
+        for space in (s for s in analysis.spaces if s.summed):
+            event("a residual stream kept")
+            assert new.nrfx_plan.keep[space.index] == list(range(space.width)) and not new.nrfx_plan.grow[space.index]
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])

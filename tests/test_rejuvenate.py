@@ -315,3 +315,38 @@ def test_several_inputs_dict_outputs_and_weight_sharing(scheme, rescale):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-7, atol=1e-10)
     assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
     assert_unchanged(model, before)
+
+
+class WholeSlice(nn.Module):
+    """GhostNet's ``cat([x1, x2])[:, :out_chs]``: a literal slice that takes every channel at the traced width."""
+
+    def __init__(self, take) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.primary, self.bn1 = nn.Conv2d(12, 6, 1), nn.BatchNorm2d(6)
+        self.cheap, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(12, 5, 1)
+        self.take = take
+
+    def forward(self, x):
+        x = self.bn0(self.stem(x))
+        x1 = self.bn1(self.primary(x))
+        y = self.take(torch.cat([x1, self.bn2(self.cheap(x1))], 1))
+        return self.head(y + x)
+
+
+@pytest.mark.parametrize("take", [lambda y: y[:, :12], lambda y: y[:, -12:], lambda y: y[:, 0:12],
+                                  lambda y: y[:, :100], lambda y: y[:, :], lambda y: y[:, 0:2**40]],
+                         ids=[":12", "-12:", "0:12", ":100", ":", "0:2**40"])
+def test_a_slice_of_every_channel_follows_the_new_width(take):
+    torch.manual_seed(0)
+    model = WholeSlice(take).double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    kill_channels(model, analysis, 0.4, 0)
+    for scheme in ("nr", "cr", "ca"):
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(2.5, "params"), example_inputs=x, scheme=scheme,
+                              align=1, analysis=analysis)
+        assert max(new.nrfx_plan.new_widths) > 12  # the sliced space grew past the literal bound
+        with torch.no_grad():
+            torch.testing.assert_close(new(x), model(x), rtol=1e-9, atol=1e-9)

@@ -217,6 +217,9 @@ def _add_rejuvenate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--constants", choices=("drop", "keep"), default="drop",
                         help="dead channels whose constant output cannot be folded exactly (zero padding, gates): "
                              "drop (the paper; warned with the measured change) or keep (exact, counted in the budget)")
+    parser.add_argument("--residual", choices=("rejuvenate", "keep"), default="rejuvenate",
+                        help="residual streams (spaces where an add joins two branches): rejuvenate them like every "
+                             "layer (default) or keep every channel at its width (the paper's ResNet setting)")
     parser.add_argument("--out", type=Path, metavar="FILE",
                         help="write {'plan': plan dict, 'state_dict': ...} with torch.save (weights_only-loadable); "
                              "without it, a dry run: each resized layer's old -> new width is printed")
@@ -274,7 +277,7 @@ def run_rejuvenate(args: argparse.Namespace) -> int:
     print("before:", before_report.summary(), sep="\n", file=out)
     new = rejuvenate(model, masks, budget, example_inputs=x, scheme=args.scheme, rescale=args.rescale,
                      gamma0=args.gamma0, seed=args.seed, align=args.align, constants=args.constants,
-                     analysis=before)
+                     residual=args.residual, analysis=before)
     after = analyze(new, x, capture=args.capture).report()
     print("after:", after.summary(), sep="\n", file=out)
     plan = new.nrfx_plan

@@ -71,6 +71,7 @@ class AtomTable:
         self.ties: list[BlockTie] = []
         self.heads: set[int] = set()  # atoms (and their pieces) made by ``new_heads``
         self.attended: set[int] = set()  # atoms an attention op read as its head (batch) dim
+        self.summed: set[int] = set()  # atoms where an add joins two activations (a residual stream)
 
     # -- creation -------------------------------------------------------------------------
     def new(self, width: int) -> int:
@@ -136,7 +137,7 @@ class AtomTable:
         for atom in members:
             head, tail = self.new(at), self.new(self.width[atom] - at)
             self.children[atom] = (head, tail)
-            for flags in (self.heads, self.attended):
+            for flags in (self.heads, self.attended, self.summed):
                 if atom in flags:
                     flags.update((head, tail))
             heads.append(head)
@@ -216,6 +217,11 @@ class AtomTable:
     def mark_attended(self, layout: Layout) -> None:
         """Record that an attention op reads ``layout`` as its head dim (heads there are independent)."""
         self.attended.update(self.leaves(layout.atoms))
+
+    # -- residual streams -----------------------------------------------------------------
+    def mark_summed(self, layout: Layout) -> None:
+        """Record that an add joins two activations in ``layout`` (a residual stream: the paper's main stream)."""
+        self.summed.update(self.leaves(layout.atoms))
 
     def is_heads(self, layout: Layout | None) -> bool:
         """Whether every class the layout touches holds a head layout."""

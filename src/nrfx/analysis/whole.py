@@ -49,7 +49,8 @@ class Space:
     GroupNorm's group); ``unit``: the first space of its planning unit (spaces a grouped conv
     ties group by group share the number of blocks and which blocks survive; its own index
     when untied); ``heads``: its channels count attention heads (alignment skips it: the head
-    count is no layer's width, q, k and v are).
+    count is no layer's width, q, k and v are); ``summed``: an add joins two activations in it
+    (a residual stream, which ``residual="keep"`` leaves as it is).
     """
 
     index: int
@@ -58,6 +59,7 @@ class Space:
     block: int = 1
     unit: int = -1
     heads: bool = False  # its channels count attention heads (a batch dim of attention, never a layer's width)
+    summed: bool = False  # an add joins two activations in it: a residual stream (the paper's "main stream")
 
     @property
     def is_frozen(self) -> bool:
@@ -234,7 +236,8 @@ class Analysis:
                 tied = blocks.get(root)
                 spaces.append(Space(len(spaces), self.atoms.width[leaf], reasons, tied.block if tied else 1,
                                     units.setdefault(tied.unit, len(spaces)) if tied else len(spaces),
-                                    any(m in self.atoms.heads for m in self.atoms.members[root])))
+                                    any(m in self.atoms.heads for m in self.atoms.members[root]),
+                                    any(m in self.atoms.summed for m in self.atoms.members[root])))
         self.spaces: list[Space] = spaces
         self._space_of_root = index
 

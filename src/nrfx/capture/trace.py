@@ -62,6 +62,49 @@ def _timm_notrace() -> tuple[set[type], list[Callable]]:
     return set(_fx.get_notrace_modules()), functions
 
 
+def _train_mode_functions() -> dict[Callable, inspect.Signature]:
+    """Functions whose ``training`` argument a module passes as ``self.training`` (dropout, stochastic depth)."""
+    import torch.nn.functional as F
+
+    functions: list[Callable] = [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                 F.feature_alpha_dropout]
+    try:
+        from torchvision.ops import stochastic_depth
+        functions.append(stochastic_depth)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    functions += _timm_drop_path()
+    return {f: inspect.signature(f) for f in functions}
+
+
+def _timm_drop_path() -> list[Callable]:
+    """timm's functional drop path (it returns early in eval mode: autowrapped so that it stays a node)."""
+    try:
+        from timm.layers.drop import drop_path
+    except Exception:  # timm is optional and may be broken
+        return []
+    return [drop_path]
+
+
+_TRAIN_MODE = _train_mode_functions()
+
+
+def _baked_training(target: Any, args: tuple, kwargs: dict) -> str | None:
+    """Rule: a dropout-like call traced with ``training=False`` and a rate > 0 read its module's flag in eval
+    mode; the name of the argument holding it (None when the call drops nothing or the flag is not a literal)."""
+    signature = _TRAIN_MODE.get(target) if callable(target) else None
+    if signature is None:
+        return None
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    rate = bound.arguments.get("p", bound.arguments.get("drop_prob"))
+    flag = bound.arguments.get("training")
+    return "training" if flag is False and isinstance(rate, (int, float)) and rate > 0 else None
+
+
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
             operator.itruediv: operator.truediv}
 _FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -114,7 +157,7 @@ class NrfxTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap: Sequence[Callable] = ()) -> None:
         timm_modules, timm_functions = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(autowrap) + tuple(timm_functions))
+        super().__init__(autowrap_functions=tuple(autowrap) + tuple(timm_functions) + tuple(_timm_drop_path()))
         self.record_stack_traces = False  # FX's full capture costs more than the trace; see create_node
         leaves = list(leaf_modules)
         self.leaf_types = tuple({t for t in leaves if isinstance(t, type)} | timm_modules)
@@ -137,10 +180,23 @@ class NrfxTracer(torch.fx.Tracer):
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                     type_expr: Any = None) -> torch.fx.Node:
         """FX's node, with the user's source line as its stack trace (for error messages)."""
+        if kind == "call_function" and _baked_training(target, args, kwargs):
+            args, kwargs = self._training_read_at_run_time(target, args, kwargs)
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind.startswith("call_") and not node.stack_trace:
             node.stack_trace = _user_source_line()
         return node
+
+    def _training_read_at_run_time(self, target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call with its ``training`` argument read from the calling module's flag when the graph runs.
+
+        Tracing runs in eval mode, so ``F.dropout(x, p, self.training)`` would be recorded with ``False`` and
+        never drop in train mode; a ``get_attr`` of ``<module>.training`` follows ``.train()``/``.eval()``."""
+        path = self.scope.module_path
+        flag = super().create_node("get_attr", f"{path}.training" if path else "training", (), {})
+        bound = _TRAIN_MODE[target].bind(*args, **kwargs)
+        bound.arguments["training"] = flag
+        return bound.args, bound.kwargs
 
     def create_arg(self, a: Any) -> Any:
         """FX's argument, except that a dict subclass (OrderedDict, a dataclass such as Hugging Face's

@@ -137,13 +137,13 @@ def check_single_process(world_size: int, framework: str, how: str, supported: s
 def driver_options(*, budget: Any, target: float, lam: float, delta_lambda: float, delta_r: float, scheme: str,
                    rescale: bool, gamma0: Any, align: int, max_rounds: int | None, carry_state: bool,
                    restart_schedule: bool, threshold: float, seed: int | None, capture: str,
-                   constants: str = "drop") -> dict[str, Any]:
+                   constants: str = "drop", residual: str = "rejuvenate") -> dict[str, Any]:
     """The driver keywords a callback passes through, range-checked now (not at the first training step)."""
     check_settings(target, None, delta_r, delta_lambda, max_rounds, scheme, lam)
     return dict(budget=budget, target=target, lam=lam, delta_lambda=delta_lambda, delta_r=delta_r, scheme=scheme,
                 rescale=rescale, gamma0=gamma0, align=align, max_rounds=max_rounds, carry_state=carry_state,
                 restart_schedule=restart_schedule, threshold=threshold, seed=seed, capture=capture,
-                constants=constants)
+                constants=constants, residual=residual)
 
 
 class Runner:
@@ -205,11 +205,11 @@ class CallbackCore:
                  scheme: str = "nr", rescale: bool = False, gamma0: float | str | None = None, align: int = 8,
                  max_rounds: int | None = None, carry_state: bool = True, restart_schedule: bool = False,
                  threshold: float = 0.01, seed: int | None = None, capture: str = "auto",
-                 constants: str = "drop") -> None:
+                 constants: str = "drop", residual: str = "rejuvenate") -> None:
         options = driver_options(budget=budget, target=target, lam=lam, delta_lambda=delta_lambda, delta_r=delta_r,
                                  scheme=scheme, rescale=rescale, gamma0=gamma0, align=align, max_rounds=max_rounds,
                                  carry_state=carry_state, restart_schedule=restart_schedule, threshold=threshold,
-                                 seed=seed, capture=capture, constants=constants)
+                                 seed=seed, capture=capture, constants=constants, residual=residual)
         self.settings = Settings(example_inputs, example_kwargs, module, every_n_steps, check_on_epoch_end, options)
         self._runner = Runner(self.settings)
 

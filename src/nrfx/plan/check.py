@@ -6,8 +6,8 @@ checks a dict field by field (a ``PlanError`` names the first bad field and what
 groups, frozen spaces untouched, folds on layers that exist, and a size no larger than the plan's
 own budget allows (and never over ``MAX_GROWTH`` × the model's parameters).  Nothing in a plan is
 ever executed or imported.  The option checks (``check_seed``, ``check_align``, ``check_gamma0``,
-``check_constants``) live here too: ``make_plan`` and the driver use the same ones.  A plan written
-before a field existed reads as it was built: ``align`` 1, ``constants`` "drop".
+``check_constants``, ``check_residual``) live here too: ``make_plan`` and the driver use the same ones.  A plan
+written before a field existed reads as it was built: ``align`` 1, ``constants`` "drop", ``residual`` "rejuvenate".
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from typing import Any
 from nrfx.errors import PlanError
 from nrfx.plan.maps import dim_map
 
-__all__ = ["PLAN_VERSION", "MAX_GROWTH", "CONSTANTS", "check_plan_data", "check_plan_fits", "check_seed",
-           "check_align", "check_gamma0", "check_constants"]
+__all__ = ["PLAN_VERSION", "MAX_GROWTH", "CONSTANTS", "RESIDUAL", "check_plan_data", "check_plan_fits", "check_seed",
+           "check_align", "check_gamma0", "check_constants", "check_residual"]
 
 PLAN_VERSION = 1
 MAX_GROWTH = 64  # a replayed plan never builds a model of more than this many times the original's parameters
 _SCHEMES = ("nr", "cr", "ca")
 _CAPTURES = ("fx", "export")
 CONSTANTS = ("drop", "keep")  # dead channels whose constant cannot be folded exactly: removed (the paper) or kept
+RESIDUAL = ("rejuvenate", "keep")  # residual streams: planned like every space, or kept whole (the paper's ResNets)
 
 
 def _fail(field: str, must: str, value: Any) -> PlanError:
@@ -41,7 +42,7 @@ def _is_int(value: Any, low: int = 0, high: int | None = None) -> bool:
 
 
 def _check_scalars(data: dict[str, Any]) -> None:
-    """scheme, flags, seed, γ0, budget and costs, α, capture, align, constants, version."""
+    """scheme, flags, seed, γ0, budget and costs, α, capture, align, constants, residual, version."""
     if data["scheme"] not in _SCHEMES:
         raise _fail("scheme", f"one of {_SCHEMES}", data["scheme"])
     for key in ("rescale", "realloc"):
@@ -64,6 +65,8 @@ def _check_scalars(data: dict[str, Any]) -> None:
     check_align(data.get("align", 1))
     if data.get("constants", "drop") not in CONSTANTS:  # plans written before the field: "drop", as they were built
         raise _fail("constants", f"one of {CONSTANTS}", data.get("constants"))
+    if data.get("residual", "rejuvenate") not in RESIDUAL:  # plans written before the field: "rejuvenate"
+        raise _fail("residual", f"one of {RESIDUAL}", data.get("residual"))
     if data.get("version", PLAN_VERSION) != PLAN_VERSION:
         raise _fail("version", f"{PLAN_VERSION} (this nrfx reads plans of version {PLAN_VERSION})", data.get("version"))
 
@@ -134,16 +137,27 @@ def check_gamma0(gamma0: Any) -> float | str | None:
 
 def check_constants(constants: Any) -> str:
     """``constants``: "drop" (unfoldable constants of dead channels dropped, warned: the paper) or "keep" (exact)."""
-    if isinstance(constants, str) and constants in CONSTANTS:
-        return constants
-    raise PlanError(f"constants must be 'drop' (dead channels whose constant output cannot be folded exactly are "
-                    f"removed anyway, the paper's behaviour) or 'keep' (such channels survive: exact), "
-                    f"got {constants!r}")
+    return _one_of(constants, CONSTANTS, "constants must be 'drop' (dead channels whose constant output cannot be "
+                   "folded exactly are removed anyway, the paper's behaviour) or 'keep' (such channels survive: exact)")
+
+
+def check_residual(residual: Any) -> str:
+    """``residual``: "rejuvenate" (residual streams planned like every space) or "keep" (the paper's ResNet setting)."""
+    return _one_of(residual, RESIDUAL, "residual must be 'rejuvenate' (residual streams lose dead channels and grow "
+                   "like every other space) or 'keep' (every channel of a residual stream is kept at its width, as "
+                   "the paper does for ResNets)")
+
+
+def _one_of(value: Any, choices: tuple[str, ...], what: str) -> str:
+    """An option that is one of a few strings, else a PlanError that says what each means."""
+    if isinstance(value, str) and value in choices:
+        return value
+    raise PlanError(f"{what}, got {value!r}")
 
 
 REQUIRED = ("scheme", "rescale", "realloc", "seed", "gamma0", "budget_kind", "budget", "alpha", "widths", "keep",
             "grow", "cost_before", "cost_live", "cost_after", "input_shapes")
-OPTIONAL = ("notes", "folds", "capture", "align", "constants", "version")
+OPTIONAL = ("notes", "folds", "capture", "align", "constants", "residual", "version")
 
 
 def check_plan_data(data: Any) -> dict[str, Any]:
@@ -168,8 +182,10 @@ def check_plan_fits(plan: Any, analysis: Any) -> None:
                         "architecture or another set of trace options?)")
     for space in analysis.spaces:
         s, new = space.index, len(plan.keep[space.index]) + plan.grow[space.index]
-        if space.is_frozen and (plan.grow[s] or len(plan.keep[s]) != space.width):
-            raise _fail(f"keep[{s}]/grow[{s}]", f"every channel kept and none grown (space {s} is frozen)",
+        fixed = space.is_frozen or (space.summed and plan.residual == "keep")
+        if fixed and (plan.grow[s] or len(plan.keep[s]) != space.width):
+            why = "frozen" if space.is_frozen else "a residual stream and the plan keeps them"
+            raise _fail(f"keep[{s}]/grow[{s}]", f"every channel kept and none grown (space {s} is {why})",
                         (len(plan.keep[s]), plan.grow[s]))
         if len(plan.keep[s]) % space.block or new % space.block or (new == 0 and space.width):
             raise _fail(f"keep[{s}]/grow[{s}]", f"whole groups of {space.block} channels, at least one",

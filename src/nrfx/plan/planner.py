@@ -29,11 +29,19 @@ import torch
 
 from nrfx.analysis.cost import CostModel, by_kind, cost_kind
 from nrfx.errors import BudgetError, NrfxWarning, PlanError, RenamedAttribute, renamed
-from nrfx.plan.check import PLAN_VERSION, check_align, check_constants, check_gamma0, check_plan_data, check_seed
+from nrfx.plan.check import (
+    PLAN_VERSION,
+    check_align,
+    check_constants,
+    check_gamma0,
+    check_plan_data,
+    check_residual,
+    check_seed,
+)
 from nrfx.plan.fold import probe_constants, split_folds, unfoldable_channels
 
 __all__ = ["Budget", "Plan", "Unit", "make_plan", "planning_units", "align_steps", "check_align", "check_gamma0",
-           "check_seed", "check_constants", "SCHEMES"]
+           "check_seed", "check_constants", "check_residual", "SCHEMES"]
 
 SCHEMES = ("nr", "cr", "ca")
 
@@ -147,6 +155,7 @@ class Plan:
     capture: str = "fx"
     align: int = 1
     constants: str = "drop"
+    residual: str = "rejuvenate"
     version: int = PLAN_VERSION
 
     def __repr__(self) -> str:
@@ -216,13 +225,22 @@ class Unit:
         return [(s, n * b) for s, b in zip(self.spaces, self.blocks, strict=True)]
 
 
-def planning_units(analysis) -> list[Unit]:
-    """The planning units of an analysis, in the order of their first space."""
+def planning_units(analysis, fixed: frozenset[int] = frozenset()) -> list[Unit]:
+    """The planning units of an analysis, in the order of their first space; a unit with a frozen space, or one
+    in ``fixed`` (kept residual streams), is frozen."""
     grouped: dict[int, list] = {}
     for space in analysis.spaces:
         grouped.setdefault(space.unit, []).append(space)
     return [Unit(tuple(s.index for s in members), tuple(s.block for s in members),
-                 any(s.is_frozen for s in members), tuple(s.heads for s in members)) for members in grouped.values()]
+                 any(s.is_frozen or s.index in fixed for s in members), tuple(s.heads for s in members))
+            for members in grouped.values()]
+
+
+def kept_streams(analysis, residual: str) -> frozenset[int]:
+    """The spaces ``residual="keep"`` leaves whole: every residual stream (an add joins two activations in it),
+    with the spaces planned in one unit with it."""
+    units = {s.unit for s in analysis.spaces if s.summed} if residual == "keep" else set()
+    return frozenset(s.index for s in analysis.spaces if s.unit in units)
 
 
 def _block_scores(unit: Unit, scores) -> torch.Tensor:
@@ -326,23 +344,27 @@ def _solve(cost: CostModel, units, live, full, steps, total: int, budget: int) -
 
 
 def _fill(cost: CostModel, units, counts, steps, live, alpha: float, total: int, budget: int) -> list[int]:
-    """Add one step of blocks to a unit at a time, largest rounding loss first, until none fits the budget."""
+    """Add one step of blocks to a unit at a time, largest rounding loss first, until none fits the budget:
+    first up to each unit's live blocks (a compression gives back live channels before it adds new ones), then on."""
     order = sorted((i for i, u in enumerate(units) if not u.frozen), key=lambda i: counts[i] - alpha * live[i])
-    added = True
-    while added:
-        added = False
-        for i in order:
-            counts[i] += steps[i]
-            if cost(_space_widths(units, counts, total)) <= budget:
-                added = True
-            else:
-                counts[i] -= steps[i]
+    for cap in (live, None):
+        added = True
+        while added:
+            added = False
+            for i in order:
+                if cap is not None and counts[i] + steps[i] > cap[i]:
+                    continue
+                counts[i] += steps[i]
+                if cost(_space_widths(units, counts, total)) <= budget:
+                    added = True
+                else:
+                    counts[i] -= steps[i]
     return counts
 
 
 def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bool = False,
               gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None,
-              align: int = 8, constants: str = "drop") -> Plan:
+              align: int = 8, constants: str = "drop", residual: str = "rejuvenate") -> Plan:
     """The rejuvenation plan for an analysed model under masks and a budget.
 
     ``masks=None``: the masks are read from the norm scales of ``model`` now (not when it was analysed).
@@ -352,20 +374,26 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     absorb exactly (``nrfx.plan.fold``) survive and count in the budget; the model runs once on the
     analysis' example inputs to find them and the plan carries its folds.  ``"drop"`` (the paper's
     behaviour, default): they are removed, and the plan is a pure function of its inputs.
+    ``residual="keep"``: every channel of a residual stream (a space where an add joins two activations)
+    is kept and its width stays, as the paper does for ResNets (only the neurons off the main stream are
+    rejuvenated); ``"rejuvenate"`` (default) plans them like every other space.
     """
     gamma0 = check_gamma0(gamma0)
     align = check_align(align)
     seed = check_seed(seed)
     constants = check_constants(constants)
+    residual = check_residual(residual)
     if scheme not in SCHEMES:
         raise PlanError(f"unknown scheme {scheme!r}; use one of {SCHEMES} (nr: cross connections kept, "
                         "cr: removed, ca: cross attention)")
     kind, value = Budget.coerce(budget).resolve(analysis)
     masks = analysis.masks_from(model) if masks is None else masks
     options = {"scheme": scheme, "rescale": bool(rescale), "realloc": bool(realloc), "seed": seed, "gamma0": gamma0,
-               "align": align, "constants": constants}
+               "align": align, "constants": constants, "residual": residual}
     build = lambda alive: _allocate(analysis, model, alive, kind, value, options)  # noqa: E731
     alive = [a.clone() for a in analysis.alive(masks)]
+    for s in kept_streams(analysis, residual):
+        alive[s].fill_(True)
     plan = build(alive)
     return plan if constants == "drop" else _keep_constants(analysis, plan, alive, build)
 
@@ -373,7 +401,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
 def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int, options: dict[str, Any]) -> Plan:
     """The plan for given live channels per space: survivors (aligned), α and the widths it gives."""
     cost = analysis.cost_model(kind)
-    units = planning_units(analysis)
+    units = planning_units(analysis, kept_streams(analysis, options["residual"]))
     scores = _space_scores(analysis, model)
     full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]
     steps = align_steps(units, full, options["align"])
@@ -387,18 +415,36 @@ def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int,
     else:
         alpha, counts = 1.0, list(full)
     keep: list[list[int]] = [[] for _ in range(total)]
-    for unit, blocks, n in zip(units, kept, counts, strict=True):
+    lost: list[int] = []  # live channels of each unit's first space that the budget removed
+    for unit, blocks, n, live_blocks in zip(units, kept, counts, survivors, strict=True):
         blocks = _strongest(blocks, n, _block_scores(unit, scores))
+        lost.append(len(set(live_blocks) - set(blocks)) * unit.blocks[0])
         for s, b in zip(unit.spaces, unit.blocks, strict=True):
             keep[s] = [k * b + j for k in blocks for j in range(b)]
     widths = _space_widths(units, counts, total)
     grow = [w - len(k) for k, w in zip(keep, widths, strict=True)]
+    cost_live = cost(_space_widths(units, [len(b) for b in survivors], total))
+    notes = _lost_live(lost, value, cost_live, cost(_space_widths(units, live, total)), options["align"])
     return Plan(
         **options, budget_kind=kind, budget=value, alpha=alpha, widths=[s.width for s in analysis.spaces],
-        keep=keep, grow=grow, cost_before=cost([s.width for s in analysis.spaces]),
-        cost_live=cost(_space_widths(units, [len(b) for b in survivors], total)), cost_after=cost(widths),
-        input_shapes=[list(s) for s in analysis.input_shapes], capture=getattr(analysis, "capture", "fx"),
+        keep=keep, grow=grow, cost_before=cost([s.width for s in analysis.spaces]), cost_live=cost_live,
+        cost_after=cost(widths), input_shapes=[list(s) for s in analysis.input_shapes],
+        capture=getattr(analysis, "capture", "fx"), notes=notes,
     )
+
+
+def _lost_live(lost: list[int], budget: int, cost_live: int, aligned_live: int, align: int) -> list[str]:
+    """Rule: a plan that removes live channels says so; where the budget covers U(θ) and only the alignment of
+    the survivors made it too small (the function then changes unexpectedly), it also warns and names the fix."""
+    if not any(lost):
+        return []
+    note = (f"compression: {sum(lost):,} live channels in {sum(1 for n in lost if n)} spaces removed (the budget "
+            f"{budget:,} is below the live cost {aligned_live:,}); the function changes")
+    if budget >= cost_live:
+        note += (f". The budget covers U(θ) = {cost_live:,}, but align={align} rounds the survivors up to "
+                 f"{aligned_live:,}: ask for at least {aligned_live:,}, or pass align=1, to keep every live channel")
+        warnings.warn(note, NrfxWarning, stacklevel=5)
+    return [note]
 
 
 def _keep_constants(analysis, plan: Plan, alive: list[torch.Tensor], build) -> Plan:

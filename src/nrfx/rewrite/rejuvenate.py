@@ -79,7 +79,8 @@ def _with_folds(analysis: Analysis, plan: Plan) -> Plan:
 def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any = None, *,
                example_inputs: Any, example_kwargs: dict[str, Any] | None = None, scheme: str = "nr",
                rescale: bool = False, gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None,
-               align: int = 8, constants: str = "drop", analysis: Analysis | None = None, inplace: bool = False,
+               align: int = 8, constants: str = "drop", residual: str = "rejuvenate", analysis: Analysis | None = None,
+               inplace: bool = False,
                optimizer: torch.optim.Optimizer | None = None, carry_state: bool = True,
                **capture_options: Any) -> nn.Module:
     """Remove dead channels, grow every free space by one shared rate α to the budget, re-initialise.
@@ -93,7 +94,8 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
     It takes the model's own arguments (``example_inputs``, ``example_kwargs``) and returns its
     output structure; ``capture`` and the trace options are those of ``nrfx.analyze``.
     ``align`` (default 8): resized widths, and in cr/ca their S and R parts, stay multiples of it
-    (tensor-core friendly); ``align=1`` is the paper's exact allocation.
+    (tensor-core friendly); ``align=1`` is the paper's exact allocation.  ``residual="keep"``: residual
+    streams keep every channel and their width, as the paper does for ResNets (``make_plan``).
     """
     check_model(model)
     check_real_weights(model)
@@ -102,7 +104,7 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
                          "module, and the driver NeuralRejuvenation rebuilds the optimizer for it)")
     analysis = analysis or analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
     options = {"scheme": scheme, "rescale": rescale, "gamma0": gamma0, "realloc": realloc, "seed": seed,
-               "align": align, "constants": constants}
+               "align": align, "constants": constants, "residual": residual}
     if inplace:
         jobs = {path: _inplace_job(model.get_submodule(path), island, island_masks, island_budget, options)
                 for path, (island, island_masks, island_budget) in _targets(analysis, masks, budget).items()}

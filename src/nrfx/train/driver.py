@@ -43,7 +43,7 @@ from nrfx.analysis.masks import norm_masks
 from nrfx.analysis.whole import Analysis
 from nrfx.capture.inputs import check_real_weights
 from nrfx.errors import NrfxError, NrfxWarning, PlanError
-from nrfx.plan.planner import SCHEMES, Budget, Plan, check_align, check_constants, check_gamma0
+from nrfx.plan.planner import SCHEMES, Budget, Plan, check_align, check_constants, check_gamma0, check_residual
 from nrfx.rewrite.inplace import PLANS_KEY, freeze_for_inplace
 from nrfx.rewrite.optim_state import carry_optimizer_state, copy_group_settings
 from nrfx.rewrite.rejuvenate import apply_plan, rejuvenate
@@ -279,7 +279,8 @@ class NeuralRejuvenation:
                  threshold: float = 0.01, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  progress: bool | str = False, total: int | None = None, lam: float = 0.0,
                  carry_state: bool = True, example_kwargs: dict[str, Any] | None = None,
-                 capture: str = "auto", align: int = 8, inplace: bool = False, constants: str = "drop") -> None:
+                 capture: str = "auto", align: int = 8, inplace: bool = False, constants: str = "drop",
+                 residual: str = "rejuvenate") -> None:
         check_settings(target, interval, delta_r, delta_lambda, max_rounds, scheme, lam)
         check_real_weights(model)  # at construction, not at the first rejuvenation
         if not callable(optimizer_factory) and not (inplace and isinstance(optimizer_factory, torch.optim.Optimizer)):
@@ -292,6 +293,7 @@ class NeuralRejuvenation:
         self.gamma0 = _plan_option(check_gamma0, gamma0)
         self.align = _plan_option(check_align, align)
         self.constants = _plan_option(check_constants, constants)
+        self.residual = _plan_option(check_residual, residual)
         self.example_inputs = example_inputs
         self._capture = {"example_kwargs": example_kwargs, "capture": capture}
         self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**31
@@ -477,7 +479,7 @@ class NeuralRejuvenation:
                                     **self._capture, **self._inplace_options(),
                                     scheme=self.scheme, rescale=self.rescale, gamma0=self.gamma0,
                                     seed=self.seed + self.rounds, align=self.align, constants=self.constants,
-                                    analysis=self.analysis)
+                                    residual=self.residual, analysis=self.analysis)
             except Exception as error:
                 if not _distributed():
                     raise

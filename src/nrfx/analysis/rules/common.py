@@ -58,7 +58,7 @@ def broadcast(ctx, operands: list[Any], zero_op: str) -> TensorSpec:
     params = {id(a): channel_param(ctx, a) for a, _, _ in tensors}
     dims, zeros = [], []
     for d in range(len(shape)):
-        layouts, sources, plain, skipped, held = [], [], False, scalars, []
+        layouts, sources, plain, skipped, held, activations = [], [], False, scalars, [], 0
         for operand, spec, _ in tensors:
             k = d - (len(shape) - spec.ndim)
             if k < 0 or (spec.shape[k] == 1 and shape[d] != 1):
@@ -73,6 +73,7 @@ def broadcast(ctx, operands: list[Any], zero_op: str) -> TensorSpec:
                 continue
             layouts.append(layout)
             sources.append((spec, k))
+            activations += not _is_parameter(ctx, operand)
         if not layouts:
             dims.append(None)
             zeros.append(None)
@@ -80,6 +81,8 @@ def broadcast(ctx, operands: list[Any], zero_op: str) -> TensorSpec:
             continue
         for other in layouts[1:]:
             ctx.unify(layouts[0], other, "elementwise operands")
+        if zero_op == "and" and activations > 1:
+            ctx.atoms.mark_summed(layouts[0])
         for name, param_shape, p, _ in held:
             ctx.param_named(name, param_shape, tuple(layouts[0] if i == p else None for i in range(len(param_shape))))
         if plain:
@@ -92,14 +95,24 @@ def broadcast(ctx, operands: list[Any], zero_op: str) -> TensorSpec:
 _VIEWS = frozenset({"view", "reshape", "unsqueeze", "expand", "contiguous", "to", "type_as"})
 
 
+def _behind_views(node: Any) -> Any:
+    """The node a chain of views (view, reshape, unsqueeze, expand, …) reads."""
+    while getattr(node, "op", None) in ("call_method", "call_function") and (
+            node.target in _VIEWS or getattr(node.target, "__name__", None) in ("reshape", "unsqueeze")):
+        node = node.args[0]
+    return node
+
+
+def _is_parameter(ctx, node: Any) -> bool:
+    """Whether an operand is a parameter or buffer, read directly or through views (not an activation)."""
+    return param_of(ctx, _behind_views(node))[0] is not None
+
+
 def channel_param(ctx, node: Any) -> tuple[str, tuple[int, ...], int, int] | None:
     """Rule: a parameter or buffer with one non-1 dim ``p``, reached through views only, read where that dim is
     dim ``k`` of the operand: (name, its shape, p, k); None for anything else."""
     value = ctx.value(node)
-    while getattr(node, "op", None) in ("call_method", "call_function") and (
-            node.target in _VIEWS or getattr(node.target, "__name__", None) in ("reshape", "unsqueeze")):
-        node = node.args[0]
-    name, param_shape = param_of(ctx, node)
+    name, param_shape = param_of(ctx, _behind_views(node))
     if name is None or not isinstance(value, torch.Tensor) or name not in ctx.state.param_names:
         return None
     wide = [i for i, n in enumerate(param_shape) if n != 1]

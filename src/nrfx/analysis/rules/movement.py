@@ -315,13 +315,18 @@ def _tensor_index(ctx, spec: TensorSpec, index: tuple):
                 partial = (start, stop) != (0, spec.shape[src])
                 if partial and layout is not None and (position >= ellipsis_at or computed[position]):
                     ctx.freeze(layout, "channel slice after an Ellipsis or with bounds computed in the graph")
-                elif partial:
+                elif partial or not (_open_ended(item) or computed[position]):
                     _record_slice(ctx, spec, src, [(start, stop)], "getitem", position=position)
                 layout, zero = _select(ctx, spec, src, start, stop)
                 dims.append(layout)
                 zeros.append(zero)
         src += 1
     return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+
+
+def _open_ended(item: slice) -> bool:
+    """Whether a slice takes every channel at any width (``[:]``, ``[0:]``); ``[:24]`` on 24 channels does not."""
+    return item.start in (None, 0) and (item.stop is None or item.stop >= 2**31)
 
 
 def _has_node(item) -> bool:
@@ -834,14 +839,24 @@ def pad(ctx, node):
 
 # -- tensor factories ---------------------------------------------------------------------------------
 _FACTORIES = (torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn, torch.arange,
-              torch.linspace, torch.tensor, torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like,
-              torch.randn_like, torch.full_like, torch.eye, torch.randint, torch.bernoulli)
+              torch.linspace, torch.tensor, torch.eye, torch.randint)
+_LIKE = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like, torch.full_like,
+         torch.randint_like, torch.bernoulli)
 
 
 @function_rule(*_FACTORIES)
 def factory(ctx, node):
     """Tensor factories create values with no channel space."""
     return ctx.blank(ctx.out)
+
+
+@function_rule(*_LIKE)
+def factory_like(ctx, node):
+    """``ones_like(x)`` and kin: new values shaped as x, so its channel dims stay x's spaces (they resize with x)."""
+    x = ctx.spec(node.args[0]) if node.args else None
+    if not isinstance(x, TensorSpec) or tuple(x.shape) != tuple(ctx.out.shape):
+        return ctx.blank(ctx.out)
+    return ctx.tensor(x.shape, x.dims)
 
 
 @method_rule("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "bernoulli_", "bernoulli",

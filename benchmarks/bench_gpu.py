@@ -16,7 +16,8 @@ built by ``nrfx.rejuvenate`` from that model with the example at the benchmark's
   (``Budget(macs=analysis.live_macs)``; ``realloc=False`` would keep every width).
 * ``nr``, ``cr``, ``ca``: rejuvenated to c(A) in MACs (``Budget.fraction(1.0, "macs")``) with that scheme.
 * ``nr_keep``, ``cr_keep``, ``ca_keep``: the same with ``residual="keep"`` (the paper's ResNet setting: the
-  residual streams keep every channel and their width), for models that have residual streams.
+  residual streams keep every channel and their width), for models that have residual streams (ResNet-50
+  only with ``--quick``).
 
 Measured on every variant, interleaved (alternating order per round), CUDA-event timed, median:
 inference (``eval()``, ``torch.inference_mode()``) and one training step (``train()``, SGD
@@ -176,7 +177,8 @@ def prepare(name: str, s: Settings, dev: torch.device) -> tuple[dict[str, nn.Mod
                                           scheme="nr"),
         **{scheme: (lambda sc=scheme: nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.0, "macs"),
                                                       example_inputs=x1, scheme=sc)) for scheme in SCHEMES}}
-    if any(space.summed and not space.is_frozen for space in analysis.spaces):
+    if any(space.summed and not space.is_frozen for space in analysis.spaces) and (name == TARGET_MODEL or
+                                                                                   not s.quick):
         builds |= {f"{scheme}_keep": (lambda sc=scheme: nrfx.rejuvenate(
             model, None, nrfx.Budget.fraction(1.0, "macs"), example_inputs=x1, scheme=sc, residual="keep"))
             for scheme in SCHEMES}

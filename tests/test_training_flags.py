@@ -91,3 +91,15 @@ def test_stochastic_depth_draws_as_in_the_original_when_training(build):
         outputs.append(net(x))
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-9, atol=1e-9)
     assert _dropped(new, x)  # (train mode: each call also moves the norms' running statistics)
+
+
+def test_a_flag_left_at_its_default_is_the_callers_choice():
+    timm_drop = pytest.importorskip("timm.layers.drop")
+
+    class Defaults(Head):
+        def forward(self, x):
+            y = self.bn(self.conv(x)).mean((2, 3))
+            return self.fc(timm_drop.drop_path(y, 0.5))  # training defaults to False: never drops
+
+    analysis = nrfx.analyze(Defaults().eval(), torch.randn(4, 3, 6, 6))
+    assert not any(n.op == "get_attr" and n.target == "training" for n in analysis.gm.graph.nodes)

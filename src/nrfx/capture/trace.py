@@ -89,20 +89,20 @@ def _timm_drop_path() -> list[Callable]:
 _TRAIN_MODE = _train_mode_functions()
 
 
-def _baked_training(target: Any, args: tuple, kwargs: dict) -> str | None:
-    """Rule: a dropout-like call traced with ``training=False`` and a rate > 0 read its module's flag in eval
-    mode; the name of the argument holding it (None when the call drops nothing or the flag is not a literal)."""
+def _baked_training(target: Any, args: tuple, kwargs: dict) -> bool:
+    """Rule: a dropout-like call given ``training=False`` with a rate > 0 was handed its module's flag while
+    tracing in eval mode (a flag left at its default, as timm's ``drop_path(x, p)`` does, is the caller's choice)."""
     signature = _TRAIN_MODE.get(target) if callable(target) else None
     if signature is None:
-        return None
+        return False
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError:
-        return None
+        return False
+    passed = bound.arguments.get("training", True)
     bound.apply_defaults()
     rate = bound.arguments.get("p", bound.arguments.get("drop_prob"))
-    flag = bound.arguments.get("training")
-    return "training" if flag is False and isinstance(rate, (int, float)) and rate > 0 else None
+    return passed is False and isinstance(rate, (int, float)) and rate > 0
 
 
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,

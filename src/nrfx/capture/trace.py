@@ -89,9 +89,10 @@ def _timm_drop_path() -> list[Callable]:
 _TRAIN_MODE = _train_mode_functions()
 
 
-def _baked_training(target: Any, args: tuple, kwargs: dict) -> bool:
-    """Rule: a dropout-like call given ``training=False`` with a rate > 0 was handed its module's flag while
-    tracing in eval mode (a flag left at its default, as timm's ``drop_path(x, p)`` does, is the caller's choice)."""
+def _baked_training(target: Any, args: tuple, kwargs: dict, mode: bool) -> bool:
+    """Rule: a dropout-like call given ``training=`` the calling module's own flag (``mode``, as traced) with a
+    rate > 0 was handed ``self.training``, which tracing turned into a constant (a flag left at its default, as
+    timm's ``drop_path(x, p)`` does, is the caller's choice)."""
     signature = _TRAIN_MODE.get(target) if callable(target) else None
     if signature is None:
         return False
@@ -99,10 +100,10 @@ def _baked_training(target: Any, args: tuple, kwargs: dict) -> bool:
         bound = signature.bind(*args, **kwargs)
     except TypeError:
         return False
-    passed = bound.arguments.get("training", True)
+    passed = bound.arguments.get("training")
     bound.apply_defaults()
     rate = bound.arguments.get("p", bound.arguments.get("drop_prob"))
-    return passed is False and isinstance(rate, (int, float)) and rate > 0
+    return passed is mode and isinstance(rate, (int, float)) and rate > 0
 
 
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -180,18 +181,24 @@ class NrfxTracer(torch.fx.Tracer):
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                     type_expr: Any = None) -> torch.fx.Node:
         """FX's node, with the user's source line as its stack trace (for error messages)."""
-        if kind == "call_function" and _baked_training(target, args, kwargs):
+        if kind == "call_function" and _baked_training(target, args, kwargs, self._caller().training):
             args, kwargs = self._training_read_at_run_time(target, args, kwargs)
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind.startswith("call_") and not node.stack_trace:
             node.stack_trace = _user_source_line()
         return node
 
+    def _caller(self) -> nn.Module:
+        """The module whose forward is being traced now."""
+        path = self.scope.module_path
+        return self.root.get_submodule(path) if path else self.root
+
     def _training_read_at_run_time(self, target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The call with its ``training`` argument read from the calling module's flag when the graph runs.
 
-        Tracing runs in eval mode, so ``F.dropout(x, p, self.training)`` would be recorded with ``False`` and
-        never drop in train mode; a ``get_attr`` of ``<module>.training`` follows ``.train()``/``.eval()``."""
+        Tracing records ``F.dropout(x, p, self.training)`` with the flag of the moment: traced in eval mode it
+        would never drop in training, traced in train mode (the driver) it would drop in eval; a ``get_attr``
+        of ``<module>.training`` follows ``.train()``/``.eval()``."""
         path = self.scope.module_path
         flag = super().create_node("get_attr", f"{path}.training" if path else "training", (), {})
         bound = _TRAIN_MODE[target].bind(*args, **kwargs)

@@ -62,21 +62,6 @@ def _timm_notrace() -> tuple[set[type], list[Callable]]:
     return set(_fx.get_notrace_modules()), functions
 
 
-def _train_mode_functions() -> dict[Callable, inspect.Signature]:
-    """Functions whose ``training`` argument a module passes as ``self.training`` (dropout, stochastic depth)."""
-    import torch.nn.functional as F
-
-    functions: list[Callable] = [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                                 F.feature_alpha_dropout]
-    try:
-        from torchvision.ops import stochastic_depth
-        functions.append(stochastic_depth)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    functions += _timm_drop_path()
-    return {f: inspect.signature(f) for f in functions}
-
-
 def _timm_drop_path() -> list[Callable]:
     """timm's functional drop path (it returns early in eval mode: autowrapped so that it stays a node)."""
     try:
@@ -86,24 +71,39 @@ def _timm_drop_path() -> list[Callable]:
     return [drop_path]
 
 
+def _train_mode_functions() -> dict[Callable, inspect.Signature]:
+    """Functions whose ``training`` argument a module passes as ``self.training`` (dropout, stochastic depth)."""
+    import torch.nn.functional as F
+
+    functions: list[Callable] = [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                 F.feature_alpha_dropout, *_TIMM_DROP_PATH]
+    try:
+        from torchvision.ops import stochastic_depth
+        functions.append(stochastic_depth)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    return {f: inspect.signature(f) for f in functions}
+
+
+_TIMM_DROP_PATH = tuple(_timm_drop_path())  # looked up once: a tracer is built per trace attempt
 _TRAIN_MODE = _train_mode_functions()
 
 
-def _baked_training(target: Any, args: tuple, kwargs: dict, mode: bool) -> bool:
+def _baked_training(target: Any, args: tuple, kwargs: dict, mode: bool) -> inspect.BoundArguments | None:
     """Rule: a dropout-like call given ``training=`` the calling module's own flag (``mode``, as traced) with a
     rate > 0 was handed ``self.training``, which tracing turned into a constant (a flag left at its default, as
-    timm's ``drop_path(x, p)`` does, is the caller's choice)."""
+    timm's ``drop_path(x, p)`` does, is the caller's choice).  Its bound arguments, or None."""
     signature = _TRAIN_MODE.get(target) if callable(target) else None
     if signature is None:
-        return False
+        return None
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError:
-        return False
+        return None
     passed = bound.arguments.get("training")
     bound.apply_defaults()
     rate = bound.arguments.get("p", bound.arguments.get("drop_prob"))
-    return passed is mode and isinstance(rate, (int, float)) and rate > 0
+    return bound if passed is mode and isinstance(rate, (int, float)) and rate > 0 else None
 
 
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -158,7 +158,7 @@ class NrfxTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap: Sequence[Callable] = ()) -> None:
         timm_modules, timm_functions = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(autowrap) + tuple(timm_functions) + tuple(_timm_drop_path()))
+        super().__init__(autowrap_functions=tuple(autowrap) + tuple(timm_functions) + _TIMM_DROP_PATH)
         self.record_stack_traces = False  # FX's full capture costs more than the trace; see create_node
         leaves = list(leaf_modules)
         self.leaf_types = tuple({t for t in leaves if isinstance(t, type)} | timm_modules)
@@ -181,8 +181,9 @@ class NrfxTracer(torch.fx.Tracer):
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                     type_expr: Any = None) -> torch.fx.Node:
         """FX's node, with the user's source line as its stack trace (for error messages)."""
-        if kind == "call_function" and _baked_training(target, args, kwargs, self._caller().training):
-            args, kwargs = self._training_read_at_run_time(target, args, kwargs)
+        bound = _baked_training(target, args, kwargs, self._caller().training) if kind == "call_function" else None
+        if bound is not None:
+            args, kwargs = self._training_read_at_run_time(bound)
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind.startswith("call_") and not node.stack_trace:
             node.stack_trace = _user_source_line()
@@ -193,16 +194,15 @@ class NrfxTracer(torch.fx.Tracer):
         path = self.scope.module_path
         return self.root.get_submodule(path) if path else self.root
 
-    def _training_read_at_run_time(self, target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _training_read_at_run_time(self, bound: inspect.BoundArguments) -> tuple[tuple, dict]:
         """The call with its ``training`` argument read from the calling module's flag when the graph runs.
 
         Tracing records ``F.dropout(x, p, self.training)`` with the flag of the moment: traced in eval mode it
         would never drop in training, traced in train mode (the driver) it would drop in eval; a ``get_attr``
         of ``<module>.training`` follows ``.train()``/``.eval()``."""
         path = self.scope.module_path
-        flag = super().create_node("get_attr", f"{path}.training" if path else "training", (), {})
-        bound = _TRAIN_MODE[target].bind(*args, **kwargs)
-        bound.arguments["training"] = flag
+        bound.arguments["training"] = super().create_node("get_attr", f"{path}.training" if path else "training",
+                                                          (), {})
         return bound.args, bound.kwargs
 
     def create_arg(self, a: Any) -> Any:

@@ -390,18 +390,20 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     masks = analysis.masks_from(model) if masks is None else masks
     options = {"scheme": scheme, "rescale": bool(rescale), "realloc": bool(realloc), "seed": seed, "gamma0": gamma0,
                "align": align, "constants": constants, "residual": residual}
-    build = lambda alive: _allocate(analysis, model, alive, kind, value, options)  # noqa: E731
+    fixed = kept_streams(analysis, residual)
+    build = lambda alive: _allocate(analysis, model, alive, kind, value, options, fixed)  # noqa: E731
     alive = [a.clone() for a in analysis.alive(masks)]
-    for s in kept_streams(analysis, residual):
+    for s in fixed:
         alive[s].fill_(True)
     plan = build(alive)
     return plan if constants == "drop" else _keep_constants(analysis, plan, alive, build)
 
 
-def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int, options: dict[str, Any]) -> Plan:
-    """The plan for given live channels per space: survivors (aligned), α and the widths it gives."""
+def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int, options: dict[str, Any],
+              fixed: frozenset[int]) -> Plan:
+    """The plan for given live channels per space (``fixed``: kept whole): survivors (aligned), α, the widths."""
     cost = analysis.cost_model(kind)
-    units = planning_units(analysis, kept_streams(analysis, options["residual"]))
+    units = planning_units(analysis, fixed)
     scores = _space_scores(analysis, model)
     full = [analysis.spaces[u.spaces[0]].width // u.blocks[0] for u in units]
     steps = align_steps(units, full, options["align"])

@@ -124,3 +124,15 @@ def test_inplace_proxy_does_not_leak_into_trace_errors():
     message = str(info.value)
     assert "int()" in message and "side = int(math.sqrt(tokens.shape[1]))" in message
     assert "_InplaceProxy" not in message
+
+
+def test_a_rewrite_that_does_not_run_blames_the_graph_not_the_inputs():
+    """The original ran on the example inputs, so the error names the node and never asks for other inputs."""
+    from nrfx.rewrite.rejuvenate import _check_runs
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(5, 4), nn.Linear(3, 2)))  # a width the rewrite missed
+    with pytest.raises(nrfx.RewriteError) as info:
+        _check_runs(gm, [torch.randn(2, 5)])
+    text = str(info.value)
+    assert "(call_module 1) failed" in text and "does not run on the example inputs" in text
+    assert "Pass example_inputs" not in text and "The example inputs were" not in text

@@ -56,9 +56,10 @@ def test_per_norm_dead_preserved_fast(name):
     assert_preserved(*prepared)
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "resnet26d"])
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "resnet26d", "efficientvim_m1"])
 def test_per_norm_dead_preserved_timm(name):
-    """timm's BatchNormAct2d fuses an activation (hardswish here): rescaling it would not be exact."""
+    """timm's BatchNormAct2d fuses an activation (hardswish here): rescaling it would not be exact.
+    EfficientViM's state-space mixer runs a conv1d with a channel space on its length dim (``h @ c``)."""
     timm = pytest.importorskip("timm")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)

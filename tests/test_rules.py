@@ -1009,3 +1009,192 @@ def test_conv_mask_behind_a_norm_warns_and_keeps_the_channels():
     assert bool(u.alive[0].all())
     u = a.utilization({"1": alive(4, (1,))})  # keyed by the norm: dead
     assert u.alive[0].tolist() == [True, False, True, True]
+
+
+# -- channels on a dim that is not the layer's channel dim -----------------------------------------------------
+_C, _L = 16, 12  # a space of 16 channels moved onto the length dim of a (B, 12, 16) tensor
+
+
+class _Functional(nn.Module):
+    """A functional op on the moved tensor, its parameters shaped for the 12 'channels' of dim 1."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.weight, self.bias = nn.Parameter(torch.rand(_L) + 0.5), nn.Parameter(torch.randn(_L))
+        self.register_buffer("mean", torch.randn(_L))
+        self.register_buffer("var", torch.rand(_L) + 0.5)
+
+    def forward(self, t):
+        if self.op == "batch_norm":
+            return F.batch_norm(t, self.mean, self.var, self.weight, self.bias)
+        return F.group_norm(t, 3, self.weight, self.bias)
+
+
+MIXING = {  # a layer whose kernel or statistics span the dims after its channel dim
+    "conv1d_k1": lambda: nn.Conv1d(_L, _L, 1), "conv1d_k3": lambda: nn.Conv1d(_L, _L, 3, padding=1),
+    "conv_transpose1d": lambda: nn.ConvTranspose1d(_L, _L, 1), "batch_norm1d": lambda: nn.BatchNorm1d(_L),
+    "instance_norm1d": lambda: nn.InstanceNorm1d(_L, affine=True), "group_norm": lambda: nn.GroupNorm(3, _L),
+    "F.batch_norm": lambda: _Functional("batch_norm"), "F.group_norm": lambda: _Functional("group_norm"),
+}
+
+
+class _Moved(nn.Module):
+    """conv-bn-relu makes a 16-channel space; ``op`` runs with it on its length dim; a conv reads it back."""
+
+    def __init__(self, op: nn.Module, transpose: bool = True):
+        super().__init__()
+        self.c1, self.bn, self.op, self.transpose = nn.Conv1d(4, _C, 1, bias=False), nn.BatchNorm1d(_C), op, transpose
+        self.c2, self.head = nn.Conv1d(_C, 7, 1), nn.Linear(7, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c1(x)))  # (B, 16, 12)
+        y = self.op(y.transpose(1, 2)).transpose(1, 2) if self.transpose else self.op(y)
+        return self.head(self.c2(y).mean(-1))
+
+
+def _moved(op: nn.Module, transpose: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """The float64 eval model with 6 of the 16 channels dead (γ = β = 0), and a batch-3 input."""
+    torch.manual_seed(0)
+    model = _Moved(op, transpose).double().eval()
+    with torch.no_grad():
+        model.bn.weight[:6] = 0
+        model.bn.bias[:6] = 0
+        model.bn.running_var.uniform_(0.5, 1.5)
+    return model, torch.randn(3, 4, _L, dtype=torch.float64)
+
+
+def _rejuvenations_keep_the_function(model: nn.Module, x: torch.Tensor, a: nrfx.Analysis) -> None:
+    """Pruned (at U(θ)) and grown (1.3 × c(A)) under every scheme: the outputs stay those of the model."""
+    with torch.no_grad():
+        expected = model(x)
+    live = a.utilization(a.masks_from(model)).live_params
+    for budget in (nrfx.Budget(params=live), nrfx.Budget.fraction(1.3)):
+        for scheme in ("nr", "cr", "ca"):
+            new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=1, analysis=a)
+            with torch.no_grad():
+                torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12, msg=f"{scheme} {budget}")
+
+
+@pytest.mark.parametrize("name", list(MIXING))
+def test_channels_on_a_dim_that_a_layer_mixes_freeze(name):
+    """A conv's spatial dims and a norm's statistics dims mix positions: a space found there freezes (the
+    regression: the rule dropped it, and the rewrite failed, or GroupNorm's statistics changed silently)."""
+    model, x = _moved(MIXING[name]())
+    a = nrfx.analyze(model, x)
+    (space,) = out_ids(a, "c1")
+    assert frozen(a, [space]) == [True]
+    assert "channels on dim 2 of" in reasons(a, [space])
+    _rejuvenations_keep_the_function(model, x, a)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["Linear", "F.linear"])
+def test_a_linear_passes_channels_on_its_leading_dims(functional):
+    """Each row of a linear is computed on its own (MLP-Mixer's token mixing): a space on a leading dim
+    flows through, resizable, and scales the linear's MACs (the regression: the rule dropped it)."""
+    weight = nn.Parameter(torch.randn(_L, _L))
+
+    class Token(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, t):
+            return F.linear(t, self.weight)
+
+    model, x = _moved(Token() if functional else nn.Linear(_L, _L, bias=False), transpose=False)
+    a = nrfx.analyze(model, x)
+    (space,) = in_ids(a, "c2")
+    assert out_ids(a, "c1") == [space] and frozen(a, [space]) == [False]
+    assert a.utilization(a.masks_from(model)).alive[space].tolist() == [False] * 6 + [True] * 10
+    macs = 4 * _C * _L + _L * _L * _C + _C * 7 * _L + 7 * 5  # c1, token mixing, c2, head (per example)
+    live_macs = 4 * 10 * _L + _L * _L * 10 + 10 * 7 * _L + 7 * 5
+    check_costs(a, model, macs, {"bn": alive(_C, tuple(range(6)))}, a.params - 6 * (4 + 2 + 7), live_macs)
+    _rejuvenations_keep_the_function(model, x, a)
+
+
+class _OneChannelGate(nn.Module):
+    """x · σ(one channel): a 1-channel conv's map (CBAM's spatial attention) or the last channel of a split
+    (FocalNet's ``gates[:, focal_level:]``), broadcast against a wider space."""
+
+    def __init__(self, sliced: bool):
+        super().__init__()
+        self.sliced = sliced
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.f, self.bnf = nn.Conv2d(8, 8 + 3 if sliced else 1, 1, bias=False), nn.BatchNorm2d(8 + 3 if sliced else 1)
+        self.c2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.c1(x)))
+        f = self.bnf(self.f(x))
+        if self.sliced:
+            ctx, gates = torch.split(f, (8, 3), 1)
+            return self.c2(ctx * torch.sigmoid(gates[:, 2:])).mean((2, 3))
+        return self.c2(x * torch.sigmoid(f)).mean((2, 3))
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["one_channel_conv", "open_ended_slice"])
+def test_one_channel_broadcast_against_many_freezes(sliced):
+    """The regression: a size-1 channel dim that broadcasts was skipped, so its space was resized (grown
+    past one channel, or pruned to none) and the rewritten product no longer broadcast."""
+    torch.manual_seed(0)
+    model = _OneChannelGate(sliced).double().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bnf):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.weight[:3] = 0  # dead: three of bn1's channels, and (sliced) three of the split's channels
+            bn.bias[:3] = 0
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    *_, space = out_ids(a, "f")  # sliced: the gates' channels are a space of their own
+    assert frozen(a, [space]) == [True] and "a single channel broadcast against a wider dim" in reasons(a, [space])
+    assert frozen(a, out_ids(a, "c1")) == [False]
+    _rejuvenations_keep_the_function(model, x, a)
+
+
+# -- ops along the channel dim whose output is not the channels ------------------------------------------------
+class _AlongChannels(nn.Module):
+    """conv-bn-relu (16 channels, 5 dead), one op along the channel dim, then a conv reading its result."""
+
+    def __init__(self, op, width: int, bound: bool = False):
+        super().__init__()
+        self.op = op
+        self.c1, self.bn = nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.head = nn.Conv2d(width, 6, 1), nn.Linear(6, 3)
+        self.cap = nn.Parameter(torch.rand(1, 16, 1, 1) + 0.5) if bound else None
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c1(x)))
+        y = y.clamp(max=self.cap) if self.cap is not None else self.op(y)
+        return self.head(self.c2(y).mean((2, 3)))
+
+
+ALONG = {  # op, width it gives, whether the 16-channel space stays free
+    "strided_slice": (lambda y: y[:, ::2], 8, False),
+    "diff": (lambda y: torch.diff(y, dim=1), 15, False),
+    "pad": (lambda y: F.pad(y, (0, 0, 0, 0, 1, 1)), 18, False),
+    "cat_of_computed_tuple": (lambda y: torch.cat(y.chunk(2, 1)[::-1], 1), 16, True),
+    "stack_of_unbind": (lambda y: torch.stack(y.unbind(1), 1), 16, False),
+    "clamp_computed_bound": (lambda y: y.clamp(min=torch.zeros(1, 16, 1, 1, dtype=y.dtype)), 16, False),
+}
+
+
+@pytest.mark.parametrize("name", [*ALONG, "clamp_parameter_bound"])
+def test_ops_along_channels_freeze_or_follow_and_keep_the_function(name):
+    """The regressions: a strided slice, diff or pad along channels kept the 16 channels on a dim of 8, 15 or 18
+    entries (the rewrite indexed out of bounds); cat/stack of a tuple computed in the graph crashed the analysis;
+    a tensor bound of clamp was ignored (the rewrite failed).  Now each freezes, or follows the width."""
+    op, width, free = ALONG.get(name, (None, 16, True))
+    torch.manual_seed(0)
+    model = _AlongChannels(op, width, bound=name == "clamp_parameter_bound").double().eval()
+    with torch.no_grad():
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.weight[[0, 3, 5, 8, 13]] = 0
+        model.bn.bias[[0, 3, 5, 8, 13]] = 0
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert not a.unknown_ops
+    assert frozen(a, out_ids(a, "c1")) == [not free] * len(out_ids(a, "c1"))
+    if name == "clamp_parameter_bound":
+        assert ids(a, "cap", 1) == out_ids(a, "c1")  # the bound is resized with the channels
+    _rejuvenations_keep_the_function(model, x, a)

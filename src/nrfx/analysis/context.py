@@ -149,9 +149,24 @@ class Context:
         dims = tuple(dims) if dims is not None else (None,) * len(shape)
         if zero is None:
             zero = tuple(None if d is None else Zero("none") for d in dims)
+        dims, zero = self._sized(shape, dims, zero)
         spec = TensorSpec(len(self.state.tensors), shape, dims, tuple(zero))
         self.state.tensors.append(spec)
         return spec
+
+    def _sized(self, shape: tuple[int, ...], dims: tuple, zero: tuple) -> tuple[tuple, tuple]:
+        """Rule: a dim keeps its channels only where its size is theirs; elsewhere (a pad, a diff or a strided
+        slice along channels) they freeze and the dim is plain."""
+        if all(d is None or self.atoms.channels(d) * d.inner == n for d, n in zip(dims, shape, strict=True)):
+            return dims, zero
+        kept, zeros = [], []
+        for d, n, z in zip(dims, shape, zero, strict=True):
+            fits = d is None or self.atoms.channels(d) * d.inner == n
+            if not fits:
+                self.freeze(d, f"a dim of {n} entries no longer holds its {self.atoms.channels(d) * d.inner} channels")
+            kept.append(d if fits else None)
+            zeros.append(z if fits else None)
+        return tuple(kept), tuple(zeros)
 
     def blank(self, value: Any) -> Any:
         """A spec mirroring ``value``'s structure (lists, tuples, dicts) with no channel layouts."""

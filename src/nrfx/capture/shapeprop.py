@@ -99,10 +99,11 @@ class _MetaInterpreter(torch.fx.Interpreter):
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                     auto_leaves: dict[str, str] | None = None) -> dict[torch.fx.Node, Any]:
+                     auto_leaves: dict[str, str] | None = None, inputs_ran: bool = False) -> dict[torch.fx.Node, Any]:
     """Meta value (shape, dtype, structure) of every node for the given example inputs.
 
-    ``auto_leaves`` (qualified name -> why it could not be traced) only sharpens error messages.
+    ``auto_leaves`` (qualified name -> why it could not be traced) only sharpens error messages;
+    ``inputs_ran``: the inputs already ran through the original model, so an error never asks for others.
     """
     interpreter = _MetaInterpreter(gm)
     interpreter.extra_traceback = False  # the ShapeError names the node itself
@@ -110,7 +111,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
         with torch.no_grad():
             interpreter.run(*[to_meta(x) for x in example_inputs], enable_io_processing=False)
     except Exception as error:  # reported with the failing node
-        raise _shape_error(interpreter, example_inputs, error, auto_leaves or {}) from error
+        raise _shape_error(interpreter, example_inputs, error, auto_leaves or {}, inputs_ran) from error
     return interpreter.env
 
 
@@ -144,7 +145,7 @@ def probe_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any], adjust: Adjust
 
 
 def _shape_error(interpreter: _MetaInterpreter, example_inputs: Sequence[Any], error: BaseException,
-                 auto_leaves: dict[str, str]) -> ShapeError:
+                 auto_leaves: dict[str, str], inputs_ran: bool = False) -> ShapeError:
     """What failed: the node, its op and source line, on meta tensors and on zeros; then the likely cause."""
     node = _failing_node(interpreter)
     where = node_location(node) if node is not None else "the graph"
@@ -158,7 +159,7 @@ def _shape_error(interpreter: _MetaInterpreter, example_inputs: Sequence[Any], e
         text += f"\n  (run on zeros of the same shapes, it failed with {type(zeros_error).__name__}: {zeros_error})"
     if _is_meta_limitation(error):
         text += _real_data_advice(node, auto_leaves)
-    else:
+    elif not inputs_ran:
         text += (f"\n{_train_mode_hint(error)}  The example inputs were {shapes}. Pass example_inputs shaped as the "
                  "model's forward expects (a tuple, batch dimension first, e.g. torch.randn(1, 3, 224, 224)).")
     return ShapeError(text)

@@ -329,7 +329,7 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan) -> torch.fx.GraphMo
 def _check_runs(gm: torch.fx.GraphModule, inputs) -> None:
     """The rewritten graph runs on the example inputs' shapes; a failure is nrfx's, not the inputs'."""
     try:
-        propagate_shapes(gm, inputs)
+        propagate_shapes(gm, inputs, inputs_ran=True)
     except NrfxError as error:
         raise RewriteError(
             f"the rewritten model does not run on the example inputs that the original ran on: {error}\n"

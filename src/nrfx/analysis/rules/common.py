@@ -26,14 +26,16 @@ def norm_dim(dim: int, ndim: int) -> int:
 
 
 def tensor_args(ctx, args) -> list[tuple[TensorSpec, Any]]:
-    """(spec, meta value) of every tensor among ``args``."""
-    out = []
-    for a in args:
-        value = ctx.value(a)
-        spec = ctx.spec(a)
-        if isinstance(value, torch.Tensor) and isinstance(spec, TensorSpec):
-            out.append((spec, value))
-    return out
+    """(spec, meta value) of every tensor among ``args``: a list of nodes, or one node holding a sequence
+    computed in the graph (``torch.cat(x.chunk(2, 1)[::-1], 1)``)."""
+    if isinstance(args, torch.fx.Node):
+        specs, values = ctx.spec(args), ctx.value(args)
+        pairs = zip(specs, values, strict=False) if isinstance(specs, (list, tuple)) and isinstance(
+            values, (list, tuple)) else ()
+    else:
+        pairs = ((ctx.spec(a), ctx.value(a)) for a in args)
+    return [(spec, value) for spec, value in pairs
+            if isinstance(value, torch.Tensor) and isinstance(spec, TensorSpec)]
 
 
 def copy_zero(ctx, spec: TensorSpec, dim: int, mask: str | None = None) -> Zero:
@@ -42,7 +44,8 @@ def copy_zero(ctx, spec: TensorSpec, dim: int, mask: str | None = None) -> Zero:
 
 
 def broadcast(ctx, operands: list[Any], zero_op: str) -> TensorSpec:
-    """Elementwise op with broadcasting: aligned channel dims are tied; size-1 dims do not couple.
+    """Elementwise op with broadcasting: aligned channel dims are tied; size-1 dims do not couple (one
+    channel broadcast against a wider dim freezes: a rewrite must keep it one wide).
 
     ``zero_op`` says when the result is zero: ``and`` (add/sub: every operand zero),
     ``or`` (mul: any operand zero) or ``first`` (div: the first operand zero).  A per-channel
@@ -63,6 +66,8 @@ def broadcast(ctx, operands: list[Any], zero_op: str) -> TensorSpec:
             k = d - (len(shape) - spec.ndim)
             if k < 0 or (spec.shape[k] == 1 and shape[d] != 1):
                 skipped = True
+                if k >= 0:  # one channel read against many (a 1-channel attention map): its width must stay 1
+                    ctx.freeze(spec.dims[k], "a single channel broadcast against a wider dim")
                 continue
             layout = spec.dims[k]
             if layout is None and params[id(operand)] is not None and params[id(operand)][3] == k:

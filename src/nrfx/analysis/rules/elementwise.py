@@ -26,13 +26,25 @@ def zero_by_args_module(ctx, node):
 @function_rule(*functions_with(Trait.ZERO_BY_ARGS))
 def zero_by_args_function(ctx, node):
     """clamp, clip, hardtanh, threshold: same space; zeros kept iff f(0) = 0 with these numbers."""
-    return _unary(ctx, node, _maps_zero_to_zero(ctx, node, node.target))
+    return _bounded(ctx, node) or _unary(ctx, node, _maps_zero_to_zero(ctx, node, node.target))
 
 
 @method_rule(*methods_with(Trait.ZERO_BY_ARGS))
 def zero_by_args_method(ctx, node):
     """x.clamp(...) and friends: same space; zeros kept iff f(0) = 0 with these numbers."""
-    return _unary(ctx, node, _maps_zero_to_zero(ctx, node, lambda x, *a, **k: getattr(x, node.target)(*a, **k)))
+    return _bounded(ctx, node) or _unary(
+        ctx, node, _maps_zero_to_zero(ctx, node, lambda x, *a, **k: getattr(x, node.target)(*a, **k)))
+
+
+def _bounded(ctx, node) -> TensorSpec | None:
+    """Rule: ``clamp(x, min=t)`` with tensor bounds is elementwise in x and t (broadcast: a per-channel parameter
+    bound takes x's space, a computed one of the channels' width freezes it); zeros are not kept.  None when every
+    bound is a number."""
+    bounds = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(ctx.value(a), torch.Tensor)]
+    if not bounds or not isinstance(ctx.spec(node.args[0]), TensorSpec):
+        return None
+    spec = broadcast(ctx, [node.args[0], *bounds], "first")
+    return ctx.tensor(spec.shape, spec.dims)
 
 
 def _maps_zero_to_zero(ctx, node, call) -> bool:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nrfx.analysis.records import LayerRecord
-from nrfx.analysis.rules.common import param_of
+from nrfx.analysis.rules.common import copy_zero, param_of
 from nrfx.analysis.rules.registry import function_rule, module_rule
 from nrfx.analysis.specs import TensorSpec, Zero
 from nrfx.layers.gates import Gate
@@ -33,6 +33,7 @@ def _conv(ctx, x: TensorSpec, w_shape, groups: int, key, transposed: bool, mask:
     and output group by group (``_grouped``).  Returns (out spec, in layout, out layout, weight dims).
     """
     cdim = _channel_dim(x, len(w_shape))
+    _freeze_other_dims(ctx, x, cdim, "a conv's kernel mixes positions along its batch and spatial dims")
     cin = w_shape[0] if transposed else w_shape[1] * groups
     cout = w_shape[1] * groups if transposed else w_shape[0]
     in_l = ctx.consume(x, cdim)
@@ -60,6 +61,17 @@ def _conv(ctx, x: TensorSpec, w_shape, groups: int, key, transposed: bool, mask:
     zero[cdim] = Zero("none", (), mask)
     spec = ctx.tensor(out.shape, tuple(dims), tuple(zero))
     return spec, in_l, out_l, w_dims
+
+
+def _freeze_other_dims(ctx, x: TensorSpec, keep: int, reason: str) -> None:
+    """Rule: channels found on a dim that a layer mixes or reduces (a conv's spatial dims, a norm's statistics) freeze.
+
+    Such a layer spells that dim's size nowhere a rewrite could follow, and its output there no
+    longer holds one value per channel.
+    """
+    for d, layout in enumerate(x.dims):
+        if d != keep:
+            ctx.freeze(layout, f"channels on dim {d} of {reason}")
 
 
 def _grouped(ctx, in_l, out_l, w_shape, groups: int, transposed: bool, per_weight: int):
@@ -133,23 +145,26 @@ def _literal_groups(ctx, node, w_shape, transposed: bool, out_l) -> int | str | 
     return 6 if len(node.args) > 6 else "groups"
 
 
-def linear_layout(ctx, x: TensorSpec, w_shape, key, mask: str | None):
-    """Linear rule: the last dim consumes a space and produces a new one."""
+def linear_layout(ctx, x: TensorSpec, w_shape, key, mask: str | None, bias: bool):
+    """Linear rule: the last dim consumes a space and produces a new one; leading dims pass (a zero row
+    stays zero without a bias)."""
     in_l = ctx.consume(x, x.ndim - 1)
     ctx.share((key, "in"), in_l)
     out_l = ctx.fresh(w_shape[0], (key, "out"))
-    rows = ctx.out.numel() // w_shape[0]
-    ctx.add_macs(rows * (w_shape[1] if in_l is None else 1), in_l, out_l)
-    dims = (None,) * (x.ndim - 1) + (out_l,)
-    zero = (None,) * (x.ndim - 1) + (Zero("none", (), mask),)
-    return ctx.tensor(ctx.out.shape, dims, zero), in_l, out_l
+    lead = x.dims[:-1]  # each row is computed on its own: channels on a leading dim pass (MLP-Mixer's token mixing)
+    rows = ctx.out.numel() // w_shape[0] // math.prod(ctx.atoms.channels(d) for d in lead if d is not None)
+    ctx.add_macs(rows * (w_shape[1] if in_l is None else 1), in_l, out_l, *lead)
+    passed = (None if d is None else copy_zero(ctx, x, i) if not bias else Zero("none") for i, d in enumerate(lead))
+    zero = (*passed, Zero("none", (), mask))
+    return ctx.tensor(ctx.out.shape, (*lead, out_l), zero), in_l, out_l
 
 
 @module_rule(nn.Linear, *(c for c in SR_LAYERS if issubclass(c, nn.Linear)))
 def linear_module(ctx, node):
     """Linear module: last dim in consumes a space, last dim out produces one."""
     m = ctx.module
-    spec, in_l, out_l = linear_layout(ctx, ctx.spec(node.args[0]), tuple(m.weight.shape), node.target, node.target)
+    spec, in_l, out_l = linear_layout(ctx, ctx.spec(node.args[0]), tuple(m.weight.shape), node.target, node.target,
+                                      m.bias is not None)
     _layer_params(ctx, m, node.target, (out_l, in_l), out_l)
     unused = unused_weights(m)
     ctx.record(LayerRecord("linear", module=node.target, input=in_l, output=out_l, unused_params=unused,
@@ -163,7 +178,7 @@ def linear_function(ctx, node):
     name, w_shape = param_of(ctx, ctx.arg(1, "weight"))
     if name is None or len(w_shape) != 2:
         return ctx.unknown_op("function linear with a computed weight")
-    spec, in_l, out_l = linear_layout(ctx, ctx.spec(node.args[0]), w_shape, name, None)
+    spec, in_l, out_l = linear_layout(ctx, ctx.spec(node.args[0]), w_shape, name, None, ctx.arg(2, "bias") is not None)
     ctx.param_named(name, w_shape, (out_l, in_l))
     bias_name = _bias(ctx, ctx.arg(2, "bias"), out_l)
     ctx.record(LayerRecord("linear", weight=name, bias=bias_name, input=in_l, output=out_l, input_dim=-1))
@@ -213,6 +228,7 @@ def per_channel_norm(ctx, node):
     m = ctx.module
     x = ctx.spec(node.args[0])
     cdim = 1 if x.ndim > 1 else 0
+    _freeze_other_dims(ctx, x, cdim, f"{type(m).__name__} (its statistics reduce over them)")
     layout = x.dims[cdim]
     for tensor in (m.weight, m.bias, m.running_mean, m.running_var):
         ctx.param(tensor, (layout,))
@@ -250,7 +266,9 @@ def gate(ctx, node):
 def per_channel_norm_function(ctx, node):
     """F.batch_norm / F.instance_norm: same space in and out; parameters follow dim 1; zeros do not pass."""
     x = ctx.spec(node.args[0])
-    layout = x.dims[1] if x.ndim > 1 else x.dims[0]
+    cdim = 1 if x.ndim > 1 else 0
+    _freeze_other_dims(ctx, x, cdim, f"{node.target.__name__} (its statistics reduce over them)")
+    layout = x.dims[cdim]
     for arg in node.args[1:5]:
         name, shape = param_of(ctx, arg)
         if name is not None:
@@ -260,7 +278,10 @@ def per_channel_norm_function(ctx, node):
 
 def _group_space(ctx, x, groups: int):
     """The channel layout of a GroupNorm input, tied to itself in whole groups (None: no channel space)."""
-    if not isinstance(x, TensorSpec) or x.ndim < 2 or x.dims[1] is None:
+    if not isinstance(x, TensorSpec) or x.ndim < 2:
+        return None
+    _freeze_other_dims(ctx, x, 1, "GroupNorm (its statistics reduce over them)")
+    if x.dims[1] is None:
         return None
     layout = x.dims[1]
     width = ctx.atoms.channels(layout)

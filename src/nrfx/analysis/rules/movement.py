@@ -307,10 +307,10 @@ def _tensor_index(ctx, spec: TensorSpec, index: tuple):
         else:
             start, stop, step = item.indices(spec.shape[src])
             stop = max(start, stop)
-            if step != 1:
+            if step != 1:  # every other channel: the dim is plain
                 ctx.freeze(layout, "strided slice of channels")
-                dims.append(layout)
-                zeros.append(Zero("none") if layout is not None else None)
+                dims.append(None)
+                zeros.append(None)
             else:
                 partial = (start, stop) != (0, spec.shape[src])
                 if partial and layout is not None and (position >= ellipsis_at or computed[position]):
@@ -1003,7 +1003,7 @@ def addmm(ctx, node):
         return ctx.unknown_op("function addmm with a computed weight")
     if bias_name is None or bias_shape != (w_shape[1],):
         return ctx.unknown_op("function addmm with a computed or broadcast input")
-    spec, in_l, out_l = linear_layout(ctx, x, (w_shape[1], w_shape[0]), name, None)
+    spec, in_l, out_l = linear_layout(ctx, x, (w_shape[1], w_shape[0]), name, None, True)
     ctx.param_named(name, w_shape, (in_l, out_l))
     ctx.param_named(bias_name, bias_shape, (out_l,))
     ctx.record(LayerRecord("linear", weight=name, bias=bias_name, input=in_l, output=out_l, transposed=True))

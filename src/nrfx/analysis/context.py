@@ -157,16 +157,15 @@ class Context:
     def _sized(self, shape: tuple[int, ...], dims: tuple, zero: tuple) -> tuple[tuple, tuple]:
         """Rule: a dim keeps its channels only where its size is theirs; elsewhere (a pad, a diff or a strided
         slice along channels) they freeze and the dim is plain."""
-        if all(d is None or self.atoms.channels(d) * d.inner == n for d, n in zip(dims, shape, strict=True)):
+        held = [None if d is None else self.atoms.channels(d) * d.inner for d in dims]
+        fits = [h is None or h == n for h, n in zip(held, shape, strict=True)]
+        if all(fits):
             return dims, zero
-        kept, zeros = [], []
-        for d, n, z in zip(dims, shape, zero, strict=True):
-            fits = d is None or self.atoms.channels(d) * d.inner == n
-            if not fits:
-                self.freeze(d, f"a dim of {n} entries no longer holds its {self.atoms.channels(d) * d.inner} channels")
-            kept.append(d if fits else None)
-            zeros.append(z if fits else None)
-        return tuple(kept), tuple(zeros)
+        for d, h, n, ok in zip(dims, held, shape, fits, strict=True):
+            if not ok:
+                self.freeze(d, f"a dim of {n} entries no longer holds its {h} channels")
+        return (tuple(d if ok else None for d, ok in zip(dims, fits, strict=True)),
+                tuple(z if ok else None for z, ok in zip(zero, fits, strict=True)))
 
     def blank(self, value: Any) -> Any:
         """A spec mirroring ``value``'s structure (lists, tuples, dicts) with no channel layouts."""

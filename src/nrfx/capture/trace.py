@@ -89,10 +89,11 @@ _TIMM_DROP_PATH = tuple(_timm_drop_path())  # looked up once: a tracer is built 
 _TRAIN_MODE = _train_mode_functions()
 
 
-def _baked_training(target: Any, args: tuple, kwargs: dict, mode: bool) -> inspect.BoundArguments | None:
-    """Rule: a dropout-like call given ``training=`` the calling module's own flag (``mode``, as traced) with a
+def _baked_training(target: Any, args: tuple, kwargs: dict, mode: Callable[[], bool]) -> inspect.BoundArguments | None:
+    """Rule: a dropout-like call given ``training=`` the calling module's own flag (``mode()``, as traced) with a
     rate > 0 was handed ``self.training``, which tracing turned into a constant (a flag left at its default, as
-    timm's ``drop_path(x, p)`` does, is the caller's choice).  Its bound arguments, or None."""
+    timm's ``drop_path(x, p)`` does, is the caller's choice).  Its bound arguments, or None.  ``mode`` is only
+    called for a dropout-like target (finding the calling module walks the module tree)."""
     signature = _TRAIN_MODE.get(target) if callable(target) else None
     if signature is None:
         return None
@@ -103,7 +104,7 @@ def _baked_training(target: Any, args: tuple, kwargs: dict, mode: bool) -> inspe
     passed = bound.arguments.get("training")
     bound.apply_defaults()
     rate = bound.arguments.get("p", bound.arguments.get("drop_prob"))
-    return bound if passed is mode and isinstance(rate, (int, float)) and rate > 0 else None
+    return bound if isinstance(rate, (int, float)) and rate > 0 and passed is mode() else None
 
 
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -181,7 +182,8 @@ class NrfxTracer(torch.fx.Tracer):
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                     type_expr: Any = None) -> torch.fx.Node:
         """FX's node, with the user's source line as its stack trace (for error messages)."""
-        bound = _baked_training(target, args, kwargs, self._caller().training) if kind == "call_function" else None
+        bound = _baked_training(target, args, kwargs, lambda: self._caller().training) if kind == "call_function" \
+            else None
         if bound is not None:
             args, kwargs = self._training_read_at_run_time(bound)
         node = super().create_node(kind, target, args, kwargs, name, type_expr)

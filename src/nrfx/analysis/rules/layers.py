@@ -277,7 +277,8 @@ def per_channel_norm_function(ctx, node):
 
 
 def _group_space(ctx, x, groups: int):
-    """The channel layout of a GroupNorm input, tied to itself in whole groups (None: no channel space)."""
+    """The channel layout of a GroupNorm input, tied to itself in whole groups (None: no channel space); channels
+    on its other dims freeze (the statistics reduce over them)."""
     if not isinstance(x, TensorSpec) or x.ndim < 2:
         return None
     _freeze_other_dims(ctx, x, 1, "GroupNorm (its statistics reduce over them)")

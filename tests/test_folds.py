@@ -22,11 +22,11 @@ from nrfx.ops.layer_kinds import constant_input_problem
 from nrfx.rewrite.folds import _delta
 
 
-def _rejuvenate(model, x, **options):
+def _rejuvenate(model, x, masks=None, **options):
     """rejuvenate at c(A), align 1, with the NrfxWarnings it raised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        new = nrfx.rejuvenate(model, None, None, example_inputs=x, align=1, **options)
+        new = nrfx.rejuvenate(model, masks, None, example_inputs=x, align=1, **options)
     return new, [str(w.message) for w in caught if issubclass(w.category, NrfxWarning)]
 
 
@@ -395,3 +395,111 @@ def test_levit_128s_folds_its_linear_norms_and_keeps_its_padded_stem():
         assert _relative(dropped(x2), want) < 0.05  # 0.09 before LinearNorm folds; 0.0044 measured
         torch.testing.assert_close(kept(x2), want, rtol=1e-9, atol=1e-9)
     assert _unchanged(model, _state(reference))
+
+
+# -- the model the rewrite assumes: γ = 0 only where a norm's own mask says dead -----------------------------------
+
+
+class NormGated(nn.Module):
+    """A per-channel gate with its own norm, ``x * sigmoid(bn_g(conv(x)))``: where x's norm is dead and the gate's is
+    alive, the product is relu(β)·gate, which varies per example."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.f, self.bnf = nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.c2 = nn.Conv2d(width, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.c1(x)))
+        return self.c2(x * torch.sigmoid(self.bnf(self.f(x)))).mean((2, 3))
+
+
+def _norm_gated(seed: int) -> tuple[nn.Module, torch.Tensor, list[int]]:
+    """A NormGated model whose bn1 has dead channels with β > 0 (bnf stays alive), its input, the dead channels."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = NormGated().double().eval()
+    dead = torch.randperm(8, generator=gen)[: 1 + seed % 3].tolist()
+    with torch.no_grad():
+        model.bn1.weight.uniform_(0.5, 1.5)
+        model.bn1.bias.uniform_(0.2, 1.0)
+        model.bn1.weight[dead] = 0
+    return model, torch.randn(3, 3, 6, 6, dtype=torch.float64), dead
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_gate_with_its_own_live_norm_varies_so_drop_warns_and_keep_is_exact(seed):
+    """The mul kills the channel in its space (bn1 dead), but the gate's norm is alive there: the consumer's input
+    varies.  It was measured with the gate's γ zeroed too, looked constant and was folded without a word."""
+    model, x, dead = _norm_gated(seed)
+    analysis = nrfx.analyze(model, x)
+    space = analysis.space_ids(analysis.records["bn1"].output)[0]
+    assert analysis.space_ids(analysis.records["bnf"].output) == [space]  # the mul ties x's and the gate's channels
+    dropped, warned = _rejuvenate(model, x, analysis=analysis)
+    assert not set(dead) & set(dropped.nrfx_plan.keep[space])
+    (message,) = [w for w in warned if "cannot absorb" in w]
+    assert "c2" in message
+    with torch.no_grad():
+        actual = _relative(dropped(x), model(x))
+    assert actual > 1e-3
+    assert float(message.split("changes the output by ")[1].split(" ")[0]) == pytest.approx(actual, rel=1e-2)
+    kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    assert set(dead) <= set(kept.nrfx_plan.keep[space])
+    _exact(kept, model, (3, 6, 6))
+
+
+def _assumed(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of the model with γ = 0 where each norm's mask marks a channel dead: what the rewrite computes."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            copied.get_submodule(name).weight[~mask] = 0
+    return copied
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-5, 4e-3])
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_small_scale_is_zero_and_its_shift_is_folded(scale, scheme):
+    """Dead by the threshold (|γ| < 0.01·max|γ|) but not 0, with β ≠ 0: the rewrite computes the model with those γ
+    at 0, its constant f(β) folded (it was dropped, silently, because only an exact 0 was looked for)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, stride=2), nn.BatchNorm2d(16), nn.GELU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).double().eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    kill_per_norm(model, analysis, constants=True, seed=5)
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.weight[norm.weight == 0] = scale * norm.weight.abs().max()
+            norm.bias.abs_()
+    masks = analysis.masks_from(model)
+    assert all(not bool(m.all()) for m in masks.values())
+    new, warned = _rejuvenate(model, x, analysis=analysis, scheme=scheme)
+    assert not [w for w in warned if "cannot absorb" in w]
+    assert {"3", "8"} <= set(new.nrfx_plan.folds)
+    _exact(new, _assumed(model, masks), (3, 9, 9))
+    with torch.no_grad():
+        assert _relative(new(x), model(x)) < 50 * scale + 1e-12  # the paper's approximation, no more
+
+
+def test_a_mask_keyed_by_a_conv_takes_its_rows_as_zero_and_folds_its_bias():
+    """A user mask on a conv: the rewrite assumes the dead outputs' weight rows are 0, so each carries relu(bias), a
+    constant folded into the next conv (it was reported as varying, measured on the conv as it is)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 6, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).double().eval()
+    with torch.no_grad():
+        model[0].bias.uniform_(0.5, 1.0)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    mask = torch.tensor([True, False, True, True, False, True, True, False])
+    for scheme in ("nr", "cr"):
+        new, warned = _rejuvenate(model, x, {"0": mask}, scheme=scheme)
+        assert not [w for w in warned if "cannot absorb" in w]
+        assert "2" in new.nrfx_plan.folds and sorted(new.nrfx_plan.keep[0]) == torch.nonzero(mask).flatten().tolist()
+        assumed = copy.deepcopy(model)
+        with torch.no_grad():
+            assumed[0].weight[~mask] = 0
+        _exact(new, assumed, (3, 5, 5))

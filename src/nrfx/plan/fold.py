@@ -19,10 +19,12 @@ layer that reads it.  The exact rule nrfx follows:
   replicate / circular ``padding_mode``, which pad a constant with itself).  Zero padding makes the
   output differ near the borders: no bias can absorb that, nor can a transposed conv's.
 * **Only while it is a constant.**  A dead channel's value can vary anyway: a squeeze-excitation
-  gate multiplies it per example (EfficientNet).  Whether an input varies is measured on the
-  model the rewrite assumes, with γ = 0 on every removed channel, so a small γ that is not zero
-  stays the paper's approximation and is not reported; an input that varies there cannot be
-  folded.
+  gate multiplies it per example (EfficientNet), or a per-channel gate with its own live norm.
+  Constants, and whether they vary, are measured on the model the rewrite assumes: γ = 0 where the
+  plan removes a channel that the norm's own mask marks dead (a live gate norm keeps its γ), weight
+  rows at 0 for a mask keyed by a conv or linear, γ = 0 at every norm of a live channel only the
+  budget removes.  A small γ that is not zero thus folds f(β), and the rest stays the paper's
+  approximation, not reported; an input that varies there cannot be folded.
 * **Only where it reaches a survivor.**  A removed input that feeds only removed outputs (its
   group of a grouped conv, whose blocks are tied; a depthwise conv's own channel) changes nothing
   the rewrite keeps: it is neither folded nor warned about, and what the removed outputs carry is
@@ -70,8 +72,9 @@ def _why_not(gm: torch.fx.GraphModule, name: str) -> str | None:
 
 @dataclass
 class Constants:
-    """Per consumer module: min and max of every input feature over the example (rows, positions, calls), and
-    which features vary in the model with γ = 0 on every removed channel (the model the rewrite assumes)."""
+    """Per consumer module, in the model the rewrite assumes (``_assumed_params``): min and max of every input
+    feature over the example (rows, positions, calls) and which features vary; ``reference``: the original's
+    float outputs."""
 
     low: dict[str, torch.Tensor]
     high: dict[str, torch.Tensor]
@@ -109,50 +112,113 @@ def _record(stats: Constants, name: str, dim: int, x: torch.Tensor) -> None:
     stats.low[name], stats.high[name] = low, high
 
 
-def _run(gm: torch.fx.GraphModule, example, hooks: dict, scales: dict | None = None) -> list[torch.Tensor]:
-    """Run the graph in eval mode, no grad, with forward pre-hooks and optionally other norm scales (functional: the
-    parameters are not touched), leaving no trace; the float output leaves."""
+def _run(gm: torch.fx.GraphModule, example, hooks: dict, params: dict | None = None) -> list[torch.Tensor]:
+    """Run the graph in eval mode, no grad, with forward pre-hooks and optionally other parameters (functional: the
+    model's own are not touched), leaving no trace; the float output leaves."""
     with hooks_silenced(gm):  # the user's own hooks do not fire; ours go with the swapped-in hook dicts
         for name, hook in hooks.items():
             gm.get_submodule(name).register_forward_pre_hook(hook)
         with torch.no_grad(), untouched(gm), in_eval_mode(gm):  # the user's modules: each flag put back
-            out = example.call(gm) if not scales else \
-                torch.func.functional_call(gm, scales, example.args, example.kwargs, strict=False)
+            out = example.call(gm) if not params else \
+                torch.func.functional_call(gm, params, example.args, example.kwargs, strict=False)
     return [t.detach() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _min_max(gm: torch.fx.GraphModule, dims: dict[str, int], example, scales: dict | None = None) -> Constants:
+def _min_max(gm: torch.fx.GraphModule, dims: dict[str, int], example, params: dict | None = None) -> Constants:
     """Min and max of every input feature of the consumers (name -> input dim) on the example inputs (one run)."""
     stats = Constants({}, {}, [])
 
     def hook(name):
         return lambda _m, args: _record(stats, name, dims[name], args[0]) if args else None
 
-    stats.reference = _run(gm, example, {n: hook(n) for n in dims}, scales)
+    stats.reference = _run(gm, example, {n: hook(n) for n in dims}, params)
     return stats
 
 
-def _dead_scales(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Tensor]:
-    """Every norm scale (and gate) with γ = 0 on the channels the plan removes: what the rewrite takes them to be."""
+def _per_entry(flags: torch.Tensor, entries: int) -> torch.Tensor:
+    """Per-channel flags spread over a parameter's entries (``entries // len(flags)`` per channel)."""
+    return flags.repeat_interleave(entries // len(flags)) if len(flags) else flags
+
+
+def _site_dead(masks: dict[str, torch.Tensor], name: str, entries: int) -> torch.Tensor:
+    """Per entry of a mask site's parameter: does the site's own mask mark it dead?  (A site the masks leave out
+    is alive.)"""
+    mask = masks.get(name)
+    if mask is None:
+        return torch.zeros(entries, dtype=torch.bool)
+    dead = ~torch.as_tensor(mask).to(torch.bool).flatten().cpu()
+    return _per_entry(dead, entries) if dead.numel() and entries % dead.numel() == 0 else \
+        torch.zeros(entries, dtype=torch.bool)
+
+
+def _live_channels(analysis, masks: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Live channels per space under the masks the plan was made with (checked, and warned about, back then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NrfxWarning)
+        return list(analysis.alive(masks))
+
+
+def _assumed_scales(gm: torch.fx.GraphModule, analysis, plan, masks) -> dict[str, torch.Tensor]:
+    """Rule: a norm's (or gate's) γ is 0 on a channel the plan removes where the norm's own mask marks it dead
+    (a small γ counts as 0: the paper's approximation), or where the channel is live and only the budget removes it.
+    A norm whose γ is alive there keeps it (a gate on a channel that another factor kills still varies).
+    ``masks=None`` (a replayed plan without its masks): γ is 0 on every removed channel."""
+    live = _live_channels(analysis, masks) if masks is not None else None
     scales: dict[str, torch.Tensor] = {}
     for name, norm, segments in analysis.norm_spaces(gm):
         weight = scales.get(f"{name}.weight", norm.weight.detach()).clone()
+        dead = _site_dead(masks, name, weight.numel()) if masks is not None else None
         for s, entries in segments:
             removed = torch.ones(analysis.spaces[s].width, dtype=torch.bool)
             removed[plan.keep[s]] = False
-            weight[entries].view(len(removed), -1)[removed.to(weight.device)] = 0
+            size = entries.stop - entries.start
+            zero = _per_entry(removed, size)
+            if dead is not None:
+                zero &= _per_entry(live[s], size) | dead[entries]
+            weight[entries][zero.to(weight.device)] = 0
         scales[f"{name}.weight"] = weight
     return scales
 
 
-def measure_constants(gm: torch.fx.GraphModule, analysis, plan, names, example) -> Constants:
-    """Min/max of the named consumers' input features on the example inputs, and which vary with every removed
-    channel's γ set to 0 (two eval runs; the model's own parameters are not touched)."""
+def _assumed_rows(gm: torch.fx.GraphModule, analysis, plan, masks) -> dict[str, torch.Tensor]:
+    """Rule: a conv's or linear's weight row is 0 where its own mask (a user mask keyed by the layer) marks the
+    output dead and the plan removes it; its bias, if any, is what the channel then carries."""
+    rows: dict[str, torch.Tensor] = {}
+    for _, record in analysis.layers("conv", "linear"):
+        name = record.module
+        if masks is None or name not in masks or record.output is None or record.transposed:
+            continue
+        weight = rows.get(f"{name}.weight", gm.get_submodule(name).weight.detach()).clone()
+        zero = torch.zeros(weight.shape[0], dtype=torch.bool)
+        zero[_removed(analysis, plan, record.output)] = True
+        zero &= _site_dead(masks, name, weight.shape[0])
+        weight[zero.to(weight.device)] = 0
+        rows[f"{name}.weight"] = weight
+    return rows
+
+
+def _assumed_params(gm: torch.fx.GraphModule, analysis, plan, masks) -> dict[str, torch.Tensor]:
+    """The parameters of the model the rewrite assumes: the original with its removed dead channels' scales (and
+    rows of layers keyed by a mask) at 0.  Constants are measured on it, so a dead channel with a small γ and a
+    shift β ≠ 0 folds f(β)."""
+    return {**_assumed_rows(gm, analysis, plan, masks), **_assumed_scales(gm, analysis, plan, masks)}
+
+
+def _measure(gm: torch.fx.GraphModule, analysis, names, example, params: dict[str, torch.Tensor]) -> Constants:
+    """Min/max of the named consumers' input features in the assumed model (``params``), which of them vary
+    there, and the original's output (two eval runs; the model's own parameters are not touched)."""
     dims = {name: dim for name, dim in _input_dims(analysis).items() if name in names}
-    stats = _min_max(gm, dims, example)
-    dead = _min_max(gm, dims, example, _dead_scales(gm, analysis, plan))
-    stats.varying = {n: dead.low[n] != dead.high[n] for n in dead.low}
+    stats = _min_max(gm, dims, example, params)
+    stats.reference = _run(gm, example, {})
+    stats.varying = {n: stats.low[n] != stats.high[n] for n in stats.low}
     return stats
+
+
+def measure_constants(gm: torch.fx.GraphModule, analysis, plan, names, example,
+                      masks: dict[str, torch.Tensor] | None = None) -> Constants:
+    """Min/max of the named consumers' input features on the example inputs, and which vary, in the model the
+    rewrite assumes (``_assumed_params`` under the masks the plan was made with)."""
+    return _measure(gm, analysis, names, example, _assumed_params(gm, analysis, plan, masks))
 
 
 def _output_change(gm: torch.fx.GraphModule, analysis, example, dropped: dict[str, list[int]], reference) -> float:
@@ -245,12 +311,13 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
     return out
 
 
-def _may_emit_constants(gm: torch.fx.GraphModule, analysis) -> bool:
-    """Whether some channel's producer ignores its input: a norm with γ = 0 and β ≠ 0, or a
-    conv/linear (by its layer record) with an all-zero weight row and a bias.  Without one no constant exists."""
+def _may_emit_constants(gm: torch.fx.GraphModule, analysis, params: dict[str, torch.Tensor]) -> bool:
+    """Whether some channel's producer ignores its input in the assumed model (``params`` over the model's own): a
+    norm with γ = 0 and β ≠ 0, or a conv/linear (by its layer record) with an all-zero weight row and a bias.
+    Without one no constant exists."""
     rows_out = {r.module for _, r in analysis.layers("conv", "linear") if r.module is not None and not r.transposed}
     for name, module in gm.named_modules():
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        weight, bias = params.get(f"{name}.weight", getattr(module, "weight", None)), getattr(module, "bias", None)
         if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor) or weight.is_meta:
             continue
         if is_scale(module) and bool(((weight == 0) & (bias != 0)).any()):
@@ -262,12 +329,14 @@ def _may_emit_constants(gm: torch.fx.GraphModule, analysis) -> bool:
     return False
 
 
-def probe_constants(analysis, plan) -> Constants | None:
-    """``measure_constants`` at every conv/linear consumer, γ = 0 where ``plan`` removes (None: no constant exists)."""
+def probe_constants(analysis, plan, masks: dict[str, torch.Tensor] | None = None) -> Constants | None:
+    """``measure_constants`` at every conv/linear consumer, in the model ``plan`` and ``masks`` assume (None: no
+    constant exists)."""
     gm = analysis.gm
-    if not _may_emit_constants(gm, analysis):
+    params = _assumed_params(gm, analysis, plan, masks)
+    if not _may_emit_constants(gm, analysis, params):
         return None
-    return measure_constants(gm, analysis, plan, [name for name, _ in _consumers(analysis)], analysis.example)
+    return _measure(gm, analysis, [name for name, _ in _consumers(analysis)], analysis.example, params)
 
 
 _VARIES = "its input varies though the channel is dead (a gate multiplies it, or zero padding before this layer)"
@@ -288,13 +357,18 @@ def split_folds(gm: torch.fx.GraphModule, analysis, plan, constants: Constants) 
     return folds, unfoldable
 
 
-def measure_folds(gm: torch.fx.GraphModule, analysis, plan, example) -> tuple[dict[str, dict], list[str]]:
+def measure_folds(gm: torch.fx.GraphModule, analysis, plan, example,
+                  masks: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, dict], list[str]]:
     """Per foldable consumer {position: constant} of its removed constant inputs; notes (and an ``NrfxWarning``
-    with the measured output change) for the removed inputs no consumer can absorb exactly, which are dropped."""
+    with the measured output change) for the removed inputs no consumer can absorb exactly, which are dropped.
+    ``masks``: those the plan was made with (None: every removed channel is taken as dead at every norm)."""
     candidates = _candidates(gm, analysis, plan)
-    if not candidates or not _may_emit_constants(gm, analysis):
+    if not candidates:
         return {}, []
-    constants = measure_constants(gm, analysis, plan, candidates, example)
+    params = _assumed_params(gm, analysis, plan, masks)
+    if not _may_emit_constants(gm, analysis, params):
+        return {}, []
+    constants = _measure(gm, analysis, candidates, example, params)
     folds, unfoldable = split_folds(gm, analysis, plan, constants)
     if not unfoldable:
         return folds, []

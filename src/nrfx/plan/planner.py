@@ -396,7 +396,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     for s in fixed:
         alive[s].fill_(True)
     plan = build(alive)
-    return plan if constants == "drop" else _keep_constants(analysis, plan, alive, build)
+    return plan if constants == "drop" else _keep_constants(analysis, plan, alive, build, masks)
 
 
 def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int, options: dict[str, Any],
@@ -449,9 +449,9 @@ def _lost_live(lost: list[int], budget: int, cost_live: int, aligned_live: int, 
     return [note]
 
 
-def _keep_constants(analysis, plan: Plan, alive: list[torch.Tensor], build) -> Plan:
+def _keep_constants(analysis, plan: Plan, alive: list[torch.Tensor], build, masks: dict[str, torch.Tensor]) -> Plan:
     """constants="keep": removed channels whose constant no consumer folds exactly turn alive; replanned till none."""
-    constants = probe_constants(analysis, plan)
+    constants = probe_constants(analysis, plan, masks)
     if constants is None:  # no norm or layer can emit a constant: nothing to keep, nothing to fold
         return dataclasses.replace(plan, folds={})
     kept: set[tuple[int, int]] = set()

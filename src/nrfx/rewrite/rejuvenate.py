@@ -64,15 +64,17 @@ def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, tor
                       **options: Any) -> Plan:
     """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit
     (measured on the analysis' own example inputs)."""
+    masks = analysis.masks_from(model) if masks is None else masks
     plan = make_plan(analysis, model, masks, budget, **options)
-    return _with_folds(analysis, plan)
+    return _with_folds(analysis, plan, masks)
 
 
-def _with_folds(analysis: Analysis, plan: Plan) -> Plan:
-    """The plan with its folded constants measured on the example inputs (kept when it has them)."""
+def _with_folds(analysis: Analysis, plan: Plan, masks: dict[str, torch.Tensor] | None = None) -> Plan:
+    """The plan with its folded constants measured on the example inputs (kept when it has them); ``masks``: those
+    it was made with (None: a replayed plan, every removed channel taken as dead)."""
     if plan.folds is not None:
         return plan
-    folds, notes = measure_folds(analysis.gm, analysis, plan, analysis.example)
+    folds, notes = measure_folds(analysis.gm, analysis, plan, analysis.example, masks)
     return dataclasses.replace(plan, folds=folds, notes=[*plan.notes, *notes])
 
 

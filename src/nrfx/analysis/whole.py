@@ -29,7 +29,7 @@ from nrfx.analysis.rules.registry import lookup
 from nrfx.analysis.spaces import Layout
 from nrfx.analysis.specs import TensorSpec
 from nrfx.capture.caches import cache_output_leaves
-from nrfx.capture.front_ends import Captured, Example
+from nrfx.capture.front_ends import MODE_BRANCH, Captured, Example
 from nrfx.capture.front_ends import capture as _capture
 from nrfx.errors import NrfxWarning, RenamedAttribute, ShapeError
 from nrfx.layers.srlayers import dense_names
@@ -585,7 +585,7 @@ def analyze_whole(model: nn.Module, example: Example, capture: str = "auto", **o
     _analyze_graph(state)
     analysis = Analysis(model, captured, state, example)
     for note in captured.notes:
-        if "specialised" in note or "could not stay dynamic" in note:
+        if "specialised" in note or "could not stay dynamic" in note or MODE_BRANCH in note:
             warnings.warn(note, NrfxWarning, stacklevel=3)
     _warn_low_coverage(analysis)
     return analysis

@@ -35,13 +35,15 @@ from torch import nn
 
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
-from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
+from nrfx.capture.guards import hooks_silenced, in_eval_mode, in_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
+from nrfx.capture.modes import follow_the_flag, node_keys
 from nrfx.capture.shapeprop import probe_shapes, propagate_shapes
 from nrfx.capture.trace import Traced, defaulted_args, trace
 from nrfx.errors import ShapeError, TraceError, node_location
 
-__all__ = ["Example", "Captured", "CAPTURES", "CaptureMismatch", "capture", "auto_leaf_share", "check_batch_literals"]
+__all__ = ["Example", "Captured", "CAPTURES", "CaptureMismatch", "capture", "auto_leaf_share", "check_batch_literals",
+           "MODE_BRANCH"]
 
 CAPTURES = ("auto", "fx", "export")  # one graph of the whole model; analyze also takes "islands"
 AUTO_LEAF_LIMIT = 0.5  # "auto" leaves fx for export when automatic leaves hold more of the parameters
@@ -134,7 +136,8 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
             share = auto_leaf_share(model, captured.auto_leaves)
             why = f"automatic fx leaves hold {share:.0%} of the parameters"
             if method == "fx" or share <= AUTO_LEAF_LIMIT:
-                accepted = _accepted_fx(captured, model, example, reference, method)
+                retrace = lambda: _fx_capture(model, example, leaf_modules, concrete_args, autowrap_functions).gm  # noqa: E731
+                accepted = _accepted_fx(captured, model, example, reference, method, retrace)
                 if isinstance(accepted, Captured):
                     return accepted
                 why = accepted
@@ -148,13 +151,15 @@ def _with_values(captured: Captured, example: Example) -> Captured:
 
 
 def _accepted_fx(captured: Captured, model: nn.Module, example: Example, reference: _Reference,
-                 method: str) -> Captured | _ShapeFailure | str:
-    """The fx capture when one real forward of its graph matches the model's (in the model's own mode).
+                 method: str, retrace: Callable[[], torch.fx.GraphModule]) -> Captured | _ShapeFailure | str:
+    """The fx capture when one real forward of its graph matches the model's (in the model's own mode; in the
+    other mode a mismatch is noted, ``_note_mode_branches``).
 
     Otherwise: with ``method`` 'fx' a ``CaptureMismatch``; with 'auto' why capture moves on to export.
     """
-    why = _verify(captured, reference, eval_mode=False)
+    why = _verify(captured, reference, training=None)
     if why is None:
+        _note_mode_branches(captured, reference, retrace)
         accepted = check_batch_literals(captured, example)
         try:
             return _with_values(accepted, example)
@@ -168,6 +173,63 @@ def _accepted_fx(captured: Captured, model: nn.Module, example: Example, referen
                               "or a value read at trace time can differ from the real run. Pass capture='export' "
                               "(torch.export records what really runs), or capture='auto' to fall back to it.")
     return f"the fx graph differs from the model on the example inputs ({why})"
+
+
+_MODES = {True: "train", False: "eval"}
+MODE_BRANCH = "differs from the model in"  # analyze warns on the capture note that says so
+
+
+def _note_mode_branches(captured: Captured, reference: _Reference, retrace: Callable[[], torch.fx.GraphModule]) -> None:
+    """Rule: an fx graph that matches the model in its own mode is traced again in the other mode.  The same graph
+    settles it (nothing runs).  Otherwise it runs once in that mode against the model: where it differs, literals
+    read from ``self.training`` are made to follow the calling module's flag (``nrfx.capture.modes``), and what a
+    run still finds different (a Python branch on ``self.training``) is noted with the first node where the traces
+    differ and the ways out (``analyze`` warns)."""
+    training = not any(m.training for m in reference.model.modules())  # the other mode
+    other = _retraced(reference.model, retrace, training)
+    mine = list(captured.gm.graph.nodes)
+    theirs = list(other.graph.nodes) if other is not None else None
+    if theirs is not None and node_keys(mine) == node_keys(theirs):
+        return
+    why = _verify(captured, reference, training=training)
+    if why is None:
+        return
+    mended = follow_the_flag(captured.gm, other, training) if other is not None else []
+    if mended:
+        why = _verify(captured, reference, training=training)
+        captured.notes.append(f"capture: {len(mended)} call(s) given a value read from self.training at trace time now "
+                              "read the calling module's flag when the graph runs: " +
+                              ", ".join(node_location(n) for n in mended[:3]))
+        if why is None:
+            return
+    where = _first_difference(mine, theirs, training) if theirs is not None and not mended else ""
+    own, then = _MODES[not training], _MODES[training]
+    captured.notes.append(
+        f"capture: traced in {own} mode, the graph {MODE_BRANCH} {then} mode on the example inputs ({why}){where}. "
+        f"A Python branch on self.training was fixed when fx traced the model: the analysis and the rewritten model "
+        f"run the {own}-mode code in both modes. Analyse the model in the mode you will run the result in (the "
+        "driver analyses in train mode), or make the module that branches a leaf (leaf_modules=[...]: it runs its "
+        "own forward, branch included; its channels freeze)")
+
+
+def _retraced(model: nn.Module, retrace: Callable[[], torch.fx.GraphModule],
+              training: bool) -> torch.fx.GraphModule | None:
+    """The model traced again with every module in train (or eval) mode; None when that trace fails."""
+    try:
+        with in_mode(model, training):
+            return retrace()
+    except TraceError:
+        return None
+
+
+def _first_difference(mine: list[torch.fx.Node], theirs: list[torch.fx.Node], training: bool) -> str:
+    """Where the other mode's trace first differs from the graph (op, target or arguments), as ``; the traces
+    first differ at …``."""
+    keys = node_keys(mine), node_keys(theirs)
+    index = next((i for i, (a, b) in enumerate(zip(*keys, strict=False)) if a != b), min(len(mine), len(theirs)))
+    found = [f"{node_location(nodes[index])} in {_MODES[flag]} mode" for nodes, flag in
+             ((theirs, training), (mine, not training)) if index < len(nodes)]
+    return "; the traces first differ at " + " against ".join(found)
 
 
 def _export_after(model: nn.Module, example: Example, raisable, why: str | _ShapeFailure, detail: str,
@@ -192,7 +254,7 @@ def _export_after(model: nn.Module, example: Example, raisable, why: str | _Shap
 def _checked_export(model: nn.Module, example: Example, raisable, reference: _Reference) -> Captured:
     """The export capture when one real forward of its graph matches the model's in eval mode (export's mode)."""
     captured = export_capture(model, example, raisable)
-    why = _verify(captured, reference, eval_mode=True)
+    why = _verify(captured, reference, training=False)
     if why is not None:
         raise CaptureMismatch(f"torch.export's graph of {type(model).__name__} does not compute what the model "
                               f"computes on the example inputs (in eval mode): {why}")
@@ -440,22 +502,26 @@ class _Reference:
         self.meta = any(t.is_meta for t in tensors)
         self.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         self.rng = _rng_state(self.devices)
-        self.outputs: dict[bool, Any] = {}
+        self.outputs: dict[bool | None, Any] = {}
 
-    def expected(self, eval_mode: bool) -> Any:
-        """The model's outputs, in eval mode or in its own mode (one forward each, the same when it is in eval)."""
-        key = eval_mode or not any(m.training for m in self.model.modules())
+    def expected(self, training: bool | None) -> Any:
+        """The model's outputs in train mode, eval mode or its own mode (None) (one forward each; its own mode is
+        eval mode when no module is training)."""
+        key = training if training is not None or any(m.training for m in self.model.modules()) else False
         if key not in self.outputs:
-            self.outputs[key] = self.run(lambda example: example.call(self.model), eval_mode)
+            self.outputs[key] = self.run(lambda example: example.call(self.model), key)
         return self.outputs[key]
 
-    def run(self, call: Callable[[Example], Any], eval_mode: bool, graph: nn.Module | None = None) -> Any:
-        """``call(a copy of the example)`` from the saved RNG state, without grad or the user's hooks; the models
-        and the caller's RNG state put back (a forward that writes into its inputs writes into the copy)."""
-        modes = in_eval_mode(self.model) if eval_mode else contextlib.nullcontext()
+    def run(self, call: Callable[[Example], Any], training: bool | None, graph: nn.Module | None = None) -> Any:
+        """``call(a copy of the example)`` from the saved RNG state, without grad or the user's hooks, with every
+        module in train or eval mode (None: as they are); the models and the caller's RNG state put back (a
+        forward that writes into its inputs writes into the copy)."""
         kept = untouched(graph) if graph is not None else contextlib.nullcontext()
         with torch.random.fork_rng(devices=self.devices), torch.no_grad(), untouched(self.model), kept, \
-                hooks_silenced(self.model), modes:
+                hooks_silenced(self.model), contextlib.ExitStack() as modes:
+            for module in (self.model, graph) if training is not None else ():
+                if module is not None:  # the graph's own holders of traced-through modules carry flags it reads too
+                    modes.enter_context(in_mode(module, training))
             _set_rng_state(self.rng, self.devices)
             return call(Example(*pytree.tree_map_only(torch.Tensor, torch.clone, (self.example.args,
                                                                                   self.example.kwargs))))
@@ -498,19 +564,21 @@ def _run_graph(gm: torch.fx.GraphModule, example: Example) -> Any:
     return gm.graph.process_outputs(interpreter.run(*example.flat(), enable_io_processing=False))
 
 
-def _verify(captured: Captured, reference: _Reference, eval_mode: bool) -> str | None:
+def _verify(captured: Captured, reference: _Reference, training: bool | None) -> str | None:
     """Rule: a graph is accepted only when one real forward of it on the example matches the model's (same RNG
-    state, same mode, nothing of the model kept); returns what differs, None when it matches or cannot run."""
+    state, same mode: train, eval, or the model's own (None), nothing of the model kept); returns what differs,
+    None when it matches or cannot run."""
     if reference.meta:
         return None  # a model or input on the meta device has no values to compare (analyze works on those)
     try:
-        expected = reference.expected(eval_mode)
+        expected = reference.expected(training)
     except Exception as error:  # the model itself fails on the example; shape propagation names the cause
-        captured.notes.append(f"capture: not checked by a real forward (the model raised {type(error).__name__} on "
-                              "the example inputs)")
+        mode = "" if training is None else f" in {_MODES[training]} mode"
+        captured.notes.append(f"capture: not checked by a real forward{mode} (the model raised {type(error).__name__} "
+                              f"on the example inputs{mode})")
         return None
     try:
-        got = reference.run(lambda example: _run_graph(captured.gm, example), eval_mode, captured.gm)
+        got = reference.run(lambda example: _run_graph(captured.gm, example), training, captured.gm)
     except _GraphFailed as failed:
         where = node_location(failed.node) if failed.node is not None else "the graph"
         return f"{where} raised {type(failed.error).__name__}: {failed.error}"
@@ -544,7 +612,7 @@ def _flat(value: Any, key: str = "") -> list[tuple[str, Any]]:
 
 def _short(keys: list[str]) -> str:
     """Key paths in at most 200 characters."""
-    text = ", ".join(keys) or "no leaves"
+    text = ", ".join(k or "the output itself" for k in keys) or "no leaves"
     return text if len(text) <= 200 else text[:197] + "..."
 
 

@@ -16,19 +16,27 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["untouched", "in_eval_mode", "hooks_silenced", "buffer_values", "restore_buffer_values", "BufferValue"]
+__all__ = ["untouched", "in_eval_mode", "in_mode", "hooks_silenced", "buffer_values", "restore_buffer_values",
+           "BufferValue"]
 
 
 @contextmanager
 def in_eval_mode(module: nn.Module) -> Iterator[None]:
     """``module`` and every submodule in eval mode for the block; each training flag put back after."""
+    with in_mode(module, training=False):
+        yield
+
+
+@contextmanager
+def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """``module`` and every submodule in train (or eval) mode for the block; each training flag put back after."""
     modes = [(m, m.training) for m in module.modules()]
     try:
-        module.eval()
+        module.train(training)
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, flag in modes:
+            m.training = flag
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",

@@ -255,3 +255,17 @@ def test_timm_attention_dropout_follows_the_flag():
         assert _same_draws(graph, model, x)
         graph.eval(), model.eval()
         torch.testing.assert_close(graph(x), model(x))
+
+
+def test_export_keeps_eval_mode_functional_code_and_says_so():
+    """torch.export traces in eval mode: a functional dropout never drops again, and analyze says so; a dropout
+    module (raised to the user's own module) follows the mode and is not reported."""
+    x = torch.randn(4, 3, 6, 6)
+    analysis, warned = _mode_warnings(Head().train(), x, capture="export")
+    (message,) = warned
+    assert "traced in eval mode (torch.export), the graph differs from the model in train mode" in message
+    assert "capture='fx'" in message and message in analysis.capture_notes
+    module_dropout = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.Flatten(),
+                                   nn.Linear(128, 2)).train()
+    _, warned = _mode_warnings(module_dropout, x, capture="export")
+    assert not warned

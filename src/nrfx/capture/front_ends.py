@@ -258,7 +258,22 @@ def _checked_export(model: nn.Module, example: Example, raisable, reference: _Re
     if why is not None:
         raise CaptureMismatch(f"torch.export's graph of {type(model).__name__} does not compute what the model "
                               f"computes on the example inputs (in eval mode): {why}")
+    _note_export_in_train_mode(captured, reference)
     return _with_values(check_batch_literals(captured, example), example)
+
+
+def _note_export_in_train_mode(captured: Captured, reference: _Reference) -> None:
+    """Rule: torch.export traces in eval mode; where its graph run in train mode differs from the model in train
+    mode (functional code that reads ``self.training``: a dropout rate, stochastic depth, an ``if`` block), a note
+    says so and names the ways out (``analyze`` warns)."""
+    why = _verify(captured, reference, training=True)
+    if why is not None:
+        captured.notes.append(
+            f"capture: traced in eval mode (torch.export), the graph {MODE_BRANCH} train mode on the example inputs "
+            f"({why}). Functional code that reads self.training (a dropout rate, stochastic depth, an `if "
+            "self.training:` block) keeps its eval behaviour, so the rewritten model trains without it (Hugging "
+            "Face's attention dropout, for one). Ways out: capture='fx' where the model traces (values read from "
+            "the flag follow it there), an nn.Dropout module in place of the functional call, or a rate of 0")
 
 
 def _fx_capture(model, example: Example, leaf_modules, concrete_args, autowrap_functions) -> Captured:

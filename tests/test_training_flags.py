@@ -269,3 +269,25 @@ def test_export_keeps_eval_mode_functional_code_and_says_so():
                                    nn.Linear(128, 2)).train()
     _, warned = _mode_warnings(module_dropout, x, capture="export")
     assert not warned
+
+
+class Halving(nn.Module):
+    """No submodule, so fx keeps no call of it: the flag is read from a holder the capture adds to the graph."""
+
+    def forward(self, x):
+        return x * (0.5 if self.training else 1.0)
+
+
+def test_a_literal_of_a_module_traced_through_follows_its_flag_after_the_rewrite():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), Halving(), nn.Flatten(), nn.Linear(72, 2)).eval()
+    x = torch.randn(4, 3, 3, 3)
+    analysis, warned = _mode_warnings(model, x)
+    assert not warned and any("read the calling module's flag" in n for n in analysis.capture_notes)
+    zero_scales(model, 0.25, seed=0)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, analysis=analysis, align=1)
+    assert sum(new.nrfx_plan.grow) > 0
+    with torch.no_grad():
+        for mode in (True, False, True):
+            new.train(mode), model.train(mode)
+            torch.testing.assert_close(new(x), model(x))

@@ -180,29 +180,27 @@ MODE_BRANCH = "differs from the model in"  # analyze warns on the capture note t
 
 
 def _note_mode_branches(captured: Captured, reference: _Reference, retrace: Callable[[], torch.fx.GraphModule]) -> None:
-    """Rule: an fx graph that matches the model in its own mode is traced again in the other mode.  The same graph
-    settles it (nothing runs).  Otherwise it runs once in that mode against the model: where it differs, literals
-    read from ``self.training`` are made to follow the calling module's flag (``nrfx.capture.modes``), and what a
-    run still finds different (a Python branch on ``self.training``) is noted with the first node where the traces
-    differ and the ways out (``analyze`` warns)."""
+    """Rule: an fx graph that matches the model in its own mode is traced again in the other mode, and nothing
+    runs when that settles it: the same graph; or the same calls differing only in literals, which were read from
+    ``self.training`` and now follow the calling module's flag (``nrfx.capture.modes``).  Otherwise (a Python
+    branch on ``self.training``) the graph runs once in that mode against the model, and where they differ a note
+    names the first node where the traces part and the ways out (``analyze`` warns)."""
     training = not any(m.training for m in reference.model.modules())  # the other mode
     other = _retraced(reference.model, retrace, training)
     mine = list(captured.gm.graph.nodes)
     theirs = list(other.graph.nodes) if other is not None else None
     if theirs is not None and node_keys(mine) == node_keys(theirs):
         return
-    why = _verify(captured, reference, training=training)
-    if why is None:
-        return
     mended = follow_the_flag(captured.gm, other, training) if other is not None else []
     if mended:
-        why = _verify(captured, reference, training=training)
         captured.notes.append(f"capture: {len(mended)} call(s) given a value read from self.training at trace time now "
                               "read the calling module's flag when the graph runs: " +
                               ", ".join(node_location(n) for n in mended[:3]))
-        if why is None:
-            return
-    where = _first_difference(mine, theirs, training) if theirs is not None and not mended else ""
+        return
+    why = _verify(captured, reference, training=training)
+    if why is None:
+        return
+    where = _first_difference(mine, theirs, training) if theirs is not None else ""
     own, then = _MODES[not training], _MODES[training]
     captured.notes.append(
         f"capture: traced in {own} mode, the graph {MODE_BRANCH} {then} mode on the example inputs ({why}){where}. "

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 from torch.utils import _pytree as pytree
 
 __all__ = ["by_mode", "node_keys", "follow_the_flag"]
@@ -63,6 +64,18 @@ def _caller(node: torch.fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
+def _flag_holder(gm: torch.fx.GraphModule, path: str, training: bool) -> None:
+    """Rule: the module path a flag is read from exists in ``gm``: a module fx traced through (no call of it left
+    in the graph) gets an empty holder there, in mode ``training``, which ``gm.train()``/``.eval()`` then set."""
+    module = gm
+    for name in path.split(".") if path else ():
+        if not isinstance(getattr(module, name, None), nn.Module):
+            holder = nn.Module()
+            holder.training = training
+            module.add_module(name, holder)
+        module = getattr(module, name)
+
+
 def _follow(gm: torch.fx.GraphModule, node: torch.fx.Node, theirs: torch.fx.Node, positions: list[int],
             training: bool) -> None:
     """Rule: each differing literal of ``node`` becomes ``by_mode(<caller>.training, train value, eval value)``
@@ -70,6 +83,7 @@ def _follow(gm: torch.fx.GraphModule, node: torch.fx.Node, theirs: torch.fx.Node
     leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
     other = pytree.tree_leaves((theirs.args, theirs.kwargs))
     path = _caller(node)
+    _flag_holder(gm, path, not training)
     with gm.graph.inserting_before(node):
         flag = gm.graph.get_attr(f"{path}.training" if path else "training")
         for i in positions:

@@ -10,6 +10,7 @@ from torch import nn
 from nrfx.analysis.rules.common import broadcast, channel_param, copy_zero
 from nrfx.analysis.rules.registry import function_rule, method_rule, module_rule
 from nrfx.analysis.specs import TensorSpec, Zero
+from nrfx.capture.modes import by_mode
 from nrfx.ops.vocabulary import Trait, functions_with, methods_with, modules_with
 
 __all__: list[str] = []
@@ -185,6 +186,12 @@ method_rule("eq", "ne", "lt", "le", "gt", "ge")(_compare)
 @function_rule(torch._assert, torch.fx._symbolic_trace._assert_is_none)
 def assertion(ctx, node):
     """torch._assert(condition, message): a check with no value, no channels."""
+    return None
+
+
+@function_rule(by_mode)
+def mode_value(ctx, node):
+    """nrfx's by_mode(flag, in_train, in_eval): a number or flag of the module's mode, no channels."""
     return None
 
 

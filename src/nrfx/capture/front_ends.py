@@ -189,7 +189,8 @@ def _note_mode_branches(captured: Captured, reference: _Reference, retrace: Call
     other = _retraced(reference.model, retrace, training)
     mine = list(captured.gm.graph.nodes)
     theirs = list(other.graph.nodes) if other is not None else None
-    if theirs is not None and node_keys(mine) == node_keys(theirs):
+    keys = (node_keys(mine), node_keys(theirs)) if theirs is not None else None
+    if keys is not None and keys[0] == keys[1]:
         return
     mended = follow_the_flag(captured.gm, other, training) if other is not None else []
     if mended:
@@ -200,7 +201,7 @@ def _note_mode_branches(captured: Captured, reference: _Reference, retrace: Call
     why = _verify(captured, reference, training=training)
     if why is None:
         return
-    where = _first_difference(mine, theirs, training) if theirs is not None else ""
+    where = _first_difference(mine, theirs, keys, training) if keys is not None else ""
     own, then = _MODES[not training], _MODES[training]
     captured.notes.append(
         f"capture: traced in {own} mode, the graph {MODE_BRANCH} {then} mode on the example inputs ({why}){where}. "
@@ -220,10 +221,10 @@ def _retraced(model: nn.Module, retrace: Callable[[], torch.fx.GraphModule],
         return None
 
 
-def _first_difference(mine: list[torch.fx.Node], theirs: list[torch.fx.Node], training: bool) -> str:
-    """Where the other mode's trace first differs from the graph (op, target or arguments), as ``; the traces
-    first differ at …``."""
-    keys = node_keys(mine), node_keys(theirs)
+def _first_difference(mine: list[torch.fx.Node], theirs: list[torch.fx.Node], keys: tuple[list, list],
+                      training: bool) -> str:
+    """Where the other mode's trace first differs from the graph (``keys``: both lists' ``node_keys``), as ``; the
+    traces first differ at …``."""
     index = next((i for i, (a, b) in enumerate(zip(*keys, strict=False)) if a != b), min(len(mine), len(theirs)))
     found = [f"{node_location(nodes[index])} in {_MODES[flag]} mode" for nodes, flag in
              ((theirs, training), (mine, not training)) if index < len(nodes)]

@@ -73,12 +73,10 @@ def _why_not(gm: torch.fx.GraphModule, name: str) -> str | None:
 @dataclass
 class Constants:
     """Per consumer module, in the model the rewrite assumes (``_assumed_params``): min and max of every input
-    feature over the example (rows, positions, calls) and which features vary; ``reference``: the original's
-    float outputs."""
+    feature over the example (rows, positions, calls) and which features vary."""
 
     low: dict[str, torch.Tensor]
     high: dict[str, torch.Tensor]
-    reference: list[torch.Tensor]
     varying: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def values(self, name: str, positions: torch.Tensor) -> dict[int, float]:
@@ -126,12 +124,12 @@ def _run(gm: torch.fx.GraphModule, example, hooks: dict, params: dict | None = N
 
 def _min_max(gm: torch.fx.GraphModule, dims: dict[str, int], example, params: dict | None = None) -> Constants:
     """Min and max of every input feature of the consumers (name -> input dim) on the example inputs (one run)."""
-    stats = Constants({}, {}, [])
+    stats = Constants({}, {})
 
     def hook(name):
         return lambda _m, args: _record(stats, name, dims[name], args[0]) if args else None
 
-    stats.reference = _run(gm, example, {n: hook(n) for n in dims}, params)
+    _run(gm, example, {n: hook(n) for n in dims}, params)
     return stats
 
 
@@ -205,11 +203,10 @@ def _assumed_params(gm: torch.fx.GraphModule, analysis, plan, masks) -> dict[str
 
 
 def _measure(gm: torch.fx.GraphModule, analysis, names, example, params: dict[str, torch.Tensor]) -> Constants:
-    """Min/max of the named consumers' input features in the assumed model (``params``), which of them vary
-    there, and the original's output (two eval runs; the model's own parameters are not touched)."""
+    """Min/max of the named consumers' input features in the assumed model (``params``) and which of them vary
+    there (one eval run; the model's own parameters are not touched)."""
     dims = {name: dim for name, dim in _input_dims(analysis).items() if name in names}
     stats = _min_max(gm, dims, example, params)
-    stats.reference = _run(gm, example, {})
     stats.varying = {n: stats.low[n] != stats.high[n] for n in stats.low}
     return stats
 
@@ -221,8 +218,10 @@ def measure_constants(gm: torch.fx.GraphModule, analysis, plan, names, example,
     return _measure(gm, analysis, names, example, _assumed_params(gm, analysis, plan, masks))
 
 
-def _output_change(gm: torch.fx.GraphModule, analysis, example, dropped: dict[str, list[int]], reference) -> float:
-    """Relative change of the output (L2 over every float output) when the dropped constant inputs read 0."""
+def _output_change(gm: torch.fx.GraphModule, analysis, example, dropped: dict[str, list[int]]) -> float:
+    """Relative change of the original's output (L2 over every float output) when the dropped constant inputs read 0
+    (two eval runs)."""
+    reference = _run(gm, example, {})
     dims = _input_dims(analysis)
 
     def hook(name):
@@ -372,7 +371,7 @@ def measure_folds(gm: torch.fx.GraphModule, analysis, plan, example,
     folds, unfoldable = split_folds(gm, analysis, plan, constants)
     if not unfoldable:
         return folds, []
-    change = _output_change(gm, analysis, example, {n: p for n, (p, _) in unfoldable.items()}, constants.reference)
+    change = _output_change(gm, analysis, example, {n: p for n, (p, _) in unfoldable.items()})
     notes = [f"fold: {len(p)} removed inputs of {n} cannot be folded exactly ({why}); dropped"
              for n, (p, why) in unfoldable.items()]
     layers = ", ".join(list(unfoldable)[:5]) + (f" and {len(unfoldable) - 5} more" if len(unfoldable) > 5 else "")

@@ -3,8 +3,9 @@
     PYTHONPATH=src:. python3 -m benchmarks.bench_gpu [--out benchmarks/results/gpu.json] [--max-seconds 200]
     python -m benchmarks.bench_gpu --device cpu --quick          # a smoke run on the CPU (tiny sizes)
 
-Imports only torch, torchvision, nrfx and the standard library, so that it runs on a bare GPU
-machine from a fresh copy of the repository.
+Imports only torch, nrfx and the standard library, so that it runs on a bare GPU machine from a
+fresh copy of the repository: the models come from torchvision where it is installed and from
+``benchmarks.torch_models`` (the same models in plain torch) where it is not; ``meta.models`` says which.
 
 Models: ResNet-50, MobileNet-V3-Large and ViT-B/16 with ``nrfx.add_gates`` (its MLP hidden
 spaces have no norm).  40 % dead: γ of a random 40 % of every BatchNorm's channels (of every
@@ -55,10 +56,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import nrfx
+from benchmarks import torch_models
+
+try:
+    import torchvision.models as model_zoo
+except ImportError:  # a machine with torch alone: the same models, rebuilt in plain torch
+    model_zoo = None
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMES = ("nr", "cr", "ca")
@@ -112,14 +118,35 @@ def model_label(name: str, s: Settings) -> str:
     return {"resnet50": "ResNet-50", "mobilenet_v3_large": "MobileNet-V3-Large"}.get(name, name)
 
 
+def models_source() -> str:
+    """Where the models come from: torchvision (with its version), or its rebuild in plain torch."""
+    if model_zoo is None:
+        return "benchmarks.torch_models (torchvision is not installed)"
+    import torchvision
+
+    return f"torchvision {torchvision.__version__}"
+
+
 def build(name: str, s: Settings) -> nn.Module:
-    """A fresh torchvision model with random weights (nothing downloaded)."""
+    """A fresh model with random weights (nothing downloaded): torchvision's, or the same one in plain torch."""
+    if model_zoo is None:
+        return _build_plain(name, s)
     if name == "vit_b_16":
         if s.quick:
-            return torchvision.models.VisionTransformer(image_size=s.size, patch_size=16, num_layers=2, num_heads=2,
-                                                        hidden_dim=64, mlp_dim=128)
-        return torchvision.models.vit_b_16(weights=None, image_size=s.size)
-    return getattr(torchvision.models, name)(weights=None)
+            return model_zoo.VisionTransformer(image_size=s.size, patch_size=16, num_layers=2, num_heads=2,
+                                               hidden_dim=64, mlp_dim=128)
+        return model_zoo.vit_b_16(weights=None, image_size=s.size)
+    return getattr(model_zoo, name)(weights=None)
+
+
+def _build_plain(name: str, s: Settings) -> nn.Module:
+    """``build`` without torchvision: the models of ``benchmarks.torch_models``."""
+    if name == "vit_b_16":
+        if s.quick:
+            return torch_models.VisionTransformer(image_size=s.size, patch_size=16, num_layers=2, num_heads=2,
+                                                  hidden_dim=64, mlp_dim=128)
+        return torch_models.vit_b_16(image_size=s.size)
+    return getattr(torch_models, name)()
 
 
 def kill(model: nn.Module, fraction: float, seed: int) -> int:
@@ -371,7 +398,7 @@ def bench_model(name: str, s: Settings, dev: torch.device, clock: Clock, result:
 def bench_driver(s: Settings, dev: torch.device, clock: Clock, result: dict[str, Any]) -> None:
     """ResNet-18: a plain training loop against the same loop with ``nr.step()``; per precision."""
     torch.manual_seed(s.seed)
-    plain_model = torchvision.models.resnet18(weights=None).to(dev)
+    plain_model = build("resnet18", s).to(dev)
     nr_model = copy.deepcopy(plain_model)
     x = torch.randn(s.batch, 3, s.size, s.size, device=dev)
     y = torch.randint(0, 1000, (s.batch,), device=dev)
@@ -449,7 +476,7 @@ def device_name(dev: torch.device) -> str:
 
 def _meta(s: Settings, dev: torch.device, command: str) -> dict[str, Any]:
     meta = {"command": command, "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": str(dev),
-            "device_name": device_name(dev), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "device_name": device_name(dev), "torch": torch.__version__, "models": models_source(),
             "nrfx": nrfx.__version__, "python": platform.python_version(), "platform": platform.platform()}
     if dev.type == "cuda":
         meta |= {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),

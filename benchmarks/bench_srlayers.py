@@ -11,9 +11,10 @@ median time, inference (no grad) and a training step (forward + backward):
   grouped conv, possible only when S and R have equal widths on both sides: timed with a
   half/half split against ``nrfx_half``, nrfx's layer at that split); ``dense`` (the plain layer
   of the same width, which computes the cross blocks too).
-* ca: ``nrfx`` (nrfx's layer: two convs, then with autograd ``where_gate``, without it the gate
-  written into the first output half by half); ``where_gate`` (the diagonal and cross terms
-  picked by a row mask, one addcmul); ``cat_gate`` (the two outputs split, gated per half,
+* ca: ``nrfx`` (nrfx's layer: two convs, then with autograd ``where_gate`` with its backward
+  written out, without it the gate written into the first output half by half); ``where_gate``
+  (the diagonal and cross terms picked by a row mask, one addcmul; autograd's own backward);
+  ``cat_gate`` (the two outputs split, gated per half,
   concatenated); ``prealloc_gate`` (gated into slices of a new output; inference only); ``dense``.
 
 Everything is a ratio to ``dense``.  The choice kept in nrfx is the one fastest on both CPU

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared device check of issue [1/5]: `pytest -m cuda`, then the GPU benchmark, in one go.
-# On a GPU machine with torch and torchvision installed (no pip needed), from the repository root:
+# On a GPU machine with torch installed (no pip needed; pytest for the tests; torchvision optional), from the root:
 #     OUT=/some/folder bash benchmarks/gpu_check.sh
 # Writes cuda_tests.log, gpu.json and gpu.log into $OUT (default benchmarks/results); commit gpu.json.
 set -uo pipefail

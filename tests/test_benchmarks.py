@@ -6,6 +6,7 @@ import gzip
 import importlib
 import importlib.util
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -151,6 +152,7 @@ def test_gpu_benchmark_quick_on_cpu_times_every_variant(tmp_path, capsys):
     assert not data["partial"] and not data["failed"] and not data["skipped"]
     assert data["meta"]["device"] == "cpu" and data["meta"]["device_name"].startswith("CPU")
     assert data["meta"]["torch"] == torch.__version__ and data["settings"]["quick"]
+    assert data["meta"]["models"].startswith("torchvision ")
     assert set(data["models"]) == {"resnet50", "mobilenet_v3_large", "vit_b_16"}
     for name, entry in data["models"].items():
         variants = entry["variants"]
@@ -188,6 +190,73 @@ def test_gpu_benchmark_says_so_and_skips_without_cuda(tmp_path, capsys):
     assert run_module.main(["--only", "gpu", "--out", str(tmp_path)]) == 0
     info = _json(tmp_path / "run.json")
     assert info["steps"]["benchmarks.bench_gpu"]["skipped"] and not (tmp_path / "gpu.json").exists()
+
+
+# -- the GPU benchmark on a machine with torch alone: its models rebuilt in plain torch -------------------------------
+torch_models = importlib.import_module("benchmarks.torch_models")
+TINY_VIT = {"image_size": 32, "patch_size": 16, "num_layers": 2, "num_heads": 2, "hidden_dim": 64, "mlp_dim": 128}
+
+
+def _model_pair(name: str, seed: int) -> tuple[nn.Module, nn.Module]:
+    """(torchvision's model, the plain-torch rebuild), each built right after ``torch.manual_seed(seed)``."""
+    torchvision = pytest.importorskip("torchvision")
+    built = []
+    for zoo in (torchvision.models, torch_models):
+        torch.manual_seed(seed)
+        if name == "vit":
+            built.append(zoo.VisionTransformer(**TINY_VIT))
+        else:
+            built.append(getattr(zoo, name)() if zoo is torch_models else getattr(zoo, name)(weights=None))
+    return built[0], built[1]
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, str]]:
+    return [(name, type(m).__name__) for name, m in model.named_modules() if not list(m.children())]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_large", "vit"])
+def test_plain_torch_models_are_torchvisions_own(name):
+    """Same leaves under the same names, the same parameters drawn from the same seed, the same outputs."""
+    theirs, ours = _model_pair(name, seed=3)
+    assert _leaves(ours) == _leaves(theirs)
+    mine, tv = ours.state_dict(), theirs.state_dict()
+    assert list(mine) == list(tv)
+    for key in tv:  # same initialisation rules, in the same order: bit-identical draws
+        assert torch.equal(mine[key], tv[key]), key
+    size = TINY_VIT["image_size"] if name == "vit" else 64
+    x = torch.randn(3, 3, size, size)
+    for mode in (False, True):
+        theirs.train(mode), ours.train(mode)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            expected = theirs(x)
+            torch.manual_seed(0)
+            torch.testing.assert_close(ours(x), expected, rtol=0, atol=0)
+
+
+def test_plain_torch_models_load_torchvision_weights_strictly():
+    theirs, ours = _model_pair("mobilenet_v3_large", 0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=0, atol=0)
+
+
+def test_gpu_benchmark_builds_its_models_without_torchvision(monkeypatch):
+    blocked = ("import sys; sys.modules['torchvision'] = None; import benchmarks.bench_gpu as b; "
+               "assert b.model_zoo is None; print(b.models_source())")
+    done = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
+    assert done.returncode == 0 and "torchvision is not installed" in done.stdout, done.stderr[-2000:]
+    monkeypatch.setattr(bench_gpu, "model_zoo", None)
+    s = bench_gpu.Settings(device="cpu", quick=True, size=32)
+    for name, cls in (("resnet50", torch_models.ResNet), ("resnet18", torch_models.ResNet),
+                      ("mobilenet_v3_large", torch_models.MobileNetV3), ("vit_b_16", torch_models.VisionTransformer)):
+        assert type(bench_gpu.build(name, s)) is cls
+    assert bench_gpu.build("vit_b_16", bench_gpu.Settings(size=224)).encoder.pos_embedding.shape == (1, 197, 768)
 
 
 def test_write_json_is_atomic(tmp_path, monkeypatch):

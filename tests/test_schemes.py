@@ -157,6 +157,51 @@ def test_one_forward_launches_only_what_the_maths_needs(scheme, bias):
         assert mode.calls["convolution"] == 2 and not (mode.calls["copy_"] or mode.calls["clone"])
 
 
+# ca, forward + backward of ``layer(x).sum()``, the loss's own calls and autograd's aliases left out: the forward's
+# 7 (8), then mul, sigmoid_backward, add (g_d), mul, mul (g_c), where ×2 (g_a, g_b), [sum, view (g_bias)], two
+# convolution backwards and the split's cat; autograd's own backward of the mask form took 9 calls more
+EXPECTED_TRAINING_CALLS = {False: 17, True: 20}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_ca_backward_launches_only_what_the_maths_needs(bias):
+    layer = make_sr(_dense(lambda: nn.Conv2d(7, 9, 3, padding=1), bias), "ca", S_IN, S_OUT)
+    x = torch.randn(4, 7, 6, 6, dtype=torch.float64, requires_grad=True)
+    with AtenCalls() as mode:
+        layer(x).sum().backward()
+    loss_calls = 3  # the loss's sum, and ones_like and expand in its backward
+    launched = sum(mode.calls.values()) - mode.calls["detach"] - loss_calls
+    assert launched == EXPECTED_TRAINING_CALLS[bias], mode.calls
+    assert mode.calls["where"] == 4 and not (mode.calls["copy_"] or mode.calls["clone"] or mode.calls["scalar_tensor"])
+
+
+@pytest.mark.parametrize("case", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ca_gradients_of_gradients_and_per_example_gradients(case, bias):
+    """The written-out backward is exact to second order (gradgradcheck) and under torch.func's vmap and grad."""
+    make, _, shape, _ = CASES[case]
+    layer = make_sr(_dense(make, bias), "ca", S_IN, S_OUT)
+    names = [name for name, _ in layer.named_parameters()]
+    x = torch.randn((2, *shape[1:]), dtype=torch.float64, requires_grad=True)
+
+    def run(inp, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (inp,))
+
+    params = tuple(layer.parameters())
+    assert torch.autograd.gradcheck(run, (x, *params))
+    assert torch.autograd.gradgradcheck(run, (x, *params))
+
+    def loss(p, example):
+        return torch.func.functional_call(layer, p, (example.unsqueeze(0),)).square().sum()
+
+    detached = {name: p.detach() for name, p in layer.named_parameters()}
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(detached, x.detach())
+    for i in range(2):
+        one = torch.func.grad(loss)(detached, x.detach()[i])
+        for name in names:
+            torch.testing.assert_close(per_example[name][i], one[name])
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_ca_gate_without_autograd_equals_the_differentiable_one(bias):
     dense = _dense(lambda: nn.Conv2d(16, 24, 1), bias)

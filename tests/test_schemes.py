@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from support import AtenCalls
 from torch import nn
@@ -178,7 +181,7 @@ def test_ca_backward_launches_only_what_the_maths_needs(bias):
 @pytest.mark.parametrize("case", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_ca_gradients_of_gradients_and_per_example_gradients(case, bias):
-    """The written-out backward is exact to second order (gradgradcheck) and under torch.func's vmap and grad."""
+    """The written-out backward (and forward mode) are exact to second order and under torch.func's vmap and grad."""
     make, _, shape, _ = CASES[case]
     layer = make_sr(_dense(make, bias), "ca", S_IN, S_OUT)
     names = [name for name, _ in layer.named_parameters()]
@@ -188,8 +191,8 @@ def test_ca_gradients_of_gradients_and_per_example_gradients(case, bias):
         return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (inp,))
 
     params = tuple(layer.parameters())
-    assert torch.autograd.gradcheck(run, (x, *params))
-    assert torch.autograd.gradgradcheck(run, (x, *params))
+    assert torch.autograd.gradcheck(run, (x, *params), check_forward_ad=True)  # forward mode too (jvp)
+    assert torch.autograd.gradgradcheck(run, (x, *params), check_fwd_over_rev=True)  # as torch.func.hessian
 
     def loss(p, example):
         return torch.func.functional_call(layer, p, (example.unsqueeze(0),)).square().sum()
@@ -200,6 +203,39 @@ def test_ca_gradients_of_gradients_and_per_example_gradients(case, bias):
         one = torch.func.grad(loss)(detached, x.detach()[i])
         for name in names:
             torch.testing.assert_close(per_example[name][i], one[name])
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("scheme", ["cr", "ca"])
+def test_vmap_and_forward_mode_with_and_without_grad(scheme, grad):
+    """vmap, torch.func.jvp and forward-AD duals give the block formula's values and tangents (no out= call there)."""
+    make, _, shape, op = CASES[1]
+    dense = _dense(make, False)
+    layer = make_sr(dense, scheme, S_IN, S_OUT)
+    x, tangent = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    expected, expected_tangent = torch.func.jvp(lambda inp: _reference(dense, inp, scheme, op), (x,), (tangent,))
+    with torch.set_grad_enabled(grad):
+        batched = torch.func.vmap(layer)(x.unsqueeze(1)).squeeze(1)
+        _, pushed = torch.func.jvp(layer, (x,), (tangent,))
+        with forward_ad.dual_level():
+            dual = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, tangent)))
+    for got, want in ((batched, expected), (pushed, expected_tangent), (dual.primal, expected),
+                      (dual.tangent, expected_tangent)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("scheme", ["cr", "ca"])
+def test_traced_and_exported_layers_record_aten_ops_only(scheme):
+    """torch.jit.trace (TorchScript's ONNX export) and torch.export see the mask form, not a Python function."""
+    layer = make_sr(_dense(lambda: nn.Conv2d(7, 9, 3, padding=1), True), scheme, S_IN, S_OUT)
+    x = torch.randn(4, 7, 6, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated (torch 2.14)
+        traced = torch.jit.trace(layer, (x,))
+    assert not [node for node in traced.graph.nodes() if node.kind() == "prim::PythonOp"]
+    exported = torch.export.export(layer, (x,))
+    for module in (traced, exported.module()):
+        torch.testing.assert_close(module(x), layer(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bias", [True, False])

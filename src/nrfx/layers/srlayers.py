@@ -14,8 +14,9 @@ a = W_·S*S and b = W_·R*R; the diagonal d = [a_S; b_R] and the cross terms c =
 picked by one row mask, then out = d + 2σ(d)·c (one addcmul).  With autograd the backward of
 that gate is written out (``_CrossAttention``: 7 calls where autograd's own takes 16, exact
 to second order); without autograd the same formula is written into ``a`` half by half (two
-passes over the output instead of four); under ``torch.compile`` the plain mask form is kept
-(its gate fuses into one kernel, and in-place writes into strided halves would break the graph).
+passes over the output instead of four); under ``torch.compile``, ``torch.export`` and
+``torch.jit.trace`` the plain mask form is kept (its gate fuses into one kernel, in-place writes
+into strided halves would break the graph, and a trace records aten ops, not a Python function).
 
 The layer still *reads* as the dense layer it replaces: ``weight`` and ``bias`` are
 properties assembling the full tensors (zeros for cr's cross blocks), and ``in_channels``,
@@ -89,13 +90,19 @@ class _SRMixin:
         if self.scheme == "cr":
             return torch.cat((op(xs, self.weight_ss, self.bias_s), op(xr, self.weight_rr, self.bias_r)), dim)
         a, b = op(xs, self.weight_s_in, None), op(xr, self.weight_r_in, None)
-        if torch.compiler.is_compiling():
-            return _cross_attention(a, b, self.s_rows, self.bias_all)  # compiled: the gate fuses into one kernel
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # compiled: the gate fuses into one kernel;
+            return _cross_attention(a, b, self.s_rows, self.bias_all)  # a jit trace keeps aten ops (no PythonOp)
+        if torch.is_grad_enabled():  # also forward mode (jvp) and torch.func's transforms
             return _CrossAttention.apply(a, b, self.s_rows, self.bias_all)[0]
-        if self.bias_all is not None:
+        if self.bias_all is not None or not _plain(a):
             return _cross_attention(a, b, self.s_rows, self.bias_all)
         return _cross_attention_into(a, b, self.s_out, dim)
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """Not under vmap or another torch.func transform, nor forward-mode AD: out= calls have no rule there."""
+    dual_level = getattr(torch.autograd.forward_ad, "_current_level", -1)
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor) and dual_level < 0
 
 
 def _cross_attention(a: torch.Tensor, b: torch.Tensor, s_rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,7 +121,8 @@ class _CrossAttention(torch.autograd.Function):
     g_a = [g_d S rows; g_c R rows] and g_b = the other rows (g_bias = g_d summed).  It saves what
     autograd's own saves, σ(d) and c, and returns them as outputs next to the result (unused by
     the layer) so that double backward stays exact: a gradient reaching them comes back here.
-    vmap's rule is generated.  ``torch.compile`` takes the mask form (its gate fuses anyway).
+    Forward mode has its rule (``jvp``: torch.func.jvp, jacfwd, hessian); vmap's is generated.
+    ``torch.compile``, export and jit tracing take the mask form (its gate fuses anyway).
     """
 
     generate_vmap_rule = True
@@ -134,6 +142,20 @@ class _CrossAttention(torch.autograd.Function):
         ctx.bias_shape = None if inputs[3] is None else inputs[3].shape
         ctx.dtypes = inputs[0].dtype, inputs[1].dtype
         ctx.save_for_backward(inputs[2], output[1], output[2])
+        ctx.save_for_forward(inputs[2], output[1], output[2])
+
+    @staticmethod
+    def jvp(ctx, a_t: torch.Tensor | None, b_t: torch.Tensor | None, _: None, bias_t: torch.Tensor | None):
+        """Forward mode (jvp, jacfwd): d_t, c_t by the mask, σ_t = σ'(d)·d_t, out_t = d_t + 2(σ_t·c + σ·c_t)."""
+        s_rows, gate, cross = ctx.saved_tensors
+        a_t = torch.zeros_like(gate) if a_t is None else a_t
+        b_t = torch.zeros_like(gate) if b_t is None else b_t
+        diag_t, cross_t = torch.where(s_rows, a_t, b_t), torch.where(s_rows, b_t, a_t)
+        if bias_t is not None:
+            diag_t = diag_t + bias_t
+        gate_t = torch.ops.aten.sigmoid_backward(diag_t, gate)
+        out_t = diag_t + 2 * (gate_t * cross + gate * cross_t)
+        return out_t, gate_t, cross_t
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor | None, grad_gate: torch.Tensor | None, grad_cross: torch.Tensor | None):

@@ -106,11 +106,8 @@ def _plain(tensor: torch.Tensor) -> bool:
 
 
 def _cross_attention(a: torch.Tensor, b: torch.Tensor, s_rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Eq. 9–10 from a = W_·S*S and b = W_·R*R: d = [a_S; b_R] (+ bias), c = [b_S; a_R], d + 2σ(d)·c."""
-    diag, cross = torch.where(s_rows, a, b), torch.where(s_rows, b, a)
-    if bias is not None:
-        diag = diag + bias
-    return torch.addcmul(diag, torch.sigmoid(diag), cross, value=2)
+    """The mask form of Eq. 9–10, left to autograd (or to a compiler): ``_CrossAttention``'s forward."""
+    return _CrossAttention.forward(a, b, s_rows, bias)[0]
 
 
 class _CrossAttention(torch.autograd.Function):
@@ -130,6 +127,7 @@ class _CrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(a: torch.Tensor, b: torch.Tensor, s_rows: torch.Tensor,
                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From a = W_·S*S and b = W_·R*R: d = [a_S; b_R] (+ bias), c = [b_S; a_R]; d + 2σ(d)·c, σ(d), c."""
         diag, cross = torch.where(s_rows, a, b), torch.where(s_rows, b, a)
         if bias is not None:
             diag = diag + bias

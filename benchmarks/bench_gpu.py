@@ -129,24 +129,13 @@ def models_source() -> str:
 
 def build(name: str, s: Settings) -> nn.Module:
     """A fresh model with random weights (nothing downloaded): torchvision's, or the same one in plain torch."""
-    if model_zoo is None:
-        return _build_plain(name, s)
+    zoo = model_zoo if model_zoo is not None else torch_models
     if name == "vit_b_16":
         if s.quick:
-            return model_zoo.VisionTransformer(image_size=s.size, patch_size=16, num_layers=2, num_heads=2,
-                                               hidden_dim=64, mlp_dim=128)
-        return model_zoo.vit_b_16(weights=None, image_size=s.size)
-    return getattr(model_zoo, name)(weights=None)
-
-
-def _build_plain(name: str, s: Settings) -> nn.Module:
-    """``build`` without torchvision: the models of ``benchmarks.torch_models``."""
-    if name == "vit_b_16":
-        if s.quick:
-            return torch_models.VisionTransformer(image_size=s.size, patch_size=16, num_layers=2, num_heads=2,
-                                                  hidden_dim=64, mlp_dim=128)
-        return torch_models.vit_b_16(image_size=s.size)
-    return getattr(torch_models, name)()
+            return zoo.VisionTransformer(image_size=s.size, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
+                                         mlp_dim=128)
+        return zoo.vit_b_16(weights=None, image_size=s.size)
+    return getattr(zoo, name)(weights=None)
 
 
 def kill(model: nn.Module, fraction: float, seed: int) -> int:

@@ -108,13 +108,21 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet18(num_classes: int = 1000) -> ResNet:
+def _no_weights(weights: None) -> None:
+    """The builders take torchvision's ``weights`` argument, so that one call builds from either; only None."""
+    if weights is not None:
+        raise ValueError(f"benchmarks.torch_models builds random weights only; got weights={weights!r}")
+
+
+def resnet18(weights: None = None, num_classes: int = 1000) -> ResNet:
     """ResNet-18 with random weights."""
+    _no_weights(weights)
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
 
 
-def resnet50(num_classes: int = 1000) -> ResNet:
+def resnet50(weights: None = None, num_classes: int = 1000) -> ResNet:
     """ResNet-50 with random weights."""
+    _no_weights(weights)
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
 
 
@@ -212,8 +220,9 @@ class MobileNetV3(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def mobilenet_v3_large(num_classes: int = 1000) -> MobileNetV3:
+def mobilenet_v3_large(weights: None = None, num_classes: int = 1000) -> MobileNetV3:
     """MobileNet-V3-Large with random weights."""
+    _no_weights(weights)
     return MobileNetV3(num_classes)
 
 
@@ -291,6 +300,7 @@ class VisionTransformer(nn.Module):
         return self.heads(self.encoder(x)[:, 0])
 
 
-def vit_b_16(image_size: int = 224, num_classes: int = 1000) -> VisionTransformer:
+def vit_b_16(weights: None = None, image_size: int = 224, num_classes: int = 1000) -> VisionTransformer:
     """ViT-B/16 (12 layers, 12 heads, 768 wide, MLP 3072) with random weights."""
+    _no_weights(weights)
     return VisionTransformer(image_size, 16, 12, 12, 768, 3072, num_classes=num_classes)

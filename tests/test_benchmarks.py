@@ -203,10 +203,7 @@ def _model_pair(name: str, seed: int) -> tuple[nn.Module, nn.Module]:
     built = []
     for zoo in (torchvision.models, torch_models):
         torch.manual_seed(seed)
-        if name == "vit":
-            built.append(zoo.VisionTransformer(**TINY_VIT))
-        else:
-            built.append(getattr(zoo, name)() if zoo is torch_models else getattr(zoo, name)(weights=None))
+        built.append(zoo.VisionTransformer(**TINY_VIT) if name == "vit" else getattr(zoo, name)(weights=None))
     return built[0], built[1]
 
 

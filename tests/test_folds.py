@@ -185,6 +185,33 @@ def test_wav2vec2_like_unpadded_strided_convs_fold_exactly():
     assert _unchanged(model, before)
 
 
+@pytest.mark.parametrize("constants", ["drop", "keep"])
+@pytest.mark.parametrize("align", [1, 8])
+@pytest.mark.parametrize("fraction", [0.6, 1.0, 1.4])
+def test_new_biases_are_paid_from_a_params_budget(fraction, align, constants):
+    """A bias the folds add is a parameter like any other: the widths make room for it, and the rewritten model
+    has exactly ``cost_after`` ≤ the budget parameters (it was over by the new bias before)."""
+    torch.manual_seed(0)
+    model = wav2vec2_like().double().eval()
+    x = torch.randn(2, 1, 400, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    kill_per_norm(model, analysis, constants=True, seed=2)
+    budget = nrfx.Budget(params=int(fraction * analysis.params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NrfxWarning)
+        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, align=align, constants=constants)
+    plan = new.nrfx_plan
+    made = new.get_submodule("3").bias is not None  # a fold made a bias (model[3] has none)
+    assert made or align == 8  # align=8 may keep all 16 inputs of layer 3: then nothing to fold
+    params = sum(p.numel() for p in new.parameters())
+    assert params == plan.cost_after <= plan.budget == budget.params
+    assert made == any("new biases" in note for note in plan.notes)
+    replayed = nrfx.apply_plan(model, plan, example_inputs=x)
+    assert sum(p.numel() for p in replayed.parameters()) == params
+    if fraction >= 1.0:
+        _exact(new, model, (1, 400))
+
+
 @pytest.mark.parametrize("scheme", ["cr", "ca"])
 def test_a_new_bias_survives_the_s_r_schemes(scheme):
     """The bias a fold creates is carried into the S/R layers (cross blocks start at zero: still exact)."""

@@ -35,8 +35,9 @@ layer that reads it.  The exact rule nrfx follows:
   BatchNorm1d``; a ``reshape_as(y)`` reading only y's shape does not count as a reader), when
   that norm normalises the consumer's output channels in order (exact in eval mode; in train mode
   the batch mean absorbs a constant anyway).  No bias and no such norm (Wav2Vec2's bias-free
-  convs): the rewritten layer gets a bias holding the shift (``out`` parameters more, outside
-  the plan's cost).
+  convs): the rewritten layer gets a bias holding the shift (``out`` parameters more; a params
+  budget pays for them: ``plan_rejuvenation`` plans the widths with them set aside, and
+  ``cost_after`` counts them).
 
 Constants are measured once on the example inputs (eval mode, on the traced original) when the
 plan is made, and stored in it, so a replay folds the same values.  A constant that cannot be
@@ -60,7 +61,8 @@ from nrfx.errors import NrfxWarning
 from nrfx.ops.layer_kinds import constant_input_problem, in_columns, is_scale
 from nrfx.plan.maps import dim_map
 
-__all__ = ["Constants", "measure_constants", "measure_folds", "probe_constants", "split_folds", "unfoldable_channels"]
+__all__ = ["Constants", "fold_candidates", "measure_constants", "measure_folds", "probe_constants", "split_folds",
+           "unfoldable_channels"]
 
 def _why_not(gm: torch.fx.GraphModule, name: str) -> str | None:
     """Why a consumer's constants cannot be folded exactly (None: they can)."""
@@ -308,6 +310,11 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
         if removed.numel():
             out[name] = removed
     return out
+
+
+def fold_candidates(gm: torch.fx.GraphModule, analysis, plan) -> list[str]:
+    """The consumers a fold may write to: those with removed input features that reach a surviving output."""
+    return list(_candidates(gm, analysis, plan))
 
 
 def _may_emit_constants(gm: torch.fx.GraphModule, analysis, params: dict[str, torch.Tensor]) -> bool:

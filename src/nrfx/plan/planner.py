@@ -364,7 +364,7 @@ def _fill(cost: CostModel, units, counts, steps, live, alpha: float, total: int,
 
 def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bool = False,
               gamma0: float | str | None = None, realloc: bool = True, seed: int | None = None,
-              align: int = 8, constants: str = "drop", residual: str = "rejuvenate") -> Plan:
+              align: int = 8, constants: str = "drop", residual: str = "rejuvenate", reserve: int = 0) -> Plan:
     """The rejuvenation plan for an analysed model under masks and a budget.
 
     ``masks=None``: the masks are read from the norm scales of ``model`` now (not when it was analysed).
@@ -376,7 +376,8 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     behaviour, default): they are removed, and the plan is a pure function of its inputs.
     ``residual="keep"``: every channel of a residual stream (a space where an add joins two activations)
     is kept and its width stays, as the paper does for ResNets (only the neurons off the main stream are
-    rejuvenated); ``"rejuvenate"`` (default) plans them like every other space.
+    rejuvenated); ``"rejuvenate"`` (default) plans them like every other space.  ``reserve``: cost the rewrite adds
+    outside the channel widths (the new biases of folds, ``nrfx.rewrite.folds``), set aside from the budget.
     """
     gamma0 = check_gamma0(gamma0)
     align = check_align(align)
@@ -391,7 +392,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     options = {"scheme": scheme, "rescale": bool(rescale), "realloc": bool(realloc), "seed": seed, "gamma0": gamma0,
                "align": align, "constants": constants, "residual": residual}
     fixed = kept_streams(analysis, residual)
-    build = lambda alive: _allocate(analysis, model, alive, kind, value, options, fixed)  # noqa: E731
+    build = lambda alive: _allocate(analysis, model, alive, kind, (value, reserve), options, fixed)  # noqa: E731
     alive = [a.clone() for a in analysis.alive(masks)]
     for s in fixed:
         alive[s].fill_(True)
@@ -399,9 +400,11 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     return plan if constants == "drop" else _keep_constants(analysis, plan, alive, build, masks)
 
 
-def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int, options: dict[str, Any],
+def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, budget: tuple[int, int], options: dict[str, Any],
               fixed: frozenset[int]) -> Plan:
-    """The plan for given live channels per space (``fixed``: kept whole): survivors (aligned), α, the widths."""
+    """The plan for given live channels per space (``fixed``: kept whole): survivors (aligned), α, the widths.
+    ``budget``: (the budget, the part of it set aside for cost outside the widths)."""
+    value, reserve = budget
     cost = analysis.cost_model(kind)
     units = planning_units(analysis, fixed)
     scores = _space_scores(analysis, model)
@@ -413,7 +416,7 @@ def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int,
     live = [len(k) for k in kept]
     total = len(analysis.spaces)
     if options["realloc"]:
-        alpha, counts = _solve(cost, units, live, full, steps, total, value)
+        alpha, counts = _solve(cost, units, live, full, steps, total, value - reserve)
     else:
         alpha, counts = 1.0, list(full)
     keep: list[list[int]] = [[] for _ in range(total)]
@@ -426,7 +429,7 @@ def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, value: int,
     widths = _space_widths(units, counts, total)
     grow = [w - len(k) for k, w in zip(keep, widths, strict=True)]
     cost_live = cost(_space_widths(units, [len(b) for b in survivors], total))
-    notes = _lost_live(lost, value, cost_live, cost(_space_widths(units, live, total)), options["align"])
+    notes = _lost_live(lost, value - reserve, cost_live, cost(_space_widths(units, live, total)), options["align"])
     return Plan(
         **options, budget_kind=kind, budget=value, alpha=alpha, widths=[s.width for s in analysis.spaces],
         keep=keep, grow=grow, cost_before=cost([s.width for s in analysis.spaces]), cost_live=cost_live,

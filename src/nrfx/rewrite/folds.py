@@ -3,8 +3,8 @@
 Each consumer's folded inputs add ``Σ W·v`` per output channel (kernel taps summed, within the input's
 group) to its bias; without a bias, they are taken from the running mean of the BatchNorm that is its
 only reader (through shape-only ops, normalising its output channels in order); with neither, the
-rewritten layer gets a bias holding them.  Which constants fold, and why, is planned in
-``nrfx.plan.fold``.
+rewritten layer gets a bias holding them (``new_bias_params`` counts them: a params budget pays for them).
+Which constants fold, and why, is planned in ``nrfx.plan.fold``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["apply_folds"]
+from nrfx.plan.maps import dim_map
+
+__all__ = ["apply_folds", "new_bias_params"]
 
 _SHAPE_OPS = frozenset({"flatten", "reshape", "view", "permute", "transpose", "contiguous", "_unsafe_view",
                         "clone", "t"})
@@ -74,6 +76,19 @@ def _shift_target(gm: torch.fx.GraphModule, analysis, name: str) -> str:
     ours, theirs = analysis.records.get(node.name), analysis.records.get(norm.name)
     same = ours is not None and theirs is not None and ours.output is not None and ours.output == theirs.input
     return norm.target if same and ours.output.inner == 1 else "new bias"
+
+
+def new_bias_params(analysis, plan, names=None) -> int:
+    """Parameters the fold pass adds: a bias, one entry per output channel after the rewrite, on every layer of
+    ``names`` (default: ``plan.folds``) that has neither a bias nor a BatchNorm after it to take its shift."""
+    total = 0
+    for name in plan.folds or {} if names is None else names:
+        if _shift_target(analysis.gm, analysis, name) == "new bias":
+            info = analysis.param_info.get(f"{name}.weight")
+            rows = info.dims[0] if info is not None and info.dims else None
+            width = analysis.gm.get_submodule(name).weight.shape[0]
+            total += width if rows is None else dim_map(analysis, plan, rows, 0).source.numel()
+    return total
 
 
 def _dense_columns(module: nn.Module) -> torch.Tensor:

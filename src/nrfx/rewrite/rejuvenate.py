@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,12 +25,12 @@ from nrfx.capture.front_ends import Example
 from nrfx.capture.inputs import check_model, check_real_weights
 from nrfx.capture.shapeprop import propagate_shapes
 from nrfx.capture.trace import keep_safe_inplace
-from nrfx.errors import BudgetError, InputError, NrfxError, PlanError, RewriteError
+from nrfx.errors import BudgetError, InputError, NrfxError, NrfxWarning, PlanError, RewriteError
 from nrfx.plan.check import check_plan_fits
-from nrfx.plan.fold import measure_folds
+from nrfx.plan.fold import fold_candidates, measure_folds
 from nrfx.plan.maps import ParamMap, param_maps
 from nrfx.plan.planner import Budget, Plan, make_plan
-from nrfx.rewrite.folds import apply_folds
+from nrfx.rewrite.folds import apply_folds, new_bias_params
 from nrfx.rewrite.inplace import (
     PLANS_KEY,
     Journal,
@@ -63,10 +64,35 @@ REWRITE_PASSES: tuple[RewritePass, ...] = (rewrite_params, reslice, regroup, res
 def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any,
                       **options: Any) -> Plan:
     """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit
-    (measured on the analysis' own example inputs)."""
+    (measured on the analysis' own example inputs); the new biases of folds count in a params budget."""
     masks = analysis.masks_from(model) if masks is None else masks
     plan = make_plan(analysis, model, masks, budget, **options)
-    return _with_folds(analysis, plan, masks)
+    reserve = _bias_reserve(analysis, plan, masks)
+    if reserve:
+        plan = make_plan(analysis, model, masks, budget, **options, reserve=reserve)
+    plan = _with_folds(analysis, plan, masks)
+    added = new_bias_params(analysis, plan) if plan.budget_kind == "params" else 0
+    if not added:
+        return plan
+    if plan.realloc and plan.cost_after + added > plan.budget:  # unreachable unless replanning changed the folds
+        raise BudgetError(f"the biases the folds add ({added:,} params) take the plan over its budget of "
+                          f"{plan.budget:,}: pass constants='keep', or a budget larger by {added:,}")
+    note = (f"fold: {added:,} params of new biases (on layers with no bias and no BatchNorm after them) paid from the "
+            "budget")
+    return dataclasses.replace(plan, cost_after=plan.cost_after + added, notes=[*plan.notes, note])
+
+
+def _bias_reserve(analysis: Analysis, plan: Plan, masks: dict[str, torch.Tensor]) -> int:
+    """Rule: a params budget pays for the biases the folds add (``new_bias_params``).  The params to set aside
+    when, under ``plan``, they would take the model over its budget (0: they fit, or no fold can add one)."""
+    if plan.budget_kind != "params" or not plan.realloc:
+        return 0
+    if plan.folds is None and not new_bias_params(analysis, plan, fold_candidates(analysis.gm, analysis, plan)):
+        return 0  # no layer that could fold a constant lacks a bias and a BatchNorm: nothing to measure
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NrfxWarning)  # the plan that is kept warns (``_with_folds``)
+        added = new_bias_params(analysis, _with_folds(analysis, plan, masks))
+    return added if plan.cost_after + added > plan.budget else 0
 
 
 def _with_folds(analysis: Analysis, plan: Plan, masks: dict[str, torch.Tensor] | None = None) -> Plan:

@@ -235,6 +235,45 @@ def test_islands_when_nothing_captures_the_whole_model():
     assert 1.0 < ratio <= 1.1
 
 
+class _FilteringWithHead(_Filtering):
+    """_Filtering with a third island, ``head``, whose every channel is frozen (its input and output leave it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 64)
+
+    def forward(self, images: list[torch.Tensor]):
+        out = super().forward(images)
+        return {**out, "head": self.head(out["best"])}
+
+
+def test_an_island_with_no_free_channel_keeps_its_cost_and_the_rest_meets_the_budget():
+    """The islands share one fraction of their cost, except those with nothing to resize: before, a frozen
+    ``head`` made every budget below c(A) impossible (it cannot shrink), now it is paid first."""
+    model = _randomised(_FilteringWithHead())
+    images = [torch.randn(3, 8, 8, dtype=torch.float64) for _ in range(4)]
+    analysis = nrfx.analyze(model, (images,))
+    assert set(analysis.islands) == {"backbone", "scorer", "head"}
+    assert all(s.is_frozen for s in analysis.islands["head"].spaces)
+    for path in ("backbone", "scorer"):
+        kill_per_norm(model.get_submodule(path), analysis.islands[path], seed=5)
+    for fraction in (0.7, 0.9):
+        budget = int(fraction * analysis.params)
+        new = nrfx.rejuvenate(model, None, nrfx.Budget(params=budget), example_inputs=(images,), analysis=analysis,
+                              align=1)
+        assert budget * 0.9 <= sum(p.numel() for p in new.parameters()) <= budget
+        assert new.head.weight.shape == model.head.weight.shape
+    with pytest.raises(nrfx.BudgetError, match="leaves nothing for the islands that can be rejuvenated"):
+        nrfx.rejuvenate(model, None, nrfx.Budget.fraction(0.3), example_inputs=(images,), analysis=analysis, align=1)
+    with pytest.raises(nrfx.BudgetError, match="island '.*' .* for the whole model") as too_small:
+        nrfx.rejuvenate(model, None, nrfx.Budget.fraction(0.45), example_inputs=(images,), analysis=analysis, align=1)
+    minimum = too_small.value.minimum
+    assert minimum > 0.45 * analysis.params and f"at least {minimum:,} params" in str(too_small.value)
+    new = nrfx.rejuvenate(model, None, nrfx.Budget(params=minimum), example_inputs=(images,), analysis=analysis,
+                          align=1)  # what the error asked for is enough
+    assert sum(p.numel() for p in new.parameters()) <= minimum
+
+
 @pytest.mark.slow
 def test_islands_on_torchvision_detection():
     torch.manual_seed(0)

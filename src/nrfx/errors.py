@@ -56,7 +56,13 @@ class MaskError(NrfxError):
 
 
 class BudgetError(NrfxError):
-    """A budget cannot be met (for instance it is below the cost of the frozen part)."""
+    """A budget cannot be met (for instance it is below the cost of the frozen part).
+
+    ``minimum``: where the budget is too small, the smallest budget the planner can meet (else None)."""
+
+    def __init__(self, message: str, minimum: int | None = None) -> None:
+        super().__init__(message)
+        self.minimum = minimum
 
 
 class PlanError(NrfxError):

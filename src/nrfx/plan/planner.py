@@ -327,7 +327,7 @@ def _solve(cost: CostModel, units, live, full, steps, total: int, budget: int) -
     if budget < minimum:
         raise BudgetError(f"budget {budget:,} is below {minimum:,}, the {cost.kind} of the frozen part with one "
                           f"channel (one group, one alignment step) per free space; ask for at least {minimum:,}"
-                          + _unaligned_minimum(cost, units, live, full, steps, total))
+                          + _unaligned_minimum(cost, units, live, full, steps, total), minimum=minimum)
     if all(u.frozen for u in units):
         return 1.0, list(full)
     if at(_MAX_ALPHA) <= budget:

@@ -7,10 +7,12 @@ signature ``(gm, analysis, plan, maps) -> notes`` and never write the plan.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -134,8 +136,10 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
     options = {"scheme": scheme, "rescale": rescale, "gamma0": gamma0, "realloc": realloc, "seed": seed,
                "align": align, "constants": constants, "residual": residual}
     if inplace:
-        jobs = {path: _inplace_job(model.get_submodule(path), island, island_masks, island_budget, options)
-                for path, (island, island_masks, island_budget) in _targets(analysis, masks, budget).items()}
+        jobs = {}
+        for path, (island, island_masks, island_budget) in _targets(analysis, masks, budget).items():
+            with _island_budget(analysis, path, budget):
+                jobs[path] = _inplace_job(model.get_submodule(path), island, island_masks, island_budget, options)
         return _apply_in_place(model, jobs, optimizer, carry_state, as_example(example_inputs, example_kwargs))
     if not analysis.whole:
         return _rejuvenate_islands(model, analysis, masks, budget, options)
@@ -150,13 +154,14 @@ def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[
     Each island is planned on its own at one shared fraction of its cost: the budget less the
     parameters outside the islands, over the islands' c(A).  ``nrfx_plans`` maps island paths to plans.
     """
-    fraction, kind = _island_fraction(analysis, budget)
+    fractions, kind = _island_fractions(analysis, budget)
     result = copy.deepcopy(model)
     plans: dict[str, Plan] = {}
     for path, island_masks in analysis.split_masks(masks).items():
         island = analysis.islands[path]
-        plan = plan_rejuvenation(island, model.get_submodule(path), island_masks, Budget.fraction(fraction, kind),
-                                 **options)
+        with _island_budget(analysis, path, budget):
+            plan = plan_rejuvenation(island, model.get_submodule(path), island_masks,
+                                     Budget.fraction(fractions[path], kind), **options)
         module = _build(model.get_submodule(path), island, plan)
         parent, _, name = path.rpartition(".")
         setattr(result.get_submodule(parent), name, module)
@@ -170,8 +175,8 @@ def _targets(analysis: ModelAnalysis, masks, budget) -> dict[str, tuple[Analysis
     """What gets planned: the whole graph (path ""), or each island at the islands' shared budget fraction."""
     if analysis.whole:
         return {"": (analysis, masks, budget)}
-    fraction, kind = _island_fraction(analysis, budget)
-    return {path: (analysis.islands[path], island_masks, Budget.fraction(fraction, kind))
+    fractions, kind = _island_fractions(analysis, budget)
+    return {path: (analysis.islands[path], island_masks, Budget.fraction(fractions[path], kind))
             for path, island_masks in analysis.split_masks(masks).items()}
 
 
@@ -298,15 +303,47 @@ def _prepare_replay(model: nn.Module, path: str, example: Example | None) -> Non
     replays_plans(module)
 
 
-def _island_fraction(analysis: IslandAnalysis, budget: Any) -> tuple[float, str]:
-    """The one fraction of their own cost every island gets so the whole model meets the budget."""
+def _frozen_islands(analysis: IslandAnalysis) -> set[str]:
+    """Islands with no free space: their cost is fixed."""
+    return {path for path, island in analysis.islands.items() if all(s.is_frozen for s in island.spaces)}
+
+
+def _island_fractions(analysis: IslandAnalysis, budget: Any) -> tuple[dict[str, float], str]:
+    """The fraction of its own cost each island gets so the whole model meets the budget: one shared fraction
+    for every island with a free space; an island with none (every space frozen) keeps its whole cost."""
     kind, value = Budget.coerce(budget).resolve(analysis)
-    inside = by_kind(kind, sum(island.params for island in analysis.islands.values()), analysis.macs)
-    available = by_kind(kind, value - analysis.outside_params + analysis.shared_params, value)
+    cost = {path: by_kind(kind, island.params, island.macs) for path, island in analysis.islands.items()}
+    frozen = _frozen_islands(analysis)
+    inside = sum(c for path, c in cost.items() if path not in frozen)
+    fixed = by_kind(kind, analysis.outside_params - analysis.shared_params, 0) + sum(cost[p] for p in frozen)
+    available = value - fixed
     if inside <= 0 or available <= 0:
-        raise BudgetError(f"a budget of {value:,} {kind} leaves nothing for the islands "
-                          f"({analysis.outside_params:,} parameters lie outside them)")
-    return available / inside, kind
+        raise BudgetError(f"a budget of {value:,} {kind} leaves nothing for the islands that can be rejuvenated "
+                          f"({fixed:,} {kind} lie outside them or in islands whose channels are all frozen); ask for "
+                          f"more than {fixed:,}", minimum=fixed + 1)
+    return {path: 1.0 if path in frozen else available / inside for path in cost}, kind
+
+
+@contextlib.contextmanager
+def _island_budget(analysis: ModelAnalysis, path: str, budget: Any) -> Iterator[None]:
+    """Rule: an island's BudgetError speaks of the user's budget: the whole model's, with the smallest one that
+    gives this island (and every island: they share one fraction of their cost) its own minimum."""
+    try:
+        yield
+    except BudgetError as error:
+        if analysis.whole or error.minimum is None:
+            raise
+        kind, value = Budget.coerce(budget).resolve(analysis)
+        island = analysis.islands[path]
+        own = by_kind(kind, island.params, island.macs)
+        free = set(analysis.islands) - _frozen_islands(analysis)
+        inside = sum(by_kind(kind, analysis.islands[p].params, analysis.islands[p].macs) for p in free)
+        fixed = by_kind(kind, analysis.params, analysis.macs) - inside
+        needed = fixed + math.ceil(error.minimum / own * inside)
+        raise BudgetError(f"a budget of {value:,} {kind} is too small for island '{path}': every island gets the "
+                          f"same fraction of its own cost ({fixed:,} {kind} lie outside them), and '{path}' needs "
+                          f"{error.minimum:,} of its {own:,}; ask for at least {needed:,} {kind} for the whole model",
+                          minimum=needed) from error
 
 
 def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, *,

@@ -265,7 +265,7 @@ def test_an_island_with_no_free_channel_keeps_its_cost_and_the_rest_meets_the_bu
         assert new.head.weight.shape == model.head.weight.shape
     with pytest.raises(nrfx.BudgetError, match="leaves nothing for the islands that can be rejuvenated"):
         nrfx.rejuvenate(model, None, nrfx.Budget.fraction(0.3), example_inputs=(images,), analysis=analysis, align=1)
-    with pytest.raises(nrfx.BudgetError, match="island '.*' .* for the whole model") as too_small:
+    with pytest.raises(nrfx.BudgetError, match=r"island '.*' .* for the whole model") as too_small:
         nrfx.rejuvenate(model, None, nrfx.Budget.fraction(0.45), example_inputs=(images,), analysis=analysis, align=1)
     minimum = too_small.value.minimum
     assert minimum > 0.45 * analysis.params and f"at least {minimum:,} params" in str(too_small.value)

@@ -151,8 +151,9 @@ def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[
                         budget: Any, options: dict[str, Any]) -> nn.Module:
     """A deep copy of the model with every island replaced by its rejuvenated module.
 
-    Each island is planned on its own at one shared fraction of its cost: the budget less the
-    parameters outside the islands, over the islands' c(A).  ``nrfx_plans`` maps island paths to plans.
+    Each island is planned on its own at one shared fraction of its cost (``_island_fractions``: the budget less
+    what lies outside the islands or in islands with no free channel, over the other islands' c(A)).
+    ``nrfx_plans`` maps island paths to plans.
     """
     fractions, kind = _island_fractions(analysis, budget)
     result = copy.deepcopy(model)
@@ -320,7 +321,7 @@ def _island_fractions(analysis: IslandAnalysis, budget: Any) -> tuple[dict[str, 
     if inside <= 0 or available <= 0:
         raise BudgetError(f"a budget of {value:,} {kind} leaves nothing for the islands that can be rejuvenated "
                           f"({fixed:,} {kind} lie outside them or in islands whose channels are all frozen); ask for "
-                          f"more than {fixed:,}", minimum=fixed + 1)
+                          f"more than {fixed:,}")
     return {path: 1.0 if path in frozen else available / inside for path in cost}, kind
 
 
@@ -339,9 +340,10 @@ def _island_budget(analysis: ModelAnalysis, path: str, budget: Any) -> Iterator[
         free = set(analysis.islands) - _frozen_islands(analysis)
         inside = sum(by_kind(kind, analysis.islands[p].params, analysis.islands[p].macs) for p in free)
         fixed = by_kind(kind, analysis.params, analysis.macs) - inside
-        needed = fixed + math.ceil(error.minimum / own * inside)
+        needed = fixed + math.ceil((error.minimum + 0.5) / own * inside)  # + 0.5: the island's share is floored
         raise BudgetError(f"a budget of {value:,} {kind} is too small for island '{path}': every island gets the "
-                          f"same fraction of its own cost ({fixed:,} {kind} lie outside them), and '{path}' needs "
+                          f"same fraction of its own cost ({fixed:,} {kind} lie outside them or in islands with no "
+                          f"free channel), and '{path}' needs "
                           f"{error.minimum:,} of its {own:,}; ask for at least {needed:,} {kind} for the whole model",
                           minimum=needed) from error
 

@@ -530,3 +530,40 @@ def test_a_mask_keyed_by_a_conv_takes_its_rows_as_zero_and_folds_its_bias():
         with torch.no_grad():
             assumed[0].weight[~mask] = 0
         _exact(new, assumed, (3, 5, 5))
+
+
+# -- a functional consumer (timm's Linear subclass calls F.linear: fx records a function call) -----------------
+
+
+class _FunctionalHead(nn.Module):
+    """conv → BN → ReLU → pool → ``F.linear(y, fc.weight)``: the consumer of the dead channels is a function call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Linear(16, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.relu(self.bn(self.conv(x))).mean((2, 3)), self.fc.weight)
+
+
+def test_constants_read_by_a_functional_call_are_warned_about_or_kept():
+    """Before, only module calls were measured: the constants a dead channel sends into ``F.linear`` were dropped
+    without a word (lowformer_b0's head: a relative error of 1.1).  Now they are measured there; a function call
+    has no bias nrfx writes into, so they are dropped with the warning (``"drop"``) or kept (``"keep"``, exact)."""
+    torch.manual_seed(0)
+    model = _FunctionalHead().double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    assert any(r.module is None and r.weight == "fc.weight" for _, r in analysis.layers("linear"))
+    assert kill_per_norm(model, analysis, constants=True, seed=1) > 0
+    before = _state(model)
+    dropped, warned = _rejuvenate(model, x, analysis=analysis)
+    assert any("node linear cannot absorb exactly" in w for w in warned), warned
+    assert any("a functional call" in note for note in dropped.nrfx_plan.notes)
+    assert _relative(dropped(x), model(x)) > 1e-3  # what the warning reports
+    kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    assert any("are kept" in note for note in kept.nrfx_plan.notes)
+    _exact(kept, model, (3, 8, 8))
+    assert _unchanged(model, before)
+    assert str(analysis.gm.code) == str(nrfx.analyze(model, x).gm.code)  # the measuring taps left no trace

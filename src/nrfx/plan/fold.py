@@ -12,6 +12,9 @@ layer that reads it.  The exact rule nrfx follows:
   analysis' layouts say which input features of the consumer carry it (after ``flatten`` of
   ``N×C×H×W``: features ``[c·H·W, (c+1)·H·W)``).  A norm over the same space in between is no
   fold target: the channel vanishes there too.  Constants are measured at each consumer's input.
+  A function call (``F.linear(x, w)``, as timm's ``Linear`` subclass makes) is measured like a
+  module call, but nrfx writes only into a module's bias: its constants are dropped with the
+  warning below, or kept (``constants="keep"``).
 * **When a consumer absorbs it exactly.**  A linear layer adds ``W[:, p]·v`` at every row.  A
   conv (any kernel, stride, dilation, groups) whose input channel ``c`` is ``v`` everywhere adds
   ``Σ_k W[o, c mod cin/g, k]·v`` to every output ``o`` of ``c``'s group, at every position, *if
@@ -49,8 +52,11 @@ exact).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -64,8 +70,13 @@ from nrfx.plan.maps import dim_map
 __all__ = ["Constants", "fold_candidates", "measure_constants", "measure_folds", "probe_constants", "split_folds",
            "unfoldable_channels"]
 
+_NODE = "node "  # consumer keys of functional calls (F.linear, F.conv2d): "node <fx node name>"
+
+
 def _why_not(gm: torch.fx.GraphModule, name: str) -> str | None:
     """Why a consumer's constants cannot be folded exactly (None: they can)."""
+    if name.startswith(_NODE):
+        return "a functional call: nrfx folds only into a module's bias"
     return constant_input_problem(gm.get_submodule(name))
 
 
@@ -115,13 +126,45 @@ def _record(stats: Constants, name: str, dim: int, x: torch.Tensor) -> None:
 def _run(gm: torch.fx.GraphModule, example, hooks: dict, params: dict | None = None) -> list[torch.Tensor]:
     """Run the graph in eval mode, no grad, with forward pre-hooks and optionally other parameters (functional: the
     model's own are not touched), leaving no trace; the float output leaves."""
-    with hooks_silenced(gm):  # the user's own hooks do not fire; ours go with the swapped-in hook dicts
-        for name, hook in hooks.items():
-            gm.get_submodule(name).register_forward_pre_hook(hook)
+    with hooks_silenced(gm), _node_taps(gm, {n[len(_NODE):]: h for n, h in hooks.items() if n.startswith(_NODE)}):
+        for name, hook in hooks.items():  # the user's own hooks do not fire; ours go with the swapped-in hook dicts
+            if not name.startswith(_NODE):
+                gm.get_submodule(name).register_forward_pre_hook(hook)
         with torch.no_grad(), untouched(gm), in_eval_mode(gm):  # the user's modules: each flag put back
             out = example.call(gm) if not params else \
                 torch.func.functional_call(gm, params, example.args, example.kwargs, strict=False)
     return [t.detach() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@contextlib.contextmanager
+def _node_taps(gm: torch.fx.GraphModule, hooks: dict[str, Any]) -> Iterator[None]:
+    """Forward pre-hooks on function calls (by fx node name): each node's target wrapped while the block runs,
+    the graph put back after."""
+    nodes = [node for node in gm.graph.nodes if node.name in hooks and node.op == "call_function"]
+    if not nodes:
+        yield
+        return
+    targets = {node: node.target for node in nodes}
+    for node in nodes:
+        node.target = _tapped(node.target, hooks[node.name])
+    gm.recompile()
+    try:
+        yield
+    finally:
+        for node, target in targets.items():
+            node.target = target
+        gm.recompile()
+
+
+def _tapped(function: Any, hook: Any) -> Any:
+    """``function`` with a forward pre-hook (``hook(None, args)`` may return new args)."""
+
+    def tapped(*args: Any, **kwargs: Any) -> Any:
+        changed = hook(None, args)
+        return function(*(args if changed is None else changed), **kwargs)
+
+    tapped.__name__ = f"nrfx_tapped_{getattr(function, '__name__', 'call')}"
+    return tapped
 
 
 def _min_max(gm: torch.fx.GraphModule, dims: dict[str, int], example, params: dict | None = None) -> Constants:
@@ -255,21 +298,24 @@ def _removed(analysis, plan, layout) -> torch.Tensor:
     return torch.nonzero(~keep).flatten()
 
 
-def _consumer_records(analysis) -> list:
-    """Layer records of every module call reading a channel space through a weight (conv, linear, a registered
-    layer with their rules); ``input_dim`` says which input dim carries the space."""
-    return [record for _, record in analysis.layers("conv", "linear")
-            if record.module is not None and record.input is not None and record.input_dim is not None]
+def _consumer_records(analysis) -> list[tuple[str, Any]]:
+    """(key, layer record) of every call reading a channel space through a weight (conv, linear, a registered
+    layer with their rules): a module call keyed by the module's name, a functional one (``F.linear(x, w)``) by
+    ``"node <name>"``; ``input_dim`` says which input dim carries the space."""
+    return [(record.module if record.module is not None else _NODE + node, record)
+            for node, record in analysis.layers("conv", "linear")
+            if (record.module is not None or record.weight is not None) and record.input is not None
+            and record.input_dim is not None]
 
 
 def _consumers(analysis) -> list[tuple[str, object]]:
-    """(module name, input layout) of every consumer call."""
-    return [(record.module, record.input) for record in _consumer_records(analysis)]
+    """(key, input layout) of every consumer call."""
+    return [(key, record.input) for key, record in _consumer_records(analysis)]
 
 
 def _input_dims(analysis) -> dict[str, int]:
-    """Per consumer module: the dim of its input, from the end, that carries its channels."""
-    return {record.module: record.input_dim for record in _consumer_records(analysis)}
+    """Per consumer: the dim of its input, from the end, that carries its channels."""
+    return {key: record.input_dim for key, record in _consumer_records(analysis)}
 
 
 def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, removed: torch.Tensor) -> torch.Tensor:
@@ -279,23 +325,24 @@ def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, rem
     (a depthwise conv keeps a channel's space), the constant is gone with them, and what the
     removed outputs carry is measured at the next layer.
     """
-    module, record = gm.get_submodule(name), _record_of(analysis, name)
+    record = _record_of(analysis, name)
     if record is None or record.output is None:
         return removed
     kept = torch.ones(analysis.atoms.channels(record.output) * record.output.inner, dtype=torch.bool)
     kept[_removed(analysis, plan, record.output)] = False
-    groups = getattr(module, "groups", 1)
+    weight = gm.get_submodule(name).weight if record.module is not None else gm.get_parameter(record.weight)
+    groups = getattr(gm.get_submodule(name), "groups", 1) if record.module is not None else record.groups
     if not kept.any() or groups == 1:
         return removed if kept.any() else removed[:0]
     reaches = kept.reshape(groups, -1).any(1)  # per group: does an output of it survive?
-    return removed[reaches[removed // module.weight.shape[1]]]
+    return removed[reaches[removed // weight.shape[1]]]
 
 
 def _record_of(analysis, name: str):
-    """The layer record of a module's call (the last one when it is called more than once)."""
+    """The layer record of a consumer (a module's: its last call when it is called more than once)."""
     found = None
-    for _, record in analysis.layers("conv", "linear"):
-        if record.module == name:
+    for key, record in _consumer_records(analysis):
+        if key == name:
             found = record
     return found
 
@@ -313,8 +360,8 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
 
 
 def fold_candidates(gm: torch.fx.GraphModule, analysis, plan) -> list[str]:
-    """The consumers a fold may write to: those with removed input features that reach a surviving output."""
-    return list(_candidates(gm, analysis, plan))
+    """The modules a fold may write to: those with removed input features that reach a surviving output."""
+    return [name for name in _candidates(gm, analysis, plan) if not name.startswith(_NODE)]
 
 
 def _may_emit_constants(gm: torch.fx.GraphModule, analysis, params: dict[str, torch.Tensor]) -> bool:

@@ -330,12 +330,21 @@ def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, rem
         return removed
     kept = torch.ones(analysis.atoms.channels(record.output) * record.output.inner, dtype=torch.bool)
     kept[_removed(analysis, plan, record.output)] = False
-    weight = gm.get_submodule(name).weight if record.module is not None else gm.get_parameter(record.weight)
-    groups = getattr(gm.get_submodule(name), "groups", 1) if record.module is not None else record.groups
+    groups, per_group = _input_groups(gm, analysis, name, record)
     if not kept.any() or groups == 1:
         return removed if kept.any() else removed[:0]
     reaches = kept.reshape(groups, -1).any(1)  # per group: does an output of it survive?
-    return removed[reaches[removed // weight.shape[1]]]
+    return removed[reaches[removed // per_group]]
+
+
+def _input_groups(gm: torch.fx.GraphModule, analysis, name: str, record) -> tuple[int, int]:
+    """(groups, input channels per group) of a consumer: a module's own, or a function call's from its record and
+    its weight's shape (one group when the weight is unknown: every removed input then counts)."""
+    if record.module is not None:
+        module = gm.get_submodule(name)
+        return getattr(module, "groups", 1), module.weight.shape[1]
+    info = analysis.param_info.get(record.weight)
+    return (record.groups, info.shape[1]) if info is not None and len(info.shape) > 1 else (1, 1)
 
 
 def _record_of(analysis, name: str):

@@ -82,7 +82,7 @@ def new_bias_params(analysis, plan, names=None) -> int:
     """Parameters the fold pass adds: a bias, one entry per output channel after the rewrite, on every layer of
     ``names`` (default: ``plan.folds``) that has neither a bias nor a BatchNorm after it to take its shift."""
     total = 0
-    for name in plan.folds or {} if names is None else names:
+    for name in (plan.folds or {}) if names is None else names:
         if _shift_target(analysis.gm, analysis, name) == "new bias":
             info = analysis.param_info.get(f"{name}.weight")
             rows = info.dims[0] if info is not None and info.dims else None

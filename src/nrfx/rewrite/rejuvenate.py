@@ -304,25 +304,25 @@ def _prepare_replay(model: nn.Module, path: str, example: Example | None) -> Non
     replays_plans(module)
 
 
-def _frozen_islands(analysis: IslandAnalysis) -> set[str]:
-    """Islands with no free space: their cost is fixed."""
-    return {path for path, island in analysis.islands.items() if all(s.is_frozen for s in island.spaces)}
+def _island_split(analysis: IslandAnalysis, kind: str) -> tuple[int, dict[str, int]]:
+    """(fixed cost, {island: its cost} of the islands with a free space): the fixed part is what lies outside the
+    islands and in islands with no free space (every space frozen), whose cost cannot change."""
+    cost = {path: by_kind(kind, island.params, island.macs) for path, island in analysis.islands.items()}
+    free = {path: c for path, c in cost.items() if not all(s.is_frozen for s in analysis.islands[path].spaces)}
+    return by_kind(kind, analysis.params, analysis.macs) - sum(free.values()), free
 
 
 def _island_fractions(analysis: IslandAnalysis, budget: Any) -> tuple[dict[str, float], str]:
     """The fraction of its own cost each island gets so the whole model meets the budget: one shared fraction
     for every island with a free space; an island with none (every space frozen) keeps its whole cost."""
     kind, value = Budget.coerce(budget).resolve(analysis)
-    cost = {path: by_kind(kind, island.params, island.macs) for path, island in analysis.islands.items()}
-    frozen = _frozen_islands(analysis)
-    inside = sum(c for path, c in cost.items() if path not in frozen)
-    fixed = by_kind(kind, analysis.outside_params - analysis.shared_params, 0) + sum(cost[p] for p in frozen)
-    available = value - fixed
+    fixed, free = _island_split(analysis, kind)
+    inside, available = sum(free.values()), value - fixed
     if inside <= 0 or available <= 0:
         raise BudgetError(f"a budget of {value:,} {kind} leaves nothing for the islands that can be rejuvenated "
                           f"({fixed:,} {kind} lie outside them or in islands whose channels are all frozen); ask for "
                           f"more than {fixed:,}")
-    return {path: 1.0 if path in frozen else available / inside for path in cost}, kind
+    return {path: available / inside if path in free else 1.0 for path in analysis.islands}, kind
 
 
 @contextlib.contextmanager
@@ -335,11 +335,10 @@ def _island_budget(analysis: ModelAnalysis, path: str, budget: Any) -> Iterator[
         if analysis.whole or error.minimum is None:
             raise
         kind, value = Budget.coerce(budget).resolve(analysis)
-        island = analysis.islands[path]
-        own = by_kind(kind, island.params, island.macs)
-        free = set(analysis.islands) - _frozen_islands(analysis)
-        inside = sum(by_kind(kind, analysis.islands[p].params, analysis.islands[p].macs) for p in free)
-        fixed = by_kind(kind, analysis.params, analysis.macs) - inside
+        fixed, free = _island_split(analysis, kind)
+        if path not in free:  # an island with no free space is planned at its whole cost: never too small
+            raise
+        own, inside = free[path], sum(free.values())
         needed = fixed + math.ceil((error.minimum + 0.5) / own * inside)  # + 0.5: the island's share is floored
         raise BudgetError(f"a budget of {value:,} {kind} is too small for island '{path}': every island gets the "
                           f"same fraction of its own cost ({fixed:,} {kind} lie outside them or in islands with no "

@@ -86,7 +86,7 @@ def test_a_constant_input_shifts_every_output_by_the_folded_delta(make, shape):
     for c, v in zip(channels, values, strict=True):
         with_v.select(dim, c).fill_(v)
         without.select(dim, c).fill_(0)
-    delta = _delta(layer, {str(c): v for c, v in zip(channels, values, strict=True)})
+    delta = _delta(layer.weight, getattr(layer, "groups", 1), dict(zip(map(str, channels), values, strict=True)))
     diff = layer(with_v) - layer(without)
     expected = delta if isinstance(layer, nn.Linear) else delta.reshape(-1, *[1] * (x.dim() - 2))
     torch.testing.assert_close(diff, expected.expand_as(diff), rtol=1e-12, atol=1e-12)
@@ -536,20 +536,104 @@ def test_a_mask_keyed_by_a_conv_takes_its_rows_as_zero_and_folds_its_bias():
 
 
 class _FunctionalHead(nn.Module):
-    """conv → BN → ReLU → pool → ``F.linear(y, fc.weight)``: the consumer of the dead channels is a function call."""
+    """conv → BN → ReLU → pool → ``F.linear(y, fc.weight, fc.bias)``: the consumer of the dead channels is a
+    function call (reading the bias parameter when there is one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bias: bool = False) -> None:
         super().__init__()
-        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Linear(16, 4, bias=False)
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Linear(16, 4, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(torch.relu(self.bn(self.conv(x))).mean((2, 3)), self.fc.weight)
+        return F.linear(torch.relu(self.bn(self.conv(x))).mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
+class _FunctionalConv(nn.Module):
+    """conv → BN → ReLU → ``F.conv2d(y, c2.weight, c2.bias, 1, padding)``."""
+
+    def __init__(self, padding) -> None:
+        super().__init__()
+        self.conv, self.bn, self.c2 = nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 3)
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(torch.relu(self.bn(self.conv(x))), self.c2.weight, self.c2.bias, 1, self.padding)
+
+
+class _SharedBias(_FunctionalHead):
+    """Two function calls read ``fc.bias``: a shift written into it would reach the other call too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return F.linear(y, self.fc.weight, self.fc.bias) + F.linear(y * 2, self.fc.weight, self.fc.bias)
+
+
+def _dead_with_constants(model: nn.Module, x: torch.Tensor):
+    """The model in float64 eval mode with dead channels emitting constants, and its analysis."""
+    torch.manual_seed(0)
+    model = model.double().eval()
+    analysis = nrfx.analyze(model, x)
+    assert kill_per_norm(model, analysis, constants=True, seed=1) > 0
+    return model, analysis
+
+
+@pytest.mark.parametrize("build", [lambda: _FunctionalHead(bias=True), lambda: _FunctionalConv(0),
+                                   lambda: _FunctionalConv((0, 0)), lambda: _FunctionalConv("valid")],
+                         ids=["linear", "conv", "conv-pairs", "conv-valid"])
+def test_constants_read_by_a_functional_call_fold_into_the_bias_it_reads(build):
+    """``F.linear(y, w, b)`` / an unpadded ``F.conv2d(y, w, b)`` with ``b`` a parameter read by that call alone:
+    the constants of its removed inputs go into ``b``, exact under the default ``constants="drop"`` and every
+    scheme, with no warning; a replay from the plan's JSON and an in-place rewrite fold the same."""
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    model, analysis = _dead_with_constants(build(), x)
+    before = _state(model)
+    for scheme in ("nr", "cr", "ca"):
+        new, warned = _rejuvenate(model, x, analysis=analysis, scheme=scheme)
+        assert not [w for w in warned if "cannot absorb" in w], warned
+        (key,) = new.nrfx_plan.folds
+        assert key.startswith("node ") and any("added to the bias it reads" in n for n in new.nrfx_plan.notes)
+        _exact(new, model, (3, 8, 8))
+    assert _without_folds(model, new, x) > 1e-3  # the folds carry the constants
+    replayed = nrfx.apply_plan(model, _through_json(new.nrfx_plan), x)
+    _exact(replayed, model, (3, 8, 8))
+    assert _unchanged(model, before)
+    in_place = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NrfxWarning)
+        nrfx.rejuvenate(in_place, None, None, example_inputs=x, align=1, inplace=True)
+    _exact(in_place, model, (3, 8, 8))
+
+
+@pytest.mark.parametrize("build", [lambda: _SharedBias(bias=True), lambda: _FunctionalConv(1)],
+                         ids=["shared-bias", "padded-conv"])
+def test_functional_constants_that_cannot_fold_are_warned_about_or_kept(build):
+    """A bias read by another call too (the shift would reach it), or a zero-padded ``F.conv2d``: dropped with the
+    warning and its reason, or kept exactly with ``constants="keep"``."""
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    model, analysis = _dead_with_constants(build(), x)
+    dropped, warned = _rejuvenate(model, x, analysis=analysis)
+    assert any("cannot absorb exactly" in w for w in warned), warned
+    assert any("read elsewhere too" in n or "zero padding" in n for n in dropped.nrfx_plan.notes)
+    assert not dropped.nrfx_plan.folds
+    kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    _exact(kept, model, (3, 8, 8))
+
+
+def test_a_fold_key_naming_a_function_call_without_a_bias_is_refused():
+    """A plan folding into a function call that reads no bias parameter fails the plan check, naming the key."""
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    model, analysis = _dead_with_constants(_FunctionalHead(bias=True), x)
+    plan = _through_json(_rejuvenate(model, x, analysis=analysis)[0].nrfx_plan)
+    bare, _ = _dead_with_constants(_FunctionalHead(bias=False), x)
+    with pytest.raises(PlanError, match="node linear"):
+        nrfx.apply_plan(bare, plan, x)
 
 
 def test_constants_read_by_a_functional_call_are_warned_about_or_kept():
     """Before, only module calls were measured: the constants a dead channel sends into ``F.linear`` were dropped
     without a word (lowformer_b0's head: a relative error of 1.1).  Now they are measured there; a function call
-    has no bias nrfx writes into, so they are dropped with the warning (``"drop"``) or kept (``"keep"``, exact)."""
+    without a bias parameter has nothing nrfx writes into, so they are dropped with the warning (``"drop"``) or
+    kept (``"keep"``, exact)."""
     torch.manual_seed(0)
     model = _FunctionalHead().double().eval()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from nrfx.errors import PlanError
+from nrfx.plan.fold import consumer_records
 from nrfx.plan.maps import dim_map
 
 __all__ = ["PLAN_VERSION", "MAX_GROWTH", "CONSTANTS", "RESIDUAL", "check_plan_data", "check_plan_fits", "check_seed",
@@ -216,14 +217,16 @@ def _check_units(plan: Any, analysis: Any) -> None:
 
 
 def _check_fold_layers(plan: Any, analysis: Any) -> None:
-    """Every folded constant names a conv/linear layer of the model and one of its input positions."""
+    """Every folded constant names a conv/linear layer of the model (a module, or a function call reading a bias
+    parameter: ``"node <fx node name>"``) and one of its input positions."""
     if not plan.folds:
         return
-    layers = {r.module: r for _, r in analysis.layers("conv", "linear") if r.module is not None}
+    layers = dict(consumer_records(analysis))
     for name, constants in plan.folds.items():
         record = layers.get(name)
-        if record is None or record.input is None:
-            raise _fail("folds", "keys naming conv/linear layers that read a channel space", name)
+        if record is None or (record.module is None and record.bias is None):
+            raise _fail("folds", "keys naming conv/linear layers that read a channel space (a module's name, or "
+                        "'node <name>' of a function call with a bias parameter)", name)
         source = dim_map(analysis, plan, record.input, 0).source
         removed = set(range(analysis.atoms.channels(record.input) * record.input.inner)) - set(source.tolist())
         bad = [p for p in constants if int(p) not in removed]

@@ -12,9 +12,8 @@ layer that reads it.  The exact rule nrfx follows:
   analysis' layouts say which input features of the consumer carry it (after ``flatten`` of
   ``N×C×H×W``: features ``[c·H·W, (c+1)·H·W)``).  A norm over the same space in between is no
   fold target: the channel vanishes there too.  Constants are measured at each consumer's input.
-  A function call (``F.linear(x, w)``, as timm's ``Linear`` subclass makes) is measured like a
-  module call, but nrfx writes only into a module's bias: its constants are dropped with the
-  warning below, or kept (``constants="keep"``).
+  A function call (``F.linear(x, w, b)``, as timm's ``Linear`` subclass makes, or ``F.conv2d``) is
+  measured like a module call (keyed ``"node <fx node name>"``).
 * **When a consumer absorbs it exactly.**  A linear layer adds ``W[:, p]·v`` at every row.  A
   conv (any kernel, stride, dilation, groups) whose input channel ``c`` is ``v`` everywhere adds
   ``Σ_k W[o, c mod cin/g, k]·v`` to every output ``o`` of ``c``'s group, at every position, *if
@@ -40,7 +39,8 @@ layer that reads it.  The exact rule nrfx follows:
   the batch mean absorbs a constant anyway).  No bias and no such norm (Wav2Vec2's bias-free
   convs): the rewritten layer gets a bias holding the shift (``out`` parameters more; a params
   budget pays for them: ``plan_rejuvenation`` plans the widths with them set aside, and
-  ``cost_after`` counts them).
+  ``cost_after`` counts them).  A function call's shift goes into the bias parameter ``b`` it reads,
+  when no other node reads ``b``; without one (or with a shared one) its constants cannot be folded.
 
 Constants are measured once on the example inputs (eval mode, on the traced original) when the
 plan is made, and stored in it, so a replay folds the same values.  A constant that cannot be
@@ -67,17 +67,43 @@ from nrfx.errors import NrfxWarning
 from nrfx.ops.layer_kinds import constant_input_problem, in_columns, is_scale
 from nrfx.plan.maps import dim_map
 
-__all__ = ["Constants", "fold_candidates", "measure_constants", "measure_folds", "probe_constants", "split_folds",
-           "unfoldable_channels"]
+__all__ = ["NODE_PREFIX", "Constants", "consumer_records", "fold_candidates", "measure_constants", "measure_folds",
+           "probe_constants", "split_folds", "unfoldable_channels"]
 
-_NODE = "node "  # consumer keys of functional calls (F.linear, F.conv2d): "node <fx node name>"
+NODE_PREFIX = "node "  # consumer keys of functional calls (F.linear, F.conv2d): "node <fx node name>"
 
 
-def _why_not(gm: torch.fx.GraphModule, name: str) -> str | None:
+def _why_not(gm: torch.fx.GraphModule, analysis, name: str) -> str | None:
     """Why a consumer's constants cannot be folded exactly (None: they can)."""
-    if name.startswith(_NODE):
-        return "a functional call: nrfx folds only into a module's bias"
+    if name.startswith(NODE_PREFIX):
+        return _call_problem(gm, _record_of(analysis, name), name[len(NODE_PREFIX):])
     return constant_input_problem(gm.get_submodule(name))
+
+
+def _call_problem(gm: torch.fx.GraphModule, record, node_name: str) -> str | None:
+    """Rule: a function call (``F.linear``, ``F.conv2d``) folds into the bias parameter it reads when nothing else
+    reads that parameter and, for a conv, every tap reads the input (no padding)."""
+    node = next((n for n in gm.graph.nodes if n.name == node_name), None)
+    if node is None or record is None or record.weight is None or record.bias is None:
+        return "a functional call without a bias parameter: nrfx adds no bias to a function call"
+    readers = _parameter_readers(gm, record.bias)
+    if readers != [node]:
+        return f"a functional call whose bias {record.bias} is read elsewhere too"
+    if record.kind != "conv":
+        return None
+    if record.transposed:
+        return "a transposed conv's output is not constant near its borders"
+    padding = node.kwargs.get("padding", node.args[4] if len(node.args) > 4 else 0)
+    if padding == "valid" or all(p == 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,))):
+        return None
+    return "zero padding makes its output differ near the borders"
+
+
+def _parameter_readers(gm: torch.fx.GraphModule, path: str) -> list[Any]:
+    """The nodes that read a parameter: users of its ``get_attr`` nodes, and calls of a module holding it."""
+    readers = [user for n in gm.graph.nodes if n.op == "get_attr" and n.target == path for user in n.users]
+    owners = [n for n in gm.graph.nodes if n.op == "call_module" and path.startswith(f"{n.target}.")]
+    return readers + owners
 
 
 # -- measuring constants -------------------------------------------------------------------------------------------
@@ -126,9 +152,10 @@ def _record(stats: Constants, name: str, dim: int, x: torch.Tensor) -> None:
 def _run(gm: torch.fx.GraphModule, example, hooks: dict, params: dict | None = None) -> list[torch.Tensor]:
     """Run the graph in eval mode, no grad, with forward pre-hooks and optionally other parameters (functional: the
     model's own are not touched), leaving no trace; the float output leaves."""
-    with hooks_silenced(gm), _node_taps(gm, {n[len(_NODE):]: h for n, h in hooks.items() if n.startswith(_NODE)}):
+    taps = {n[len(NODE_PREFIX):]: h for n, h in hooks.items() if n.startswith(NODE_PREFIX)}
+    with hooks_silenced(gm), _node_taps(gm, taps):
         for name, hook in hooks.items():  # the user's own hooks do not fire; ours go with the swapped-in hook dicts
-            if not name.startswith(_NODE):
+            if not name.startswith(NODE_PREFIX):
                 gm.get_submodule(name).register_forward_pre_hook(hook)
         with torch.no_grad(), untouched(gm), in_eval_mode(gm):  # the user's modules: each flag put back
             out = example.call(gm) if not params else \
@@ -298,11 +325,11 @@ def _removed(analysis, plan, layout) -> torch.Tensor:
     return torch.nonzero(~keep).flatten()
 
 
-def _consumer_records(analysis) -> list[tuple[str, Any]]:
+def consumer_records(analysis) -> list[tuple[str, Any]]:
     """(key, layer record) of every call reading a channel space through a weight (conv, linear, a registered
     layer with their rules): a module call keyed by the module's name, a functional one (``F.linear(x, w)``) by
     ``"node <name>"``; ``input_dim`` says which input dim carries the space."""
-    return [(record.module if record.module is not None else _NODE + node, record)
+    return [(record.module if record.module is not None else NODE_PREFIX + node, record)
             for node, record in analysis.layers("conv", "linear")
             if (record.module is not None or record.weight is not None) and record.input is not None
             and record.input_dim is not None]
@@ -310,12 +337,12 @@ def _consumer_records(analysis) -> list[tuple[str, Any]]:
 
 def _consumers(analysis) -> list[tuple[str, object]]:
     """(key, input layout) of every consumer call."""
-    return [(key, record.input) for key, record in _consumer_records(analysis)]
+    return [(key, record.input) for key, record in consumer_records(analysis)]
 
 
 def _input_dims(analysis) -> dict[str, int]:
     """Per consumer: the dim of its input, from the end, that carries its channels."""
-    return {key: record.input_dim for key, record in _consumer_records(analysis)}
+    return {key: record.input_dim for key, record in consumer_records(analysis)}
 
 
 def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, removed: torch.Tensor) -> torch.Tensor:
@@ -350,7 +377,7 @@ def _input_groups(gm: torch.fx.GraphModule, analysis, name: str, record) -> tupl
 def _record_of(analysis, name: str):
     """The layer record of a consumer (a module's: its last call when it is called more than once)."""
     found = None
-    for key, record in _consumer_records(analysis):
+    for key, record in consumer_records(analysis):
         if key == name:
             found = record
     return found
@@ -370,7 +397,7 @@ def _candidates(gm: torch.fx.GraphModule, analysis, plan) -> dict[str, torch.Ten
 
 def fold_candidates(gm: torch.fx.GraphModule, analysis, plan) -> list[str]:
     """The modules a fold may write to: those with removed input features that reach a surviving output."""
-    return [name for name in _candidates(gm, analysis, plan) if not name.startswith(_NODE)]
+    return [name for name in _candidates(gm, analysis, plan) if not name.startswith(NODE_PREFIX)]
 
 
 def _may_emit_constants(gm: torch.fx.GraphModule, analysis, params: dict[str, torch.Tensor]) -> bool:
@@ -410,7 +437,7 @@ def split_folds(gm: torch.fx.GraphModule, analysis, plan, constants: Constants) 
     folds, unfoldable = {}, {}
     for name, removed in _candidates(gm, analysis, plan).items():
         values, varying = constants.values(name, removed), constants.varies(name, removed)
-        why = _why_not(gm, name) if values else None
+        why = _why_not(gm, analysis, name) if values else None
         if values and why is None:
             folds[name] = {str(k): v for k, v in values.items()}
         bad = sorted({*varying, *(values if why else ())})

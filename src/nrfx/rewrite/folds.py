@@ -4,6 +4,7 @@ Each consumer's folded inputs add ``Σ W·v`` per output channel (kernel taps su
 group) to its bias; without a bias, they are taken from the running mean of the BatchNorm that is its
 only reader (through shape-only ops, normalising its output channels in order); with neither, the
 rewritten layer gets a bias holding them (``new_bias_params`` counts them: a params budget pays for them).
+A function call (``F.linear(x, w, b)``, keyed ``"node <name>"``) folds into the bias parameter it reads.
 Which constants fold, and why, is planned in ``nrfx.plan.fold``.
 """
 
@@ -13,6 +14,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from nrfx.plan.fold import NODE_PREFIX
 from nrfx.plan.maps import dim_map
 
 __all__ = ["apply_folds", "new_bias_params"]
@@ -64,8 +66,25 @@ def _module_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
     return calls[0] if len(calls) == 1 else None
 
 
+_PARAMETER = "parameter "  # a shift target naming the bias parameter a function call reads
+
+
+def _tensor_at(gm: torch.fx.GraphModule, path: str) -> torch.Tensor:
+    """The parameter or buffer at a dotted path."""
+    owner, _, leaf = path.rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf)
+
+
+def _call_record(analysis, name: str):
+    """The layer record of a function call consumer (key ``"node <fx node name>"``)."""
+    return analysis.records[name[len(NODE_PREFIX):]]
+
+
 def _shift_target(gm: torch.fx.GraphModule, analysis, name: str) -> str:
-    """Where a consumer's constant shift goes: "bias", the name of the BatchNorm after it, or "new bias"."""
+    """Where a consumer's constant shift goes: "bias", the name of the BatchNorm after it, "new bias", or, for a
+    function call, "parameter <the bias it reads>"."""
+    if name.startswith(NODE_PREFIX):
+        return _PARAMETER + _call_record(analysis, name).bias
     module = gm.get_submodule(name)
     if getattr(module, "bias", None) is not None:
         return "bias"
@@ -91,11 +110,19 @@ def new_bias_params(analysis, plan, names=None) -> int:
     return total
 
 
-def _dense_columns(module: nn.Module) -> torch.Tensor:
+def _weight_of(analysis, name: str) -> tuple[torch.Tensor, int, str]:
+    """A consumer's original weight, its groups and its parameter name (a module's, or a function call's)."""
+    if name.startswith(NODE_PREFIX):
+        record = _call_record(analysis, name)
+        return _tensor_at(analysis.gm, record.weight), record.groups, record.weight
+    module = analysis.gm.get_submodule(name)
+    return module.weight, getattr(module, "groups", 1), f"{name}.weight"
+
+
+def _dense_columns(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """A layer's weight as [out, in] with kernel taps summed and groups laid out block-diagonally (float64, CPU)."""
-    weight = module.weight.detach().to("cpu", torch.float64)
+    weight = weight.detach().to("cpu", torch.float64)
     taps = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(-1)
-    groups = getattr(module, "groups", 1)
     if groups == 1:
         return taps
     rows, cols = taps.shape[0] // groups, taps.shape[1]
@@ -105,19 +132,20 @@ def _dense_columns(module: nn.Module) -> torch.Tensor:
     return dense
 
 
-def _delta(module: nn.Module, values: dict[str, float]) -> torch.Tensor:
+def _delta(weight: torch.Tensor, groups: int, values: dict[str, float]) -> torch.Tensor:
     """Per old output channel: Σ over folded inputs c and kernel taps k of W[o, c, k]·v_c (within c's group)."""
     cols = torch.tensor([int(k) for k in values], dtype=torch.long)
     vals = torch.tensor(list(values.values()), dtype=torch.float64)
-    return _dense_columns(module)[:, cols] @ vals
+    return _dense_columns(weight, groups)[:, cols] @ vals
 
 
 def apply_folds(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
     """Rewrite pass: add each consumer's folded constants to its bias, or to the following BatchNorm's mean."""
     notes = []
     for name, values in (plan.folds or {}).items():
-        delta = _delta(analysis.gm.get_submodule(name), values)
-        pmap = maps.get(f"{name}.weight")
+        weight, groups, weight_name = _weight_of(analysis, name)
+        delta = _delta(weight, groups, values)
+        pmap = maps.get(weight_name)
         source = pmap.dims[0].source if pmap is not None and pmap.dims[0].dim == 0 else torch.arange(delta.numel())
         kept = torch.nonzero(source >= 0).flatten()
         shift = torch.zeros(source.numel(), dtype=torch.float64)
@@ -128,6 +156,11 @@ def apply_folds(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
 
 def _fold_into(gm: torch.fx.GraphModule, name: str, shift: torch.Tensor, target: str) -> str:
     """Add ``shift`` to a consumer's bias (made at zero if it has none), or take it from its BatchNorm's mean."""
+    if target.startswith(_PARAMETER):
+        bias = _tensor_at(gm, target[len(_PARAMETER):])
+        with torch.no_grad():
+            bias.add_(shift.to(bias.device, bias.dtype))
+        return f"fold: constants of removed inputs of {name} added to the bias it reads, {target[len(_PARAMETER):]}"
     module = gm.get_submodule(name)
     with torch.no_grad():
         if target == "new bias":

@@ -13,6 +13,7 @@ from support import SCHEMES, assert_preserved, assert_unchanged, kill_channels, 
 from torch import nn
 
 import nrfx
+from nrfx.layers.srlayers import SR_LAYERS
 
 FAST_MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"]
 
@@ -350,3 +351,40 @@ def test_a_slice_of_every_channel_follows_the_new_width(take):
         assert max(new.nrfx_plan.new_widths) > 12  # the sliced space grew past the literal bound
         with torch.no_grad():
             torch.testing.assert_close(new(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+class _GridBranch(nn.Module):
+    """A branch computed from a coordinate grid made on a spelled device (RAFT's flow encoder: torch.export bakes
+    ``torch.arange(..., device=cpu)`` into the graph): during shape propagation its tensors are real CPU ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(2, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c3, self.x_conv = nn.Conv2d(16, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = torch.arange(6, device="cpu", dtype=torch.float64)
+        grid = torch.stack(torch.meshgrid(steps, steps, indexing="ij")).unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+        flow = torch.relu(self.bn2(self.c2(torch.relu(self.bn1(self.c1(grid))))))
+        return self.c3(flow), self.x_conv(x)
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_layers_fed_by_tensors_made_on_a_spelled_device_are_rewritten(scheme):
+    """An S/R layer whose input comes from ``torch.arange(..., device="cpu")`` runs through the rewrite's shape
+    check (ca failed there: its gate met a real CPU tensor and the layer's meta mask) and keeps the function."""
+    torch.manual_seed(0)
+    model = _GridBranch().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    with torch.no_grad():
+        model.bn1.weight[::3] = 0
+        model.bn1.bias[::3] = 0
+        model.bn2.weight[1::4] = 0
+        model.bn2.bias[1::4] = 0
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, analysis=analysis, scheme=scheme, align=1)
+    assert any(isinstance(m, SR_LAYERS) for m in new.modules()) == (scheme != "nr")
+    with torch.no_grad():
+        for got, expected in zip(new(x), model(x), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)

@@ -59,6 +59,7 @@ class _MetaInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self._meta_state: dict[str, dict[str, torch.Tensor]] = {}
+        self._on_zeros = False  # retrying a node on real zeros
         self.retried: dict[torch.fx.Node, BaseException] = {}
 
     def get_attr(self, target: str, args: tuple, kwargs: dict) -> Any:
@@ -80,6 +81,8 @@ class _MetaInterpreter(torch.fx.Interpreter):
         state = self._meta_state.get(target)
         if state is None:
             state = self._meta_state[target] = meta_state(module)
+        if state and not self._on_zeros:  # a real input (export's torch.arange(..., device=cpu)) meets meta state
+            args, kwargs = to_meta(args), to_meta(kwargs)
         return _call_module(module, state, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -87,14 +90,14 @@ class _MetaInterpreter(torch.fx.Interpreter):
             return super().run_node(n)
         except Exception as meta_error:  # retried on real zeros below
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            saved = self.module
+            saved, self._on_zeros = self.module, True
             try:
                 real = getattr(self, n.op)(n.target, _to_zeros(args), _to_zeros(kwargs))
             except Exception as zeros_error:  # report both failures
                 self.retried[n] = zeros_error
                 raise meta_error from None
             finally:
-                self.module = saved
+                self.module, self._on_zeros = saved, False
             return to_meta(real)
 
 

@@ -320,6 +320,23 @@ def _unaligned_minimum(cost: CostModel, units, live, full, steps, total: int) ->
     return f", or pass align=1 (one channel per space: at least {smallest:,})"
 
 
+def _solve_within(cost: CostModel, units, live, full, steps, total: int, budget: tuple[int, int]):
+    """``_solve`` for the budget less its reserve (cost the rewrite adds outside the widths: the biases folds add);
+    a BudgetError then names the user's budget, the reserve, and a minimum that includes it."""
+    value, reserve = budget
+    try:
+        return _solve(cost, units, live, full, steps, total, value - reserve)
+    except BudgetError as error:
+        if not reserve or error.minimum is None:
+            raise
+        minimum = error.minimum + reserve
+        raise BudgetError(f"budget {value:,} {cost.kind} less the {reserve:,} the folds' new biases take (layers with "
+                          f"no bias and no BatchNorm after them get one: nrfx.plan.fold) leaves {value - reserve:,}, "
+                          f"below {error.minimum:,}, the {cost.kind} of the frozen part with one channel (one group, "
+                          f"one alignment step) per free space; ask for at least {minimum:,}",
+                          minimum=minimum) from None
+
+
 def _solve(cost: CostModel, units, live, full, steps, total: int, budget: int) -> tuple[float, list[int]]:
     """Largest shared α whose widths fit the budget, then greedy single steps up to it (block counts per unit)."""
     at = lambda alpha: _cost_at(cost, units, live, full, steps, total, alpha)  # noqa: E731
@@ -416,7 +433,7 @@ def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, budget: tup
     live = [len(k) for k in kept]
     total = len(analysis.spaces)
     if options["realloc"]:
-        alpha, counts = _solve(cost, units, live, full, steps, total, value - reserve)
+        alpha, counts = _solve_within(cost, units, live, full, steps, total, budget)
     else:
         alpha, counts = 1.0, list(full)
     keep: list[list[int]] = [[] for _ in range(total)]

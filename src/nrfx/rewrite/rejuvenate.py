@@ -68,7 +68,10 @@ def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, tor
     """The complete plan: survivors and widths (``make_plan``), then the constants removed channels emit
     (measured on the analysis' own example inputs); the new biases of folds count in a params budget."""
     masks = analysis.masks_from(model) if masks is None else masks
-    plan = make_plan(analysis, model, masks, budget, **options)
+    try:
+        plan = make_plan(analysis, model, masks, budget, **options)
+    except BudgetError as error:
+        raise _workable_minimum(error, analysis, model, masks, budget, options) from None
     reserve = _bias_reserve(analysis, plan, masks)
     if reserve:
         plan = make_plan(analysis, model, masks, budget, **options, reserve=reserve)
@@ -82,6 +85,20 @@ def plan_rejuvenation(analysis: Analysis, model: nn.Module, masks: dict[str, tor
     note = (f"fold: {added:,} params of new biases (on layers with no bias and no BatchNorm after them) paid from the "
             "budget")
     return dataclasses.replace(plan, cost_after=plan.cost_after + added, notes=[*plan.notes, note])
+
+
+def _workable_minimum(error: BudgetError, analysis: Analysis, model: nn.Module, masks: dict[str, torch.Tensor],
+                      budget: Any, options: dict[str, Any]) -> BudgetError:
+    """Rule: a BudgetError names a budget that works.  The planner's smallest params budget may leave nothing for the
+    biases the folds add; then the error of planning at it (which counts them) is the one to raise."""
+    if error.minimum is None or Budget.coerce(budget).resolve(analysis)[0] != "params":
+        return error
+    try:
+        plan_rejuvenation(analysis, model, masks, Budget(params=error.minimum), **options)
+    except BudgetError as larger:
+        if larger.minimum is not None and larger.minimum > error.minimum:
+            return larger
+    return error
 
 
 def _bias_reserve(analysis: Analysis, plan: Plan, masks: dict[str, torch.Tensor]) -> int:

@@ -11,6 +11,7 @@ the same class.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import warnings
 
@@ -271,6 +272,30 @@ def test_an_island_with_no_free_channel_keeps_its_cost_and_the_rest_meets_the_bu
     assert minimum > 0.45 * analysis.params and f"at least {minimum:,} params" in str(too_small.value)
     new = nrfx.rejuvenate(model, None, nrfx.Budget(params=minimum), example_inputs=(images,), analysis=analysis,
                           align=1)  # what the error asked for is enough
+    assert sum(p.numel() for p in new.parameters()) <= minimum
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_islands_smallest_budget_is_named_once_and_is_enough(inplace):
+    """Every too-small budget names the same whole-model minimum, one that gives *every* island its own: before,
+    the error named what the first failing island needed, and asking for it failed at the next island (Faster
+    R-CNN: 466,376 → 651,548 → 1,060,662), and a budget below the fixed part named no minimum at all."""
+    model = _randomised(_FilteringWithHead())
+    images = [torch.randn(3, 8, 8, dtype=torch.float64) for _ in range(4)]
+    analysis = nrfx.analyze(model, (images,))
+    for path in ("backbone", "scorer"):
+        kill_per_norm(model.get_submodule(path), analysis.islands[path], seed=5)
+    named = set()
+    for fraction in (0.05, 0.3, 0.4, 0.45):
+        with pytest.raises(nrfx.BudgetError, match="for the whole model") as too_small:
+            nrfx.rejuvenate(copy.deepcopy(model) if inplace else model, None, nrfx.Budget.fraction(fraction),
+                            example_inputs=(images,), analysis=None if inplace else analysis, align=1,
+                            inplace=inplace)
+        named.add(too_small.value.minimum)
+    (minimum,) = named
+    target = copy.deepcopy(model) if inplace else model
+    new = nrfx.rejuvenate(target, None, nrfx.Budget(params=minimum), example_inputs=(images,),
+                          analysis=None if inplace else analysis, align=1, inplace=inplace)
     assert sum(p.numel() for p in new.parameters()) <= minimum
 
 

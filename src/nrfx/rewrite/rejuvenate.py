@@ -154,8 +154,9 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
                "align": align, "constants": constants, "residual": residual}
     if inplace:
         jobs = {}
-        for path, (island, island_masks, island_budget) in _targets(analysis, masks, budget).items():
-            with _island_budget(analysis, path, budget):
+        minimum = lambda: _islands_minimum(analysis, model, masks, budget, options, inplace=True)  # noqa: E731
+        for path, (island, island_masks, island_budget) in _targets(analysis, masks, budget, minimum).items():
+            with _island_budget(analysis, path, budget, minimum):
                 jobs[path] = _inplace_job(model.get_submodule(path), island, island_masks, island_budget, options)
         return _apply_in_place(model, jobs, optimizer, carry_state, as_example(example_inputs, example_kwargs))
     if not analysis.whole:
@@ -172,12 +173,13 @@ def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[
     what lies outside the islands or in islands with no free channel, over the other islands' c(A)).
     ``nrfx_plans`` maps island paths to plans.
     """
-    fractions, kind = _island_fractions(analysis, budget)
+    minimum = lambda: _islands_minimum(analysis, model, masks, budget, options)  # noqa: E731
+    fractions, kind = _island_fractions(analysis, budget, minimum)
     result = copy.deepcopy(model)
     plans: dict[str, Plan] = {}
     for path, island_masks in analysis.split_masks(masks).items():
         island = analysis.islands[path]
-        with _island_budget(analysis, path, budget):
+        with _island_budget(analysis, path, budget, minimum):
             plan = plan_rejuvenation(island, model.get_submodule(path), island_masks,
                                      Budget.fraction(fractions[path], kind), **options)
         module = _build(model.get_submodule(path), island, plan)
@@ -189,11 +191,12 @@ def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[
     return result
 
 
-def _targets(analysis: ModelAnalysis, masks, budget) -> dict[str, tuple[Analysis, Any, Any]]:
+def _targets(analysis: ModelAnalysis, masks, budget,
+             minimum: Callable[[], int | None]) -> dict[str, tuple[Analysis, Any, Any]]:
     """What gets planned: the whole graph (path ""), or each island at the islands' shared budget fraction."""
     if analysis.whole:
         return {"": (analysis, masks, budget)}
-    fractions, kind = _island_fractions(analysis, budget)
+    fractions, kind = _island_fractions(analysis, budget, minimum)
     return {path: (analysis.islands[path], island_masks, Budget.fraction(fractions[path], kind))
             for path, island_masks in analysis.split_masks(masks).items()}
 
@@ -329,23 +332,50 @@ def _island_split(analysis: IslandAnalysis, kind: str) -> tuple[int, dict[str, i
     return by_kind(kind, analysis.params, analysis.macs) - sum(free.values()), free
 
 
-def _island_fractions(analysis: IslandAnalysis, budget: Any) -> tuple[dict[str, float], str]:
+def _island_fractions(analysis: IslandAnalysis, budget: Any,
+                      minimum: Callable[[], int | None]) -> tuple[dict[str, float], str]:
     """The fraction of its own cost each island gets so the whole model meets the budget: one shared fraction
-    for every island with a free space; an island with none (every space frozen) keeps its whole cost."""
+    for every island with a free space; an island with none (every space frozen) keeps its whole cost.
+    ``minimum``: the whole model's smallest budget (``_islands_minimum``), computed only for the error."""
     kind, value = Budget.coerce(budget).resolve(analysis)
     fixed, free = _island_split(analysis, kind)
     inside, available = sum(free.values()), value - fixed
     if inside <= 0 or available <= 0:
+        needed = minimum() if inside > 0 else None
+        ask = f"at least {needed:,}" if needed is not None else f"more than {fixed:,}"
         raise BudgetError(f"a budget of {value:,} {kind} leaves nothing for the islands that can be rejuvenated "
                           f"({fixed:,} {kind} lie outside them or in islands whose channels are all frozen); ask for "
-                          f"more than {fixed:,}")
+                          f"{ask} {kind} for the whole model", minimum=needed)
     return {path: available / inside if path in free else 1.0 for path in analysis.islands}, kind
 
 
+def _islands_minimum(analysis: IslandAnalysis, model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: Any,
+                     options: dict[str, Any], inplace: bool = False) -> int | None:
+    """Rule: the islands with a free channel share one fraction of their own cost, so the whole model's smallest
+    budget is the fixed part plus the fraction the neediest island needs (its own smallest budget over its cost)
+    of all of them.  None when an island's smallest budget is unknown."""
+    kind, _ = Budget.coerce(budget).resolve(analysis)
+    fixed, free = _island_split(analysis, kind)
+    split, share = analysis.split_masks(masks), 0.0
+    for path, own in free.items():
+        island, module = analysis.islands[path], model.get_submodule(path)
+        island = freeze_for_inplace(island, module) if inplace else island
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NrfxWarning)
+                plan_rejuvenation(island, module, split.get(path), Budget(**{kind: 1}), **options)
+        except BudgetError as error:
+            if error.minimum is None:
+                return None
+            share = max(share, (error.minimum + 0.5) / own)  # + 0.5: an island's share is floored
+    return fixed + math.ceil(share * sum(free.values()))
+
+
 @contextlib.contextmanager
-def _island_budget(analysis: ModelAnalysis, path: str, budget: Any) -> Iterator[None]:
+def _island_budget(analysis: ModelAnalysis, path: str, budget: Any,
+                   minimum: Callable[[], int | None]) -> Iterator[None]:
     """Rule: an island's BudgetError speaks of the user's budget: the whole model's, with the smallest one that
-    gives this island (and every island: they share one fraction of their cost) its own minimum."""
+    gives every island its own minimum (they share one fraction of their cost: ``_islands_minimum``)."""
     try:
         yield
     except BudgetError as error:
@@ -356,7 +386,7 @@ def _island_budget(analysis: ModelAnalysis, path: str, budget: Any) -> Iterator[
         if path not in free:  # an island with no free space is planned at its whole cost: never too small
             raise
         own, inside = free[path], sum(free.values())
-        needed = fixed + math.ceil((error.minimum + 0.5) / own * inside)  # + 0.5: the island's share is floored
+        needed = minimum() or fixed + math.ceil((error.minimum + 0.5) / own * inside)
         raise BudgetError(f"a budget of {value:,} {kind} is too small for island '{path}': every island gets the "
                           f"same fraction of its own cost ({fixed:,} {kind} lie outside them or in islands with no "
                           f"free channel), and '{path}' needs "

@@ -405,3 +405,57 @@ def test_a_stale_fx_wrap_registration_does_not_break_tracing():
         assert analysis.capture == "fx" and (id(frame), "torch.fx._symbolic_trace._assert_is_none") not in table
     finally:
         table.pop((id(frame), "torch.fx._symbolic_trace._assert_is_none"), None)
+
+
+class _HookedEncoder(nn.Module):
+    """Two conv-BN-ReLU blocks returning ``(last, ())``: the hidden states are filled in by forward hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                                  nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+                                    for c in (3, 16))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        for block in self.blocks:
+            x = block(x)
+        return x, ()
+
+
+class _HiddenStatesByHooks(nn.Module):
+    """Hugging Face's output capturing in miniature: hooks on the blocks collect their outputs and a hook on the
+    encoder puts them into its output, which the head reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.head = _HookedEncoder(), nn.Conv2d(32, 4, 1)
+        collected: list[torch.Tensor] = []
+        for block in self.encoder.blocks:
+            block.register_forward_hook(lambda _m, _a, out: collected.append(out))
+        self.encoder.register_forward_hook(lambda _m, _a, out: (out[0], tuple(collected[-2:])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, hidden = self.encoder(x)
+        return self.head(torch.cat(hidden, 1))
+
+
+def test_an_island_whose_output_forward_hooks_build_is_not_taken_and_hooks_follow_the_islands():
+    """A module whose output its forward hooks fill (SegFormer's encoder once a forward asked for hidden states)
+    is captured without them: as an island its graph returned ``()`` where the model got two tensors, and the
+    rejuvenated model failed at the head.  Such a module is no island (its children are), and a rewritten
+    island keeps the hooks of the module it replaces."""
+    model = _randomised(_HiddenStatesByHooks())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x, capture="islands")
+    assert set(analysis.islands) == {"encoder.blocks.0", "encoder.blocks.1", "head"}
+    with torch.no_grad():  # dead channels inside both blocks (their outputs leave the islands: frozen)
+        for block in model.encoder.blocks:
+            block[1].weight[::3] = 0
+            block[1].bias[::3] = 0
+    for scheme in ("nr", "ca"):
+        new = nrfx.rejuvenate(model, None, None, example_inputs=x, analysis=analysis, scheme=scheme, align=1)
+        assert any(p.cost_live < p.cost_before for p in new.nrfx_plans.values())
+        with torch.no_grad():
+            for batch in (2, 3):
+                xb = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
+                torch.testing.assert_close(new(xb), model(xb), rtol=1e-9, atol=1e-12)

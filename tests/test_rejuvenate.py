@@ -388,3 +388,16 @@ def test_layers_fed_by_tensors_made_on_a_spelled_device_are_rewritten(scheme):
     with torch.no_grad():
         for got, expected in zip(new(x), model(x), strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_hook_on_the_result_fires_once_on_its_first_call():
+    """torch's lazy GraphModule compiles at its first call by calling itself again, so the hooks of that call fired
+    twice (an island that keeps its module's hooks collected its output twice): the result is compiled when built."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x)
+    calls = []
+    new.register_forward_hook(lambda *_: calls.append(1))
+    new(x)
+    assert calls == [1]

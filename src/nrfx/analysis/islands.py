@@ -33,21 +33,25 @@ from nrfx.analysis.whole import (
     Utilization,
     analyze_whole,
 )
-from nrfx.capture.front_ends import Example
+from nrfx.capture.front_ends import Example, output_signature
 from nrfx.capture.guards import in_eval_mode, untouched
 from nrfx.errors import NrfxError, NrfxWarning, RenamedAttribute, TraceError
 
 __all__ = ["IslandAnalysis", "find_islands"]
 
-def record_calls(model: nn.Module, example: Example) -> dict[int, list[Example]]:
-    """The (args, kwargs) every submodule receives in one forward on the example, keyed by ``id(module)``.
+def record_calls(model: nn.Module, example: Example,
+                 outputs: dict[int, list[list[tuple[str, str]]]] | None = None) -> dict[int, list[Example]]:
+    """The (args, kwargs) every submodule receives in one forward on the example, keyed by ``id(module)``;
+    ``outputs``, when given, gets the ``output_signature`` of what each call returns (forward hooks included).
 
     Keyed by the module object, so a module reachable under two names (a shared block) is one entry.
     Eval mode, no grad, the model untouched.
     """
     calls: dict[int, list[Example]] = {}
-    hooks = [m.register_forward_pre_hook(_recorder(calls, id(m)), with_kwargs=True)
-             for name, m in model.named_modules() if name]
+    modules = [m for name, m in model.named_modules() if name]
+    hooks = [m.register_forward_pre_hook(_recorder(calls, id(m)), with_kwargs=True) for m in modules]
+    if outputs is not None:  # appended last: it sees the output the module's own forward hooks made
+        hooks += [m.register_forward_hook(_output_recorder(outputs, id(m))) for m in modules]
     try:
         with torch.no_grad(), untouched(model), in_eval_mode(model):
             example.call(model)
@@ -55,6 +59,15 @@ def record_calls(model: nn.Module, example: Example) -> dict[int, list[Example]]
         for hook in hooks:
             hook.remove()
     return calls
+
+
+def _output_recorder(outputs: dict[int, list[list[tuple[str, str]]]], key: int):
+    """A forward hook storing one call's output signature under ``key``."""
+
+    def hook(_module, _args, output):
+        outputs.setdefault(key, []).append(output_signature(output))
+
+    return hook
 
 
 def _recorder(calls: dict[int, list[Example]], key: int):
@@ -256,7 +269,8 @@ class IslandReport:
 
 def find_islands(model: nn.Module, example: Example, why: str, **capture_options: Any) -> IslandAnalysis:
     """Analyse the largest capturable submodules (see the module docstring); ``why`` the whole model failed."""
-    search = _Search(record_calls(model, example), capture_options)
+    outputs: dict[int, list[list[tuple[str, str]]]] = {}
+    search = _Search(record_calls(model, example, outputs), outputs, capture_options)
     search.descend(model, "")
     if not search.islands:
         raise TraceError(f"nrfx cannot capture {type(model).__name__} nor any of its submodules: {why}")
@@ -288,6 +302,7 @@ class _Search:
     """The walk from the root down: the islands found, what was left out, which island holds each tensor."""
 
     calls: dict[int, list[Example]]
+    outputs: dict[int, list[list[tuple[str, str]]]]  # what each call returned in the model's forward, hooks included
     options: dict[str, Any]
     islands: dict[str, Analysis] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)
@@ -319,7 +334,8 @@ class _Search:
         except NrfxError as error:
             why = str(error).splitlines()[0]
         else:
-            why = self._accept(child, path, analysis)
+            why = _output_problem(analysis, received, self.outputs.get(id(child), [None])[0]) or \
+                self._accept(child, path, analysis)
             if why is None:
                 return
         if any(True for _ in child.children()):
@@ -340,6 +356,23 @@ class _Search:
         for key in params:
             self.owner.setdefault(key, path)
         return None
+
+
+def _output_problem(analysis: Analysis, received: Example, expected: list[tuple[str, str]] | None) -> str | None:
+    """Rule: an island stands in for its module only if its graph returns what the module returned in the model's
+    forward: the same leaves, dtypes and shapes.  Forward hooks can add to a module's output (Hugging Face's output
+    capturing fills ``hidden_states`` from hooks once a forward asked for them); a graph is captured without them."""
+    if expected is None:
+        return None
+    with torch.no_grad(), untouched(analysis.gm), in_eval_mode(analysis.gm):
+        got = output_signature(received.call(analysis.gm))
+    if got == expected:
+        return None
+    pairs = zip(expected, got, strict=False)
+    first = next((f"{k or 'the output'}: {a} in the model, {key or 'the output'}: {b} in the graph"
+                  for (k, a), (key, b) in pairs if (k, a) != (key, b)),
+                 f"{len(expected)} leaves in the model, {len(got)} in the graph")
+    return f"its graph does not return what the module returns in the model's forward (forward hooks?): {first}"
 
 
 def _tie_is_frozen(analysis: Analysis, tensor: torch.Tensor) -> bool:

@@ -43,7 +43,7 @@ from nrfx.capture.trace import Traced, defaulted_args, trace
 from nrfx.errors import ShapeError, TraceError, node_location
 
 __all__ = ["Example", "Captured", "CAPTURES", "CaptureMismatch", "capture", "auto_leaf_share", "check_batch_literals",
-           "MODE_BRANCH"]
+           "MODE_BRANCH", "output_signature"]
 
 CAPTURES = ("auto", "fx", "export")  # one graph of the whole model; analyze also takes "islands"
 AUTO_LEAF_LIMIT = 0.5  # "auto" leaves fx for export when automatic leaves hold more of the parameters
@@ -622,6 +622,12 @@ def _flat(value: Any, key: str = "") -> list[tuple[str, Any]]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [pair for f in dataclasses.fields(value) for pair in _flat(getattr(value, f.name), f"{key}.{f.name}")]
     return [(key, value)]
+
+
+def output_signature(value: Any) -> list[tuple[str, str]]:
+    """(key path, what the leaf is: a tensor's dtype and shape, else its type) of every leaf of an output."""
+    return [(key, f"{leaf.dtype} {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else type(leaf).__name__)
+            for key, leaf in _flat(value)]
 
 
 def _short(keys: list[str]) -> str:

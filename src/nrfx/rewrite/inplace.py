@@ -46,8 +46,8 @@ from nrfx.layers.srlayers import SR_LAYERS
 from nrfx.plan.planner import Plan
 from nrfx.rewrite.optim_state import dense_parameters
 
-__all__ = ["freeze_for_inplace", "transplant", "Journal", "check_same_outputs", "record_round", "recorded_rounds",
-           "PLANS_KEY", "set_data", "encode_rounds", "decode_rounds", "saves_plans", "pair_members",
+__all__ = ["carry_hooks", "freeze_for_inplace", "transplant", "Journal", "check_same_outputs", "record_round",
+           "recorded_rounds", "PLANS_KEY", "set_data", "encode_rounds", "decode_rounds", "saves_plans", "pair_members",
            "skeleton", "materialise", "pinned_notes", "same_history"]
 
 PLANS_KEY = "nrfx_plans"  # state-dict key (under the model's prefix) of the in-place rounds' plans
@@ -249,11 +249,17 @@ _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always
           "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
 
 
-def _swap(model: nn.Module, paths: list[str], old: nn.Module, new: nn.Module, journal: Journal) -> None:
-    """Install ``new`` under every name of ``old``: hooks carried, its paired blocks are old's Parameters."""
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` takes ``old``'s forward, pre-forward and backward hooks (the same dicts: a hook removed later from
+    one is removed from both)."""
     for name in _HOOKS:
         if name in vars(old):
             new.__dict__[name] = vars(old)[name]
+
+
+def _swap(model: nn.Module, paths: list[str], old: nn.Module, new: nn.Module, journal: Journal) -> None:
+    """Install ``new`` under every name of ``old``: hooks carried, its paired blocks are old's Parameters."""
+    carry_hooks(old, new)
     new.train(old.training)
     _adopt_parameters(old, new, journal)
     for path in paths:

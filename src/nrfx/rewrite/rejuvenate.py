@@ -36,6 +36,7 @@ from nrfx.rewrite.folds import apply_folds, new_bias_params
 from nrfx.rewrite.inplace import (
     PLANS_KEY,
     Journal,
+    carry_hooks,
     check_same_outputs,
     decode_rounds,
     freeze_for_inplace,
@@ -183,6 +184,7 @@ def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[
             plan = plan_rejuvenation(island, model.get_submodule(path), island_masks,
                                      Budget.fraction(fractions[path], kind), **options)
         module = _build(model.get_submodule(path), island, plan)
+        carry_hooks(result.get_submodule(path), module)  # a hook on the island's module keeps working
         parent, _, name = path.rpartition(".")
         setattr(result.get_submodule(parent), name, module)
         plans[path] = module.nrfx_plan
@@ -432,6 +434,8 @@ def _build(model: nn.Module, analysis: Analysis, plan: Plan) -> torch.fx.GraphMo
         notes += rewrite_pass(gm, analysis, plan, maps)
     keep_safe_inplace(gm)
     gm.recompile()
+    if hasattr(gm, "real_recompile"):  # a lazy GraphModule compiles at its first call by calling itself again:
+        gm.real_recompile()  # the hooks of that call (an island keeps its module's) would fire twice
     verify(gm)
     _check_runs(gm, analysis.example.flat())
     attach(gm, nrfx_plan=dataclasses.replace(plan, notes=list(dict.fromkeys(notes))), nrfx_param_map=maps)

@@ -426,10 +426,13 @@ class _HiddenStatesByHooks(nn.Module):
     """Hugging Face's output capturing in miniature: hooks on the blocks collect their outputs and a hook on the
     encoder puts them into its output, which the head reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, collect: bool = True) -> None:
         super().__init__()
         self.encoder, self.head = _HookedEncoder(), nn.Conv2d(32, 4, 1)
         collected: list[torch.Tensor] = []
+        if not collect:  # the encoder's own hook alone makes its output
+            self.encoder.register_forward_hook(lambda _m, _a, out: (out[0], (out[0], 2 * out[0])))
+            return
         for block in self.encoder.blocks:
             block.register_forward_hook(lambda _m, _a, out: collected.append(out))
         self.encoder.register_forward_hook(lambda _m, _a, out: (out[0], tuple(collected[-2:])))
@@ -439,12 +442,14 @@ class _HiddenStatesByHooks(nn.Module):
         return self.head(torch.cat(hidden, 1))
 
 
-def test_an_island_whose_output_forward_hooks_build_is_not_taken_and_hooks_follow_the_islands():
-    """A module whose output its forward hooks fill (SegFormer's encoder once a forward asked for hidden states)
-    is captured without them: as an island its graph returned ``()`` where the model got two tensors, and the
-    rejuvenated model failed at the head.  Such a module is no island (its children are), and a rewritten
-    island keeps the hooks of the module it replaces."""
-    model = _randomised(_HiddenStatesByHooks())
+@pytest.mark.parametrize("collect", [True, False], ids=["hooks-on-its-blocks", "its-own-hook"])
+def test_an_island_whose_output_forward_hooks_build_is_not_taken_and_hooks_follow_the_islands(collect):
+    """A module whose output forward hooks fill (SegFormer's encoder once a forward asked for hidden states: hooks on
+    its blocks collect, one on it assembles) is captured without them: as an island its graph returned ``()``
+    where the model got two tensors, and the rejuvenated model failed at the head.  A module with hooks inside that
+    its graph traces through, or whose graph returns other leaves than the module did, is no island (its children
+    are), and a rewritten island keeps the hooks of the module it replaces."""
+    model = _randomised(_HiddenStatesByHooks(collect))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     analysis = nrfx.analyze(model, x, capture="islands")
     assert set(analysis.islands) == {"encoder.blocks.0", "encoder.blocks.1", "head"}

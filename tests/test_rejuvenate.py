@@ -401,3 +401,29 @@ def test_a_hook_on_the_result_fires_once_on_its_first_call():
     new.register_forward_hook(lambda *_: calls.append(1))
     new(x)
     assert calls == [1]
+
+
+class _TwoStages(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage2(self.stage1(x))
+
+
+def test_hooks_the_new_graph_module_would_not_run_are_named():
+    """A hook on a module the graph traces through (a feature hook on a stage, for distillation) does not run in the
+    rewritten GraphModule: rejuvenate warns with its name; one on a module the graph calls runs on the result."""
+    model = _TwoStages().eval()
+    x = torch.randn(2, 3, 9, 9)
+    seen = []
+    model.stage1.register_forward_hook(lambda *_: seen.append("stage1"))
+    model.stage2[0].register_forward_hook(lambda *_: seen.append("conv"))
+    with pytest.warns(nrfx.errors.NrfxWarning, match=r"stage1 of _TwoStages have hooks .* inplace=True") as caught:
+        new = nrfx.rejuvenate(model, None, None, example_inputs=x)
+    assert not any("stage2.0" in str(w.message) for w in caught)
+    seen.clear()
+    new(x)
+    assert seen == ["conv"]

@@ -37,7 +37,7 @@ from nrfx.capture.front_ends import Example, output_signature
 from nrfx.capture.guards import in_eval_mode, untouched
 from nrfx.errors import NrfxError, NrfxWarning, RenamedAttribute, TraceError
 
-__all__ = ["IslandAnalysis", "find_islands"]
+__all__ = ["IslandAnalysis", "find_islands", "hooks_traced_through"]
 
 def record_calls(model: nn.Module, example: Example,
                  outputs: dict[int, list[list[tuple[str, str]]]] | None = None) -> dict[int, list[Example]]:
@@ -334,7 +334,8 @@ class _Search:
         except NrfxError as error:
             why = str(error).splitlines()[0]
         else:
-            why = _output_problem(analysis, received, self.outputs.get(id(child), [None])[0]) or \
+            why = _hooks_inside(child, analysis) or \
+                _output_problem(analysis, received, self.outputs.get(id(child), [None])[0]) or \
                 self._accept(child, path, analysis)
             if why is None:
                 return
@@ -356,6 +357,25 @@ class _Search:
         for key in params:
             self.owner.setdefault(key, path)
         return None
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hooks_traced_through(module: nn.Module, gm: torch.fx.GraphModule) -> list[str]:
+    """The submodules of ``module`` with forward or backward hooks that ``gm`` (its graph) traces through: it calls
+    neither them nor a module holding them, so it never runs those hooks."""
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    return [name for name, sub in module.named_modules() if name and any(getattr(sub, h, None) for h in _HOOKS)
+            and not any(name == c or name.startswith(f"{c}.") for c in called)]
+
+
+def _hooks_inside(child: nn.Module, analysis: Analysis) -> str | None:
+    """Rule: a module inside an island runs its hooks only if the island's graph calls it as a module; one the
+    graph traces through and that has hooks (Hugging Face's output capturing on a model's layers) makes its parent
+    no island: the rewritten island would skip them."""
+    skipped = hooks_traced_through(child, analysis.gm)
+    return f"its submodule {skipped[0]} has hooks that its graph would not run (traced through)" if skipped else None
 
 
 def _output_problem(analysis: Analysis, received: Example, expected: list[tuple[str, str]] | None) -> str | None:

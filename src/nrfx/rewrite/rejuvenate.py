@@ -21,7 +21,7 @@ from torch import nn
 
 from nrfx.analysis.cost import by_kind
 from nrfx.analysis.front import analyze
-from nrfx.analysis.islands import IslandAnalysis, record_calls
+from nrfx.analysis.islands import IslandAnalysis, hooks_traced_through, record_calls
 from nrfx.analysis.whole import Analysis, ModelAnalysis, as_example
 from nrfx.capture.front_ends import Example
 from nrfx.capture.inputs import check_model, check_real_weights
@@ -162,8 +162,21 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
         return _apply_in_place(model, jobs, optimizer, carry_state, as_example(example_inputs, example_kwargs))
     if not analysis.whole:
         return _rejuvenate_islands(model, analysis, masks, budget, options)
+    _warn_hooks_left_behind(model, analysis)
     plan = plan_rejuvenation(analysis, model, masks, budget, **options)
     return _build(model, analysis, plan)
+
+
+def _warn_hooks_left_behind(model: nn.Module, analysis: Analysis) -> None:
+    """Rule: the new GraphModule runs the hooks of the modules its graph calls (copies of them), not of those it
+    traces through; a warning names those (their hooks are the user's, or a library's, such as Hugging Face's
+    output capturing)."""
+    skipped = hooks_traced_through(model, analysis.gm)
+    if skipped:
+        names = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(f"{names} of {type(model).__name__} have hooks that the rewritten GraphModule does not run (its "
+                      "graph traces through those modules): register them again on the result, or pass inplace=True "
+                      "(your model object is rewritten and keeps its hooks)", NrfxWarning, stacklevel=3)
 
 
 def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[str, torch.Tensor] | None,

@@ -352,3 +352,35 @@ def test_state_dict_and_apply_plan_round_trip():
     replay.load_state_dict(state)
     replay.eval()
     assert_same_outputs(_call(replay, args, kwargs), _call(new, args, kwargs), "apply_plan round trip")
+
+
+def _segformer() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    return transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(
+        hidden_sizes=[16, 32, 64, 128], decoder_hidden_size=32, num_labels=5))
+
+
+def _dpt() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    return transformers.DPTForDepthEstimation(transformers.DPTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5]))
+
+
+@pytest.mark.parametrize(("build", "size"), [(_segformer, 64), (_dpt, 32)], ids=["segformer", "dpt"])
+def test_a_model_called_before_keeps_its_hidden_states_through_the_rewrite(build, size):
+    """Hugging Face models whose head reads the backbone's hidden states (SegFormer, DPT) collect them with forward
+    hooks installed at their first call.  Called once before nrfx (as after any training step), they fall to
+    islands; the rejuvenated model crashed at the head (an island returned no hidden states).  Now every scheme
+    and a widening keep the outputs, at another batch size too."""
+    torch.manual_seed(0)
+    model = build().double().eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    _call(model, (x,), {})  # the user's own forward: the output-capturing hooks are installed
+    analysis = _analyze(model, (x,), {})
+    x3 = torch.randn(3, 3, size, size, dtype=torch.float64)
+    for scheme, budget in (("nr", nrfx.Budget.fraction(1.1)), ("ca", None)):
+        new = nrfx.rejuvenate(model, None, budget, example_inputs=(x,), analysis=analysis, scheme=scheme)
+        for inputs in (x, x3):
+            assert_same_outputs(_call(new, (inputs,), {}), _call(model, (inputs,), {}), scheme)

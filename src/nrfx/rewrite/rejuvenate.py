@@ -95,7 +95,9 @@ def _workable_minimum(error: BudgetError, analysis: Analysis, model: nn.Module, 
     if error.minimum is None or Budget.coerce(budget).resolve(analysis)[0] != "params":
         return error
     try:
-        plan_rejuvenation(analysis, model, masks, Budget(params=error.minimum), **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NrfxWarning)  # a probe: its fold warnings are not the user's
+            plan_rejuvenation(analysis, model, masks, Budget(params=error.minimum), **options)
     except BudgetError as larger:
         if larger.minimum is not None and larger.minimum > error.minimum:
             return larger

@@ -34,7 +34,7 @@ from nrfx.analysis.whole import (
     analyze_whole,
 )
 from nrfx.capture.front_ends import Example, output_signature
-from nrfx.capture.guards import in_eval_mode, untouched
+from nrfx.capture.guards import has_hooks, in_eval_mode, untouched
 from nrfx.errors import NrfxError, NrfxWarning, RenamedAttribute, TraceError
 
 __all__ = ["IslandAnalysis", "find_islands", "hooks_traced_through"]
@@ -359,14 +359,11 @@ class _Search:
         return None
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
 def hooks_traced_through(module: nn.Module, gm: torch.fx.GraphModule) -> list[str]:
     """The submodules of ``module`` with forward or backward hooks that ``gm`` (its graph) traces through: it calls
     neither them nor a module holding them, so it never runs those hooks."""
     called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
-    return [name for name, sub in module.named_modules() if name and any(getattr(sub, h, None) for h in _HOOKS)
+    return [name for name, sub in module.named_modules() if name and has_hooks(sub)
             and not any(name == c or name.startswith(f"{c}.") for c in called)]
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["untouched", "in_eval_mode", "in_mode", "hooks_silenced", "buffer_values", "restore_buffer_values",
-           "BufferValue"]
+           "BufferValue", "HOOK_STATE", "has_hooks"]
 
 
 @contextmanager
@@ -41,6 +41,12 @@ def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+HOOK_STATE = (*_HOOK_DICTS, "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")  # a module's hooks
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether any forward, pre-forward or backward hook is registered on the module itself."""
+    return any(getattr(module, name, None) for name in HOOK_STATE)
 
 
 @contextmanager

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from nrfx.layers.gates import Gate
 
 __all__ = ["LayerKind", "LAYER_KINDS", "LEAF_LAYERS", "layer_kind", "add_layer_kind", "is_scale", "scale_types",
-           "fix_attributes", "invariant_problem", "constant_input_problem", "set_group_norm_width", "scale_init",
-           "in_columns"]
+           "fix_attributes", "invariant_problem", "constant_input_problem", "conv_padding_problem",
+           "set_group_norm_width", "scale_init", "in_columns"]
 
 
 @dataclass(frozen=True)
@@ -125,13 +126,21 @@ def _check_conv(module: nn.modules.conv._ConvNd) -> str | None:
 
 def _conv_constant(module: nn.modules.conv._ConvNd) -> str | None:
     """Rule: every tap of an unpadded (or non-zero-padded) conv reads the constant: Σₖ W·v is exact."""
-    if module.transposed:
-        return "a transposed conv's output is not constant near its borders"
-    if module.padding_mode != "zeros" or module.padding == "valid":
+    if not module.transposed and module.padding_mode != "zeros":
         return None
     padding = module.padding if module.padding != "same" else \
         tuple(d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True))
-    return None if all(p == 0 for p in padding) else "zero padding makes its output differ near the borders"
+    return conv_padding_problem(padding, module.transposed)
+
+
+def conv_padding_problem(padding: Any, transposed: bool = False) -> str | None:
+    """Rule: a conv whose every tap reads its input (padding 0 or "valid", not transposed) turns a constant input
+    into a constant output; zero padding (any other value, "same" included) breaks that near the borders."""
+    if transposed:
+        return "a transposed conv's output is not constant near its borders"
+    sizes = padding if isinstance(padding, (tuple, list)) else (padding,)
+    return None if padding == "valid" or all(p == 0 for p in sizes) else \
+        "zero padding makes its output differ near the borders"
 
 
 def _fix_linear(module: nn.Linear) -> None:

@@ -64,11 +64,11 @@ from torch.utils import _pytree as pytree
 
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
 from nrfx.errors import NrfxWarning
-from nrfx.ops.layer_kinds import constant_input_problem, in_columns, is_scale
+from nrfx.ops.layer_kinds import constant_input_problem, conv_padding_problem, in_columns, is_scale
 from nrfx.plan.maps import dim_map
 
-__all__ = ["NODE_PREFIX", "Constants", "consumer_records", "fold_candidates", "measure_constants", "measure_folds",
-           "probe_constants", "split_folds", "unfoldable_channels"]
+__all__ = ["NODE_PREFIX", "Constants", "consumer_records", "record_of", "fold_candidates", "measure_constants",
+           "measure_folds", "probe_constants", "split_folds", "unfoldable_channels"]
 
 NODE_PREFIX = "node "  # consumer keys of functional calls (F.linear, F.conv2d): "node <fx node name>"
 
@@ -76,7 +76,7 @@ NODE_PREFIX = "node "  # consumer keys of functional calls (F.linear, F.conv2d):
 def _why_not(gm: torch.fx.GraphModule, analysis, name: str) -> str | None:
     """Why a consumer's constants cannot be folded exactly (None: they can)."""
     if name.startswith(NODE_PREFIX):
-        return _call_problem(gm, _record_of(analysis, name), name[len(NODE_PREFIX):])
+        return _call_problem(gm, record_of(analysis, name), name[len(NODE_PREFIX):])
     return constant_input_problem(gm.get_submodule(name))
 
 
@@ -91,12 +91,8 @@ def _call_problem(gm: torch.fx.GraphModule, record, node_name: str) -> str | Non
         return f"a functional call whose bias {record.bias} is read elsewhere too"
     if record.kind != "conv":
         return None
-    if record.transposed:
-        return "a transposed conv's output is not constant near its borders"
-    padding = node.kwargs.get("padding", node.args[4] if len(node.args) > 4 else 0)
-    if padding == "valid" or all(p == 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,))):
-        return None
-    return "zero padding makes its output differ near the borders"
+    return conv_padding_problem(node.kwargs.get("padding", node.args[4] if len(node.args) > 4 else 0),
+                                record.transposed)
 
 
 def _parameter_readers(gm: torch.fx.GraphModule, path: str) -> list[Any]:
@@ -352,7 +348,7 @@ def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, rem
     (a depthwise conv keeps a channel's space), the constant is gone with them, and what the
     removed outputs carry is measured at the next layer.
     """
-    record = _record_of(analysis, name)
+    record = record_of(analysis, name)
     if record is None or record.output is None:
         return removed
     kept = torch.ones(analysis.atoms.channels(record.output) * record.output.inner, dtype=torch.bool)
@@ -374,8 +370,10 @@ def _input_groups(gm: torch.fx.GraphModule, analysis, name: str, record) -> tupl
     return (record.groups, info.shape[1]) if info is not None and len(info.shape) > 1 else (1, 1)
 
 
-def _record_of(analysis, name: str):
+def record_of(analysis, name: str):
     """The layer record of a consumer (a module's: its last call when it is called more than once)."""
+    if name.startswith(NODE_PREFIX):
+        return analysis.records.get(name[len(NODE_PREFIX):])
     found = None
     for key, record in consumer_records(analysis):
         if key == name:

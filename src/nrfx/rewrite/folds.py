@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from nrfx.plan.fold import NODE_PREFIX
+from nrfx.plan.fold import NODE_PREFIX, record_of
 from nrfx.plan.maps import dim_map
 
 __all__ = ["apply_folds", "new_bias_params"]
@@ -75,16 +75,11 @@ def _tensor_at(gm: torch.fx.GraphModule, path: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner), leaf)
 
 
-def _call_record(analysis, name: str):
-    """The layer record of a function call consumer (key ``"node <fx node name>"``)."""
-    return analysis.records[name[len(NODE_PREFIX):]]
-
-
 def _shift_target(gm: torch.fx.GraphModule, analysis, name: str) -> str:
     """Where a consumer's constant shift goes: "bias", the name of the BatchNorm after it, "new bias", or, for a
     function call, "parameter <the bias it reads>"."""
     if name.startswith(NODE_PREFIX):
-        return _PARAMETER + _call_record(analysis, name).bias
+        return _PARAMETER + record_of(analysis, name).bias
     module = gm.get_submodule(name)
     if getattr(module, "bias", None) is not None:
         return "bias"
@@ -113,7 +108,7 @@ def new_bias_params(analysis, plan, names=None) -> int:
 def _weight_of(analysis, name: str) -> tuple[torch.Tensor, int, str]:
     """A consumer's original weight, its groups and its parameter name (a module's, or a function call's)."""
     if name.startswith(NODE_PREFIX):
-        record = _call_record(analysis, name)
+        record = record_of(analysis, name)
         return _tensor_at(analysis.gm, record.weight), record.groups, record.weight
     module = analysis.gm.get_submodule(name)
     return module.weight, getattr(module, "groups", 1), f"{name}.weight"

@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from nrfx.analysis.records import SumRecord
-from nrfx.capture.guards import untouched
+from nrfx.capture.guards import HOOK_STATE, untouched
 from nrfx.errors import RewriteError
 from nrfx.layers.srlayers import SR_LAYERS
 from nrfx.plan.planner import Plan
@@ -245,14 +245,10 @@ def _copy_sizes(old: nn.Module, new: nn.Module, journal: Journal) -> None:
             journal.set_attr(old, name, value)
 
 
-_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-          "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
-
-
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """``new`` takes ``old``'s forward, pre-forward and backward hooks (the same dicts: a hook removed later from
     one is removed from both)."""
-    for name in _HOOKS:
+    for name in HOOK_STATE:
         if name in vars(old):
             new.__dict__[name] = vars(old)[name]
 

@@ -148,11 +148,12 @@ class Pictures(torch.utils.data.Dataset):
         return {"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": torch.tensor(i % 2)}
 
 
-def resnet_trainer(model: nn.Module, callback, out, max_steps: int) -> transformers.Trainer:
+def resnet_trainer(model: nn.Module, callback, out, max_steps: int, **options) -> transformers.Trainer:
     """A CPU Trainer saving the PreTrainedModel (save_pretrained) at epoch ends: after the callback's epoch-end check
     (a step-based save of the same step comes before ``on_epoch_end``)."""
+    options = {"save_strategy": "epoch", **options}
     args = transformers.TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
-                                          save_strategy="epoch", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+                                          report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **options)
     return transformers.Trainer(model=model, args=args, train_dataset=Pictures(), callbacks=[callback])
 
 
@@ -176,3 +177,17 @@ def test_a_pretrained_model_checks_at_epoch_ends_and_saves_its_plans(tmp_path):
     with pytest.warns(nrfx.NrfxWarning, match="start afresh"):
         resnet_trainer(fresh, resumed, tmp_path / "run", 6).train(resume_from_checkpoint=str(elsewhere))
     assert shapes(fresh) == shapes(model) and resumed.nr.rounds == 0
+
+
+def test_mixed_precision_rejuvenates_through_the_autocast_accelerate_wraps_forward_in(tmp_path):
+    """bf16=True: accelerate wraps the model's forward in torch.autocast; export puts that whole forward in one
+    autocast region, which nrfx analyses through (it was one frozen node: no norm to monitor)."""
+    settings = dict(example_inputs=torch.zeros(2, 3, 16, 16), target=0.9, lam=1e-2, delta_lambda=0.0, align=1, seed=0)
+    model, callback = build_resnet(), NeuralRejuvenationCallback(**settings)
+    before = shapes(model)
+    run = resnet_trainer(model, callback, tmp_path, 8, bf16=True, save_strategy="no")
+    run.train()
+    assert [(r["step"], r["event"]) for r in callback.history] == [(4, "rejuvenate"), (8, "check")]
+    assert shapes(model) != before and "forward" in vars(model)  # resized, still under accelerate's wrapper
+    with torch.no_grad():
+        assert model(pixel_values=torch.randn(2, 3, 16, 16)).logits.dtype == torch.float32  # its output cast back

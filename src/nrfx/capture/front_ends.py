@@ -35,6 +35,7 @@ from torch import nn
 
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
+from nrfx.capture.contexts import inline_context_regions
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, in_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
 from nrfx.capture.modes import follow_the_flag, node_keys
@@ -288,6 +289,9 @@ def export_capture(model: nn.Module, example: Example, raisable: Callable[[nn.Mo
     """torch.export (non-strict, batch dims dynamic, eval mode), leaf runs raised, aten ops at torch level."""
     exported, notes = _export(model, example)
     graph = exported.graph
+    regions = inline_context_regions(exported)
+    if regions:
+        notes.append(f"capture: {regions} autocast / grad-mode regions of torch.export's graph inlined")
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target.startswith("_guards")]:
         graph.erase_node(node)
     graph.eliminate_dead_code()  # aten ops nothing reads (attention weights a caller dropped); mutations stay
@@ -340,6 +344,7 @@ def _export_call(model: nn.Module, example: Example, dynamic_shapes: Any):
                                        dynamic_shapes=dynamic_shapes)
     finally:
         logging.disable(previous)
+
 
 
 def _batch_dynamic(model: nn.Module, example: Example) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from nrfx.capture.contexts import switches_seen
 from nrfx.capture.guards import untouched
 from nrfx.capture.mha import traced_call
 from nrfx.errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
@@ -286,7 +287,8 @@ def trace(
         versions = [(name, b, b._version) for name, b in model.named_buffers()]  # an in-place update moves these
         try:
             with untouched(model):  # a forward run on proxies leaves none in the model (timm's bias caches)
-                graph = tracer.trace(model, concrete_args=concrete_args)
+                with switches_seen() as switches:
+                    graph = tracer.trace(model, concrete_args=concrete_args)
                 gm = _graph_module(tracer.root, graph, type(model).__name__)  # copies FX's _tensor_constant*
                 updated = [name for name, b, version in versions if b._version != version]
         except _SubmoduleFailed as failed:
@@ -306,6 +308,13 @@ def trace(
                 f"{type(model).__name__}'s forward updates buffer(s) {updated[:5]} in place (a counter, a running "
                 "average): FX tracing runs that update once on the real buffer and leaves it out of the graph. "
                 "capture='export' keeps it in the graph (capture='auto' falls back to it)")
+        switches = [switch for switch in switches if not switch.by_checkpoint]
+        if switches:
+            raise TraceError(
+                f"{type(model).__name__}'s forward makes {switches[0]}, which FX tracing runs once while tracing "
+                "and leaves out of the graph: the graph would run in the caller's grad mode and precision where the "
+                "model switches. capture='export' keeps the region in the graph (capture='auto' falls back to it), or "
+                "make the submodule that makes the switch a leaf (leaf_modules=[...])")
         keep_safe_inplace(gm)
         return Traced(gm, auto)
     raise TraceError(f"nrfx gave up on {type(model).__name__}: more than {_MAX_AUTO_LEAVES} untraceable submodules")

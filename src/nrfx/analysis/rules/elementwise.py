@@ -189,6 +189,13 @@ def assertion(ctx, node):
     return None
 
 
+@function_rule(torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast,
+               torch._C._set_grad_enabled, torch.is_grad_enabled)
+def context_switch(ctx, node):
+    """Entering or leaving an autocast or grad-mode region (torch.export's, inlined): no tensor, no channels."""
+    return None
+
+
 @function_rule(by_mode)
 def mode_value(ctx, node):
     """nrfx's by_mode(flag, in_train, in_eval): a number or flag of the module's mode, no channels."""

@@ -1,0 +1,143 @@
+"""torch.export's context regions inlined: ``autocast`` and grad-mode blocks become enter/exit calls.
+
+Export (pre-dispatch) wraps every ``torch.autocast`` block and every ``torch.no_grad`` /
+``torch.set_grad_enabled`` block of a forward into one higher-order op whose body is a submodule
+(``wrap_with_autocast``, ``wrap_with_set_grad_enabled``).  To the analysis that is one node
+without a rule, and it would freeze every channel it touches: a model whose ``forward`` runs under
+autocast (``@torch.autocast``, a Hugging Face ``Trainer`` with ``bf16=True``, which has accelerate
+wrap the model's ``forward``) would be one frozen node.  Inlined, the body's nodes join the graph
+between the calls that enter and leave the context (``torch.amp._enter_autocast`` /
+``_exit_autocast``; ``torch._C._set_grad_enabled`` with the grad mode read back after), the
+calls export itself records before it wraps them: the graph runs as the model does, and the
+layers inside are analysed and rewritten like any other.  A region whose result is read other
+than item by item stays as it is (frozen).
+
+fx tracing runs such a switch once, at trace time, and records nothing of it: its graph would
+compute with gradients where the model has none, or in full precision where it autocasts (a
+difference the acceptance run cannot see when the region changes nothing on the example's
+device, ``torch.autocast("cuda")`` analysed on the CPU).  ``switches_seen`` lists the switches a
+trace makes, so that the fx front end can refuse the graph (and 'auto' move on to export).  One
+maker is told apart: a reentrant ``torch.utils.checkpoint`` runs its function under no_grad (its
+backward runs it again with grad).  fx drops the checkpoint and keeps the plain calls (right for
+the analysis and the rewrite); export records the no_grad region, and its graph would give those
+layers no gradient: a grad-mode region traced inside a checkpoint's forward is refused.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from nrfx.errors import TraceError, frame_line, live_frames, node_location, user_frame
+
+__all__ = ["inline_context_regions", "switches_seen", "Switch"]
+
+_HOP = torch.ops.higher_order
+_BODY_AT = {_HOP.wrap_with_autocast: 4, _HOP.wrap_with_set_grad_enabled: 1}  # the body's position in the args
+
+
+def inline_context_regions(gm: torch.fx.GraphModule) -> int:
+    """Rule: every autocast / grad-mode region whose outputs are read by index is inlined; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _BODY_AT and _read_by_index(node):
+            count += _inline(gm, node)
+    return count
+
+
+def _read_by_index(node: torch.fx.Node) -> bool:
+    """Whether every user of the region takes one of its outputs by a constant index."""
+    return all(user.target is operator.getitem and isinstance(user.args[1], int) for user in node.users)
+
+
+def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    """The region's body copied before ``node``, between its context's enter and exit; ``node`` removed."""
+    at = _BODY_AT[node.target]
+    context, body_node, operands = node.args[:at], node.args[at], node.args[at + 1:]
+    body = gm.get_submodule(body_node.target)
+    if node.target is _HOP.wrap_with_set_grad_enabled:
+        _refuse_reentrant_checkpoint(body)
+    inner = inline_context_regions(body)  # nested regions first: their bodies are the body's submodules
+    graph = gm.graph
+    with graph.inserting_before(node):
+        leave = _enter(graph, node.target, context)
+        inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
+        outputs = graph.graph_copy(body.graph, dict(zip(inputs, operands, strict=True)))
+        leave()
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    for user in list(node.users):
+        user.replace_all_uses_with(outputs[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(node)
+    if not body_node.users:
+        graph.erase_node(body_node)
+    return 1 + inner
+
+
+def _refuse_reentrant_checkpoint(body: torch.fx.GraphModule) -> None:
+    """Rule: a grad-mode region recorded inside a reentrant checkpoint's forward is refused (no gradient there)."""
+    traced = next((n for n in body.graph.nodes if _REENTRANT_FORWARD.search(n.meta.get("stack_trace") or "")), None)
+    if traced is not None:
+        raise TraceError(f"torch.export recorded the forward of a reentrant torch.utils.checkpoint, which runs under "
+                         f"no_grad ({node_location(traced)}): a graph of it would give those layers no gradient. "
+                         "Pass use_reentrant=False to the checkpoint, or capture='fx' (fx keeps the plain calls)")
+
+
+def _enter(graph: torch.fx.Graph, region: object, context: tuple):
+    """The call entering the region's context (at the insertion point); returns a function adding its exit."""
+    if region is _HOP.wrap_with_autocast:
+        mode = graph.call_function(torch.amp.autocast_mode._enter_autocast, tuple(context))
+        return lambda: graph.call_function(torch.amp.autocast_mode._exit_autocast, (mode,))
+    previous = graph.call_function(torch.is_grad_enabled, ())
+    graph.call_function(torch._C._set_grad_enabled, (context[0],))
+    return lambda: graph.call_function(torch._C._set_grad_enabled, (previous,))
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One grad-mode or autocast switch made while tracing: what, the user's line, whether a checkpoint made it."""
+
+    kind: str
+    where: str
+    by_checkpoint: bool  # made by a reentrant torch.utils.checkpoint's forward (runs the function under no_grad)
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {self.where}"
+
+
+_SWITCHING_FILES = tuple(os.path.join(*parts) for parts in (
+    ("torch", "autograd", "grad_mode.py"), ("torch", "amp", "autocast_mode.py"), ("torch", "utils", "_contextlib.py"),
+    ("contextlib.py",)))
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+_REENTRANT_FORWARD = re.compile(r'torch[/\\]utils[/\\]checkpoint\.py", line \d+, in forward')
+
+
+@contextmanager
+def switches_seen() -> Iterator[list[Switch]]:
+    """Rule: every grad-mode or autocast switch made in the block is listed: what it is, the user's line, its maker."""
+    seen: list[Switch] = []
+    grad, autocast = torch._C._set_grad_enabled, torch.set_autocast_enabled
+
+    def spy(kind: str, switch: Callable) -> Callable:
+        def recorded(*args):
+            frames = list(live_frames())[1:]  # this function's own frame left out
+            frame = user_frame(frames)
+            maker = next((f for f in frames if not f[0].endswith(_SWITCHING_FILES)), ("", 0, ""))
+            where = frame_line(frame) if frame else "an unknown line"
+            seen.append(Switch(kind, where, maker[0].endswith(_CHECKPOINT_FILE) and maker[2] == "forward"))
+            return switch(*args)
+        return recorded
+
+    torch._C._set_grad_enabled = spy("a grad-mode switch (torch.no_grad, enable_grad or set_grad_enabled)", grad)
+    torch.set_autocast_enabled = spy("an autocast switch (torch.autocast)", autocast)
+    try:
+        yield seen
+    finally:
+        torch._C._set_grad_enabled, torch.set_autocast_enabled = grad, autocast

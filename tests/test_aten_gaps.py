@@ -122,6 +122,8 @@ CASES = {
                  frozenset({aten.linalg_vector_norm.default})),
     "vector_norm_channels": Case(lambda m, x, y: y / (torch.linalg.vector_norm(y, dim=1, keepdim=True) + 1e-6),
                                  frozenset({aten.linalg_vector_norm.default}), "reduction"),
+    "mean_all": Case(lambda m, x, y: y * y.mean(), frozenset({aten.mean.default})),
+    "sum_all": Case(lambda m, x, y: y * torch.sum(y), frozenset({aten.sum.default})),
     "diff": Case(lambda m, x, y: torch.diff(y, dim=3), frozenset({aten.diff.default}), positions=H * (W - 1)),
 }
 

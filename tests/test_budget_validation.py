@@ -162,3 +162,21 @@ def test_cli_bad_budgets_exit_2_with_one_line(budget, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget" in err[0].lower(), err
+
+
+def test_cli_budget_as_a_multiple_of_the_models_cost(tmp_path, capsys):
+    """--budget macs=1.2x is Budget.fraction(1.2, "macs"); a count that is not whole names that form."""
+    from nrfx.cli import main, parse_budget
+
+    assert parse_budget("macs=1.2x") == nrfx.Budget.fraction(1.2, "macs")
+    assert parse_budget("params=2.5e6") == nrfx.Budget(params=2_500_000)
+    code = main(["rejuvenate", "resnet18", "--input-size", "3", "32", "32", "--budget", "params=0.9",
+                 "--out", str(tmp_path / "r.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "params=0.9x" in err[0], err
+    code = main(["rejuvenate", "resnet18", "--input-size", "3", "32", "32", "--budget", "macs=1.2x", "--align", "1",
+                 "--out", str(tmp_path / "r.pt")])
+    assert code == 0
+    out = capsys.readouterr().out
+    budget, cost = (int(s.replace(",", "")) for s in re.search(r"budget macs ([\d,]+): cost ([\d,]+)", out).groups())
+    assert budget == int(1.2 * cost)

@@ -202,7 +202,8 @@ def _add_rejuvenate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``nrfx rejuvenate``: those of report, plus budget, scheme and output."""
     _add_report_arguments(parser)
     parser.add_argument("--budget", default="params",
-                        help="params|macs[=VALUE]: the kind of budget and its absolute value "
+                        help="params|macs[=VALUE|=Fx]: the kind of budget and its absolute value, or F times "
+                             "the model's own cost (macs=1.2x) "
                              "(default: the model's own cost c(A) in that kind)")
     parser.add_argument("--scheme", choices=("nr", "cr", "ca"), default="nr",
                         help="nr: cross connections kept; cr: removed; ca: cross attention")
@@ -236,20 +237,28 @@ def _gamma0(text: str) -> float | str:
 
 
 def parse_budget(text: str) -> Budget:
-    """'params', 'macs', 'params=123', 'macs=4.1e9' -> nrfx.Budget ('flops', the old name of macs, still read)."""
+    """'params', 'macs', 'params=123', 'macs=4.1e9', 'macs=1.2x' (× the model's cost) -> nrfx.Budget ('flops' read)."""
     from nrfx.plan.planner import Budget
 
     kind, _, value = text.partition("=")
     kind = "macs" if kind == "flops" else kind
     if kind not in ("params", "macs"):
-        raise NrfxError(f"--budget {text!r}: write params, macs, params=N or macs=N")
+        raise NrfxError(f"--budget {text!r}: write params, macs, params=N, macs=N or macs=F x (e.g. macs=1.2x)")
     if not value:
         return Budget.fraction(1.0, kind)
+    fraction = value.endswith("x")
     try:
-        number = int(float(value))
-    except (ValueError, OverflowError):
-        raise NrfxError(f"--budget {text!r}: {value!r} is not a finite number") from None
-    return Budget.of(kind, number)
+        number = float(value[:-1] if fraction else value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise NrfxError(f"--budget {text!r}: {value!r} is not a finite number")
+    if fraction:
+        return Budget.fraction(number, kind)
+    if not number.is_integer():
+        raise NrfxError(f"--budget {text!r}: {value} is not a whole number of {kind}; for a multiple of the "
+                        f"model's own cost write {kind}={value}x")
+    return Budget.of(kind, int(number))
 
 
 @command("rejuvenate", _add_rejuvenate_arguments)

@@ -11,6 +11,7 @@ them in the region.  fx tracing runs a switch at trace time and records nothing:
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -131,12 +132,18 @@ def test_the_rewritten_model_keeps_the_regions(name, scheme):
     model = _dead(BUILDS[name]())
     budget = nrfx.Budget.fraction(1.2) if scheme == "nr" else None
     new = nrfx.rejuvenate(model, None, budget, example_inputs=X, scheme=scheme, align=1, constants="keep")
-    code = new.code
-    assert ("_enter_autocast" in code) == (name != "no_grad_stem")
-    assert ("_set_grad_enabled" in code) == (name in ("nested", "no_grad_stem"))
+    pickled = io.BytesIO()
+    torch.save(new, pickled)  # pickling a GraphModule traces its code again: the region calls stay nodes
+    pickled.seek(0)
+    loaded = torch.load(pickled, weights_only=False)
+    for graph_module in (new, loaded):
+        code = graph_module.code
+        assert ("enter_autocast" in code) == (name != "no_grad_stem")
+        assert ("enter_grad_mode" in code) == (name in ("nested", "no_grad_stem"))
     for batch in (2, 5):
         x = torch.randn(batch, 3, 8, 8)
         assert _close(new(x), model(x), bf16=name != "no_grad_stem")
+        assert torch.equal(loaded(x), new(x)) and loaded(x).requires_grad == model(x).requires_grad
         with torch.no_grad():  # the grad mode the graph leaves behind is the caller's
             new(x)
             assert not torch.is_grad_enabled()
@@ -222,3 +229,15 @@ def test_checkpointed_layers_keep_their_gradients(reentrant):
         torch.testing.assert_close(new(x), model(x), rtol=1e-9, atol=1e-9)
         new(x).sum().backward()
         assert all(p.grad is not None for p in new.parameters() if p.requires_grad)
+
+
+def test_the_region_calls_do_not_break_torch_compile():
+    model = _dead(Nested())
+    new = nrfx.rejuvenate(model, None, example_inputs=X, scheme="ca", align=1, constants="keep")
+    counts = []
+    for module in (model, new):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(module)(X)
+        counts.append((explained.graph_count, explained.graph_break_count))
+    torch._dynamo.reset()
+    assert counts[0] == counts[1] == (1, 0)

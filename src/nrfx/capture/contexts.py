@@ -6,11 +6,14 @@ Export (pre-dispatch) wraps every ``torch.autocast`` block and every ``torch.no_
 without a rule, and it would freeze every channel it touches: a model whose ``forward`` runs under
 autocast (``@torch.autocast``, a Hugging Face ``Trainer`` with ``bf16=True``, which has accelerate
 wrap the model's ``forward``) would be one frozen node.  Inlined, the body's nodes join the graph
-between the calls that enter and leave the context (``torch.amp._enter_autocast`` /
-``_exit_autocast``; ``torch._C._set_grad_enabled`` with the grad mode read back after), the
-calls export itself records before it wraps them: the graph runs as the model does, and the
-layers inside are analysed and rewritten like any other.  A region whose result is read other
-than item by item stays as it is (frozen).
+between calls that enter and leave the context (``enter_autocast`` / ``exit_autocast``, which are
+torch.amp's own ``_enter_autocast`` / ``_exit_autocast``; ``enter_grad_mode`` / ``exit_grad_mode``,
+which give the caller's grad mode back): the graph runs as the model does, and the layers inside
+are analysed and rewritten like any other.  The four are ``torch.fx.wrap``-ped and marked as side
+effects, so dead-code elimination keeps them, and the enter calls read the graph's first input,
+so a GraphModule pickled with ``torch.save`` (which traces its code again, and runs at trace time
+every call that reads no traced value) keeps them as nodes.  A region whose result is read other than item by item
+stays as it is (frozen).
 
 fx tracing runs such a switch once, at trace time, and records nothing of it: its graph would
 compute with gradients where the model has none, or in full precision where it autocasts (a
@@ -31,13 +34,53 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
 
 from nrfx.errors import TraceError, frame_line, live_frames, node_location, user_frame
 
-__all__ = ["inline_context_regions", "switches_seen", "Switch"]
+__all__ = ["inline_context_regions", "switches_seen", "Switch", "enter_autocast", "exit_autocast",
+           "enter_grad_mode", "exit_grad_mode", "REGION_CALLS"]
+
+@torch.fx.node.has_side_effect
+def enter_autocast(anchor: Any, device_type: str, dtype: torch.dtype | None, enabled: bool,
+                   cache_enabled: bool | None) -> object:
+    """Enter an autocast region (a node of the captured graph); returns what ``exit_autocast`` takes.
+
+    ``anchor`` (the graph's first input, unused) ties the call to a trace: tracing the code again records
+    the call instead of running it.
+    """
+    return torch.amp.autocast_mode._enter_autocast(device_type, dtype, enabled, cache_enabled)
+
+
+@torch.fx.node.has_side_effect
+def exit_autocast(mode: object) -> None:
+    """Leave the autocast region ``enter_autocast`` entered."""
+    torch.amp.autocast_mode._exit_autocast(mode)
+
+
+@torch.fx.node.has_side_effect
+def enter_grad_mode(anchor: Any, enabled: bool) -> bool:
+    """Enter a grad-mode region (a node of the captured graph); returns the caller's mode for ``exit_grad_mode``.
+
+    ``anchor``: as ``enter_autocast``'s.
+    """
+    previous = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(enabled)
+    return previous
+
+
+@torch.fx.node.has_side_effect
+def exit_grad_mode(previous: bool) -> None:
+    """Give the caller's grad mode back."""
+    torch._C._set_grad_enabled(previous)
+
+
+for _call in (enter_autocast, exit_autocast, enter_grad_mode, exit_grad_mode):
+    torch.fx.wrap(_call.__name__)
+REGION_CALLS = (enter_autocast, exit_autocast, enter_grad_mode, exit_grad_mode)
 
 _HOP = torch.ops.higher_order
 _BODY_AT = {_HOP.wrap_with_autocast: 4, _HOP.wrap_with_set_grad_enabled: 1}  # the body's position in the args
@@ -92,12 +135,17 @@ def _refuse_reentrant_checkpoint(body: torch.fx.GraphModule) -> None:
 
 def _enter(graph: torch.fx.Graph, region: object, context: tuple):
     """The call entering the region's context (at the insertion point); returns a function adding its exit."""
-    if region is _HOP.wrap_with_autocast:
-        mode = graph.call_function(torch.amp.autocast_mode._enter_autocast, tuple(context))
-        return lambda: graph.call_function(torch.amp.autocast_mode._exit_autocast, (mode,))
-    previous = graph.call_function(torch.is_grad_enabled, ())
-    graph.call_function(torch._C._set_grad_enabled, (context[0],))
-    return lambda: graph.call_function(torch._C._set_grad_enabled, (previous,))
+    enter, leave = (enter_autocast, exit_autocast) if region is _HOP.wrap_with_autocast else \
+        (enter_grad_mode, exit_grad_mode)
+    anchor = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    entered = _wrapped(graph.call_function(enter, (anchor, *context)))
+    return lambda: _wrapped(graph.call_function(leave, (entered,)))
+
+
+def _wrapped(node: torch.fx.Node) -> torch.fx.Node:
+    """The node marked as a call of an ``fx.wrap``-ped function: its code re-registers it, so a retrace keeps it."""
+    node.meta["is_wrapped"] = True
+    return node
 
 
 @dataclass(frozen=True)

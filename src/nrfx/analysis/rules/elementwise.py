@@ -10,6 +10,7 @@ from torch import nn
 from nrfx.analysis.rules.common import broadcast, channel_param, copy_zero
 from nrfx.analysis.rules.registry import function_rule, method_rule, module_rule
 from nrfx.analysis.specs import TensorSpec, Zero
+from nrfx.capture.contexts import REGION_CALLS
 from nrfx.capture.modes import by_mode
 from nrfx.ops.vocabulary import Trait, functions_with, methods_with, modules_with
 
@@ -189,8 +190,7 @@ def assertion(ctx, node):
     return None
 
 
-@function_rule(torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast,
-               torch._C._set_grad_enabled, torch.is_grad_enabled)
+@function_rule(*REGION_CALLS)
 def context_switch(ctx, node):
     """Entering or leaving an autocast or grad-mode region (torch.export's, inlined): no tensor, no channels."""
     return None

@@ -6,6 +6,7 @@ calling module's flag when the graph runs (``nrfx.capture.trace``)."""
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -49,7 +50,8 @@ def test_a_functional_dropout_follows_the_rewritten_models_mode():
     x = torch.randn(4, 3, 6, 6)
     analysis = nrfx.analyze(model, x)
     calls = [n for n in analysis.gm.graph.nodes if n.target is F.dropout]
-    assert [n.args[2].op if len(n.args) > 2 else n.kwargs["training"] for n in calls] == ["get_attr", False, True]
+    flags = [n.args[2] if len(n.args) > 2 else n.kwargs["training"] for n in calls]
+    assert [f.target.__name__ if isinstance(f, torch.fx.Node) else f for f in flags] == ["by_mode", False, True]
     new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(2.0), example_inputs=x, analysis=analysis)
     assert sum(new.nrfx_plan.grow) > 0
     assert _dropped(new.eval(), x) and _dropped(model.eval(), x)  # training=True stays on, as in the original
@@ -68,6 +70,11 @@ def test_only_the_flag_read_from_the_module_turns_off_in_eval_mode(traced_in):
     assert not _dropped(new.eval(), x)  # traced in train mode, a baked True dropped in eval mode too
     assert _dropped(new.train(), x)  # traced in eval mode, a baked False never dropped
     assert not _dropped(new.eval(), x)
+    pickled = io.BytesIO()
+    torch.save(new, pickled)  # pickling traces the code again: the flag is read when the graph runs, still
+    pickled.seek(0)
+    loaded = torch.load(pickled, weights_only=False)
+    assert _dropped(loaded.train(), x) and not _dropped(loaded.eval(), x)
 
 
 @pytest.mark.parametrize("build", [lambda: torchvision.models.efficientnet_b0(weights=None),
@@ -238,6 +245,14 @@ def test_a_rate_read_from_the_flag_follows_the_rewritten_models_mode(traced_in):
         new.train(), model.train()
         assert _same_draws(new, model, x)  # the heads keep their width: the same masks, dropped as in the model
         assert _dropped(new, x)
+    pickled = io.BytesIO()
+    torch.save(new, pickled)  # pickling a GraphModule traces its code again: the flag is still read when it runs
+    pickled.seek(0)
+    loaded = torch.load(pickled, weights_only=False)
+    with torch.no_grad():
+        loaded.eval(), new.eval()
+        assert not _dropped(loaded, x) and torch.equal(loaded(x), new(x))
+        assert _same_draws(loaded.train(), new.train(), x) and _dropped(loaded, x)
 
 
 def test_timm_attention_dropout_follows_the_flag():

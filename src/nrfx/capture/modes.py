@@ -3,8 +3,11 @@
 fx runs the model's Python code once, so ``dropout_p=self.p if self.training else 0.0`` (timm's and Hugging
 Face's attention) is recorded as the number of that moment.  The capture traces the model again in the other
 mode (``nrfx.capture.front_ends``); where the two graphs are the same calls and differ only in literal numbers
-or flags, each such literal becomes ``by_mode(<module>.training, value in train mode, value in eval mode)``,
-read from the calling module's flag when the graph runs, as ``.train()``/``.eval()`` set it.  Graphs that
+or flags, each such literal becomes ``by_mode(<input>, <module>, value in train mode, value in eval mode)``,
+read from the calling module's flag when the graph runs, as ``.train()``/``.eval()`` set it.  The call takes
+the module itself (its flag is read when the graph runs) and the graph's first input (unused): ``torch.save``
+of a GraphModule traces its code again, and a call that reads no traced value would run then, its value of
+that moment baked in; with them the retrace records the call again.  Graphs that
 differ in their calls (a Python ``if self.training:`` block) are not mended here: the capture reports them.
 """
 
@@ -17,14 +20,17 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["by_mode", "node_keys", "follow_the_flag"]
+__all__ = ["by_mode", "node_keys", "follow_the_flag", "FLAG_READ", "flags_survive_retraces"]
 
 _LITERALS = (bool, int, float)
 
 
-def by_mode(training: bool, in_train: Any, in_eval: Any) -> Any:
-    """The value of the mode the calling module is in (a node of the captured graph)."""
-    return in_train if training else in_eval
+def by_mode(anchor: Any, module: nn.Module, in_train: Any, in_eval: Any) -> Any:
+    """The value of the mode ``module`` (the caller) is in (a node of the captured graph; ``anchor`` unused)."""
+    return in_train if module.training else in_eval
+
+
+torch.fx.wrap("by_mode")
 
 
 def node_keys(nodes: list[torch.fx.Node]) -> list[tuple[str, str, str]]:
@@ -64,16 +70,52 @@ def _caller(node: torch.fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def _flag_holder(gm: torch.fx.GraphModule, path: str, training: bool) -> None:
+ROOT_FLAG = "nrfx_root_mode"  # the holder whose flag stands for the root's (a child follows .train()/.eval())
+
+
+def _flag_holder(gm: torch.fx.GraphModule, path: str, training: bool) -> str:
     """Rule: the module path a flag is read from exists in ``gm``: a module fx traced through (no call of it left
-    in the graph) gets an empty holder there, in mode ``training``, which ``gm.train()``/``.eval()`` then set."""
+    in the graph) gets an empty holder there, in mode ``training``, which ``gm.train()``/``.eval()`` then set;
+    the root's flag is read from a holder child.  Returns the path."""
+    path = path or ROOT_FLAG
     module = gm
-    for name in path.split(".") if path else ():
+    for name in path.split("."):
         if not isinstance(getattr(module, name, None), nn.Module):
             holder = nn.Module()
             holder.training = training
             module.add_module(name, holder)
         module = getattr(module, name)
+    return path
+
+
+FLAG_READ = "nrfx_flag_read"  # meta key of the tracer's get_attr nodes of '<module>.training'
+
+
+def _flag_read(gm: torch.fx.GraphModule, path: str, training: bool) -> tuple[torch.fx.Node, torch.fx.Node | None]:
+    """The ``get_attr`` of the module at ``path`` (at the insertion point; a holder stands for a module fx traced
+    through, and for the root) and the graph's first input: what ``by_mode`` reads."""
+    path = _flag_holder(gm, path, training)
+    anchor = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    caller = gm.graph.get_attr(path)
+    return caller, anchor
+
+
+def flags_survive_retraces(gm: torch.fx.GraphModule) -> int:
+    """Rule: each flag the tracer reads when the graph runs (``get_attr <module>.training``, handed to a dropout)
+    becomes ``by_mode(<first input>, <module>, True, False)``: the same value, and a retrace (``torch.save``)
+    records the call again instead of the flag of that moment.  Returns how many; recompiles when any."""
+    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.meta.get(FLAG_READ)]
+    for node in reads:
+        path = node.target.rpartition(".")[0]
+        with gm.graph.inserting_before(node):
+            caller, anchor = _flag_read(gm, path, gm.training)
+            flag = gm.graph.call_function(by_mode, (anchor, caller, True, False))
+        flag.meta["is_wrapped"] = True
+        node.replace_all_uses_with(flag)
+        gm.graph.erase_node(node)
+    if reads:
+        gm.recompile()
+    return len(reads)
 
 
 def _follow(gm: torch.fx.GraphModule, node: torch.fx.Node, theirs: torch.fx.Node, positions: list[int],
@@ -82,13 +124,12 @@ def _follow(gm: torch.fx.GraphModule, node: torch.fx.Node, theirs: torch.fx.Node
     (``theirs`` holds the value of the other mode, ``training``)."""
     leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
     other = pytree.tree_leaves((theirs.args, theirs.kwargs))
-    path = _caller(node)
-    _flag_holder(gm, path, not training)
     with gm.graph.inserting_before(node):
-        flag = gm.graph.get_attr(f"{path}.training" if path else "training")
+        caller, anchor = _flag_read(gm, _caller(node), not training)
         for i in positions:
             in_train, in_eval = (other[i], leaves[i]) if training else (leaves[i], other[i])
-            leaves[i] = gm.graph.call_function(by_mode, (flag, in_train, in_eval))
+            leaves[i] = gm.graph.call_function(by_mode, (anchor, caller, in_train, in_eval))
+            leaves[i].meta["is_wrapped"] = True  # its code registers the wrap: a retrace keeps the call
     node.args, node.kwargs = pytree.tree_unflatten(leaves, spec)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from nrfx.capture.contexts import switches_seen
 from nrfx.capture.guards import untouched
 from nrfx.capture.mha import traced_call
+from nrfx.capture.modes import FLAG_READ, flags_survive_retraces
 from nrfx.errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from nrfx.layers.gates import Gate
 from nrfx.layers.srlayers import SR_LAYERS
@@ -204,8 +205,9 @@ class NrfxTracer(torch.fx.Tracer):
         would never drop in training, traced in train mode (the driver) it would drop in eval; a ``get_attr``
         of ``<module>.training`` follows ``.train()``/``.eval()``."""
         path = self.scope.module_path
-        bound.arguments["training"] = super().create_node("get_attr", f"{path}.training" if path else "training",
-                                                          (), {})
+        flag = super().create_node("get_attr", f"{path}.training" if path else "training", (), {})
+        flag.meta[FLAG_READ] = True  # made a by_mode call once the GraphModule exists (flags_survive_retraces)
+        bound.arguments["training"] = flag
         return bound.args, bound.kwargs
 
     def create_arg(self, a: Any) -> Any:
@@ -315,6 +317,7 @@ def trace(
                 "and leaves out of the graph: the graph would run in the caller's grad mode and precision where the "
                 "model switches. capture='export' keeps the region in the graph (capture='auto' falls back to it), or "
                 "make the submodule that makes the switch a leaf (leaf_modules=[...])")
+        flags_survive_retraces(gm)
         keep_safe_inplace(gm)
         return Traced(gm, auto)
     raise TraceError(f"nrfx gave up on {type(model).__name__}: more than {_MAX_AUTO_LEAVES} untraceable submodules")

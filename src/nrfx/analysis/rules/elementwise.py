@@ -198,7 +198,7 @@ def context_switch(ctx, node):
 
 @function_rule(by_mode)
 def mode_value(ctx, node):
-    """nrfx's by_mode(flag, in_train, in_eval): a number or flag of the module's mode, no channels."""
+    """nrfx's by_mode(input, module, in_train, in_eval): a number or flag of the module's mode, no channels."""
     return None
 
 

@@ -12,8 +12,8 @@ which give the caller's grad mode back): the graph runs as the model does, and t
 are analysed and rewritten like any other.  The four are ``torch.fx.wrap``-ped and marked as side
 effects, so dead-code elimination keeps them, and the enter calls read the graph's first input,
 so a GraphModule pickled with ``torch.save`` (which traces its code again, and runs at trace time
-every call that reads no traced value) keeps them as nodes.  A region whose result is read other than item by item
-stays as it is (frozen).
+every call that reads no traced value) keeps them as nodes.  A region whose result is read other
+than item by item stays as it is (frozen).
 
 fx tracing runs such a switch once, at trace time, and records nothing of it: its graph would
 compute with gradients where the model has none, or in full precision where it autocasts (a
@@ -43,6 +43,7 @@ from nrfx.errors import TraceError, frame_line, live_frames, node_location, user
 
 __all__ = ["inline_context_regions", "switches_seen", "Switch", "enter_autocast", "exit_autocast",
            "enter_grad_mode", "exit_grad_mode", "REGION_CALLS"]
+
 
 @torch.fx.node.has_side_effect
 def enter_autocast(anchor: Any, device_type: str, dtype: torch.dtype | None, enabled: bool,

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from nrfx.capture.modes import retraceable_call
 from nrfx.errors import TraceError, frame_line, live_frames, node_location, user_frame
 
 __all__ = ["inline_context_regions", "switches_seen", "Switch", "enter_autocast", "exit_autocast",
@@ -138,15 +139,8 @@ def _enter(graph: torch.fx.Graph, region: object, context: tuple):
     """The call entering the region's context (at the insertion point); returns a function adding its exit."""
     enter, leave = (enter_autocast, exit_autocast) if region is _HOP.wrap_with_autocast else \
         (enter_grad_mode, exit_grad_mode)
-    anchor = next((n for n in graph.nodes if n.op == "placeholder"), None)
-    entered = _wrapped(graph.call_function(enter, (anchor, *context)))
-    return lambda: _wrapped(graph.call_function(leave, (entered,)))
-
-
-def _wrapped(node: torch.fx.Node) -> torch.fx.Node:
-    """The node marked as a call of an ``fx.wrap``-ped function: its code re-registers it, so a retrace keeps it."""
-    node.meta["is_wrapped"] = True
-    return node
+    entered = retraceable_call(graph, enter, tuple(context))
+    return lambda: retraceable_call(graph, leave, (entered,), anchored=False)
 
 
 @dataclass(frozen=True)

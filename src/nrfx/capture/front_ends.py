@@ -346,7 +346,6 @@ def _export_call(model: nn.Module, example: Example, dynamic_shapes: Any):
         logging.disable(previous)
 
 
-
 def _batch_dynamic(model: nn.Module, example: Example) -> dict[str, Any] | None:
     """Dynamic-shape specs by parameter name: dim 0 of every tensor ``Dim.AUTO``, the rest static."""
     try:

@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["by_mode", "node_keys", "follow_the_flag", "FLAG_READ", "flags_survive_retraces"]
+__all__ = ["by_mode", "node_keys", "follow_the_flag", "FLAG_READ", "flags_survive_retraces", "retraceable_call"]
 
 _LITERALS = (bool, int, float)
 
@@ -91,13 +91,14 @@ def _flag_holder(gm: torch.fx.GraphModule, path: str, training: bool) -> str:
 FLAG_READ = "nrfx_flag_read"  # meta key of the tracer's get_attr nodes of '<module>.training'
 
 
-def _flag_read(gm: torch.fx.GraphModule, path: str, training: bool) -> tuple[torch.fx.Node, torch.fx.Node | None]:
-    """The ``get_attr`` of the module at ``path`` (at the insertion point; a holder stands for a module fx traced
-    through, and for the root) and the graph's first input: what ``by_mode`` reads."""
-    path = _flag_holder(gm, path, training)
-    anchor = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
-    caller = gm.graph.get_attr(path)
-    return caller, anchor
+def retraceable_call(graph: torch.fx.Graph, function: Any, args: tuple, anchored: bool = True) -> torch.fx.Node:
+    """Rule: a call of an ``fx.wrap``-ped nrfx function (at the insertion point) that a retrace records again:
+    marked wrapped (its code then registers the wrap) and, when ``anchored``, given the graph's first input as its
+    first argument (unused): a retrace records a wrapped call only when it reads a traced value."""
+    anchor = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    node = graph.call_function(function, (anchor, *args) if anchored else args)
+    node.meta["is_wrapped"] = True
+    return node
 
 
 def flags_survive_retraces(gm: torch.fx.GraphModule) -> int:
@@ -108,9 +109,8 @@ def flags_survive_retraces(gm: torch.fx.GraphModule) -> int:
     for node in reads:
         path = node.target.rpartition(".")[0]
         with gm.graph.inserting_before(node):
-            caller, anchor = _flag_read(gm, path, gm.training)
-            flag = gm.graph.call_function(by_mode, (anchor, caller, True, False))
-        flag.meta["is_wrapped"] = True
+            caller = gm.graph.get_attr(_flag_holder(gm, path, gm.training))
+            flag = retraceable_call(gm.graph, by_mode, (caller, True, False))
         node.replace_all_uses_with(flag)
         gm.graph.erase_node(node)
     if reads:
@@ -125,11 +125,10 @@ def _follow(gm: torch.fx.GraphModule, node: torch.fx.Node, theirs: torch.fx.Node
     leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
     other = pytree.tree_leaves((theirs.args, theirs.kwargs))
     with gm.graph.inserting_before(node):
-        caller, anchor = _flag_read(gm, _caller(node), not training)
+        caller = gm.graph.get_attr(_flag_holder(gm, _caller(node), not training))
         for i in positions:
             in_train, in_eval = (other[i], leaves[i]) if training else (leaves[i], other[i])
-            leaves[i] = gm.graph.call_function(by_mode, (anchor, caller, in_train, in_eval))
-            leaves[i].meta["is_wrapped"] = True  # its code registers the wrap: a retrace keeps the call
+            leaves[i] = retraceable_call(gm.graph, by_mode, (caller, in_train, in_eval))
     node.args, node.kwargs = pytree.tree_unflatten(leaves, spec)
 
 

@@ -289,7 +289,7 @@ def trace(
         versions = [(name, b, b._version) for name, b in model.named_buffers()]  # an in-place update moves these
         try:
             with untouched(model):  # a forward run on proxies leaves none in the model (timm's bias caches)
-                with switches_seen() as switches:
+                with switches_seen() as switches:  # the forward's grad-mode / autocast switches, listed
                     graph = tracer.trace(model, concrete_args=concrete_args)
                 gm = _graph_module(tracer.root, graph, type(model).__name__)  # copies FX's _tensor_constant*
                 updated = [name for name, b, version in versions if b._version != version]

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import nrfx
 
@@ -116,6 +117,24 @@ def test_computed_weights_are_refused_not_resized_silently(wrap):
         with pytest.raises(nrfx.InputError, match="computes its weight"):
             nrfx.rejuvenate(model, None, None, example_inputs=X, align=1)
         nrfx.analyze(model, X)  # analysing is fine: shapes and costs do not depend on how the weight is made
+
+
+def test_a_pruning_mask_is_refused_naming_prune_remove_and_rejuvenates_once_made_permanent():
+    model = _net().eval()
+    with torch.no_grad():
+        model[1].weight[:6] = 0
+    prune.l1_unstructured(model[0], "weight", 0.3)
+    prune.ln_structured(model[0], "weight", amount=0.25, n=2, dim=0)  # a PruningContainer of two methods
+    prune.random_unstructured(model[0], "bias", 0.5)
+    with pytest.raises(nrfx.InputError, match=r"prune.remove\(module, 'weight'\), torch.nn.utils.prune.remove"
+                                              r"\(module, 'bias'\)") as error:
+        nrfx.rejuvenate(model, None, None, example_inputs=X, align=1)
+    assert "module '0'" in str(error.value) and "bias = bias_orig * bias_mask" in str(error.value)
+    expected = model(X)
+    for name in ("weight", "bias"):
+        prune.remove(model[0], name)
+    result = nrfx.rejuvenate(model, None, None, example_inputs=X, align=1).eval()
+    torch.testing.assert_close(result(X), expected)
 
 
 def test_the_driver_refuses_computed_weights_at_construction():

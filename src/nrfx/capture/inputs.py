@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from nrfx.capture.front_ends import Example
 from nrfx.errors import InputError
@@ -49,20 +50,54 @@ def check_real_weights(model: nn.Module) -> None:
         raise InputError(f"parameter '{meta}' is on the meta device (no data): rejuvenate copies the survivors' "
                          "weights. Materialise the model first (model.to_empty(device='cpu'), then load a state "
                          "dict); nrfx.analyze works on meta models")
-    computed = next((name for name, m in model.named_modules() if _parametrised(m)), None)
+    computed = next(((name, m) for name, m in model.named_modules() if _parametrised(m)), None)
     if computed is not None:
-        raise InputError(f"module '{computed}' computes its weight from other parameters at every forward "
-                         "(weight_norm, spectral_norm or a torch.nn.utils.parametrize parametrisation): rejuvenate "
-                         "would resize the computed weight, not the parameters behind it. Remove it first "
-                         "(torch.nn.utils.remove_weight_norm / remove_spectral_norm / "
-                         "parametrize.remove_parametrizations(..., leave_parametrized=True)) and add it back after")
+        name, module = computed
+        raise InputError(f"module '{name}' computes its weight from other parameters at every forward "
+                         f"({_computed_by(module)}): rejuvenate would resize the computed weight, not the parameters "
+                         f"behind it. {_remove_first(module)}")
 
 
 def _parametrised(module: nn.Module) -> bool:
-    """A weight computed per forward: torch's weight_norm / spectral_norm hook, or a parametrize parametrisation."""
-    hooks = [*module._forward_pre_hooks.values()]
-    return any(type(h).__module__.startswith("torch.nn.utils") for h in hooks) or \
-        torch.nn.utils.parametrize.is_parametrized(module)
+    """A weight computed per forward: torch's weight_norm / spectral_norm / pruning hook, or a parametrisation."""
+    return bool(_utils_hooks(module)) or torch.nn.utils.parametrize.is_parametrized(module)
+
+
+def _utils_hooks(module: nn.Module) -> list[Any]:
+    """The module's forward pre-hooks that torch.nn.utils installed (weight_norm, spectral_norm, prune)."""
+    return [h for h in module._forward_pre_hooks.values() if type(h).__module__.startswith("torch.nn.utils")]
+
+
+def _pruning(module: nn.Module) -> list[str]:
+    """The tensor names a torch.nn.utils.prune method masks on this module (its hooks' ``_tensor_name``)."""
+    hooks = [h for h in _utils_hooks(module) if isinstance(h, prune.BasePruningMethod)]
+    return [name for h in hooks for name in _pruned_names(h)]
+
+
+def _pruned_names(hook: Any) -> list[str]:
+    """A pruning hook's tensor names (a PruningContainer holds the methods applied one after another)."""
+    if isinstance(hook, prune.PruningContainer):
+        return sorted({m._tensor_name for m in hook})
+    return [hook._tensor_name]
+
+
+def _computed_by(module: nn.Module) -> str:
+    """What computes the module's weight, in torch's words."""
+    names = _pruning(module)
+    if names:
+        return "a torch.nn.utils.prune mask: " + ", ".join(f"{n} = {n}_orig * {n}_mask" for n in names)
+    return "weight_norm, spectral_norm or a torch.nn.utils.parametrize parametrisation"
+
+
+def _remove_first(module: nn.Module) -> str:
+    """How to bake the computed weight in before rejuvenating."""
+    names = _pruning(module)
+    if names:
+        calls = ", ".join(f"torch.nn.utils.prune.remove(module, {n!r})" for n in names)
+        return (f"Make the pruning permanent first ({calls}, for every pruned module): the pruned weights stay zero "
+                "and rejuvenate reads them as they are")
+    return ("Remove it first (torch.nn.utils.remove_weight_norm / remove_spectral_norm / "
+            "parametrize.remove_parametrizations(..., leave_parametrized=True)) and add it back after")
 
 
 def _check_dtypes(model: nn.Module, tensors: list[torch.Tensor]) -> None:

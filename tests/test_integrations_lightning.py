@@ -151,6 +151,66 @@ def test_checks_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
     assert [r["step"] for r in both.history] == [2, 3, 4]  # epoch ends at 2 and 4, every 3 steps at 3
 
 
+def averaging(kind: str) -> pl.Callback:
+    """Lightning's weight-averaging callbacks: an EMA from the first step, SWA from the second epoch."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+
+    return EMAWeightAveraging(decay=0.5) if kind == "ema" else StochasticWeightAveraging(swa_lrs=0.01,
+                                                                                         swa_epoch_start=1)
+
+
+def averaged_copy(callback: pl.Callback) -> nn.Module:
+    """The copy of the LightningModule an averaging callback keeps."""
+    average = callback._average_model
+    return average.module if isinstance(average, torch.optim.swa_utils.AveragedModel) else average
+
+
+@pytest.mark.parametrize("averaging_first", [True, False])
+@pytest.mark.parametrize("kind", ["ema", "swa"])
+def test_weight_averaging_callbacks_get_each_round_and_resume(tmp_path, monkeypatch, kind, averaging_first):
+    """Their averaged copy pairs its tensors with the model's one to one (updates, validation swaps): the round
+    the model gets is replayed on the copy's own weights, whichever callback comes first."""
+    if not hasattr(pl.callbacks, "WeightAveraging"):
+        pytest.skip("Lightning before 2.5 has no WeightAveraging")
+    from nrfx.integrations._common import Runner
+
+    replays, replay = [], Runner.replay_round
+
+    def spy(runner, copy):
+        before = {k: v.clone() for k, v in copy.state_dict().items()}
+        replay(runner, copy)
+        replays.append((before, {k: v.clone() for k, v in copy.state_dict().items()}, copy.nrfx_param_map))
+
+    monkeypatch.setattr(Runner, "replay_round", spy)
+
+    def run(max_steps, ckpt=None):
+        model, nr, average = Net(), NeuralRejuvenationCallback(every_n_steps=2, **SETTINGS), averaging(kind)
+        callbacks = [average, nr] if averaging_first else [nr, average]
+        fit = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=4, logger=False,
+                         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1,
+                         val_check_interval=3)
+        fit.fit(model, loader(), loader(), ckpt_path=ckpt)
+        return fit, model, nr, averaged_copy(average)
+
+    fit, model, nr, copy = run(6)
+    assert nr.nr.rounds == 1 and model.net[1].weight.shape != (16,)
+    assert shapes(copy) == shapes(model)
+    pairs = zip([*model.parameters(), *model.buffers()], [*copy.parameters(), *copy.buffers()], strict=True)
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in pairs)
+    assert copy.state_dict()["nrfx_plans"].numel() > 0  # the copy saves its round too
+    ((before, after, maps),) = replays[:1]
+    survivors = maps["net.0.weight"].dims[0]  # the first conv's output channels: kept ones carry the copy's values
+    kept = survivors.kept
+    assert 0 < len(kept) < after["net.0.weight"].shape[0]
+    assert torch.equal(after["net.0.weight"][kept], before["net.0.weight"][survivors.source[kept]])
+    assert len(model.losses) == 6 and all(map(math.isfinite, model.losses))
+    fit.save_checkpoint(tmp_path / "averaged.ckpt")
+    _, fresh, resumed, fresh_copy = run(8, tmp_path / "averaged.ckpt")
+    assert resumed.nr.rounds == 1 and shapes(fresh) == shapes(model) == shapes(fresh_copy)
+    assert len(fresh.losses) == 2 and all(map(math.isfinite, fresh.losses))
+
+
 DDP_SCRIPT = textwrap.dedent("""
     # Lightning strategy="ddp" re-runs this script as rank 1 (LOCAL_RANK=1); each rank trains on its own data.
     import json, math, os, sys, warnings

@@ -21,7 +21,7 @@ from torch import nn
 
 from nrfx.analysis.whole import as_example
 from nrfx.rewrite.inplace import skeleton
-from nrfx.rewrite.rejuvenate import replays_plans
+from nrfx.rewrite.rejuvenate import apply_plan, replays_plans
 from nrfx.train.driver import DriverError, NeuralRejuvenation, check_settings
 
 __all__ = ["Settings", "Runner", "CallbackCore", "driver_options", "target_module", "prepare_target", "build_driver",
@@ -184,6 +184,16 @@ class Runner:
             return None
         self.nr.steps = step
         return self.nr.check()
+
+    def replay_round(self, copy: nn.Module) -> None:
+        """Rule: a copy of the target the framework keeps beside it (an averaged model) takes the round just made,
+        in place: the same plan on its own weights, so its survivors keep their values and its parameters pair
+        one to one with the model's again."""
+        prepare_target(copy, self.settings)
+        device = next(copy.parameters()).device
+        apply_plan(copy, self.nr.plans[-1], _on_device(self.settings.example_inputs, device),
+                   example_kwargs=_on_device(self.settings.example_kwargs, device), inplace=True,
+                   capture=self.settings.driver["capture"])
 
     def progress(self) -> dict[str, Any] | None:
         """The driver's progress (JSON-safe), or the progress still waiting to be loaded, or None."""

@@ -4,7 +4,8 @@
 checkpoint's module state after ``setup``); ``on_train_start`` builds an in-place driver on
 ``trainer.optimizers[0]`` (and the scheduler of ``trainer.lr_scheduler_configs[0]``);
 ``on_before_optimizer_step`` adds the L1 penalty (after backward and AMP unscaling);
-``on_train_batch_end`` / ``on_train_epoch_end`` check r(θ) and rejuvenate in place.  Under
+``on_train_batch_end`` / ``on_train_epoch_end`` check r(θ) and rejuvenate in place, and give the copy a
+weight-averaging callback keeps (EMA, SWA) the same round.  Under
 ``strategy="ddp"`` rank 0 decides and plans, the other ranks replay its plan, and the callback puts
 a new DistributedDataParallel around the resized module.  Every check is logged to
 ``trainer.loggers`` as ``nrfx/r``, ``nrfx/lambda``, ``nrfx/rounds``, ``nrfx/cost``.  The driver's
@@ -14,6 +15,8 @@ progress (λ, rounds, history) travels in the callback's ``state_dict``.
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from nrfx.integrations._common import (
     CallbackCore,
@@ -52,6 +55,8 @@ class NeuralRejuvenationCallback(CallbackCore, Callback):
             check_single_process(trainer.world_size, "Lightning", f"strategy {type(trainer.strategy).__name__}",
                                  'single-process training and strategy="ddp" (DDPStrategy, subprocess launcher)')
         prepare_target(self._target(pl_module), self.settings)
+        for copy in _averaged_copies(trainer):  # made by a setup that ran before this one
+            prepare_target(self._target(copy), self.settings)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """The in-place driver on the trainer's first optimizer and its scheduler (after any checkpoint restore)."""
@@ -75,12 +80,14 @@ class NeuralRejuvenationCallback(CallbackCore, Callback):
         """At an epoch end (``check_on_epoch_end``): check r(θ), rejuvenate in place below the target."""
         self._after_check(trainer, self._runner.at_epoch_end(trainer.global_step))
 
-    @staticmethod
-    def _after_check(trainer: Any, record: dict[str, Any] | None) -> None:
-        """A check's record to every logger of the trainer (rank 0 logs); after a rejuvenation a new DDP wrapper."""
+    def _after_check(self, trainer: Any, record: dict[str, Any] | None) -> None:
+        """A check's record to every logger of the trainer (rank 0 logs); after a rejuvenation the averaged copies
+        of weight-averaging callbacks take the same plan, and a new DDP wrapper."""
         if record is None:
             return
         if record["event"] == "rejuvenate":
+            for copy in _averaged_copies(trainer):
+                self._runner.replay_round(self._target(copy))
             _rewrap(trainer.strategy)
         for logger in trainer.loggers:
             logger.log_metrics(metrics(record), step=record["step"])
@@ -115,3 +122,22 @@ def _rewrap(strategy: Any) -> None:
     if isinstance(strategy.model, DistributedDataParallel):
         strategy.model = strategy._setup_model(strategy.lightning_module)
         strategy._register_ddp_hooks()
+
+
+def _averaged_copies(trainer: Any) -> list[Any]:
+    """The LightningModule copies that weight-averaging callbacks keep (``WeightAveraging`` and its
+    ``EMAWeightAveraging``: the module of their ``AveragedModel``; ``StochasticWeightAveraging``: its copy), once made.
+    They pair their parameters with the model's one to one, so they must be rejuvenated with it."""
+    try:
+        from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+    except ImportError:  # pytorch_lightning, or a Lightning without WeightAveraging (before 2.5)
+        return []
+    copies = []
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None) if isinstance(
+            callback, (WeightAveraging, StochasticWeightAveraging)) else None
+        if isinstance(average, torch.optim.swa_utils.AveragedModel):
+            average = average.module
+        if average is not None:
+            copies.append(average)
+    return copies

@@ -490,3 +490,47 @@ def test_a_bias_a_constant_fold_creates_joins_the_model_and_the_optimizer():
     assert {id(p) for p in group} == {id(p) for p in model.parameters()}
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-9, atol=1e-10)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Dense in the channels-last format of its rank (and not merely contiguous, for a tensor where they differ)."""
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()]
+    return t.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_channels_last_model_keeps_its_memory_format(dims, scheme, inplace):
+    """model.to(memory_format=channels_last) before a rejuvenation: every resized or split ≥4-d weight and its
+    momentum come out channels-last too (a GPU runs mixed layouts with a conversion per layer), the function kept;
+    a model left contiguous stays contiguous."""
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(3, 16, 3, padding=1), norm(16), nn.ReLU(), conv(16, 24, 3, padding=1), norm(24),
+                          nn.ReLU(), conv(24, 16, 1), norm(16), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randn(3, 3, *([6] * dims))
+    model(x)
+    kill_per_norm(model, nrfx.analyze(model, x), 0.4, seed=1)
+    for keep_layout in (True, False):
+        subject = copy.deepcopy(model).to(memory_format=layout) if keep_layout else copy.deepcopy(model)
+        optimizer = torch.optim.SGD(subject.parameters(), lr=0.1, momentum=0.9)
+        _train_step(subject, optimizer, x)
+        subject.eval()
+        expected = subject(x)
+        options = dict(inplace=True, optimizer=optimizer) if inplace else {}
+        result = nrfx.rejuvenate(subject, None, None, example_inputs=x, scheme=scheme, constants="keep", align=1,
+                                 **options).eval()
+        torch.testing.assert_close(result(x), expected, rtol=1e-5, atol=1e-5)
+        weights = [p for p in result.parameters() if p.dim() == dims + 2]
+        assert len(weights) >= 3 and any(isinstance(m, SR_LAYERS) for m in result.modules()) == (scheme != "nr")
+        if keep_layout:
+            assert all(map(_channels_last, weights))
+            assert sum(not p.is_contiguous() for p in weights) >= 2  # the 3×3 ones, where the two formats differ
+        else:
+            assert all(p.is_contiguous() for p in weights)
+        if inplace:
+            momenta = [optimizer.state[p]["momentum_buffer"] for p in weights if p in optimizer.state]
+            assert momenta and all(m.shape == p.shape for m, p in zip(momenta, weights, strict=False))
+            assert all(_channels_last(m) if keep_layout else m.is_contiguous() for m in momenta)

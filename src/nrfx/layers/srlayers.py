@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SRConv1d", "SRConv2d", "SRConv3d", "SRLinear", "SR_LAYERS", "SR_CLASSES", "unused_weights",
-           "make_sr", "to_dense", "block_names", "blocks_of", "join_blocks", "dense_names", "dense_numel"]
+           "make_sr", "to_dense", "block_names", "blocks_of", "join_blocks", "dense_names", "dense_numel",
+           "like_layout"]
 
 _ALL = slice(None)
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # dims → the channels-last format of that rank
 
 
 class _SRMixin:
@@ -221,8 +223,22 @@ def blocks_of(layer: nn.Module, attr: str, dense: torch.Tensor) -> dict[str, tor
     """A dense-shaped tensor of ``attr`` (a weight, its gradient, its momentum) cut into the layer's stored blocks."""
     if not isinstance(layer, SR_LAYERS):
         return {attr: dense}
-    return {name: _stored_shape(layer, name, dense[index]).contiguous()
+    return {name: like_layout(_stored_shape(layer, name, dense[index]), dense)
             for name, a, index in layer._specs() if a == attr}
+
+
+def like_layout(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Rule: ``new`` dense in ``old``'s memory format: channels-last where the user keeps ``old`` so
+    (``model.to(memory_format=torch.channels_last)``), else contiguous."""
+    return new.contiguous(memory_format=_memory_format(old))
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """channels_last(_3d) for a tensor dense in that format only, else contiguous_format."""
+    layout = CHANNELS_LAST.get(tensor.dim())
+    if layout is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=layout):
+        return layout
+    return torch.contiguous_format
 
 
 def join_blocks(layer: nn.Module, attr: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -230,7 +246,7 @@ def join_blocks(layer: nn.Module, attr: str, parts: dict[str, torch.Tensor]) -> 
     if not isinstance(layer, SR_LAYERS):
         return parts[attr]
     first = next(iter(parts.values()))
-    dense = torch.zeros(layer._dense_shape(attr), dtype=first.dtype, device=first.device)
+    dense = like_layout(torch.zeros(layer._dense_shape(attr), dtype=first.dtype, device=first.device), first)
     with torch.no_grad():
         for name, a, index in layer._specs():
             if a == attr and name in parts:

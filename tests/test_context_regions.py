@@ -187,6 +187,19 @@ def test_fx_refuses_a_forward_that_switches_and_auto_moves_on(build, switch):
     assert nrfx.analyze(model, X).capture == "export"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch disables a CUDA autocast only where CUDA is missing")
+def test_a_cuda_autocast_exported_without_cuda_is_said_to_be_recorded_disabled():
+    """torch turns autocast('cuda') off on a machine without CUDA and export records it off: the graph would run
+    the region in full precision on a GPU, so the capture says so (naming the line); a CPU region is quiet."""
+    with pytest.warns(nrfx.NrfxWarning, match=r"autocast\('cuda'\) region around .*test_context_regions.py\", "
+                                              r"line \d+.* as disabled: CUDA is not available.*inplace=True"):
+        analysis = nrfx.analyze(_dead(CudaAutocast()), X)
+    assert analysis.capture == "export"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nrfx.NrfxWarning)
+        assert all(nrfx.analyze(_dead(build()), X).capture == "export" for build in BUILDS.values())
+
+
 def test_a_leaf_that_switches_keeps_fx():
     class Outer(nn.Module):
         def __init__(self) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import operator
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch
 import torch.fx
 
 from nrfx.capture.modes import retraceable_call
-from nrfx.errors import TraceError, frame_line, live_frames, node_location, user_frame
+from nrfx.errors import NrfxWarning, TraceError, frame_line, live_frames, node_location, user_frame
 
 __all__ = ["inline_context_regions", "switches_seen", "Switch", "enter_autocast", "exit_autocast",
            "enter_grad_mode", "exit_grad_mode", "REGION_CALLS"]
@@ -109,6 +110,8 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
     body = gm.get_submodule(body_node.target)
     if node.target is _HOP.wrap_with_set_grad_enabled:
         _refuse_reentrant_checkpoint(body)
+    else:
+        _warn_if_disabled_for_want_of_cuda(body, context)
     inner = inline_context_regions(body)  # nested regions first: their bodies are the body's submodules
     graph = gm.graph
     with graph.inserting_before(node):
@@ -133,6 +136,21 @@ def _refuse_reentrant_checkpoint(body: torch.fx.GraphModule) -> None:
         raise TraceError(f"torch.export recorded the forward of a reentrant torch.utils.checkpoint, which runs under "
                          f"no_grad ({node_location(traced)}): a graph of it would give those layers no gradient. "
                          "Pass use_reentrant=False to the checkpoint, or capture='fx' (fx keeps the plain calls)")
+
+
+def _warn_if_disabled_for_want_of_cuda(body: torch.fx.GraphModule, context: tuple) -> None:
+    """Rule: a CUDA autocast region recorded disabled on a machine without CUDA is said aloud: torch turns
+    ``torch.autocast("cuda")`` off there, so the graph would run the region in full precision on a GPU too."""
+    device_type, _, enabled = context[:3]
+    if device_type == "cuda" and not enabled and not torch.cuda.is_available():
+        nodes = [n for n in body.graph.nodes if n.op == "call_function"]
+        first = next((n for n in nodes if n.meta.get("stack_trace")), None)
+        where = f"around {node_location(first)}" if first is not None else "of the forward"
+        warnings.warn(f"torch.export recorded the torch.autocast('cuda') region {where} as disabled: "
+                      "CUDA is not available on this machine, so torch turned it off. If your forward enables it, "
+                      "the rewritten GraphModule runs this region in full precision on a GPU too: analyse and "
+                      "rejuvenate on a machine with CUDA, or pass inplace=True (your forward keeps its own autocast)",
+                      NrfxWarning, stacklevel=2)
 
 
 def _enter(graph: torch.fx.Graph, region: object, context: tuple):

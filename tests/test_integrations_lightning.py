@@ -211,6 +211,26 @@ def test_weight_averaging_callbacks_get_each_round_and_resume(tmp_path, monkeypa
     assert len(fresh.losses) == 2 and all(map(math.isfinite, fresh.losses))
 
 
+@pytest.mark.parametrize("scheme", ["nr", "ca"])
+def test_a_compiled_module_recompiles_after_the_round_and_trains_as_eager(tmp_path, scheme):
+    """trainer.fit(torch.compile(module)): Lightning compiles the module it trains; the in-place round changes
+    parameter shapes and classes under it, dynamo's guards see that and recompile: the losses are the eager run's."""
+    losses, graphs = {}, {}
+    for compiled, target in ((False, 0.9), (True, 0.9), (True, 0.01)):  # target 0.01: no round
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model = Net()
+        callback = NeuralRejuvenationCallback(every_n_steps=2, scheme=scheme, **{**SETTINGS, "target": target})
+        trainer(tmp_path, callback, 6).fit(torch.compile(model, backend="eager") if compiled else model, loader())
+        assert callback.nr.rounds == (target > 0.5) and (model.net[1].weight.shape != (16,)) == (target > 0.5)
+        losses[compiled, target] = model.losses
+        graphs[compiled, target] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs[True, 0.9] > graphs[True, 0.01] > 0  # the round made dynamo compile the new shapes
+    losses = {compiled: losses[compiled, 0.9] for compiled in (False, True)}
+    assert len(losses[True]) == 6
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
+
+
 DDP_SCRIPT = textwrap.dedent("""
     # Lightning strategy="ddp" re-runs this script as rank 1 (LOCAL_RANK=1); each rank trains on its own data.
     import json, math, os, sys, warnings

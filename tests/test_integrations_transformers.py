@@ -191,3 +191,26 @@ def test_mixed_precision_rejuvenates_through_the_autocast_accelerate_wraps_forwa
     assert shapes(model) != before and "forward" in vars(model)  # resized, still under accelerate's wrapper
     with torch.no_grad():
         assert model(pixel_values=torch.randn(2, 3, 16, 16)).logits.dtype == torch.float32  # its output cast back
+
+
+def test_torch_compile_recompiles_after_the_round_and_trains_as_eager(tmp_path):
+    """TrainingArguments(torch_compile=True): the Trainer compiles the model it trains; the in-place round changes
+    shapes under it, dynamo compiles again, and the logged losses are the eager run's."""
+    settings = dict(example_inputs=torch.zeros(2, 3, 16, 16), target=0.9, lam=1e-2, delta_lambda=0.0, align=1, seed=0,
+                    every_n_steps=2, scheme="ca")  # S/R layers: new parameters and classes under the compiled model
+    losses, graphs = {}, {}
+    for compiled, target in ((False, 0.9), (True, 0.9), (True, 0.01)):  # target 0.01: no round
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model, callback = build_resnet(), NeuralRejuvenationCallback(**{**settings, "target": target})
+        before = shapes(model)
+        options = dict(torch_compile=True, torch_compile_backend="eager") if compiled else {}
+        run = resnet_trainer(model, callback, tmp_path / f"{compiled}{target}", 6, save_strategy="no", logging_steps=1,
+                             **options)
+        run.train()
+        assert callback.nr.rounds == (target > 0.5) and (shapes(model) != before) == (target > 0.5)
+        losses[compiled, target] = [entry["loss"] for entry in run.state.log_history if "loss" in entry]
+        graphs[compiled, target] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs[True, 0.9] > graphs[True, 0.01] > 0  # the round made dynamo compile the new shapes
+    assert len(losses[True, 0.9]) == 6
+    torch.testing.assert_close(torch.tensor(losses[True, 0.9]), torch.tensor(losses[False, 0.9]), rtol=1e-5, atol=1e-6)

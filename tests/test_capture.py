@@ -467,3 +467,47 @@ def test_an_island_whose_output_forward_hooks_build_is_not_taken_and_hooks_follo
             for batch in (2, 3):
                 xb = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
                 torch.testing.assert_close(new(xb), model(xb), rtol=1e-9, atol=1e-12)
+
+
+class _Swish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class _ScriptedChild(nn.Module):
+    """A TorchScript submodule (``torch.jit.script``-ed activation) between two conv-BN stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.act = torch.jit.script(_Swish())
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.b1(self.c1(x)))
+        return self.head(torch.relu(self.b2(self.c2(y))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_torchscript_submodule_is_a_leaf_whose_channels_freeze(scheme, inplace):
+    """A ScriptModule child: nothing traces into it and it has no Python hooks or buffer dicts to guard, so the
+    capture calls it as an unknown leaf (its channels frozen) and the rest is rejuvenated exactly (was: a crash on
+    its C++ buffer dict)."""
+    torch.manual_seed(0)
+    model, x = _ScriptedChild().eval(), torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        model.b1.weight[:6] = 0
+        model.b2.weight[:5] = 0
+        model.b1.bias.uniform_(-1, 1)
+    analysis = nrfx.analyze(model, x)
+    assert analysis.capture == "fx" and analysis.unknown_ops == {"TorchScript module _Swish": ("act",)}
+    assert [bool(space.frozen) for space in analysis.spaces] == [True, False, True]  # c1's space feeds `act`
+    assert "TorchScript module _Swish" in analysis.spaces[0].frozen[0]
+    expected = model(x)
+    subject = copy.deepcopy(model) if inplace else model
+    result = nrfx.rejuvenate(subject, None, None, example_inputs=x, scheme=scheme, constants="keep", align=1,
+                             inplace=inplace).eval()
+    torch.testing.assert_close(result(x), expected)
+    assert result.nrfx_plan.grow == [0, 5, 0] and isinstance(result.act, torch.jit.ScriptModule)

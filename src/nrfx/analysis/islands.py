@@ -34,7 +34,7 @@ from nrfx.analysis.whole import (
     analyze_whole,
 )
 from nrfx.capture.front_ends import Example, output_signature
-from nrfx.capture.guards import has_hooks, in_eval_mode, untouched
+from nrfx.capture.guards import has_hooks, in_eval_mode, python_modules, untouched
 from nrfx.errors import NrfxError, NrfxWarning, RenamedAttribute, TraceError
 
 __all__ = ["IslandAnalysis", "find_islands", "hooks_traced_through"]
@@ -48,7 +48,7 @@ def record_calls(model: nn.Module, example: Example,
     Eval mode, no grad, the model untouched.
     """
     calls: dict[int, list[Example]] = {}
-    modules = [m for name, m in model.named_modules() if name]
+    modules = [m for m in python_modules(model) if m is not model]
     hooks = [m.register_forward_pre_hook(_recorder(calls, id(m)), with_kwargs=True) for m in modules]
     if outputs is not None:  # appended last: it sees the output the module's own forward hooks made
         hooks += [m.register_forward_hook(_output_recorder(outputs, id(m))) for m in modules]

@@ -567,6 +567,8 @@ def _is_container_class(target: Any) -> bool:
 
 def _label(node: torch.fx.Node, module: nn.Module | None) -> str:
     """A readable name for an op: module type, function or method name."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return f"TorchScript module {module.original_name}"
     if module is not None:
         return f"module {type(module).__module__}.{type(module).__qualname__}"
     if node.op == "call_method":

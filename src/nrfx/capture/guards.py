@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["untouched", "in_eval_mode", "in_mode", "hooks_silenced", "buffer_values", "restore_buffer_values",
-           "BufferValue", "HOOK_STATE", "has_hooks"]
+__all__ = ["untouched", "in_eval_mode", "in_mode", "hooks_silenced", "python_modules", "buffer_values",
+           "restore_buffer_values", "BufferValue", "HOOK_STATE", "has_hooks"]
 
 
 @contextmanager
@@ -44,6 +44,20 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwar
 HOOK_STATE = (*_HOOK_DICTS, "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")  # a module's hooks
 
 
+def python_modules(module: nn.Module) -> list[nn.Module]:
+    """Rule: ``module`` and its submodules, less TorchScript modules and what they hold: compiled code nothing
+    traces into, with C++ dicts for buffers and no Python hooks (a trace calls them as leaves)."""
+    found, seen, stack = [], set(), [module]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, torch.jit.ScriptModule) or id(current) in seen:
+            continue
+        found.append(current)
+        seen.add(id(current))
+        stack.extend(reversed(list(current.children())))
+    return found
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether any forward, pre-forward or backward hook is registered on the module itself."""
     return any(getattr(module, name, None) for name in HOOK_STATE)
@@ -56,7 +70,7 @@ def hooks_silenced(module: nn.Module) -> Iterator[None]:
     Each submodule's hook dicts are swapped for copies holding only torch's hooks and put back on
     exit, so hooks registered inside the block vanish with them.
     """
-    saved = [(m, {k: m.__dict__[k] for k in _HOOK_DICTS if k in m.__dict__}) for m in module.modules()]
+    saved = [(m, {k: m.__dict__[k] for k in _HOOK_DICTS if k in m.__dict__}) for m in python_modules(module)]
     try:
         for m, hooks in saved:
             kept = {k: v for k, v in hooks["_forward_pre_hooks"].items() if _torch_own(v)} \
@@ -82,7 +96,8 @@ def untouched(module: nn.Module) -> Iterator[None]:
     The dicts and lists are put back in place: a cache a forward fills (timm's attention-bias cache,
     which an FX trace fills with a proxy of its own graph) is emptied again.
     """
-    saved = [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters), _contents(m)) for m in module.modules()]
+    saved = [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters), _contents(m))
+             for m in python_modules(module)]
     values = buffer_values(module)
     try:
         yield

@@ -46,9 +46,10 @@ def meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _call_module(module: nn.Module, state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-    """Call a module on its meta state (or as it is, when it has none), leaving no trace on it."""
+    """Call a module on its meta state (or as it is, when it has none or is TorchScript, which functional_call
+    cannot swap tensors into), leaving no trace on it."""
     with untouched(module):
-        if not state:
+        if not state or isinstance(module, torch.jit.ScriptModule):
             return module(*args, **kwargs)
         return torch.func.functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
 

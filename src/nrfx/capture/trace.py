@@ -168,8 +168,9 @@ class NrfxTracer(torch.fx.Tracer):
         self.leaf_names = {n for n in leaves if isinstance(n, str)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        """torch.nn built-ins, the user's leaf types and names, and auto leaves are leaves."""
-        if module_qualified_name in self.leaf_names:
+        """torch.nn built-ins, TorchScript modules (compiled code: FX would record their C++ handle's ``forward``),
+        the user's leaf types and names, and auto leaves are leaves."""
+        if module_qualified_name in self.leaf_names or isinstance(m, torch.jit.ScriptModule):
             return True
         if isinstance(m, (*SR_LAYERS, Gate, *LEAF_LAYERS)):
             return True  # nrfx's S/R layers and gates (the conv/linear/norm they stand for), registered layers

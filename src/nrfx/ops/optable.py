@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import torch
 from torch import nn
 
 __all__ = ["OpTable"]
@@ -52,7 +53,10 @@ class OpTable(Generic[Entry]):
         return register
 
     def for_module(self, module: nn.Module) -> Entry | None:
-        """The entry of the nearest registered base class that shares the module's forward."""
+        """The entry of the nearest registered base class that shares the module's forward (none for TorchScript
+        modules: compiled code, whatever class it was scripted from)."""
+        if isinstance(module, torch.jit.ScriptModule):
+            return None
         forward = type(module).forward
         for base in type(module).__mro__:
             entry = self.modules.get(base)

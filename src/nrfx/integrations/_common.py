@@ -192,8 +192,7 @@ class Runner:
         prepare_target(copy, self.settings)
         device = next(copy.parameters()).device
         apply_plan(copy, self.nr.plans[-1], _on_device(self.settings.example_inputs, device),
-                   example_kwargs=_on_device(self.settings.example_kwargs, device), inplace=True,
-                   capture=self.settings.driver["capture"])
+                   example_kwargs=_on_device(self.settings.example_kwargs, device), inplace=True)  # the plan's capture
 
     def progress(self) -> dict[str, Any] | None:
         """The driver's progress (JSON-safe), or the progress still waiting to be loaded, or None."""

@@ -505,6 +505,8 @@ def test_a_torchscript_submodule_is_a_leaf_whose_channels_freeze(scheme, inplace
     assert analysis.capture == "fx" and analysis.unknown_ops == {"TorchScript module _Swish": ("act",)}
     assert [bool(space.frozen) for space in analysis.spaces] == [True, False, True]  # c1's space feeds `act`
     assert "TorchScript module _Swish" in analysis.spaces[0].frozen[0]
+    islands = nrfx.analyze(model, x, capture="islands")  # the call recorder hooks every Python module, not `act`
+    assert isinstance(islands, IslandAnalysis) and "act" not in islands.islands
     expected = model(x)
     subject = copy.deepcopy(model) if inplace else model
     result = nrfx.rejuvenate(subject, None, None, example_inputs=x, scheme=scheme, constants="keep", align=1,

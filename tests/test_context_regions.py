@@ -198,6 +198,15 @@ def test_a_cuda_autocast_exported_without_cuda_is_said_to_be_recorded_disabled()
     with warnings.catch_warnings():
         warnings.simplefilter("error", nrfx.NrfxWarning)
         assert all(nrfx.analyze(_dead(build()), X).capture == "export" for build in BUILDS.values())
+        assert nrfx.analyze(_dead(CudaAutocastOff()), X).capture == "export"  # written off: torch said nothing
+
+
+class CudaAutocastOff(Plain):
+    """A CUDA autocast region the forward itself turns off (an fp32 island under a caller's autocast)."""
+
+    def forward(self, x):
+        with torch.autocast("cuda", enabled=False):
+            return super().forward(x)
 
 
 def test_a_leaf_that_switches_keeps_fx():

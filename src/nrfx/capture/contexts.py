@@ -44,7 +44,9 @@ from nrfx.capture.modes import retraceable_call
 from nrfx.errors import NrfxWarning, TraceError, frame_line, live_frames, node_location, user_frame
 
 __all__ = ["inline_context_regions", "switches_seen", "Switch", "enter_autocast", "exit_autocast",
-           "enter_grad_mode", "exit_grad_mode", "REGION_CALLS"]
+           "enter_grad_mode", "exit_grad_mode", "REGION_CALLS", "CUDA_AUTOCAST_OFF"]
+
+CUDA_AUTOCAST_OFF = "nrfx_cuda_autocast_off"  # GraphModule.meta key: torch turned off a CUDA autocast asked for
 
 
 @torch.fx.node.has_side_effect
@@ -89,12 +91,14 @@ _HOP = torch.ops.higher_order
 _BODY_AT = {_HOP.wrap_with_autocast: 4, _HOP.wrap_with_set_grad_enabled: 1}  # the body's position in the args
 
 
-def inline_context_regions(gm: torch.fx.GraphModule) -> int:
-    """Rule: every autocast / grad-mode region whose outputs are read by index is inlined; returns how many."""
+def inline_context_regions(gm: torch.fx.GraphModule, cuda_off: bool | None = None) -> int:
+    """Rule: every autocast / grad-mode region whose outputs are read by index is inlined; returns how many.
+    ``cuda_off``: torch turned off a CUDA autocast the forward enabled (default: ``gm.meta``'s record of it)."""
+    cuda_off = bool(gm.meta.get(CUDA_AUTOCAST_OFF)) if cuda_off is None else cuda_off
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _BODY_AT and _read_by_index(node):
-            count += _inline(gm, node)
+            count += _inline(gm, node, cuda_off)
     return count
 
 
@@ -103,16 +107,16 @@ def _read_by_index(node: torch.fx.Node) -> bool:
     return all(user.target is operator.getitem and isinstance(user.args[1], int) for user in node.users)
 
 
-def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, cuda_off: bool) -> int:
     """The region's body copied before ``node``, between its context's enter and exit; ``node`` removed."""
     at = _BODY_AT[node.target]
     context, body_node, operands = node.args[:at], node.args[at], node.args[at + 1:]
     body = gm.get_submodule(body_node.target)
     if node.target is _HOP.wrap_with_set_grad_enabled:
         _refuse_reentrant_checkpoint(body)
-    else:
+    elif cuda_off:
         _warn_if_disabled_for_want_of_cuda(body, context)
-    inner = inline_context_regions(body)  # nested regions first: their bodies are the body's submodules
+    inner = inline_context_regions(body, cuda_off)  # nested regions first: their bodies are the body's submodules
     graph = gm.graph
     with graph.inserting_before(node):
         leave = _enter(graph, node.target, context)
@@ -139,15 +143,15 @@ def _refuse_reentrant_checkpoint(body: torch.fx.GraphModule) -> None:
 
 
 def _warn_if_disabled_for_want_of_cuda(body: torch.fx.GraphModule, context: tuple) -> None:
-    """Rule: a CUDA autocast region recorded disabled on a machine without CUDA is said aloud: torch turns
-    ``torch.autocast("cuda")`` off there, so the graph would run the region in full precision on a GPU too."""
+    """Rule: a CUDA autocast region recorded disabled, where torch said it turned one the forward enabled off
+    (no CUDA on this machine), is said aloud: the graph would run the region in full precision on a GPU too."""
     device_type, _, enabled = context[:3]
     if device_type == "cuda" and not enabled and not torch.cuda.is_available():
         nodes = [n for n in body.graph.nodes if n.op == "call_function"]
         first = next((n for n in nodes if n.meta.get("stack_trace")), None)
         where = f"around {node_location(first)}" if first is not None else "of the forward"
         warnings.warn(f"torch.export recorded the torch.autocast('cuda') region {where} as disabled: "
-                      "CUDA is not available on this machine, so torch turned it off. If your forward enables it, "
+                      "CUDA is not available on this machine, so torch turned it off. Where your forward enables it, "
                       "the rewritten GraphModule runs this region in full precision on a GPU too: analyse and "
                       "rejuvenate on a machine with CUDA, or pass inplace=True (your forward keeps its own autocast)",
                       NrfxWarning, stacklevel=2)

@@ -35,7 +35,7 @@ from torch import nn
 
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
-from nrfx.capture.contexts import inline_context_regions
+from nrfx.capture.contexts import CUDA_AUTOCAST_OFF, inline_context_regions
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, in_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
 from nrfx.capture.modes import follow_the_flag, node_keys
@@ -285,6 +285,8 @@ def _fx_capture(model, example: Example, leaf_modules, concrete_args, autowrap_f
 
 
 # -- torch.export ---------------------------------------------------------------------------
+_TORCH_CUDA_AUTOCAST_OFF = "CUDA is not available or torch_xla is imported. Disabling autocast"  # torch.amp's warning
+
 def export_capture(model: nn.Module, example: Example, raisable: Callable[[nn.Module], bool]) -> Captured:
     """torch.export (non-strict, batch dims dynamic, eval mode), leaf runs raised, aten ops at torch level."""
     exported, notes = _export(model, example)
@@ -317,9 +319,9 @@ def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, l
     try:
         with untouched(model), in_eval_mode(model), heads_exposed():
             try:
-                program = _export_call(model, example, _batch_dynamic(model, example))
+                program, cuda_off = _export_call(model, example, _batch_dynamic(model, example))
             except Exception as dynamic_error:  # retried with every shape static
-                program = _export_call(model, example, None)
+                program, cuda_off = _export_call(model, example, None)
                 notes.append(f"capture: the batch dim could not stay dynamic ({type(dynamic_error).__name__}); "
                              "the captured model runs at the example's shapes only")
     except Exception as error:
@@ -327,21 +329,25 @@ def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, l
                          f"{str(error).splitlines()[0] if str(error) else ''}\n  Help it as torch.export's docs say "
                          "(torch._check for data-dependent sizes), or make the failing submodule a leaf.") from error
     exported = program.module()
+    exported.meta[CUDA_AUTOCAST_OFF] = cuda_off
     if example.tensors() and not _batch_is_dynamic(exported):
         notes.append("capture: torch.export specialised the batch dim (an example batch of 1 does that); "
                      "pass an example batch of 2 or more to run the result at any batch size")
     return exported, notes
 
 
-def _export_call(model: nn.Module, example: Example, dynamic_shapes: Any):
-    """One torch.export.export call, non-strict, quiet: a failure prints whole graphs, the error says enough."""
+def _export_call(model: nn.Module, example: Example, dynamic_shapes: Any) -> tuple[Any, bool]:
+    """One torch.export.export call, non-strict, quiet: a failure prints whole graphs, the error says enough.
+    Returns the program and whether torch turned off a ``torch.autocast("cuda")`` the forward enabled (no CUDA)."""
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings(), hooks_silenced(model):
-            warnings.simplefilter("ignore")  # the user's hooks do not fire (nor enter the graph, as with fx)
-            return torch.export.export(model, example.args, example.kwargs, strict=False,
-                                       dynamic_shapes=dynamic_shapes)
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings(record=True) as caught, \
+                hooks_silenced(model):
+            warnings.simplefilter("always")  # recorded, not shown; the user's hooks do not fire (as with fx)
+            program = torch.export.export(model, example.args, example.kwargs, strict=False,
+                                          dynamic_shapes=dynamic_shapes)
+        return program, any(_TORCH_CUDA_AUTOCAST_OFF in str(w.message) for w in caught)
     finally:
         logging.disable(previous)
 

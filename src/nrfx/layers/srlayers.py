@@ -36,10 +36,10 @@ from torch import nn
 
 __all__ = ["SRConv1d", "SRConv2d", "SRConv3d", "SRLinear", "SR_LAYERS", "SR_CLASSES", "unused_weights",
            "make_sr", "to_dense", "block_names", "blocks_of", "join_blocks", "dense_names", "dense_numel",
-           "like_layout"]
+           "like_layout", "zeros_like_layout"]
 
 _ALL = slice(None)
-CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # dims → the channels-last format of that rank
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # dims → the channels-last format of that rank
 
 
 class _SRMixin:
@@ -233,9 +233,14 @@ def like_layout(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return new.contiguous(memory_format=_memory_format(old))
 
 
+def zeros_like_layout(shape: tuple[int, ...] | torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``shape`` in ``like``'s dtype, device and memory format (a resized copy of ``like`` to fill)."""
+    return like_layout(torch.zeros(shape, dtype=like.dtype, device=like.device), like)
+
+
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
     """channels_last(_3d) for a tensor dense in that format only, else contiguous_format."""
-    layout = CHANNELS_LAST.get(tensor.dim())
+    layout = _CHANNELS_LAST.get(tensor.dim())
     if layout is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=layout):
         return layout
     return torch.contiguous_format
@@ -246,7 +251,7 @@ def join_blocks(layer: nn.Module, attr: str, parts: dict[str, torch.Tensor]) -> 
     if not isinstance(layer, SR_LAYERS):
         return parts[attr]
     first = next(iter(parts.values()))
-    dense = like_layout(torch.zeros(layer._dense_shape(attr), dtype=first.dtype, device=first.device), first)
+    dense = zeros_like_layout(layer._dense_shape(attr), first)
     with torch.no_grad():
         for name, a, index in layer._specs():
             if a == attr and name in parts:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nrfx.errors import NrfxWarning, OptimizerStateError
-from nrfx.layers.srlayers import SR_LAYERS, blocks_of, dense_names, join_blocks, like_layout
+from nrfx.layers.srlayers import SR_LAYERS, blocks_of, dense_names, join_blocks, zeros_like_layout
 from nrfx.rewrite.tensors import ParamMap, copy_block
 
 __all__ = ["carry_optimizer_state", "copy_group_settings", "dense_parameters", "dense_states", "slice_state",
@@ -26,7 +26,7 @@ __all__ = ["carry_optimizer_state", "copy_group_settings", "dense_parameters", "
 
 def slice_state(old: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
     """A state tensor at the new shape: the surviving (S×S) slots copied from ``old``, every other slot zero."""
-    new = like_layout(torch.zeros(pmap.new_shape, dtype=old.dtype, device=old.device), old)
+    new = zeros_like_layout(pmap.new_shape, old)
     with torch.no_grad():
         copy_block(new, old.detach(), pmap, rejuvenated=False)
     return new

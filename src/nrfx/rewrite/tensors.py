@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from nrfx.errors import RewriteError
-from nrfx.layers.srlayers import like_layout
+from nrfx.layers.srlayers import zeros_like_layout
 from nrfx.ops.layer_kinds import fix_attributes, invariant_problem, is_scale, layer_kind
 from nrfx.plan.maps import DimMap, ParamMap, dim_map, param_maps
 
@@ -26,7 +26,7 @@ __all__ = ["DimMap", "ParamMap", "dim_map", "param_maps", "rewrite_params", "cop
 
 def _combine(old: torch.Tensor, fresh: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
     """S×S from old, all-R from fresh, mixed S/R entries zero; in the old tensor's memory format."""
-    new = like_layout(torch.zeros(fresh.shape, dtype=old.dtype, device=old.device), old)
+    new = zeros_like_layout(fresh.shape, old)
     with torch.no_grad():
         copy_block(new, fresh.detach(), pmap, rejuvenated=True)
         copy_block(new, old.detach(), pmap, rejuvenated=False)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["untouched", "in_eval_mode", "in_mode", "hooks_silenced", "python_modules", "buffer_values",
-           "restore_buffer_values", "BufferValue", "HOOK_STATE", "has_hooks"]
+           "restore_buffer_values", "BufferValue", "HOOK_STATE", "has_hooks", "torch_own_hook"]
 
 
 @contextmanager
@@ -73,7 +73,7 @@ def hooks_silenced(module: nn.Module) -> Iterator[None]:
     saved = [(m, {k: m.__dict__[k] for k in _HOOK_DICTS if k in m.__dict__}) for m in python_modules(module)]
     try:
         for m, hooks in saved:
-            kept = {k: v for k, v in hooks["_forward_pre_hooks"].items() if _torch_own(v)} \
+            kept = {k: v for k, v in hooks["_forward_pre_hooks"].items() if torch_own_hook(v)} \
                 if "_forward_pre_hooks" in hooks else {}
             for key, value in hooks.items():
                 m.__dict__[key] = type(value)(kept.items()) if key == "_forward_pre_hooks" else type(value)()
@@ -83,8 +83,8 @@ def hooks_silenced(module: nn.Module) -> Iterator[None]:
             m.__dict__.update(hooks)
 
 
-def _torch_own(hook: object) -> bool:
-    """A hook torch installs for a parametrisation (weight_norm, spectral_norm): part of the model's forward."""
+def torch_own_hook(hook: object) -> bool:
+    """A hook torch.nn.utils installs (weight_norm, spectral_norm, a prune mask): part of the model's forward."""
     return type(hook).__module__.startswith("torch.nn.utils")
 
 

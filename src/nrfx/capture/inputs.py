@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from nrfx.capture.front_ends import Example
+from nrfx.capture.guards import torch_own_hook
 from nrfx.errors import InputError
 
 __all__ = ["check_model", "check_example", "check_real_weights"]
@@ -53,24 +54,21 @@ def check_real_weights(model: nn.Module) -> None:
     computed = next(((name, m) for name, m in model.named_modules() if _parametrised(m)), None)
     if computed is not None:
         name, module = computed
+        pruned = _pruned(module)
         raise InputError(f"module '{name}' computes its weight from other parameters at every forward "
-                         f"({_computed_by(module)}): rejuvenate would resize the computed weight, not the parameters "
-                         f"behind it. {_remove_first(module)}")
+                         f"({_computed_by(pruned)}): rejuvenate would resize the computed weight, not the parameters "
+                         f"behind it. {_remove_first(pruned)}")
 
 
 def _parametrised(module: nn.Module) -> bool:
     """A weight computed per forward: torch's weight_norm / spectral_norm / pruning hook, or a parametrisation."""
-    return bool(_utils_hooks(module)) or torch.nn.utils.parametrize.is_parametrized(module)
+    return any(map(torch_own_hook, module._forward_pre_hooks.values())) or \
+        torch.nn.utils.parametrize.is_parametrized(module)
 
 
-def _utils_hooks(module: nn.Module) -> list[Any]:
-    """The module's forward pre-hooks that torch.nn.utils installed (weight_norm, spectral_norm, prune)."""
-    return [h for h in module._forward_pre_hooks.values() if type(h).__module__.startswith("torch.nn.utils")]
-
-
-def _pruning(module: nn.Module) -> list[str]:
+def _pruned(module: nn.Module) -> list[str]:
     """The tensor names a torch.nn.utils.prune method masks on this module (its hooks' ``_tensor_name``)."""
-    hooks = [h for h in _utils_hooks(module) if isinstance(h, prune.BasePruningMethod)]
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
     return [name for h in hooks for name in _pruned_names(h)]
 
 
@@ -81,19 +79,17 @@ def _pruned_names(hook: Any) -> list[str]:
     return [hook._tensor_name]
 
 
-def _computed_by(module: nn.Module) -> str:
-    """What computes the module's weight, in torch's words."""
-    names = _pruning(module)
-    if names:
-        return "a torch.nn.utils.prune mask: " + ", ".join(f"{n} = {n}_orig * {n}_mask" for n in names)
+def _computed_by(pruned: list[str]) -> str:
+    """What computes the module's weight, in torch's words (``pruned``: the tensors a prune mask computes)."""
+    if pruned:
+        return "a torch.nn.utils.prune mask: " + ", ".join(f"{n} = {n}_orig * {n}_mask" for n in pruned)
     return "weight_norm, spectral_norm or a torch.nn.utils.parametrize parametrisation"
 
 
-def _remove_first(module: nn.Module) -> str:
+def _remove_first(pruned: list[str]) -> str:
     """How to bake the computed weight in before rejuvenating."""
-    names = _pruning(module)
-    if names:
-        calls = ", ".join(f"torch.nn.utils.prune.remove(module, {n!r})" for n in names)
+    if pruned:
+        calls = ", ".join(f"torch.nn.utils.prune.remove(module, {n!r})" for n in pruned)
         return (f"Make the pruning permanent first ({calls}, for every pruned module): the pruned weights stay zero "
                 "and rejuvenate reads them as they are")
     return ("Remove it first (torch.nn.utils.remove_weight_norm / remove_spectral_norm / "

@@ -44,9 +44,7 @@ from nrfx.capture.modes import retraceable_call
 from nrfx.errors import NrfxWarning, TraceError, frame_line, live_frames, node_location, user_frame
 
 __all__ = ["inline_context_regions", "switches_seen", "Switch", "enter_autocast", "exit_autocast",
-           "enter_grad_mode", "exit_grad_mode", "REGION_CALLS", "CUDA_AUTOCAST_OFF"]
-
-CUDA_AUTOCAST_OFF = "nrfx_cuda_autocast_off"  # GraphModule.meta key: torch turned off a CUDA autocast asked for
+           "enter_grad_mode", "exit_grad_mode", "REGION_CALLS"]
 
 
 @torch.fx.node.has_side_effect
@@ -91,10 +89,9 @@ _HOP = torch.ops.higher_order
 _BODY_AT = {_HOP.wrap_with_autocast: 4, _HOP.wrap_with_set_grad_enabled: 1}  # the body's position in the args
 
 
-def inline_context_regions(gm: torch.fx.GraphModule, cuda_off: bool | None = None) -> int:
+def inline_context_regions(gm: torch.fx.GraphModule, cuda_off: bool = False) -> int:
     """Rule: every autocast / grad-mode region whose outputs are read by index is inlined; returns how many.
-    ``cuda_off``: torch turned off a CUDA autocast the forward enabled (default: ``gm.meta``'s record of it)."""
-    cuda_off = bool(gm.meta.get(CUDA_AUTOCAST_OFF)) if cuda_off is None else cuda_off
+    ``cuda_off``: torch said, while exporting, that it turned off a CUDA autocast the forward enabled."""
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _BODY_AT and _read_by_index(node):

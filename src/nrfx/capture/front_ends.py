@@ -35,7 +35,7 @@ from torch import nn
 
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
-from nrfx.capture.contexts import CUDA_AUTOCAST_OFF, inline_context_regions
+from nrfx.capture.contexts import inline_context_regions
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, in_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
 from nrfx.capture.modes import follow_the_flag, node_keys
@@ -289,9 +289,9 @@ _TORCH_CUDA_AUTOCAST_OFF = "CUDA is not available or torch_xla is imported. Disa
 
 def export_capture(model: nn.Module, example: Example, raisable: Callable[[nn.Module], bool]) -> Captured:
     """torch.export (non-strict, batch dims dynamic, eval mode), leaf runs raised, aten ops at torch level."""
-    exported, notes = _export(model, example)
+    exported, notes, cuda_off = _export(model, example)
     graph = exported.graph
-    regions = inline_context_regions(exported)
+    regions = inline_context_regions(exported, cuda_off)
     if regions:
         notes.append(f"capture: {regions} autocast / grad-mode regions of torch.export's graph inlined")
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target.startswith("_guards")]:
@@ -312,8 +312,9 @@ def export_capture(model: nn.Module, example: Example, raisable: Callable[[nn.Mo
     return Captured(gm, {}, method="export", notes=notes, aten_left=left)
 
 
-def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, list[str]]:
-    """``torch.export`` in eval mode with the batch dim dynamic (static when that fails); the model untouched."""
+def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, list[str], bool]:
+    """``torch.export`` in eval mode with the batch dim dynamic (static when that fails); the model untouched.
+    Also returns whether torch turned off a CUDA autocast the forward enabled (``_export_call``)."""
     notes: list[str] = []
     register_cache_pytrees()  # HF caches in the output (nrfx.capture.caches)
     try:
@@ -329,11 +330,10 @@ def _export(model: nn.Module, example: Example) -> tuple[torch.fx.GraphModule, l
                          f"{str(error).splitlines()[0] if str(error) else ''}\n  Help it as torch.export's docs say "
                          "(torch._check for data-dependent sizes), or make the failing submodule a leaf.") from error
     exported = program.module()
-    exported.meta[CUDA_AUTOCAST_OFF] = cuda_off
     if example.tensors() and not _batch_is_dynamic(exported):
         notes.append("capture: torch.export specialised the batch dim (an example batch of 1 does that); "
                      "pass an example batch of 2 or more to run the result at any batch size")
-    return exported, notes
+    return exported, notes, cuda_off
 
 
 def _export_call(model: nn.Module, example: Example, dynamic_shapes: Any) -> tuple[Any, bool]:

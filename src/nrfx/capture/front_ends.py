@@ -287,6 +287,7 @@ def _fx_capture(model, example: Example, leaf_modules, concrete_args, autowrap_f
 # -- torch.export ---------------------------------------------------------------------------
 _TORCH_CUDA_AUTOCAST_OFF = "CUDA is not available or torch_xla is imported. Disabling autocast"  # torch.amp's warning
 
+
 def export_capture(model: nn.Module, example: Example, raisable: Callable[[nn.Module], bool]) -> Captured:
     """torch.export (non-strict, batch dims dynamic, eval mode), leaf runs raised, aten ops at torch level."""
     exported, notes, cuda_off = _export(model, example)

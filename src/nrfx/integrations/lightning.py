@@ -132,12 +132,6 @@ def _averaged_copies(trainer: Any) -> list[Any]:
         from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
     except ImportError:  # pytorch_lightning, or a Lightning without WeightAveraging (before 2.5)
         return []
-    copies = []
-    for callback in trainer.callbacks:
-        average = getattr(callback, "_average_model", None) if isinstance(
-            callback, (WeightAveraging, StochasticWeightAveraging)) else None
-        if isinstance(average, torch.optim.swa_utils.AveragedModel):
-            average = average.module
-        if average is not None:
-            copies.append(average)
-    return copies
+    averaging = (WeightAveraging, StochasticWeightAveraging)
+    averages = [callback._average_model for callback in trainer.callbacks if isinstance(callback, averaging)]
+    return [a.module if isinstance(a, torch.optim.swa_utils.AveragedModel) else a for a in averages if a is not None]

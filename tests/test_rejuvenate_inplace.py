@@ -531,6 +531,6 @@ def test_a_channels_last_model_keeps_its_memory_format(dims, scheme, inplace):
         else:
             assert all(p.is_contiguous() for p in weights)
         if inplace:
-            momenta = [optimizer.state[p]["momentum_buffer"] for p in weights if p in optimizer.state]
-            assert momenta and all(m.shape == p.shape for m, p in zip(momenta, weights, strict=False))
-            assert all(_channels_last(m) if keep_layout else m.is_contiguous() for m in momenta)
+            momenta = [(p, optimizer.state[p]["momentum_buffer"]) for p in weights if p in optimizer.state]
+            assert momenta and all(m.shape == p.shape for p, m in momenta)
+            assert all(_channels_last(m) if keep_layout else m.is_contiguous() for _, m in momenta)

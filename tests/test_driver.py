@@ -133,8 +133,9 @@ def _state_by_name(nr: NeuralRejuvenation) -> dict[str, dict[str, torch.Tensor]]
             for name, state in dense_states(nr.optimizer, nr.module).items()}
 
 
-def _assert_sliced(old: torch.Tensor, new: torch.Tensor, pmap) -> None:
-    """new[S…] == old[source…] wherever every dim is a surviving slot, zero elsewhere."""
+def _assert_sliced(old: torch.Tensor, new: torch.Tensor, pmap, fill: float = 0.0, cross: bool = False) -> None:
+    """new[S…] == old[source…] wherever every dim is a surviving slot, ``fill`` elsewhere (``cross``: or zero,
+    the cr cross blocks a joined state spells as zero because cr stores none)."""
     survive = torch.ones(new.shape, dtype=torch.bool)
     gathered = old
     for m in pmap.dims:
@@ -143,7 +144,9 @@ def _assert_sliced(old: torch.Tensor, new: torch.Tensor, pmap) -> None:
         survive &= (m.source >= 0).reshape(shape)
         gathered = gathered.index_select(m.dim, m.source.clamp(min=0))
     assert torch.equal(new[survive], gathered[survive])
-    assert not new[~survive].any()
+    rest = new[~survive]
+    assert rest.numel() and bool((rest == fill).any())
+    assert bool(((rest == fill) | (cross and rest == 0)).all())
 
 
 @pytest.mark.parametrize("factory", [sgd, adam], ids=["sgd-momentum", "adam"])
@@ -163,6 +166,29 @@ def test_surviving_slices_keep_their_optimizer_state(factory):
             else:
                 _assert_sliced(before[name][key], value, maps[name])
     assert any((m.source < 0).any() for pm in maps.values() for m in pm.dims)  # some slots were rejuvenated
+
+
+@pytest.mark.parametrize(("factory", "fills"), [
+    (lambda g: torch.optim.Adagrad(g, lr=0.05, initial_accumulator_value=0.3), {"sum": 0.3}),
+    (lambda g: torch.optim.Rprop(g, lr=0.02), {"step_size": 0.02, "prev": 0.0}),
+], ids=["adagrad", "rprop"])
+@pytest.mark.parametrize("scheme", ["nr", "cr"])
+def test_new_slots_start_where_a_fresh_optimizer_starts_them(factory, fills, scheme):
+    nr = NeuralRejuvenation(small_cnn(), factory, example_inputs=EXAMPLE, interval=None, target=0.9, seed=3,
+                            scheme=scheme)
+    train(nr, Task(), 5)
+    zero_scales(nr.module, 0.5)
+    before = _state_by_name(nr)
+    assert nr.check()["event"] == "rejuvenate"
+    maps = nr.module.nrfx_param_map
+    sliced = 0
+    for name, state in _state_by_name(nr).items():
+        for key, fill in fills.items():
+            if name in maps:
+                _assert_sliced(before[name][key], state[key], maps[name], fill, cross=scheme == "cr")
+                sliced += 1
+    assert sliced >= len(fills)
+    train(nr, Task(), 2)
 
 
 SCHEME_CASES = [("nr", False), ("nr", True), ("cr", False), ("ca", True)]

@@ -177,6 +177,23 @@ def test_optimizer_follows_in_place(make, scheme):
     assert torch.isfinite(torch.tensor(_train_step(model, optimizer, x)))
 
 
+def test_in_place_new_slots_start_at_adagrads_initial_accumulator():
+    model, x = _cnn(), torch.randn(4, 3, 8, 8)
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.05, initial_accumulator_value=0.25)
+    _train_step(model, optimizer, x)
+    kill_per_norm(model, nrfx.analyze(model, x), 0.4, seed=3)
+    before = optimizer.state[model[3].weight]["sum"].clone()
+    nrfx.rejuvenate(model, None, None, example_inputs=x, inplace=True, optimizer=optimizer, align=1)
+    out_map, in_map = model.nrfx_param_map["3.weight"].dims
+    state = optimizer.state[model[3].weight]["sum"]
+    kept = state[out_map.kept][:, in_map.kept]
+    torch.testing.assert_close(kept, before[out_map.source[out_map.kept]][:, in_map.source[in_map.kept]])
+    new = torch.ones_like(state, dtype=torch.bool)
+    new[out_map.kept[:, None], in_map.kept[None, :]] = False
+    assert new.any() and bool((state[new] == 0.25).all())
+    assert torch.isfinite(torch.tensor(_train_step(model, optimizer, x)))
+
+
 class _FlatState(torch.optim.Optimizer):
     """Keeps one flat buffer per parameter (not shaped like it): cannot be sliced slot by slot."""
 

@@ -1,8 +1,9 @@
-"""Optimizer state across a rejuvenation: every surviving slot keeps its state, every R slot starts at zero.
+"""Optimizer state across a rejuvenation: every surviving slot keeps its state, every R slot starts fresh.
 
 A state tensor shaped like its parameter (SGD ``momentum_buffer``, Adam ``exp_avg`` and
 ``exp_avg_sq``, ...) is rebuilt at the new shape with the rewrite's own block copy: the S×S
-block is copied from the old state, every slot that touches an R channel is zero.  Scalar state
+block is copied from the old state, every slot that touches an R channel starts where a fresh
+optimizer would start it (zero; Adagrad's ``initial_accumulator_value``, Rprop's ``lr``).  Scalar state
 (Adam's ``step``) is copied.  State that is not shaped like its parameter (factored optimizers)
 has no slot-by-slot meaning: that parameter starts fresh and is reported.  An S/R layer's
 stored blocks are joined into its dense weight before and cut into the new blocks after.
@@ -21,25 +22,46 @@ from nrfx.layers.srlayers import SR_LAYERS, blocks_of, dense_names, join_blocks,
 from nrfx.rewrite.tensors import ParamMap, copy_block
 
 __all__ = ["carry_optimizer_state", "copy_group_settings", "dense_parameters", "dense_states", "slice_state",
-           "inplace_states", "move_inplace_states"]
+           "fresh_fills", "inplace_states", "move_inplace_states"]
 
 
-def slice_state(old: torch.Tensor, pmap: ParamMap) -> torch.Tensor:
-    """A state tensor at the new shape: the surviving (S×S) slots copied from ``old``, every other slot zero."""
+def slice_state(old: torch.Tensor, pmap: ParamMap, fill: float = 0.0) -> torch.Tensor:
+    """A state tensor at the new shape: the surviving (S×S) slots copied from ``old``, every other slot ``fill``."""
     new = zeros_like_layout(pmap.new_shape, old)
     with torch.no_grad():
+        if fill:
+            new.fill_(fill)
         copy_block(new, old.detach(), pmap, rejuvenated=False)
     return new
 
 
-def _carry_one(state: dict[str, Any], shape: tuple[int, ...], pmap: ParamMap | None) -> dict[str, Any] | None:
-    """The new state of one dense parameter: slices of param-shaped tensors, copies of the rest; None if unsliceable."""
+# state slots a fresh optimizer does not start at zero: (optimizer type, state key) -> the group setting they start at
+_FRESH_FROM_GROUP: dict[tuple[type, str], str] = {
+    (torch.optim.Adagrad, "sum"): "initial_accumulator_value",
+    (torch.optim.Rprop, "step_size"): "lr",
+}
+
+
+def fresh_fills(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> dict[str, float]:
+    """Rule: a new slot starts where a fresh optimizer starts it: Adagrad's ``sum`` at its
+    ``initial_accumulator_value``, Rprop's ``step_size`` at the group's ``lr``; every other key at zero."""
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None:
+        return {}
+    return {key: float(group[setting]) for (kind, key), setting in _FRESH_FROM_GROUP.items()
+            if isinstance(optimizer, kind) and setting in group}
+
+
+def _carry_one(state: dict[str, Any], shape: tuple[int, ...], pmap: ParamMap | None,
+               fills: dict[str, float] | None = None) -> dict[str, Any] | None:
+    """The new state of one dense parameter: slices of param-shaped tensors (new slots at ``fills`` or zero),
+    copies of the rest; None if unsliceable."""
     carried: dict[str, Any] = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and pmap is not None:
             if tuple(value.shape) != tuple(shape):
                 return None  # a factored or flattened state: no slot-by-slot meaning
-            carried[key] = slice_state(value, pmap)
+            carried[key] = slice_state(value, pmap, (fills or {}).get(key, 0.0))
         else:
             carried[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
     return carried
@@ -125,7 +147,7 @@ def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer
         shapes = (pmap.old_shape, pmap.new_shape) if pmap is not None else (source[2], source[2])
         carried = None
         if state is not None and tuple(shapes[0]) == source[2] and tuple(shapes[1]) == entry[2]:
-            carried = _carry_one(state, source[2], pmap)
+            carried = _carry_one(state, source[2], pmap, fresh_fills(new, entry[3][0][1]))
         if carried is None:
             dropped.append(name)
             continue
@@ -167,7 +189,8 @@ def inplace_states(optimizer: torch.optim.Optimizer, before: dict[str, DensePara
             continue
         has_state = any(optimizer.state.get(p) for _, p in entry[3])
         state = _joined_state(optimizer, entry) if carry_state and has_state else None
-        carried = _carry_one(state, entry[2], pmap) if state is not None else None
+        fills = fresh_fills(optimizer, entry[3][0][1])
+        carried = _carry_one(state, entry[2], pmap, fills) if state is not None else None
         if carry_state and has_state and carried is None:
             raise OptimizerStateError(
                 f"{type(optimizer).__name__}'s state of '{name}' is not shaped like the parameter, so it cannot be "

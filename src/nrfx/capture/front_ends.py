@@ -483,6 +483,10 @@ def _is_tensor_node(node: torch.fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
 
+# torch modules whose call returns a tuple: a run of theirs ends in one element of it, not in what the call returns
+_RETURN_TUPLES = (nn.RNNBase, nn.LSTMCell, nn.MultiheadAttention)
+
+
 def _raise(graph: torch.fx.Graph, model: nn.Module, run: _Run) -> bool:
     """Raise one run if it has the shape of a one-tensor-in, one-tensor-out module call."""
     inside = set(run.nodes)
@@ -498,7 +502,7 @@ def _raise(graph: torch.fx.Graph, model: nn.Module, run: _Run) -> bool:
     module = _attribute(model, run.path)
     if len(external) != 1 or external[0].op == "get_attr" or len(outputs) != 1 or not _is_tensor_node(outputs[0]):
         return False
-    if not _one_required_argument(module):
+    if not _one_required_argument(module) or isinstance(module, _RETURN_TUPLES):
         return False
     with graph.inserting_after(run.nodes[-1]):
         call = graph.create_node("call_module", run.path, (external[0],))

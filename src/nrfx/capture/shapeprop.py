@@ -216,13 +216,20 @@ def _run_node(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs
 
 
 def measure_node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, values: dict[torch.fx.Node, Any]) -> int:
-    """MACs (whole batch) of ``node``; 0 when it cannot be re-run on meta tensors."""
+    """MACs (whole batch) of ``node``; 0 when it cannot be re-run on meta tensors.
+
+    A real tensor among its arguments (a ``torch.zeros`` state an exported graph made on the CPU) is moved to meta
+    for a second try when the first fails (an LSTM refuses inputs on two devices)."""
     args = torch.fx.node.map_arg(node.args, lambda n: values[n])
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: values[n])
-    counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            _run_node(gm, node, args, kwargs)
-    except Exception:
-        return 0
-    return counter.get_total_flops() // 2
+    for attempt in range(2):
+        if attempt:
+            args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        counter = FlopCounterMode(display=False)
+        try:
+            with torch.no_grad(), counter:
+                _run_node(gm, node, args, kwargs)
+        except Exception:
+            continue
+        return counter.get_total_flops() // 2
+    return 0

@@ -9,6 +9,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,32 @@ def test_paper_benchmark_quick_on_cuda(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "quality_paper.json").read_text())
     assert data["device"].startswith("cuda") and all(r["rounds"] == 1 for r in data["runs"] if r["arm"] == "nr-cr")
+
+
+class _ConvLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = nn.Sequential(nn.Conv1d(2, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU())
+        self.rnn = nn.LSTM(16, 8, num_layers=2, bidirectional=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.front(x).permute(2, 0, 1))
+        return out
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_rewritten_lstm_keeps_one_cudnn_weight_chunk(inplace):
+    """The resized recurrent layer runs cuDNN on compacted weights: no "not part of single contiguous chunk"."""
+    torch.manual_seed(0)
+    model = _ConvLSTM().to(_cuda()).eval()
+    x = torch.randn(3, 2, 6, device=_cuda())
+    zero_scales(model, 0.5)
+    with torch.no_grad():
+        expected = model(x)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme="cr", align=8, inplace=inplace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with torch.no_grad():
+            got = new(x)
+    assert new.get_submodule("rnn").weight_ih_l0.shape[1] == new.get_submodule("front.0").out_channels
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

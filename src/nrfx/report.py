@@ -297,7 +297,7 @@ def _static_channels(analysis, record: LayerRecord | None) -> tuple[int | None, 
     module = record.module
     if module is not None:
         m = analysis.gm.get_submodule(module)
-        for a, b in (("in_channels", "out_channels"), ("in_features", "out_features")):
+        for a, b in (("in_channels", "out_channels"), ("in_features", "out_features"), ("input_size", "hidden_size")):
             if hasattr(m, a):
                 return getattr(m, a), getattr(m, b)
         if hasattr(m, "num_features"):

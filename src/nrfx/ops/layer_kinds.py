@@ -6,7 +6,8 @@ whether its weight is a per-channel scale γ (``scale``: the liveliness signal, 
 at γ0, neural rescaling raises it, γ = 0 with β ≠ 0 emits β), and whether a constant input gives
 a constant output (``constant_passes``, for folding the constants of removed channels), and
 whether its weight's dim 1 reads its input channels (``in_columns``: a per-input-channel scale
-or gate folds into those columns exactly).  A
+or gate folds into those columns exactly), and which (weight, bias) attributes its input enters
+through when they are not ``weight`` and ``bias`` (``projections``: where a constant input folds).  A
 module's record is the one of the nearest registered class in its MRO.  The built-in layers are
 registered here; ``nrfx.register_layer`` adds a user's own (with its channel rule and shape
 formula, which live in their tables).
@@ -24,7 +25,7 @@ from nrfx.layers.gates import Gate
 
 __all__ = ["LayerKind", "LAYER_KINDS", "LEAF_LAYERS", "layer_kind", "add_layer_kind", "is_scale", "scale_types",
            "fix_attributes", "invariant_problem", "constant_input_problem", "conv_padding_problem",
-           "set_group_norm_width", "scale_init", "in_columns"]
+           "set_group_norm_width", "scale_init", "in_columns", "input_projections"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class LayerKind:
     scale: bool = False
     constant_passes: Callable[[nn.Module], str | None] | None = None
     in_columns: Callable[[nn.Module], bool] | None = None  # weight[:, j] (per group) reads input channel j
+    projections: Callable[[nn.Module], tuple[tuple[str, str], ...]] | None = None  # (weight, bias) reading input
 
 
 LAYER_KINDS: dict[type, LayerKind] = {}
@@ -94,6 +96,13 @@ def in_columns(module: nn.Module) -> bool:
     """Rule: weight[:, j] (per group) multiplies input channel j, so a per-input-channel scale folds into it."""
     kind = layer_kind(module)
     return kind is not None and kind.in_columns is not None and kind.in_columns(module)
+
+
+def input_projections(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    """Rule: the (weight, bias) attributes through which a layer's input enters: its kind's ``projections``
+    (a recurrent layer's ``weight_ih_l0`` / ``bias_ih_l0`` per direction), else ``weight`` and ``bias``."""
+    kind = layer_kind(module)
+    return kind.projections(module) if kind is not None and kind.projections is not None else (("weight", "bias"),)
 
 
 # -- the built-in layers -------------------------------------------------------------------------------------------
@@ -212,6 +221,33 @@ def _fix_prelu(module: nn.PReLU) -> None:
     module.num_parameters = module.weight.numel()
 
 
+def _recurrent_directions(module: nn.RNNBase) -> tuple[tuple[str, str], ...]:
+    """The first layer's input weight and bias, one pair per direction."""
+    return tuple((f"weight_ih_l0{s}", f"bias_ih_l0{s}") for s in ("", "_reverse")[: 1 + module.bidirectional])
+
+
+def _fix_recurrent(module: nn.RNNBase | nn.RNNCellBase) -> None:
+    """``input_size`` follows the input weight's columns; an RNN's weight list is rebuilt from its new tensors (and
+    compacted for cuDNN on a GPU: a no-op on the CPU)."""
+    module.input_size = getattr(module, input_projections(module)[0][0]).shape[1]
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+        module.flatten_parameters()
+
+
+def _check_recurrent(module: nn.RNNBase | nn.RNNCellBase) -> str | None:
+    for attr, _ in input_projections(module):
+        shape = tuple(getattr(module, attr).shape)
+        if shape[1] != module.input_size:
+            return f"{attr} {shape} vs input_size={module.input_size}"
+    return None
+
+
+def _recurrent_constant(module: nn.RNNBase | nn.RNNCellBase) -> str | None:
+    """Rule: a constant input feature adds ``W_ih[:, j]·v`` to the gates at every step: exact in ``bias_ih_l0``."""
+    return None if module.bias else "a recurrent layer without biases (bias=False) has nowhere to hold it"
+
+
 for _record in (
     LayerKind(nn.modules.conv._ConvNd, _fix_conv, _check_conv, constant_passes=_conv_constant,
               in_columns=lambda conv: not conv.transposed),
@@ -222,5 +258,9 @@ for _record in (
     LayerKind(Gate, _fix_gate, _check_gate, scale_init, scale=True),
     LayerKind(nn.Embedding, _fix_embedding),
     LayerKind(nn.PReLU, _fix_prelu),
+    LayerKind(nn.RNNBase, _fix_recurrent, _check_recurrent, constant_passes=_recurrent_constant,
+              projections=_recurrent_directions),
+    LayerKind(nn.RNNCellBase, _fix_recurrent, _check_recurrent, constant_passes=_recurrent_constant,
+              projections=lambda cell: (("weight_ih", "bias_ih"),)),
 ):
     add_layer_kind(_record)

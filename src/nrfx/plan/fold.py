@@ -6,7 +6,7 @@ layer that reads it.  The exact rule nrfx follows:
 
 * **Where a removed constant goes.**  A removed channel is removed from its whole channel space:
   every norm, activation, add and reshape on it loses it too, so its constant only ever matters
-  at the *weighted consumers* of the space — the convs and linears that read it.  A reshape,
+  at the *weighted consumers* of the space — the convs, linears and recurrent layers that read it.  A reshape,
   ``flatten``, ``view``, ``permute`` or ``transpose`` between the norm and the consumer only moves
   the channel's values around; a constant channel stays constant along the other dims, and the
   analysis' layouts say which input features of the consumer carry it (after ``flatten`` of
@@ -14,7 +14,8 @@ layer that reads it.  The exact rule nrfx follows:
   fold target: the channel vanishes there too.  Constants are measured at each consumer's input.
   A function call (``F.linear(x, w, b)``, as timm's ``Linear`` subclass makes, or ``F.conv2d``) is
   measured like a module call (keyed ``"node <fx node name>"``).
-* **When a consumer absorbs it exactly.**  A linear layer adds ``W[:, p]·v`` at every row.  A
+* **When a consumer absorbs it exactly.**  A linear layer adds ``W[:, p]·v`` at every row; a recurrent layer
+  ``W_ih[:, p]·v`` to its gates at every step (each direction's ``bias_ih_l0`` holds it).  A
   conv (any kernel, stride, dilation, groups) whose input channel ``c`` is ``v`` everywhere adds
   ``Σ_k W[o, c mod cin/g, k]·v`` to every output ``o`` of ``c``'s group, at every position, *if
   every tap reads the input*: no zero padding (``padding=0`` / ``"valid"``, or a reflect /
@@ -326,7 +327,7 @@ def consumer_records(analysis) -> list[tuple[str, Any]]:
     layer with their rules): a module call keyed by the module's name, a functional one (``F.linear(x, w)``) by
     ``"node <name>"``; ``input_dim`` says which input dim carries the space."""
     return [(record.module if record.module is not None else NODE_PREFIX + node, record)
-            for node, record in analysis.layers("conv", "linear")
+            for node, record in analysis.layers("conv", "linear", "recurrent")
             if (record.module is not None or record.weight is not None) and record.input is not None
             and record.input_dim is not None]
 

@@ -4,7 +4,8 @@ Each consumer's folded inputs add ``Σ W·v`` per output channel (kernel taps su
 group) to its bias; without a bias, they are taken from the running mean of the BatchNorm that is its
 only reader (through shape-only ops, normalising its output channels in order); with neither, the
 rewritten layer gets a bias holding them (``new_bias_params`` counts them: a params budget pays for them).
-A function call (``F.linear(x, w, b)``, keyed ``"node <name>"``) folds into the bias parameter it reads.
+A function call (``F.linear(x, w, b)``, keyed ``"node <name>"``) folds into the bias parameter it reads; a
+recurrent layer into each direction's ``bias_ih_l0`` (its input enters through ``weight_ih_l0``).
 Which constants fold, and why, is planned in ``nrfx.plan.fold``.
 """
 
@@ -14,6 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from nrfx.ops.layer_kinds import input_projections
 from nrfx.plan.fold import NODE_PREFIX, record_of
 from nrfx.plan.maps import dim_map
 
@@ -97,12 +99,25 @@ def new_bias_params(analysis, plan, names=None) -> int:
     ``names`` (default: ``plan.folds``) that has neither a bias nor a BatchNorm after it to take its shift."""
     total = 0
     for name in (plan.folds or {}) if names is None else names:
-        if _shift_target(analysis.gm, analysis, name) == "new bias":
-            info = analysis.param_info.get(f"{name}.weight")
-            rows = info.dims[0] if info is not None and info.dims else None
-            width = analysis.gm.get_submodule(name).weight.shape[0]
-            total += width if rows is None else dim_map(analysis, plan, rows, 0).source.numel()
+        for weight, _, weight_name, target in _fold_sites(analysis, name):
+            if target == "new bias":
+                info = analysis.param_info.get(weight_name)
+                rows = info.dims[0] if info is not None and info.dims else None
+                total += weight.shape[0] if rows is None else dim_map(analysis, plan, rows, 0).source.numel()
     return total
+
+
+def _fold_sites(analysis, name: str) -> list[tuple[torch.Tensor, int, str, str]]:
+    """(original weight, groups, weight name, shift target) per weight reading a consumer's input: a conv's or a
+    linear's ``weight`` (target from ``_shift_target``), each direction's ``weight_ih_l0`` of a recurrent layer
+    (target its ``bias_ih_l0``)."""
+    if not name.startswith(NODE_PREFIX):
+        module = analysis.gm.get_submodule(name)
+        pairs = input_projections(module)
+        if pairs != (("weight", "bias"),):
+            return [(getattr(module, w), 1, f"{name}.{w}", b) for w, b in pairs]
+    weight, groups, weight_name = _weight_of(analysis, name)
+    return [(weight, groups, weight_name, _shift_target(analysis.gm, analysis, name))]
 
 
 def _weight_of(analysis, name: str) -> tuple[torch.Tensor, int, str]:
@@ -138,14 +153,15 @@ def apply_folds(gm: torch.fx.GraphModule, analysis, plan, maps) -> list[str]:
     """Rewrite pass: add each consumer's folded constants to its bias, or to the following BatchNorm's mean."""
     notes = []
     for name, values in (plan.folds or {}).items():
-        weight, groups, weight_name = _weight_of(analysis, name)
-        delta = _delta(weight, groups, values)
-        pmap = maps.get(weight_name)
-        source = pmap.dims[0].source if pmap is not None and pmap.dims[0].dim == 0 else torch.arange(delta.numel())
-        kept = torch.nonzero(source >= 0).flatten()
-        shift = torch.zeros(source.numel(), dtype=torch.float64)
-        shift[kept] = delta[source[kept]]
-        notes.append(_fold_into(gm, name, shift, _shift_target(analysis.gm, analysis, name)))
+        for weight, groups, weight_name, target in _fold_sites(analysis, name):
+            delta = _delta(weight, groups, values)
+            pmap = maps.get(weight_name)
+            dims = pmap.dims if pmap is not None else ()
+            source = dims[0].source if dims and dims[0].dim == 0 else torch.arange(delta.numel())
+            kept = torch.nonzero(source >= 0).flatten()
+            shift = torch.zeros(source.numel(), dtype=torch.float64)
+            shift[kept] = delta[source[kept]]
+            notes.append(_fold_into(gm, name, shift, target))
     return notes
 
 
@@ -163,9 +179,10 @@ def _fold_into(gm: torch.fx.GraphModule, name: str, shift: torch.Tensor, target:
             module.register_parameter("bias", nn.Parameter(shift.to(weight.device, weight.dtype),
                                                            requires_grad=weight.requires_grad))
             return f"fold: constants of removed inputs of {name} make its new bias (it had none)"
-        if target == "bias":
-            module.bias.add_(shift.to(module.bias.device, module.bias.dtype))
-            return f"fold: constants of removed inputs of {name} added to its bias"
+        if target in module._parameters:  # "bias", a recurrent layer's "bias_ih_l0"
+            bias = module._parameters[target]
+            bias.add_(shift.to(bias.device, bias.dtype))
+            return f"fold: constants of removed inputs of {name} added to its {target}"
         mean = gm.get_submodule(target).running_mean
         mean.sub_(shift.to(mean.device, mean.dtype))
     return f"fold: constants of removed inputs of {name} moved into {target}.running_mean"

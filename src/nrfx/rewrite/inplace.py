@@ -190,6 +190,8 @@ def transplant(model: nn.Module, gm: torch.fx.GraphModule, journal: Journal) -> 
         _move_tensors(old, new, journal)
         if type(new) is type(old):
             _copy_sizes(old, new, journal)
+        if isinstance(old, nn.RNNBase):
+            old.flatten_parameters()  # resized weights in one cuDNN chunk again (a no-op on the CPU)
 
 
 def _user_module(model: nn.Module, path: str) -> nn.Module:

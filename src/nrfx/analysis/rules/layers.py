@@ -1,4 +1,4 @@
-"""Rules for layers with weights: conv, conv-transpose, linear, embedding and the norms."""
+"""Rules for layers with weights: conv, conv-transpose, linear, embedding, the recurrent layers and the norms."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from nrfx.analysis.rules.registry import function_rule, module_rule
 from nrfx.analysis.specs import TensorSpec, Zero
 from nrfx.layers.gates import Gate
 from nrfx.layers.srlayers import SR_LAYERS, block_names, unused_weights
+from nrfx.ops.layer_kinds import input_projections
 
 __all__: list[str] = []
 
@@ -200,6 +201,39 @@ def _bias(ctx, bias, out_l) -> str | None:
         else:
             ctx.freeze(out_l, "a computed bias without a channel space (its width is spelled elsewhere)")
     return None
+
+
+@module_rule(nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+def recurrent(ctx, node):
+    """RNN / LSTM / GRU and their cells: the input weights' columns consume the input features; the hidden size freezes.
+
+    The input features (last dim) are read by ``weight_ih_l0`` (per direction; a cell's ``weight_ih``); the hidden
+    size, the time and batch dims and any initial state freeze; MACs as measured.  Feature j enters only through
+    column j of those weights, a linear map at every time step, so a removed feature goes with its column and a
+    new one is read through a zero column (the weights' rows are a frozen space).
+    """
+    m = ctx.module
+    name = type(m).__name__
+    x = ctx.spec(node.args[0])
+    if not isinstance(x, TensorSpec):
+        return ctx.unknown_op(f"module {name} over a PackedSequence")
+    for state in node.all_input_nodes[1:]:
+        ctx.freeze_all(ctx.spec(state), f"initial state of {name} (its width is the hidden size)")
+    _freeze_other_dims(ctx, x, x.ndim - 1, f"{name} (it mixes time steps)")
+    in_l = ctx.consume(x, x.ndim - 1)
+    weights = [getattr(m, attr) for attr, _ in input_projections(m)]
+    for index, weight in enumerate(weights):
+        rows = ctx.fresh(weight.shape[0], (node.target, "gates", index))
+        ctx.freeze(rows, f"gates of {name} (their width is the hidden size)")
+        ctx.param(weight, (rows, in_l))
+    per_feature = (ctx.value(node.args[0]).numel() // x.shape[-1]) * sum(w.shape[0] for w in weights)
+    reading = per_feature * x.shape[-1]  # the input projection's MACs; the rest (hidden to hidden) stays as is
+    ctx.add_macs(max(ctx.measured_macs() - reading, 0))
+    ctx.add_macs(per_feature * (x.shape[-1] if in_l is None else 1), in_l)
+    spec = ctx.blank(ctx.out)
+    ctx.freeze_all(spec, f"output of {name} (its width is the hidden size)")
+    ctx.record(LayerRecord("recurrent", module=node.target, input=in_l, input_dim=-1))
+    return spec
 
 
 @module_rule(nn.Embedding)

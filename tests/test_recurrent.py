@@ -127,8 +127,8 @@ def recurrent_heads(draw):
 
 @settings(max_examples=40, **SETTINGS)
 @given(arch=recurrent_heads(), scheme=st.sampled_from(["nr", "cr", "ca"]), align=st.sampled_from([1, 4]),
-       batch=st.integers(1, 3), seed=st.integers(0, 50), inplace=st.booleans())
-def test_rejuvenation_preserves_recurrent_heads(arch, scheme, align, batch, seed, inplace):
+       batch=st.integers(1, 3), seed=st.integers(0, 50), inplace=st.booleans(), rescale=st.booleans())
+def test_rejuvenation_preserves_recurrent_heads(arch, scheme, align, batch, seed, inplace, rescale):
     torch.manual_seed(seed)
     model = ConvRecurrent(**arch).double().eval()
     x = torch.randn(batch, 2, 2 * arch["rows"], 6, dtype=torch.float64)
@@ -138,7 +138,7 @@ def test_rejuvenation_preserves_recurrent_heads(arch, scheme, align, batch, seed
         expected = model(x)
     budget = _quiet(nrfx.analyze, model, x).params
     new = _quiet(nrfx.rejuvenate, model, None, None, example_inputs=x, scheme=scheme, align=align,
-                 constants="keep", inplace=inplace)
+                 constants="keep", inplace=inplace, rescale=rescale)
     with torch.no_grad():
         got = new(x)
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9 * max(1.0, expected.abs().max().item()))
@@ -224,10 +224,12 @@ def test_in_place_the_layer_trains_on_with_its_optimizer():
 
 def test_export_does_not_raise_a_recurrent_run_to_its_module():
     """torch.export's run of an LSTM ends in one element of its output tuple: raised to the module call, the graph
-    would compute something else (the capture check caught it); it stays an aten op, its channels frozen."""
+    would compute something else (the capture check caught it); it stays an aten op, its channels frozen, its MACs
+    counted (export and islands count what fx counts)."""
     torch.manual_seed(0)
     model = ConvRecurrent("lstm", proj=2, batch_first=True).eval()
     x = torch.randn(2, 2, 4, 6)
     with pytest.warns(nrfx.UnknownOpWarning, match="lstm"):
         analysis = nrfx.analyze(model, x, capture="export")
-    assert analysis.macs == nrfx.analyze(model, x).macs
+    assert analysis.macs == nrfx.analyze(model, x).macs  # the aten op's state is made on the CPU: measured on meta
+    assert _quiet(nrfx.analyze, model, x, capture="islands").macs == analysis.macs

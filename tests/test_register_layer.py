@@ -8,6 +8,8 @@ liveliness signal whose new channels start at γ0; a ``check`` that fails names 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from support import zero_scales
@@ -186,3 +188,45 @@ def test_in_columns_lets_rescaling_fold_into_a_registered_layer():
             assert bool((gamma.abs() >= 1).all()) == (columns is not None)  # rescaled up to γ0 = 1 where it folds
     finally:
         nrfx.unregister_layer(Dense)
+
+
+class Readout(nn.Module):
+    """A layer whose input enters through ``w_in`` / ``b_in`` (not ``weight`` / ``bias``), as an RNN's ``weight_ih``."""
+
+    def __init__(self, inputs: int, units: int) -> None:
+        super().__init__()
+        self.input_size = inputs
+        self.w_in = nn.Parameter(torch.randn(units, inputs) / inputs**0.5)
+        self.b_in = nn.Parameter(torch.randn(units) * 0.1)
+
+    def forward(self, x):
+        return torch.tanh(nn.functional.linear(x, self.w_in, self.b_in))
+
+
+def test_projections_say_where_a_constant_input_folds():
+    """The built-in recurrent rule reads the columns of every ``projections`` weight; the constants of removed
+    inputs fold into the paired bias (exact), with no warning."""
+    from nrfx.analysis.rules.layers import recurrent
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), Readout(12, 4)).eval()
+    with torch.no_grad():
+        net[1].weight[:5] = 0
+        net[1].bias[:5] = torch.rand(5) + 0.5
+    x = torch.randn(8, 5)
+
+    def fix(layer: Readout) -> None:
+        layer.input_size = layer.w_in.shape[1]
+
+    try:
+        nrfx.register_layer(Readout, rule=recurrent, fix=fix, constant_passes=lambda layer: None,
+                            projections=lambda layer: (("w_in", "b_in"),))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", nrfx.NrfxWarning)
+            folded = nrfx.rejuvenate(net, None, nrfx.Budget.fraction(1.0), example_inputs=x, align=1)
+        assert "fold: constants of removed inputs of 2 added to its b_in" in folded.nrfx_plan.notes
+        layer = folded.get_submodule("2")
+        assert layer.w_in.shape[1] == layer.input_size == folded.get_submodule("0").out_features
+        torch.testing.assert_close(folded(x), net(x))
+    finally:
+        nrfx.unregister_layer(Readout)

@@ -40,7 +40,8 @@ def register_layer(kind: type, *, rule: Callable[..., Any] | None = None, shape:
                    check: Callable[[nn.Module], str | None] | None = None,
                    init: Callable[[nn.Module, float | None], None] | None = None, scale: bool = False,
                    constant_passes: Callable[[nn.Module], str | None] | None = None,
-                   in_columns: Callable[[nn.Module], bool] | None = None) -> LayerKind:
+                   in_columns: Callable[[nn.Module], bool] | None = None,
+                   projections: Callable[[nn.Module], tuple[tuple[str, str], ...]] | None = None) -> LayerKind:
     """Teach nrfx a layer type it has never seen, so that it analyses *and* rewrites it.
 
     ``rule(ctx, node)``: its channel rule (see docs/op-rules.md; a built-in one such as
@@ -54,12 +55,16 @@ def register_layer(kind: type, *, rule: Callable[..., Any] | None = None, shape:
     ``constant_passes(module)``: why a constant input does not give a constant output, or None when it
     does (constants of removed channels then fold exactly).  ``in_columns(module)``: whether
     ``weight[:, j]`` (per group) multiplies input channel j, so that neural rescaling and ``fold_gates``
-    fold a per-channel factor into those columns.  Returns the record; ``unregister_layer`` takes it back.
+    fold a per-channel factor into those columns.  ``projections(module)``: the (weight, bias) attribute pairs
+    its input enters through when they are not ``weight`` and ``bias`` (a recurrent layer's ``weight_ih_l0`` /
+    ``bias_ih_l0`` per direction: a constant input folds into each bias).  Returns the record;
+    ``unregister_layer`` takes it back.
     """
     if not (isinstance(kind, type) and issubclass(kind, nn.Module)):
         raise TypeError(f"register_layer takes an nn.Module subclass, got {kind!r}")
     for name, value in (("rule", rule), ("shape", shape), ("fix", fix), ("check", check), ("init", init),
-                        ("constant_passes", constant_passes), ("in_columns", in_columns)):
+                        ("constant_passes", constant_passes), ("in_columns", in_columns),
+                        ("projections", projections)):
         if value is not None and not callable(value):
             raise TypeError(f"register_layer({kind.__name__}, {name}=...) takes a callable, got {value!r}")
     if rule is not None:
@@ -69,7 +74,7 @@ def register_layer(kind: type, *, rule: Callable[..., Any] | None = None, shape:
         FORMULAS.modules[kind] = shape
     if scale and init is None:
         init = scale_init
-    return add_layer_kind(LayerKind(kind, fix, check, init, bool(scale), constant_passes, in_columns))
+    return add_layer_kind(LayerKind(kind, fix, check, init, bool(scale), constant_passes, in_columns, projections))
 
 
 def unregister_layer(kind: type) -> None:

@@ -222,14 +222,53 @@ def test_in_place_the_layer_trains_on_with_its_optimizer():
     assert not torch.equal(model.rnn.weight_ih_l0, before)  # the layer reads the parameters the optimizer steps
 
 
-def test_export_does_not_raise_a_recurrent_run_to_its_module():
-    """torch.export's run of an LSTM ends in one element of its output tuple: raised to the module call, the graph
-    would compute something else (the capture check caught it); it stays an aten op, its channels frozen, its MACs
-    counted (export and islands count what fx counts)."""
+@pytest.mark.parametrize("arch", [dict(cell="lstm", proj=2, batch_first=True),
+                                  dict(cell="lstm", bidirectional=True, layers=2), dict(cell="gru")],
+                         ids=["lstm-proj", "lstm-bidirectional", "gru"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_export_raises_a_recurrent_run_to_its_module_and_its_elements(arch, inplace):
+    """torch.export's run of an LSTM ends in elements of the aten op's (out, h, c), which the module returns as
+    (out, (h, c)): the run becomes the module call and each element is read along its path; the analysis then
+    equals fx's (MACs too) and the rewrite keeps the function, in place too."""
     torch.manual_seed(0)
-    model = ConvRecurrent("lstm", proj=2, batch_first=True).eval()
-    x = torch.randn(2, 2, 4, 6)
-    with pytest.warns(nrfx.UnknownOpWarning, match="lstm"):
+    model = ConvRecurrent(**arch).double().eval()
+    x = torch.randn(3, 2, 4, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nrfx.UnknownOpWarning)
+        exported = nrfx.analyze(model, x, capture="export")
+    assert exported.capture == "export"
+    assert [n.target for n in exported.gm.graph.nodes if n.op == "call_module"][-2:] == ["rnn", "head"]
+    traced = nrfx.analyze(model, x)
+    assert (exported.macs, exported.params, len(exported.spaces)) == (traced.macs, traced.params, len(traced.spaces))
+    kill_per_norm(model, exported, 0.4, seed=1, constants=True)
+    with torch.no_grad():
+        expected = model(x)
+    new = _quiet(nrfx.rejuvenate, model, None, None, example_inputs=x, capture="export", scheme="cr", align=1,
+                 constants="keep", inplace=inplace)
+    torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+    columns = next(d for d in new.nrfx_param_map["rnn.weight_ih_l0"].dims if d.dim == 1)
+    assert (columns.source < 0).any()
+
+
+def test_an_exported_recurrent_layer_with_a_given_state_stays_an_aten_op():
+    """A run reading two tensors from outside (the input and an initial state) is not raised: the aten op stays,
+    an unknown op, its channels frozen, its MACs counted (its state made on the CPU is measured on meta)."""
+    torch.manual_seed(0)
+    model = _WithState().eval()
+    x = torch.randn(2, 3, 6)
+    with pytest.warns(nrfx.UnknownOpWarning, match="gru"):
         analysis = nrfx.analyze(model, x, capture="export")
-    assert analysis.macs == nrfx.analyze(model, x).macs  # the aten op's state is made on the CPU: measured on meta
+    assert analysis.macs == nrfx.analyze(model, x).macs
     assert _quiet(nrfx.analyze, model, x, capture="islands").macs == analysis.macs
+
+
+class _WithState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = nn.Sequential(nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8), nn.ReLU())
+        self.rnn = nn.GRU(8, 5, batch_first=True)
+
+    def forward(self, x):
+        h0 = torch.full((1, x.shape[0], 5), 0.1)
+        out, _ = self.rnn(self.front(x).transpose(1, 2), h0)
+        return out

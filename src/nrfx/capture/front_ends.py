@@ -22,6 +22,7 @@ import inspect
 import io
 import logging
 import math
+import operator
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -409,8 +410,9 @@ def raise_leaf_runs(graph: torch.fx.Graph, model: nn.Module, raisable: Callable[
     """Replace each run of one leaf-module call by ``call_module`` of the user's module; count them.
 
     A run is raised only when it is the whole call (its key appears once), reads one tensor from
-    outside (plus the module's own parameters and buffers), is read outside through one tensor,
-    and the module's forward takes exactly one required argument.
+    outside (plus the module's own parameters and buffers), is read outside through one tensor (a
+    recurrent layer: through elements of its aten op's tuple), and the module's forward takes exactly
+    one required argument.
     """
     runs = _runs(graph, model, raisable)
     keys = [run.key for run in runs]
@@ -483,12 +485,24 @@ def _is_tensor_node(node: torch.fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
 
-# torch modules whose call returns a tuple: a run of theirs ends in one element of it, not in what the call returns
+def _element_paths(module: nn.Module) -> dict[int, tuple[int, ...]] | None:
+    """Rule: where each element of a recurrent layer's aten op lands in what its call returns: an LSTM's
+    (out, h, c) as (out, (h, c)), a GRU's or RNN's (out, h) and an LSTMCell's (h, c) as they are; None for any
+    other module whose call returns a tuple (MultiheadAttention) or a tensor."""
+    if isinstance(module, nn.LSTM):
+        return {0: (0,), 1: (1, 0), 2: (1, 1)}
+    if isinstance(module, (nn.RNNBase, nn.LSTMCell)):
+        return {0: (0,), 1: (1,)}
+    return None
+
+
+# torch modules whose call returns a tuple: a run of theirs ends in elements of it, not in what the call returns
 _RETURN_TUPLES = (nn.RNNBase, nn.LSTMCell, nn.MultiheadAttention)
 
 
 def _raise(graph: torch.fx.Graph, model: nn.Module, run: _Run) -> bool:
-    """Raise one run if it has the shape of a one-tensor-in, one-tensor-out module call."""
+    """Raise one run if it has the shape of a one-tensor-in, one-tensor-out module call (or, for a recurrent
+    layer, of a call whose tuple elements are read outside)."""
     inside = set(run.nodes)
     own = run.path + "."
     external: list[torch.fx.Node] = []
@@ -500,17 +514,50 @@ def _raise(graph: torch.fx.Graph, model: nn.Module, run: _Run) -> bool:
                 external.append(arg)
     outputs = [n for n in run.nodes if any(u not in inside for u in n.users)]
     module = _attribute(model, run.path)
-    if len(external) != 1 or external[0].op == "get_attr" or len(outputs) != 1 or not _is_tensor_node(outputs[0]):
+    if len(external) != 1 or external[0].op == "get_attr" or not _one_required_argument(module):
         return False
-    if not _one_required_argument(module) or isinstance(module, _RETURN_TUPLES):
+    if isinstance(module, _RETURN_TUPLES):
+        return _raise_elements(graph, run, external[0], outputs, _element_paths(module))
+    if len(outputs) != 1 or not _is_tensor_node(outputs[0]):
         return False
     with graph.inserting_after(run.nodes[-1]):
         call = graph.create_node("call_module", run.path, (external[0],))
     call.meta = dict(outputs[0].meta)
     outputs[0].replace_all_uses_with(call)
+    _erase(graph, run)
+    return True
+
+
+def _raise_elements(graph: torch.fx.Graph, run: _Run, source: torch.fx.Node, outputs: list[torch.fx.Node],
+                    paths: dict[int, tuple[int, ...]] | None) -> bool:
+    """Raise a run read outside only through ``getitem``s of one aten op: the module call, then each element
+    read from what the call returns along its path (``lstm[1]`` becomes ``call[1][0]``)."""
+    if paths is None or not outputs:
+        return False
+    ops = {o.args[0] for o in outputs if o.target is operator.getitem}
+    if len(ops) != 1 or any(o.target is not operator.getitem or o.args[1] not in paths for o in outputs):
+        return False
+    (op,) = ops
+    with graph.inserting_after(run.nodes[-1]):
+        call = graph.create_node("call_module", run.path, (source,))
+    call.meta = {k: v for k, v in op.meta.items() if k != "val"}  # its value is the call's tuple, not the op's
+    last = call
+    for output in outputs:
+        element = call
+        for index in paths[output.args[1]]:
+            with graph.inserting_after(last):
+                element = last = graph.call_function(operator.getitem, (element, index))
+            element.meta = dict(call.meta)
+        element.meta = dict(output.meta)
+        output.replace_all_uses_with(element)
+    _erase(graph, run)
+    return True
+
+
+def _erase(graph: torch.fx.Graph, run: _Run) -> None:
+    """Remove a raised run's nodes, last first."""
     for node in reversed(run.nodes):
         graph.erase_node(node)
-    return True
 
 
 # -- checking a capture against one real forward ------------------------------------------------

@@ -230,3 +230,21 @@ def test_projections_say_where_a_constant_input_folds():
         torch.testing.assert_close(folded(x), net(x))
     finally:
         nrfx.unregister_layer(Readout)
+
+
+def test_a_rule_that_does_not_fit_its_layer_is_an_error_naming_rule_node_and_way_out():
+    """Registered without ``projections``, the recurrent rule reads ``weight``, which Readout lacks: a RuleError
+    naming the rule, the node, the layer and what to do (not a bare AttributeError from inside nrfx)."""
+    from nrfx.analysis.rules.layers import recurrent
+
+    net = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), Readout(12, 4)).eval()
+    try:
+        nrfx.register_layer(Readout, rule=recurrent)
+        with pytest.raises(nrfx.RuleError, match=r"rule nrfx\.analysis\.rules\.layers\.recurrent failed on node "
+                                                 r"'.*' \(call_module 2\).*Readout.*AttributeError.*"
+                                                 r"nrfx\.unregister_layer") as caught:
+            nrfx.analyze(net, torch.randn(8, 5))
+        assert isinstance(caught.value.__cause__, AttributeError)
+    finally:
+        nrfx.unregister_layer(Readout)
+    assert nrfx.analyze(net, torch.randn(8, 5)).macs > 0  # unregistered: analysed through the layer

@@ -16,6 +16,7 @@ __all__ = [
     "NrfxError",
     "TraceError",
     "ShapeError",
+    "RuleError",
     "MaskError",
     "BudgetError",
     "PlanError",
@@ -49,6 +50,10 @@ class TraceError(NrfxError):
 
 class ShapeError(NrfxError):
     """The example inputs do not run through the traced graph."""
+
+
+class RuleError(NrfxError):
+    """A channel rule raised on a node (a registered rule that does not fit its layer, or a bug in nrfx)."""
 
 
 class MaskError(NrfxError):

@@ -31,8 +31,9 @@ from nrfx.analysis.specs import TensorSpec
 from nrfx.capture.caches import cache_output_leaves
 from nrfx.capture.front_ends import MODE_BRANCH, Captured, Example
 from nrfx.capture.front_ends import capture as _capture
-from nrfx.errors import NrfxWarning, RenamedAttribute, ShapeError
+from nrfx.errors import NrfxError, NrfxWarning, RenamedAttribute, RuleError, ShapeError, node_location
 from nrfx.layers.srlayers import dense_names
+from nrfx.ops.layer_kinds import LEAF_LAYERS
 
 __all__ = ["analyze_whole", "Example", "Analysis", "ModelAnalysis", "Space", "Utilization", "Coverage",
            "COVERAGE_WARN_BELOW", "COVERAGE_MIN_CHANNELS", "as_example"]
@@ -548,7 +549,23 @@ def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
     rule = lookup(node.op, node.target, module)
     if rule is None:
         return ctx.unknown_op(_label(node, module))
-    return rule(ctx, node)
+    try:
+        return rule(ctx, node)
+    except NrfxError:
+        raise
+    except Exception as error:
+        raise _rule_error(rule, node, module, error) from error
+
+
+def _rule_error(rule: Any, node: torch.fx.Node, module: nn.Module | None, error: Exception) -> RuleError:
+    """The error a rule's own exception becomes: the rule, the node and its source line, and what to do."""
+    name = f"{getattr(rule, '__module__', '')}.{getattr(rule, '__qualname__', rule)}"
+    advice = ("a rule registered with nrfx.register_layer / module_rule / function_rule must fit every call it "
+              "is registered for: fix it or unregister it (nrfx.unregister_layer) to analyse through the op"
+              if not name.startswith("nrfx.") or (module is not None and type(module) in LEAF_LAYERS) else
+              "this is a bug in nrfx: please report it with the model")
+    return RuleError(f"the channel rule {name} failed on {node_location(node)} ({_label(node, module)}): "
+                     f"{type(error).__name__}: {error}; {advice}")
 
 
 def _pinned_outputs(ctx: Context, node: torch.fx.Node) -> list[torch.fx.Node]:

@@ -1,4 +1,5 @@
-"""Decoders and caches: generative models whose outputs hold cache objects, and islands of layer lists.
+"""Decoders and caches: generative models whose outputs hold cache objects, islands of layer lists, and an
+image-to-image generator (reflection padding, instance norms, a transposed-conv decoder).
 
 Hugging Face GPT-2, T5 and Whisper (tiny configs built from scratch, float64) return their key/value
 cache (``DynamicCache``, ``EncoderDecoderCache``) by default.  ``nrfx.capture.caches`` makes torch.export take
@@ -18,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from support import assert_same_outputs, assert_same_structure
+from support import assert_same_outputs, assert_same_structure, kill_per_norm
 from torch import nn
 
 import nrfx
@@ -376,3 +377,42 @@ def test_an_island_that_would_resize_a_tied_tensor_is_refused():
     assert "shares a parameter with island 'body'" in analysis.left_out["side"]
     assert analysis.outside_params == 16  # side.bias; side.weight is counted inside body
     assert analysis.params == _true_params(model)
+
+
+# -- image-to-image generators: reflection padding --------------------------------------------------------
+class _ReflectBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c, affine=True),
+                                  nn.ReLU(True), nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3),
+                                  nn.InstanceNorm2d(c, affine=True))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def _resnet_generator(c: int = 8, blocks: int = 2) -> nn.Sequential:
+    """The CycleGAN / pix2pix ResNet generator, small: reflection pads before the convs, instance norms, a
+    transposed-conv decoder."""
+    return nn.Sequential(
+        nn.ReflectionPad2d(3), nn.Conv2d(3, c, 7), nn.InstanceNorm2d(c, affine=True), nn.ReLU(True),
+        nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * c, affine=True), nn.ReLU(True),
+        *(_ReflectBlock(2 * c) for _ in range(blocks)),
+        nn.ConvTranspose2d(2 * c, c, 3, stride=2, padding=1, output_padding=1), nn.InstanceNorm2d(c, affine=True),
+        nn.ReLU(True), nn.ReflectionPad2d(3), nn.Conv2d(c, 3, 7), nn.Tanh())
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_reflection_padded_generator_is_monitored_and_rejuvenated(scheme):
+    """Padding modules pass the channel space (they were unknown ops, freezing 88 % of the channels here)."""
+    torch.manual_seed(0)
+    model = _resnet_generator().double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    cover = analysis.coverage()
+    assert cover.monitored_channels >= 0.95 * cover.channels and not analysis.unknown_ops
+    kill_per_norm(model, analysis, 0.4, seed=3, constants=True)
+    expected = model(x)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, align=4, constants="keep")
+    torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+    assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget

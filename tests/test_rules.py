@@ -357,7 +357,7 @@ def test_norm_masks_read_gamma():
 
 # -- channel-wise ops ----------------------------------------------------------------------------------------
 ZERO_KEEPING = [
-    nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Hardswish(), nn.ELU(),
+    nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.RReLU(), nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Hardswish(), nn.ELU(),
     nn.Dropout(0.5), nn.Dropout2d(0.3), nn.Identity(),
     F.relu, torch.relu, F.gelu, F.silu, lambda y: y.relu(), lambda y: F.relu(y, inplace=True),
     lambda y: y.clamp(min=0), lambda y: F.dropout(y, 0.2, training=False), lambda y: -y,
@@ -395,6 +395,10 @@ SPATIAL_OPS = [  # (op, input H×W, output H×W)
     (lambda y: F.pad(y, (1, 1, 2, 0)), (4, 4), (6, 6)),
     (lambda y: F.pad(y, (1, 2, 1, 2), mode="reflect"), (4, 4), (7, 7)),
     (nn.ZeroPad2d((0, 1, 2, 3)), (4, 4), (9, 5)),
+    (nn.ReflectionPad2d((1, 2, 0, 1)), (4, 4), (5, 7)),
+    (nn.ReplicationPad2d(2), (3, 4), (7, 8)),
+    (nn.CircularPad2d(1), (4, 4), (6, 6)),
+    (nn.ConstantPad2d((1, 0, 0, 2), 0.0), (4, 4), (6, 5)),
 ]
 
 
@@ -410,11 +414,85 @@ def test_pooling_resizing_padding_pass_the_space(op, hw, out_hw):
     assert not frozen(a, out_ids(a, "c1"))[0]
 
 
-def test_pad_with_a_nonzero_value_loses_zeros():
-    model = Between(lambda y: F.pad(y, (1, 1, 1, 1), value=1.0))
+@pytest.mark.parametrize("op", [lambda y: F.pad(y, (1, 1, 1, 1), value=1.0), nn.ConstantPad2d(1, 1.0)],
+                         ids=["F.pad", "ConstantPad2d"])
+def test_pad_with_a_nonzero_value_loses_zeros(op):
+    model = Between(op)
     a = analyze(model, (B, 3, 4, 4))
     _, macs = between_costs(6, 16, 36)
     check_costs(a, model, macs, {"bn": alive(6, (0, 5))}, a.params, macs)
+    assert not frozen(a, out_ids(a, "c1"))[0]  # the space passes; its dead channels are no longer zero
+
+
+class GluHead(nn.Module):
+    """conv1x1(3→12) → bn(12) → GLU over the channels → head(6→4)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.c1, self.bn, self.glu, self.head = nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12), nn.GLU(1), nn.Conv2d(6, 4, 1)
+        self.functional = functional
+
+    def forward(self, x):
+        y = self.bn(self.c1(x))
+        return self.head(F.glu(y, 1) if self.functional else self.glu(y))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.GLU", "F.glu"])
+def test_glu_ties_its_halves_and_is_zero_where_the_first_half_is(functional):
+    model = GluHead(functional)
+    a = analyze(model, (B, 3, 4, 4))
+    (space,) = [s for s in a.spaces if not s.is_frozen]
+    assert space.width == 6 and in_ids(a, "head") == [a.spaces.index(space)]
+    assert ids(a, "c1.weight", 0) == [a.spaces.index(space)] * 2  # rows [0, 6) and [6, 12): one space, twice
+
+    def params(w):
+        return (3 * 2 * w + 2 * w) + 2 * 2 * w + (4 * w + 4)
+
+    def macs(w):
+        return 16 * (3 * 2 * w + 4 * w)
+
+    check_costs(a, model, macs(6), {"bn": alive(12, (1, 4))}, params(4), macs(4))  # a · σ(b) = 0 where a = 0
+    check_costs(a, model, macs(6), {"bn": alive(12, (7, 10))}, params(6), macs(6))  # σ(0) = ½: alive
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_glu_rejuvenates_its_halves_together(scheme):
+    torch.manual_seed(0)
+    model = GluHead(False).double().eval()
+    x = torch.randn(B, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model.bn.weight[[1, 4]] = 0
+        model.bn.bias[[1, 4]] = 0
+    expected = model(x)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, align=1)
+    torch.testing.assert_close(new(x), expected)
+    assert len(new.nrfx_plan.keep[0]) == 4 and new.get_submodule("c1").out_channels % 2 == 0
+
+
+@pytest.mark.parametrize("op", [nn.Softmax2d(), nn.Softmax(dim=None), nn.Softmin(0), lambda y: F.softmax(y)],
+                         ids=["Softmax2d", "Softmax-dim-None", "Softmin", "F.softmax-dim-None"])
+def test_a_softmax_over_an_unbatched_input_freezes_its_channels(op):
+    """Softmax2d normalises dim -3 and a softmax without ``dim`` torch's legacy dim (0 for a 3-d input): on an
+    unbatched C×H×W input both are the channels, so widening them would change every output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), op if isinstance(op, nn.Module) else _Fn(op),
+                          nn.Conv2d(8, 4, 1)).double().eval()
+    x = torch.randn(3, 5, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = nrfx.analyze(model, x)
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.5), example_inputs=x, align=1, analysis=a)
+    assert "softmax over channels" in reasons(a, out_ids(a, "0"))
+    torch.testing.assert_close(new(x), model(x))
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
 
 
 def test_pad_along_channels_freezes():

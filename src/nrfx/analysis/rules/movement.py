@@ -189,6 +189,24 @@ def _split(ctx, node, name: str):
     return _pieces(ctx, x, dim, sizes)
 
 
+@module_rule(nn.GLU)
+@function_rule(F.glu)
+def glu(ctx, node):
+    """GLU: the two halves of ``dim`` are one space (``a · σ(b)`` pairs channel i of each); the output is a's half.
+
+    σ(b) is never zero, so the output is zero exactly where a is.  The halves are implicit (no width is
+    spelled), so a rewrite that keeps them one space keeps the split in the middle.
+    """
+    x = ctx.spec(node.args[0])
+    if not isinstance(x, TensorSpec) or not x.ndim:
+        return ctx.unknown_op("GLU of a non-tensor")
+    dim = norm_dim(ctx.module.dim if node.op == "call_module" else ctx.arg(1, "dim", -1), x.ndim)
+    half = x.shape[dim] // 2
+    a, b = _pieces(ctx, x, dim, [half, half])
+    ctx.unify(a.dims[dim], b.dims[dim], "GLU multiplies the halves channel by channel")
+    return a
+
+
 @method_rule("narrow")
 def narrow_method(ctx, node):
     """x.narrow(dim, start, length): selects a channel range."""
@@ -777,22 +795,28 @@ def reduce_function(ctx, node):
 def _softmax(ctx, node):
     """softmax over a dim couples its entries: a channel dim there freezes; zeros are lost."""
     x = ctx.spec(node.args[0])
-    dim = ctx.arg(1, "dim")
-    if dim is not None:
-        ctx.freeze(x.dims[norm_dim(dim, x.ndim)], "softmax over channels")
+    ctx.freeze(x.dims[norm_dim(_softmax_dim(ctx.arg(1, "dim"), x.ndim), x.ndim)], "softmax over channels")
     return ctx.tensor(ctx.out.shape, x.dims)
 
 
-function_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)(_softmax)
+def _softmax_dim(dim: int | None, ndim: int) -> int:
+    """The dim a softmax normalises: the given one, else torch's legacy choice (0 for 0-, 1- and 3-d, else 1)."""
+    if dim is not None:
+        return dim
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+function_rule(F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax)(_softmax)
 method_rule("softmax", "log_softmax")(_softmax)
 
 
-@module_rule(nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
+@module_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
 def softmax_module(ctx, node):
-    """nn.Softmax(dim): freezes a channel dim it normalises over."""
+    """nn.Softmax / LogSoftmax / Softmin (dim) / Softmax2d (dim -3): freezes a channel dim it normalises over
+    (dim=None: torch's legacy choice, 0 for 0-, 1- and 3-d inputs, else 1)."""
     x = ctx.spec(node.args[0])
-    dim = getattr(ctx.module, "dim", 1)
-    ctx.freeze(x.dims[norm_dim(dim if dim is not None else 1, x.ndim)], "softmax over channels")
+    dim = -3 if isinstance(ctx.module, nn.Softmax2d) else _softmax_dim(ctx.module.dim, x.ndim)
+    ctx.freeze(x.dims[norm_dim(dim, x.ndim)], "softmax over channels")
     return ctx.tensor(ctx.out.shape, x.dims)
 
 
@@ -820,6 +844,15 @@ def pool_function(ctx, node):
     x = ctx.spec(node.args[0])
     spec = spatial_op(ctx, x, op_info("call_function", node.target).spatial or x.ndim - 2)
     return (spec, ctx.blank(ctx.out[1])) if isinstance(ctx.out, tuple) else spec
+
+
+@module_rule(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+def constant_pad_module(ctx, node):
+    """ConstantPadNd (ZeroPadNd): pads the trailing dims as the other padding modules; a value ≠ 0 makes a zero
+    channel nonzero at its border (zeros lost)."""
+    x = ctx.spec(node.args[0])
+    spec = spatial_op(ctx, x, len(ctx.module.padding) // 2)
+    return spec if ctx.module.value == 0 else ctx.tensor(spec.shape, spec.dims)
 
 
 @function_rule(F.pad)

@@ -102,7 +102,7 @@ def test_the_input_weights_columns_consume_the_features(cell, bidirectional):
     assert (u.live_params, u.live_macs) == (params(width - len(dead)), macs(width - len(dead)))
     rnn = a.param_info["rnn.weight_ih_l0"].dims
     assert a.space_ids(rnn[1]) == a.space_ids(a.param_info["front.0.weight"].dims[0])
-    assert all(a.spaces[s].is_frozen for s in a.space_ids(rnn[0]))  # the gates: the hidden size stays
+    assert rnn[0] is None  # the gates: sized by the hidden size, no channel space
 
 
 class _Seq(nn.Module):

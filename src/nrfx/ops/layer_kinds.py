@@ -25,7 +25,7 @@ from nrfx.layers.gates import Gate
 
 __all__ = ["LayerKind", "LAYER_KINDS", "LEAF_LAYERS", "layer_kind", "add_layer_kind", "is_scale", "scale_types",
            "fix_attributes", "invariant_problem", "constant_input_problem", "conv_padding_problem",
-           "set_group_norm_width", "scale_init", "in_columns", "input_projections"]
+           "set_group_norm_width", "scale_init", "in_columns", "input_projections", "zero_projections"]
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,14 @@ def _check_recurrent(module: nn.RNNBase | nn.RNNCellBase) -> str | None:
     return None
 
 
+def zero_projections(module: nn.Module, gamma0: float | None) -> None:
+    """Rule: a new input feature is read through a zero column of each input weight (``input_projections``), so
+    the layer computes what it did until training moves it (the weights' rows are no channel space that could
+    mark the new columns as cross entries)."""
+    for attr, _ in input_projections(module):
+        nn.init.zeros_(getattr(module, attr))
+
+
 def _recurrent_constant(module: nn.RNNBase | nn.RNNCellBase) -> str | None:
     """Rule: a constant input feature adds ``W_ih[:, j]·v`` to the gates at every step: exact in ``bias_ih_l0``."""
     return None if module.bias else "a recurrent layer without biases (bias=False) has nowhere to hold it"
@@ -258,9 +266,9 @@ for _record in (
     LayerKind(Gate, _fix_gate, _check_gate, scale_init, scale=True),
     LayerKind(nn.Embedding, _fix_embedding),
     LayerKind(nn.PReLU, _fix_prelu),
-    LayerKind(nn.RNNBase, _fix_recurrent, _check_recurrent, constant_passes=_recurrent_constant,
+    LayerKind(nn.RNNBase, _fix_recurrent, _check_recurrent, zero_projections, constant_passes=_recurrent_constant,
               projections=_recurrent_directions),
-    LayerKind(nn.RNNCellBase, _fix_recurrent, _check_recurrent, constant_passes=_recurrent_constant,
-              projections=lambda cell: (("weight_ih", "bias_ih"),)),
+    LayerKind(nn.RNNCellBase, _fix_recurrent, _check_recurrent, zero_projections,
+              constant_passes=_recurrent_constant, projections=lambda cell: (("weight_ih", "bias_ih"),)),
 ):
     add_layer_kind(_record)

@@ -210,7 +210,7 @@ def recurrent(ctx, node):
     The input features (last dim) are read by ``weight_ih_l0`` (per direction; a cell's ``weight_ih``); the hidden
     size, the time and batch dims and any initial state freeze; MACs as measured.  Feature j enters only through
     column j of those weights, a linear map at every time step, so a removed feature goes with its column and a
-    new one is read through a zero column (the weights' rows are a frozen space).
+    new one is read through a zero column (the layer kind's ``init``).
     """
     m = ctx.module
     name = type(m).__name__
@@ -222,10 +222,8 @@ def recurrent(ctx, node):
     _freeze_other_dims(ctx, x, x.ndim - 1, f"{name} (it mixes time steps)")
     in_l = ctx.consume(x, x.ndim - 1)
     weights = [getattr(m, attr) for attr, _ in input_projections(m)]
-    for index, weight in enumerate(weights):
-        rows = ctx.fresh(weight.shape[0], (node.target, "gates", index))
-        ctx.freeze(rows, f"gates of {name} (their width is the hidden size)")
-        ctx.param(weight, (rows, in_l))
+    for weight in weights:
+        ctx.param(weight, (None, in_l))  # rows: the gates, sized by the hidden size (new columns start at zero)
     per_feature = (ctx.value(node.args[0]).numel() // x.shape[-1]) * sum(w.shape[0] for w in weights)
     reading = per_feature * x.shape[-1]  # the input projection's MACs; the rest (hidden to hidden) stays as is
     ctx.add_macs(max(ctx.measured_macs() - reading, 0))

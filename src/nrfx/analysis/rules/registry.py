@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from nrfx.capture.shape_formulas import FORMULAS
-from nrfx.ops.layer_kinds import LAYER_KINDS, LEAF_LAYERS, LayerKind, add_layer_kind, scale_init
+from nrfx.ops.layer_kinds import LAYER_KINDS, LEAF_LAYERS, LayerKind, add_layer_kind, scale_init, zero_projections
 from nrfx.ops.optable import OpTable
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ def register_layer(kind: type, *, rule: Callable[..., Any] | None = None, shape:
     ``weight[:, j]`` (per group) multiplies input channel j, so that neural rescaling and ``fold_gates``
     fold a per-channel factor into those columns.  ``projections(module)``: the (weight, bias) attribute pairs
     its input enters through when they are not ``weight`` and ``bias`` (a recurrent layer's ``weight_ih_l0`` /
-    ``bias_ih_l0`` per direction: a constant input folds into each bias).  Returns the record;
+    ``bias_ih_l0`` per direction: a constant input folds into each bias; their new columns start at zero unless
+    ``init`` says otherwise).  Returns the record;
     ``unregister_layer`` takes it back.
     """
     if not (isinstance(kind, type) and issubclass(kind, nn.Module)):
@@ -74,6 +75,8 @@ def register_layer(kind: type, *, rule: Callable[..., Any] | None = None, shape:
         FORMULAS.modules[kind] = shape
     if scale and init is None:
         init = scale_init
+    if projections is not None and init is None:
+        init = zero_projections
     return add_layer_kind(LayerKind(kind, fix, check, init, bool(scale), constant_passes, in_columns, projections))
 
 

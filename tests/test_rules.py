@@ -424,6 +424,47 @@ def test_pad_with_a_nonzero_value_loses_zeros(op):
     assert not frozen(a, out_ids(a, "c1"))[0]  # the space passes; its dead channels are no longer zero
 
 
+class Unpooled(nn.Module):
+    """conv-bn-relu → max pool with indices → conv-bn-relu → max unpool by those indices → head (SegNet)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool, self.unpool = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+        self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+        self.functional = functional
+
+    def forward(self, x):
+        y = self.enc(x)
+        if self.functional:
+            pooled, indices = F.max_pool2d(y, 2, return_indices=True)
+            return self.head(F.max_unpool2d(self.mid(pooled), indices, 2, output_size=y.shape[-2:]))
+        pooled, indices = self.pool(y)
+        return self.head(self.unpool(self.mid(pooled), indices, output_size=y.size()))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functions"])
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_an_unpooling_ties_its_input_to_the_pooled_channels(functional, scheme):
+    """Channel c of the unpooled tensor is scattered by channel c of the pooling's indices: the encoder's and the
+    middle's spaces are one (rewritten apart, the channels would be scattered by another channel's positions)."""
+    torch.manual_seed(0)
+    model = Unpooled(functional).double().eval()
+    x = torch.randn(B, 3, 8, 8, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert out_ids(a, "enc.0") == out_ids(a, "mid.0") == in_ids(a, "head")
+    assert not frozen(a, out_ids(a, "enc.0"))[0]
+    with torch.no_grad():
+        for norm in (model.enc[1], model.mid[1]):
+            norm.weight[[2, 5]] = 0
+            norm.bias[[2, 5]] = 0
+    expected = model(x)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, align=1)
+    torch.testing.assert_close(new(x), expected)
+    assert len(new.nrfx_plan.keep[out_ids(a, "enc.0")[0]]) == 6
+
+
 class GluHead(nn.Module):
     """conv1x1(3→12) → bn(12) → GLU over the channels → head(6→4)."""
 

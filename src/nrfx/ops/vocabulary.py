@@ -106,6 +106,10 @@ _ROWS: tuple[tuple[Trait, int | None, tuple, tuple, tuple], ...] = (
     (MAX, 1, (nn.MaxPool1d, nn.AdaptiveMaxPool1d), (F.max_pool1d, F.adaptive_max_pool1d), ()),
     (MAX, 2, (nn.MaxPool2d, nn.AdaptiveMaxPool2d), (F.max_pool2d, F.adaptive_max_pool2d), ()),
     (MAX, 3, (nn.MaxPool3d, nn.AdaptiveMaxPool3d), (F.max_pool3d, F.adaptive_max_pool3d), ()),
+    # return_indices=True: (values, indices), fx records these; the values are a max pooling's
+    (T.SPATIAL, 1, (), (F.max_pool1d_with_indices, F.adaptive_max_pool1d_with_indices), ()),
+    (T.SPATIAL, 2, (), (F.max_pool2d_with_indices, F.adaptive_max_pool2d_with_indices), ()),
+    (T.SPATIAL, 3, (), (F.max_pool3d_with_indices, F.adaptive_max_pool3d_with_indices), ()),
     (AVG, 1, (nn.AvgPool1d, nn.AdaptiveAvgPool1d), (F.avg_pool1d, F.adaptive_avg_pool1d), ()),
     (AVG, 2, (nn.AvgPool2d, nn.AdaptiveAvgPool2d), (F.avg_pool2d, F.adaptive_avg_pool2d), ()),
     (AVG, 3, (nn.AvgPool3d, nn.AdaptiveAvgPool3d), (F.avg_pool3d, F.adaptive_avg_pool3d), ()),

@@ -825,25 +825,47 @@ def spatial_op(ctx, x: TensorSpec, n_spatial: int) -> TensorSpec:
     """Ops over the last ``n_spatial`` dims: channel dims there freeze, the rest pass through."""
     for d in range(x.ndim - n_spatial, x.ndim):
         ctx.freeze(x.dims[d], "pooled or resized over channels")
-    return ctx.like(x, tuple(ctx.out.shape))
+    out = ctx.out[0] if isinstance(ctx.out, tuple) else ctx.out
+    return ctx.like(x, tuple(out.shape))
+
+
+def _with_indices(ctx, spec: TensorSpec):
+    """A pooling's output, and with ``return_indices`` its indices: shaped as the output, on its channel spaces
+    (an unpooling reads them channel by channel), no zeros."""
+    return (spec, ctx.tensor(ctx.out[1].shape, spec.dims)) if isinstance(ctx.out, tuple) else spec
 
 
 @module_rule(*modules_with(Trait.SPATIAL))
 def pool_module(ctx, node):
-    """Pooling / resizing / padding modules act on trailing (spatial) dims: the channel space passes through."""
+    """Pooling / resizing / padding / unpooling modules act on trailing (spatial) dims: the channel space passes."""
     x = ctx.spec(node.args[0])
-    out = spatial_op(ctx, x, op_info("call_module", None, ctx.module).spatial or x.ndim - 2)
-    if isinstance(ctx.out, tuple):
-        return (out, ctx.blank(ctx.out[1]))
-    return out
+    return _with_indices(ctx, spatial_op(ctx, x, op_info("call_module", None, ctx.module).spatial or x.ndim - 2))
 
 
 @function_rule(*functions_with(Trait.SPATIAL))
 def pool_function(ctx, node):
     """Functional pooling / interpolation: the channel space passes through (spatial 0: every dim past N, C)."""
     x = ctx.spec(node.args[0])
-    spec = spatial_op(ctx, x, op_info("call_function", node.target).spatial or x.ndim - 2)
-    return (spec, ctx.blank(ctx.out[1])) if isinstance(ctx.out, tuple) else spec
+    return _with_indices(ctx, spatial_op(ctx, x, op_info("call_function", node.target).spatial or x.ndim - 2))
+
+
+_UNPOOL_DIMS = {nn.MaxUnpool1d: 1, nn.MaxUnpool2d: 2, nn.MaxUnpool3d: 3,
+                F.max_unpool1d: 1, F.max_unpool2d: 2, F.max_unpool3d: 3}
+
+
+@module_rule(nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
+@function_rule(F.max_unpool1d, F.max_unpool2d, F.max_unpool3d)
+def max_unpool(ctx, node):
+    """MaxUnpool(x, indices): channel c of x is scattered by channel c of the indices (its pooling's), so their
+    channel dims are one space (plain indices freeze x's); the trailing dims grow; zeros pass."""
+    x = ctx.spec(node.args[0])
+    indices = ctx.spec(ctx.arg(1, "indices"))
+    n = _UNPOOL_DIMS[type(ctx.module) if node.op == "call_module" else node.target]
+    for d in range(x.ndim - n):
+        other = indices.dims[d] if isinstance(indices, TensorSpec) and indices.ndim == x.ndim else None
+        if x.dims[d] is not None or other is not None:
+            ctx.unify(x.dims[d], other, "an unpooling scatters each channel by its pooling's indices")
+    return spatial_op(ctx, x, n)
 
 
 @module_rule(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)

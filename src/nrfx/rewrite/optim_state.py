@@ -45,11 +45,13 @@ _FRESH_FROM_GROUP: dict[tuple[type, str], str] = {
 def fresh_fills(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> dict[str, float]:
     """Rule: a new slot starts where a fresh optimizer starts it: Adagrad's ``sum`` at its
     ``initial_accumulator_value``, Rprop's ``step_size`` at the group's ``lr``; every other key at zero."""
+    settings = {key: setting for (kind, key), setting in _FRESH_FROM_GROUP.items() if isinstance(optimizer, kind)}
+    if not settings:  # every other optimizer: no need to find the parameter's group
+        return {}
     group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
     if group is None:
         return {}
-    return {key: float(group[setting]) for (kind, key), setting in _FRESH_FROM_GROUP.items()
-            if isinstance(optimizer, kind) and setting in group}
+    return {key: float(group[setting]) for key, setting in settings.items() if setting in group}
 
 
 def _carry_one(state: dict[str, Any], shape: tuple[int, ...], pmap: ParamMap | None,
@@ -189,8 +191,9 @@ def inplace_states(optimizer: torch.optim.Optimizer, before: dict[str, DensePara
             continue
         has_state = any(optimizer.state.get(p) for _, p in entry[3])
         state = _joined_state(optimizer, entry) if carry_state and has_state else None
-        fills = fresh_fills(optimizer, entry[3][0][1])
-        carried = _carry_one(state, entry[2], pmap, fills) if state is not None else None
+        carried = None
+        if state is not None:
+            carried = _carry_one(state, entry[2], pmap, fresh_fills(optimizer, entry[3][0][1]))
         if carry_state and has_state and carried is None:
             raise OptimizerStateError(
                 f"{type(optimizer).__name__}'s state of '{name}' is not shaped like the parameter, so it cannot be "

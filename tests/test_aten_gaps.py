@@ -125,6 +125,12 @@ CASES = {
     "mean_all": Case(lambda m, x, y: y * y.mean(), frozenset({aten.mean.default})),
     "sum_all": Case(lambda m, x, y: y * torch.sum(y), frozenset({aten.sum.default})),
     "diff": Case(lambda m, x, y: torch.diff(y, dim=3), frozenset({aten.diff.default}), positions=H * (W - 1)),
+    "remainder": Case(lambda m, x, y: y % 1.5, frozenset({aten.remainder.Scalar})),
+    "remainder_tensor": Case(lambda m, x, y: torch.remainder(y, x[:, :1].abs() + 1),
+                             frozenset({aten.remainder.Tensor})),
+    "fmod": Case(lambda m, x, y: torch.fmod(y, 2.0), frozenset({aten.fmod.Scalar})),
+    "floor_divide": Case(lambda m, x, y: y // 0.5, frozenset({aten.floor_divide.default})),
+    "normalize": Case(lambda m, x, y: F.normalize(y, dim=3), frozenset({aten.expand_as.default})),
 }
 
 

@@ -416,3 +416,53 @@ def test_a_reflection_padded_generator_is_monitored_and_rejuvenated(scheme):
     new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, align=4, constants="keep")
     torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
     assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
+
+
+# -- U-Net decoders upsampling by pixel shuffle ----------------------------------------------------------------
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+def _shuffle_up(cin: int, cout: int) -> nn.Sequential:
+    """fastai's PixelShuffle_ICNR with blur: conv 1×1 to 4·cout, bn, relu, PixelShuffle(2), then the
+    replication pad and 2×2 average pool that smooth its checkerboard."""
+    return nn.Sequential(_conv_bn_relu(cin, 4 * cout, 1), nn.PixelShuffle(2), nn.ReplicationPad2d((1, 0, 1, 0)),
+                         nn.AvgPool2d(2, stride=1))
+
+
+class _ShuffleUnet(nn.Module):
+    """Two strided conv-bn-relu stages down; up by pixel shuffle, concatenated with the skip (through its own
+    norm, as fastai's UnetBlock), two conv-bn-relu; a last shuffle up and a 1×1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down1, self.down2 = _conv_bn_relu(3, 8, stride=2), _conv_bn_relu(8, 16, stride=2)
+        self.up, self.skip_bn = _shuffle_up(16, 8), nn.BatchNorm2d(8)
+        self.fuse = nn.Sequential(_conv_bn_relu(16, 8), _conv_bn_relu(8, 8))
+        self.final, self.head = _shuffle_up(8, 4), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        skip = self.down1(x)
+        y = self.fuse(torch.cat([self.up(self.down2(skip)), F.relu(self.skip_bn(skip))], 1))
+        return self.head(self.final(y))
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_pixel_shuffle_unet_decoder_is_monitored_and_rejuvenated(scheme):
+    """PixelShuffle upsamplers tie their conv's channels in blocks of 4 to the decoder's (they were unknown ops,
+    freezing a third of a fastai-style U-Net's channels)."""
+    torch.manual_seed(0)
+    model = _ShuffleUnet().double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    cover = analysis.coverage()
+    assert cover.monitored_channels >= 0.95 * cover.channels and not analysis.unknown_ops
+    kill_per_norm(model, analysis, 0.4, seed=5, constants=True)
+    expected = model(x)
+    for budget in (None, nrfx.Budget.fraction(1.5)):
+        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=4, constants="keep")
+        torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+        assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
+    grown = new.get_submodule("up.0.0").out_channels
+    assert grown > 32 and grown % 4 == 0  # the upsampler grew in whole blocks of 4

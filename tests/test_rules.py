@@ -13,6 +13,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import SCHEMES, assert_aligned, kill_per_norm
 from torch import nn
 
 import nrfx
@@ -1317,3 +1320,209 @@ def test_ops_along_channels_freeze_or_follow_and_keep_the_function(name):
     if name == "clamp_parameter_bound":
         assert ids(a, "cap", 1) == out_ids(a, "c1")  # the bound is resized with the channels
     _rejuvenations_keep_the_function(model, x, a)
+
+
+# -- pixel shuffle ---------------------------------------------------------------------------------------------
+class Shuffled(nn.Module):
+    """conv1x1(3→k·r²) → bn → PixelShuffle(r) → head(k→5), or with ``unshuffle`` conv1x1(3→k) → bn →
+    PixelUnshuffle(r) → head(k·r²→5)."""
+
+    def __init__(self, k: int, r: int, unshuffle: bool, functional: bool) -> None:
+        super().__init__()
+        wide = k * r * r
+        self.c1 = nn.Conv2d(3, k if unshuffle else wide, 1)
+        self.bn = nn.BatchNorm2d(self.c1.out_channels)
+        self.head = nn.Conv2d(wide if unshuffle else k, 5, 1)
+        self.op = (F.pixel_unshuffle if unshuffle else F.pixel_shuffle) if functional else \
+            (nn.PixelUnshuffle(r) if unshuffle else nn.PixelShuffle(r))
+        self.r = r
+
+    def forward(self, x):
+        y = self.bn(self.c1(x))
+        return self.head(self.op(y) if isinstance(self.op, nn.Module) else self.op(y, self.r))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functions"])
+def test_a_pixel_shuffle_moves_channels_in_blocks_of_r_squared(functional):
+    """Output channel c of PixelShuffle(2) is input channels [4c, 4c + 4): the two spaces are one planning unit
+    (blocks of 4 and of 1), and an output channel is dead only where its whole block is."""
+    model = Shuffled(4, 2, unshuffle=False, functional=functional)
+    a = analyze(model, (B, 3, 4, 4))
+    (wide,), (narrow,) = out_ids(a, "c1"), in_ids(a, "head")
+    assert (a.spaces[wide].width, a.spaces[wide].block, a.spaces[narrow].width, a.spaces[narrow].block) == (16, 4, 4, 1)
+    assert a.spaces[wide].unit == a.spaces[narrow].unit and not frozen(a, [wide, narrow]) == [True, True]
+
+    def params(w):  # w live output channels: c1 3·4w + 4w, bn 2·4w, head 5w + 5
+        return 12 * w + 4 * w + 8 * w + 5 * w + 5
+
+    def macs(w):
+        return 12 * w * 16 + 5 * w * 64
+
+    check_costs(a, model, macs(4), {"bn": alive(16, (0, 1, 2, 3, 9))}, params(3), macs(3))  # block 0 dead
+    check_costs(a, model, macs(4), {"bn": alive(16, (1, 6, 11, 12))}, params(4), macs(4))  # no whole block
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functions"])
+def test_a_pixel_unshuffle_moves_each_channel_into_r_squared(functional):
+    model = Shuffled(4, 2, unshuffle=True, functional=functional)
+    a = analyze(model, (B, 3, 4, 4))
+    (narrow,), (wide,) = out_ids(a, "c1"), in_ids(a, "head")
+    assert (a.spaces[narrow].width, a.spaces[narrow].block, a.spaces[wide].width, a.spaces[wide].block) == (4, 1, 16, 4)
+    assert a.spaces[wide].unit == a.spaces[narrow].unit and frozen(a, [wide, narrow]) == [False, False]
+
+    def params(w):  # c1 3w + w, bn 2w, head 5·4w + 5
+        return 3 * w + w + 2 * w + 20 * w + 5
+
+    def macs(w):
+        return 3 * w * 16 + 20 * w * 4
+
+    check_costs(a, model, macs(4), {"bn": alive(4, (2,))}, params(3), macs(3))
+
+
+class ShuffleDecoder(nn.Module):
+    """An EDSR-style upsampler (conv(c→4c) → bn → relu → PixelShuffle(2)) between conv-bn-relu blocks, then a
+    PixelUnshuffle(2) back down into the head."""
+
+    def __init__(self, functional: bool, c: int = 8) -> None:
+        super().__init__()
+        self.functional = functional
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.up = nn.Sequential(nn.Conv2d(c, 4 * c, 3, padding=1), nn.BatchNorm2d(4 * c), nn.ReLU())
+        self.shuffle, self.unshuffle = nn.PixelShuffle(2), nn.PixelUnshuffle(2)
+        self.mid = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.head = nn.Conv2d(4 * c, 5, 1)
+
+    def forward(self, x):
+        y = self.up(self.stem(x))
+        y = self.mid(F.pixel_shuffle(y, 2) if self.functional else self.shuffle(y))
+        return self.head(F.pixel_unshuffle(y, 2) if self.functional else self.unshuffle(y))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functions"])
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_pixel_shuffle_decoder_is_rejuvenated_block_by_block(functional, scheme):
+    """Dead channels drawn per norm (β ≠ 0): the upsampler loses and adds whole blocks of 4, exactly."""
+    torch.manual_seed(0)
+    model = ShuffleDecoder(functional).double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert not a.unknown_ops and not any(s.is_frozen for s in a.spaces[:-1])
+    kill_per_norm(model, a, 0.4, seed=1, constants=True)
+    with torch.no_grad():
+        model.up[1].weight[:4] = 0  # one whole block of the upsampler dead (β = 0: nothing to keep it for)
+        model.up[1].bias[:4] = 0
+    expected = model(x)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, align=1, constants="keep")
+    torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+    plan = new.nrfx_plan
+    assert plan.cost_after <= plan.budget and 0 not in plan.keep[out_ids(a, "up.0")[0]]
+    assert new.get_submodule("up.0").out_channels == 4 * new.get_submodule("mid.0").in_channels
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["one-value", "per-position"])
+def test_a_shuffled_constant_folds_only_when_it_is_one_value(same):
+    """A dead block emitting relu(β): after the shuffle each of its output channel's r×r positions carries one
+    of the r² constants; one value folds into the head's bias, different ones do not (warned, measured)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.PixelShuffle(2),
+                          nn.Conv2d(4, 5, 1)).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model[1].weight[:4] = 0
+        model[1].bias[:4] = 0.7 if same else torch.tensor([0.7, 0.2, 0.9, 0.4], dtype=torch.float64)
+    expected = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme="nr", align=1)
+    folds = [w for w in caught if "cannot absorb exactly" in str(w.message)]
+    if same:
+        assert not folds
+        torch.testing.assert_close(new(x), expected)
+    else:
+        assert len(folds) == 1 and (new(x) - expected).abs().max() > 0.1
+        kept = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme="nr", align=1, constants="keep")
+        torch.testing.assert_close(kept(x), expected)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.integers(1, 4), r=st.integers(1, 3), unshuffle_first=st.booleans(), scheme=st.sampled_from(SCHEMES),
+       align=st.sampled_from([1, 2, 4, 8]), fraction=st.sampled_from([1.0, 1.5]), batch=st.integers(1, 3),
+       block=st.booleans(), inplace=st.booleans(), seed=st.integers(0, 1000))
+def test_property_pixel_shuffles_keep_the_function(k, r, unshuffle_first, scheme, align, fraction, batch, block,
+                                                   inplace, seed):
+    """Random shuffle / unshuffle pairs between conv-bn-relu layers, dead channels per norm (single or whole
+    blocks of r², β ≠ 0): every scheme, alignment, budget and batch keeps the function within budget."""
+    torch.manual_seed(seed)
+    wide, ops = k * r * r, (nn.PixelUnshuffle(r), nn.PixelShuffle(r))
+    first, second = ops if unshuffle_first else ops[::-1]
+    a_in, a_out, b_out = (k, wide, k) if unshuffle_first else (wide, k, wide)
+    model = nn.Sequential(nn.Conv2d(3, a_in, 1), nn.BatchNorm2d(a_in), nn.ReLU(), first,
+                          nn.Conv2d(a_out, a_out, 3, padding=1), nn.BatchNorm2d(a_out), nn.ReLU(), second,
+                          nn.Conv2d(b_out, 5, 1)).double().eval()
+    x = torch.randn(batch, 3, 2 * r, 2 * r, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert not a.unknown_ops
+    kill_per_norm(model, a, 0.5, seed=seed, constants=True)
+    if block:  # a whole block of r² dead in each wide norm
+        with torch.no_grad():
+            for norm in (m for m in model if isinstance(m, nn.BatchNorm2d) and m.num_features == wide):
+                start = r * r * (seed % k)
+                norm.weight[start:start + r * r] = 0
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(fraction), example_inputs=x, scheme=scheme[0],
+                              rescale=scheme[1],
+                              align=align, constants="keep", analysis=a, inplace=inplace)
+    torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+    assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
+    assert_aligned(a, new.nrfx_plan)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functions"])
+def test_pixel_shuffles_under_export_are_analysed_as_under_fx(functional):
+    """torch.export records ``aten.pixel_shuffle`` / ``pixel_unshuffle`` (translated back) or the module calls
+    (raised back): the same spaces, blocks, params and MACs as fx, and the rewrite keeps the function."""
+    torch.manual_seed(0)
+    model = ShuffleDecoder(functional).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fx, ex = nrfx.analyze(model, x), nrfx.analyze(model, x, capture="export")
+    assert ex.capture == "export" and not ex.unknown_ops
+    assert sorted((s.width, s.block, s.is_frozen) for s in fx.spaces) == \
+        sorted((s.width, s.block, s.is_frozen) for s in ex.spaces)
+    assert (fx.params, fx.macs) == (ex.params, ex.macs)
+    kill_per_norm(model, ex, 0.4, seed=2)
+    expected = model(x)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme="cr", align=1, analysis=ex)
+    torch.testing.assert_close(new(x), expected)
+
+
+class Patches(nn.Module):
+    """conv-bn → 2×2 patches unfolded into the channel dim by reshape / permute (each channel 4 features) →
+    relu → PixelShuffle(2) folds them back → head (a hand-written space-to-depth and its inverse)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn, self.head = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        y = self.bn(self.c1(x))
+        b, h, w = y.shape[0], y.shape[2], y.shape[3]
+        y = y.reshape(b, -1, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, -1, h // 2, w // 2)
+        return self.head(F.pixel_shuffle(torch.relu(y), 2))
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_pixel_shuffle_folds_unfolded_patches_back_into_their_channels(scheme):
+    """Channels whose features are whole r×r patches come out of the shuffle as the same channels: one free space."""
+    torch.manual_seed(0)
+    model = Patches().double().eval()
+    x = torch.randn(3, 3, 6, 8, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert out_ids(a, "c1") == in_ids(a, "head") and not frozen(a, out_ids(a, "c1"))[0]
+    kill_per_norm(model, a, 0.5, seed=1, constants=True)
+    expected = model(x)
+    for budget in (None, nrfx.Budget.fraction(1.5)):
+        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=1, constants="keep")
+        torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+    assert new.get_submodule("c1").out_channels > 6

@@ -97,6 +97,9 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.roll.default: torch.roll, aten.diff.default: torch.diff, aten.meshgrid.default: torch.meshgrid,
     aten.meshgrid.indexing: torch.meshgrid, aten.where.self: torch.where, aten.where.ScalarOther: torch.where,
     aten.where.ScalarSelf: torch.where, aten.where.Scalar: torch.where,
+    aten.pixel_shuffle.default: F.pixel_shuffle, aten.pixel_unshuffle.default: F.pixel_unshuffle,
+    aten.remainder.Scalar: torch.remainder, aten.remainder.Tensor: torch.remainder, aten.fmod.Scalar: torch.fmod,
+    aten.fmod.Tensor: torch.fmod, aten.floor_divide.default: torch.floor_divide,
 }
 _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_",
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",
@@ -105,7 +108,7 @@ _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul
                     aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_", aten.detach_.default: "detach",
                     aten.copy_.default: "copy_", aten.masked_fill.Scalar: "masked_fill",
                     aten.masked_fill.Tensor: "masked_fill", aten.masked_fill_.Scalar: "masked_fill_",
-                    aten.masked_fill_.Tensor: "masked_fill_"}
+                    aten.masked_fill_.Tensor: "masked_fill_", aten.expand_as.default: "expand_as"}
 _SIZE_METHODS = {aten.permute.default: "permute", aten.expand.default: "expand", aten.repeat.default: "repeat"}
 
 for _overload, _target in _SAME_ARGS.items():

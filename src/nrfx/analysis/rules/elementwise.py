@@ -138,10 +138,11 @@ _DIV = _binary("first")
 function_rule(operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, torch.subtract,
               torch.maximum, torch.minimum)(union_rule)
 function_rule(operator.mul, operator.imul, torch.mul, torch.multiply)(_MUL)
-function_rule(operator.truediv, operator.itruediv, torch.div, torch.true_divide, operator.floordiv)(_DIV)
+function_rule(operator.truediv, operator.itruediv, torch.div, torch.true_divide, operator.floordiv, operator.mod,
+              torch.floor_divide, torch.remainder, torch.fmod)(_DIV)  # 0 / y, 0 // y, 0 mod y: zero where x is
 method_rule("add", "add_", "sub", "sub_", "maximum", "minimum")(union_rule)
 method_rule("mul", "mul_", "multiply")(_MUL)
-method_rule("div", "div_", "true_divide", "floor_divide")(_DIV)
+method_rule("div", "div_", "true_divide", "floor_divide", "remainder", "fmod")(_DIV)
 
 
 @function_rule(torch.addcmul)

@@ -387,7 +387,8 @@ def coupling_norm(ctx, node):
 
 @function_rule(F.layer_norm, F.rms_norm, F.local_response_norm, F.normalize)
 def coupling_norm_function(ctx, node):
-    """Functional layer/rms norm, LRN and normalize: freeze the normalised dims."""
+    """Functional layer/rms norm, LRN and normalize: freeze the normalised dims; normalize keeps zeros
+    (x / max(‖x‖, eps) is zero where x is)."""
     x = ctx.spec(node.args[0])
     name = node.target.__name__
     if name in ("layer_norm", "rms_norm"):
@@ -399,4 +400,4 @@ def coupling_norm_function(ctx, node):
         touched = [1]
     for d in touched:
         ctx.freeze(x.dims[d], f"{name} statistics couple the channels")
-    return ctx.tensor(ctx.out.shape, x.dims)
+    return ctx.like(x, ctx.out.shape) if name == "normalize" else ctx.tensor(ctx.out.shape, x.dims)

@@ -868,6 +868,53 @@ def max_unpool(ctx, node):
     return spatial_op(ctx, x, n)
 
 
+@module_rule(nn.PixelShuffle)
+@function_rule(F.pixel_shuffle)
+def pixel_shuffle(ctx, node):
+    """PixelShuffle(r): output channel c is input channels [c·r², (c+1)·r²) spread over an r×r patch, so the input
+    keeps and adds channels in blocks of r², block c tied to output channel c; zero where all r² are."""
+    factor = ctx.module.upscale_factor if node.op == "call_module" else ctx.arg(1, "upscale_factor")
+    return _space_to_depth(ctx, ctx.spec(node.args[0]), int(factor) ** 2, 1)
+
+
+@module_rule(nn.PixelUnshuffle)
+@function_rule(F.pixel_unshuffle)
+def pixel_unshuffle(ctx, node):
+    """PixelUnshuffle(r): input channel c becomes output channels [c·r², (c+1)·r²), one per position of its r×r
+    patches, so the output keeps and adds channels in blocks of r², block c tied to input channel c."""
+    factor = ctx.module.downscale_factor if node.op == "call_module" else ctx.arg(1, "downscale_factor")
+    return _space_to_depth(ctx, ctx.spec(node.args[0]), 1, int(factor) ** 2)
+
+
+def _space_to_depth(ctx, x: TensorSpec, block_in: int, block_out: int) -> TensorSpec:
+    """Rule: a pixel (un)shuffle moves channel dim −3 in whole blocks (``block_in`` input channels to
+    ``block_out`` output channels, block k to block k: a fresh output layout tied to the input's); the two
+    spatial dims freeze if they carry channels, leading dims pass."""
+    c = x.ndim - 3
+    for d in (c + 1, c + 2):
+        ctx.freeze(x.dims[d], "a pixel shuffle moves spatial positions into channels")
+    dims, zeros = list(x.dims), [copy_zero(ctx, x, i) if d is not None else None for i, d in enumerate(x.dims)]
+    dims[c + 1] = dims[c + 2] = zeros[c + 1] = zeros[c + 2] = None
+    layout = x.dims[c]
+    if layout is not None and block_out == 1 and layout.inner % block_in == 0 and layout.inner > 1:
+        # each channel's features are whole blocks (patches unfolded into channels): the shuffle folds them back
+        dims[c] = Layout(layout.atoms, layout.inner // block_in)
+        return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+    if layout is not None and layout.inner != 1:
+        ctx.freeze(layout, "a pixel shuffle of channels merged with other dims")
+    if layout is None or layout.inner != 1:
+        dims[c] = zeros[c] = None
+        return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+    blocks = x.shape[c] // block_in
+    dims[c] = ctx.atoms.layout(blocks * block_out)
+    ctx.atoms.tie_blocks(layout, dims[c], block_in, block_out, f"pixel shuffle of {block_in}:{block_out} channels "
+                         f"[{ctx.where}]")
+    # output entry j·block_out + i reads input entries j·block_in + [0, block_in): zero where all of them are
+    zeros[c] = Zero("and", tuple(tuple(Segment(x.vid, c, j * block_in + k, j * block_in + k + 1)
+                                       for j in range(blocks) for _ in range(block_out)) for k in range(block_in)))
+    return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+
+
 @module_rule(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 def constant_pad_module(ctx, node):
     """ConstantPadNd (ZeroPadNd): pads the trailing dims as the other padding modules; a value ≠ 0 makes a zero

@@ -131,6 +131,9 @@ CASES = {
     "fmod": Case(lambda m, x, y: torch.fmod(y, 2.0), frozenset({aten.fmod.Scalar})),
     "floor_divide": Case(lambda m, x, y: y // 0.5, frozenset({aten.floor_divide.default})),
     "normalize": Case(lambda m, x, y: F.normalize(y, dim=3), frozenset({aten.expand_as.default})),
+    "triu": Case(lambda m, x, y: torch.triu(y, 1), frozenset({aten.triu.default})),
+    "tril_channels": Case(lambda m, x, y: torch.tril(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
+                          frozenset({aten.tril.default}), "triangle"),
 }
 
 

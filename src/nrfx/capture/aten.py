@@ -100,6 +100,7 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.pixel_shuffle.default: F.pixel_shuffle, aten.pixel_unshuffle.default: F.pixel_unshuffle,
     aten.remainder.Scalar: torch.remainder, aten.remainder.Tensor: torch.remainder, aten.fmod.Scalar: torch.fmod,
     aten.fmod.Tensor: torch.fmod, aten.floor_divide.default: torch.floor_divide,
+    aten.triu.default: torch.triu, aten.tril.default: torch.tril,
 }
 _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_",
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",

@@ -24,9 +24,9 @@ import torch
 import torch.fx
 from torch import nn
 
+from nrfx.capture import mha, transformer
 from nrfx.capture.contexts import switches_seen
 from nrfx.capture.guards import untouched
-from nrfx.capture.mha import traced_call
 from nrfx.capture.modes import FLAG_READ, flags_survive_retraces
 from nrfx.errors import TraceError, error_frames, format_frame, frame_line, live_frames, user_frame
 from nrfx.layers.gates import Gate
@@ -224,9 +224,10 @@ class NrfxTracer(torch.fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         """Trace into ``m``; if its code cannot be traced, report the innermost culprit."""
         qualname = self.path_of_module(m)
-        if isinstance(m, nn.MultiheadAttention) and qualname not in self.leaf_names and not (
-                self.leaf_types and isinstance(m, self.leaf_types)):
-            expanded = traced_call(m, args, kwargs)  # its heads, in the open (nrfx.capture.mha)
+        if qualname not in self.leaf_names and not (self.leaf_types and isinstance(m, self.leaf_types)):
+            # an attention's heads (nrfx.capture.mha), a transformer's layers (nrfx.capture.transformer), opened
+            opened = mha.traced_call if isinstance(m, nn.MultiheadAttention) else transformer.traced_call
+            expanded = opened(m, args, kwargs)
             if expanded is not None:
                 return expanded
         try:

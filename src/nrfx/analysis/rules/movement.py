@@ -1002,6 +1002,14 @@ def cumulative(ctx, node):
     return _along(ctx, node, [ctx.arg(1, "dim")], "cumulative sum or product along channels")
 
 
+@function_rule(torch.triu, torch.tril)
+@method_rule("triu", "triu_", "tril", "tril_")
+def triangle(ctx, node):
+    """triu / tril keep one triangle of the last two dims: channel dims there freeze (which entries survive depends
+    on the position), the other channels pass, zeros kept."""
+    return _along(ctx, node, [-2, -1], "triangle of a matrix over channels")
+
+
 @function_rule(torch.diff)
 @method_rule("diff")
 def diff(ctx, node):

@@ -132,6 +132,9 @@ CASES = {
     "floor_divide": Case(lambda m, x, y: y // 0.5, frozenset({aten.floor_divide.default})),
     "normalize": Case(lambda m, x, y: F.normalize(y, dim=3), frozenset({aten.expand_as.default})),
     "triu": Case(lambda m, x, y: torch.triu(y, 1), frozenset({aten.triu.default})),
+    "sliding_windows": Case(lambda m, x, y: F.pad(y, (1, 1)).unfold(3, 3, 1).sum(-1), frozenset({aten.unfold.default})),
+    "unfold_fold": Case(lambda m, x, y: F.fold(F.unfold(y, 2, stride=2), (H, W), 2, stride=2),
+                        frozenset({aten.im2col.default, aten.col2im.default})),
     "tril_channels": Case(lambda m, x, y: torch.tril(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
                           frozenset({aten.tril.default}), "triangle"),
 }

@@ -1526,3 +1526,74 @@ def test_a_pixel_shuffle_folds_unfolded_patches_back_into_their_channels(scheme)
         new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=1, constants="keep")
         torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
     assert new.get_submodule("c1").out_channels > 6
+
+
+# -- unfold / fold ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.Unfold", "F.unfold"])
+def test_unfold_makes_each_channel_a_block_of_its_taps(functional):
+    """conv1x1(3→6) → bn → unfold 3×3 (padding 1) → linear(54→4) per position: channel c is features
+    [9c, 9c + 9) of the linear, as after a flatten."""
+    class Unfolded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.bn, self.lin = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.Linear(54, 4)
+            self.unfold = nn.Unfold(3, padding=1)
+
+        def forward(self, x):
+            y = self.bn(self.c1(x))
+            patches = F.unfold(y, 3, padding=1) if functional else self.unfold(y)
+            return self.lin(patches.transpose(1, 2))
+
+    model = Unfolded()
+    a = analyze(model, (B, 3, 4, 5))
+    assert out_ids(a, "c1") == in_ids(a, "lin") and not frozen(a, out_ids(a, "c1"))[0]
+
+    def params(w):
+        return 3 * w + w + 2 * w + 9 * w * 4 + 4
+
+    def macs(w):
+        return 20 * (3 * w + 9 * w * 4)
+
+    check_costs(a, model, macs(6), {"bn": alive(6, (0, 5))}, params(4), macs(4))
+
+
+class Patched(nn.Module):
+    """conv-bn-relu → a 3×3 conv written as unfold + linear → bn-relu → 2×2 patches unfolded and folded back →
+    a 1×3 box filter by sliding windows (``Tensor.unfold``) → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.lin, self.unfold = nn.Linear(6 * 9, 8), nn.Unfold(3, padding=1)
+        self.c2, self.bn2 = nn.Conv2d(8, 20, 1), nn.BatchNorm2d(20)
+        self.head = nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c1(x)))
+        b, h, w = y.shape[0], y.shape[2], y.shape[3]
+        z = self.lin(self.unfold(y).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+        z = torch.relu(self.bn2(self.c2(z)))
+        z = F.fold(F.unfold(z, 2, stride=2), (h, w), 2, stride=2)
+        return self.head(F.pad(z, (1, 1)).unfold(3, 3, 1).sum(-1)[:, :5])
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_unfold_fold_and_sliding_windows_keep_the_spaces_free_and_the_function(scheme):
+    torch.manual_seed(0)
+    model = Patched().double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    fx, ex = nrfx.analyze(model, x), nrfx.analyze(model, x, capture="export")
+    assert not fx.unknown_ops and not ex.unknown_ops and (fx.params, fx.macs) == (ex.params, ex.macs)
+    assert sorted((s.width, s.is_frozen) for s in fx.spaces) == sorted((s.width, s.is_frozen) for s in ex.spaces)
+    assert [s.is_frozen for s in fx.spaces].count(True) == 1  # the output only
+    kill_per_norm(model, fx, 0.4, seed=1, constants=True)
+    expected = model(x)
+    for budget in (None, nrfx.Budget.fraction(1.5)):
+        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=1, constants="keep")
+        torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_sliding_windows_along_channels_freeze():
+    model = Between(lambda y: y.unfold(1, 2, 2).sum(-1).repeat(1, 2, 1, 1))
+    a = analyze(model, (B, 3, 4, 4))
+    assert "sliding windows along channels" in reasons(a, out_ids(a, "c1"))

@@ -101,6 +101,7 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.remainder.Scalar: torch.remainder, aten.remainder.Tensor: torch.remainder, aten.fmod.Scalar: torch.fmod,
     aten.fmod.Tensor: torch.fmod, aten.floor_divide.default: torch.floor_divide,
     aten.triu.default: torch.triu, aten.tril.default: torch.tril,
+    aten.im2col.default: F.unfold, aten.col2im.default: F.fold,
 }
 _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_",
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",
@@ -109,7 +110,8 @@ _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul
                     aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_", aten.detach_.default: "detach",
                     aten.copy_.default: "copy_", aten.masked_fill.Scalar: "masked_fill",
                     aten.masked_fill.Tensor: "masked_fill", aten.masked_fill_.Scalar: "masked_fill_",
-                    aten.masked_fill_.Tensor: "masked_fill_", aten.expand_as.default: "expand_as"}
+                    aten.masked_fill_.Tensor: "masked_fill_", aten.expand_as.default: "expand_as",
+                    aten.unfold.default: "unfold"}
 _SIZE_METHODS = {aten.permute.default: "permute", aten.expand.default: "expand", aten.repeat.default: "repeat"}
 
 for _overload, _target in _SAME_ARGS.items():

@@ -915,6 +915,63 @@ def _space_to_depth(ctx, x: TensorSpec, block_in: int, block_out: int) -> Tensor
     return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
 
 
+@module_rule(nn.Unfold)
+@function_rule(F.unfold)
+def unfold_patches(ctx, node):
+    """Unfold(k): (N, C, H, W) → (N, C·∏k, L), entry c·∏k + j the j-th tap of channel c's patch: each channel
+    becomes a block of ∏k features (as flatten makes); the spatial dims become the plain L; zeros kept (padding
+    adds zeros)."""
+    taps = math.prod(_pair(ctx.module.kernel_size if node.op == "call_module" else ctx.arg(1, "kernel_size")))
+    return _patches(ctx, ctx.spec(node.args[0]), taps, unfold=True)
+
+
+@module_rule(nn.Fold)
+@function_rule(F.fold)
+def fold_patches(ctx, node):
+    """Fold(k): (N, C·∏k, L) → (N, C, H, W), summing each channel's taps into its own plane: a channel whose
+    features are whole blocks of ∏k taps comes out as itself; zeros kept."""
+    taps = math.prod(_pair(ctx.module.kernel_size if node.op == "call_module" else ctx.arg(2, "kernel_size")))
+    return _patches(ctx, ctx.spec(node.args[0]), taps, unfold=False)
+
+
+def _pair(size) -> tuple[int, ...]:
+    """A kernel size as a tuple (an int means a square kernel)."""
+    return (int(size),) * 2 if isinstance(size, int) else tuple(int(k) for k in size)
+
+
+def _patches(ctx, x: TensorSpec, taps: int, unfold: bool) -> TensorSpec:
+    """Rule: the channel dim (1, or 0 unbatched) keeps its atoms with ``inner`` × or ÷ ``taps``; the other dims
+    are positions (a channel layout there freezes); a channel dim that does not split into whole taps freezes."""
+    c = x.ndim - (3 if unfold else 2)
+    for d in range(c + 1, x.ndim):
+        ctx.freeze(x.dims[d], "patches unfolded or folded over channels")
+    dims = [None] * len(ctx.out.shape)
+    dims[:c] = x.dims[:c]
+    layout = x.dims[c]
+    if layout is not None and unfold:
+        dims[c] = Layout(layout.atoms, layout.inner * taps)
+    elif layout is not None and layout.inner % taps == 0:
+        dims[c] = Layout(layout.atoms, layout.inner // taps)
+    else:
+        ctx.freeze(layout, "patches folded from channels that are not whole blocks of taps")
+    zeros = tuple(copy_zero(ctx, x, d) if dims[d] is not None else None for d in range(c + 1))
+    return ctx.tensor(ctx.out.shape, tuple(dims), zeros + (None,) * (len(dims) - c - 1))
+
+
+@method_rule("unfold")
+def sliding_windows(ctx, node):
+    """x.unfold(dim, size, step): windows along ``dim`` (now their count) in a new last dim: along a channel dim it
+    freezes (a window spans channels), other channels pass, zeros kept."""
+    x = ctx.spec(node.args[0])
+    if not isinstance(x, TensorSpec):
+        return ctx.blank(ctx.out)
+    dim = norm_dim(int(ctx.arg(1, "dimension")), x.ndim)
+    ctx.freeze(x.dims[dim], "sliding windows along channels")
+    dims = (*(None if d == dim else layout for d, layout in enumerate(x.dims)), None)
+    zeros = (*(copy_zero(ctx, x, d) if dims[d] is not None else None for d in range(x.ndim)), None)
+    return ctx.tensor(ctx.out.shape, dims, zeros)
+
+
 @module_rule(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 def constant_pad_module(ctx, node):
     """ConstantPadNd (ZeroPadNd): pads the trailing dims as the other padding modules; a value ≠ 0 makes a zero

@@ -513,3 +513,44 @@ def test_a_torchscript_submodule_is_a_leaf_whose_channels_freeze(scheme, inplace
                              inplace=inplace).eval()
     torch.testing.assert_close(result(x), expected)
     assert result.nrfx_plan.grow == [0, 5, 0] and isinstance(result.act, torch.jit.ScriptModule)
+
+
+class _MostlyOpaque(nn.Module):
+    """A small conv stem, then a torch.nn module no rule reads (an fx leaf) holding most of the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.mix = nn.Bilinear(8, 8, 32)
+
+    def forward(self, x):
+        y = self.stem(x).mean((2, 3))
+        return self.mix(y, y)
+
+
+def test_auto_counts_leaves_no_rule_reads_as_opaque():
+    """Leaves without a rule (timm's no-trace modules, torch.nn modules nrfx has no rule for) weigh in the choice
+    of export as automatic leaves do; the user's own leaf_modules do not (asked for)."""
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = nrfx.analyze(_MostlyOpaque().eval(), x)
+        assert analysis.capture == "export"
+        assert any("modules without a rule hold" in note for note in analysis.capture_notes)
+        assert nrfx.analyze(_MostlyOpaque().eval(), x, leaf_modules=[nn.Bilinear]).capture == "fx"
+
+
+def test_a_timm_no_trace_block_sends_auto_to_export_where_it_reaches_more():
+    """timm's MobileViT blocks are registered no-trace (fx leaves without a rule, most of the parameters): export
+    traces them and frees channels fx never saw."""
+    timm = pytest.importorskip("timm")
+    model, x = timm.create_model("mobilevit_xxs", pretrained=False).eval(), torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto, fx = nrfx.analyze(model, x), nrfx.analyze(model, x, capture="fx")
+    assert auto.capture == "export" and fx.capture == "fx" and fx.unknown_ops and not auto.unknown_ops
+
+    def free(a):
+        return sum(s.width for s in a.spaces if not s.is_frozen)
+
+    assert free(auto) > 2 * free(fx)

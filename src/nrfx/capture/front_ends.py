@@ -8,7 +8,8 @@ into a ``call_module`` of the user's own module object (so BatchNorm and dropout
 ``.train()``/``.eval()``, the parameter names are the user's, and the rewrite resizes the
 module as after fx), and the remaining aten ops are written as the torch-level calls of the op
 table (``nrfx.capture.aten``).  ``"auto"``: fx; torch.export when the root cannot be traced, automatic
-leaves hold more than half of the parameters, or the fx graph does not compute what the model does.
+leaves and leaves no rule reads hold more than half of the parameters, or the fx graph does not compute what
+the model does.
 Every graph is checked before it is accepted: one real forward of it must match the model's on the
 example inputs (``_verify``), and literal batch sizes in views are taken from the input where that is
 provably right, or reported (``check_batch_literals``).  The model is never modified.
@@ -106,6 +107,23 @@ def auto_leaf_share(model: nn.Module, auto_leaves: Iterable[str]) -> float:
     return sum(inside.values()) / total if total else 0.0
 
 
+def opaque_leaves(gm: torch.fx.GraphModule, model: nn.Module, raisable: Callable[[nn.Module], bool],
+                  leaf_modules: Iterable[type | str] = ()) -> list[str]:
+    """Rule: a module with parameters that fx left as a leaf and no rule reads (timm's no-trace modules, a torch.nn
+    module without a rule) is as opaque as an automatic leaf, so its parameters count toward ``AUTO_LEAF_LIMIT``;
+    the user's own ``leaf_modules`` do not (asked for)."""
+    declared = tuple(t for t in leaf_modules if isinstance(t, type))
+    names = {n for n in leaf_modules if isinstance(n, str)}
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in names:
+            continue
+        module = model.get_submodule(node.target)
+        if not raisable(module) and not isinstance(module, declared) and next(module.parameters(), None) is not None:
+            found.append(node.target)
+    return found
+
+
 def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_modules: Iterable[type | str] = (),
             concrete_args: dict[str, Any] | None = None, autowrap_functions: Sequence[Callable] = (),
             raisable: Callable[[nn.Module], bool] = lambda m: False) -> Captured:
@@ -114,7 +132,8 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
     A graph is accepted only when one real forward of it matches the model's on the example inputs
     (``_verify``) and it runs on meta tensors (``values``); its literal batch sizes are then checked
     (``check_batch_literals``).  The fallback policy of 'auto' is here, whole: fx first; torch.export
-    when fx cannot trace the root, the inputs are not plain tensors, automatic leaves hold too much, or
+    when fx cannot trace the root, the inputs are not plain tensors, automatic leaves (and leaves no rule
+    reads: ``opaque_leaves``) hold too much, or
     the fx graph differs from the model or fails on meta tensors (that failure stands when export
     fails too: it names the node).  ``nrfx.analyze`` goes on to islands when this raises a TraceError.
     """
@@ -135,8 +154,10 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
                 raise
             why, detail = "fx could not trace the root", f"\n{error}"
         else:
-            share = auto_leaf_share(model, captured.auto_leaves)
-            why = f"automatic fx leaves hold {share:.0%} of the parameters"
+            opaque = opaque_leaves(captured.gm, model, raisable, leaf_modules)
+            share = auto_leaf_share(model, {*captured.auto_leaves, *opaque})
+            why = f"automatic fx leaves{' and modules without a rule' if opaque else ''} hold {share:.0%} of the " \
+                  "parameters"
             if method == "fx" or share <= AUTO_LEAF_LIMIT:
                 retrace = lambda: _fx_capture(model, example, leaf_modules, concrete_args, autowrap_functions).gm  # noqa: E731
                 accepted = _accepted_fx(captured, model, example, reference, method, retrace)

@@ -1597,3 +1597,56 @@ def test_sliding_windows_along_channels_freeze():
     model = Between(lambda y: y.unfold(1, 2, 2).sum(-1).repeat(1, 2, 1, 1))
     a = analyze(model, (B, 3, 4, 4))
     assert "sliding windows along channels" in reasons(a, out_ids(a, "c1"))
+
+
+# -- embedding bags --------------------------------------------------------------------------------------------
+class Bag(nn.Module):
+    """EmbeddingBag(50, 12) over bags given by offsets → linear(12→8) → bn → relu → linear(8→3)."""
+
+    def __init__(self, mode: str, weighted: bool) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 12, mode=mode)
+        self.mlp = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        self.weighted = weighted
+
+    def forward(self, idx, offsets):
+        weights = idx.to(self.bag.weight.dtype) / 50 if self.weighted else None
+        return self.mlp(self.bag(idx, offsets, per_sample_weights=weights))
+
+
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("mean", False), ("max", False), ("sum", True)])
+def test_an_embedding_bag_produces_its_embedding_space(mode, weighted):
+    """The table's columns are a space of their own (as nn.Embedding's): widened, graph and in place, exactly."""
+    torch.manual_seed(0)
+    model = Bag(mode, weighted).double().eval()
+    args = (torch.randint(0, 50, (10,)), torch.tensor([0, 3, 7]))
+    a = nrfx.analyze(model, args)
+    assert not a.unknown_ops and ids(a, "bag.weight", 1) == in_ids(a, "mlp.0")
+    assert not frozen(a, in_ids(a, "mlp.0"))[0] and a.params == numel(model)
+    expected = model(*args)
+    for scheme in ("nr", "cr", "ca"):
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.5), example_inputs=args, scheme=scheme, align=4,
+                              analysis=a)
+        torch.testing.assert_close(new(*args), expected)
+    nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.5), example_inputs=args, align=4, inplace=True)
+    assert model.bag.embedding_dim == model.bag.weight.shape[1] > 12
+    torch.testing.assert_close(model(*args), expected)
+
+
+@pytest.mark.parametrize("table", [nn.Embedding, nn.EmbeddingBag])
+def test_an_embedding_with_max_norm_freezes_and_its_table_is_left_as_it_was(table):
+    """max_norm rescales each row read by its norm over the embedding dim: widening it would change every row
+    (it did, silently: 0.31); torch renormalises the table in place, and nrfx's runs put it back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(table(20, 6, max_norm=1.0), nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(3)
+    before = model[0].weight.detach().clone()
+    x = torch.randint(0, 20, (4, 5))
+    for capture in ("fx", "export"):
+        a = nrfx.analyze(model, x, capture=capture)
+        assert "max_norm" in reasons(a, ids(a, "0.weight", 1))
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.5), example_inputs=x, align=1)
+    assert torch.equal(model[0].weight, before)
+    expected = model(x)
+    torch.testing.assert_close(new(x), expected)

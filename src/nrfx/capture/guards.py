@@ -1,7 +1,8 @@
 """Guards that leave a user's model as it was: whatever a forward run by nrfx touches is put back.
 
 ``untouched``: attributes, buffers, parameters and dict / list caches of every module restored, and
-buffers a forward updated in place get their data back; ``in_eval_mode``: every module's training flag
+buffers a forward updated in place get their data back (so do embedding tables with ``max_norm``, which torch
+renormalises in place); ``in_eval_mode``: every module's training flag
 put back; ``hooks_silenced``: the user's own hooks do not fire (torch's own stay).  The capture's
 acceptance run, shape propagation, the islands' recording run, constant measurement and the in-place
 check all run under them.
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["untouched", "in_eval_mode", "in_mode", "hooks_silenced", "python_modules", "buffer_values",
-           "restore_buffer_values", "BufferValue", "HOOK_STATE", "has_hooks", "torch_own_hook"]
+           "restore_buffer_values", "renormed_tables", "BufferValue", "HOOK_STATE", "has_hooks", "torch_own_hook"]
 
 
 @contextmanager
@@ -98,7 +99,7 @@ def untouched(module: nn.Module) -> Iterator[None]:
     """
     saved = [(m, dict(m.__dict__), dict(m._buffers), dict(m._parameters), _contents(m))
              for m in python_modules(module)]
-    values = buffer_values(module)
+    values = buffer_values(module) + renormed_tables(module)
     try:
         yield
     finally:
@@ -118,6 +119,14 @@ def buffer_values(module: nn.Module) -> list[BufferValue]:
     """(name, buffer, its version counter, a copy of its data) of every buffer with data (not on meta)."""
     return [(name, b, b._version, b.detach().clone()) for name, b in module.named_buffers()
             if isinstance(b, torch.Tensor) and not b.is_meta]
+
+
+def renormed_tables(module: nn.Module) -> list[BufferValue]:
+    """(name, weight, version, a copy) of every embedding table with ``max_norm``: torch's forward renormalises
+    the rows it reads in place, so ``untouched`` puts the table back as it puts back a buffer."""
+    return [(f"{name}.weight", m.weight, m.weight._version, m.weight.detach().clone())
+            for name, m in module.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            and m.max_norm is not None and not m.weight.is_meta]
 
 
 def restore_buffer_values(values: list[BufferValue]) -> list[str]:

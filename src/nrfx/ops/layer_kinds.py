@@ -213,7 +213,7 @@ def _check_gate(module: Gate) -> str | None:
     return None
 
 
-def _fix_embedding(module: nn.Embedding) -> None:
+def _fix_embedding(module: nn.Embedding | nn.EmbeddingBag) -> None:
     module.embedding_dim = module.weight.shape[1]
 
 
@@ -265,6 +265,7 @@ for _record in (
     LayerKind(nn.GroupNorm, _fix_group_norm, _check_group_norm, scale_init, scale=True),
     LayerKind(Gate, _fix_gate, _check_gate, scale_init, scale=True),
     LayerKind(nn.Embedding, _fix_embedding),
+    LayerKind(nn.EmbeddingBag, _fix_embedding),
     LayerKind(nn.PReLU, _fix_prelu),
     LayerKind(nn.RNNBase, _fix_recurrent, _check_recurrent, zero_projections, constant_passes=_recurrent_constant,
               projections=_recurrent_directions),

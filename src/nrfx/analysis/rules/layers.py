@@ -234,11 +234,15 @@ def recurrent(ctx, node):
     return spec
 
 
-@module_rule(nn.Embedding)
+@module_rule(nn.Embedding, nn.EmbeddingBag)
 def embedding(ctx, node):
-    """Embedding: the embedding dim is a new space produced by the table."""
+    """Embedding / EmbeddingBag: the embedding dim is a new space produced by the table (a bag sums, averages or
+    takes the max of rows, column by column); ``max_norm`` rescales the rows read by their norm over that dim, so
+    it freezes."""
     m = ctx.module
     out_l = ctx.fresh(m.embedding_dim, (node.target, "out"))
+    if m.max_norm is not None:
+        ctx.freeze(out_l, "embedding max_norm rescales rows by their norm over the channels")
     ctx.param(m.weight, (None, out_l))
     shape = tuple(ctx.out.shape)
     ctx.record(LayerRecord("embedding", module=node.target, output=out_l))

@@ -135,6 +135,11 @@ CASES = {
     "sliding_windows": Case(lambda m, x, y: F.pad(y, (1, 1)).unfold(3, 3, 1).sum(-1), frozenset({aten.unfold.default})),
     "unfold_fold": Case(lambda m, x, y: F.fold(F.unfold(y, 2, stride=2), (H, W), 2, stride=2),
                         frozenset({aten.im2col.default, aten.col2im.default})),
+    "sign": Case(lambda m, x, y: torch.sign(y) * y.abs().sqrt(), frozenset({aten.sign.default})),
+    "floor": Case(lambda m, x, y: torch.floor(y * 4) / 4, frozenset({aten.floor.default})),
+    "expm1_log1p": Case(lambda m, x, y: torch.log1p(torch.expm1(y)), frozenset({aten.expm1.default,
+                                                                                aten.log1p.default})),
+    "erfc": Case(lambda m, x, y: torch.erfc(y), frozenset({aten.erfc.default}), keeps_zero=False),
     "tril_channels": Case(lambda m, x, y: torch.tril(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
                           frozenset({aten.tril.default}), "triangle"),
 }

@@ -102,6 +102,12 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.fmod.Tensor: torch.fmod, aten.floor_divide.default: torch.floor_divide,
     aten.triu.default: torch.triu, aten.tril.default: torch.tril,
     aten.im2col.default: F.unfold, aten.col2im.default: F.fold,
+    aten.sign.default: torch.sign, aten.sgn.default: torch.sgn, aten.ceil.default: torch.ceil,
+    aten.floor.default: torch.floor, aten.round.default: torch.round, aten.trunc.default: torch.trunc,
+    aten.tan.default: torch.tan, aten.atan.default: torch.atan, aten.sinh.default: torch.sinh,
+    aten.asinh.default: torch.asinh, aten.expm1.default: torch.expm1, aten.log1p.default: torch.log1p,
+    aten.erfc.default: torch.erfc, aten.cosh.default: torch.cosh, aten.exp2.default: torch.exp2,
+    aten.sinc.default: torch.sinc, aten.log2.default: torch.log2, aten.log10.default: torch.log10,
 }
 _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_",
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",

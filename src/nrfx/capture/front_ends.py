@@ -126,19 +126,21 @@ def opaque_leaves(gm: torch.fx.GraphModule, model: nn.Module, raisable: Callable
 
 def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_modules: Iterable[type | str] = (),
             concrete_args: dict[str, Any] | None = None, autowrap_functions: Sequence[Callable] = (),
-            raisable: Callable[[nn.Module], bool] = lambda m: False) -> Captured:
+            raisable: Callable[[nn.Module], bool] | None = None) -> Captured:
     """The model as one FX graph, by ``method`` ('auto', 'fx' or 'export'); see the module docstring.
 
     A graph is accepted only when one real forward of it matches the model's on the example inputs
     (``_verify``) and it runs on meta tensors (``values``); its literal batch sizes are then checked
     (``check_batch_literals``).  The fallback policy of 'auto' is here, whole: fx first; torch.export
-    when fx cannot trace the root, the inputs are not plain tensors, automatic leaves (and leaves no rule
-    reads: ``opaque_leaves``) hold too much, or
+    when fx cannot trace the root, the inputs are not plain tensors, automatic leaves (and, given ``raisable``:
+    which modules the analysis has a rule for, the leaves no rule reads: ``opaque_leaves``) hold too much, or
     the fx graph differs from the model or fails on meta tensors (that failure stands when export
     fails too: it names the node).  ``nrfx.analyze`` goes on to islands when this raises a TraceError.
     """
     if method not in CAPTURES:
         raise TraceError(f"capture must be one of {CAPTURES}, got {method!r}")
+    knows_rules = raisable is not None  # without the analysis' rules no leaf counts as opaque
+    raisable = raisable or (lambda m: False)
     reference = _Reference(model, example)
     if method == "export":
         return _checked_export(model, example, raisable, reference)
@@ -154,7 +156,7 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
                 raise
             why, detail = "fx could not trace the root", f"\n{error}"
         else:
-            opaque = opaque_leaves(captured.gm, model, raisable, leaf_modules)
+            opaque = opaque_leaves(captured.gm, model, raisable, leaf_modules) if knows_rules else []
             share = auto_leaf_share(model, {*captured.auto_leaves, *opaque})
             why = f"automatic fx leaves{' and modules without a rule' if opaque else ''} hold {share:.0%} of the " \
                   "parameters"

@@ -517,3 +517,35 @@ def test_fold_gates_on_timm_transformers_and_convnext(name):
     assert folded.nrfx_gates == () and not any(isinstance(m, Gate) for m in folded.modules())
     with torch.no_grad():
         torch.testing.assert_close(folded(x), gm(x), rtol=1e-9, atol=1e-10)
+
+
+class _CachedBias(nn.Module):
+    """Caches a parameter-derived tensor in eval mode, as EfficientFormerV2's attention biases: called with grad,
+    the cache holds a tensor with autograd history, which copy.deepcopy refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.bias = nn.Parameter(torch.randn(16))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if not self.training:
+            if "b" not in self.cache:
+                self.cache["b"] = self.bias * 2
+            bias = self.cache["b"]
+        else:
+            bias = self.bias * 2
+        return self.fc2(torch.relu(self.fc1(x) + bias))
+
+
+def test_add_gates_and_rejuvenate_copy_a_model_holding_a_cached_non_leaf_tensor():
+    torch.manual_seed(0)
+    model = _CachedBias().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    expected = model(x)  # fills the cache with grad
+    gated = nrfx.add_gates(model, x)
+    torch.testing.assert_close(gated(x), expected)
+    new = nrfx.rejuvenate(gated, None, nrfx.Budget.fraction(1.3), example_inputs=x, align=4)
+    torch.testing.assert_close(new(x), expected)
+    assert model.cache["b"].grad_fn is not None  # the user's model keeps its own cache

@@ -15,10 +15,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["untouched", "in_eval_mode", "in_mode", "hooks_silenced", "python_modules", "buffer_values",
+__all__ = ["copy_of", "untouched", "in_eval_mode", "in_mode", "hooks_silenced", "python_modules", "buffer_values",
            "restore_buffer_values", "renormed_tables", "BufferValue", "HOOK_STATE", "has_hooks", "torch_own_hook"]
+
+
+def copy_of(module: nn.Module) -> nn.Module:
+    """A deep copy of a module.  Rule: a tensor a forward cached in a module's attributes with autograd history
+    (EfficientFormerV2's attention-bias cache after an eval-mode call with grad: torch refuses to deep-copy a
+    non-leaf tensor) is copied detached; everything else as ``copy.deepcopy`` copies it."""
+    memo: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        for value in m.__dict__.values():
+            if isinstance(value, (torch.Tensor, dict, list, tuple)):
+                for t in pytree.tree_leaves(value):
+                    if isinstance(t, torch.Tensor) and not t.is_leaf:
+                        memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(module, memo)
 
 
 @contextmanager

@@ -21,7 +21,6 @@ of the model, same class, with each island that gets a gate replaced by its gate
 
 from __future__ import annotations
 
-import copy
 import operator
 import warnings
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from nrfx.analysis.islands import IslandAnalysis, record_calls
 from nrfx.analysis.records import ViewRecord
 from nrfx.analysis.whole import Analysis
 from nrfx.capture.front_ends import Example
+from nrfx.capture.guards import copy_of
 from nrfx.capture.shapeprop import propagate_shapes
 from nrfx.capture.trace import trace
 from nrfx.errors import NrfxWarning
@@ -172,7 +172,7 @@ def add_gates(model: nn.Module, example_inputs: Any, **trace_options: Any) -> nn
     GraphModule (``nrfx_gates``: the gates' paths in the model).  ``trace_options`` are
     ``analyze``'s (``example_kwargs``, ``capture``, ``leaf_modules``, ``concrete_args``, ``autowrap_functions``).
     """
-    clone = copy.deepcopy(model)
+    clone = copy_of(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "nrfx can rejuvenate only")  # that is why gates are being added
         analysis = analyze(clone, example_inputs, **trace_options)
@@ -259,7 +259,7 @@ def fold_gates(model: nn.Module, example_inputs: Any = None, *,
     """
     if not isinstance(model, torch.fx.GraphModule) and _gated_graphs(model):
         return _fold_islands(model, example_inputs, example_kwargs)
-    gm = copy.deepcopy(model) if isinstance(model, torch.fx.GraphModule) else trace(copy.deepcopy(model)).gm
+    gm = copy_of(model) if isinstance(model, torch.fx.GraphModule) else trace(copy_of(model)).gm
     example = None if example_inputs is None else _as_example(example_inputs, example_kwargs)
     values = propagate_shapes(gm, example.flat()) if example is not None else None
     kept = _fold_graph(gm, values)
@@ -280,7 +280,7 @@ def _gated_graphs(model: nn.Module) -> list[str]:
 
 def _fold_islands(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None) -> nn.Module:
     """Rule: every gated GraphModule of a copy of ``model`` folded on its own, shapes from one recorded forward."""
-    clone = copy.deepcopy(model)
+    clone = copy_of(model)
     paths = _gated_graphs(clone)
     calls = {} if example_inputs is None else record_calls(clone, _as_example(example_inputs, example_kwargs))
     kept: list[str] = []

@@ -8,7 +8,6 @@ signature ``(gm, analysis, plan, maps) -> notes`` and never write the plan.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import warnings
@@ -24,6 +23,7 @@ from nrfx.analysis.front import analyze
 from nrfx.analysis.islands import IslandAnalysis, hooks_traced_through, record_calls
 from nrfx.analysis.whole import Analysis, ModelAnalysis, as_example
 from nrfx.capture.front_ends import Example
+from nrfx.capture.guards import copy_of
 from nrfx.capture.inputs import check_model, check_real_weights
 from nrfx.capture.shapeprop import propagate_shapes
 from nrfx.capture.trace import keep_safe_inplace
@@ -191,7 +191,7 @@ def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[
     """
     minimum = lambda: _islands_minimum(analysis, model, masks, budget, options)  # noqa: E731
     fractions, kind = _island_fractions(analysis, budget, minimum)
-    result = copy.deepcopy(model)
+    result = copy_of(model)
     plans: dict[str, Plan] = {}
     for path, island_masks in analysis.split_masks(masks).items():
         island = analysis.islands[path]

@@ -1650,3 +1650,117 @@ def test_an_embedding_with_max_norm_freezes_and_its_table_is_left_as_it_was(tabl
     assert torch.equal(model[0].weight, before)
     expected = model(x)
     torch.testing.assert_close(new(x), expected)
+
+
+# -- channel counts read as numbers ----------------------------------------------------------------------------
+class DWMlp(nn.Module):
+    """pvt_v2's MLP: fc1, then ``(B, N, C) → (B, C, H, W)`` by a view sized by C read from the shape, a depthwise
+    conv, back to tokens, fc2 into the stream.  ``use``: how the hidden count is read and used."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc1, self.fc2 = nn.Linear(8, 24), nn.Linear(24, 8)
+        self.dw, self.bn = nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.BatchNorm2d(24)
+        self.head = nn.Linear(8, 3)
+        self.use = use
+
+    def forward(self, x):
+        y = self.stem(x)
+        b, c0, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2)
+        hidden = self.fc1(t)
+        c = hidden.size(2) if self.use == "size" else hidden.shape[2]
+        z = torch.relu(self.bn(self.dw(hidden.transpose(1, 2).view(b, c, h, w)))).flatten(2).transpose(1, 2)
+        if self.use == "arithmetic":
+            z = z * (c // 2)
+        return self.head((t + self.fc2(z)).mean(1).reshape(b, c0))
+
+
+@pytest.mark.parametrize("use", ["shape", "size", "arithmetic"])
+def test_a_channel_count_that_only_sizes_views_of_its_channels_stays_free(use):
+    """``b, c, h, w = x.shape`` then ``view(b, c, h, w)``: the graph reads c again when it runs, so the space is
+    free (it froze: "channel count read as a number"); a count used in arithmetic still freezes, naming both the
+    read and the use."""
+    torch.manual_seed(0)
+    model = DWMlp(use).double().eval()
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    (hidden,), (stem,) = out_ids(a, "fc1"), out_ids(a, "stem.0")
+    assert not a.spaces[stem].is_frozen
+    if use == "arithmetic":
+        assert "channel count read as a number" in reasons(a, [hidden]) and "used by" in reasons(a, [hidden])
+    else:
+        assert not a.spaces[hidden].is_frozen
+    kill_per_norm(model, a, 0.4, seed=2, constants=True)
+    other = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    for scheme in ("nr", "cr", "ca"):
+        for budget in (None, nrfx.Budget.fraction(1.5)):
+            new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=4, constants="keep",
+                                  analysis=a)
+            for inputs in (x, other):
+                torch.testing.assert_close(new(inputs), model(inputs), rtol=1e-9, atol=1e-12)
+
+
+class CountAcross(nn.Module):
+    """Two convs concatenated; the second's output is viewed with the channel count read from the first's: the code
+    says the two widths are equal, so they are one space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        ya, yb = self.a(x), self.b(x)
+        n, c = ya.shape[0], ya.shape[1]
+        return self.head(torch.cat([ya, yb.reshape(n, c, -1).view(n, c, x.shape[2], x.shape[3])], 1))
+
+
+def test_a_channel_count_read_from_one_tensor_ties_the_view_of_another():
+    torch.manual_seed(0)
+    model = CountAcross().double().eval()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert out_ids(a, "a") == out_ids(a, "b") and not frozen(a, out_ids(a, "a"))[0]
+    assert in_ids(a, "head") == out_ids(a, "a") * 2
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.5), example_inputs=x, align=1, analysis=a)
+    torch.testing.assert_close(new(x), model(x))
+    assert new.get_submodule("b").out_channels > 6
+
+
+# -- timm layers -----------------------------------------------------------------------------------------------
+class TimmBlock(nn.Module):
+    """conv → timm BatchNormAct2d with timm's own GELU → conv → timm DropPath in a residual → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = pytest.importorskip("timm.layers")
+        from timm.layers.activations import GELU
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+        self.c1, self.bn = nn.Conv2d(8, 12, 3, padding=1), layers.BatchNormAct2d(12, act_layer=GELU)
+        self.c2, self.drop = nn.Conv2d(12, 8, 1), layers.DropPath(0.2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(y + self.drop(self.c2(self.bn(self.c1(y)))))
+
+
+def test_timm_activations_inside_norm_act_and_drop_path_pass_channels():
+    """Both were unknown to nrfx: timm's GELU inside BatchNormAct2d froze its space, the functional drop_path of
+    stochastic depth froze the residual stream (a fifth of timm's swin, focalnet, nest, nextvit channels)."""
+    torch.manual_seed(0)
+    model = TimmBlock().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert not a.unknown_ops and [s.is_frozen for s in a.spaces].count(True) == 1  # the output
+    kill_per_norm(model, a, 0.4, seed=1)
+    expected = model(x)
+    for scheme in ("nr", "cr", "ca"):
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.3), example_inputs=x, scheme=scheme, align=4,
+                              analysis=a)
+        torch.testing.assert_close(new(x), expected)
+    new.train()
+    assert new(x).shape == expected.shape  # stochastic depth draws per sample in training

@@ -183,3 +183,16 @@ def test_every_op_of_the_table_is_reachable_by_lookup():
         assert op_info("call_function", function) == info
     for name, info in VOCABULARY.methods.items():
         assert op_info("call_method", name) == info
+
+
+@pytest.mark.parametrize("name", ["TIMM_ZERO_KEEPING", "TIMM_ZERO_BREAKING"])
+def test_timm_activation_modules_keep_or_break_zeros_as_registered(name):
+    """timm's activation modules (rules for inside a BatchNormAct2d): f(0) = 0 exactly for the zero-keeping ones."""
+    pytest.importorskip("timm")
+    from nrfx.analysis.rules import timm_layers
+
+    kinds = timm_layers.timm_activations(getattr(timm_layers, name))
+    assert kinds
+    for kind in kinds:
+        zero = kind()(torch.zeros(2, 3))
+        assert bool((zero == 0).all()) == (name == "TIMM_ZERO_KEEPING"), kind

@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from nrfx.analysis.spaces import Layout
 
-__all__ = ["Segment", "Zero", "TensorSpec", "iter_tensor_specs"]
+__all__ = ["Segment", "Zero", "TensorSpec", "ChannelCount", "iter_tensor_specs"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ class TensorSpec:
     def whole(self, dim: int, channels: int) -> tuple[Segment, ...]:
         """The segment list covering all ``channels`` of ``dim``."""
         return (Segment(self.vid, dim, 0, channels),)
+
+
+@dataclass(frozen=True)
+class ChannelCount:
+    """A channel dim's size read as a number (``b, c, h, w = x.shape``), read at ``where``.
+
+    The graph reads it again when it runs, so it follows a rewrite wherever it only sizes a view or reshape of
+    its own channels (``x.transpose(1, 2).view(b, c, h, w)``); any other use (arithmetic, a factory, an unknown
+    op, the output) freezes its space."""
+
+    layout: Layout
+    where: str
 
 
 def iter_tensor_specs(spec: Any) -> Iterator[TensorSpec]:

@@ -25,9 +25,9 @@ from nrfx.analysis.cost import CostModel, Ratios, by_kind, mac_cost, param_cost
 from nrfx.analysis.masks import check_masks, norm_masks, whole_blocks
 from nrfx.analysis.records import LayerRecord, SliceRecord
 from nrfx.analysis.reprs import analysis_repr, utilization_repr
-from nrfx.analysis.rules.registry import lookup
+from nrfx.analysis.rules.registry import COUNT_READERS, lookup
 from nrfx.analysis.spaces import Layout
-from nrfx.analysis.specs import TensorSpec
+from nrfx.analysis.specs import ChannelCount, TensorSpec
 from nrfx.capture.caches import cache_output_leaves
 from nrfx.capture.front_ends import MODE_BRANCH, Captured, Example
 from nrfx.capture.front_ends import capture as _capture
@@ -537,16 +537,18 @@ def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
     """The spec of one node: placeholders and attributes carry no channels, output freezes."""
     if node.op in ("placeholder", "get_attr"):
         return ctx.blank(ctx.out)
+    module = ctx.module if node.op == "call_module" else None
+    rule = lookup(node.op, node.target, module) if node.op != "output" else None
+    if rule not in COUNT_READERS:
+        _freeze_counts(ctx, node)
     if node.op == "output":
         for arg in _pinned_outputs(ctx, node):
             ctx.freeze_all(ctx.spec(arg), "reaches the model output")
         return None
-    module = ctx.module if node.op == "call_module" else None
     if module is not None and node.target in ctx.state.auto_leaves:
         return ctx.opaque(f"automatic leaf: {ctx.state.auto_leaves[node.target]}")
     if node.op == "call_function" and _is_container_class(node.target):
         return {key: ctx.spec(value) for key, value in node.kwargs.items()}  # output structure: specs by field
-    rule = lookup(node.op, node.target, module)
     if rule is None:
         return ctx.unknown_op(_label(node, module))
     try:
@@ -555,6 +557,16 @@ def _node_spec(ctx: Context, node: torch.fx.Node) -> Any:
         raise
     except Exception as error:
         raise _rule_error(rule, node, module, error) from error
+
+
+def _freeze_counts(ctx: Context, node: torch.fx.Node) -> None:
+    """Rule: a channel count read as a number (``ChannelCount``) freezes its space wherever it goes, except into a
+    rule that reads counts (the sizes of a view or reshape)."""
+    for arg in node.all_input_nodes:
+        count = ctx.spec(arg)
+        if isinstance(count, ChannelCount):
+            ctx.atoms.freeze(count.layout, f"channel count read as a number [{count.where}] and used by "
+                                           f"{node_location(node)}")
 
 
 def _rule_error(rule: Any, node: torch.fx.Node, module: nn.Module | None, error: Exception) -> RuleError:

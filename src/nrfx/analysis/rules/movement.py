@@ -16,9 +16,9 @@ from nrfx.analysis.records import LayerRecord, SliceRecord, SumRecord, ViewRecor
 from nrfx.analysis.rules.common import SizeSpec, copy_zero, move, norm_dim, param_of, tensor_args
 from nrfx.analysis.rules.elementwise import union_rule
 from nrfx.analysis.rules.layers import linear_layout
-from nrfx.analysis.rules.registry import function_rule, method_rule, module_rule
+from nrfx.analysis.rules.registry import function_rule, method_rule, module_rule, reads_counts
 from nrfx.analysis.spaces import Layout
-from nrfx.analysis.specs import Segment, TensorSpec, Zero
+from nrfx.analysis.specs import ChannelCount, Segment, TensorSpec, Zero
 from nrfx.ops.vocabulary import Trait, functions_with, methods_with, modules_with, op_info
 
 __all__: list[str] = []
@@ -288,7 +288,10 @@ def _table_rows(ctx, name: str, shape, index_dims, frozen: str | None = None) ->
 
 
 def _size_item(ctx, spec: SizeSpec, index):
-    """Reading a size: a channel dim read as a number is frozen (code may use it anywhere)."""
+    """Reading a size: one channel dim's size is a ``ChannelCount`` (free while it only sizes views of its space);
+    a slice of sizes with a channel dim, or an index computed in the graph, freezes (code may use it anywhere)."""
+    if isinstance(index, int) and spec.dims[index] is not None:
+        return ChannelCount(spec.dims[index], ctx.where)
     if not isinstance(index, (int, slice)):
         index = slice(None)  # a computed index may read any dim
     picked = spec.dims[index] if isinstance(index, int) else tuple(d for d in spec.dims[index])
@@ -368,13 +371,14 @@ def _index_value(ctx, item):
 # -- sizes ------------------------------------------------------------------------------------
 @method_rule("size")
 def size_method(ctx, node):
-    """x.size() / x.size(d): the sizes as numbers; a channel dim read this way is frozen."""
+    """x.size() / x.size(d): the sizes as numbers; a channel dim's is a ChannelCount (free while it only sizes views
+    of its channels)."""
     x = ctx.spec(node.args[0])
     dim = ctx.arg(1, "dim")
     if dim is None:
         return SizeSpec(x.dims)
-    ctx.freeze(x.dims[norm_dim(dim, x.ndim)], "channel count read as a number")
-    return None
+    layout = x.dims[norm_dim(dim, x.ndim)]
+    return None if layout is None else ChannelCount(layout, ctx.where)
 
 
 @method_rule("dim", "ndimension", "numel", "element_size", "is_contiguous", "get_device")
@@ -597,6 +601,7 @@ def squeeze_function(ctx, node):
 
 
 @method_rule("view", "reshape")
+@reads_counts
 def view_method(ctx, node):
     """x.view / x.reshape: as a reshape; a literal size on a channel dim freezes it."""
     sizes = node.args[1:]
@@ -606,6 +611,7 @@ def view_method(ctx, node):
 
 
 @function_rule(torch.reshape)
+@reads_counts
 def reshape_function(ctx, node):
     """torch.reshape(x, shape): as x.reshape."""
     return _view(ctx, node, ctx.arg(1, "shape"))
@@ -619,10 +625,28 @@ def _view(ctx, node, sizes):
         ctx.freeze_all(x, "reshape to a size read from a tensor")
         return _reshape(ctx, x, tuple(ctx.out.shape))
     literal = {i for i, s in enumerate(sizes) if isinstance(s, int) and s != -1}
+    counts = {i: ctx.spec(s) for i, s in enumerate(sizes)
+              if isinstance(s, torch.fx.Node) and isinstance(ctx.spec(s), ChannelCount)}
     sized = literal | {i for i, s in enumerate(sizes) if isinstance(s, torch.fx.Node)}
     if len(sizes) != len(ctx.out.shape):
+        for count in counts.values():
+            ctx.freeze(count.layout, f"channel count read as a number [{count.where}] sizes a view of other rank")
         return _reshape(ctx, x, tuple(ctx.out.shape), literal)
-    return _reshape(ctx, x, tuple(ctx.out.shape), literal, sized)
+    out = _reshape(ctx, x, tuple(ctx.out.shape), literal, sized)
+    for i, count in counts.items():
+        _sized_by_count(ctx, out.dims[i], count)
+    return out
+
+
+def _sized_by_count(ctx, layout: Layout | None, count: ChannelCount) -> None:
+    """Rule: a view dim sized by a channel count read from the graph follows the rewrite (the graph reads the count
+    again when it runs) where it carries channels spread as the count's: the two are one space.  A dim of attention
+    heads sized so keeps today's way (its size is recorded for the rewrite to set; the count's own space freezes),
+    and so does a dim without channels."""
+    if layout is not None and not ctx.atoms.is_heads(layout) and layout.inner == count.layout.inner:
+        ctx.unify(layout, count.layout, f"a view sized by a channel count read as a number [{count.where}]")
+    else:
+        ctx.freeze(count.layout, f"channel count read as a number [{count.where}] sizes another dim")
 
 
 def view_sizes(node: torch.fx.Node) -> tuple[list, object]:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from nrfx.analysis.context import Context
 
-__all__ = ["Rule", "RULES", "module_rule", "function_rule", "method_rule", "lookup",
+__all__ = ["Rule", "RULES", "module_rule", "function_rule", "method_rule", "lookup", "reads_counts", "COUNT_READERS",
            "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "register_layer", "unregister_layer"]
 
 Rule = Callable[["Context", "torch.fx.Node"], Any]
@@ -33,6 +33,14 @@ function_rule = RULES.function
 method_rule = RULES.method
 lookup = RULES.lookup
 MODULE_RULES, FUNCTION_RULES, METHOD_RULES = RULES.modules, RULES.functions, RULES.methods
+COUNT_READERS: set[Rule] = set()
+
+
+def reads_counts(rule: Rule) -> Rule:
+    """Mark a rule that takes channel counts read as numbers itself (the sizes of a view or reshape); for every
+    other rule the analysis freezes the spaces of the counts a node reads."""
+    COUNT_READERS.add(rule)
+    return rule
 
 
 def register_layer(kind: type, *, rule: Callable[..., Any] | None = None, shape: Callable[..., Any] | None = None,

@@ -1,9 +1,13 @@
-"""Rules for timm's generic no-trace layers: norm + activation, SAME-padded convs and pools.
+"""Rules for timm's generic no-trace layers: norm + activation, SAME-padded convs and pools; its activation
+modules and functional stochastic depth.
 
 timm asks tracers to keep these modules whole (``register_notrace_module``) and nrfx honours
 that, so without a rule each would be an unknown op that freezes every space it touches —
 BatchNormAct2d alone sits in a third of timm's families.  Model-specific no-trace modules
-(attention blocks, positional encodings) stay unknown: they are frozen, never guessed.
+(attention blocks, positional encodings) stay unknown: they are frozen, never guessed.  timm's own
+activation modules (``timm.layers.activations``) are traced into where they stand alone, but inside a
+BatchNormAct2d only a rule can say whether they keep zeros; ``drop_path`` (autowrapped by the tracer, so that it
+follows train / eval) scales whole samples: channel-wise.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import importlib
 
 from torch import nn
 
-from nrfx.analysis.rules.elementwise import zero_breaking_module, zero_keeping_module
+from nrfx.analysis.rules.elementwise import zero_breaking_module, zero_keeping_function, zero_keeping_module
 from nrfx.analysis.rules.layers import conv_module, per_channel_norm
 from nrfx.analysis.rules.movement import spatial_op
-from nrfx.analysis.rules.registry import lookup, module_rule
+from nrfx.analysis.rules.registry import function_rule, lookup, module_rule
 from nrfx.analysis.specs import TensorSpec
 
 __all__: list[str] = []
@@ -25,8 +29,21 @@ try:  # timm is optional; import the submodules (timm.layers re-exports same-nam
         importlib.import_module(f"timm.layers.{name}")
         for name in ("conv2d_same", "norm_act", "pool2d_same", "std_conv")
     )
+    activations, activations_me, drop = (importlib.import_module(f"timm.layers.{name}")
+                                         for name in ("activations", "activations_me", "drop"))
 except Exception:  # timm absent or broken: nothing to register
-    conv2d_same = norm_act = pool2d_same = std_conv = None
+    conv2d_same = norm_act = pool2d_same = std_conv = activations = activations_me = drop = None
+
+# timm activation modules by f(0): zero (kept) or not (lost); tests/test_vocabulary.py checks each
+TIMM_ZERO_KEEPING = ("GELU", "GELUTanh", "HardMish", "HardSwish", "Mish", "QuickGELU", "Swish", "Tanh",
+                     "HardMishMe", "HardSwishMe", "MishMe", "SwishMe")
+TIMM_ZERO_BREAKING = ("HardSigmoid", "Sigmoid", "HardSigmoidMe")
+
+
+def timm_activations(names: tuple[str, ...]) -> list[type]:
+    """The timm activation classes of these names that this timm has."""
+    found = (getattr(module, name, None) for module in (activations, activations_me) if module for name in names)
+    return [kind for kind in found if isinstance(kind, type)]
 
 
 def norm_act_module(ctx, node):
@@ -92,3 +109,6 @@ if norm_act is not None:
     module_rule(conv2d_same.Conv2dSame)(same_conv_module)
     module_rule(std_conv.StdConv2dSame, std_conv.ScaledStdConv2dSame)(std_conv_module)
     module_rule(pool2d_same.MaxPool2dSame, pool2d_same.AvgPool2dSame)(same_pool_module)
+    module_rule(*timm_activations(TIMM_ZERO_KEEPING))(zero_keeping_module)
+    module_rule(*timm_activations(TIMM_ZERO_BREAKING))(zero_breaking_module)
+    function_rule(drop.drop_path)(zero_keeping_function)  # x, or x·mask/keep per sample: channel-wise, zeros kept

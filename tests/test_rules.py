@@ -1764,3 +1764,57 @@ def test_timm_activations_inside_norm_act_and_drop_path_pass_channels():
         torch.testing.assert_close(new(x), expected)
     new.train()
     assert new(x).shape == expected.shape  # stochastic depth draws per sample in training
+
+
+class CountViews(nn.Module):
+    """conv-bn-relu (c channels) → tokens → ``steps`` views sized by c read as ``x.shape[i]`` / ``x.size(i)`` →
+    back to a map → [a second conv's output viewed with the same count and added] → head."""
+
+    def __init__(self, c: int, steps: tuple[str, ...], second: bool, read: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.other = nn.Sequential(nn.Conv2d(3, c, 1), nn.BatchNorm2d(c)) if second else None
+        self.head = nn.Conv2d(c, 4, 1)
+        self.steps, self.read = steps, read
+
+    def _count(self, t, dim):
+        return t.size(dim) if self.read == "size" else t.shape[dim]
+
+    def forward(self, x):
+        y = self.body(x)
+        b, h, w = y.shape[0], y.shape[2], y.shape[3]
+        c = self._count(y, 1)
+        for step in self.steps:
+            if step == "tokens":  # (b, c, h, w) → (b, h·w, c) → back, the count sizing the way back
+                y = y.flatten(2).transpose(1, 2).transpose(1, 2).reshape(b, c, h, w)
+            elif step == "rows":  # (b, c, h·w) and back
+                y = y.reshape(b, c, -1).view(b, c, h, w)
+            elif step == "recount":  # read the count again from a later tensor
+                y = torch.relu(y).view(b, self._count(y, 1), h, w)
+        if self.other is not None:
+            y = y + self.other(x).reshape(b, c, h * w).view(b, c, h, w)
+        return self.head(y)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=st.integers(2, 12), steps=st.lists(st.sampled_from(["tokens", "rows", "recount"]), max_size=3),
+       second=st.booleans(), read=st.sampled_from(["shape", "size"]), scheme=st.sampled_from(SCHEMES),
+       align=st.sampled_from([1, 2, 4, 8]), fraction=st.sampled_from([1.0, 1.5]), batch=st.integers(1, 3),
+       seed=st.integers(0, 1000))
+def test_property_views_sized_by_channel_counts_keep_the_function(c, steps, second, read, scheme, align, fraction,
+                                                                   batch, seed):
+    """Counts read from shapes and used only to size views of their channels leave the space free, and every
+    scheme, alignment and budget keeps the function, also on inputs of another size (the count is read again)."""
+    torch.manual_seed(seed)
+    model = CountViews(c, tuple(steps), second, read).double().eval()
+    x = torch.randn(batch, 3, 4, 5, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert not frozen(a, out_ids(a, "body.0"))[0]
+    kill_per_norm(model, a, 0.4, seed=seed, constants=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(fraction), example_inputs=x, scheme=scheme[0],
+                              rescale=scheme[1], align=align, constants="keep", analysis=a)
+    for inputs in (x, torch.randn(2, 3, 6, 3, dtype=torch.float64)):
+        torch.testing.assert_close(new(inputs), model(inputs), rtol=1e-9, atol=1e-12)
+    assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget

@@ -22,11 +22,12 @@ __all__ = ["copy_of", "untouched", "in_eval_mode", "in_mode", "hooks_silenced", 
            "restore_buffer_values", "renormed_tables", "BufferValue", "HOOK_STATE", "has_hooks", "torch_own_hook"]
 
 
-def copy_of(module: nn.Module) -> nn.Module:
+def copy_of(module: nn.Module, shared: dict[int, torch.Tensor] | None = None) -> nn.Module:
     """A deep copy of a module.  Rule: a tensor a forward cached in a module's attributes with autograd history
     (EfficientFormerV2's attention-bias cache after an eval-mode call with grad: torch refuses to deep-copy a
-    non-leaf tensor) is copied detached; everything else as ``copy.deepcopy`` copies it."""
-    memo: dict[int, torch.Tensor] = {}
+    non-leaf tensor) is copied detached; the tensors in ``shared`` ({id: tensor}) are not copied at all;
+    everything else as ``copy.deepcopy`` copies it."""
+    memo: dict[int, torch.Tensor] = dict(shared or {})
     for m in module.modules():
         for value in m.__dict__.values():
             if isinstance(value, (torch.Tensor, dict, list, tuple)):

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from nrfx.capture.guards import copy_of
 from nrfx.errors import RewriteError
 from nrfx.layers.srlayers import zeros_like_layout
 from nrfx.ops.layer_kinds import fix_attributes, invariant_problem, is_scale, layer_kind
@@ -114,8 +115,7 @@ def copy_for_rewrite(gm: torch.fx.GraphModule, maps: dict[str, ParamMap]) -> tor
     """A deep copy of ``gm`` that shares (does not copy) the tensors the rewrite replaces anyway."""
     tensors = dict(gm.named_parameters())
     tensors.update(gm.named_buffers())
-    memo = {id(tensors[name]): tensors[name] for name in maps if name in tensors}
-    return copy.deepcopy(gm, memo)
+    return copy_of(gm, {id(tensors[name]): tensors[name] for name in maps if name in tensors})
 
 
 def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, ParamMap]) -> list[str]:

@@ -920,13 +920,14 @@ def _space_to_depth(ctx, x: TensorSpec, block_in: int, block_out: int) -> Tensor
     dims, zeros = list(x.dims), [copy_zero(ctx, x, i) if d is not None else None for i, d in enumerate(x.dims)]
     dims[c + 1] = dims[c + 2] = zeros[c + 1] = zeros[c + 2] = None
     layout = x.dims[c]
-    if layout is not None and block_out == 1 and layout.inner % block_in == 0 and layout.inner > 1:
+    if layout is None:
+        return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
+    if block_out == 1 and layout.inner > 1 and layout.inner % block_in == 0:
         # each channel's features are whole blocks (patches unfolded into channels): the shuffle folds them back
         dims[c] = Layout(layout.atoms, layout.inner // block_in)
         return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
-    if layout is not None and layout.inner != 1:
+    if layout.inner != 1:
         ctx.freeze(layout, "a pixel shuffle of channels merged with other dims")
-    if layout is None or layout.inner != 1:
         dims[c] = zeros[c] = None
         return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
     blocks = x.shape[c] // block_in

@@ -212,6 +212,22 @@ def assert_preserved(model: nn.Module, x: torch.Tensor, analysis, schemes=SCHEME
     assert_unchanged(model, before)
 
 
+def assert_kept_exactly(model: nn.Module, x: torch.Tensor, *, schemes=("nr",), budgets=(None,), align: int = 1,
+                        analysis=None, others: tuple = ()) -> nn.Module:
+    """Every scheme × budget with ``constants="keep"`` gives the model's outputs on ``x`` and on ``others``
+    (float64: rtol 1e-9, atol 1e-12) within its budget; returns the last rewritten model."""
+    new = None
+    for scheme in schemes:
+        for budget in budgets:
+            new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=align, constants="keep",
+                                  analysis=analysis)
+            for inputs in (x, *others):
+                torch.testing.assert_close(new(inputs), model(inputs), rtol=1e-9, atol=1e-12,
+                                           msg=lambda m, s=scheme, b=budget: f"{s} budget={b}: {m}")
+            assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
+    return new
+
+
 def _tensors(output) -> list[torch.Tensor]:
     """The tensor leaves of a model output (tuples, lists, dicts, HF ModelOutput)."""
     if hasattr(output, "to_tuple"):  # HF ModelOutput

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from support import assert_same_outputs, assert_same_structure, kill_per_norm
+from support import assert_kept_exactly, assert_same_outputs, assert_same_structure, kill_per_norm
 from torch import nn
 
 import nrfx
@@ -402,20 +402,23 @@ def _resnet_generator(c: int = 8, blocks: int = 2) -> nn.Sequential:
         nn.ReLU(True), nn.ReflectionPad2d(3), nn.Conv2d(c, 3, 7), nn.Tanh())
 
 
+def _monitored(model: nn.Module, x: torch.Tensor):
+    """The model's analysis, with no unknown op and at least 95 % of its channels monitored."""
+    analysis = nrfx.analyze(model, x)
+    cover = analysis.coverage()
+    assert cover.monitored_channels >= 0.95 * cover.channels and not analysis.unknown_ops
+    return analysis
+
+
 @pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
 def test_a_reflection_padded_generator_is_monitored_and_rejuvenated(scheme):
     """Padding modules pass the channel space (they were unknown ops, freezing 88 % of the channels here)."""
     torch.manual_seed(0)
     model = _resnet_generator().double().eval()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    analysis = nrfx.analyze(model, x)
-    cover = analysis.coverage()
-    assert cover.monitored_channels >= 0.95 * cover.channels and not analysis.unknown_ops
+    analysis = _monitored(model, x)
     kill_per_norm(model, analysis, 0.4, seed=3, constants=True)
-    expected = model(x)
-    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, align=4, constants="keep")
-    torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
-    assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
+    assert_kept_exactly(model, x, schemes=(scheme,), align=4)
 
 
 # -- U-Net decoders upsampling by pixel shuffle ----------------------------------------------------------------
@@ -455,14 +458,8 @@ def test_a_pixel_shuffle_unet_decoder_is_monitored_and_rejuvenated(scheme):
     torch.manual_seed(0)
     model = _ShuffleUnet().double().eval()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    analysis = nrfx.analyze(model, x)
-    cover = analysis.coverage()
-    assert cover.monitored_channels >= 0.95 * cover.channels and not analysis.unknown_ops
+    analysis = _monitored(model, x)
     kill_per_norm(model, analysis, 0.4, seed=5, constants=True)
-    expected = model(x)
-    for budget in (None, nrfx.Budget.fraction(1.5)):
-        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=4, constants="keep")
-        torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
-        assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
+    new = assert_kept_exactly(model, x, schemes=(scheme,), budgets=(None, nrfx.Budget.fraction(1.5)), align=4)
     grown = new.get_submodule("up.0.0").out_channels
     assert grown > 32 and grown % 4 == 0  # the upsampler grew in whole blocks of 4

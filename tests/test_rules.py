@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import SCHEMES, assert_aligned, kill_per_norm
+from support import SCHEMES, assert_aligned, assert_kept_exactly, kill_per_norm
 from torch import nn
 
 import nrfx
@@ -1411,11 +1411,8 @@ def test_a_pixel_shuffle_decoder_is_rejuvenated_block_by_block(functional, schem
     with torch.no_grad():
         model.up[1].weight[:4] = 0  # one whole block of the upsampler dead (β = 0: nothing to keep it for)
         model.up[1].bias[:4] = 0
-    expected = model(x)
-    new = nrfx.rejuvenate(model, None, None, example_inputs=x, scheme=scheme, align=1, constants="keep")
-    torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
-    plan = new.nrfx_plan
-    assert plan.cost_after <= plan.budget and 0 not in plan.keep[out_ids(a, "up.0")[0]]
+    new = assert_kept_exactly(model, x, schemes=(scheme,))
+    assert 0 not in new.nrfx_plan.keep[out_ids(a, "up.0")[0]]
     assert new.get_submodule("up.0").out_channels == 4 * new.get_submodule("mid.0").in_channels
 
 
@@ -1521,10 +1518,7 @@ def test_a_pixel_shuffle_folds_unfolded_patches_back_into_their_channels(scheme)
     a = nrfx.analyze(model, x)
     assert out_ids(a, "c1") == in_ids(a, "head") and not frozen(a, out_ids(a, "c1"))[0]
     kill_per_norm(model, a, 0.5, seed=1, constants=True)
-    expected = model(x)
-    for budget in (None, nrfx.Budget.fraction(1.5)):
-        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=1, constants="keep")
-        torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+    new = assert_kept_exactly(model, x, schemes=(scheme,), budgets=(None, nrfx.Budget.fraction(1.5)))
     assert new.get_submodule("c1").out_channels > 6
 
 
@@ -1587,10 +1581,7 @@ def test_unfold_fold_and_sliding_windows_keep_the_spaces_free_and_the_function(s
     assert sorted((s.width, s.is_frozen) for s in fx.spaces) == sorted((s.width, s.is_frozen) for s in ex.spaces)
     assert [s.is_frozen for s in fx.spaces].count(True) == 1  # the output only
     kill_per_norm(model, fx, 0.4, seed=1, constants=True)
-    expected = model(x)
-    for budget in (None, nrfx.Budget.fraction(1.5)):
-        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=1, constants="keep")
-        torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+    assert_kept_exactly(model, x, schemes=(scheme,), budgets=(None, nrfx.Budget.fraction(1.5)))
 
 
 def test_sliding_windows_along_channels_freeze():
@@ -1693,13 +1684,8 @@ def test_a_channel_count_that_only_sizes_views_of_its_channels_stays_free(use):
     else:
         assert not a.spaces[hidden].is_frozen
     kill_per_norm(model, a, 0.4, seed=2, constants=True)
-    other = torch.randn(2, 3, 7, 6, dtype=torch.float64)
-    for scheme in ("nr", "cr", "ca"):
-        for budget in (None, nrfx.Budget.fraction(1.5)):
-            new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=4, constants="keep",
-                                  analysis=a)
-            for inputs in (x, other):
-                torch.testing.assert_close(new(inputs), model(inputs), rtol=1e-9, atol=1e-12)
+    assert_kept_exactly(model, x, schemes=("nr", "cr", "ca"), budgets=(None, nrfx.Budget.fraction(1.5)), align=4,
+                        analysis=a, others=(torch.randn(2, 3, 7, 6, dtype=torch.float64),))
 
 
 class CountAcross(nn.Module):

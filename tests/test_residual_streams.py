@@ -51,6 +51,32 @@ def test_only_an_add_of_two_activations_marks_a_stream():
     assert not stream.is_frozen
 
 
+class Joined(nn.Module):
+    """Two BN'd convs (8) joined by ``join``, then a head conv."""
+
+    def __init__(self, join) -> None:
+        super().__init__()
+        self.join = join
+        self.a, self.bn_a = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.join(self.bn_a(self.a(x)), self.bn_b(self.b(x))))
+
+
+@pytest.mark.parametrize(("join", "stream"), [
+    (torch.add, True), (torch.hypot, True), (torch.fmax, True), (lambda p, q: p.lerp(q, 0.5), False),
+    (torch.atan2, False), (torch.logaddexp, False), (lambda p, q: p * (p > q), False), (torch.mul, False)])
+def test_a_stream_is_a_join_zero_only_where_all_operands_are(join, stream):
+    """hypot / fmax join like an add (zero only where both are); a comparison, atan2, logaddexp, lerp (rules
+    that keep no zeros) or a product tie the two spaces without making a stream."""
+    analysis = nrfx.analyze(Joined(join).eval(), torch.randn(2, 3, 4, 4))
+    assert not analysis.unknown_ops
+    assert _summed_widths(analysis) == ([8] if stream else [])
+    assert [s.width for s in analysis.spaces if not s.is_frozen] == [8]
+
+
 @pytest.mark.parametrize(("name", "widths"), [("resnet18", [64, 128, 256, 512]),
                                               ("mobilenet_v2", [24, 32, 64, 96, 160]),
                                               ("vgg11_bn", []), ("densenet121", [])])

@@ -136,13 +136,30 @@ _MUL = _binary("or")
 _DIV = _binary("first")
 
 function_rule(operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, torch.subtract,
-              torch.maximum, torch.minimum)(union_rule)
+              torch.maximum, torch.minimum, torch.fmax, torch.fmin, torch.hypot)(union_rule)  # f(0, 0) = 0
 function_rule(operator.mul, operator.imul, torch.mul, torch.multiply)(_MUL)
 function_rule(operator.truediv, operator.itruediv, torch.div, torch.true_divide, operator.floordiv, operator.mod,
-              torch.floor_divide, torch.remainder, torch.fmod)(_DIV)  # 0 / y, 0 // y, 0 mod y: zero where x is
-method_rule("add", "add_", "sub", "sub_", "maximum", "minimum")(union_rule)
+              torch.floor_divide, torch.remainder, torch.fmod,
+              torch.copysign, torch.xlogy, torch.special.xlogy)(_DIV)  # 0 / y, 0 mod y, 0 · log y: zero where x is
+method_rule("add", "add_", "sub", "sub_", "maximum", "minimum", "fmax", "fmin", "hypot", "hypot_")(union_rule)
 method_rule("mul", "mul_", "multiply")(_MUL)
-method_rule("div", "div_", "true_divide", "floor_divide", "remainder", "fmod")(_DIV)
+method_rule("div", "div_", "true_divide", "floor_divide", "remainder", "fmod", "copysign", "copysign_",
+            "xlogy", "xlogy_")(_DIV)
+
+
+_ZEROS_LOST = (torch.logaddexp, torch.logaddexp2, torch.atan2, torch.arctan2, torch.heaviside, torch.lerp)
+
+
+@function_rule(*_ZEROS_LOST)
+@method_rule("logaddexp", "logaddexp2", "atan2", "atan2_", "arctan2", "arctan2_", "heaviside", "heaviside_",
+             "lerp", "lerp_")
+def zeros_lost(ctx, node):
+    """Elementwise op with f(0, 0) ≠ 0 or a sign-dependent zero (logaddexp: log 2; atan2(0, -0) = π; heaviside,
+    lerp's weight): tensor operands tie aligned channel dims as add's do; zeros lost, no residual stream."""
+    if not isinstance(ctx.out, torch.Tensor):
+        return ctx.blank(ctx.out)
+    spec = broadcast(ctx, list(node.args[:3]), "or")
+    return ctx.tensor(spec.shape, spec.dims)
 
 
 @function_rule(torch.addcmul)
@@ -177,7 +194,7 @@ def _compare(ctx, node):
     """Comparison: on numbers no channels; on tensors elementwise (aligned channel dims tie), zeros lost."""
     if not isinstance(ctx.out, torch.Tensor):
         return None
-    spec = broadcast(ctx, list(node.args[:2]), "and")
+    spec = broadcast(ctx, list(node.args[:2]), "or")  # zeros dropped: "or" marks no residual stream
     return ctx.tensor(spec.shape, spec.dims)
 
 
@@ -205,9 +222,11 @@ def mode_value(ctx, node):
 
 # logical / bitwise: 0 & y = 0 (zero where any operand is), 0 | 0 = 0 (zero where every operand is)
 function_rule(operator.and_, operator.iand, torch.bitwise_and, torch.logical_and)(_MUL)
-function_rule(operator.or_, operator.ior, torch.bitwise_or, torch.logical_or)(union_rule)
+function_rule(operator.or_, operator.ior, torch.bitwise_or, torch.logical_or, operator.xor, operator.ixor,
+              torch.bitwise_xor, torch.logical_xor)(union_rule)  # 0 ^ 0 = 0
 method_rule("bitwise_and", "bitwise_and_", "logical_and", "logical_and_")(_MUL)
-method_rule("bitwise_or", "bitwise_or_", "logical_or", "logical_or_")(union_rule)
+method_rule("bitwise_or", "bitwise_or_", "logical_or", "logical_or_", "bitwise_xor", "bitwise_xor_", "logical_xor",
+            "logical_xor_")(union_rule)
 
 
 @function_rule(torch.pow, operator.pow, operator.ipow)

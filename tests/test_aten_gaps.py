@@ -157,6 +157,14 @@ CASES = {
     "lerp": Case(lambda m, x, y: torch.lerp(y, 2 * y + 1, 0.25), frozenset({aten.lerp.Scalar}), keeps_zero=False),
     "lerp_weights": Case(lambda m, x, y: y.lerp(-y, torch.sigmoid(y)), frozenset({aten.lerp.Tensor}),
                          keeps_zero=False),  # zero here, but lerp's rule does not say so: kept, not wrong
+    "tensor_split": Case(lambda m, x, y: torch.cat(torch.tensor_split(y, (2,), dim=2)[::-1], 2)
+                         * torch.cat(torch.tensor_split(y, 2, dim=3)[::-1], 3),
+                         frozenset({aten.tensor_split.indices, aten.tensor_split.sections})),
+    "cat_rows": Case(lambda m, x, y: torch.cat([y, -y], 2)[:, :, ::2], frozenset({aten.cat.default})),
+    "stack": Case(lambda m, x, y: torch.stack([y, y.flip(3)], 4).amax(4), frozenset({aten.stack.default})),
+    "flip": Case(lambda m, x, y: y.flip(2, 3) - torch.flip(y, [3]), frozenset({aten.flip.default})),
+    "flip_channels": Case(lambda m, x, y: torch.fliplr(y), frozenset({aten.fliplr.default}), "flip along channels"),
+    "rot90": Case(lambda m, x, y: torch.rot90(y, 1, (2, 3)) + y.rot90(2, [3, 2]), frozenset({aten.rot90.default})),
     "tril_channels": Case(lambda m, x, y: torch.tril(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
                           frozenset({aten.tril.default}), "triangle"),
 }

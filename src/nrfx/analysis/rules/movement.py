@@ -91,7 +91,8 @@ def _frozen_cat(ctx, tensors, d: int):
 
 
 def _tie_dim(ctx, tensors, d: int):
-    """A dim that must match across inputs: tie the layouts (a plain one freezes them)."""
+    """A dim that must match across inputs: tie the layouts (a plain one freezes them); a channel is zero where it
+    is zero in every input (``cat([y, y], 2)``, a stack of zero maps)."""
     layouts = [spec.dims[d] for spec, _ in tensors]
     present = [x for x in layouts if x is not None]
     if not present:
@@ -100,22 +101,23 @@ def _tie_dim(ctx, tensors, d: int):
         ctx.unify(present[0], other, "tied by a concatenation")
     if len(present) < len(layouts):
         ctx.freeze(present[0], "tied to a plain dim by a concatenation")
-    return present[0], Zero("none")
+        return present[0], Zero("none")
+    channels = ctx.atoms.channels(present[0])
+    return present[0], Zero("and", tuple(spec.whole(d, channels) for spec, _ in tensors))
 
 
 @function_rule(torch.stack)
 def stack(ctx, node):
-    """stack: a new plain dim; the stacked dims tie."""
+    """stack: a new plain dim; the stacked dims tie (zero where every input is)."""
     tensors = tensor_args(ctx, ctx.arg(0, "tensors"))
     out = ctx.out
     dim = norm_dim(ctx.arg(1, "dim", 0), out.ndim)
-    dims = []
+    dims, zeros = [], []
     for d in range(out.ndim):
-        if d == dim:
-            dims.append(None)
-        else:
-            dims.append(_tie_dim(ctx, tensors, d - (d > dim))[0])
-    return ctx.tensor(out.shape, tuple(dims))
+        layout, zero = (None, None) if d == dim else _tie_dim(ctx, tensors, d - (d > dim))
+        dims.append(layout)
+        zeros.append(zero)
+    return ctx.tensor(out.shape, tuple(dims), tuple(zeros))
 
 
 # -- split / chunk / narrow / getitem ----------------------------------------------------------
@@ -1110,6 +1112,33 @@ def roll(ctx, node):
     dims = ctx.arg(2, "dims", None)
     dims = [dims] if isinstance(dims, int) else dims
     return _along(ctx, node, dims or None, "roll along channels")
+
+
+@function_rule(torch.flip, torch.fliplr, torch.flipud)
+@method_rule("flip", "fliplr", "flipud")
+def flip(ctx, node):
+    """flip along dims (fliplr: dim 1, flipud: dim 0): a reversed channel dim freezes (channels change places);
+    other dims pass, zeros kept."""
+    name = getattr(node.target, "__name__", node.target)
+    if name in ("fliplr", "flipud"):
+        return _along(ctx, node, [int(name == "fliplr")], "flip along channels")
+    dims = [*node.args[1:], *node.kwargs.values()]
+    dims = [d for item in dims for d in (item if isinstance(item, (list, tuple)) else [item])]
+    return _along(ctx, node, dims, "flip along channels")
+
+
+@function_rule(torch.rot90)
+@method_rule("rot90")
+def rot90(ctx, node):
+    """rot90(x, k, dims): the two dims are flipped (and swapped for odd k); spatial dims pass, channels there
+    freeze."""
+    k, dims = ctx.arg(1, "k", 1), ctx.arg(2, "dims", (0, 1))
+    x = ctx.spec(node.args[0])
+    along = [norm_dim(int(d), x.ndim) for d in dims] if isinstance(x, TensorSpec) else []
+    if k % 2 and any(x.dims[d] is not None for d in along):
+        ctx.freeze_all(x, "rot90 swapping a channel dim")
+        return ctx.blank(ctx.out)
+    return _along(ctx, node, along, "rot90 along channels")
 
 
 @function_rule(torch.gather)

@@ -165,6 +165,8 @@ CASES = {
     "flip": Case(lambda m, x, y: y.flip(2, 3) - torch.flip(y, [3]), frozenset({aten.flip.default})),
     "flip_channels": Case(lambda m, x, y: torch.fliplr(y), frozenset({aten.fliplr.default}), "flip along channels"),
     "rot90": Case(lambda m, x, y: torch.rot90(y, 1, (2, 3)) + y.rot90(2, [3, 2]), frozenset({aten.rot90.default})),
+    "not": Case(lambda m, x, y: y * ~(y > 0.5) + y * torch.logical_not(y < -0.5),
+                frozenset({aten.bitwise_not.default, aten.logical_not.default})),
     "tril_channels": Case(lambda m, x, y: torch.tril(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
                           frozenset({aten.tril.default}), "triangle"),
 }

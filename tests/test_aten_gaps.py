@@ -167,6 +167,11 @@ CASES = {
     "rot90": Case(lambda m, x, y: torch.rot90(y, 1, (2, 3)) + y.rot90(2, [3, 2]), frozenset({aten.rot90.default})),
     "not": Case(lambda m, x, y: y * ~(y > 0.5) + y * torch.logical_not(y < -0.5),
                 frozenset({aten.bitwise_not.default, aten.logical_not.default})),
+    "repeat_interleave": Case(lambda m, x, y: y.repeat_interleave(2, dim=3)[..., ::2]
+                              + torch.repeat_interleave(y, 1, 1), frozenset({aten.repeat_interleave.self_int})),
+    "repeat_interleave_channels": Case(lambda m, x, y: torch.repeat_interleave(y, 2, dim=1),
+                                       frozenset({aten.repeat_interleave.self_int}), "repeat_interleave along",
+                                       head_in=16),
     "tril_channels": Case(lambda m, x, y: torch.tril(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
                           frozenset({aten.tril.default}), "triangle"),
 }

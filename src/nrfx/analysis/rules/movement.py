@@ -1184,6 +1184,24 @@ def repeat(ctx, node):
     return move(ctx, x, order, ctx.out.shape)
 
 
+@function_rule(torch.repeat_interleave)
+@method_rule("repeat_interleave")
+def repeat_interleave(ctx, node):
+    """repeat_interleave(x, repeats, dim): a channel dim repeated (each channel in place, more than once) freezes
+    and its output dim is plain; other dims pass, zeros kept; without ``dim`` (the flattened tensor) all freeze."""
+    x, repeats, dim = ctx.spec(node.args[0]), ctx.value(ctx.arg(1, "repeats")), ctx.arg(2, "dim")
+    if not isinstance(x, TensorSpec) or not isinstance(ctx.out, torch.Tensor):
+        return ctx.blank(ctx.out)  # torch.repeat_interleave(counts): indices, no channels
+    if dim is None:
+        ctx.freeze_all(x, "repeat_interleave of the flattened tensor")
+        return ctx.blank(ctx.out)
+    dim = norm_dim(int(dim), x.ndim)
+    once = isinstance(repeats, int) and repeats == 1
+    if not once:
+        ctx.freeze(x.dims[dim], "repeat_interleave along channels")
+    return move(ctx, x, [d if once or d != dim else None for d in range(x.ndim)], ctx.out.shape)
+
+
 # -- coordinates and resampling ---------------------------------------------------------------------------
 @function_rule(torch.meshgrid)
 def meshgrid(ctx, node):

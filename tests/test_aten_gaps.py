@@ -172,6 +172,12 @@ CASES = {
     "repeat_interleave_channels": Case(lambda m, x, y: torch.repeat_interleave(y, 2, dim=1),
                                        frozenset({aten.repeat_interleave.self_int}), "repeat_interleave along",
                                        head_in=16),
+    "tile": Case(lambda m, x, y: y.tile(2, 1)[:, :, :H] + torch.tile(y, (1, 1, 1, 2))[..., W:],
+                 frozenset({aten.tile.default})),
+    "tile_channels": Case(lambda m, x, y: y.tile((2, 1, 1)), frozenset({aten.tile.default}), "repeat along channels",
+                          head_in=16),
+    "reshape_as": Case(lambda m, x, y: y.flatten(2).reshape_as(y) * y.view_as(y),
+                       frozenset({aten.reshape_as.default, aten.view_as.default})),
     "tril_channels": Case(lambda m, x, y: torch.tril(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
                           frozenset({aten.tril.default}), "triangle"),
 }

@@ -1663,23 +1663,27 @@ class DWMlp(nn.Module):
         hidden = self.fc1(t)
         c = hidden.size(2) if self.use == "size" else hidden.shape[2]
         z = torch.relu(self.bn(self.dw(hidden.transpose(1, 2).view(b, c, h, w)))).flatten(2).transpose(1, 2)
+        z = z / math.sqrt(h * w)  # arithmetic on spatial sizes (fx wraps math's functions): no channels
         if self.use == "arithmetic":
             z = z * (c // 2)
+        if self.use == "math":
+            z = z * math.ceil(c / 5)
         return self.head((t + self.fc2(z)).mean(1).reshape(b, c0))
 
 
-@pytest.mark.parametrize("use", ["shape", "size", "arithmetic"])
+@pytest.mark.parametrize("use", ["shape", "size", "arithmetic", "math"])
 def test_a_channel_count_that_only_sizes_views_of_its_channels_stays_free(use):
     """``b, c, h, w = x.shape`` then ``view(b, c, h, w)``: the graph reads c again when it runs, so the space is
-    free (it froze: "channel count read as a number"); a count used in arithmetic still freezes, naming both the
-    read and the use."""
+    free (it froze: "channel count read as a number"); a count used in arithmetic (``c // 2``, ``math.ceil``)
+    still freezes, naming both the read and the use; ``math.sqrt`` of spatial sizes is no unknown op."""
     torch.manual_seed(0)
     model = DWMlp(use).double().eval()
     x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
     a = nrfx.analyze(model, x)
+    assert not a.unknown_ops
     (hidden,), (stem,) = out_ids(a, "fc1"), out_ids(a, "stem.0")
     assert not a.spaces[stem].is_frozen
-    if use == "arithmetic":
+    if use in ("arithmetic", "math"):
         assert "channel count read as a number" in reasons(a, [hidden]) and "used by" in reasons(a, [hidden])
     else:
         assert not a.spaces[hidden].is_frozen

@@ -129,8 +129,10 @@ _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul
                     aten.copy_.default: "copy_", aten.masked_fill.Scalar: "masked_fill",
                     aten.masked_fill.Tensor: "masked_fill", aten.masked_fill_.Scalar: "masked_fill_",
                     aten.masked_fill_.Tensor: "masked_fill_", aten.expand_as.default: "expand_as",
-                    aten.unfold.default: "unfold"}
-_SIZE_METHODS = {aten.permute.default: "permute", aten.expand.default: "expand", aten.repeat.default: "repeat"}
+                    aten.unfold.default: "unfold", aten.reshape_as.default: "reshape_as",
+                    aten.view_as.default: "view_as"}
+_SIZE_METHODS = {aten.permute.default: "permute", aten.expand.default: "expand", aten.repeat.default: "repeat",
+                 aten.tile.default: "tile"}
 
 for _overload, _target in _SAME_ARGS.items():
     TORCH_LEVEL.function(_overload)(_function(_target))

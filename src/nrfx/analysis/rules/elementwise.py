@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -205,6 +206,16 @@ method_rule("eq", "ne", "lt", "le", "gt", "ge")(_compare)
 @function_rule(torch._assert, torch.fx._symbolic_trace._assert_is_none)
 def assertion(ctx, node):
     """torch._assert(condition, message): a check with no value, no channels."""
+    return None
+
+
+@function_rule(math.ceil, math.floor, math.trunc, math.sqrt, math.log, math.log2, math.exp, math.pow, math.prod,
+               math.gcd, math.isqrt)
+def number_function(ctx, node):
+    """Python arithmetic on numbers (``math.ceil(h / 7)``, sizes and scales): no channels; a channel count read
+    as a number is frozen before (its use is arithmetic); a tensor result is an op nrfx cannot follow."""
+    if isinstance(ctx.out, torch.Tensor):
+        return ctx.unknown_op(f"function {getattr(node.target, '__name__', node.target)} returning a tensor")
     return None
 
 

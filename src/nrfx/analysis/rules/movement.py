@@ -1166,14 +1166,19 @@ def gather(ctx, node):
     return ctx.tensor(ctx.out.shape, tuple(dims), tuple(zeros))
 
 
-@method_rule("repeat")
+@function_rule(torch.tile)
+@method_rule("repeat", "tile")
 def repeat(ctx, node):
-    """x.repeat(*sizes): a channel dim repeated more than once freezes; dims repeated once pass; new dims are plain."""
+    """x.repeat(*sizes), x.tile(dims): a channel dim repeated more than once freezes; dims repeated once pass; new
+    dims are plain (tile's shorter ``dims`` count from the last dim)."""
     x = ctx.spec(node.args[0])
-    sizes = node.args[1:]
+    if not isinstance(x, TensorSpec):
+        return ctx.blank(ctx.out)
+    sizes = node.args[1:] or [ctx.arg(1, "dims")]
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
         sizes = sizes[0]
     sizes = [ctx.value(s) for s in sizes]
+    sizes = [1] * (x.ndim - len(sizes)) + sizes
     offset = len(sizes) - x.ndim
     order: list[int | None] = [None] * offset
     for d in range(x.ndim):

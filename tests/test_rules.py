@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import SCHEMES, assert_aligned, assert_kept_exactly, kill_per_norm
+
+try:  # timm's no-trace functions, called by their global names as timm's own blocks call them
+    from timm.models.gcvit import window_reverse as gcvit_window_reverse
+    from timm.models.maxxvit import grid_partition, grid_reverse, window_partition
+    from timm.models.nest import blockify, deblockify
+    from timm.models.swin_transformer import window_reverse as swin_window_reverse
+except ImportError:
+    blockify = None
 from torch import nn
 
 import nrfx
@@ -1754,6 +1762,48 @@ def test_timm_activations_inside_norm_act_and_drop_path_pass_channels():
         torch.testing.assert_close(new(x), expected)
     new.train()
     assert new(x).shape == expected.shape  # stochastic depth draws per sample in training
+
+
+class Windowed(nn.Module):
+    """conv → BN → channels-last windows (timm's partition) → linear 8 → 12 per token → timm's reverse (a no-trace
+    function: called by its global name, as timm's blocks do, fx keeps it one node) → NCHW → BN → head conv."""
+
+    def __init__(self, reverse: str) -> None:
+        super().__init__()
+        self.reverse = reverse
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+        self.fc, self.bn, self.head = nn.Linear(8, 12), nn.BatchNorm2d(12), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        y, h, w = self.stem(x).permute(0, 2, 3, 1), 4, 4
+        if self.reverse == "deblockify":
+            z = deblockify(torch.relu(self.fc(blockify(y, 2))), 2)
+        elif self.reverse == "grid_reverse":
+            z = grid_reverse(torch.relu(self.fc(grid_partition(y, [2, 2]))), [2, 2], [h, w])
+        elif self.reverse == "swin":
+            z = swin_window_reverse(torch.relu(self.fc(window_partition(y, [2, 2]))), (2, 2), h, w)
+        else:
+            z = gcvit_window_reverse(torch.relu(self.fc(window_partition(y, [2, 2]))), (2, 2), (h, w))
+        return self.head(self.bn(z.permute(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("reverse", ["swin", "gcvit", "grid_reverse", "deblockify"])
+def test_timm_window_reverse_passes_its_channels(reverse):
+    """timm's window_reverse / grid_reverse / deblockify (no-trace functions: unknown ops freezing the windows'
+    channels) move positions only; the channel dim passes, and the function is kept."""
+    if blockify is None:
+        pytest.skip("timm is not installed")
+    torch.manual_seed(0)
+    model = Windowed(reverse).double().eval()
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    leaves = [n for n in a.gm.graph.nodes if getattr(n.target, "__name__", "") in ("window_reverse", "grid_reverse",
+                                                                                     "deblockify")]
+    assert a.capture == "fx" and not a.unknown_ops and len(leaves) == 1
+    assert not frozen(a, out_ids(a, "fc"))[0] and a.spaces[out_ids(a, "fc")[0]].width == 12
+    kill_per_norm(model, a, 0.4, seed=3, constants=True)
+    assert_kept_exactly(model, x, schemes=("nr", "cr", "ca"), budgets=(None, nrfx.Budget.fraction(1.5)), align=4,
+                        analysis=a)
 
 
 class CountViews(nn.Module):

@@ -7,15 +7,19 @@ BatchNormAct2d alone sits in a third of timm's families.  Model-specific no-trac
 (attention blocks, positional encodings) stay unknown: they are frozen, never guessed.  timm's own
 activation modules (``timm.layers.activations``) are traced into where they stand alone, but inside a
 BatchNormAct2d only a rule can say whether they keep zeros; ``drop_path`` (autowrapped by the tracer, so that it
-follows train / eval) scales whole samples: channel-wise.
+follows train / eval) scales whole samples: channel-wise.  The no-trace functions that put windows back into an image
+(swin's, davit's, gcvit's, maxxvit's ``window_reverse`` / ``grid_reverse``, nest's ``deblockify``) move positions
+around one channel dim, read from the shape when they run: that dim passes.
 """
 
 from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import nn
 
+from nrfx.analysis.rules.common import move
 from nrfx.analysis.rules.elementwise import zero_breaking_module, zero_keeping_function, zero_keeping_module
 from nrfx.analysis.rules.layers import conv_module, per_channel_norm
 from nrfx.analysis.rules.movement import spatial_op
@@ -23,6 +27,14 @@ from nrfx.analysis.rules.registry import function_rule, lookup, module_rule
 from nrfx.analysis.specs import TensorSpec
 
 __all__: list[str] = []
+
+# timm's no-trace functions that only move positions around one channel dim (it reads C from the shape): 'last'
+# for channels-last tokens, 1 for NCHW maps
+TIMM_REARRANGERS = {("swin_transformer", "window_reverse"): -1, ("swin_transformer_v2", "window_reverse"): -1,
+                    ("swin_transformer_v2_cr", "window_reverse"): -1, ("davit", "window_reverse"): -1,
+                    ("gcvit", "window_reverse"): -1, ("maxxvit", "window_reverse"): -1,
+                    ("maxxvit", "grid_reverse"): -1, ("nest", "deblockify"): -1,
+                    ("maxxvit", "window_reverse_nchw"): 1, ("maxxvit", "grid_reverse_nchw"): 1}
 
 try:  # timm is optional; import the submodules (timm.layers re-exports same-named functions)
     conv2d_same, norm_act, pool2d_same, std_conv = (
@@ -98,6 +110,39 @@ def std_conv_module(ctx, node):
     return spec
 
 
+def rearranged_positions(channel_dim: int):
+    """Rule factory for a function that rearranges positions (windows back into an image, blocks into a grid)
+    around one channel dim: that dim passes, zeros kept; channels found on any other dim freeze."""
+
+    def rule(ctx, node):
+        """Positions rearranged, the channel dim in place: it passes; channels elsewhere freeze."""
+        x, out = ctx.spec(node.args[0]), ctx.out
+        name = getattr(node.target, "__name__", node.target)
+        if not isinstance(x, TensorSpec) or not isinstance(out, torch.Tensor) or min(x.ndim, out.ndim) < 2 or \
+                x.shape[channel_dim] != out.shape[channel_dim]:
+            return ctx.unknown_op(f"function {name} on an unexpected input")
+        source = channel_dim % x.ndim
+        for d in range(x.ndim):
+            if d != source:
+                ctx.freeze(x.dims[d], f"positions rearranged by {name}")
+        target = channel_dim % out.ndim
+        return move(ctx, x, [source if d == target else None for d in range(out.ndim)], out.shape)
+
+    return rule
+
+
+def _register_rearrangers() -> None:
+    """Register ``rearranged_positions`` for the timm functions this timm has."""
+    for (module_name, function_name), channel_dim in TIMM_REARRANGERS.items():
+        try:
+            module = importlib.import_module(f"timm.models.{module_name}")
+        except Exception:  # a timm without this family
+            continue
+        function = getattr(module, function_name, None)
+        if callable(function):
+            function_rule(function)(rearranged_positions(channel_dim))
+
+
 def same_pool_module(ctx, node):
     """MaxPool2dSame / AvgPool2dSame: SAME padding then pooling over the spatial dims: same space."""
     return spatial_op(ctx, ctx.spec(node.args[0]), 2)
@@ -112,3 +157,4 @@ if norm_act is not None:
     module_rule(*timm_activations(TIMM_ZERO_KEEPING))(zero_keeping_module)
     module_rule(*timm_activations(TIMM_ZERO_BREAKING))(zero_breaking_module)
     function_rule(drop.drop_path)(zero_keeping_function)  # x, or x·mask/keep per sample: channel-wise, zeros kept
+    _register_rearrangers()

@@ -41,6 +41,11 @@ def _eval_kwargs(function) -> dict:
     return {"training": False} if "dropout" in function.__name__ else {}
 
 
+def _integer(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Bitwise ops take integers (``~x``, ``bitwise_not``): x as int64 for them, else x."""
+    return x.long() if name in ("invert", "bitwise_not", "bitwise_not_") else x
+
+
 def _rank(kind: object) -> int | None:
     """1, 2 or 3 for ops named with that suffix, None for rank-free ones."""
     match = re.search(r"([123])d$", getattr(kind, "__name__", ""))
@@ -58,7 +63,8 @@ def test_zero_traits_of_modules_hold(kind):
 @pytest.mark.parametrize("function", functions_with(Trait.ZERO_KEEPING) + functions_with(Trait.ZERO_BREAKING),
                          ids=lambda f: getattr(f, "__name__", str(f)))
 def test_zero_traits_of_functions_hold(function):
-    zero = function(torch.zeros_like(_input(_rank(function) or 2)), **_eval_kwargs(function))
+    zero = torch.zeros_like(_input(_rank(function) or 2))
+    zero = function(_integer(zero, getattr(function, "__name__", "")), **_eval_kwargs(function))
     assert bool((zero == 0).all()) == op_info("call_function", function).has(Trait.ZERO_KEEPING), function
 
 
@@ -69,7 +75,7 @@ def test_zero_traits_of_methods_hold(name):
     arguments = {"type_as": (torch.zeros(1),), "type": (torch.float32,), "to": (torch.float32,)}.get(name, ())
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    zero = getattr(torch.zeros(3, 4), name)(*arguments)
+    zero = getattr(_integer(torch.zeros(3, 4), name), name)(*arguments)
     assert bool((zero == 0).all()) == op_info("call_method", name).has(Trait.ZERO_KEEPING), name
 
 

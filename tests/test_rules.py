@@ -1806,6 +1806,39 @@ def test_timm_window_reverse_passes_its_channels(reverse):
                         analysis=a)
 
 
+class StdConvs(nn.Module):
+    """timm StdConv2d (3→8) → BN → plain conv (8→12) → BN → ScaledStdConv2d (12→6, a per-channel gain) → BN → head:
+    NF-Net's weight-standardised convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        std_conv = pytest.importorskip("timm.layers.std_conv")
+        self.std, self.bn1 = std_conv.StdConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.plain, self.bn2 = nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12)
+        self.scaled, self.bn3 = std_conv.ScaledStdConv2d(12, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn2(self.plain(torch.relu(self.bn1(self.std(x))))))
+        return self.head(torch.relu(self.bn3(self.scaled(y))))
+
+
+def test_timm_weight_standardised_convs_free_their_outputs():
+    """StdConv2d / ScaledStdConv2d were traced into (a conv with a computed weight: an unknown op freezing both
+    sides); kept whole, their outputs are free (gain resized with them), their inputs frozen (standardised over)."""
+    torch.manual_seed(0)
+    model = StdConvs().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    a = nrfx.analyze(model, x)
+    assert a.capture == "fx" and not a.unknown_ops
+    assert sorted(s.width for s in a.spaces if not s.is_frozen) == [6, 8]
+    assert "ScaledStdConv2d standardises its weight" in reasons(a, in_ids(a, "scaled"))
+    kill_per_norm(model, a, 0.4, seed=5, constants=True)
+    new = assert_kept_exactly(model, x, schemes=("nr", "cr", "ca"), budgets=(None, nrfx.Budget.fraction(1.3)),
+                              align=1, analysis=a)
+    assert new.get_submodule("scaled").gain.shape[0] == new.get_submodule("scaled").out_channels
+
+
 class CountViews(nn.Module):
     """conv-bn-relu (c channels) → tokens → ``steps`` views sized by c read as ``x.shape[i]`` / ``x.size(i)`` →
     back to a map → [a second conv's output viewed with the same count and added] → head."""

@@ -55,13 +55,15 @@ class _SubmoduleFailed(Exception):
 
 
 def _timm_notrace() -> tuple[set[type], list[Callable]]:
-    """timm's registered no-trace modules and functions (empty when timm is absent)."""
+    """timm's registered no-trace modules and functions (empty when timm is absent), and its weight-standardised
+    convs (StdConv2d, ScaledStdConv2d): traced into, their weight is computed (an unknown op freezing both sides);
+    kept whole, the rule of their SAME-padded twins reads them."""
     try:
-        from timm.layers import _fx
+        from timm.layers import _fx, std_conv
     except Exception:  # timm is optional and may be broken
         return set(), []
     functions = [f for f in _fx.get_notrace_functions() if callable(f)]
-    return set(_fx.get_notrace_modules()), functions
+    return set(_fx.get_notrace_modules()) | {std_conv.StdConv2d, std_conv.ScaledStdConv2d}, functions
 
 
 def _timm_drop_path() -> list[Callable]:

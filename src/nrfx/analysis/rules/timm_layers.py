@@ -96,7 +96,7 @@ def same_conv_module(ctx, node):
 
 
 def std_conv_module(ctx, node):
-    """StdConv2dSame / ScaledStdConv2dSame: a conv whose weight is standardised over its fan-in.
+    """StdConv2d / ScaledStdConv2d (and their SAME-padded twins): a conv whose weight is standardised over its fan-in.
 
     The standardisation couples the input channels (removing one changes the others' weights),
     so the input space freezes; output channels stay free, and the gain follows them.
@@ -152,7 +152,8 @@ if norm_act is not None:
     module_rule(*(getattr(norm_act, n) for n in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
                   if hasattr(norm_act, n)))(norm_act_module)
     module_rule(conv2d_same.Conv2dSame)(same_conv_module)
-    module_rule(std_conv.StdConv2dSame, std_conv.ScaledStdConv2dSame)(std_conv_module)
+    module_rule(std_conv.StdConv2dSame, std_conv.ScaledStdConv2dSame, std_conv.StdConv2d,
+                std_conv.ScaledStdConv2d)(std_conv_module)
     module_rule(pool2d_same.MaxPool2dSame, pool2d_same.AvgPool2dSame)(same_pool_module)
     module_rule(*timm_activations(TIMM_ZERO_KEEPING))(zero_keeping_module)
     module_rule(*timm_activations(TIMM_ZERO_BREAKING))(zero_breaking_module)

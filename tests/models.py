@@ -67,7 +67,7 @@ class Residual:
 
 @dataclass(frozen=True)
 class Add:
-    """a + b (same width and size), in ``style``: op | method | function | sub."""
+    """a + b (same width and size), in ``style``: op | method | function | sub, or a join of ``_JOINS``."""
 
     a: int
     b: int
@@ -263,7 +263,8 @@ class ChannelGraph:
     def _add(self, i: int, op: Add) -> None:
         a, b = self.values[op.a], self.values[op.b]
         self._tie(a, b)
-        self._push(list(a), [x and y for x, y in zip(self.zeros[op.a], self.zeros[op.b], strict=True)])
+        keeps = op.style not in _ZEROS_LOST  # their rules keep no zeros (lerp's result is zero, unclaimed)
+        self._push(list(a), [keeps and x and y for x, y in zip(self.zeros[op.a], self.zeros[op.b], strict=True)])
 
     def _cat(self, i: int, op: Cat) -> None:
         self._push([e for s in op.srcs for e in self.values[s]], [z for s in op.srcs for z in self.zeros[s]])
@@ -405,7 +406,21 @@ def _add(a: torch.Tensor, b: torch.Tensor, style: str) -> torch.Tensor:
     if style == "add_unused":
         a.add_(b)
         return a
-    return a + b
+    return _join(a, b, style)
+
+
+_JOINS = {"hypot": torch.hypot, "fmax": torch.fmax, "atan2": torch.atan2, "logaddexp": torch.logaddexp,
+          "lerp": lambda a, b: a.lerp(b, 0.3),  # joins whose rules tie the operands, with or without zeros
+          "rows": lambda a, b: torch.cat([a, b], 2)[:, :, ::2],  # a cat along H: zero where both are
+          "flip": lambda a, b: a + b.flip(3)}
+
+
+_ZEROS_LOST = ("atan2", "logaddexp", "lerp")
+
+
+def _join(a: torch.Tensor, b: torch.Tensor, style: str) -> torch.Tensor:
+    """a + b, or another elementwise join of two same-shaped values (``_JOINS``)."""
+    return _JOINS[style](a, b) if style in _JOINS else a + b
 
 
 class Net(nn.Module):
@@ -629,7 +644,7 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
 
 # -- the hypothesis strategy ----------------------------------------------------------------------------------------
 _RESIDUAL_STYLES = ("op", "method", "function", "iadd", "add_", "add_unused")
-_ADD_STYLES = ("op", "method", "function", "sub")
+_ADD_STYLES = ("op", "method", "function", "sub", "hypot", "fmax", "atan2", "logaddexp", "lerp", "rows", "flip")
 
 
 @st.composite

@@ -178,6 +178,10 @@ CASES = {
                           head_in=16),
     "reshape_as": Case(lambda m, x, y: y.flatten(2).reshape_as(y) * y.view_as(y),
                        frozenset({aten.reshape_as.default, aten.view_as.default})),
+    "clamp_tensor": Case(lambda m, x, y: torch.clamp(y, min=-x[:, :1].abs(), max=x[:, :1].abs()),
+                         frozenset({aten.clamp.Tensor}), keeps_zero=False),  # the rule keeps no zeros
+    "one_hot": Case(lambda m, x, y: y + F.one_hot((x[:, 0] > 0).long(), W)[..., 0, :].unsqueeze(1).to(y.dtype),
+                    frozenset({aten.one_hot.default}), keeps_zero=False),
     "tril_channels": Case(lambda m, x, y: torch.tril(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
                           frozenset({aten.tril.default}), "triangle"),
 }

@@ -119,7 +119,8 @@ _SAME_ARGS: dict[Any, Callable] = {
     aten.tensor_split.sections: torch.tensor_split, aten.flip.default: torch.flip, aten.rot90.default: torch.rot90,
     aten.fliplr.default: torch.fliplr, aten.flipud.default: torch.flipud, aten.bitwise_not.default: torch.bitwise_not,
     aten.logical_not.default: torch.logical_not, aten.repeat_interleave.self_int: torch.repeat_interleave,
-    aten.repeat_interleave.self_Tensor: torch.repeat_interleave,
+    aten.repeat_interleave.self_Tensor: torch.repeat_interleave, aten.clamp.Tensor: torch.clamp,
+    aten.one_hot.default: F.one_hot,
 }
 _INPLACE_METHODS = {aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_",
                     aten.div_.Tensor: "div_", aten.hardtanh_.default: "hardtanh_", aten.clamp_.default: "clamp_",

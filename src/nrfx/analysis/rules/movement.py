@@ -1215,6 +1215,14 @@ def meshgrid(ctx, node):
     return ctx.blank(ctx.out)
 
 
+@function_rule(F.one_hot)
+def one_hot(ctx, node):
+    """F.one_hot(indices): integer indices spread over a new class dim: no channel space (channels read as
+    indices freeze)."""
+    ctx.freeze_all(ctx.spec(node.args[0]), "indices of one_hot")
+    return ctx.blank(ctx.out)
+
+
 @function_rule(F.grid_sample)
 def grid_sample(ctx, node):
     """F.grid_sample(x, grid): channels are resampled one by one: dim 1 passes, zeros kept; the grid has none."""

@@ -204,8 +204,9 @@ def _einsum_labels(equation: str, ndims: list[int]) -> tuple[list[str], str] | N
 
 @function_rule(torch.einsum)
 def einsum(ctx, node):
-    """einsum of two operands: a label in both is contracted (consumed, one space) or a frozen batch
-    dim; a label of one operand kept in the output carries its space there; MACs = Π of those labels."""
+    """einsum of two operands: a label in both is contracted (consumed, one space) or a batch dim (attention
+    heads flow out, others freeze); a label of one operand kept in the output carries its space there; MACs = Π of
+    those labels."""
     operands = node.args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = operands[0]
@@ -245,14 +246,32 @@ def _same_label_sizes(specs, labels) -> bool:
     return True
 
 
+def _einsum_batch(ctx, label, where, dims: dict):
+    """Rule: a label kept from both operands is a batch dim; carrying attention heads on both (``"bghid,bghjd->
+    bghij"``: torchvision's MaxViT) it is one head space flowing to the output, as a matmul's; any other channel
+    layout there freezes.  Returns the layout its MACs scale with (or None)."""
+    (a, da), (b, db) = where
+    present = [a.dims[da], b.dims[db]]
+    layout = None
+    if all(lay is not None and ctx.atoms.is_heads(lay) for lay in present):
+        layout = join_heads(ctx, present, "attention heads of an einsum")
+    if layout is None:
+        for lay in present:
+            ctx.freeze(lay, "batch dim of an einsum")
+        return None
+    channels = ctx.atoms.channels(layout)
+    segments = tuple(spec.whole(d, channels) for (spec, d), lay in zip(where, present, strict=True)
+                     if lay.inner == layout.inner and ctx.atoms.channels(lay) == channels)
+    dims[label] = (layout, Zero("or", segments))
+    return layout
+
+
 def _einsum_label(ctx, label, where, kept: bool, dims: dict):
     """Tie, consume or freeze the dims of one label; return the layout its MACs scale with (or None)."""
     if len(where) == 2:
         (a, da), (b, db) = where
         if kept:
-            ctx.freeze(a.dims[da], "batch dim of an einsum")
-            ctx.freeze(b.dims[db], "batch dim of an einsum")
-            return None
+            return _einsum_batch(ctx, label, where, dims)
         first, second = ctx.consume(a, da), ctx.consume(b, db)
         if first is None and second is None:
             return None

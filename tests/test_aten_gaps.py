@@ -8,6 +8,7 @@ through the BN's dead channels, and rejuvenation (slim and wide) keeps the funct
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -259,6 +260,44 @@ def test_op_rejuvenation_keeps_function(name: str, capture: str):
     with torch.no_grad():
         for new in (slim, wide):
             torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
+
+
+# -- clamp with tensor bounds: Gemma 4's clipped linears ---------------------------------------------------------
+class Clipped(nn.Module):
+    """conv 1×1 (3→8) → BN → ``clamp(y, lo, hi)`` with 0-d bounds held as buffers (or parameters) → conv (→4)."""
+
+    def __init__(self, lo: float, hi: float, learned: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        bounds = torch.tensor(lo), torch.tensor(hi)
+        if learned:
+            self.lo, self.hi = (nn.Parameter(b) for b in bounds)
+        else:
+            self.register_buffer("lo", bounds[0])
+            self.register_buffer("hi", bounds[1])
+
+    def forward(self, x):
+        return self.head(torch.clamp(self.bn(self.conv(x)), self.lo, self.hi))
+
+
+@pytest.mark.parametrize(("lo", "hi", "learned", "keeps"), [(-math.inf, math.inf, False, True),
+                                                            (-1.0, 1.0, False, True), (0.1, 1.0, False, False),
+                                                            (-1.0, 1.0, True, False)])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_clamp_by_buffers_around_zero_keeps_zeros(lo, hi, learned, keeps, capture):
+    """A dead channel stays dead through a clamp whose buffer bounds hold 0 (±inf: a no-op clamp); bounds without
+    0, or parameters (they move in training), keep no zeros; rejuvenation keeps the function either way."""
+    torch.manual_seed(0)
+    model, x = Clipped(lo, hi, learned).double().eval(), torch.randn(2, 3, H, W, dtype=torch.float64)
+    _kill(model, [0, 3, 5])
+    a = _analyze(model, (x,), capture)
+    assert not a.unknown_ops
+    assert int(a.utilization().alive[a.space_ids(a.records["conv"].output)[0]].sum()) == (5 if keeps else 8)
+    with torch.no_grad():
+        expected = model(x)
+    for budget in (None, nrfx.Budget.fraction(1.3)):
+        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, capture=capture, align=1, analysis=a)
+        torch.testing.assert_close(new(x), expected, rtol=1e-9, atol=1e-12)
 
 
 # -- addmm: Hugging Face Conv1D, x @ W + b with W stored (in, out) ---------------------------------------------

@@ -8,7 +8,7 @@ import operator
 import torch
 from torch import nn
 
-from nrfx.analysis.rules.common import broadcast, channel_param, copy_zero
+from nrfx.analysis.rules.common import broadcast, channel_param, copy_zero, param_of
 from nrfx.analysis.rules.registry import function_rule, method_rule, module_rule
 from nrfx.analysis.specs import TensorSpec, Zero
 from nrfx.capture.contexts import REGION_CALLS
@@ -41,13 +41,41 @@ def zero_by_args_method(ctx, node):
 
 def _bounded(ctx, node) -> TensorSpec | None:
     """Rule: ``clamp(x, min=t)`` with tensor bounds is elementwise in x and t (broadcast: a per-channel parameter
-    bound takes x's space, a computed one of the channels' width freezes it); zeros are not kept.  None when every
-    bound is a number."""
+    bound takes x's space, a computed one of the channels' width freezes it); zeros are kept only where every bound
+    is a number or a buffer that puts 0 inside [min, max] (Gemma 4's clipped linears: ±inf by default).  None when
+    every bound is a number."""
     bounds = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(ctx.value(a), torch.Tensor)]
     if not bounds or not isinstance(ctx.spec(node.args[0]), TensorSpec):
         return None
     spec = broadcast(ctx, [node.args[0], *bounds], "first")
-    return ctx.tensor(spec.shape, spec.dims)
+    return spec if _zero_inside(ctx) else ctx.tensor(spec.shape, spec.dims)
+
+
+def _zero_inside(ctx) -> bool:
+    """Whether clamp's bounds keep a zero: each a number or a buffer (fixed while training) with min ≤ 0 ≤ max
+    everywhere; a parameter or a computed bound may move, so it keeps none."""
+    for bound, below in ((ctx.arg(1, "min"), True), (ctx.arg(2, "max"), False)):
+        value = ctx.value(bound) if bound is not None else None
+        if isinstance(value, torch.Tensor):
+            value = _buffer_value(ctx, bound)
+            if value is None:
+                return False
+        if value is not None and not bool(torch.all(torch.as_tensor(value) <= 0 if below else
+                                                    torch.as_tensor(value) >= 0)):
+            return False
+    return True
+
+
+def _buffer_value(ctx, node) -> torch.Tensor | None:
+    """The data of a buffer the graph reads (the analysis runs on meta copies), or None for anything else."""
+    name, _ = param_of(ctx, node)
+    if name is None or name in ctx.state.param_names:
+        return None
+    try:
+        value = ctx.state.gm.get_buffer(name)
+    except AttributeError:
+        return None
+    return None if value.is_meta else value
 
 
 def _maps_zero_to_zero(ctx, node, call) -> bool:

@@ -323,6 +323,53 @@ def test_a_batch_literal_that_cannot_be_traced_back_warns():
     assert expand.args[1:] == (2, -1, -1)  # left as it is
 
 
+def test_a_graph_fixed_to_the_example_batch_refuses_another_batch():
+    """The result of a graph that runs at the example batch only checks the batch: at batch 3 it raises, naming
+    why, where it computed a wrong result or failed deep inside before."""
+    model = _CachedToken().eval()
+    x = torch.randn(2, 3, 4, 4)
+    model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=x, align=1)
+    torch.testing.assert_close(new(x), model(x))
+    with pytest.raises(AssertionError, match=r"runs at batch 2 only: a literal batch size"):
+        new(torch.randn(3, 3, 4, 4))
+
+
+class _BatchFromShape(nn.Module):
+    """Reads the batch from the shape: torch.export fixes it at an example batch of 1, where the reshape merges
+    the batch into the features at any other batch (a wrong result, no error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return self.head(y.reshape(y.shape[0], 8, -1).mean(-1))
+
+
+def test_an_export_fixed_at_batch_one_refuses_another_batch():
+    model, x = _BatchFromShape().eval(), torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = nrfx.analyze(model, x, capture="export")
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=x, capture="export", align=1)
+        gated = nrfx.add_gates(model, x, capture="export")
+    assert not analysis.unknown_ops and any("specialised the batch" in n for n in analysis.capture_notes)
+    torch.testing.assert_close(new(x), model(x))
+    for result in (new, gated):
+        with pytest.raises(AssertionError, match=r"runs at batch 1 only: torch.export fixed the batch size"):
+            result(torch.randn(3, 3, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dynamic = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=torch.randn(2, 3, 8, 8),
+                                  capture="export", align=1)
+    x3 = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(dynamic(x3), model(x3))  # an example batch of 2 keeps the batch free
+
+
 def test_no_literal_check_without_batch_literals():
     class Plain(nn.Module):
         def __init__(self) -> None:

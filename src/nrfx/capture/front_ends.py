@@ -46,7 +46,7 @@ from nrfx.capture.trace import Traced, defaulted_args, trace
 from nrfx.errors import ShapeError, TraceError, node_location
 
 __all__ = ["Example", "Captured", "CAPTURES", "CaptureMismatch", "capture", "auto_leaf_share", "check_batch_literals",
-           "MODE_BRANCH", "output_signature"]
+           "guard_batch", "MODE_BRANCH", "output_signature"]
 
 CAPTURES = ("auto", "fx", "export")  # one graph of the whole model; analyze also takes "islands"
 AUTO_LEAF_LIMIT = 0.5  # "auto" leaves fx for export when automatic leaves hold more of the parameters
@@ -327,6 +327,10 @@ def export_capture(model: nn.Module, example: Example, raisable: Callable[[nn.Mo
         graph.erase_node(node)
     gm = torch.fx.GraphModule(_root(graph, model, exported), graph, type(model).__name__)
     keep_opened_modules(gm, model)
+    if example.tensors() and not _batch_is_dynamic(exported):
+        guard_batch(gm, {n: n.meta.get("val") for n in graph.find_nodes(op="placeholder")}, example.batch,
+                    "torch.export fixed the batch size at the example's (an example batch of 1 does that): "
+                    "pass example inputs with a batch of 2 or more (or capture='fx') to run it at any batch")
     left = to_torch_level(gm)
     gm.graph.lint()
     gm.recompile()
@@ -778,6 +782,8 @@ def check_batch_literals(captured: Captured, example: Example) -> Captured:
                               ", ".join(node_location(n) for n in list(fixes)[:3]))
     problem = _batch_problem(before, out, failure, gm.graph, batch)
     if problem is not None:
+        guard_batch(gm, before, batch, "a literal batch size in its graph fixes it (see the capture notes): compute "
+                                       "the size from the input (x.shape[0]) in the model's code")
         left = "; ".join(node_location(n) for n in [n for n in sites if n not in fixes][:3])
         captured.notes.append(
             f"capture: the graph is specialised to batch {batch}, the result runs at batch {batch} only: at batch "
@@ -785,6 +791,25 @@ def check_batch_literals(captured: Captured, example: Example) -> Captured:
             "(a size cached by an earlier call?). Compute it from the input (x.shape[0]) in the model's code, or "
             f"always call the result at batch {batch}.")
     return captured
+
+
+def guard_batch(gm: torch.fx.GraphModule, values: Mapping[torch.fx.Node, Any], batch: int, why: str) -> None:
+    """Rule: a graph that runs at the example batch only checks it first (``torch._assert`` on dim 0 of its first
+    batched input), so a call at another batch raises instead of computing a wrong result in silence."""
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    batched = [n for n in placeholders if isinstance(values.get(n), torch.Tensor) and values[n].dim() > 0
+               and values[n].shape[0] == batch]
+    if not batched:
+        return
+    with graph.inserting_after(placeholders[-1]):
+        size = graph.call_method("size", (batched[0], 0))
+    with graph.inserting_after(size):
+        same = graph.call_function(operator.eq, (size, batch))
+    with graph.inserting_after(same):
+        graph.call_function(torch._assert, (same, f"nrfx: this graph runs at batch {batch} only: {why}"))
+    graph.lint()
+    gm.recompile()
 
 
 def _sizes(node: torch.fx.Node) -> tuple[list, bool] | None:

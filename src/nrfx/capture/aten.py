@@ -250,6 +250,13 @@ def _softmax(node: torch.fx.Node) -> None:
     _set(node, "call_function", torch.log_softmax if log else torch.softmax, node.args[:2])
 
 
+@TORCH_LEVEL.function(aten.einsum.default)
+def _einsum(node: torch.fx.Node) -> None:
+    """``einsum(equation, tensors, path=None)`` → ``torch.einsum(equation, tensors)`` (the contraction path is a
+    speed hint)."""
+    _set(node, "call_function", torch.einsum, tuple(node.args[:2]))
+
+
 @TORCH_LEVEL.function(aten.clamp_min.default)
 def _clamp_min(node: torch.fx.Node) -> None:
     """``aten.clamp_min(x, m)`` is ``torch.clamp(x, min=m)``."""

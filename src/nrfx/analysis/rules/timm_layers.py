@@ -28,8 +28,8 @@ from nrfx.analysis.specs import TensorSpec
 
 __all__: list[str] = []
 
-# timm's no-trace functions that only move positions around one channel dim (it reads C from the shape): 'last'
-# for channels-last tokens, 1 for NCHW maps
+# timm's no-trace functions that only move positions around one channel dim (read from the shape when they run):
+# -1 for channels-last tokens, 1 for NCHW maps
 TIMM_REARRANGERS = {("swin_transformer", "window_reverse"): -1, ("swin_transformer_v2", "window_reverse"): -1,
                     ("swin_transformer_v2_cr", "window_reverse"): -1, ("davit", "window_reverse"): -1,
                     ("gcvit", "window_reverse"): -1, ("maxxvit", "window_reverse"): -1,

@@ -48,15 +48,22 @@ def _batch_heads(ctx, a: TensorSpec, b: TensorSpec, d: int, out):
     layout on a batch dim freezes.  Returns (layout, zero rule) of the output dim."""
     sides = [(spec, k) for spec in (a, b) if (k := d - (out.ndim - spec.ndim)) >= 0]
     present = [(spec, k) for spec, k in sides if spec.dims[k] is not None]
+    broadcast = all(spec.dims[k] is not None or spec.shape[k] == 1 for spec, k in sides)
+    return heads_of_batch(ctx, present, broadcast, "a matmul")
+
+
+def heads_of_batch(ctx, present: list[tuple[TensorSpec, int]], joinable: bool, what: str):
+    """Rule: a batch dim carrying attention heads on every operand that has a layout there (``joinable``: any
+    other operand is broadcast) is one head space flowing out, zero where an operand's head is (a product); any
+    other channel layout there freezes.  Returns (layout, zero rule) of the output dim, (None, None) when none."""
     if not present:
         return None, None
-    broadcast = all(spec.dims[k] is not None or spec.shape[k] == 1 for spec, k in sides)
     layout = None
-    if broadcast and all(ctx.atoms.is_heads(spec.dims[k]) for spec, k in present):
-        layout = join_heads(ctx, [spec.dims[k] for spec, k in present], "attention heads of a matmul")
+    if joinable and all(ctx.atoms.is_heads(spec.dims[k]) for spec, k in present):
+        layout = join_heads(ctx, [spec.dims[k] for spec, k in present], f"attention heads of {what}")
     if layout is None:
-        for spec, k in sides:
-            ctx.freeze(spec.dims[k], "batch dim of a matmul")
+        for spec, k in present:
+            ctx.freeze(spec.dims[k], f"batch dim of {what}")
         return None, None
     segments = tuple(spec.whole(k, ctx.atoms.channels(spec.dims[k])) for spec, k in present
                      if spec.dims[k].inner == layout.inner and ctx.atoms.channels(spec.dims[k]) ==
@@ -250,19 +257,10 @@ def _einsum_batch(ctx, label, where, dims: dict):
     """Rule: a label kept from both operands is a batch dim; carrying attention heads on both (``"bghid,bghjd->
     bghij"``: torchvision's MaxViT) it is one head space flowing to the output, as a matmul's; any other channel
     layout there freezes.  Returns the layout its MACs scale with (or None)."""
-    (a, da), (b, db) = where
-    present = [a.dims[da], b.dims[db]]
-    layout = None
-    if all(lay is not None and ctx.atoms.is_heads(lay) for lay in present):
-        layout = join_heads(ctx, present, "attention heads of an einsum")
-    if layout is None:
-        for lay in present:
-            ctx.freeze(lay, "batch dim of an einsum")
-        return None
-    channels = ctx.atoms.channels(layout)
-    segments = tuple(spec.whole(d, channels) for (spec, d), lay in zip(where, present, strict=True)
-                     if lay.inner == layout.inner and ctx.atoms.channels(lay) == channels)
-    dims[label] = (layout, Zero("or", segments))
+    present = [(spec, d) for spec, d in where if spec.dims[d] is not None]
+    layout, zero = heads_of_batch(ctx, present, len(present) == 2, "an einsum")
+    if layout is not None:
+        dims[label] = (layout, zero)
     return layout
 
 

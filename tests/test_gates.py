@@ -127,8 +127,8 @@ def test_add_gates_keeps_the_function_and_monitors_the_free_spaces(name):
                                                               model.state_dict().items())
     gates = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in gm.nrfx_gates}
     assert len(gates) == len(gm.nrfx_gates)
-    heads = [path for path in gates if path.endswith(".heads_gate")]  # one per attention block (2 in the ViT)
-    assert len(heads) == (2 if name == "vit" else 0)
+    heads = [path for path in gates if path.endswith(".heads_gate")]  # one per block of several heads
+    assert len(heads) == {"vit": 2, "swin": 1}.get(name, 0)  # swin: 1 head, then 2
     gates = {path: node for path, node in gates.items() if path not in heads}
     assert len(gates) == 2
     for path, node in gates.items():  # after the activation that follows the producer

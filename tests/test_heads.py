@@ -433,6 +433,91 @@ def test_torchvision_maxvit_heads():
     _check_model(model, x, other, 0.9, gates=4)
 
 
+def _tiny_swin(v2: bool, heads=(2, 4), window=(3, 3)):
+    """A torchvision Swin (V1 or V2) of two stages, 16 → 32 channels, heads of 8, windows of 3×3."""
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    kinds = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2} if v2 else {}
+    torch.manual_seed(0)
+    return swin.SwinTransformer([4, 4], 16, [1, 2], list(heads), list(window), num_classes=10, **kinds)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_torchvision_swin_heads(v2):
+    """torchvision's Swin computes its attention in one wrapped function that reads C from the input shape: it froze
+    the heads, the projections and the token stream (swin_t 47 % free). Opened (nrfx.capture.swin), each block's heads
+    are free, gated and resized whole; 36 × 36 inputs are padded to whole windows, the last stage's 3 × 3 map is
+    one window (no shift: torchvision skips the mask, the spelled form adds zeros)."""
+    x, other = (torch.randn(b, 3, 36, 36, dtype=torch.float64) for b in (2, 3))
+    _check_model(_tiny_swin(v2), x, other, 0.8, dead=(0, 1), gates=3)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+@pytest.mark.parametrize("size", [24, 27, 36])
+def test_swin_spelled_attention_is_torchvisions_own(v2, size):
+    """The opened attention computes torchvision's ``shifted_window_attention`` bit for bit: shifted and plain
+    windows, maps padded to whole windows and maps no larger than one window, eval and train mode (dropout 0), a
+    batch of 3; the analysis counts the same MACs and parameters as the one-node rule of the wrapped function."""
+    from nrfx.capture.swin import traced_call
+
+    model = _tiny_swin(v2).double()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    blocks = [m for m in model.modules() if type(m).__name__.startswith("ShiftedWindowAttention")]
+    assert {tuple(b.shift_size) for b in blocks} == {(0, 0), (1, 1)}
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out))) for b in blocks]
+    for mode in (False, True):
+        seen.clear()
+        model.train(mode)(x)
+        for block, inputs, out in seen:
+            assert torch.equal(traced_call(block, (inputs,), {}), out)
+    for hook in hooks:
+        hook.remove()
+    model.eval()
+    opened, whole = nrfx.analyze(model, x), nrfx.analyze(_opaque_attention(model), x)
+    assert (opened.macs, opened.params) == (whole.macs, whole.params)
+    assert not head_gate_sites(whole) and len(head_gate_sites(opened)) == 3
+    free = [a.coverage().free_channels / a.coverage().channels for a in (opened, whole)]
+    assert 1 - free[0] < (1 - free[1]) / 3, free  # frozen: V1 9 % instead of 54 %, V2 3 % instead of 17 %
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_attention_keeps_its_widths_in_place(v2):
+    """In place the user's Swin attention runs torchvision's function (C from the input, its num_heads): every dim of
+    its parameters stays, with the reason; the rest widens and the model computes what it did."""
+    model = _tiny_swin(v2).double().eval()
+    x, other = (torch.randn(b, 3, 36, 36, dtype=torch.float64) for b in (2, 3))
+    want = model(other)
+    attention = {n: p.shape for n, p in model.named_parameters() if ".attn." in n and ".cpb_mlp." not in n}
+    before = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.3), example_inputs=x, inplace=True)
+    assert new is model and sum(p.numel() for p in model.parameters()) > 1.2 * before
+    assert {n: p.shape for n, p in model.named_parameters() if n in attention} == attention
+    assert any("whose code reads its widths and num_heads" in note for note in model.nrfx_plan.notes)
+    torch.testing.assert_close(model(other), want, rtol=0, atol=1e-10)
+
+
+def _opaque_attention(model: nn.Module) -> nn.Module:
+    """A copy whose Swin attention modules are a subclass with its own forward (the same call): not opened."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if type(module).__name__.startswith("ShiftedWindowAttention"):
+            module.__class__ = _with_own_forward(type(module))
+    return model
+
+
+def _with_own_forward(kind: type) -> type:
+    """A subclass of ``kind`` whose forward is its own (calling ``kind``'s)."""
+
+    def forward(self, x):
+        return kind.forward(self, x)
+
+    return type(f"Own{kind.__name__}", (kind,), {"forward": forward})
+
+
 def test_timm_vit_heads():
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
@@ -486,7 +571,7 @@ def test_multihead_attention_in_place_keeps_the_module():
         same = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=x, inplace=True)
     assert same is model and isinstance(model.mha, nn.MultiheadAttention)
     assert model.mha.in_proj_weight.shape == (3 * C, C)
-    assert any("is an nn.MultiheadAttention" in note for note in same.nrfx_plan.notes)
+    assert any("is a MultiheadAttention, whose code reads its widths" in note for note in same.nrfx_plan.notes)
     torch.testing.assert_close(same(other), want, rtol=0, atol=1e-12)
 
 

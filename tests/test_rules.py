@@ -1891,3 +1891,43 @@ def test_property_views_sized_by_channel_counts_keep_the_function(c, steps, seco
     for inputs in (x, torch.randn(2, 3, 6, 3, dtype=torch.float64)):
         torch.testing.assert_close(new(inputs), model(inputs), rtol=1e-9, atol=1e-12)
     assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget
+
+
+class RowGather(nn.Module):
+    """A computed (tokens, channels) table read by an index buffer (Swin V2's bias table), then a per-channel op."""
+
+    def __init__(self, rows: tuple[int, ...], by_dims: int = 1) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 6), nn.Linear(6, 2)
+        self.register_buffer("index", torch.tensor(rows).view(by_dims, -1))
+
+    def forward(self, z):
+        table = torch.relu(self.fc(z))  # (tokens, 6)
+        return self.out(table[self.index])  # (by_dims, rows / by_dims, 6) -> (…, 2)
+
+
+@pytest.mark.parametrize("by_dims", [1, 2])
+def test_rows_gathered_by_an_index_tensor_pass_their_channels(by_dims):
+    """x[i] with an integer tensor i picks rows of dim 0: the channels on the other dims pass (fc's outputs stay free
+    and keep their zeros: a dead channel of fc is dead in every row read); an index tensor with a slice of the
+    channels still freezes them."""
+    model = RowGather((4, 0, 0, 2), by_dims).eval()
+    z = torch.randn(5, 3)
+    a = nrfx.analyze(model, z)
+    assert not any(frozen(a, out_ids(a, "fc"))) and a.space_ids(a.records["out"].input) == out_ids(a, "fc")
+    gated = nrfx.add_gates(model, z)
+    gate = gated.get_submodule(gated.nrfx_gates[0])
+    with torch.no_grad():
+        gate.weight[2] = 0.0  # channel 2 of fc dead in every row the index reads
+    for budget in (None, nrfx.Budget.fraction(1.5)):
+        new = nrfx.rejuvenate(gated, None, budget, example_inputs=z, align=1)
+        torch.testing.assert_close(new(z), gated(z))
+    assert nrfx.rejuvenate(gated, None, None, example_inputs=z, align=1).nrfx_plan.cost_live < a.params
+
+    class Masked(RowGather):
+        def forward(self, z):
+            return self.out(torch.nn.functional.pad(torch.relu(self.fc(z))[self.index.flatten(), 1:], (1, 0)))
+
+    masked = nrfx.analyze(Masked((4, 0, 0, 2)).eval(), z)
+    assert all(frozen(masked, out_ids(masked, "fc")))
+    assert "advanced indexing" in reasons(masked, out_ids(masked, "fc"))

@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from nrfx.capture import mha, transformer
+from nrfx.capture import mha, swin, transformer
 from nrfx.capture.contexts import switches_seen
 from nrfx.capture.guards import untouched
 from nrfx.capture.modes import FLAG_READ, flags_survive_retraces
@@ -227,11 +227,12 @@ class NrfxTracer(torch.fx.Tracer):
         """Trace into ``m``; if its code cannot be traced, report the innermost culprit."""
         qualname = self.path_of_module(m)
         if qualname not in self.leaf_names and not (self.leaf_types and isinstance(m, self.leaf_types)):
-            # an attention's heads (nrfx.capture.mha), a transformer's layers (nrfx.capture.transformer), opened
-            opened = mha.traced_call if isinstance(m, nn.MultiheadAttention) else transformer.traced_call
-            expanded = opened(m, args, kwargs)
-            if expanded is not None:
-                return expanded
+            # an attention's heads (nrfx.capture.mha, .swin), a transformer's layers (nrfx.capture.transformer), opened
+            for opened in (mha.traced_call if isinstance(m, nn.MultiheadAttention) else transformer.traced_call,
+                           swin.traced_call):
+                expanded = opened(m, args, kwargs)
+                if expanded is not None:
+                    return expanded
         try:
             return super().call_module(m, forward, args, kwargs)
         except _SubmoduleFailed:

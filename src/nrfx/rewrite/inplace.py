@@ -40,6 +40,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from nrfx.analysis.records import SumRecord
+from nrfx.capture import swin
 from nrfx.capture.guards import HOOK_STATE, untouched
 from nrfx.errors import RewriteError
 from nrfx.layers.srlayers import SR_LAYERS
@@ -58,8 +59,9 @@ Rounds = list[dict[str, dict[str, Any]]]  # per round: {island path or "": plan 
 def freeze_for_inplace(analysis, model: nn.Module | None = None):
     """Rule: every space under a literal the graph rewrite would move (slice bounds, split sizes, a
     functional conv's or group_norm's ``groups``, a sum/mean over channels) is frozen, since in place
-    the user's code keeps it; so is every dim of an ``nn.MultiheadAttention``'s parameters in ``model``
-    (its ``embed_dim`` and ``num_heads`` stay)."""
+    the user's code keeps it; so is every dim of the parameters of an attention module the capture opened
+    (``nn.MultiheadAttention``, torchvision's Swin attention) in ``model``: its own code runs, with its
+    ``embed_dim`` / input width and ``num_heads``."""
     reasons: dict[int, str] = _attention_modules(analysis, model)
     for name, record in analysis.slices():
         for s in analysis.space_ids(record.layout):
@@ -86,18 +88,19 @@ def freeze_for_inplace(analysis, model: nn.Module | None = None):
 
 
 def _attention_modules(analysis, model: nn.Module | None) -> dict[int, str]:
-    """Spaces of the parameters of every ``nn.MultiheadAttention`` in ``model`` (opened by capture/mha),
-    with the reason they stay in place."""
+    """Spaces of the parameters of every attention module in ``model`` that the capture opens
+    (``nn.MultiheadAttention``: capture/mha; torchvision's Swin attention: capture/swin), with the reason they
+    stay in place."""
     reasons: dict[int, str] = {}
     for path, module in model.named_modules() if model is not None else ():
-        if not isinstance(module, nn.MultiheadAttention):
+        if not isinstance(module, (nn.MultiheadAttention, *swin.OPENED)):
             continue
         for name, _ in module.named_parameters():
             info = analysis.param_info.get(f"{path}.{name}" if path else name)
             for layout in info.dims if info is not None else ():
                 for s in analysis.space_ids(layout) if layout is not None else ():
-                    reasons.setdefault(s, f"in place: '{path}' is an nn.MultiheadAttention, whose embed_dim and "
-                                          "num_heads stay")
+                    reasons.setdefault(s, f"in place: '{path}' is a {type(module).__name__}, whose code reads its "
+                                          "widths and num_heads")
     return reasons
 
 

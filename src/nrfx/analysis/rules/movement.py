@@ -254,19 +254,39 @@ def getitem(ctx, node):
         return ctx.blank(ctx.out)
     if _table_lookup(ctx, source, index):
         return _lookup(ctx, source, index if isinstance(index, torch.fx.Node) else index[0])
+    rows = _row_index(ctx, index)
+    if rows is not None:
+        return _gathered_rows(ctx, spec, rows)
     return _tensor_index(ctx, spec, index if isinstance(index, tuple) else (index,))
 
 
 def _table_lookup(ctx, source, index) -> bool:
     """Whether ``table[i]`` reads rows of a 2-d parameter by one integer tensor (a relative position bias table
     indexed by a buffer: BEiT, Swin), which is ``F.embedding(i, table)``."""
-    if isinstance(index, tuple):
-        index = index[0] if len(index) == 1 else None
-    value = ctx.value(index) if isinstance(index, torch.fx.Node) else None
-    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32):
+    if _row_index(ctx, index) is None:
         return False
     _, shape = param_of(ctx, source)
     return shape is not None and len(shape) == 2
+
+
+def _row_index(ctx, index) -> torch.fx.Node | None:
+    """The integer tensor of ``x[i]`` (one index item, an int32 / int64 tensor computed or read in the graph), or
+    None for any other index (a bool mask's result size depends on its values)."""
+    if isinstance(index, tuple):
+        index = index[0] if len(index) == 1 else None
+    value = ctx.value(index) if isinstance(index, torch.fx.Node) else None
+    is_rows = isinstance(value, torch.Tensor) and value.dtype in (torch.int64, torch.int32)
+    return index if is_rows else None
+
+
+def _gathered_rows(ctx, spec: TensorSpec, index: torch.fx.Node) -> TensorSpec:
+    """Rule: ``x[i]`` with an integer tensor gathers rows of dim 0 (Swin V2's computed bias table read by its
+    position index): dim 0 freezes, so do channels in the index; the other dims pass, after the index's dims."""
+    ctx.freeze(spec.dims[0] if spec.ndim else None, "rows gathered by an index tensor")
+    indices = ctx.spec(index)
+    ctx.freeze_all(indices, "an index tensor's values pick rows")
+    lead = ctx.out.ndim - (spec.ndim - 1)
+    return move(ctx, spec, [None] * lead + list(range(1, spec.ndim)), ctx.out.shape)
 
 
 def _lookup(ctx, source, index):
@@ -1271,3 +1291,24 @@ def embedding_function(ctx, node):
         return ctx.unknown_op("function embedding with a computed table")
     norm = "embedding max_norm rescales rows by their norm over the channels"
     return _table_rows(ctx, name, shape, indices.dims, norm if ctx.arg(3, "max_norm") is not None else None)
+
+
+def rearranged_positions(channel_dim: int):
+    """Rule factory for a function that rearranges positions (windows back into an image, blocks into a grid)
+    around one channel dim: that dim passes, zeros kept; channels found on any other dim freeze."""
+
+    def rule(ctx, node):
+        """Positions rearranged, the channel dim in place: it passes; channels elsewhere freeze."""
+        x, out = ctx.spec(node.args[0]), ctx.out
+        name = getattr(node.target, "__name__", node.target)
+        if not isinstance(x, TensorSpec) or not isinstance(out, torch.Tensor) or min(x.ndim, out.ndim) < 2 or \
+                x.shape[channel_dim] != out.shape[channel_dim]:
+            return ctx.unknown_op(f"function {name} on an unexpected input")
+        source = channel_dim % x.ndim
+        for d in range(x.ndim):
+            if d != source:
+                ctx.freeze(x.dims[d], f"positions rearranged by {name}")
+        target = channel_dim % out.ndim
+        return move(ctx, x, [source if d == target else None for d in range(out.ndim)], out.shape)
+
+    return rule

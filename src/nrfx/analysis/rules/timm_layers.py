@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import importlib
 
-import torch
 from torch import nn
 
-from nrfx.analysis.rules.common import move
 from nrfx.analysis.rules.elementwise import zero_breaking_module, zero_keeping_function, zero_keeping_module
 from nrfx.analysis.rules.layers import conv_module, per_channel_norm
-from nrfx.analysis.rules.movement import spatial_op
+from nrfx.analysis.rules.movement import rearranged_positions, spatial_op
 from nrfx.analysis.rules.registry import function_rule, lookup, module_rule
 from nrfx.analysis.specs import TensorSpec
 
@@ -108,27 +106,6 @@ def std_conv_module(ctx, node):
     if gain is not None:
         ctx.param(gain, (ctx.records[node.name].output,) + (None,) * (gain.ndim - 1))
     return spec
-
-
-def rearranged_positions(channel_dim: int):
-    """Rule factory for a function that rearranges positions (windows back into an image, blocks into a grid)
-    around one channel dim: that dim passes, zeros kept; channels found on any other dim freeze."""
-
-    def rule(ctx, node):
-        """Positions rearranged, the channel dim in place: it passes; channels elsewhere freeze."""
-        x, out = ctx.spec(node.args[0]), ctx.out
-        name = getattr(node.target, "__name__", node.target)
-        if not isinstance(x, TensorSpec) or not isinstance(out, torch.Tensor) or min(x.ndim, out.ndim) < 2 or \
-                x.shape[channel_dim] != out.shape[channel_dim]:
-            return ctx.unknown_op(f"function {name} on an unexpected input")
-        source = channel_dim % x.ndim
-        for d in range(x.ndim):
-            if d != source:
-                ctx.freeze(x.dims[d], f"positions rearranged by {name}")
-        target = channel_dim % out.ndim
-        return move(ctx, x, [source if d == target else None for d in range(out.ndim)], out.shape)
-
-    return rule
 
 
 def _register_rearrangers() -> None:

@@ -1,4 +1,5 @@
-"""Rules for torchvision's ``torch.fx.wrap``-ped functions: stochastic depth and Swin's window ops.
+"""Rules for torchvision's ``torch.fx.wrap``-ped functions: stochastic depth and Swin's window ops (and nrfx's own
+Swin helpers, ``nrfx.capture.swin``).
 
 FX keeps these functions as single ``call_function`` nodes, so without a rule they would be
 unknown ops.  Each rule states the channel flow of the whole function and counts its exact
@@ -10,9 +11,11 @@ from __future__ import annotations
 import math
 
 from nrfx.analysis.rules.common import param_of
+from nrfx.analysis.rules.movement import rearranged_positions
 from nrfx.analysis.rules.registry import function_rule
 from nrfx.analysis.spaces import Layout
 from nrfx.analysis.specs import TensorSpec, Zero
+from nrfx.capture import swin as _nrfx_swin
 
 __all__: list[str] = []
 
@@ -54,8 +57,30 @@ def relative_position_bias(ctx, node):
     return ctx.blank(ctx.out)
 
 
+def shift_mask(ctx, node):
+    """nrfx's Swin shift mask: built from the input's sizes alone, it carries no channels and reads none."""
+    return ctx.blank(ctx.out)
+
+
+def parameter_entries(ctx, node):
+    """A function of one parameter that keeps its entries in place: its dim 0 takes the channels it meets.
+
+    Swin V2's qkv bias with its key third zeroed, its clamped logit scale: the parameter's dim 0 gets a channel
+    space of its own, which it takes from the channels it meets (a linear's output as its bias, the heads it
+    scales), so it is resized with them; its other dims stay plain.  A computed argument carries none."""
+    name, shape = param_of(ctx, node.args[0])
+    if name is None or not shape or tuple(ctx.out.shape) != tuple(shape):
+        return ctx.blank(ctx.out)
+    layout = ctx.fresh(shape[0], (name, "entries"))
+    ctx.param_named(name, shape, (layout,) + (None,) * (len(shape) - 1))
+    return ctx.tensor(shape, (layout,) + (None,) * (len(shape) - 1), (None,) * len(shape))
+
+
 def shifted_window_attention(ctx, node):
-    """Swin window attention: it reads C from the input shape, so input and output channels freeze.
+    """Swin window attention called as a function: it reads C from the input shape, so in and out channels freeze.
+
+    torchvision's own attention modules are opened by the capture (``nrfx.capture.swin``) and never reach this
+    rule; a direct call of the function, or a subclass's, does.
 
     MACs: qkv and proj projections over the window-padded tokens, plus q·kᵀ and attn·v
     (each tokens × window area × C).
@@ -100,3 +125,8 @@ if _stochastic_depth is not None:
     function_rule(_swin._patch_merging_pad)(patch_merging_pad)
     function_rule(_swin._get_relative_position_bias)(relative_position_bias)
     function_rule(_swin.shifted_window_attention)(shifted_window_attention)
+function_rule(_nrfx_swin.swin_windows)(rearranged_positions(-1))
+function_rule(_nrfx_swin.swin_unwindows)(rearranged_positions(-1))
+function_rule(_nrfx_swin.swin_shift_mask)(shift_mask)
+function_rule(_nrfx_swin.swin_v2_qkv_bias)(parameter_entries)
+function_rule(_nrfx_swin.swin_v2_logit_scale)(parameter_entries)

@@ -63,7 +63,7 @@ from benchmarks import torch_models
 
 try:
     import torchvision.models as model_zoo
-except ImportError:  # a machine with torch alone: the same models, rebuilt in plain torch
+except Exception:  # torch alone (or a torchvision built for another torch): the models rebuilt in plain torch
     model_zoo = None
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def model_label(name: str, s: Settings) -> str:
 def models_source() -> str:
     """Where the models come from: torchvision (with its version), or its rebuild in plain torch."""
     if model_zoo is None:
-        return "benchmarks.torch_models (torchvision is not installed)"
+        return "benchmarks.torch_models (torchvision is not installed, or does not import)"
     import torchvision
 
     return f"torchvision {torchvision.__version__}"

@@ -84,7 +84,7 @@ def _train_mode_functions() -> dict[Callable, inspect.Signature]:
     try:
         from torchvision.ops import stochastic_depth
         functions.append(stochastic_depth)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
+    except Exception:  # pragma: no cover - torchvision absent, or broken (built for another torch)
         pass
     return {f: inspect.signature(f) for f in functions}
 

@@ -6,7 +6,7 @@ Drawn per example: the head count H and head dim d, grouped-query attention (kv 
 channels) are dead in each gate, the scheme, the budget, ``align`` and the batch size of the check (other
 than the example's).  Checked: the rewritten model computes what the gated model computes (float64), the
 user's model is untouched, and head counts stay whole groups.  (One kv head, multi-query attention, stays
-frozen: not drawn.)
+frozen: not drawn.)  A second property draws random torchvision Swins (V1, V2), opened head by head.
 """
 
 from __future__ import annotations
@@ -144,3 +144,41 @@ def test_random_attention_stacks_keep_their_function(data):
                 count = new.get_submodule(path).weight.numel()
                 assert count % r == 0  # whole groups of query heads per kv head
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@st.composite
+def swins(draw):
+    """A random torchvision Swin (V1 or V2) of two stages and the input size / batch of its check."""
+    swin = __import__("torchvision.models.swin_transformer", fromlist=["SwinTransformer"])
+    v2 = draw(st.booleans())
+    heads = [draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([2, 4]))]
+    window = [draw(st.integers(2, 4)), draw(st.integers(2, 4))]
+    depths = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+    embed = 24 if 3 in heads else 16
+    kinds = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2} if v2 else {}
+    note(f"v2 {v2}, heads {heads}, window {window}, depths {depths}, embed {embed}")
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    model = swin.SwinTransformer([4, 4], embed, depths, heads, window, num_classes=5, **kinds)
+    return model.double().eval(), draw(st.sampled_from([20, 24, 27, 32]))
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(st.data())
+def test_random_torchvision_swins_keep_their_function(data):
+    """torchvision's Swin opened head by head (nrfx.capture.swin): any window (square or not, larger than the map
+    or not), shift, head count and map size (padded or not), random dead heads and MLP channels, any scheme,
+    align and budget: the rewritten model computes the gated one at another batch size."""
+    model, size = data.draw(swins())
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    other = torch.randn(data.draw(st.sampled_from([1, 3])), 3, size, size, dtype=torch.float64)
+    gated = nrfx.add_gates(model, x)
+    assert any(g.endswith("heads_gate") for g in gated.nrfx_gates)  # the second stage's 2 or 4 heads are free
+    _kill(gated, data)
+    scheme, align = data.draw(st.sampled_from(["nr", "cr", "ca"])), data.draw(st.sampled_from([1, 8]))
+    budget = data.draw(st.sampled_from([None, nrfx.Budget.fraction(1.3)]))
+    note(f"size {size}, scheme {scheme}, align {align}, budget {budget}, batch {other.shape[0]}")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = nrfx.rejuvenate(gated, None, budget, example_inputs=x, scheme=scheme, align=align)
+        torch.testing.assert_close(new(other), gated(other), rtol=1e-9, atol=1e-10)
+    assert new.nrfx_plan.cost_after <= new.nrfx_plan.budget

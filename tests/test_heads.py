@@ -611,6 +611,27 @@ def test_multihead_attention_subclass_with_its_own_forward_stays_whole():
     assert not head_gate_sites(a)
 
 
+def test_attention_whose_instance_forward_was_replaced_stays_whole():
+    """An instance whose forward was replaced (``attn.forward = …``) is traced as it is, never opened: the replaced
+    forward computes something else (here twice the attention), and the captured graph computes what it does."""
+    from types import MethodType
+
+    swin, mha = _tiny_swin(False).double().eval(), WithMHA().double().eval()
+    for model, attention, x in ((swin, swin.features[3][0].attn, torch.randn(2, 3, 36, 36, dtype=torch.float64)),
+                                (mha, mha.mha, x_())):
+        kind = type(attention)
+
+        def doubled(self, *args, kind=kind, **kwargs):
+            out = kind.forward(self, *args, **kwargs)
+            return (2 * out[0], *out[1:]) if isinstance(out, tuple) else 2 * out
+
+        attention.forward = MethodType(doubled, attention)
+        a = nrfx.analyze(model, x, capture="fx")
+        opened = [site for site in head_gate_sites(a) if site[3].startswith(("features.3.0", "mha"))]
+        assert not opened, opened
+        torch.testing.assert_close(a.gm(x), model(x), rtol=0, atol=0)
+
+
 def test_default_alignment_moves_one_head_of_eight_channels():
     """align=8: 8 heads of d = 8 (q, k, v 64 wide, multiples of 8 at any head count) lose one dead head, not 8."""
     torch.manual_seed(0)

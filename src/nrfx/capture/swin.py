@@ -113,8 +113,8 @@ for _name in ("swin_windows", "swin_unwindows", "swin_shift_mask", "swin_v2_qkv_
 
 def traced_call(m: nn.Module, args: tuple, kwargs: dict) -> Any | None:
     """fx: the head-by-head computation of a torchvision Swin attention call, or None (the call goes on as it is)."""
-    if type(m) not in OPENED:
-        return None
+    if type(m) not in OPENED or not isinstance(getattr(m.qkv, "out_features", None), int):
+        return None  # another type, or a qkv that is not a Linear (its width unknown before the graph runs)
     fields = {**dict(zip(("x",), args, strict=False)), **kwargs}
     if set(fields) != {"x"}:
         return None
@@ -145,7 +145,7 @@ def _window_attention(m: nn.Module, x: Any) -> Any:
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * swin_v2_logit_scale(m.logit_scale)
     else:
-        head_dim = m.qkv.out_features // 3 // m.num_heads
+        head_dim = m.qkv.out_features // 3 // m.num_heads  # an int (the weight's shape is a proxy under fx)
         attn = (q * head_dim ** -0.5).matmul(k.transpose(-2, -1))
     attn = attn + bias
     if sum(m.shift_size) > 0:

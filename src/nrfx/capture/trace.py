@@ -226,7 +226,9 @@ class NrfxTracer(torch.fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         """Trace into ``m``; if its code cannot be traced, report the innermost culprit."""
         qualname = self.path_of_module(m)
-        if qualname not in self.leaf_names and not (self.leaf_types and isinstance(m, self.leaf_types)):
+        own_forward = "forward" in vars(m)  # an instance whose forward was replaced computes something else
+        if qualname not in self.leaf_names and not (self.leaf_types and isinstance(m, self.leaf_types)) \
+                and not own_forward:
             # an attention's heads (nrfx.capture.mha, .swin), a transformer's layers (nrfx.capture.transformer), opened
             for opened in (mha.traced_call if isinstance(m, nn.MultiheadAttention) else transformer.traced_call,
                            swin.traced_call):

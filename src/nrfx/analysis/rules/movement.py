@@ -55,12 +55,18 @@ def _parameter_vectors(ctx, parts) -> list | None:
     found = [param_of(ctx, part) for part in parts]
     if any(name is None or len(shape) != 1 for name, shape in found):
         return None
-    vectors = []
-    for part, (name, shape) in zip(parts, found, strict=True):
-        layout = ctx.fresh(shape[0], (name, "vector"))
-        ctx.param_named(name, shape, (layout,))
-        vectors.append((ctx.tensor(shape, (layout,), (None,)), part))
-    return vectors
+    return [(parameter_with_own_space(ctx, name, shape), part)
+            for part, (name, shape) in zip(parts, found, strict=True)]
+
+
+def parameter_with_own_space(ctx, name: str, shape: tuple[int, ...]) -> TensorSpec:
+    """A parameter's spec whose dim 0 is a fresh channel space of its own (one per parameter), which it takes from
+    the channels it meets (a linear's output as its bias, the heads it scales), so it is resized with them; its
+    other dims stay plain, no zeros known."""
+    layout = ctx.fresh(shape[0], (name, "vector"))
+    dims = (layout,) + (None,) * (len(shape) - 1)
+    ctx.param_named(name, shape, dims)
+    return ctx.tensor(shape, dims, (None,) * len(shape))
 
 
 def _cat_layout(ctx, tensors, d: int):
@@ -252,19 +258,15 @@ def getitem(ctx, node):
         return spec.get(index)
     if not isinstance(spec, TensorSpec):
         return ctx.blank(ctx.out)
-    if _table_lookup(ctx, source, index):
-        return _lookup(ctx, source, index if isinstance(index, torch.fx.Node) else index[0])
     rows = _row_index(ctx, index)
     if rows is not None:
-        return _gathered_rows(ctx, spec, rows)
+        return _lookup(ctx, source, rows) if _is_table(ctx, source) else _gathered_rows(ctx, spec, rows)
     return _tensor_index(ctx, spec, index if isinstance(index, tuple) else (index,))
 
 
-def _table_lookup(ctx, source, index) -> bool:
-    """Whether ``table[i]`` reads rows of a 2-d parameter by one integer tensor (a relative position bias table
-    indexed by a buffer: BEiT, Swin), which is ``F.embedding(i, table)``."""
-    if _row_index(ctx, index) is None:
-        return False
+def _is_table(ctx, source) -> bool:
+    """Whether ``source`` is a 2-d parameter: ``table[i]`` with one integer tensor then reads its rows (a relative
+    position bias table indexed by a buffer: BEiT, Swin), which is ``F.embedding(i, table)``."""
     _, shape = param_of(ctx, source)
     return shape is not None and len(shape) == 2
 

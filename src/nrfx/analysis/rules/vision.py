@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from nrfx.analysis.rules.common import param_of
-from nrfx.analysis.rules.movement import rearranged_positions
+from nrfx.analysis.rules.movement import parameter_with_own_space, rearranged_positions
 from nrfx.analysis.rules.registry import function_rule
 from nrfx.analysis.spaces import Layout
 from nrfx.analysis.specs import TensorSpec, Zero
@@ -65,15 +65,12 @@ def shift_mask(ctx, node):
 def parameter_entries(ctx, node):
     """A function of one parameter that keeps its entries in place: its dim 0 takes the channels it meets.
 
-    Swin V2's qkv bias with its key third zeroed, its clamped logit scale: the parameter's dim 0 gets a channel
-    space of its own, which it takes from the channels it meets (a linear's output as its bias, the heads it
-    scales), so it is resized with them; its other dims stay plain.  A computed argument carries none."""
+    Swin V2's qkv bias with its key third zeroed, its clamped logit scale: ``parameter_with_own_space``, as a
+    parameter in BEiT's concatenated qkv bias.  A computed argument carries none."""
     name, shape = param_of(ctx, node.args[0])
     if name is None or not shape or tuple(ctx.out.shape) != tuple(shape):
         return ctx.blank(ctx.out)
-    layout = ctx.fresh(shape[0], (name, "entries"))
-    ctx.param_named(name, shape, (layout,) + (None,) * (len(shape) - 1))
-    return ctx.tensor(shape, (layout,) + (None,) * (len(shape) - 1), (None,) * len(shape))
+    return parameter_with_own_space(ctx, name, shape)
 
 
 def shifted_window_attention(ctx, node):

@@ -380,8 +380,9 @@ class Analysis:
     def _user_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Validated user masks; a mask on a frozen space is ignored with a warning."""
         checked = check_masks(masks, self.mask_sites, self.gm)
-        for name in [n for n in checked if n in self.frozen_sites]:
-            warnings.warn(f"mask for '{name}' is ignored: its channels are frozen ({self.frozen_sites[name]})",
+        frozen = self.frozen_sites  # a walk over every tensor: once, not once per mask
+        for name in [n for n in checked if n in frozen]:
+            warnings.warn(f"mask for '{name}' is ignored: its channels are frozen ({frozen[name]})",
                           NrfxWarning, stacklevel=4)
             del checked[name]
         for name, norm in self._sites_behind_norms(checked).items():

@@ -6,14 +6,13 @@ random on its own: a residual channel is dead only where all its norms are, so t
 spaces stay almost fully alive and reallocation widens them) and ``per_space`` (40 % of every
 space dead, as in the tests: reallocation gives back roughly the original widths), and
 ``per_norm_residual_kept``: the ``per_norm`` model rejuvenated with ``residual="keep"`` (the paper's
-ResNet setting: the residual streams keep every channel and their width).  Latency is
-measured at batch 8 on two threads (64×64 on one thread with --quick), interleaved, for the original model, each
-scheme at the original's MACs, and a dense
-model of equal MACs: the original eager torchvision model with every conv, norm and linear
-swapped for a plain one at the plan's widths (built without FX or nrfx's rewrite; its outputs
-are checked equal to the ``nr`` rewrite's).  The original is a dense model of equal MACs too,
-with other widths: ``conv_output_elements`` says how much activation memory each moves
-(one-thread CPU inference is bound by it, not by MACs).
+ResNet setting: the residual streams keep every channel and their width).  Latency is measured at batch 8 on
+two threads (64×64 on one thread, one round, with --quick), interleaved, for the original model, each scheme at
+the original's MACs, and a dense model of equal MACs: the original eager torchvision model with every conv, norm
+and linear swapped for a plain one at the plan's widths (built without FX or nrfx's rewrite; its outputs are
+checked equal to the ``nr`` rewrite's).  The original is a dense model of equal MACs too, with other widths:
+``conv_output_elements`` says how much activation memory each moves (one-thread CPU inference is bound by it, not
+by MACs).
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ def run(quick: bool) -> dict:
     """All figures for resnet50 in both dead-channel patterns (a smaller input with --quick)."""
     torch.set_num_threads(1 if quick else 2)
     warnings.simplefilter("ignore")
-    size, batch, repeats = (64, 8, 3) if quick else (224, 8, 3)
+    size, batch, repeats, rounds = (64, 8, 1, 1) if quick else (224, 8, 3, 3)
     x1 = torch.randn(1, 3, size, size)
     x = torch.randn(batch, 3, size, size)
     original = torchvision.models.resnet50(weights=None).eval()
@@ -130,7 +129,7 @@ def run(quick: bool) -> dict:
         results["patterns"][pattern] = entry
     results["c_params"], results["c_macs"] = analysis.params, analysis.macs
     results["rejuvenate_s"] = max(e["rejuvenate_s"] for e in results["patterns"].values())
-    latency = _interleaved_latency(models, x, repeats)
+    latency = _interleaved_latency(models, x, max(repeats, 3), rounds)
     results["latency_s"] = {"original": latency["original"]}
     for pattern, entry in results["patterns"].items():
         own = {k.split("/")[1]: v for k, v in latency.items() if k.startswith(pattern + "/")}
@@ -144,11 +143,12 @@ def run(quick: bool) -> dict:
     return results
 
 
-def _interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Best of three interleaved rounds of median latency: a drift in machine load hits every model alike."""
+def _interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
+                         rounds: int = 3) -> dict[str, float]:
+    """Best of ``rounds`` interleaved rounds of median latency: a drift in machine load hits every model alike."""
     latency: dict[str, float] = {}
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(rounds):
             for name, model in models.items():
                 t = _median_time(lambda m=model: m(x), repeats)
                 latency[name] = min(latency.get(name, t), t)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 
 import torch
@@ -12,6 +14,8 @@ from support import assert_aligned
 from torch import nn
 
 import nrfx
+from nrfx.plan.maps import DimMap, ParamMap
+from nrfx.rewrite.tensors import copy_block
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -82,3 +86,36 @@ def test_rejuvenation_preserves_random_architectures(data):
             assert new.nrfx_plan.keep[space.index] == list(range(space.width)) and not new.nrfx_plan.grow[space.index]
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+@st.composite
+def _param_maps(draw):
+    """(old tensor, ParamMap): rank 1–4, a random ascending set of mapped dims (adjacent or not), each new slot of
+    a mapped dim an old index (each at most once, any order) or -1 (rejuvenated)."""
+    shape = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    dims = sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1)))
+    maps, new_shape = [], list(shape)
+    for d in dims:
+        kept = draw(st.permutations(range(shape[d])))[:draw(st.integers(0, shape[d]))]
+        slots = draw(st.permutations(kept + [-1] * draw(st.integers(0, 3))))
+        maps.append(DimMap(d, torch.tensor(slots, dtype=torch.long)))
+        new_shape[d] = len(slots)
+    old = torch.arange(1, math.prod(shape) + 1, dtype=torch.float64).reshape(shape)
+    return old, ParamMap("p", tuple(shape), tuple(new_shape), tuple(maps))
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(_param_maps())
+def test_copy_block_puts_each_old_entry_where_the_map_says(case):
+    """An entry of the new tensor is the old entry its mapped slots name (all S), the fresh entry (all R), else 0."""
+    old, pmap = case
+    fresh = -torch.arange(1, math.prod(pmap.new_shape) + 1, dtype=torch.float64).reshape(pmap.new_shape)
+    new = torch.zeros(pmap.new_shape, dtype=torch.float64)
+    copy_block(new, fresh, pmap, rejuvenated=True)
+    copy_block(new, old, pmap, rejuvenated=False)
+    sources = {m.dim: m.source.tolist() for m in pmap.dims}
+    for index in itertools.product(*(range(n) for n in pmap.new_shape)):
+        picked = [sources[d][i] if d in sources else i for d, i in enumerate(index)]
+        mapped = [picked[d] for d in sources]
+        want = old[tuple(picked)] if min(mapped) >= 0 else fresh[index] if max(mapped) < 0 else 0.0
+        assert new[index] == want, (index, picked)

@@ -175,9 +175,11 @@ def test_every_variant_runs_over_the_sweep():
 @pytest.mark.parametrize("name", zoo_params())
 def test_torchvision_model(name, one_thread, request):  # one thread each: the other worker shares 2 cores
     if name not in BIGGEST:
-        check_model(name)
-        if name in HEAVY:  # the model's reference cycles (graph, analysis) freed now: the trim hands them back
-            gc.collect()
+        try:
+            check_model(name)
+        finally:
+            if name in HEAVY:  # its reference cycles (graph, analysis) freed, failed or not: the trim hands them back
+                gc.collect()
         return
     request.getfixturevalue("memory_heavy")  # 5 GB and more in float64, twice at the peak: never two at once
     # up to ~16 GB at peak: a fresh process, so that the memory goes back to the system afterwards

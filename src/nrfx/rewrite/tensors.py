@@ -49,9 +49,9 @@ def copy_block(new: torch.Tensor, source: torch.Tensor, pmap: ParamMap, rejuvena
 
 
 def _gathered(source: torch.Tensor, dims: list[int], picks: list[torch.Tensor]) -> torch.Tensor:
-    """``source`` restricted to ``picks`` along ``dims``.  Rule: adjacent dims (a weight's out and in channels) in
-    one gather — 2–3× faster than a chain of index_select on large weights, which copies the first selection
-    whole —; any other set of dims one index_select per dim."""
+    """``source`` restricted to ``picks`` along ``dims``.  Rule: adjacent ascending dims (a weight's out and in
+    channels) in one gather — 2–3× faster than a chain of index_select on large weights, which copies the first
+    selection whole —; any other set of dims one index_select per dim."""
     if len(dims) > 1 and dims == list(range(dims[0], dims[0] + len(dims))):
         index = tuple(p.reshape([-1 if i == k else 1 for i in range(len(picks))]) for k, p in enumerate(picks))
         return source[(slice(None),) * dims[0] + index]

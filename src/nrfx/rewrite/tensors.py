@@ -53,8 +53,7 @@ def _gathered(source: torch.Tensor, dims: list[int], picks: list[torch.Tensor]) 
     channels) in one gather — 2–3× faster than a chain of index_select on large weights, which copies the first
     selection whole —; any other set of dims one index_select per dim."""
     if len(dims) > 1 and dims == list(range(dims[0], dims[0] + len(dims))):
-        index = tuple(p.reshape([-1 if i == k else 1 for i in range(len(picks))]) for k, p in enumerate(picks))
-        return source[(slice(None),) * dims[0] + index]
+        return source[(slice(None),) * dims[0] + _outer(picks)]
     for dim, picked in zip(dims, picks, strict=True):
         source = source.index_select(dim, picked)
     return source
@@ -74,13 +73,12 @@ def _assign(new: torch.Tensor, target: list, block: torch.Tensor) -> None:
         new[tuple(target)] = block
         return
     full = [torch.arange(new.shape[d])[t] if isinstance(t, slice) else t for d, t in enumerate(target)]
-    ndim = new.dim()
-    index = []
-    for d, t in enumerate(full):
-        shape = [1] * ndim
-        shape[d] = -1
-        index.append(t.reshape(shape).to(new.device))
-    new[tuple(index)] = block
+    new[_outer([t.to(new.device) for t in full])] = block
+
+
+def _outer(indices: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """1-d index tensors, one per consecutive dim, shaped to broadcast into their outer product (``np.ix_``)."""
+    return tuple(t.reshape([-1 if i == k else 1 for i in range(len(indices))]) for k, t in enumerate(indices))
 
 
 def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],

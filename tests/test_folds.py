@@ -396,6 +396,72 @@ def test_a_gated_constant_warns_and_is_kept():
     _exact(kept, model, (3, 6, 6))
 
 
+class SaturatedGate(nn.Module):
+    """MobileNetV3's squeeze-excitation (a hard sigmoid): ``saturate`` sets the gate biases so that on a given
+    input every gate sits at 1 (or 0), where a dead channel's β times the gate looks constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.project = nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.fc2.weight.mul_(50)  # gates that move with the input
+
+    def gate_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """The gates of the normalised features ``y`` before the hard sigmoid (N, 8, 1, 1)."""
+        return self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True))))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The gates of an input before the hard sigmoid."""
+        return self.gate_logits(self.bn(self.conv(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return self.project(y * F.hardsigmoid(self.gate_logits(y))).mean((2, 3))
+
+    @torch.no_grad()
+    def saturate(self, x: torch.Tensor, at: float) -> None:
+        """Shift fc2's bias so that every gate on ``x`` is past the hard sigmoid's knee (±3) towards ``at``."""
+        logits = self.logits(x)[..., 0, 0]
+        self.fc2.bias += 3.5 - logits.amin(0) if at == 1 else -3.5 - logits.amax(0)
+
+
+@pytest.mark.parametrize("at", [1.0, 0.0])
+def test_a_gate_saturated_on_the_example_still_varies(at):
+    """On the example every gate sits at 1 (or 0), so the dead channels' inputs to ``project`` read one value each;
+    on other inputs the gates move.  The inputs decide them, so they cannot be folded: drop warns, keep is exact on
+    inputs the example never showed.  (Measured on the example alone, they were folded or dropped without a word.)"""
+    torch.manual_seed(0)
+    model = SaturatedGate().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    kill_per_norm(model, analysis, constants=True, seed=3)
+    model.saturate(x, at)
+    dead = model.bn.weight == 0
+    assert dead.any() and (model.bn.bias[dead] != 0).all()
+    other = 4 * torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert (F.hardsigmoid(model.logits(x)) == at).all()
+        assert F.hardsigmoid(model.logits(other))[:, dead].std(0).min() > 0.01
+    dropped, warned = _rejuvenate(model, x, analysis=analysis)
+    (message,) = [w for w in warned if "cannot absorb" in w]
+    assert "project" in message
+    space = _space(analysis, "bn")
+    assert not [c for c in dropped.nrfx_plan.keep[space] if dead[c]]  # dropped, as the warning says
+    kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    assert dead.nonzero().flatten().tolist() == [c for c in kept.nrfx_plan.keep[space] if dead[c]]
+    with torch.no_grad():
+        torch.testing.assert_close(kept(other), model(other), rtol=1e-10, atol=1e-12)
+
+
+def _space(analysis, norm: str) -> int:
+    """The one space a norm's output carries."""
+    (space,) = analysis.space_ids(analysis.records[norm].output)
+    return space
+
+
 def test_constants_option_round_trips_and_old_plans_read_as_drop():
     model, x, analysis = _padded()
     kept, _ = _rejuvenate(model, x, analysis=analysis, constants="keep")

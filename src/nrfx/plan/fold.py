@@ -26,8 +26,11 @@ layer that reads it.  The exact rule nrfx follows:
   Constants, and whether they vary, are measured on the model the rewrite assumes: γ = 0 where the
   plan removes a channel that the norm's own mask marks dead (a live gate norm keeps its γ), weight
   rows at 0 for a mask keyed by a conv or linear, γ = 0 at every norm of a live channel only the
-  budget removes.  A small γ that is not zero thus folds f(β), and the rest stays the paper's
-  approximation, not reported; an input that varies there cannot be folded.
+  budget removes. A feature varies where it differs on the example *or* depends on the inputs at all
+  (``_input_dependent``: a run on NaN inputs in which constant-emitting channels emit their constants and
+  ``0 · NaN`` is 0): a gate saturated on every example (a hard sigmoid at 1 or 0) cannot make it look
+  constant.  A small γ that is not zero thus folds f(β), and the rest stays the paper's approximation, not
+  reported; an input that varies there cannot be folded.
 * **Only where it reaches a survivor.**  A removed input that feeds only removed outputs (its
   group of a grouped conv, whose blocks are tied; a depthwise conv's own channel) changes nothing
   the rewrite keeps: it is neither folded nor warned about, and what the removed outputs carry is
@@ -56,15 +59,18 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
 from nrfx.errors import NrfxWarning
+from nrfx.layers.gates import Gate
 from nrfx.ops.layer_kinds import constant_input_problem, conv_padding_problem, in_columns, is_scale
 from nrfx.plan.maps import dim_map
 
@@ -146,14 +152,18 @@ def _record(stats: Constants, name: str, dim: int, x: torch.Tensor) -> None:
     stats.low[name], stats.high[name] = low, high
 
 
-def _run(gm: torch.fx.GraphModule, example, hooks: dict, params: dict | None = None) -> list[torch.Tensor]:
-    """Run the graph in eval mode, no grad, with forward pre-hooks and optionally other parameters (functional: the
-    model's own are not touched), leaving no trace; the float output leaves."""
+def _run(gm: torch.fx.GraphModule, example, hooks: dict, params: dict | None = None,
+         after: dict | None = None) -> list[torch.Tensor]:
+    """Run the graph in eval mode, no grad, with forward pre-hooks (``after``: forward hooks, by module name) and
+    optionally other parameters (functional: the model's own are not touched), leaving no trace; the float output
+    leaves."""
     taps = {n[len(NODE_PREFIX):]: h for n, h in hooks.items() if n.startswith(NODE_PREFIX)}
     with hooks_silenced(gm), _node_taps(gm, taps):
         for name, hook in hooks.items():  # the user's own hooks do not fire; ours go with the swapped-in hook dicts
             if not name.startswith(NODE_PREFIX):
                 gm.get_submodule(name).register_forward_pre_hook(hook)
+        for name, hook in (after or {}).items():
+            gm.get_submodule(name).register_forward_hook(hook)
         with torch.no_grad(), untouched(gm), in_eval_mode(gm):  # the user's modules: each flag put back
             out = example.call(gm) if not params else \
                 torch.func.functional_call(gm, params, example.args, example.kwargs, strict=False)
@@ -273,11 +283,125 @@ def _assumed_params(gm: torch.fx.GraphModule, analysis, plan, masks) -> dict[str
 
 def _measure(gm: torch.fx.GraphModule, analysis, names, example, params: dict[str, torch.Tensor]) -> Constants:
     """Min/max of the named consumers' input features in the assumed model (``params``) and which of them vary
-    there (one eval run; the model's own parameters are not touched)."""
+    there: differ on the example, or depend on the inputs (``_input_dependent``: a gate that happens to saturate
+    on the example still varies).  Two eval runs; the model's own parameters are not touched."""
     dims = {name: dim for name, dim in _input_dims(analysis).items() if name in names}
     stats = _min_max(gm, dims, example, params)
-    stats.varying = {n: stats.low[n] != stats.high[n] for n in stats.low}
+    tainted = _input_dependent(gm, analysis, dims, example, params)
+    stats.varying = {n: (stats.low[n] != stats.high[n]) | tainted.get(n, False) for n in stats.low}
     return stats
+
+
+# -- which features depend on the inputs (the taint run) ------------------------------------------------------------
+
+
+class _AbsorbingZeros(TorchDispatchMode):
+    """The taint run's arithmetic: NaN stands for "some value the inputs decide", so ``0 · NaN`` is 0 (a product
+    with an exact zero is zero whatever the other factor), and an embedding lookup (integer inputs) gives NaN."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _PRODUCTS:
+            zero = _is_zero(args[0]) | _is_zero(args[1])
+            out = func(*args, **kwargs)
+            return out.masked_fill_(zero, 0) if isinstance(zero, torch.Tensor) else out.fill_(0) if zero else out
+        out = func(*args, **kwargs)
+        return out.fill_(float("nan")) if func is torch.ops.aten.embedding.default else out
+
+
+_PRODUCTS = frozenset({torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor, torch.ops.aten.mul.Scalar,
+                       torch.ops.aten.mul_.Scalar})
+
+
+def _is_zero(value: Any) -> torch.Tensor | bool:
+    """Where a factor is exactly 0 (a tensor mask, or a bool for a number)."""
+    return value == 0 if isinstance(value, torch.Tensor) else bool(value == 0)
+
+
+def _poisoned(example):
+    """The example with every floating-point tensor NaN (integer inputs reach the model through embeddings)."""
+    def poison(leaf: Any) -> Any:
+        return torch.full_like(leaf, float("nan")) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() \
+            else leaf
+    args, kwargs = pytree.tree_map(poison, (example.args, example.kwargs))
+    return replace(example, args=args, kwargs=kwargs)
+
+
+def _input_dependent(gm: torch.fx.GraphModule, analysis, dims: dict[str, int], example,
+                     params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rule: a consumer's input feature depends on the inputs where a run on NaN inputs (``_AbsorbingZeros``)
+    brings it a NaN; a layer whose output channel ignores its input (γ = 0, an all-zero weight row: the constants
+    folds are about) emits its constant there instead of NaN.  Per consumer, one flag per feature; empty where
+    the run fails (the example's own variation then decides alone)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+                flat = _features(args[0], dims[name])
+                if flat.numel():
+                    nan = torch.isnan(flat).any(0).cpu()
+                    found[name] = found[name] | nan if name in found else nan
+        return record
+
+    try:
+        with _AbsorbingZeros():
+            _run(gm, _poisoned(example), {n: hook(n) for n in dims}, params, _constant_emitters(gm, analysis, params))
+    except Exception:  # a model that cannot run on NaN inputs: no taint information
+        return {}
+    return found
+
+
+def _constant_emitters(gm: torch.fx.GraphModule, analysis, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Forward hooks, by module name, putting back the constant a layer emits on the output channels that ignore
+    its input in the assumed model (a norm's or gate's γ = 0; a conv's or linear's all-zero weight row)."""
+    hooks = {}
+    for name, dim in _emitter_dims(gm, analysis).items():
+        weight = params.get(f"{name}.weight", getattr(gm.get_submodule(name), "weight", None))
+        if not isinstance(weight, torch.Tensor) or weight.is_meta or not weight.numel():
+            continue
+        silent = (weight.detach().reshape(weight.shape[0], -1) == 0).all(1)
+        if silent.any():
+            hooks[name] = _emitting(silent, dim)
+    return hooks
+
+
+def _emitter_dims(gm: torch.fx.GraphModule, analysis) -> dict[str, int]:
+    """Per layer that can ignore an input channel: the output dim carrying its channels (γ's, a weight's rows)."""
+    dims: dict[str, int] = {}
+    for _, record in analysis.layers("conv", "linear"):
+        if record.module is not None and not record.transposed:
+            dims[record.module] = 1 if record.kind == "conv" else -1
+    specs = {node.target: analysis.state.specs.get(node) for node in gm.graph.nodes if node.op == "call_module"}
+    for name, module, _ in analysis.norm_spaces(gm):
+        zero = getattr(specs.get(name), "zero", ())  # an in-place op after the norm leaves its spec instead
+        found = [d for d, rule in enumerate(zero) if rule is not None and rule.mask == name]
+        dim = found[0] if len(found) == 1 else _scale_dim(module)
+        if dim is not None:
+            dims[name] = dim
+    return dims
+
+
+def _scale_dim(module: nn.Module) -> int | None:
+    """The output dim a norm's or gate's γ scales, by its type (None: unknown)."""
+    if isinstance(module, Gate):
+        return module.dim
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+        return 1
+    return -1 if isinstance(module, nn.LayerNorm) else None
+
+
+def _emitting(silent: torch.Tensor, dim: int) -> Any:
+    """A forward hook: where ``silent`` (per channel of output dim ``dim``), the layer's output on zero inputs."""
+    def hook(module, args, out):
+        if not isinstance(out, torch.Tensor) or out.shape[dim] != silent.numel():
+            return None
+        quiet = tuple(torch.zeros_like(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                      for a in args)
+        shape = [1] * out.dim()
+        shape[dim] = -1
+        return torch.where(silent.to(out.device).view(shape), module.forward(*quiet), out)
+    return hook
 
 
 def measure_constants(gm: torch.fx.GraphModule, analysis, plan, names, example,

@@ -19,6 +19,7 @@ from torch import nn
 import nrfx
 from nrfx.errors import BudgetError, NrfxWarning, PlanError
 from nrfx.ops.layer_kinds import constant_input_problem
+from nrfx.plan.fold import _AbsorbingZeros
 from nrfx.rewrite.folds import _delta
 
 
@@ -449,9 +450,43 @@ def test_a_gate_saturated_on_the_example_still_varies(at):
     assert "project" in message
     space = _space(analysis, "bn")
     assert not [c for c in dropped.nrfx_plan.keep[space] if dead[c]]  # dropped, as the warning says
+    assert not set(map(str, dead.nonzero().flatten().tolist())) & set(dropped.nrfx_plan.folds.get("project", {}))
     kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep")
     assert not [w for w in warned if "cannot absorb" in w]
     assert dead.nonzero().flatten().tolist() == [c for c in kept.nrfx_plan.keep[space] if dead[c]]
+    with torch.no_grad():
+        torch.testing.assert_close(kept(other), model(other), rtol=1e-10, atol=1e-12)
+
+
+class NormedValues(nn.Module):
+    """Attention whose values pass a BatchNorm1d: a dead value channel with β = 0 is exactly 0 after ``attn @ v``,
+    whatever the (input-dependent) attention weights; with β ≠ 0 it carries a weighted constant."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, width), nn.Linear(6, width), nn.Linear(6, width)
+        self.norm, self.out = nn.BatchNorm1d(width), nn.Linear(width, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1)
+        return self.out(weights @ self.norm(self.v(x).transpose(1, 2)).transpose(1, 2))
+
+
+def test_an_exact_zero_through_attention_is_no_varying_input():
+    """The run on NaN inputs makes the attention weights NaN; a matrix product with an all-zero value column is
+    still 0 there, so the dead channel with β = 0 is removed (exact), and the one with β ≠ 0 is kept."""
+    torch.manual_seed(0)
+    model = NormedValues().double().eval()
+    with torch.no_grad():
+        model.norm.weight[[1, 4]] = 0
+        model.norm.bias[1], model.norm.bias[4] = 0.0, 0.7
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    kept, warned = _rejuvenate(model, x, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    analysis = nrfx.analyze(model, x)
+    space = _space(analysis, "norm")
+    assert 1 not in kept.nrfx_plan.keep[space] and 4 in kept.nrfx_plan.keep[space]
+    other = torch.randn(3, 7, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(kept(other), model(other), rtol=1e-10, atol=1e-12)
 
@@ -741,3 +776,27 @@ def test_constants_read_by_a_functional_call_are_warned_about_or_kept():
     _exact(kept, model, (3, 8, 8))
     assert _unchanged(model, before)
     assert str(analysis.gm.code) == str(nrfx.analyze(model, x).gm.code)  # the measuring taps left no trace
+
+
+def test_the_nan_run_arithmetic_lets_exact_zeros_absorb_and_nothing_else():
+    """``_AbsorbingZeros``: NaN stands for a value the inputs decide; an exact 0 factor, numerator, all-zero row or
+    column of a matrix product, or all-zero value channel of attention gives 0; every other NaN stays; an embedding
+    lookup gives NaN; a fused attention kernel's 0 for NaN queries or keys becomes NaN again."""
+    nan = float("nan")
+    a, b = torch.tensor([0.0, 1.0, nan, 2.0]), torch.tensor([nan, nan, 0.0, 3.0])
+    left = torch.tensor([[nan, nan, nan], [0.0, 0.0, 0.0]])
+    right = torch.tensor([[1.0, 0.0], [nan, 0.0], [2.0, 0.0]])
+    value = torch.randn(1, 1, 3, 4)
+    value[..., 1] = 0
+    with _AbsorbingZeros():
+        product, quotient, in_place = a * b, a / b, a.clone().mul_(b)
+        matrix, added = left @ right, torch.addmm(torch.ones(2), left, right)
+        looked_up = F.embedding(torch.tensor([0, 1]), torch.ones(3, 2))
+        attended = F.scaled_dot_product_attention(torch.full((1, 1, 3, 4), nan), torch.randn(1, 1, 3, 4), value)
+    torch.testing.assert_close(product, torch.tensor([0.0, nan, 0.0, 6.0]), equal_nan=True)
+    torch.testing.assert_close(in_place, product, equal_nan=True)
+    torch.testing.assert_close(quotient, torch.tensor([0.0, nan, nan, 2 / 3]), equal_nan=True)
+    torch.testing.assert_close(matrix, torch.tensor([[nan, 0.0], [0.0, 0.0]]), equal_nan=True)
+    torch.testing.assert_close(added, torch.tensor([[nan, 1.0], [1.0, 1.0]]), equal_nan=True)
+    assert looked_up.isnan().all()
+    assert attended[..., 1].eq(0).all() and attended[..., [0, 2, 3]].isnan().all()

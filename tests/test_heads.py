@@ -727,3 +727,46 @@ def test_beit_like_bias_vectors_and_position_table_follow_the_heads():
         heads = new.get_submodule("attn.heads_gate").weight.numel()
         assert new.get_parameter("attn.table").shape == (2 * N - 1, heads)
         assert new.get_parameter("attn.q_bias").shape == (heads * D,)
+
+
+class SingleHead(nn.Module):
+    """Attention without heads or a literal width (SAGAN's, a non-local block's): q·kᵀ sums over a free space."""
+
+    def __init__(self, einsum: bool = False) -> None:
+        super().__init__()
+        self.einsum = einsum
+        self.stem, self.norm = nn.Linear(6, 12), nn.BatchNorm1d(12)
+        self.q, self.k, self.v, self.o = nn.Linear(12, 8), nn.Linear(12, 8), nn.Linear(12, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.stem(x).transpose(1, 2)).transpose(1, 2))
+        q, k = self.q(x), self.k(x)
+        scores = torch.einsum("bnd,bmd->bnm", q, k) if self.einsum else q @ k.transpose(1, 2)
+        return self.o(scores.softmax(-1) @ self.v(x))
+
+
+@pytest.mark.parametrize("einsum", [False, True])
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_space_two_activations_contract_shrinks_but_never_grows(scheme, einsum):
+    """A new channel of q·kᵀ's inner space would add q_R·k_R to every score (the R rows of q and k are fresh): the
+    plan keeps that space whole, so widening everything else keeps the function; a plan that grows it is refused."""
+    torch.manual_seed(0)
+    model = SingleHead(einsum).double().eval()
+    with torch.no_grad():
+        model.norm.weight[[2, 5, 7]] = 0
+        model.norm.bias[[2, 5, 7]] = 0
+        model.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    (inner,) = set(analysis.space_ids(analysis.records["q"].output))
+    assert analysis.spaces[inner].contracted and not analysis.spaces[inner].is_frozen
+    other = torch.randn(3, 7, 6, dtype=torch.float64)
+    for budget in (None, nrfx.Budget.fraction(1.5, "params")):
+        new = nrfx.rejuvenate(model, None, budget, example_inputs=x, scheme=scheme, align=1)
+        plan = new.nrfx_plan
+        assert plan.grow[inner] == 0 and sum(plan.grow) > 0
+        with torch.no_grad():
+            torch.testing.assert_close(new(other), model(other), rtol=1e-9, atol=1e-12)
+    grown = {**plan.to_dict(), "grow": [g + (s == inner) for s, g in enumerate(plan.grow)]}
+    with pytest.raises(nrfx.PlanError, match="product of two activations"):
+        nrfx.apply_plan(model, grown, x)

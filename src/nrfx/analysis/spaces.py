@@ -72,6 +72,7 @@ class AtomTable:
         self.heads: set[int] = set()  # atoms (and their pieces) made by ``new_heads``
         self.attended: set[int] = set()  # atoms an attention op read as its head (batch) dim
         self.summed: set[int] = set()  # atoms where an add joins two activations (a residual stream)
+        self.contracted: set[int] = set()  # atoms a product of two activations sums over (q·kᵀ without heads)
 
     # -- creation -------------------------------------------------------------------------
     def new(self, width: int) -> int:
@@ -137,7 +138,7 @@ class AtomTable:
         for atom in members:
             head, tail = self.new(at), self.new(self.width[atom] - at)
             self.children[atom] = (head, tail)
-            for flags in (self.heads, self.attended, self.summed):
+            for flags in (self.heads, self.attended, self.summed, self.contracted):
                 if atom in flags:
                     flags.update((head, tail))
             heads.append(head)
@@ -222,6 +223,11 @@ class AtomTable:
     def mark_summed(self, layout: Layout) -> None:
         """Record that an add joins two activations in ``layout`` (a residual stream: the paper's main stream)."""
         self.summed.update(self.leaves(layout.atoms))
+
+    def mark_contracted(self, layout: Layout) -> None:
+        """Record that a product of two activations sums over ``layout`` (``q @ k.transpose(-2, -1)`` with a free
+        inner dim): a new channel there would add ``q_R·k_R`` to every product, so it can only shrink."""
+        self.contracted.update(self.leaves(layout.atoms))
 
     def is_heads(self, layout: Layout | None) -> bool:
         """Whether every class the layout touches holds a head layout."""

@@ -51,7 +51,8 @@ class Space:
     ties group by group share the number of blocks and which blocks survive; its own index
     when untied); ``heads``: its channels count attention heads (alignment skips it: the head
     count is no layer's width, q, k and v are); ``summed``: an add joins two activations in it
-    (a residual stream, which ``residual="keep"`` leaves as it is).
+    (a residual stream, which ``residual="keep"`` leaves as it is); ``contracted``: a product of two
+    activations sums over it (q·kᵀ without heads), so no channel may be added to it.
     """
 
     index: int
@@ -61,6 +62,7 @@ class Space:
     unit: int = -1
     heads: bool = False  # its channels count attention heads (a batch dim of attention, never a layer's width)
     summed: bool = False  # an add joins two activations in it: a residual stream (the paper's "main stream")
+    contracted: bool = False  # a product of two activations sums over it: new channels would change the product
 
     @property
     def is_frozen(self) -> bool:
@@ -238,7 +240,8 @@ class Analysis:
                 spaces.append(Space(len(spaces), self.atoms.width[leaf], reasons, tied.block if tied else 1,
                                     units.setdefault(tied.unit, len(spaces)) if tied else len(spaces),
                                     any(m in self.atoms.heads for m in self.atoms.members[root]),
-                                    any(m in self.atoms.summed for m in self.atoms.members[root])))
+                                    any(m in self.atoms.summed for m in self.atoms.members[root]),
+                                    any(m in self.atoms.contracted for m in self.atoms.members[root])))
         self.spaces: list[Space] = spaces
         self._space_of_root = index
 

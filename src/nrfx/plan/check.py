@@ -188,6 +188,9 @@ def check_plan_fits(plan: Any, analysis: Any) -> None:
             why = "frozen" if space.is_frozen else "a residual stream and the plan keeps them"
             raise _fail(f"keep[{s}]/grow[{s}]", f"every channel kept and none grown (space {s} is {why})",
                         (len(plan.keep[s]), plan.grow[s]))
+        if space.contracted and plan.grow[s]:
+            raise _fail(f"grow[{s}]", f"none grown (space {s} is summed over by a product of two activations, "
+                        "q·kᵀ: a new channel would add to every product)", plan.grow[s])
         if len(plan.keep[s]) % space.block or new % space.block or (new == 0 and space.width):
             raise _fail(f"keep[{s}]/grow[{s}]", f"whole groups of {space.block} channels, at least one",
                         (len(plan.keep[s]), plan.grow[s]))

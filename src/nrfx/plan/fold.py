@@ -27,10 +27,11 @@ layer that reads it.  The exact rule nrfx follows:
   plan removes a channel that the norm's own mask marks dead (a live gate norm keeps its γ), weight
   rows at 0 for a mask keyed by a conv or linear, γ = 0 at every norm of a live channel only the
   budget removes. A feature varies where it differs on the example *or* depends on the inputs at all
-  (``_input_dependent``: a run on NaN inputs in which constant-emitting channels emit their constants and
-  ``0 · NaN`` is 0): a gate saturated on every example (a hard sigmoid at 1 or 0) cannot make it look
-  constant.  A small γ that is not zero thus folds f(β), and the rest stays the paper's approximation, not
-  reported; an input that varies there cannot be folded.
+  (``_input_dependent``: a run on NaN inputs in which norms and gates with γ = 0, and conv/linear modules with
+  an all-zero row, emit their constants, and an exact 0 absorbs (``_AbsorbingZeros``); a model that cannot run
+  on NaN warns and the example decides alone): a gate saturated on every example (a hard sigmoid at 1 or 0)
+  cannot make it look constant.  A small γ that is not zero thus folds f(β), and the rest stays the paper's
+  approximation, not reported; an input that varies there cannot be folded.
 * **Only where it reaches a survivor.**  A removed input that feeds only removed outputs (its
   group of a grouped conv, whose blocks are tied; a depthwise conv's own channel) changes nothing
   the rewrite keeps: it is neither folded nor warned about, and what the removed outputs carry is
@@ -127,6 +128,8 @@ class Constants:
             return {}
         low, high = self.low[name][positions], self.high[name][positions]
         keep = (low == high) & (low != 0)
+        if name in self.varying:  # one value on the example, but the inputs decide it
+            keep &= ~self.varying[name][positions]
         return dict(zip(positions[keep].tolist(), low[keep].tolist(), strict=True))
 
     def varies(self, name: str, positions: torch.Tensor) -> list[int]:
@@ -296,21 +299,51 @@ def _measure(gm: torch.fx.GraphModule, analysis, names, example, params: dict[st
 
 
 class _AbsorbingZeros(TorchDispatchMode):
-    """The taint run's arithmetic: NaN stands for "some value the inputs decide", so ``0 · NaN`` is 0 (a product
-    with an exact zero is zero whatever the other factor), and an embedding lookup (integer inputs) gives NaN."""
+    """The taint run's arithmetic: NaN stands for "some value the inputs decide", so ``0 · NaN`` and ``0 / NaN`` are
+    0 (an exact zero factor or numerator gives zero whatever the other operand), so is a matrix product's entry
+    whose row or column of a factor is all zeros, and attention's output over an all-zero value channel; an
+    embedding lookup gives NaN (integer inputs enter the model there)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _PRODUCTS:
-            zero = _is_zero(args[0]) | _is_zero(args[1])
+        if func in _PRODUCTS or func in _QUOTIENTS:
+            zero = _is_zero(args[0]) | _is_zero(args[1]) if func in _PRODUCTS else _is_zero(args[0])
             out = func(*args, **kwargs)
             return out.masked_fill_(zero, 0) if isinstance(zero, torch.Tensor) else out.fill_(0) if zero else out
+        if func in _MATMULS:
+            return _matmul(func, args, kwargs)
         out = func(*args, **kwargs)
+        if func.overloadpacket.__name__.startswith("_scaled_dot_product") and isinstance(out, tuple):
+            _attention(out[0], *args[:3])
         return out.fill_(float("nan")) if func is torch.ops.aten.embedding.default else out
 
 
 _PRODUCTS = frozenset({torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor, torch.ops.aten.mul.Scalar,
                        torch.ops.aten.mul_.Scalar})
+_QUOTIENTS = frozenset({torch.ops.aten.div.Tensor, torch.ops.aten.div_.Tensor})
+_MATMULS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0,  # -> where its two factors are
+            torch.ops.aten.addmm.default: 1, torch.ops.aten.baddbmm.default: 1}
+
+
+def _attention(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Attention's output under ``_AbsorbingZeros``, in place: NaN in every row whose query or keys hold a NaN (a
+    fused CPU kernel returns 0 there), then 0 over an all-zero value channel, whatever the weights."""
+    if not query.shape[:-2] == key.shape[:-2] == value.shape[:-2] == out.shape[:-2]:
+        return  # grouped-query kv heads: left as the kernel gave them
+    undecided = torch.isnan(query).any(-1, keepdim=True) | torch.isnan(key).any(-1).any(-1)[..., None, None]
+    out.masked_fill_(undecided, float("nan")).masked_fill_((value == 0).all(-2, keepdim=True), 0)
+
+
+def _matmul(func, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A matrix product under ``_AbsorbingZeros``: 0 where a row of the left factor or a column of the right one is
+    all exact zeros (``addmm``/``baddbmm``: the added term there)."""
+    first = _MATMULS[func]
+    left, right = args[first], args[first + 1]
+    zero = (left == 0).all(-1, keepdim=True) | (right == 0).all(-2, keepdim=True)
+    if first == 0:
+        return func(*args, **kwargs).masked_fill_(zero, 0)
+    product = torch.matmul(left, right).masked_fill_(zero, 0)
+    return kwargs.get("beta", 1) * args[0] + kwargs.get("alpha", 1) * product
 
 
 def _is_zero(value: Any) -> torch.Tensor | bool:
@@ -347,7 +380,10 @@ def _input_dependent(gm: torch.fx.GraphModule, analysis, dims: dict[str, int], e
     try:
         with _AbsorbingZeros():
             _run(gm, _poisoned(example), {n: hook(n) for n in dims}, params, _constant_emitters(gm, analysis, params))
-    except Exception:  # a model that cannot run on NaN inputs: no taint information
+    except Exception as error:  # a model that cannot run on NaN inputs: the example decides alone, said so
+        warnings.warn(f"fold: the run on NaN inputs that tells which removed inputs depend on the inputs failed "
+                      f"({type(error).__name__}: {error}); whether a removed constant varies is judged on the example "
+                      "inputs alone (a gate that saturates on every example would hide it)", NrfxWarning, stacklevel=2)
         return {}
     return found
 
@@ -386,9 +422,7 @@ def _scale_dim(module: nn.Module) -> int | None:
     """The output dim a norm's or gate's γ scales, by its type (None: unknown)."""
     if isinstance(module, Gate):
         return module.dim
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-        return 1
-    return -1 if isinstance(module, nn.LayerNorm) else None
+    return 1 if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) else None
 
 
 def _emitting(silent: torch.Tensor, dim: int) -> Any:

@@ -237,9 +237,10 @@ def planning_units(analysis, fixed: frozenset[int] = frozenset()) -> list[Unit]:
 
 
 def kept_streams(analysis, residual: str) -> frozenset[int]:
-    """The spaces ``residual="keep"`` leaves whole: every residual stream (an add joins two activations in it),
-    with the spaces planned in one unit with it."""
-    units = {s.unit for s in analysis.spaces if s.summed} if residual == "keep" else set()
+    """The spaces a plan leaves whole, with the spaces planned in one unit with them: those a product of two
+    activations sums over (a new channel would add q_R·k_R to it), and under ``residual="keep"`` every residual
+    stream (an add joins two activations in it)."""
+    units = {s.unit for s in analysis.spaces if s.contracted or (s.summed and residual == "keep")}
     return frozenset(s.index for s in analysis.spaces if s.unit in units)
 
 

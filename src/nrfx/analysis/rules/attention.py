@@ -18,7 +18,8 @@ __all__: list[str] = []
 
 
 def _matmul(ctx, node):
-    """a @ b: a's last dim and b's second-to-last are one space (contracted); MACs = out × k."""
+    """a @ b: a's last dim and b's second-to-last are one space (contracted: between two activations it may
+    shrink, never grow); MACs = out × k."""
     pair = tensor_args(ctx, node.args[:2])
     out = ctx.out
     if len(pair) != 2 or pair[0][0].ndim < 2 or pair[1][0].ndim < 2:
@@ -29,6 +30,8 @@ def _matmul(ctx, node):
     other = ctx.consume(b, b.ndim - 2)
     if contract is not None or other is not None:
         contract = ctx.unify(contract, other, "contracted by a matmul")
+    if contract is not None and other is not None:
+        ctx.atoms.mark_contracted(contract)
     dims = [None] * out.ndim
     zeros = [None] * out.ndim
     for spec, src, dst in ((a, a.ndim - 2, out.ndim - 2), (b, b.ndim - 1, out.ndim - 1)):
@@ -273,6 +276,8 @@ def _einsum_label(ctx, label, where, kept: bool, dims: dict):
         first, second = ctx.consume(a, da), ctx.consume(b, db)
         if first is None and second is None:
             return None
+        if first is not None and second is not None:
+            ctx.atoms.mark_contracted(first)
         return ctx.unify(first, second, "contracted by an einsum")
     spec, d = where[0]
     layout = spec.dims[d]

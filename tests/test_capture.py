@@ -554,3 +554,34 @@ def test_a_timm_no_trace_block_sends_auto_to_export_where_it_reaches_more():
         return sum(s.width for s in a.spaces if not s.is_frozen)
 
     assert free(auto) > 2 * free(fx)
+
+
+class KeywordCalls(nn.Module):
+    """Layers called with their input by keyword (``self.bn(input=x)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(input=torch.relu(self.bn(input=self.conv(input=x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_layers_called_with_keyword_inputs_analyse_and_rejuvenate(scheme):
+    """The rules read a layer's input positionally; keyword calls are made positional at capture (they crashed)."""
+    torch.manual_seed(0)
+    model = KeywordCalls().double().eval()
+    with torch.no_grad():
+        model.bn.weight[[1, 4]] = 0
+        model.bn.bias[[1, 4]] = 0
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    (space,) = set(analysis.space_ids(analysis.records["bn"].output))
+    assert not analysis.spaces[space].is_frozen
+    assert analysis.utilization(analysis.masks_from(model)).live_params < analysis.params
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.3, "params"), example_inputs=x, scheme=scheme, align=1)
+    assert new.nrfx_plan.grow[space] > 0
+    other = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(new(other), model(other), rtol=1e-9, atol=1e-12)

@@ -170,9 +170,36 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
 
 
 def _with_values(captured: Captured, example: Example) -> Captured:
-    """The capture with every node's value on meta tensors (a ShapeError when the graph does not run)."""
+    """The capture with every node's value on meta tensors (a ShapeError when the graph does not run); module calls
+    take their positional parameters positionally first (``_positional_module_calls``)."""
+    _positional_module_calls(captured.gm)
     captured.values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
     return captured
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _positional_module_calls(gm: torch.fx.GraphModule) -> None:
+    """Rule: a module call passing its forward's leading parameters by keyword (``self.bn(input=x)``) passes them
+    positionally, as the rules read a layer's input from ``node.args`` (the same call, the same result)."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.kwargs:
+            continue
+        try:
+            parameters = list(inspect.signature(gm.get_submodule(node.target).forward).parameters.values())
+        except (TypeError, ValueError, AttributeError):
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        for parameter in parameters[len(args):]:
+            if parameter.kind not in _POSITIONAL or parameter.name not in kwargs:
+                break
+            args.append(kwargs.pop(parameter.name))
+        if len(args) > len(node.args):
+            node.args, node.kwargs, changed = tuple(args), kwargs, True
+    if changed:
+        gm.recompile()
 
 
 def _accepted_fx(captured: Captured, model: nn.Module, example: Example, reference: _Reference,

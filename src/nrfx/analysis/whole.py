@@ -237,11 +237,12 @@ class Analysis:
                 index[root] = len(spaces)
                 reasons = tuple(self.atoms.frozen.get(root, ()))
                 tied = blocks.get(root)
+                members = self.atoms.members[root]
+                heads, summed, contracted = (not flags.isdisjoint(members)
+                                             for flags in (self.atoms.heads, self.atoms.summed, self.atoms.contracted))
                 spaces.append(Space(len(spaces), self.atoms.width[leaf], reasons, tied.block if tied else 1,
                                     units.setdefault(tied.unit, len(spaces)) if tied else len(spaces),
-                                    any(m in self.atoms.heads for m in self.atoms.members[root]),
-                                    any(m in self.atoms.summed for m in self.atoms.members[root]),
-                                    any(m in self.atoms.contracted for m in self.atoms.members[root])))
+                                    heads, summed, contracted))
         self.spaces: list[Space] = spaces
         self._space_of_root = index
 

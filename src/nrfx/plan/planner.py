@@ -227,7 +227,7 @@ class Unit:
 
 def planning_units(analysis, fixed: frozenset[int] = frozenset()) -> list[Unit]:
     """The planning units of an analysis, in the order of their first space; a unit with a frozen space, or one
-    in ``fixed`` (kept residual streams), is frozen."""
+    in ``fixed`` (``kept_whole``: contracted spaces, kept residual streams), is frozen."""
     grouped: dict[int, list] = {}
     for space in analysis.spaces:
         grouped.setdefault(space.unit, []).append(space)
@@ -236,7 +236,7 @@ def planning_units(analysis, fixed: frozenset[int] = frozenset()) -> list[Unit]:
             for members in grouped.values()]
 
 
-def kept_streams(analysis, residual: str) -> frozenset[int]:
+def kept_whole(analysis, residual: str) -> frozenset[int]:
     """The spaces a plan leaves whole, with the spaces planned in one unit with them: those a product of two
     activations sums over (a new channel would add q_R·k_R to it), and under ``residual="keep"`` every residual
     stream (an add joins two activations in it)."""
@@ -409,7 +409,7 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     masks = analysis.masks_from(model) if masks is None else masks
     options = {"scheme": scheme, "rescale": bool(rescale), "realloc": bool(realloc), "seed": seed, "gamma0": gamma0,
                "align": align, "constants": constants, "residual": residual}
-    fixed = kept_streams(analysis, residual)
+    fixed = kept_whole(analysis, residual)
     build = lambda alive: _allocate(analysis, model, alive, kind, (value, reserve), options, fixed)  # noqa: E731
     alive = [a.clone() for a in analysis.alive(masks)]
     for s in fixed:

@@ -20,6 +20,7 @@ import torch
 import torchvision
 from support import kill_per_norm
 from torch import nn
+from torch.nn import functional as F
 
 import nrfx
 from nrfx.analysis.islands import IslandAnalysis
@@ -567,16 +568,36 @@ class KeywordCalls(nn.Module):
         return self.head(input=torch.relu(self.bn(input=self.conv(input=x))).mean((2, 3)))
 
 
+class FunctionalKeywordCalls(nn.Module):
+    """Functional layers, builtins and methods called with their tensors by keyword (``F.conv2d(input=x, weight=w)``,
+    ``torch.cat(tensors=...)``, ``y.add(other=z)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(8, 3, 3, 3)), nn.Parameter(torch.randn(8))
+        self.bn, self.inner, self.inner_bn = nn.BatchNorm2d(8), nn.Parameter(torch.randn(8, 8, 3, 3)), nn.BatchNorm2d(8)
+        self.head, self.head_bias = nn.Parameter(torch.randn(2, 16)), nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        y = torch.relu(self.bn(F.conv2d(input=x, weight=self.weight, bias=self.bias, padding=1)))
+        z = self.inner_bn(F.conv2d(y, weight=self.inner, padding=1))
+        y = torch.cat(tensors=[torch.add(input=y, other=z), y.mul(other=z)], dim=1)
+        return F.linear(input=torch.flatten(input=y.mean((2, 3)), start_dim=1), weight=self.head, bias=self.head_bias)
+
+
 @pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
-def test_layers_called_with_keyword_inputs_analyse_and_rejuvenate(scheme):
+@pytest.mark.parametrize("model_class", [KeywordCalls, FunctionalKeywordCalls], ids=["modules", "functions"])
+def test_layers_called_with_keyword_inputs_analyse_and_rejuvenate(model_class, scheme):
     """The rules read a layer's input positionally; keyword calls are made positional at capture (they crashed)."""
     torch.manual_seed(0)
-    model = KeywordCalls().double().eval()
+    model = model_class().double().eval()
     with torch.no_grad():
-        model.bn.weight[[1, 4]] = 0
-        model.bn.bias[[1, 4]] = 0
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight[[1, 4]] = 0
+            bn.bias[[1, 4]] = 0
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
+    assert analysis.capture == "fx" and not analysis.unknown_ops  # keyword calls sent fx to export or crashed
     (space,) = set(analysis.space_ids(analysis.records["bn"].output))
     assert not analysis.spaces[space].is_frozen
     assert analysis.utilization(analysis.masks_from(model)).live_params < analysis.params

@@ -41,6 +41,7 @@ from nrfx.capture.contexts import inline_context_regions
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, in_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
 from nrfx.capture.modes import follow_the_flag, node_keys
+from nrfx.capture.positional import positional_calls
 from nrfx.capture.shapeprop import probe_shapes, propagate_shapes
 from nrfx.capture.trace import Traced, defaulted_args, trace
 from nrfx.errors import ShapeError, TraceError, node_location
@@ -171,35 +172,10 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
 
 def _with_values(captured: Captured, example: Example) -> Captured:
     """The capture with every node's value on meta tensors (a ShapeError when the graph does not run); module calls
-    take their positional parameters positionally first (``_positional_module_calls``)."""
-    _positional_module_calls(captured.gm)
+    take their positional parameters positionally first (``positional_calls``)."""
+    positional_calls(captured.gm)
     captured.values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
     return captured
-
-
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-
-def _positional_module_calls(gm: torch.fx.GraphModule) -> None:
-    """Rule: a module call passing its forward's leading parameters by keyword (``self.bn(input=x)``) passes them
-    positionally, as the rules read a layer's input from ``node.args`` (the same call, the same result)."""
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not node.kwargs:
-            continue
-        try:
-            parameters = list(inspect.signature(gm.get_submodule(node.target).forward).parameters.values())
-        except (TypeError, ValueError, AttributeError):
-            continue
-        args, kwargs = list(node.args), dict(node.kwargs)
-        for parameter in parameters[len(args):]:
-            if parameter.kind not in _POSITIONAL or parameter.name not in kwargs:
-                break
-            args.append(kwargs.pop(parameter.name))
-        if len(args) > len(node.args):
-            node.args, node.kwargs, changed = tuple(args), kwargs, True
-    if changed:
-        gm.recompile()
 
 
 def _accepted_fx(captured: Captured, model: nn.Module, example: Example, reference: _Reference,

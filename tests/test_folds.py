@@ -19,7 +19,7 @@ from torch import nn
 import nrfx
 from nrfx.errors import BudgetError, NrfxWarning, PlanError
 from nrfx.ops.layer_kinds import constant_input_problem
-from nrfx.plan.fold import _AbsorbingZeros
+from nrfx.plan.taint import NanTaint
 from nrfx.rewrite.folds import _delta
 
 
@@ -397,12 +397,27 @@ def test_a_gated_constant_warns_and_is_kept():
     _exact(kept, model, (3, 6, 6))
 
 
-class SaturatedGate(nn.Module):
-    """MobileNetV3's squeeze-excitation (a hard sigmoid): ``saturate`` sets the gate biases so that on a given
-    input every gate sits at 1 (or 0), where a dead channel's β times the gate looks constant."""
+def _where_hard_sigmoid(s: torch.Tensor) -> torch.Tensor:
+    """The hard sigmoid written with comparisons (a NaN compares False: the taint must survive the mask)."""
+    return torch.where(s < 3, torch.where(s > -3, s / 6 + 0.5, torch.zeros_like(s)), torch.ones_like(s))
 
-    def __init__(self) -> None:
+
+def _masked_hard_sigmoid(s: torch.Tensor) -> torch.Tensor:
+    """The hard sigmoid as a clamp times a comparison's mask (``0 · NaN`` absorbs: the mask must carry the taint)."""
+    return torch.clamp(s / 6 + 0.5, max=1.0) * (s > -3)
+
+
+HARD_SIGMOIDS = {"hardsigmoid": F.hardsigmoid, "where": _where_hard_sigmoid, "mask": _masked_hard_sigmoid}
+
+
+class SaturatedGate(nn.Module):
+    """MobileNetV3's squeeze-excitation (a hard sigmoid, ``gate``: as F.hardsigmoid or written with comparisons):
+    ``saturate`` sets the gate biases so that on a given input every gate sits at 1 (or 0), where a dead channel's
+    β times the gate looks constant."""
+
+    def __init__(self, gate: str = "hardsigmoid") -> None:
         super().__init__()
+        self.gate = HARD_SIGMOIDS[gate]
         self.conv, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
         self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
         self.project = nn.Conv2d(8, 4, 1)
@@ -419,7 +434,7 @@ class SaturatedGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.conv(x))
-        return self.project(y * F.hardsigmoid(self.gate_logits(y))).mean((2, 3))
+        return self.project(y * self.gate(self.gate_logits(y))).mean((2, 3))
 
     @torch.no_grad()
     def saturate(self, x: torch.Tensor, at: float) -> None:
@@ -428,13 +443,15 @@ class SaturatedGate(nn.Module):
         self.fc2.bias += 3.5 - logits.amin(0) if at == 1 else -3.5 - logits.amax(0)
 
 
+@pytest.mark.parametrize("gate", list(HARD_SIGMOIDS))
 @pytest.mark.parametrize("at", [1.0, 0.0])
-def test_a_gate_saturated_on_the_example_still_varies(at):
+def test_a_gate_saturated_on_the_example_still_varies(at, gate):
     """On the example every gate sits at 1 (or 0), so the dead channels' inputs to ``project`` read one value each;
     on other inputs the gates move.  The inputs decide them, so they cannot be folded: drop warns, keep is exact on
-    inputs the example never showed.  (Measured on the example alone, they were folded or dropped without a word.)"""
+    inputs the example never showed.  (Measured on the example alone, they were folded or dropped without a word;
+    with the gate written with comparisons, the NaN run lost the taint in the mask until marks carried it.)"""
     torch.manual_seed(0)
-    model = SaturatedGate().double().eval()
+    model = SaturatedGate(gate).double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     analysis = nrfx.analyze(model, x)
     kill_per_norm(model, analysis, constants=True, seed=3)
@@ -779,7 +796,7 @@ def test_constants_read_by_a_functional_call_are_warned_about_or_kept():
 
 
 def test_the_nan_run_arithmetic_lets_exact_zeros_absorb_and_nothing_else():
-    """``_AbsorbingZeros``: NaN stands for a value the inputs decide; an exact 0 factor, numerator, all-zero row or
+    """``NanTaint``: NaN stands for a value the inputs decide; an exact 0 factor, numerator, all-zero row or
     column of a matrix product, or all-zero value channel of attention gives 0; every other NaN stays; an embedding
     lookup gives NaN; a fused attention kernel's 0 for NaN queries or keys becomes NaN again."""
     nan = float("nan")
@@ -788,7 +805,7 @@ def test_the_nan_run_arithmetic_lets_exact_zeros_absorb_and_nothing_else():
     right = torch.tensor([[1.0, 0.0], [nan, 0.0], [2.0, 0.0]])
     value = torch.randn(1, 1, 3, 4)
     value[..., 1] = 0
-    with _AbsorbingZeros():
+    with NanTaint():
         product, quotient, in_place = a * b, a / b, a.clone().mul_(b)
         matrix, added = left @ right, torch.addmm(torch.ones(2), left, right)
         looked_up = F.embedding(torch.tensor([0, 1]), torch.ones(3, 2))
@@ -800,3 +817,33 @@ def test_the_nan_run_arithmetic_lets_exact_zeros_absorb_and_nothing_else():
     torch.testing.assert_close(added, torch.tensor([[nan, 1.0], [1.0, 1.0]]), equal_nan=True)
     assert looked_up.isnan().all()
     assert attended[..., 1].eq(0).all() and attended[..., [0, 2, 3]].isnan().all()
+
+
+def test_the_nan_run_marks_what_comparisons_read_and_follows_the_mark():
+    """``NanTaint``: a bool or integer tensor cannot hold NaN, so where a comparison or an argmax reads one its
+    elements are marked; a float made from a marked element is NaN there (elementwise through pointwise ops and
+    dtype casts, through views and ``cat`` as they move elements, the whole output through any other op); values
+    that compare numbers, or only read a tensor's shape, stay unmarked; a float op that drops NaN (``sign``) keeps
+    it."""
+    nan = float("nan")
+    x = torch.tensor([[nan, 1.0, -2.0], [4.0, nan, 0.5]])
+    with NanTaint() as mode:
+        relu_mask = x * (x > 0)
+        where = torch.where(x < 3, torch.zeros_like(x), torch.ones_like(x))
+        cast = (x > 0).float() + 1
+        rows = torch.cat([(x > 0)[:1], torch.ones(1, 3, dtype=torch.bool)]).double()
+        moved = (x > 0).t().unsqueeze(0).double()
+        picked = torch.tensor([1.0, 2.0]).gather(0, x.argmax(-1).clamp(max=1)[:1])
+        numbers = (torch.tensor([1.0, -1.0]) > 0).double()
+        shaped = torch.zeros_like(x, dtype=torch.bool).double()
+        signed = torch.sign(x)
+        summed = (x > 0).sum()
+    undecided = torch.isnan(x)
+    assert relu_mask.isnan().equal(undecided) and where.isnan().equal(undecided) and cast.isnan().equal(undecided)
+    assert rows.isnan().equal(torch.cat([undecided[:1], torch.zeros(1, 3, dtype=torch.bool)]))
+    assert moved.isnan().equal(undecided.t().unsqueeze(0))
+    assert picked.isnan().all()  # an argmax over NaNs: the whole output
+    assert not numbers.isnan().any() and not shaped.isnan().any()
+    assert signed.isnan().equal(undecided)
+    assert mode.undecided(summed) is not None and mode.undecided(summed).all()
+    torch.testing.assert_close(relu_mask, torch.tensor([[nan, 1.0, 0.0], [4.0, nan, 0.5]]), equal_nan=True)

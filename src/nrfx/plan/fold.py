@@ -28,7 +28,7 @@ layer that reads it.  The exact rule nrfx follows:
   rows at 0 for a mask keyed by a conv or linear, γ = 0 at every norm of a live channel only the
   budget removes. A feature varies where it differs on the example *or* depends on the inputs at all
   (``_input_dependent``: a run on NaN inputs in which norms and gates with γ = 0, and conv/linear modules with
-  an all-zero row, emit their constants, and an exact 0 absorbs (``_AbsorbingZeros``); a model that cannot run
+  an all-zero row, emit their constants, and an exact 0 absorbs (``plan/taint``); a model that cannot run
   on NaN warns and the example decides alone): a gate saturated on every example (a hard sigmoid at 1 or 0)
   cannot make it look constant.  A small γ that is not zero thus folds f(β), and the rest stays the paper's
   approximation, not reported; an input that varies there cannot be folded.
@@ -60,20 +60,20 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
 from nrfx.errors import NrfxWarning
 from nrfx.layers.gates import Gate
 from nrfx.ops.layer_kinds import constant_input_problem, conv_padding_problem, in_columns, is_scale
 from nrfx.plan.maps import dim_map
+from nrfx.plan.taint import NanTaint, poisoned
 
 __all__ = ["NODE_PREFIX", "Constants", "consumer_records", "record_of", "fold_candidates", "measure_constants",
            "measure_folds", "probe_constants", "split_folds", "unfoldable_channels"]
@@ -298,71 +298,9 @@ def _measure(gm: torch.fx.GraphModule, analysis, names, example, params: dict[st
 # -- which features depend on the inputs (the taint run) ------------------------------------------------------------
 
 
-class _AbsorbingZeros(TorchDispatchMode):
-    """The taint run's arithmetic: NaN stands for "some value the inputs decide", so ``0 · NaN`` and ``0 / NaN`` are
-    0 (an exact zero factor or numerator gives zero whatever the other operand), so is a matrix product's entry
-    whose row or column of a factor is all zeros, and attention's output over an all-zero value channel; an
-    embedding lookup gives NaN (integer inputs enter the model there)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _PRODUCTS or func in _QUOTIENTS:
-            zero = _is_zero(args[0]) | _is_zero(args[1]) if func in _PRODUCTS else _is_zero(args[0])
-            out = func(*args, **kwargs)
-            return out.masked_fill_(zero, 0) if isinstance(zero, torch.Tensor) else out.fill_(0) if zero else out
-        if func in _MATMULS:
-            return _matmul(func, args, kwargs)
-        out = func(*args, **kwargs)
-        if func.overloadpacket.__name__.startswith("_scaled_dot_product") and isinstance(out, tuple):
-            _attention(out[0], *args[:3])
-        return out.fill_(float("nan")) if func is torch.ops.aten.embedding.default else out
-
-
-_PRODUCTS = frozenset({torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor, torch.ops.aten.mul.Scalar,
-                       torch.ops.aten.mul_.Scalar})
-_QUOTIENTS = frozenset({torch.ops.aten.div.Tensor, torch.ops.aten.div_.Tensor})
-_MATMULS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0,  # -> where its two factors are
-            torch.ops.aten.addmm.default: 1, torch.ops.aten.baddbmm.default: 1}
-
-
-def _attention(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Attention's output under ``_AbsorbingZeros``, in place: NaN in every row whose query or keys hold a NaN (a
-    fused CPU kernel returns 0 there), then 0 over an all-zero value channel, whatever the weights."""
-    if not query.shape[:-2] == key.shape[:-2] == value.shape[:-2] == out.shape[:-2]:
-        return  # grouped-query kv heads: left as the kernel gave them
-    undecided = torch.isnan(query).any(-1, keepdim=True) | torch.isnan(key).any(-1).any(-1)[..., None, None]
-    out.masked_fill_(undecided, float("nan")).masked_fill_((value == 0).all(-2, keepdim=True), 0)
-
-
-def _matmul(func, args: tuple, kwargs: dict) -> torch.Tensor:
-    """A matrix product under ``_AbsorbingZeros``: 0 where a row of the left factor or a column of the right one is
-    all exact zeros (``addmm``/``baddbmm``: the added term there)."""
-    first = _MATMULS[func]
-    left, right = args[first], args[first + 1]
-    zero = (left == 0).all(-1, keepdim=True) | (right == 0).all(-2, keepdim=True)
-    if first == 0:
-        return func(*args, **kwargs).masked_fill_(zero, 0)
-    product = torch.matmul(left, right).masked_fill_(zero, 0)
-    return kwargs.get("beta", 1) * args[0] + kwargs.get("alpha", 1) * product
-
-
-def _is_zero(value: Any) -> torch.Tensor | bool:
-    """Where a factor is exactly 0 (a tensor mask, or a bool for a number)."""
-    return value == 0 if isinstance(value, torch.Tensor) else bool(value == 0)
-
-
-def _poisoned(example):
-    """The example with every floating-point tensor NaN (integer inputs reach the model through embeddings)."""
-    def poison(leaf: Any) -> Any:
-        return torch.full_like(leaf, float("nan")) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() \
-            else leaf
-    args, kwargs = pytree.tree_map(poison, (example.args, example.kwargs))
-    return replace(example, args=args, kwargs=kwargs)
-
-
 def _input_dependent(gm: torch.fx.GraphModule, analysis, dims: dict[str, int], example,
                      params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rule: a consumer's input feature depends on the inputs where a run on NaN inputs (``_AbsorbingZeros``)
+    """Rule: a consumer's input feature depends on the inputs where a run on NaN inputs (``plan/taint``)
     brings it a NaN; a layer whose output channel ignores its input (γ = 0, an all-zero weight row: the constants
     folds are about) emits its constant there instead of NaN.  Per consumer, one flag per feature; empty where
     the run fails (the example's own variation then decides alone)."""
@@ -378,8 +316,8 @@ def _input_dependent(gm: torch.fx.GraphModule, analysis, dims: dict[str, int], e
         return record
 
     try:
-        with _AbsorbingZeros():
-            _run(gm, _poisoned(example), {n: hook(n) for n in dims}, params, _constant_emitters(gm, analysis, params))
+        with NanTaint():
+            _run(gm, poisoned(example), {n: hook(n) for n in dims}, params, _constant_emitters(gm, analysis, params))
     except Exception as error:  # a model that cannot run on NaN inputs: the example decides alone, said so
         warnings.warn(f"fold: the run on NaN inputs that tells which removed inputs depend on the inputs failed "
                       f"({type(error).__name__}: {error}); whether a removed constant varies is judged on the example "

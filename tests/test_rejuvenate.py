@@ -415,7 +415,8 @@ class _TwoStages(nn.Module):
 
 def test_hooks_the_new_graph_module_would_not_run_are_named():
     """A hook on a module the graph traces through (a feature hook on a stage, for distillation) does not run in the
-    rewritten GraphModule: rejuvenate warns with its name; one on a module the graph calls runs on the result."""
+    rewritten GraphModule: rejuvenate warns with its name; one on a module the graph calls runs on the result, and
+    a second warning names it (nrfx never runs hooks, so a hook that changes values is not preserved)."""
     model = _TwoStages().eval()
     x = torch.randn(2, 3, 9, 9)
     seen = []
@@ -423,7 +424,32 @@ def test_hooks_the_new_graph_module_would_not_run_are_named():
     model.stage2[0].register_forward_hook(lambda *_: seen.append("conv"))
     with pytest.warns(nrfx.errors.NrfxWarning, match=r"stage1 of _TwoStages have hooks .* inplace=True") as caught:
         new = nrfx.rejuvenate(model, None, None, example_inputs=x)
-    assert not any("stage2.0" in str(w.message) for w in caught)
+    left_behind = [str(w.message) for w in caught if "does not run" in str(w.message)]
+    kept = [str(w.message) for w in caught if "runs the forward hooks" in str(w.message)]
+    assert not any("stage2.0" in m for m in left_behind) and len(kept) == 1 and "stage2.0" in kept[0]
     seen.clear()
     new(x)
     assert seen == ["conv"]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["graph", "inplace"])
+def test_a_hook_that_changes_values_on_a_rewritten_module_is_named(inplace):
+    """nrfx never runs the user's hooks, so a pre-hook that adds to a conv's input (a removed channel then reads 1,
+    not 0) changes the rejuvenated model unseen: rejuvenate names every module whose hooks the result runs (the
+    modules its graph calls; in place all of them), and a model without hooks gets no such warning."""
+    torch.manual_seed(0)
+    model = _TwoStages().double().eval()
+    with torch.no_grad():
+        model.stage1[1].weight[:3] = 0
+        model.stage1[1].bias[:3] = 0
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        nrfx.rejuvenate(copy.deepcopy(model), None, None, example_inputs=x, align=1, inplace=inplace)
+    assert not [w for w in quiet if "runs the forward hooks" in str(w.message)]
+    model.stage2[0].register_forward_pre_hook(lambda _m, args: (args[0] + 1,))
+    reference = model(x)
+    with pytest.warns(nrfx.errors.NrfxWarning, match=r"runs the forward hooks of stage2\.0 of _TwoStages"):
+        new = nrfx.rejuvenate(model, None, None, example_inputs=x, align=1, inplace=inplace)
+    with torch.no_grad():
+        assert not torch.allclose(new(x), reference)  # what the warning is about

@@ -19,7 +19,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 __all__ = ["copy_of", "untouched", "in_eval_mode", "in_mode", "hooks_silenced", "python_modules", "buffer_values",
-           "restore_buffer_values", "renormed_tables", "BufferValue", "HOOK_STATE", "has_hooks", "torch_own_hook"]
+           "restore_buffer_values", "renormed_tables", "BufferValue", "HOOK_STATE", "has_hooks", "torch_own_hook",
+           "user_forward_hooks"]
 
 
 def copy_of(module: nn.Module, shared: dict[int, torch.Tensor] | None = None) -> nn.Module:
@@ -98,6 +99,13 @@ def hooks_silenced(module: nn.Module) -> Iterator[None]:
     finally:
         for m, hooks in saved:
             m.__dict__.update(hooks)
+
+
+def user_forward_hooks(module: nn.Module) -> bool:
+    """Whether the module itself has forward or pre-forward hooks other than torch's own (those ``hooks_silenced``
+    silences)."""
+    pre = getattr(module, "_forward_pre_hooks", None) or {}
+    return bool(getattr(module, "_forward_hooks", None)) or not all(map(torch_own_hook, pre.values()))
 
 
 def torch_own_hook(hook: object) -> bool:

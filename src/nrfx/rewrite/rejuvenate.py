@@ -23,7 +23,7 @@ from nrfx.analysis.front import analyze
 from nrfx.analysis.islands import IslandAnalysis, hooks_traced_through, record_calls
 from nrfx.analysis.whole import Analysis, ModelAnalysis, as_example
 from nrfx.capture.front_ends import Example
-from nrfx.capture.guards import copy_of
+from nrfx.capture.guards import copy_of, user_forward_hooks
 from nrfx.capture.inputs import check_model, check_real_weights
 from nrfx.capture.shapeprop import propagate_shapes
 from nrfx.capture.trace import keep_safe_inplace
@@ -155,6 +155,7 @@ def rejuvenate(model: nn.Module, masks: dict[str, torch.Tensor] | None, budget: 
     analysis = analysis or analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
     options = {"scheme": scheme, "rescale": rescale, "gamma0": gamma0, "realloc": realloc, "seed": seed,
                "align": align, "constants": constants, "residual": residual}
+    _warn_hooks_kept(model, analysis, inplace)
     if inplace:
         jobs = {}
         minimum = lambda: _islands_minimum(analysis, model, masks, budget, options, inplace=True)  # noqa: E731
@@ -179,6 +180,34 @@ def _warn_hooks_left_behind(model: nn.Module, analysis: Analysis) -> None:
         warnings.warn(f"{names} of {type(model).__name__} have hooks that the rewritten GraphModule does not run (its "
                       "graph traces through those modules): register them again on the result, or pass inplace=True "
                       "(your model object is rewritten and keeps its hooks)", NrfxWarning, stacklevel=3)
+
+
+def _warn_hooks_kept(model: nn.Module, analysis: ModelAnalysis, inplace: bool) -> None:
+    """Rule: nrfx never runs the user's forward hooks, so it analyses and preserves the forward without them; the
+    result runs the hooks of the modules inside what it rewrites (the copies its graphs call; in place, every one),
+    and a warning names them: one that changes a value would change the function unseen."""
+    hooked = _hooked_inside(model, analysis, inplace)
+    if hooked:
+        names = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
+        warnings.warn(f"the rejuvenated model runs the forward hooks of {names} of {type(model).__name__}, which nrfx "
+                      "never runs: the function it analyses and preserves is the forward without them. A hook that "
+                      "only reads (logging, feature capture) is fine; one that changes a value (returns a new input or "
+                      "output, or writes into one) is not preserved: remove it before nrfx and register it again on "
+                      "the result, or write it into the forward", NrfxWarning, stacklevel=3)
+
+
+def _hooked_inside(model: nn.Module, analysis: ModelAnalysis, inplace: bool) -> list[str]:
+    """The modules strictly inside each rewritten region (the whole model, or each island) with user forward hooks
+    that the result runs: the modules its graph calls, or in place every one."""
+    regions = {"": analysis} if analysis.whole else analysis.islands
+    hooked = []
+    for path, region in regions.items():
+        modules = dict(model.get_submodule(path).named_modules())
+        inside = [name for name in modules if name] if inplace else \
+            [node.target for node in region.gm.graph.nodes if node.op == "call_module"]
+        hooked += [f"{path}.{name}" if path else name for name in inside
+                   if name in modules and user_forward_hooks(modules[name])]
+    return hooked
 
 
 def _rejuvenate_islands(model: nn.Module, analysis: IslandAnalysis, masks: dict[str, torch.Tensor] | None,
@@ -433,6 +462,7 @@ def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, 
     if inplace:
         analysis = freeze_for_inplace(analysis, model)
     check_plan_fits(plan, analysis)
+    _warn_hooks_kept(model, analysis, inplace)
     if inplace:
         jobs = {"": (analysis, _with_folds(analysis, plan))}
         return _apply_in_place(model, jobs, optimizer, carry_state, as_example(example_inputs, example_kwargs))

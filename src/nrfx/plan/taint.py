@@ -55,10 +55,12 @@ class NanTaint(TorchDispatchMode):
         """Rule: an output element is undecided where it reads an undecided one; NaN carries itself through floats
         (but through ``_NAN_DROPPING``), a mark through bool and integer tensors, and a float is NaN where a mark
         reaches it."""
-        if func in _VALUE_BLIND:
-            return
+        results = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        floats_only = all(t.is_floating_point() for t in results) and func not in _NAN_DROPPING
+        if func in _VALUE_BLIND or (floats_only and not len(self._marks)):
+            return  # the common case: floats from floats, nothing marked (NaN carries itself)
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        for result in (t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)):
+        for result in results:
             floating = result.is_floating_point()
             marks = [(t, m) for t in inputs if (m := self._mark(t, not floating or func in _NAN_DROPPING)) is not None]
             if not marks:

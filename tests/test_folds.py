@@ -847,3 +847,37 @@ def test_the_nan_run_marks_what_comparisons_read_and_follows_the_mark():
     assert signed.isnan().equal(undecided)
     assert mode.undecided(summed) is not None and mode.undecided(summed).all()
     torch.testing.assert_close(relu_mask, torch.tensor([[nan, 1.0, 0.0], [4.0, nan, 0.5]]), equal_nan=True)
+
+
+class LabelGate(nn.Module):
+    """A class-conditional gate: a parameter row picked by an integer label input scales every channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.project = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.gate = nn.Parameter(torch.rand(5, 8) + 0.5)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.project(self.bn(self.conv(x)) * self.gate[labels][:, :, None, None]).mean((2, 3))
+
+
+def test_a_gate_an_integer_input_picks_varies_with_it():
+    """The example's labels are all 0, so a dead channel's β times its gate reads one value there; other labels pick
+    other gates.  The integer inputs are undecided in the NaN run (marked whole), so the product is NaN: keep is
+    exact on other labels, drop warns.  (Integer inputs reached the NaN run only through embeddings: it was folded
+    without a word, 0.027 relative error under constants="keep".)"""
+    torch.manual_seed(0)
+    model = LabelGate().double().eval()
+    x, labels = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+    analysis = nrfx.analyze(model, (x, labels))
+    kill_per_norm(model, analysis, constants=True, seed=3)
+    dead = model.bn.weight == 0
+    assert dead.any() and (model.bn.bias[dead] != 0).all()
+    other, other_labels = torch.randn(6, 3, 6, 6, dtype=torch.float64), torch.arange(6) % 5
+    dropped, warned = _rejuvenate(model, (x, labels), analysis=analysis)
+    assert any("cannot absorb" in w and "project" in w for w in warned)
+    kept, warned = _rejuvenate(model, (x, labels), analysis=analysis, constants="keep")
+    assert not [w for w in warned if "cannot absorb" in w]
+    assert dead.nonzero().flatten().tolist() == [c for c in kept.nrfx_plan.keep[_space(analysis, "bn")] if dead[c]]
+    with torch.no_grad():
+        torch.testing.assert_close(kept(other, other_labels), model(other, other_labels), rtol=1e-10, atol=1e-12)

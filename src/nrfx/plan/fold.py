@@ -73,7 +73,7 @@ from nrfx.errors import NrfxWarning
 from nrfx.layers.gates import Gate
 from nrfx.ops.layer_kinds import constant_input_problem, conv_padding_problem, in_columns, is_scale
 from nrfx.plan.maps import dim_map
-from nrfx.plan.taint import NanTaint, poisoned
+from nrfx.plan.taint import NanTaint, integer_inputs, poisoned
 
 __all__ = ["NODE_PREFIX", "Constants", "consumer_records", "record_of", "fold_candidates", "measure_constants",
            "measure_folds", "probe_constants", "split_folds", "unfoldable_channels"]
@@ -316,8 +316,8 @@ def _input_dependent(gm: torch.fx.GraphModule, analysis, dims: dict[str, int], e
         return record
 
     try:
-        with NanTaint():
-            _run(gm, poisoned(example), {n: hook(n) for n in dims}, params, _constant_emitters(gm, analysis, params))
+        with NanTaint(integer_inputs(nan_example := poisoned(example))):
+            _run(gm, nan_example, {n: hook(n) for n in dims}, params, _constant_emitters(gm, analysis, params))
     except Exception as error:  # a model that cannot run on NaN inputs: the example decides alone, said so
         warnings.warn(f"fold: the run on NaN inputs that tells which removed inputs depend on the inputs failed "
                       f"({type(error).__name__}: {error}); whether a removed constant varies is judged on the example "

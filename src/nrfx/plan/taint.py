@@ -6,11 +6,13 @@ on the inputs at all (a gate saturated on every example can make them look const
 
 * an exact 0 absorbs: ``0 · NaN`` and ``0 / NaN`` are 0, so is a matrix product's entry whose row or column of a
   factor is all zeros, and attention's output over an all-zero value channel (a fused CPU kernel's 0 for NaN
-  queries or keys becomes NaN again); an embedding lookup gives NaN (integer inputs enter the model there);
+  queries or keys becomes NaN again); an embedding lookup gives NaN;
 * a bool or integer tensor cannot hold NaN: where a comparison (``x > 0``), an ``argmax`` or ``topk`` reads a
   NaN, the mode marks the elements the inputs decide, a mark follows the tensor through pointwise ops, views and
   concatenations (through any other op it covers the whole output), and a float computed from a marked element
   is NaN there: a ReLU written ``x * (x > 0)`` or a hard sigmoid written with ``torch.where`` keeps the taint;
+* the model's integer and bool inputs (token ids, labels, masks) are marked whole: a parameter indexed by a label
+  (a class-conditional gate) is NaN;
 * a float op that drops a NaN (``sign``, ``nan_to_num``, ``fmax``) gives NaN where it read one.
 
 Over-marking only keeps a channel that could have been folded; a lost mark could fold a varying value.
@@ -18,6 +20,7 @@ Over-marking only keeps a channel that could have been folded; a lost mark could
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from functools import cache
 from typing import Any
@@ -27,7 +30,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["NanTaint", "poisoned"]
+__all__ = ["NanTaint", "integer_inputs", "poisoned"]
 
 _NAN = float("nan")
 aten = torch.ops.aten
@@ -37,9 +40,13 @@ class NanTaint(TorchDispatchMode):
     """NaN (and, in bool or integer tensors, a mark) stands for a value the inputs decide; an exact zero absorbs it
     (the module docstring lists the rules)."""
 
-    def __init__(self) -> None:
+    def __init__(self, undecided: Iterable[torch.Tensor] = ()) -> None:
+        """``undecided``: bool or integer tensors whose every element the inputs decide (the model's integer
+        inputs: token ids, class labels)."""
         super().__init__()
         self._marks = WeakTensorKeyDictionary()
+        for tensor in undecided:
+            self._marks[tensor] = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -183,8 +190,15 @@ def _is_zero(value: Any) -> torch.Tensor | bool:
 
 
 def poisoned(example):
-    """The example with every floating-point tensor NaN (integer inputs reach the model through embeddings)."""
+    """The example with every floating-point tensor NaN; integer and bool inputs stay (``integer_inputs``: marked
+    undecided whole, as an embedding lookup or an index into a parameter reads them)."""
     def poison(leaf: Any) -> Any:
         return torch.full_like(leaf, _NAN) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() else leaf
     args, kwargs = pytree.tree_map(poison, (example.args, example.kwargs))
     return replace(example, args=args, kwargs=kwargs)
+
+
+def integer_inputs(example) -> list[torch.Tensor]:
+    """The example's tensors that cannot hold NaN (token ids, labels, masks)."""
+    leaves = pytree.tree_leaves((example.args, example.kwargs))
+    return [t for t in leaves if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex()]

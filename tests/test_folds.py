@@ -874,10 +874,47 @@ def test_a_gate_an_integer_input_picks_varies_with_it():
     dead = model.bn.weight == 0
     assert dead.any() and (model.bn.bias[dead] != 0).all()
     other, other_labels = torch.randn(6, 3, 6, 6, dtype=torch.float64), torch.arange(6) % 5
-    dropped, warned = _rejuvenate(model, (x, labels), analysis=analysis)
+    _, warned = _rejuvenate(model, (x, labels), analysis=analysis)
     assert any("cannot absorb" in w and "project" in w for w in warned)
     kept, warned = _rejuvenate(model, (x, labels), analysis=analysis, constants="keep")
     assert not [w for w in warned if "cannot absorb" in w]
     assert dead.nonzero().flatten().tolist() == [c for c in kept.nrfx_plan.keep[_space(analysis, "bn")] if dead[c]]
     with torch.no_grad():
         torch.testing.assert_close(kept(other, other_labels), model(other, other_labels), rtol=1e-10, atol=1e-12)
+
+
+class ChannelMeanReader(nn.Module):
+    """A channel space read by a conv and by a mean over its channels (``cat([y, y.mean(1)])``, or a function call
+    ``torch.sum``): a dead channel's constant reaches both."""
+
+    def __init__(self, reduce: str) -> None:
+        super().__init__()
+        self.reduce = reduce
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(17, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.stem(x))
+        pooled = y.mean(1, keepdim=True) if self.reduce == "mean" else torch.sum(y, 1, keepdim=True)
+        return self.conv(torch.cat([y, pooled], 1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("scheme", ["nr", "ca"])
+def test_a_sum_over_channels_keeps_a_dead_channels_constant_under_keep(reduce, scheme):
+    """The conv folds a dead channel's β, but the mean (a method call) or sum (a function) over the channels sums
+    the survivors only and cannot take a constant: keep keeps those channels and is exact on other inputs; drop
+    names the sum.  (Sums were no fold consumers: keep dropped the channels, 4e-3 relative error, a note only.)"""
+    torch.manual_seed(0)
+    model = ChannelMeanReader(reduce).double().eval()
+    with torch.no_grad():
+        model.bn.weight[[1, 4, 6]] = 0
+        model.bn.bias[[1, 4, 6]] = torch.tensor([0.8, -1.2, 0.9], dtype=torch.float64)
+    x, other = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    kept, warned = _rejuvenate(model, x, analysis=analysis, constants="keep", scheme=scheme)
+    assert [1, 4, 6] == [c for c in kept.nrfx_plan.keep[_space(analysis, "bn")] if c in (1, 4, 6)]
+    with torch.no_grad():
+        torch.testing.assert_close(kept(other), model(other), rtol=1e-10, atol=1e-12)
+    _, warned = _rejuvenate(model, x, analysis=analysis, scheme=scheme)
+    assert any("cannot absorb" in w and "node " in w for w in warned)

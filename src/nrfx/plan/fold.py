@@ -6,8 +6,9 @@ layer that reads it.  The exact rule nrfx follows:
 
 * **Where a removed constant goes.**  A removed channel is removed from its whole channel space:
   every norm, activation, add and reshape on it loses it too, so its constant only ever matters
-  at the *weighted consumers* of the space — the convs, linears and recurrent layers that read it.  A reshape,
-  ``flatten``, ``view``, ``permute`` or ``transpose`` between the norm and the consumer only moves
+  at the *weighted consumers* of the space — the convs, linears and recurrent layers that read it — and at
+  the sums and means over its channels (a constant there cannot be folded: the rewrite sums the survivors).
+  A reshape, ``flatten``, ``view``, ``permute`` or ``transpose`` between the norm and the consumer only moves
   the channel's values around; a constant channel stays constant along the other dims, and the
   analysis' layouts say which input features of the consumer carry it (after ``flatten`` of
   ``N×C×H×W``: features ``[c·H·W, (c+1)·H·W)``).  A norm over the same space in between is no
@@ -68,6 +69,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from nrfx.analysis.records import SumRecord
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
 from nrfx.errors import NrfxWarning
 from nrfx.layers.gates import Gate
@@ -84,7 +86,10 @@ NODE_PREFIX = "node "  # consumer keys of functional calls (F.linear, F.conv2d):
 def _why_not(gm: torch.fx.GraphModule, analysis, name: str) -> str | None:
     """Why a consumer's constants cannot be folded exactly (None: they can)."""
     if name.startswith(NODE_PREFIX):
-        return _call_problem(gm, record_of(analysis, name), name[len(NODE_PREFIX):])
+        record = record_of(analysis, name)
+        if isinstance(record, SumRecord):
+            return "a sum or mean over channels: the rewrite sums the survivors, nothing there takes a constant"
+        return _call_problem(gm, record, name[len(NODE_PREFIX):])
     return constant_input_problem(gm.get_submodule(name))
 
 
@@ -175,21 +180,22 @@ def _run(gm: torch.fx.GraphModule, example, hooks: dict, params: dict | None = N
 
 @contextlib.contextmanager
 def _node_taps(gm: torch.fx.GraphModule, hooks: dict[str, Any]) -> Iterator[None]:
-    """Forward pre-hooks on function calls (by fx node name): each node's target wrapped while the block runs,
-    the graph put back after."""
-    nodes = [node for node in gm.graph.nodes if node.name in hooks and node.op == "call_function"]
+    """Forward pre-hooks on function and method calls (by fx node name): each node's target wrapped while the block
+    runs, the graph put back after."""
+    nodes = [node for node in gm.graph.nodes if node.name in hooks and node.op in ("call_function", "call_method")]
     if not nodes:
         yield
         return
-    targets = {node: node.target for node in nodes}
-    for node in nodes:
-        node.target = _tapped(node.target, hooks[node.name])
+    calls = {node: (node.op, node.target) for node in nodes}
+    for node in nodes:  # a method call is tapped as the function torch.Tensor.<method>, the tensor first
+        function = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
+        node.op, node.target = "call_function", _tapped(function, hooks[node.name])
     gm.recompile()
     try:
         yield
     finally:
-        for node, target in targets.items():
-            node.target = target
+        for node, (op, target) in calls.items():
+            node.op, node.target = op, target
         gm.recompile()
 
 
@@ -428,14 +434,23 @@ def consumer_records(analysis) -> list[tuple[str, Any]]:
             and record.input_dim is not None]
 
 
+def sum_readers(analysis) -> list[tuple[str, SumRecord]]:
+    """(``"node <name>"``, record) of every sum or mean over a channel dim: it reads removed channels too (the
+    rewrite sums the survivors only), and nothing there takes a constant."""
+    return [(NODE_PREFIX + name, record) for name, record in analysis.records.items() if isinstance(record, SumRecord)]
+
+
 def _consumers(analysis) -> list[tuple[str, object]]:
-    """(key, input layout) of every consumer call."""
-    return [(key, record.input) for key, record in consumer_records(analysis)]
+    """(key, input layout) of every consumer call and every sum over channels."""
+    return [*((key, record.input) for key, record in consumer_records(analysis)),
+            *((key, record.layout) for key, record in sum_readers(analysis))]
 
 
 def _input_dims(analysis) -> dict[str, int]:
-    """Per consumer: the dim of its input, from the end, that carries its channels."""
-    return {key: record.input_dim for key, record in consumer_records(analysis)}
+    """Per consumer (and sum over channels): the dim of its input that carries its channels (a layer's from the
+    end)."""
+    return {**{key: record.input_dim for key, record in consumer_records(analysis)},
+            **{key: record.dim for key, record in sum_readers(analysis)}}
 
 
 def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, removed: torch.Tensor) -> torch.Tensor:
@@ -446,7 +461,7 @@ def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, rem
     removed outputs carry is measured at the next layer.
     """
     record = record_of(analysis, name)
-    if record is None or record.output is None:
+    if getattr(record, "output", None) is None:  # no record, no output space, or a sum (it reads every channel)
         return removed
     kept = torch.ones(analysis.atoms.channels(record.output) * record.output.inner, dtype=torch.bool)
     kept[_removed(analysis, plan, record.output)] = False

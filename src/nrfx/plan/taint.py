@@ -94,7 +94,7 @@ def _spread(func, args: tuple, kwargs: dict, marks: list[tuple[torch.Tensor, tor
     try:
         if _pointwise(func):
             return _or(m.expand(result.shape) for _, m in marks)
-        if func.is_view and len(marks) == 1 and marks[0][0] is args[0]:
+        if func.is_view and func not in _STRIDED and len(marks) == 1 and marks[0][0] is args[0]:
             return _checked(func(marks[0][1], *args[1:], **kwargs), result)
         if func in (aten.cat.default, aten.stack.default):
             masks = dict((id(t), m) for t, m in marks)
@@ -132,6 +132,7 @@ def _pointwise(func) -> bool:
     return functional is not None and torch.Tag.pointwise in functional.tags
 
 
+_STRIDED = frozenset({aten.as_strided.default})  # reads the storage's strides, which a mark does not share
 _CONVERSIONS = frozenset({aten._to_copy.default, aten.to.dtype, aten.to.device, aten.to.dtype_layout,
                           aten.type_as.default, aten.copy_.default, aten.clone.default})
 _NAN_DROPPING = frozenset({aten.sign.default, aten.sgn.default, aten.nan_to_num.default, aten.fmax.default,

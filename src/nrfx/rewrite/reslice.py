@@ -8,8 +8,8 @@ start and length.  The literal ``groups`` of a functional grouped or depthwise c
 ``num_groups`` of a GroupNorm (module or F.group_norm) follow the new width, channels per group unchanged.
 A sum or mean over a resized channel dim (ConvNeXt-V2's GRN: ``Gx / Gx.mean(dim=C)``) becomes the sum of the
 surviving channels only (``index_select``), divided by the original count for a mean: removed channels read
-zero there and rejuvenated ones do not enter it, so it is what it was; a removed channel that is *not* zero at
-that sum is reported (``NrfxWarning``, with its largest value on the example inputs).
+zero there and rejuvenated ones do not enter it, so it is what it was; a removed channel that carries a constant
+there is a fold consumer that takes none (``plan/fold``: kept under ``constants="keep"``, dropped with a warning).
 Attention heads: a view / reshape that spells a head count (``q.view(B, N, H, d)``) or heads merged back into
 channels (``x.reshape(B, N, C)``, C = H·d, a literal or a size read from another tensor) gets the new count
 (``reheads``); the head dim d never changes.
@@ -18,15 +18,12 @@ channels (``x.reshape(B, N, C)``, C = H·d, a literal or a size read from anothe
 from __future__ import annotations
 
 import operator
-import warnings
 
 import torch
 import torch.fx
 from torch import nn
 
 from nrfx.analysis.records import SumRecord, ViewRecord
-from nrfx.capture.guards import untouched
-from nrfx.errors import NrfxWarning
 from nrfx.ops.layer_kinds import set_group_norm_width
 from nrfx.plan.maps import dim_map
 
@@ -130,7 +127,7 @@ def regroup(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
 
 def resum(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
     """Rewrite pass: every recorded sum/mean over a resized channel dim sums the surviving channels only (a mean
-    divides by its original count); removed channels that are not zero there are reported."""
+    divides by its original count); removed channels with a constant there are ``plan/fold``'s (kept or warned)."""
     records = {name: record for name, record in analysis.records.items() if isinstance(record, SumRecord)}
     kept = {name: _survivors(analysis, plan, record) for name, record in records.items()}
     kept = {name: index for name, index in kept.items() if index is not None}
@@ -140,8 +137,7 @@ def resum(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:
     for name, index in kept.items():
         _restrict(gm, nodes[name], records[name], index)
     gm.graph.lint()
-    return [f"resum: {len(kept)} sums/means over channels restricted to the surviving channels",
-            *_nonzero_removed(analysis, plan, {name: records[name] for name in kept})]
+    return [f"resum: {len(kept)} sums/means over channels restricted to the surviving channels"]
 
 
 def _survivors(analysis, plan, record: SumRecord) -> torch.Tensor | None:
@@ -166,39 +162,6 @@ def _restrict(gm: torch.fx.GraphModule, node: torch.fx.Node, record: SumRecord, 
     with gm.graph.inserting_after(node):
         divided = gm.graph.call_function(operator.truediv, (node, record.count))
     node.replace_all_uses_with(divided, delete_user_cb=lambda user: user is not divided)
-
-
-def _nonzero_removed(analysis, plan, records: dict[str, SumRecord]) -> list[str]:
-    """One eval run of the original on the example: removed channels whose value at a restricted sum is not zero."""
-    seen: dict[str, torch.Tensor] = {}
-    interpreter = _Inputs(analysis.gm, set(records), seen)
-    with torch.no_grad(), untouched(analysis.gm):
-        interpreter.run(*analysis.example.flat())
-    notes = []
-    for name, record in records.items():
-        source = dim_map(analysis, plan, record.layout, record.dim).source
-        removed = sorted(set(range(seen[name].shape[record.dim])) - set(source[source >= 0].tolist()))
-        largest = float(seen[name].index_select(record.dim, torch.tensor(removed)).abs().max()) if removed else 0.0
-        if largest > 0:
-            notes.append(f"resum: removed channels read by the sum/mean at node '{name}' are not zero there (up to "
-                         f"{largest:.3g} on the example inputs): dropping them changes it")
-    for note in notes:
-        warnings.warn(note, NrfxWarning, stacklevel=6)
-    return notes
-
-
-class _Inputs(torch.fx.Interpreter):
-    """Runs a graph and keeps the first argument of the named nodes."""
-
-    def __init__(self, gm: torch.fx.GraphModule, names: set[str], seen: dict[str, torch.Tensor]) -> None:
-        super().__init__(gm)
-        self.names, self.seen = names, seen
-
-    def run_node(self, n: torch.fx.Node):
-        """Record the input of a watched node, then run it."""
-        if n.name in self.names:
-            self.seen[n.name] = self.env[n.args[0]].detach()
-        return super().run_node(n)
 
 
 def reheads(gm: torch.fx.GraphModule, analysis, plan, maps=None) -> list[str]:

@@ -328,6 +328,17 @@ def test_coupling_norms_freeze_the_space(norm):  # GroupNorm resizes in whole gr
     assert "bn" not in a.mask_sites  # not a per-channel norm: not a mask site
 
 
+@pytest.mark.parametrize("trailing,frozen", [(3, True), (2, False)], ids=["shape[1:]", "shape[-2:]"])
+def test_a_functional_layer_norm_given_a_tensors_shape_freezes_what_it_normalises(trailing, frozen):
+    """``F.layer_norm(y, y.shape[-k:])`` (the normalised shape read from a tensor, a node in the graph; it crashed
+    the rule): the channels freeze where the norm reads them, and stay free where it normalises the spatial dims
+    only."""
+    model = Between(lambda y: F.layer_norm(y, y.shape[-trailing:]))
+    a = analyze(model, (B, 3, 5, 5))
+    (s,) = out_ids(a, "c1")
+    assert a.spaces[s].is_frozen == frozen and not a.unknown_ops
+
+
 def test_layernorm_on_linear_features_freezes():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     a = analyze(model, (B, 6))

@@ -389,6 +389,18 @@ def coupling_norm(ctx, node):
     return ctx.tensor(ctx.out.shape, x.dims)  # a zero slice leaves as β: zeros do not pass
 
 
+def _normalized_rank(ctx, ndim: int) -> int:
+    """How many trailing dims a functional layer/rms norm normalises: its ``normalized_shape``'s length, a literal
+    or a size read from a tensor (``y.shape[1:]``, ``self.weight.shape``); unknown: every dim but the first."""
+    shape = ctx.value(ctx.arg(1, "normalized_shape"))
+    if isinstance(shape, int):
+        return 1
+    try:
+        return min(len(shape), ndim)
+    except TypeError:
+        return ndim - 1
+
+
 @function_rule(F.layer_norm, F.rms_norm, F.local_response_norm, F.normalize)
 def coupling_norm_function(ctx, node):
     """Functional layer/rms norm, LRN and normalize: freeze the normalised dims; normalize keeps zeros
@@ -396,8 +408,7 @@ def coupling_norm_function(ctx, node):
     x = ctx.spec(node.args[0])
     name = node.target.__name__
     if name in ("layer_norm", "rms_norm"):
-        shape = ctx.arg(1, "normalized_shape")
-        touched = range(x.ndim - len(shape), x.ndim)
+        touched = range(x.ndim - _normalized_rank(ctx, x.ndim), x.ndim)
     elif name == "normalize":
         touched = [ctx.arg(2, "dim", 1)]
     else:

@@ -339,6 +339,57 @@ def test_a_functional_layer_norm_given_a_tensors_shape_freezes_what_it_normalise
     assert a.spaces[s].is_frozen == frozen and not a.unknown_ops
 
 
+SHAPE_DERIVED = {  # arguments a forward reads from a tensor's shape: nodes in the fx graph, not numbers
+    "cat dim": lambda m, y: torch.cat([y, y * 2], dim=y.dim() - 3),
+    "sum dims": lambda m, y: y.mean(dim=(y.dim() - 2, y.dim() - 1), keepdim=True),
+    "softmax dim": lambda m, y: y.softmax(dim=y.dim() - 1),
+    "permute dims": lambda m, y: y.permute(0, y.dim() - 3, y.dim() - 1, y.dim() - 2),
+    "transpose dims": lambda m, y: y.transpose(y.dim() - 2, y.dim() - 1),
+    "split dim": lambda m, y: torch.cat(torch.split(y, 3, dim=y.dim() - 3)[::-1], 1),
+    "roll dims": lambda m, y: torch.roll(y, 1, dims=(y.dim() - 1,)),
+    "normalize dim": lambda m, y: F.normalize(y, dim=y.dim() - 3),
+    "pad amounts": lambda m, y: F.pad(y, y.shape[-2:])[..., :5, :5],
+    "pixel_shuffle factor": lambda m, y: F.pixel_unshuffle(F.pixel_shuffle(y[:, :4], y.shape[-1] // 2), 2),
+    "conv groups": lambda m, y: F.conv2d(y, m.depthwise, groups=y.shape[1]),
+    "expand broadcast": lambda m, y: m.one(y).expand(-1, y.shape[1], -1, -1) * y,
+}
+
+
+class ShapeDerived(nn.Module):
+    """conv → BN → ``op(self, y)`` → conv head, the op reading dims or sizes from ``y``'s shape."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.c1, self.bn, self.op, self.head = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), op, nn.LazyConv2d(4, 1)
+        self.depthwise, self.one = nn.Parameter(torch.randn(6, 1, 1, 1)), nn.Conv2d(6, 1, 1)
+
+    def forward(self, x):
+        y = self.op(self, self.bn(self.c1(x)))
+        return self.head(y).mean((2, 3))
+
+
+@pytest.mark.parametrize("scheme", ["nr", "ca"])
+@pytest.mark.parametrize("case", list(SHAPE_DERIVED))
+def test_dims_and_sizes_read_from_a_shape_analyse_and_rejuvenate_exactly(case, scheme):
+    """A dim index read as ``y.dim() - 1`` is the number it was on the example; a size read from a shape (a pad, a
+    shuffle factor, conv groups, an expand that broadcasts one channel) may follow a width, so what it touches
+    freezes.  Each crashed its rule ("this is a bug in nrfx") or, the expand, the rewritten model."""
+    torch.manual_seed(0)
+    model = ShapeDerived(SHAPE_DERIVED[case]).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    model(x)  # the lazy head takes its width
+    with torch.no_grad():
+        model.bn.weight[[1, 4]] = 0
+        model.bn.bias[[1, 4]] = 0
+    analysis = nrfx.analyze(model, x)
+    assert analysis.capture == "fx"  # the nodes are fx's (export gives the numbers)
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.3), example_inputs=x, scheme=scheme, align=1,
+                          constants="keep", analysis=analysis)
+    other = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(new(other), model(other), rtol=1e-10, atol=1e-12)
+
+
 def test_layernorm_on_linear_features_freezes():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     a = analyze(model, (B, 6))

@@ -132,6 +132,12 @@ class Context:
             return args[index]
         return kwargs.get(name, default)
 
+    def literal(self, index: int, name: str, default: Any = None) -> Any:
+        """A call argument by position or keyword as the values it had on the example: a node in it (a dim read as
+        ``x.dim() - 1``, a size as ``x.shape[-1]``) replaced by its value.  For dim indices, which no width
+        changes; a size that may follow a width is read with ``arg`` (a node there stays a node)."""
+        return torch.fx.node.map_arg(self.arg(index, name, default), self.value)
+
     def name_of(self, tensor: torch.Tensor) -> str | None:
         """Qualified name of a parameter or buffer of the model."""
         return self.state.names.get(id(tensor))

@@ -128,6 +128,8 @@ def conv_function(ctx, node):
         return ctx.unknown_op(f"function {node.target.__name__} with a computed weight")
     transposed = "transpose" in node.target.__name__
     groups = ctx.arg(6, "groups", 1)
+    if isinstance(groups, torch.fx.Node):  # read from a tensor at run time: it may follow a width
+        return ctx.unknown_op(f"function {node.target.__name__} with groups computed at run time")
     x = ctx.spec(node.args[0])
     spec, in_l, out_l, w_dims = _conv(ctx, x, w_shape, int(groups), name, transposed, None)
     ctx.param_named(name, w_shape, w_dims)
@@ -410,7 +412,7 @@ def coupling_norm_function(ctx, node):
     if name in ("layer_norm", "rms_norm"):
         touched = range(x.ndim - _normalized_rank(ctx, x.ndim), x.ndim)
     elif name == "normalize":
-        touched = [ctx.arg(2, "dim", 1)]
+        touched = [ctx.literal(2, "dim", 1)]
     else:
         touched = [1]
     for d in touched:

@@ -31,7 +31,7 @@ def cat(ctx, node):
     out = ctx.out
     tensors = [(spec, n) for spec, n in tensor_args(ctx, ctx.arg(0, "tensors"))
                if not (out.ndim > 1 and tuple(spec.shape) == (0,))]  # torch skips a legacy empty 1-d input
-    dim = norm_dim(ctx.arg(1, "dim", 0), out.ndim)
+    dim = norm_dim(ctx.literal(1, "dim", 0), out.ndim)
     vectors = _parameter_vectors(ctx, ctx.arg(0, "tensors")) if out.ndim == 1 else None
     tensors = vectors or tensors
     dims, zeros = [], []
@@ -117,7 +117,7 @@ def stack(ctx, node):
     """stack: a new plain dim; the stacked dims tie (zero where every input is)."""
     tensors = tensor_args(ctx, ctx.arg(0, "tensors"))
     out = ctx.out
-    dim = norm_dim(ctx.arg(1, "dim", 0), out.ndim)
+    dim = norm_dim(ctx.literal(1, "dim", 0), out.ndim)
     dims, zeros = [], []
     for d in range(out.ndim):
         layout, zero = (None, None) if d == dim else _tie_dim(ctx, tensors, d - (d > dim))
@@ -183,7 +183,7 @@ def _split(ctx, node, name: str):
     x = ctx.spec(node.args[0])
     default = 0
     dim_index = 1 if name == "unbind" else 2
-    dim = norm_dim(ctx.arg(dim_index, "dim", default), x.ndim)
+    dim = norm_dim(ctx.literal(dim_index, "dim", default), x.ndim)
     pieces = list(ctx.out)
     if name == "unbind":
         if x.dims[dim] is not None:
@@ -208,7 +208,7 @@ def glu(ctx, node):
     x = ctx.spec(node.args[0])
     if not isinstance(x, TensorSpec) or not x.ndim:
         return ctx.unknown_op("GLU of a non-tensor")
-    dim = norm_dim(ctx.module.dim if node.op == "call_module" else ctx.arg(1, "dim", -1), x.ndim)
+    dim = norm_dim(ctx.module.dim if node.op == "call_module" else ctx.literal(1, "dim", -1), x.ndim)
     half = x.shape[dim] // 2
     a, b = _pieces(ctx, x, dim, [half, half])
     ctx.unify(a.dims[dim], b.dims[dim], "GLU multiplies the halves channel by channel")
@@ -398,7 +398,7 @@ def size_method(ctx, node):
     """x.size() / x.size(d): the sizes as numbers; a channel dim's is a ChannelCount (free while it only sizes views
     of its channels)."""
     x = ctx.spec(node.args[0])
-    dim = ctx.arg(1, "dim")
+    dim = ctx.literal(1, "dim")
     if dim is None:
         return SizeSpec(x.dims)
     layout = x.dims[norm_dim(dim, x.ndim)]
@@ -701,7 +701,7 @@ def view_as(ctx, node):
 @method_rule("permute")
 def permute_method(ctx, node):
     """x.permute(*dims): layouts move with their dims."""
-    order = node.args[1:]
+    order = torch.fx.node.map_arg(node.args[1:], ctx.value)  # a dim read as x.dim() - 1: its value
     if len(order) == 1 and isinstance(order[0], (tuple, list)):
         order = order[0]
     x = ctx.spec(node.args[0])
@@ -712,7 +712,7 @@ def permute_method(ctx, node):
 def permute_function(ctx, node):
     """torch.permute(x, dims): layouts move with their dims."""
     x = ctx.spec(node.args[0])
-    return move(ctx, x, [norm_dim(d, x.ndim) for d in ctx.arg(1, "dims")], ctx.out.shape)
+    return move(ctx, x, [norm_dim(d, x.ndim) for d in ctx.literal(1, "dims")], ctx.out.shape)
 
 
 @method_rule("transpose", "swapaxes", "swapdims", "transpose_")
@@ -738,7 +738,7 @@ def t_rule(ctx, node):
 def _transpose(ctx, node):
     """Swap two dims."""
     x = ctx.spec(node.args[0])
-    a, b = norm_dim(node.args[1], x.ndim), norm_dim(node.args[2], x.ndim)
+    a, b = norm_dim(ctx.value(node.args[1]), x.ndim), norm_dim(ctx.value(node.args[2]), x.ndim)
     order = list(range(x.ndim))
     order[a], order[b] = order[b], order[a]
     return move(ctx, x, order, ctx.out.shape)
@@ -757,15 +757,21 @@ def expand(ctx, node):
 
 def _expand_literals(ctx, node, x: TensorSpec, offset: int) -> None:
     """Rule: a channel dim whose size ``expand`` spells as a number freezes (the rewrite cannot follow it),
-    except a head count (kv heads repeated for grouped-query attention), recorded for the rewrite to set."""
+    except a head count (kv heads repeated for grouped-query attention), recorded for the rewrite to set; one it
+    broadcasts (one channel to many, whatever spells the size) freezes too: that channel must stay one."""
     if node.target != "expand":
         return
     sizes, _ = view_sizes(node)
     resized = []
     for d, layout in enumerate(x.dims):
         size = sizes[d + offset] if d + offset < len(sizes) else -1
-        if layout is None or not isinstance(size, int) or size == -1:
+        if layout is None or size == -1:
             continue
+        if ctx.value(size) != x.shape[d]:
+            ctx.freeze(layout, "expand broadcasts one channel")
+            continue
+        if isinstance(size, torch.fx.Node):
+            continue  # a size read at run time follows the width
         if ctx.atoms.is_heads(layout) and layout.inner == 1:
             resized.append((d + offset, layout))
         else:
@@ -819,9 +825,9 @@ def reduce_method(ctx, node):
     """x.mean(dims, keepdim) and friends: reduced channel dims freeze (a plain sum/mean over one reads it)."""
     if node.target in ("max", "min") and len(tensor_args(ctx, node.args)) > 1:
         return union_rule(ctx, node)
-    dims_arg = ctx.arg(1, "dim", None)
+    dims_arg = ctx.literal(1, "dim", None)
     if node.target == "norm":
-        dims_arg = ctx.arg(2, "dim", None)
+        dims_arg = ctx.literal(2, "dim", None)
     return _reduce(ctx, node, dims_arg, bool(ctx.arg(2, "keepdim", False)) or _keeps(ctx, node))
 
 
@@ -837,13 +843,13 @@ def reduce_function(ctx, node):
     """torch.mean(x, dims) and friends: reduced channel dims freeze (a plain sum/mean over one reads it)."""
     if node.target in (torch.max, torch.min) and len(tensor_args(ctx, node.args)) > 1:
         return union_rule(ctx, node)
-    return _reduce(ctx, node, ctx.arg(1, "dim", None), _keeps(ctx, node))
+    return _reduce(ctx, node, ctx.literal(1, "dim", None), _keeps(ctx, node))
 
 
 def _softmax(ctx, node):
     """softmax over a dim couples its entries: a channel dim there freezes; zeros are lost."""
     x = ctx.spec(node.args[0])
-    ctx.freeze(x.dims[norm_dim(_softmax_dim(ctx.arg(1, "dim"), x.ndim), x.ndim)], "softmax over channels")
+    ctx.freeze(x.dims[norm_dim(_softmax_dim(ctx.literal(1, "dim"), x.ndim), x.ndim)], "softmax over channels")
     return ctx.tensor(ctx.out.shape, x.dims)
 
 
@@ -922,6 +928,8 @@ def pixel_shuffle(ctx, node):
     """PixelShuffle(r): output channel c is input channels [c·r², (c+1)·r²) spread over an r×r patch, so the input
     keeps and adds channels in blocks of r², block c tied to output channel c; zero where all r² are."""
     factor = ctx.module.upscale_factor if node.op == "call_module" else ctx.arg(1, "upscale_factor")
+    if isinstance(factor, torch.fx.Node):
+        return ctx.unknown_op("pixel_shuffle with a factor computed at run time")
     return _space_to_depth(ctx, ctx.spec(node.args[0]), int(factor) ** 2, 1)
 
 
@@ -931,6 +939,8 @@ def pixel_unshuffle(ctx, node):
     """PixelUnshuffle(r): input channel c becomes output channels [c·r², (c+1)·r²), one per position of its r×r
     patches, so the output keeps and adds channels in blocks of r², block c tied to input channel c."""
     factor = ctx.module.downscale_factor if node.op == "call_module" else ctx.arg(1, "downscale_factor")
+    if isinstance(factor, torch.fx.Node):
+        return ctx.unknown_op("pixel_unshuffle with a factor computed at run time")
     return _space_to_depth(ctx, ctx.spec(node.args[0]), 1, int(factor) ** 2)
 
 
@@ -970,8 +980,10 @@ def unfold_patches(ctx, node):
     """Unfold(k): (N, C, H, W) → (N, C·∏k, L), entry c·∏k + j the j-th tap of channel c's patch: each channel
     becomes a block of ∏k features (as flatten makes); the spatial dims become the plain L; zeros kept (padding
     adds zeros)."""
-    taps = math.prod(_pair(ctx.module.kernel_size if node.op == "call_module" else ctx.arg(1, "kernel_size")))
-    return _patches(ctx, ctx.spec(node.args[0]), taps, unfold=True)
+    size = ctx.module.kernel_size if node.op == "call_module" else ctx.arg(1, "kernel_size")
+    if _computed(size):
+        return ctx.unknown_op("unfold with a kernel size computed at run time")
+    return _patches(ctx, ctx.spec(node.args[0]), math.prod(_pair(size)), unfold=True)
 
 
 @module_rule(nn.Fold)
@@ -979,8 +991,17 @@ def unfold_patches(ctx, node):
 def fold_patches(ctx, node):
     """Fold(k): (N, C·∏k, L) → (N, C, H, W), summing each channel's taps into its own plane: a channel whose
     features are whole blocks of ∏k taps comes out as itself; zeros kept."""
-    taps = math.prod(_pair(ctx.module.kernel_size if node.op == "call_module" else ctx.arg(2, "kernel_size")))
-    return _patches(ctx, ctx.spec(node.args[0]), taps, unfold=False)
+    size = ctx.module.kernel_size if node.op == "call_module" else ctx.arg(2, "kernel_size")
+    if _computed(size):
+        return ctx.unknown_op("fold with a kernel size computed at run time")
+    return _patches(ctx, ctx.spec(node.args[0]), math.prod(_pair(size)), unfold=False)
+
+
+def _computed(value) -> bool:
+    """Whether an argument holds a node (a size read from a tensor at run time: it may follow a width)."""
+    found = []
+    torch.fx.node.map_arg(value, found.append)
+    return bool(found)
 
 
 def _pair(size) -> tuple[int, ...]:
@@ -1014,7 +1035,7 @@ def sliding_windows(ctx, node):
     x = ctx.spec(node.args[0])
     if not isinstance(x, TensorSpec):
         return ctx.blank(ctx.out)
-    dim = norm_dim(int(ctx.arg(1, "dimension")), x.ndim)
+    dim = norm_dim(int(ctx.literal(1, "dimension")), x.ndim)
     ctx.freeze(x.dims[dim], "sliding windows along channels")
     dims = (*(None if d == dim else layout for d, layout in enumerate(x.dims)), None)
     zeros = (*(copy_zero(ctx, x, d) if dims[d] is not None else None for d in range(x.ndim)), None)
@@ -1034,7 +1055,8 @@ def constant_pad_module(ctx, node):
 def pad(ctx, node):
     """F.pad: pads the last len(pad)/2 dims; a padded channel dim freezes."""
     x = ctx.spec(node.args[0])
-    amounts = list(ctx.arg(1, "pad"))
+    amounts = ctx.arg(1, "pad")  # a node (x.shape[-2:]) pads by amounts read at run time: each counts as nonzero
+    amounts = [amounts] * len(ctx.value(amounts)) if isinstance(amounts, torch.fx.Node) else list(amounts)
     for k in range(len(amounts) // 2):
         if amounts[2 * k] or amounts[2 * k + 1]:
             ctx.freeze(x.dims[x.ndim - 1 - k], "padding along channels")
@@ -1081,7 +1103,7 @@ def factory_method(ctx, node):
 def vector_norm(ctx, node):
     """vector_norm(x, ord, dim): a reduction; a channel dim in ``dim`` freezes, other channels pass (‖0‖ = 0)."""
     keepdim = bool(ctx.arg(3, "keepdim", False)) or _keeps(ctx, node)
-    return _reduce(ctx, node, ctx.arg(2, "dim", None), keepdim)
+    return _reduce(ctx, node, ctx.literal(2, "dim", None), keepdim)
 
 
 # -- scans, rolls, gathers, repeats -------------------------------------------------------------------
@@ -1105,7 +1127,7 @@ def _along(ctx, node, dims, reason: str, keeps_zero: bool = True) -> TensorSpec:
 @method_rule("cumsum", "cumsum_", "cumprod", "cumprod_")
 def cumulative(ctx, node):
     """cumsum / cumprod along a dim: along channels it freezes (channel c reads those before it); else channels pass."""
-    return _along(ctx, node, [ctx.arg(1, "dim")], "cumulative sum or product along channels")
+    return _along(ctx, node, [ctx.literal(1, "dim")], "cumulative sum or product along channels")
 
 
 @function_rule(torch.triu, torch.tril)
@@ -1124,14 +1146,14 @@ def diff(ctx, node):
     for end in ends:
         ctx.freeze_all(ctx.spec(end), "prepended or appended to a diff")
     keeps_zero = all(end is None for end in ends)  # a prepended value enters the first difference
-    return _along(ctx, node, [ctx.arg(2, "dim", -1)], "difference along channels", keeps_zero)
+    return _along(ctx, node, [ctx.literal(2, "dim", -1)], "difference along channels", keeps_zero)
 
 
 @function_rule(torch.roll)
 @method_rule("roll")
 def roll(ctx, node):
     """roll: a rolled channel dim freezes (channels change places, wrapping at the width); other dims pass."""
-    dims = ctx.arg(2, "dims", None)
+    dims = ctx.literal(2, "dims", None)
     dims = [dims] if isinstance(dims, int) else dims
     return _along(ctx, node, dims or None, "roll along channels")
 
@@ -1144,7 +1166,7 @@ def flip(ctx, node):
     name = getattr(node.target, "__name__", node.target)
     if name in ("fliplr", "flipud"):
         return _along(ctx, node, [int(name == "fliplr")], "flip along channels")
-    dims = [*node.args[1:], *node.kwargs.values()]
+    dims = torch.fx.node.map_arg([*node.args[1:], *node.kwargs.values()], ctx.value)
     dims = [d for item in dims for d in (item if isinstance(item, (list, tuple)) else [item])]
     return _along(ctx, node, dims, "flip along channels")
 
@@ -1154,7 +1176,7 @@ def flip(ctx, node):
 def rot90(ctx, node):
     """rot90(x, k, dims): the two dims are flipped (and swapped for odd k); spatial dims pass, channels there
     freeze."""
-    k, dims = ctx.arg(1, "k", 1), ctx.arg(2, "dims", (0, 1))
+    k, dims = ctx.literal(1, "k", 1), ctx.literal(2, "dims", (0, 1))
     x = ctx.spec(node.args[0])
     along = [norm_dim(int(d), x.ndim) for d in dims] if isinstance(x, TensorSpec) else []
     if k % 2 and any(x.dims[d] is not None for d in along):
@@ -1171,7 +1193,7 @@ def gather(ctx, node):
     if not isinstance(x, TensorSpec) or not isinstance(index, TensorSpec):
         ctx.freeze_all(x, "gather with an index nrfx cannot follow")
         return ctx.blank(ctx.out)
-    dim = norm_dim(int(ctx.arg(1, "dim")), x.ndim)
+    dim = norm_dim(int(ctx.literal(1, "dim")), x.ndim)
     dims, zeros = [], []
     for d in range(x.ndim):
         if d == dim or x.shape[d] != index.shape[d]:  # gathered along, or only a prefix of it read
@@ -1216,7 +1238,7 @@ def repeat(ctx, node):
 def repeat_interleave(ctx, node):
     """repeat_interleave(x, repeats, dim): a channel dim repeated (each channel in place, more than once) freezes
     and its output dim is plain; other dims pass, zeros kept; without ``dim`` (the flattened tensor) all freeze."""
-    x, repeats, dim = ctx.spec(node.args[0]), ctx.value(ctx.arg(1, "repeats")), ctx.arg(2, "dim")
+    x, repeats, dim = ctx.spec(node.args[0]), ctx.value(ctx.arg(1, "repeats")), ctx.literal(2, "dim")
     if not isinstance(x, TensorSpec) or not isinstance(ctx.out, torch.Tensor):
         return ctx.blank(ctx.out)  # torch.repeat_interleave(counts): indices, no channels
     if dim is None:

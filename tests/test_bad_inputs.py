@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -69,6 +71,23 @@ def test_mask_on_a_layer_without_channels_warns_and_is_ignored(model_and_analysi
     with pytest.warns(nrfx.NrfxWarning, match="mask for 'layer1' is ignored"):
         util = analysis.utilization({"layer1": torch.ones(3, dtype=torch.bool)})
     assert util.live_params == analysis.params
+
+
+def test_masks_that_mark_strong_channels_dead_warn_and_the_paper_masks_do_not():
+    """A mask with True for dead (``gamma.abs() < 1e-3``, inverted) marks the live channels dead: rejuvenate would
+    remove them and change the function, so the check warns, naming the norm; masks read by the paper's rule, or
+    marking only small scales dead, pass quietly."""
+    model = _mixed_mode_resnet()
+    analysis = nrfx.analyze(model, torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        model.bn1.weight[:8] = 0
+    inverted = {"bn1": model.bn1.weight.abs() < 1e-3}
+    with pytest.warns(nrfx.NrfxWarning, match=r"mask for 'bn1' marks 56 of 56 dead channels whose scale is far"):
+        analysis.utilization(inverted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        analysis.utilization(analysis.masks_from(model))
+        analysis.utilization({"bn1": model.bn1.weight.abs() >= 0.4 * model.bn1.weight.abs().max()})
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -75,7 +75,24 @@ def check_masks(masks: dict[str, torch.Tensor], sites: dict[str, int], model: nn
             raise MaskError(f"mask for '{name}' has shape {tuple(mask.shape)}, expected ({sites[name]},): "
                             "one entry per output channel of that layer")
         checked[name] = mask.detach().cpu()
+        _warn_live_marked_dead(name, modules[name], checked[name])
     return checked
+
+
+def _warn_live_marked_dead(name: str, module: nn.Module, mask: torch.Tensor) -> None:
+    """Rule: a norm's mask that marks dead a channel whose scale is at least half its largest (alive by any
+    threshold) is warned about: removing it changes the function, and a mask with True for dead does that."""
+    weight = getattr(module, "weight", None)
+    if not is_scale(module) or not isinstance(weight, torch.Tensor) or weight.is_meta or weight.numel() != mask.numel():
+        return
+    gamma = weight.detach().abs().flatten().cpu()
+    strong = ~mask & (gamma >= 0.5 * gamma.max()) & (gamma > 0)
+    if strong.any():
+        warnings.warn(f"mask for '{name}' marks {int(strong.sum())} of {int((~mask).sum())} dead channels whose "
+                      f"scale is far from 0 (|γ| up to {float(gamma[strong].max()):.3g}, the largest "
+                      f"{float(gamma.max()):.3g}): they are removed as dead, which changes the model's function. "
+                      "Masks mark live channels True (e.g. gamma.abs() > 1e-3); invert one that marks the dead",
+                      NrfxWarning, stacklevel=3)
 
 
 def whole_blocks(spaces, alive: list[torch.Tensor], informed: list[bool] | None = None) -> tuple[torch.Tensor, ...]:

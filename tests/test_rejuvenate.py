@@ -453,3 +453,49 @@ def test_a_hook_that_changes_values_on_a_rewritten_module_is_named(inplace):
         new = nrfx.rejuvenate(model, None, None, example_inputs=x, align=1, inplace=inplace)
     with torch.no_grad():
         assert not torch.allclose(new(x), reference)  # what the warning is about
+
+
+class _TiedConvs(nn.Module):
+    """Two 3×3 convs holding one weight (``c3.weight = c2.weight``) between BatchNorms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c3, self.b3 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c3.weight = self.c2.weight
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in ((self.c1, self.b1), (self.c2, self.b2), (self.c3, self.b3)):
+            x = torch.relu(norm(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["graph", "inplace"])
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_weight_tied_across_two_layers_is_rewritten_once_and_stays_tied(scheme, inplace):
+    """The plan resizes a tied weight under its first name; its other holder took the new tensor too only now (it
+    kept the old one and the rewritten model failed: 'Invalid channel dimensions').  In cr/ca the two layers stay
+    plain (one layer's S/R blocks cannot be another's), noted; in place the optimizer holds the one tensor."""
+    torch.manual_seed(0)
+    model = _TiedConvs().double().eval()
+    with torch.no_grad():
+        for norm in (model.b1, model.b2, model.b3):
+            norm.weight[:3] = 0
+            norm.bias[:3] = 0
+    x, other = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(other)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if inplace else None
+    new = nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=x, scheme=scheme, align=1,
+                          inplace=inplace, optimizer=optimizer)
+    assert new.c2.weight is new.c3.weight and new.c2.weight.shape[0] != 16
+    with torch.no_grad():
+        torch.testing.assert_close(new(other), expected, rtol=1e-10, atol=1e-12)
+    if scheme != "nr":
+        assert any("tied" in note for note in (new.nrfx_plan if not inplace else new.nrfx_plans[""]).notes)
+    if inplace:
+        (group,) = optimizer.param_groups
+        assert sum(p is new.c2.weight for p in group["params"]) == 1
+        assert {id(p) for p in group["params"]} == {id(p) for p in new.parameters()}

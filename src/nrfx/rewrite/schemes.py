@@ -59,12 +59,17 @@ def apply_scheme(gm, analysis, plan, maps) -> list[str]:
     """
     notes: list[str] = []
     converted = 0
+    tied = _tied_weights(gm)
     for _, record in analysis.layers("conv", "linear"):
         name = record.module
         if name is None:
             continue
         module = gm.get_submodule(name)
         if type(module) not in SR_CLASSES or getattr(module, "groups", 1) != 1:
+            continue
+        if name in tied:
+            if plan.scheme != "nr":
+                notes.append(f"{name}: its weight is tied to another layer's (S/R blocks are one layer's); kept as nr")
             continue
         pmap = maps.get(f"{name}.weight")
         s_out, s_in = _split(pmap, 0), _split(pmap, 1)
@@ -77,6 +82,16 @@ def apply_scheme(gm, analysis, plan, maps) -> list[str]:
     if plan.scheme != "nr":
         notes.append(f"scheme {plan.scheme}: {converted} layers split into S/R blocks")
     return notes
+
+
+def _tied_weights(gm: nn.Module) -> set[str]:
+    """Modules whose weight another module holds too (``c3.weight = c2.weight``)."""
+    holders: dict[int, list[str]] = {}
+    for name, tensor in gm.named_parameters(remove_duplicate=False):
+        path, _, attr = name.rpartition(".")
+        if attr == "weight":
+            holders.setdefault(id(tensor), []).append(path)
+    return {path for paths in holders.values() if len(paths) > 1 for path in paths}
 
 
 def _both_grow(pmap) -> bool:

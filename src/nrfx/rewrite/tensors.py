@@ -134,11 +134,47 @@ def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, Par
     for name, pmap in maps.items():
         path, _, attr = name.rpartition(".")
         by_owner.setdefault(path, {})[attr] = pmap
+    aliases = _aliases(gm)
     with torch.random.fork_rng(devices=[]):  # R weights drawn on the CPU: the same on every device
         torch.default_generator.manual_seed(plan.seed)
         for path in sorted(by_owner):
             _rewrite_module(gm, path, by_owner[path], plan.gamma0)
+    for name in maps:
+        for alias in aliases.get(name, ()):
+            _retie(gm, alias, name)
     return []
+
+
+def _aliases(gm: nn.Module) -> dict[str, list[str]]:
+    """The other names of every parameter and buffer held under several (a weight tied across modules), by its
+    first name (the one ``named_parameters`` gives, which the plan's maps use)."""
+    first: dict[int, str] = {}
+    others: dict[str, list[str]] = {}
+    for named in (gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)):
+        for name, tensor in named:
+            if id(tensor) in first:
+                others.setdefault(first[id(tensor)], []).append(name)
+            else:
+                first[id(tensor)] = name
+    return others
+
+
+def _retie(gm: nn.Module, alias: str, name: str) -> None:
+    """Rule: a tied tensor's other name takes the rewritten tensor (one object again), and its module its sizes."""
+    path, _, attr = alias.rpartition(".")
+    owner, source = gm.get_submodule(path) if path else gm, _tensor(gm, name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = source
+    else:
+        owner._buffers[attr] = source
+    fix_attributes(owner)
+
+
+def _tensor(gm: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer by its qualified name."""
+    path, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(path) if path else gm
+    return owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
 
 
 def matched_gamma(survivors: torch.Tensor) -> float:

@@ -551,3 +551,45 @@ def test_a_channels_last_model_keeps_its_memory_format(dims, scheme, inplace):
             momenta = [(p, optimizer.state[p]["momentum_buffer"]) for p in weights if p in optimizer.state]
             assert momenta and all(m.shape == p.shape for p, m in momenta)
             assert all(_channels_last(m) if keep_layout else m.is_contiguous() for _, m in momenta)
+
+
+def _reordered_net() -> nn.Sequential:
+    """Two conv-BN stages whose dead channels sit before live ones (the rewrite moves survivors first)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).double()
+    with torch.no_grad():
+        model[1].weight[[1, 4]] = 0
+        model[1].bias[[1, 4]] = 0
+    return model
+
+
+@pytest.mark.parametrize("realloc", [True, False], ids=["realloc", "nr-ip"])
+def test_in_place_clears_the_grads_of_every_rewritten_parameter(realloc):
+    """A parameter whose entries the rewrite moved (survivors first) keeps its shape under NR-IP, but its old grad
+    belongs to other channels now: every rewritten parameter's grad is cleared (it kept the old order, and a step
+    right after the rewrite applied it to the wrong channels); those the plan leaves alone keep theirs."""
+    model = _reordered_net()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    model(x).square().mean().backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    nrfx.rejuvenate(model, None, None, example_inputs=x, inplace=True, optimizer=optimizer, align=1, realloc=realloc)
+    rewritten = set(model.nrfx_param_map)
+    assert "0.weight" in rewritten and "8.bias" not in rewritten
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is None) == (name in rewritten), name
+
+
+def test_load_rejuvenated_replays_a_float64_model_without_example_inputs():
+    """An fx plan replays on zeros of its input shapes, made in the model's dtype (float32 zeros met a float64 model
+    with an InputError, though the docs ask for example inputs only for export plans)."""
+    model = _reordered_net().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    nrfx.rejuvenate(model, None, nrfx.Budget.fraction(1.2), example_inputs=x, inplace=True, align=1)
+    fresh = _reordered_net().eval()
+    nrfx.load_rejuvenated(fresh, model.state_dict())
+    replayed = nrfx.apply_plan(_reordered_net().eval(), model.nrfx_plan)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+        assert replayed(x).dtype == torch.float64

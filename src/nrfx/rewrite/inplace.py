@@ -182,6 +182,7 @@ def set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
 def transplant(model: nn.Module, gm: torch.fx.GraphModule, journal: Journal) -> None:
     """Make ``model`` hold ``gm``'s layers and tensors: same objects where they survive, data resized."""
     paths = _paths_by_module(model)
+    rewritten = set(getattr(gm, "nrfx_param_map", {}))
     for path, new in gm.named_modules():
         if not path or not (new._parameters or new._buffers):
             continue
@@ -190,7 +191,7 @@ def transplant(model: nn.Module, gm: torch.fx.GraphModule, journal: Journal) -> 
             if type(new) is not type(old) or new is not old:
                 _swap(model, paths[id(old)], old, new, journal)
                 continue
-        _move_tensors(old, new, journal)
+        _move_tensors(old, new, journal, {n for n in _own_names(new) if f"{path}.{n}" in rewritten})
         if type(new) is type(old):
             _copy_sizes(old, new, journal)
         if isinstance(old, nn.RNNBase):
@@ -214,9 +215,15 @@ def _paths_by_module(model: nn.Module) -> dict[int, list[str]]:
     return paths
 
 
-def _move_tensors(old: nn.Module, new: nn.Module, journal: Journal) -> None:
-    """Each of ``new``'s own parameters and buffers into the user's tensor of the same name (data only);
-    one the user's layer lacks (a bias a constant fold created) is registered on it as is."""
+def _own_names(module: nn.Module) -> list[str]:
+    """The names of a module's own parameters and buffers."""
+    return [*module._parameters, *module._buffers]
+
+
+def _move_tensors(old: nn.Module, new: nn.Module, journal: Journal, rewritten: set[str]) -> None:
+    """Each of ``new``'s own parameters and buffers into the user's tensor of the same name (data only; those the
+    plan ``rewritten`` lose their grad); one the user's layer lacks (a bias a constant fold created) is registered
+    on it as is."""
     for store in ("_parameters", "_buffers"):
         mine = getattr(old, store)
         for name, tensor in getattr(new, store).items():
@@ -226,12 +233,13 @@ def _move_tensors(old: nn.Module, new: nn.Module, journal: Journal) -> None:
             if target is None:
                 journal.set_item(mine, name, tensor)
                 continue
-            _resize(target, tensor, journal)
+            _resize(target, tensor, journal, name in rewritten)
 
 
-def _resize(target: torch.Tensor, source: torch.Tensor, journal: Journal) -> None:
-    """target keeps its identity and takes source's data; a shape change clears its stale grad."""
-    if tuple(target.shape) != tuple(source.shape) and target.grad is not None:
+def _resize(target: torch.Tensor, source: torch.Tensor, journal: Journal, rewritten: bool = True) -> None:
+    """target keeps its identity and takes source's data; rewritten (its entries moved: survivors first) or
+    resized, its grad is stale and cleared (a step right after would apply it to other channels)."""
+    if (rewritten or tuple(target.shape) != tuple(source.shape)) and target.grad is not None:
         journal.clear_grad(target)
     journal.set_data(target, source.detach())
 

@@ -307,12 +307,15 @@ def _load_plans(module: nn.Module, state_dict: dict[str, Any], prefix: str, loca
     for round_ in rounds[len(done):]:
         example = module.__dict__.get("_nrfx_example")
         jobs = {path: _replay_job(module, path, Plan.from_dict(data), example) for path, data in round_.items()}
-        _apply_in_place(module, jobs, None, True, example or _example_from_plan(next(iter(jobs.values()))[1]))
+        _apply_in_place(module, jobs, None, True, example or _example_from_plan(next(iter(jobs.values()))[1], module))
 
 
-def _example_from_plan(plan: Plan) -> Example:
-    """Zeros of the plan's input shapes: the example of an fx-captured plan replayed without one."""
-    return Example(tuple(torch.zeros(s) for s in plan.input_shapes))
+def _example_from_plan(plan: Plan, model: nn.Module) -> Example:
+    """Zeros of the plan's input shapes, in the dtype and on the device of the model's first floating parameter:
+    the example of an fx-captured plan replayed without one."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    options = {"dtype": first.dtype, "device": first.device} if first is not None else {}
+    return Example(tuple(torch.zeros(s, **options) for s in plan.input_shapes))
 
 
 def _replay_job(model: nn.Module, path: str, plan: Plan, example: Example | None) -> tuple[Analysis, Plan]:
@@ -331,7 +334,7 @@ def _replay_inputs(model: nn.Module, path: str, plan: Plan, example: Example | N
         if plan.capture != "fx":
             raise PlanError(f"this plan was made on a model captured by {plan.capture}: pass example_inputs= (and "
                             "example_kwargs=) to nrfx.load_rejuvenated so the saved rounds can be replayed")
-        return _example_from_plan(plan)
+        return _example_from_plan(plan, model.get_submodule(path))
     device = next(model.parameters()).device
     whole = materialise(example, device)
     if not path:
@@ -454,7 +457,7 @@ def apply_plan(model: nn.Module, plan: Plan | dict, example_inputs: Any = None, 
         raise PlanError(f"this plan was made on a model captured by {plan.capture}: pass example_inputs= "
                         "(and example_kwargs=) as the model takes them to replay it")
     if example_inputs is None:
-        example_inputs = tuple(torch.zeros(s) for s in plan.input_shapes)
+        example_inputs = _example_from_plan(plan, model).args
     capture_options.setdefault("capture", plan.capture)
     analysis = analyze(model, example_inputs, example_kwargs=example_kwargs, **capture_options)
     if optimizer is not None and not inplace:

@@ -90,6 +90,7 @@ def test_a_budget_at_u_that_alignment_cannot_hold_warns_and_names_the_budget_tha
     with pytest.warns(nrfx.NrfxWarning, match=r"align=8 rounds the survivors up.*pass align=1") as caught:
         lossy = nrfx.rejuvenate(model, None, nrfx.Budget(macs=live), example_inputs=x, analysis=analysis)
     assert any(n.startswith("compression: ") for n in lossy.nrfx_plan.notes)
+    assert sum("rounds the survivors up" in str(w.message) for w in caught) == 1  # once (a keep round made one each)
     enough = int(re.search(r"ask for at least ([\d,]+)", str(caught[0].message)).group(1).replace(",", ""))
     for align, budget in ((1, live), (8, enough)):
         with warnings.catch_warnings():

@@ -415,7 +415,11 @@ def make_plan(analysis, model, masks, budget, *, scheme: str = "nr", rescale: bo
     for s in fixed:
         alive[s].fill_(True)
     plan = build(alive)
-    return plan if constants == "drop" else _keep_constants(analysis, plan, alive, build, masks)
+    plan = plan if constants == "drop" else _keep_constants(analysis, plan, alive, build, masks)
+    for note in plan.notes:  # the final plan's, once (a replanning round under constants="keep" makes its own)
+        if note.startswith("compression: ") and _ALIGNED_AWAY in note:
+            warnings.warn(note, NrfxWarning, stacklevel=3)
+    return plan
 
 
 def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, budget: tuple[int, int], options: dict[str, Any],
@@ -458,16 +462,19 @@ def _allocate(analysis, model, alive: list[torch.Tensor], kind: str, budget: tup
 
 def _lost_live(lost: list[int], budget: int, cost_live: int, aligned_live: int, align: int) -> list[str]:
     """Rule: a plan that removes live channels says so; where the budget covers U(θ) and only the alignment of
-    the survivors made it too small (the function then changes unexpectedly), it also warns and names the fix."""
+    the survivors made it too small (the function then changes unexpectedly), it names the fix (and ``make_plan``
+    warns with it, once)."""
     if not any(lost):
         return []
     note = (f"compression: {sum(lost):,} live channels in {sum(1 for n in lost if n)} spaces removed (the budget "
             f"{budget:,} is below the live cost {aligned_live:,}); the function changes")
     if budget >= cost_live:
-        note += (f". The budget covers U(θ) = {cost_live:,}, but align={align} rounds the survivors up to "
-                 f"{aligned_live:,}: ask for at least {aligned_live:,}, or pass align=1, to keep every live channel")
-        warnings.warn(note, NrfxWarning, stacklevel=5)
+        note += (f". The budget covers U(θ) = {cost_live:,}, but align={align} {_ALIGNED_AWAY} {aligned_live:,}: "
+                 f"ask for at least {aligned_live:,}, or pass align=1, to keep every live channel")
     return [note]
+
+
+_ALIGNED_AWAY = "rounds the survivors up to"  # in a note make_plan also warns with, once
 
 
 def _keep_constants(analysis, plan: Plan, alive: list[torch.Tensor], build, masks: dict[str, torch.Tensor]) -> Plan:

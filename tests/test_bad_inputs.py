@@ -206,3 +206,16 @@ def test_untraceable_submodule_becomes_a_frozen_automatic_leaf():
 def test_every_bad_input_error_is_an_nrfx_error():
     for error in (MaskError, ShapeError, TraceError, nrfx.BudgetError, nrfx.PlanError, nrfx.RewriteError):
         assert issubclass(error, NrfxError)
+
+
+def test_a_lazy_module_not_yet_initialised_is_refused_with_the_fix():
+    """A LazyConv2d before its first forward has no shape: analyze and rejuvenate say to run the model once (they
+    crashed with torch's 'uninitialized parameter' ValueError); after one forward they work."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.LazyConv2d(4, 1))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(nrfx.errors.InputError, match=r"'2.weight' belongs to a lazy module.*model\(x\)"):
+        nrfx.analyze(model, x)
+    with pytest.raises(nrfx.errors.InputError, match="lazy module"):
+        nrfx.rejuvenate(model, None, None, example_inputs=x)
+    model(x)
+    assert nrfx.analyze(model, x).params == sum(p.numel() for p in model.parameters())

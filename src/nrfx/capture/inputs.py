@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import prune
 
 from nrfx.capture.front_ends import Example
@@ -21,13 +22,17 @@ __all__ = ["check_model", "check_example", "check_real_weights"]
 
 
 def check_model(model: Any) -> None:
-    """An eager ``nn.Module`` (not a function, not a TorchScript module)."""
+    """An eager ``nn.Module`` (not a function, not a TorchScript module), its lazy modules initialised."""
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError(f"{type(model).__name__} is a TorchScript module: nrfx reads the eager model's Python "
                          "code. Pass the nn.Module it was scripted from")
     if not isinstance(model, nn.Module):
         raise InputError(f"nrfx works on a torch.nn.Module, got {type(model).__name__}; wrap a function in a Module "
                          "whose forward calls it")
+    lazy = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)), None)
+    if lazy is not None:
+        raise InputError(f"'{lazy}' belongs to a lazy module not initialised yet (its shape is unknown): run the "
+                         "model once on an example (model(x)) before nrfx, as a lazy module needs before any use")
 
 
 def check_example(model: nn.Module, example: Example) -> None:

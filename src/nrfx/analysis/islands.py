@@ -34,7 +34,7 @@ from nrfx.analysis.whole import (
     analyze_whole,
 )
 from nrfx.capture.front_ends import Example, output_signature
-from nrfx.capture.guards import has_hooks, in_eval_mode, python_modules, untouched
+from nrfx.capture.guards import has_hooks, in_eval_mode, python_modules, tied_names, untouched
 from nrfx.errors import NrfxError, NrfxWarning, RenamedAttribute, TraceError
 
 __all__ = ["IslandAnalysis", "find_islands", "hooks_traced_through"]
@@ -163,13 +163,10 @@ class IslandAnalysis:
         a head in two islands, or a module outside them) are one tensor again.  Returns how many
         names were re-pointed; a name ``result`` lacks is left alone.
         """
-        groups: dict[int, list[str]] = {}
-        for name, tensor in model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(tensor), []).append(name)
         moved = 0
-        for names in groups.values():
+        for names in tied_names(model, buffers=False):
             inside = [n for n in names if any(n.startswith(f"{path}.") for path in self.islands)]
-            if len(names) < 2 or not inside:
+            if not inside:
                 continue
             source = _parameter(result, inside[0])
             for name in names:

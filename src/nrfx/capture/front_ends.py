@@ -171,8 +171,8 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
 
 
 def _with_values(captured: Captured, example: Example) -> Captured:
-    """The capture with every node's value on meta tensors (a ShapeError when the graph does not run); module calls
-    take their positional parameters positionally first (``positional_calls``)."""
+    """The capture with every node's value on meta tensors (a ShapeError when the graph does not run); calls pass
+    their tensors positionally first (``positional_calls``)."""
     positional_calls(captured.gm)
     captured.values = propagate_shapes(captured.gm, example.flat(), captured.auto_leaves)
     return captured

@@ -20,7 +20,18 @@ from torch import nn
 
 __all__ = ["copy_of", "untouched", "in_eval_mode", "in_mode", "hooks_silenced", "python_modules", "buffer_values",
            "restore_buffer_values", "renormed_tables", "BufferValue", "HOOK_STATE", "has_hooks", "torch_own_hook",
-           "user_forward_hooks"]
+           "user_forward_hooks", "tied_names"]
+
+
+def tied_names(module: nn.Module, buffers: bool = True) -> list[list[str]]:
+    """The names of every parameter (and buffer) held under more than one, each group in ``named_parameters``'s
+    order (its first name is the one ``named_parameters`` gives): weights tied across modules."""
+    names: dict[int, list[str]] = {}
+    held = [module.named_parameters(remove_duplicate=False)]
+    for named in (*held, module.named_buffers(remove_duplicate=False)) if buffers else held:
+        for name, tensor in named:
+            names.setdefault(id(tensor), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
 
 
 def copy_of(module: nn.Module, shared: dict[int, torch.Tensor] | None = None) -> nn.Module:

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
-__all__ = ["positional_calls"]
+__all__ = ["positional_calls", "holds_node"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -80,14 +80,15 @@ def _moved(signatures: list[inspect.Signature], args: list, kwargs: dict) -> tup
     while signatures:
         names = {_positional_name(signature, len(args)) for signature in signatures}
         name = names.pop() if len(names) == 1 else None
-        if name is None or name not in kwargs or not _holds_node(kwargs[name]):
+        if name is None or name not in kwargs or not holds_node(kwargs[name]):
             break
         args.append(kwargs.pop(name))
     return args, kwargs
 
 
-def _holds_node(value) -> bool:
-    """Whether an argument is or contains an fx node."""
+def holds_node(value) -> bool:
+    """Whether a call argument is or contains an fx node (in a list, tuple, dict or slice): a value computed in the
+    graph, such as a size read from a tensor's shape."""
     found = []
     torch.fx.node.map_arg(value, found.append)
     return bool(found)

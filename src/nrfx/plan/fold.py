@@ -434,7 +434,7 @@ def consumer_records(analysis) -> list[tuple[str, Any]]:
             and record.input_dim is not None]
 
 
-def sum_readers(analysis) -> list[tuple[str, SumRecord]]:
+def _sum_readers(analysis) -> list[tuple[str, SumRecord]]:
     """(``"node <name>"``, record) of every sum or mean over a channel dim: it reads removed channels too (the
     rewrite sums the survivors only), and nothing there takes a constant."""
     return [(NODE_PREFIX + name, record) for name, record in analysis.records.items() if isinstance(record, SumRecord)]
@@ -443,14 +443,14 @@ def sum_readers(analysis) -> list[tuple[str, SumRecord]]:
 def _consumers(analysis) -> list[tuple[str, object]]:
     """(key, input layout) of every consumer call and every sum over channels."""
     return [*((key, record.input) for key, record in consumer_records(analysis)),
-            *((key, record.layout) for key, record in sum_readers(analysis))]
+            *((key, record.layout) for key, record in _sum_readers(analysis))]
 
 
 def _input_dims(analysis) -> dict[str, int]:
     """Per consumer (and sum over channels): the dim of its input that carries its channels (a layer's from the
     end)."""
     return {**{key: record.input_dim for key, record in consumer_records(analysis)},
-            **{key: record.dim for key, record in sum_readers(analysis)}}
+            **{key: record.dim for key, record in _sum_readers(analysis)}}
 
 
 def _reaching_survivors(gm: torch.fx.GraphModule, analysis, plan, name: str, removed: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nrfx.capture.guards import tied_names
 from nrfx.layers.srlayers import SR_CLASSES, SR_LAYERS, SRConv1d, SRConv2d, SRConv3d, SRLinear, make_sr, to_dense
 
 __all__ = ["apply_scheme", "densify", "SRConv1d", "SRConv2d", "SRConv3d", "SRLinear"]
@@ -86,12 +87,9 @@ def apply_scheme(gm, analysis, plan, maps) -> list[str]:
 
 def _tied_weights(gm: nn.Module) -> set[str]:
     """Modules whose weight another module holds too (``c3.weight = c2.weight``)."""
-    holders: dict[int, list[str]] = {}
-    for name, tensor in gm.named_parameters(remove_duplicate=False):
-        path, _, attr = name.rpartition(".")
-        if attr == "weight":
-            holders.setdefault(id(tensor), []).append(path)
-    return {path for paths in holders.values() if len(paths) > 1 for path in paths}
+    holders = ([name.rpartition(".")[0] for name in group if name.endswith(".weight")]
+               for group in tied_names(gm, buffers=False))
+    return {path for paths in holders if len(paths) > 1 for path in paths}
 
 
 def _both_grow(pmap) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from nrfx.capture.guards import copy_of
+from nrfx.capture.guards import copy_of, tied_names
 from nrfx.errors import RewriteError
 from nrfx.layers.srlayers import zeros_like_layout
 from nrfx.ops.layer_kinds import fix_attributes, invariant_problem, is_scale, layer_kind
@@ -148,33 +148,18 @@ def rewrite_params(gm: torch.fx.GraphModule, analysis, plan, maps: dict[str, Par
 def _aliases(gm: nn.Module) -> dict[str, list[str]]:
     """The other names of every parameter and buffer held under several (a weight tied across modules), by its
     first name (the one ``named_parameters`` gives, which the plan's maps use)."""
-    first: dict[int, str] = {}
-    others: dict[str, list[str]] = {}
-    for named in (gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)):
-        for name, tensor in named:
-            if id(tensor) in first:
-                others.setdefault(first[id(tensor)], []).append(name)
-            else:
-                first[id(tensor)] = name
-    return others
+    return {first: others for first, *others in tied_names(gm)}
 
 
 def _retie(gm: nn.Module, alias: str, name: str) -> None:
     """Rule: a tied tensor's other name takes the rewritten tensor (one object again), and its module its sizes."""
     path, _, attr = alias.rpartition(".")
-    owner, source = gm.get_submodule(path) if path else gm, _tensor(gm, name)
-    if attr in owner._parameters:
-        owner._parameters[attr] = source
-    else:
-        owner._buffers[attr] = source
-    fix_attributes(owner)
-
-
-def _tensor(gm: nn.Module, name: str) -> torch.Tensor:
-    """A parameter or buffer by its qualified name."""
-    path, _, attr = name.rpartition(".")
     owner = gm.get_submodule(path) if path else gm
-    return owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
+    if attr in owner._parameters:
+        owner._parameters[attr] = gm.get_parameter(name)
+    else:
+        owner._buffers[attr] = gm.get_buffer(name)
+    fix_attributes(owner)
 
 
 def matched_gamma(survivors: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ from nrfx.analysis.rules.layers import linear_layout
 from nrfx.analysis.rules.registry import function_rule, method_rule, module_rule, reads_counts
 from nrfx.analysis.spaces import Layout
 from nrfx.analysis.specs import ChannelCount, Segment, TensorSpec, Zero
+from nrfx.capture.positional import holds_node
 from nrfx.ops.vocabulary import Trait, functions_with, methods_with, modules_with, op_info
 
 __all__: list[str] = []
@@ -326,7 +327,7 @@ def _size_item(ctx, spec: SizeSpec, index):
 
 def _tensor_index(ctx, spec: TensorSpec, index: tuple):
     """Basic indexing (ints, slices, None, Ellipsis); anything else freezes the indexed dims."""
-    computed = [_has_node(i) for i in index]
+    computed = [holds_node(i) for i in index]
     index = tuple(_index_value(ctx, i) for i in index)
     if any(isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)) for i in index):
         ctx.freeze_all(spec, "advanced indexing")
@@ -372,13 +373,6 @@ def _tensor_index(ctx, spec: TensorSpec, index: tuple):
 def _open_ended(item: slice) -> bool:
     """Whether a slice takes every channel at any width (``[:]``, ``[0:]``); ``[:24]`` on 24 channels does not."""
     return item.start in (None, 0) and (item.stop is None or item.stop >= 2**31)
-
-
-def _has_node(item) -> bool:
-    """Whether an index item holds a value computed in the graph."""
-    if isinstance(item, slice):
-        return any(isinstance(v, torch.fx.Node) for v in (item.start, item.stop, item.step))
-    return isinstance(item, torch.fx.Node)
 
 
 def _index_value(ctx, item):
@@ -981,7 +975,7 @@ def unfold_patches(ctx, node):
     becomes a block of ∏k features (as flatten makes); the spatial dims become the plain L; zeros kept (padding
     adds zeros)."""
     size = ctx.module.kernel_size if node.op == "call_module" else ctx.arg(1, "kernel_size")
-    if _computed(size):
+    if holds_node(size):  # a size read at run time: it may follow a width
         return ctx.unknown_op("unfold with a kernel size computed at run time")
     return _patches(ctx, ctx.spec(node.args[0]), math.prod(_pair(size)), unfold=True)
 
@@ -992,16 +986,9 @@ def fold_patches(ctx, node):
     """Fold(k): (N, C·∏k, L) → (N, C, H, W), summing each channel's taps into its own plane: a channel whose
     features are whole blocks of ∏k taps comes out as itself; zeros kept."""
     size = ctx.module.kernel_size if node.op == "call_module" else ctx.arg(2, "kernel_size")
-    if _computed(size):
+    if holds_node(size):  # a size read at run time: it may follow a width
         return ctx.unknown_op("fold with a kernel size computed at run time")
     return _patches(ctx, ctx.spec(node.args[0]), math.prod(_pair(size)), unfold=False)
-
-
-def _computed(value) -> bool:
-    """Whether an argument holds a node (a size read from a tensor at run time: it may follow a width)."""
-    found = []
-    torch.fx.node.map_arg(value, found.append)
-    return bool(found)
 
 
 def _pair(size) -> tuple[int, ...]:

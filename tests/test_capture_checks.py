@@ -384,3 +384,110 @@ def test_no_literal_check_without_batch_literals():
         analysis = nrfx.analyze(Plain(), torch.randn(2, 3, 4, 4))
     assert not analysis.capture_notes
     assert _view_sizes(analysis.gm) == [("size", 2, 2, -1)]
+
+
+class _ShapeRead(nn.Module):
+    """fx cannot trace a Python branch on a size, so torch.export captures it; ``pool`` says how it pools."""
+
+    def __init__(self, pool: str) -> None:
+        super().__init__()
+        self.pool = pool
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.b1(self.c1(x)))
+        if y.shape[-1] > 1000:  # a branch on a size: fx gives up
+            y = y * 2
+        y = torch.relu(self.b2(self.c2(y)))
+        if self.pool == "shape":  # a global pool written with the map's size: export fixes the kernel
+            y = nn.functional.avg_pool2d(y, y.shape[-2:])
+        else:
+            y = nn.functional.adaptive_avg_pool2d(y, 1)
+        return self.fc(y.flatten(1))
+
+
+def _dead_model(pool: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = _ShapeRead(pool).double().eval()
+    with torch.no_grad():
+        for bn in (model.b1, model.b2):
+            bn.weight[::3] = 0  # dead channels; their β still reaches the next layer
+            bn.bias.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["nr", "ca"])
+def test_an_input_size_export_fixed_is_asserted_where_the_graph_does_not_follow_it(scheme):
+    model = _dead_model("shape")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    assert analysis.capture == "export"
+    assert any("fixed the input size 32 (x[2], x[3])" in note for note in analysis.capture_notes)
+    new = nrfx.rejuvenate(model, None, None, example_inputs=(x,), scheme=scheme, align=1, constants="keep")
+    for batch in (1, 3):  # the batch stays free
+        other = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
+        torch.testing.assert_close(new(other), model(other), rtol=1e-9, atol=1e-9)
+    bigger = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with pytest.raises(AssertionError, match=r"(?s)fixed dim 2 of input 'x' at 32.*avg_pool2d.*inplace=True"):
+        new(bigger)  # before: the fixed 8×8 kernel pooled a corner of the 12×12 map, without a word
+    in_place = nrfx.rejuvenate(copy.deepcopy(model), None, None, example_inputs=(x,), scheme=scheme, align=1,
+                               constants="keep", inplace=True)
+    torch.testing.assert_close(in_place(bigger), model(bigger), rtol=1e-9, atol=1e-9)  # its own forward: any size
+
+
+def test_input_sizes_the_export_graph_follows_stay_free():
+    model = _dead_model("adaptive")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    analysis = nrfx.analyze(model, x)
+    assert analysis.capture == "export"
+    assert [note for note in analysis.capture_notes if "fixed the input size 32" in note] == []
+    with pytest.raises(AssertionError, match=r"fixed dim 1 of input 'x' at 3 .*the model itself raises"):
+        analysis.gm(torch.randn(2, 4, 32, 32, dtype=torch.float64))  # channels: the model takes no other number
+    new = nrfx.rejuvenate(model, None, None, example_inputs=(x,), align=1, constants="keep")
+    for shape in ((3, 3, 16, 16), (1, 3, 48, 40), (2, 3, 64, 64)):
+        other = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(new(other), model(other), rtol=1e-9, atol=1e-9)
+
+
+def test_a_token_length_export_fixed_is_asserted_on_every_input_that_has_it():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()
+    ids, mask = torch.randint(0, 100, (2, 16)), torch.ones(2, 16, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = nrfx.analyze(model, (ids,), example_kwargs={"attention_mask": mask})
+    note = next(n for n in analysis.capture_notes if "fixed the input size 16" in n)
+    assert "input_ids[1]" in note and "attention_mask[1]" in note  # one group: the sequence and its mask
+    graph = analysis.gm
+    with pytest.raises(AssertionError, match="fixed dim 1 of input 'input_ids' at 16"):
+        graph(ids[:, :12], mask[:, :12])
+
+
+class _HandMean(nn.Module):
+    """A mean written with the width read from the shape: export fixes the divisor; zeros in, zeros out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.shape[-1] > 1000:  # a branch on a size: fx gives up
+            y = y * 2
+        return self.fc(y.sum((-2, -1)) / (y.shape[-1] * y.shape[-2]))
+
+
+def test_an_example_of_zeros_still_shows_a_size_the_graph_fixed():
+    model = _HandMean().double().eval()
+    zeros = torch.zeros(2, 3, 16, 16, dtype=torch.float64)  # the probe draws values: on zeros both give the bias
+    analysis = nrfx.analyze(model, zeros)
+    assert analysis.capture == "export"
+    assert any("fixed the input size 16 (x[2], x[3])" in note for note in analysis.capture_notes)
+    with pytest.raises(AssertionError, match="fixed dim 2 of input 'x' at 16"):
+        analysis.gm(torch.randn(2, 3, 24, 24, dtype=torch.float64))  # before: the mean divided by 256, silently

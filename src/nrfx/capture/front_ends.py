@@ -38,6 +38,7 @@ from torch import nn
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
 from nrfx.capture.contexts import inline_context_regions
+from nrfx.capture.fixed_sizes import fixed_dims, guard_sizes, probe_sizes, resized_example, unflatten_like
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, in_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
 from nrfx.capture.modes import follow_the_flag, node_keys
@@ -151,7 +152,7 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
     why, detail = "the inputs are not plain positional tensors", ""
     if example.plain:
         try:
-            captured = _fx_capture(model, example, leaf_modules, concrete_args, autowrap_functions)
+            captured = _fx_capture(model, example, leaf_modules, concrete_args, autowrap_functions, raisable)
         except TraceError as error:
             if method == "fx":
                 raise
@@ -162,7 +163,8 @@ def capture(model: nn.Module, example: Example, method: str = "auto", *, leaf_mo
             why = f"automatic fx leaves{' and modules without a rule' if opaque else ''} hold {share:.0%} of the " \
                   "parameters"
             if method == "fx" or share <= AUTO_LEAF_LIMIT:
-                retrace = lambda: _fx_capture(model, example, leaf_modules, concrete_args, autowrap_functions).gm  # noqa: E731
+                options = (leaf_modules, concrete_args, autowrap_functions, raisable)
+                retrace = lambda: _fx_capture(model, example, *options).gm  # noqa: E731
                 accepted = _accepted_fx(captured, model, example, reference, method, retrace)
                 if isinstance(accepted, Captured):
                     return accepted
@@ -286,7 +288,60 @@ def _checked_export(model: nn.Module, example: Example, raisable, reference: _Re
         raise CaptureMismatch(f"torch.export's graph of {type(model).__name__} does not compute what the model "
                               f"computes on the example inputs (in eval mode): {why}")
     _note_export_in_train_mode(captured, reference)
+    _check_fixed_sizes(captured, example, reference)
     return _with_values(check_batch_literals(captured, example), example)
+
+
+def _check_fixed_sizes(captured: Captured, example: Example, reference: _Reference) -> None:
+    """Rule (``nrfx.capture.fixed_sizes``): each group of input dims torch.export fixed (one example size) is probed
+    at half that size (double where the model does not take half); where the graph fails or differs from the model
+    there, the graph asserts the size and a note says so; where the model takes neither size, the graph asserts it."""
+    placeholders = list(captured.gm.graph.find_nodes(op="placeholder"))
+    for size, dims in fixed_dims(captured.gm, example.flat()).items():
+        found = _fixed_size_problem(captured, reference, example, dims, size)
+        if found is None:
+            continue
+        at = "at {} {}".format(*found)
+        guard_sizes(captured.gm, dims, size, lambda name, dim, at=at, size=size: (
+            f"nrfx: torch.export fixed dim {dim} of input '{name}' at {size} (the example's) and this graph runs at "
+            f"that size only ({at}). Capture at the size you will run (example_inputs), rejuvenate with inplace=True "
+            "(your model keeps its own forward, which runs at any size), or capture='fx' where the model traces"))
+        if not found[1].startswith(_MODEL_RAISES):  # else the model takes no other size either (an image's channels)
+            names = ", ".join(f"{placeholders[i].name}[{d}]" for i, d in dims)
+            captured.notes.append(f"capture: torch.export fixed the input size {size} ({names}) and the graph runs at "
+                                  f"that size only: {at}; the graph asserts it")
+
+
+def _fixed_size_problem(captured: Captured, reference: _Reference, example: Example, dims: list[tuple[int, int]],
+                        size: int) -> tuple[int, str] | None:
+    """(probe size, what goes wrong there) at the first probe size the model takes (or the last one), else None."""
+    leaves = example.flat()
+    for probe in probe_sizes(size):
+        resized = unflatten_like(resized_example(leaves, dims, size, probe), example.args, example.kwargs)
+        problem = _probe_problem(captured, reference, Example(*resized))
+        if problem is None or not problem.startswith(_MODEL_RAISES):
+            break
+    return None if problem is None else (probe, problem)
+
+
+_MODEL_RAISES = "the model itself raises"
+
+
+def _probe_problem(captured: Captured, reference: _Reference, probe: Example) -> str | None:
+    """What goes wrong when the graph runs on ``probe`` next to the model (eval mode): None when both agree."""
+    if reference.meta:
+        return "nothing could be checked (a model or input on the meta device)"
+    try:
+        expected = reference.run(lambda e: e.call(reference.model), False, example=probe)
+    except Exception as error:  # the model itself does not take this size: nothing says the graph would
+        return f"{_MODEL_RAISES} {type(error).__name__}"
+    try:
+        got = reference.run(lambda e: _run_graph(captured.gm, e), False, captured.gm, example=probe)
+    except _GraphFailed as failed:
+        where = node_location(failed.node) if failed.node is not None else "the graph"
+        return f"{where} raises {type(failed.error).__name__}: {str(failed.error).splitlines()[0][:200]}"
+    mismatch = _mismatch(expected, got)
+    return None if mismatch is None else f"the graph differs from the model: {mismatch}"
 
 
 def _note_export_in_train_mode(captured: Captured, reference: _Reference) -> None:
@@ -303,10 +358,12 @@ def _note_export_in_train_mode(captured: Captured, reference: _Reference) -> Non
             "the flag follow it there), an nn.Dropout module in place of the functional call, or a rate of 0")
 
 
-def _fx_capture(model, example: Example, leaf_modules, concrete_args, autowrap_functions) -> Captured:
-    """Symbolic tracing (nrfx.capture.trace) with forward parameters past the inputs fixed at their defaults."""
+def _fx_capture(model, example: Example, leaf_modules, concrete_args, autowrap_functions,
+                has_rule: Callable[[nn.Module], bool]) -> Captured:
+    """Symbolic tracing (nrfx.capture.trace) with forward parameters past the inputs fixed at their defaults;
+    modules with a rule (``has_rule``) are leaves."""
     concrete_args = defaulted_args(model, len(example.args), concrete_args)
-    traced = trace(model, leaf_modules, concrete_args, autowrap_functions)
+    traced = trace(model, leaf_modules, concrete_args, autowrap_functions, has_rule)
     keep_opened_modules(traced.gm, model)
     return Captured(traced.gm, traced.auto_leaves, method="fx")
 
@@ -618,10 +675,11 @@ class _Reference:
             self.outputs[key] = self.run(lambda example: example.call(self.model), key)
         return self.outputs[key]
 
-    def run(self, call: Callable[[Example], Any], training: bool | None, graph: nn.Module | None = None) -> Any:
-        """``call(a copy of the example)`` from the saved RNG state, without grad or the user's hooks, with every
-        module in train or eval mode (None: as they are); the models and the caller's RNG state put back (a
-        forward that writes into its inputs writes into the copy)."""
+    def run(self, call: Callable[[Example], Any], training: bool | None, graph: nn.Module | None = None,
+            example: Example | None = None) -> Any:
+        """``call(a copy of the example, or of ``example``)`` from the saved RNG state, without grad or the user's
+        hooks, with every module in train or eval mode (None: as they are); the models and the caller's RNG state put
+        back (a forward that writes into its inputs writes into the copy)."""
         kept = untouched(graph) if graph is not None else contextlib.nullcontext()
         with torch.random.fork_rng(devices=self.devices), torch.no_grad(), untouched(self.model), kept, \
                 hooks_silenced(self.model), contextlib.ExitStack() as modes:
@@ -629,8 +687,8 @@ class _Reference:
                 if module is not None:  # the graph's own holders of traced-through modules carry flags it reads too
                     modes.enter_context(in_mode(module, training))
             _set_rng_state(self.rng, self.devices)
-            return call(Example(*pytree.tree_map_only(torch.Tensor, torch.clone, (self.example.args,
-                                                                                  self.example.kwargs))))
+            given = example if example is not None else self.example
+            return call(Example(*pytree.tree_map_only(torch.Tensor, torch.clone, (given.args, given.kwargs))))
 
 
 def _rng_state(devices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:

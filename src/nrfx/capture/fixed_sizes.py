@@ -1,0 +1,94 @@
+"""Input sizes torch.export fixed: probed at another size, asserted where the graph does not follow them.
+
+torch.export keeps the batch dim dynamic (``front_ends._batch_dynamic``) and fixes every other
+input dim at the example's size, so a size the model reads from its input (a pooling kernel from
+``x.shape``, a ``view`` onto a patch grid, a slice of position embeddings) is a literal of the graph.
+At another size such a graph fails, or computes another function without a word (a global
+``avg_pool2d(y, y.shape[-2:])`` pools only a corner).  Marking those dims dynamic as well would make
+most graphs follow them, but torch.export's symbolic reasoning then costs seconds to minutes (49 s
+instead of 1 s on a tiny Hugging Face Swin).  So each *group* of fixed dims (every input dim, past
+dim 0, of one example size: an image's height and width, a token sequence and its attention mask) is
+probed: the model and the graph run on the example resized to half that size in those dims (double
+it where the model does not take half), and where the graph fails or differs from the model, or the
+model itself takes neither size, the graph
+asserts the size on every dim of the group (``torch._assert``, Python-level: no aten call), so a
+call at another size raises with the fix instead of computing a wrong result.  The fx path needs no
+probe: fx traces sizes as values.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+__all__ = ["FixedDim", "fixed_dims", "probe_sizes", "resized_example", "guard_sizes", "unflatten_like"]
+
+FixedDim = tuple[int, int]  # (index of the input leaf, dim)
+
+
+def fixed_dims(gm: torch.fx.GraphModule, leaves: tuple) -> dict[int, list[FixedDim]]:
+    """Rule: input dims past dim 0 whose placeholder value keeps an int size (export fixed it), grouped by size."""
+    groups: dict[int, list[FixedDim]] = {}
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for index, (node, leaf) in enumerate(zip(placeholders, leaves, strict=False)):
+        val = node.meta.get("val")
+        if not isinstance(leaf, torch.Tensor) or not isinstance(val, torch.Tensor) or val.dim() != leaf.dim():
+            continue
+        for dim in range(1, leaf.dim()):
+            if isinstance(val.shape[dim], int):
+                groups.setdefault(int(leaf.shape[dim]), []).append((index, dim))
+    return groups
+
+
+def probe_sizes(size: int) -> tuple[int, ...]:
+    """Half the size, then double it (where the model does not take half: a stride-32 net at 32²; 2 for a size 1)."""
+    return (size // 2, size * 2) if size >= 2 else (2,)
+
+
+def resized_example(leaves: tuple, dims: list[FixedDim], size: int, probe: int) -> tuple:
+    """The leaves with every dim in ``dims`` resized from ``size`` to ``probe`` by repeating its first entries
+    (real values: token ids stay ids, masks stay masks); a float leaf that holds one value throughout (the zeros
+    ``apply_plan`` replays on) is drawn at random instead, or a fixed pooling window could not show."""
+    out = list(leaves)
+    for index, dim in dims:
+        x = out[index]
+        out[index] = x.index_select(dim, torch.arange(probe, device=x.device) % size)
+    return tuple(_varied(x, seed) for seed, x in enumerate(out))
+
+
+def _varied(x: object, seed: int) -> object:
+    """A float tensor holding one value throughout drawn from a normal distribution (seeded); anything else as is."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.is_meta or x.numel() < 2:
+        return x
+    if bool((x != x.flatten()[0]).any()):
+        return x
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+
+
+def guard_sizes(gm: torch.fx.GraphModule, dims: list[FixedDim], size: int, why: Callable[[str, int], str]) -> None:
+    """Rule: a graph that runs at one size of a group of input dims checks each of them first (``torch._assert``
+    on ``x.size(dim) == size``; ``why(input name, dim)`` is the message)."""
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    anchor = placeholders[-1]
+    for index, dim in dims:
+        node = placeholders[index]
+        with graph.inserting_after(anchor):
+            found = graph.call_method("size", (node, dim))
+        with graph.inserting_after(found):
+            same = graph.call_function(operator.eq, (found, size))
+        with graph.inserting_after(same):
+            anchor = graph.call_function(torch._assert, (same, why(node.name, dim)))
+    graph.lint()
+    gm.recompile()
+
+
+def unflatten_like(leaves: tuple, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with their leaves replaced by ``leaves`` (the order of ``Example.flat``)."""
+    spec = pytree.tree_structure((args, kwargs))
+    return pytree.tree_unflatten(list(leaves), spec)

@@ -32,6 +32,7 @@ from nrfx.errors import TraceError, error_frames, format_frame, frame_line, live
 from nrfx.layers.gates import Gate
 from nrfx.layers.srlayers import SR_LAYERS
 from nrfx.ops.layer_kinds import LEAF_LAYERS
+from nrfx.ops.optable import keeps_behaviour
 
 __all__ = ["Traced", "trace", "defaulted_args", "keep_safe_inplace"]
 
@@ -158,11 +159,20 @@ def keep_safe_inplace(gm: torch.fx.GraphModule) -> None:
                 node.target = _INPLACE[node.target]
 
 
+def _keeps_a_torch_layer(module: nn.Module) -> bool:
+    """Whether the module's class subclasses a torch.nn layer and computes what it computes (``keeps_behaviour``)."""
+    base = next((b for b in type(module).__mro__[1:] if b.__module__.startswith("torch.nn.") and b is not nn.Module),
+                None)
+    return base is not None and keeps_behaviour(type(module), base, module)
+
+
 class NrfxTracer(torch.fx.Tracer):
     """FX tracer with a user-extensible leaf policy and automatic leaves for untraceable code."""
 
-    def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap: Sequence[Callable] = ()) -> None:
+    def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap: Sequence[Callable] = (),
+                 has_rule: Callable[[nn.Module], bool] | None = None) -> None:
         timm_modules, timm_functions = _timm_notrace()
+        self.has_rule = has_rule or (lambda m: False)
         super().__init__(autowrap_functions=tuple(autowrap) + tuple(timm_functions) + _TIMM_DROP_PATH)
         self.record_stack_traces = False  # FX's full capture costs more than the trace; see create_node
         leaves = list(leaf_modules)
@@ -176,6 +186,8 @@ class NrfxTracer(torch.fx.Tracer):
             return True
         if isinstance(m, (*SR_LAYERS, Gate, *LEAF_LAYERS)):
             return True  # nrfx's S/R layers and gates (the conv/linear/norm they stand for), registered layers
+        if self.has_rule(m) and _keeps_a_torch_layer(m):
+            return True  # a torch.nn layer's subclass computing what the layer does (a BatchNorm2d with its own init)
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -286,13 +298,15 @@ def trace(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     autowrap_functions: Sequence[Callable] = (),
+    has_rule: Callable[[nn.Module], bool] | None = None,
 ) -> Traced:
-    """Symbolically trace ``model``; untraceable submodules become leaves, the root cannot."""
+    """Symbolically trace ``model``; untraceable submodules become leaves, the root cannot; so do modules
+    ``has_rule`` accepts (the analysis' rule for the class, or a base class whose forward it keeps)."""
     leaves = list(leaf_modules)
     auto: dict[str, str] = {}
     drop_stale_wraps()
     for _ in range(_MAX_AUTO_LEAVES):
-        tracer = NrfxTracer(leaves, autowrap_functions)
+        tracer = NrfxTracer(leaves, autowrap_functions, has_rule)
         versions = [(name, b, b._version) for name, b in model.named_buffers()]  # an in-place update moves these
         try:
             with untouched(model):  # a forward run on proxies leaves none in the model (timm's bias caches)

@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SRConv1d", "SRConv2d", "SRConv3d", "SRLinear", "SR_LAYERS", "SR_CLASSES", "unused_weights",
+from nrfx.ops.optable import keeps_behaviour
+
+__all__ = ["SRConv1d", "SRConv2d", "SRConv3d", "SRLinear", "SR_LAYERS", "SR_CLASSES", "sr_class", "unused_weights",
            "make_sr", "to_dense", "block_names", "blocks_of", "join_blocks", "dense_names", "dense_numel",
            "like_layout", "zeros_like_layout"]
 
@@ -210,6 +212,7 @@ class SRLinear(_SRMixin, nn.Linear):
 SR_CLASSES: dict[type, type] = {nn.Conv1d: SRConv1d, nn.Conv2d: SRConv2d, nn.Conv3d: SRConv3d, nn.Linear: SRLinear}
 SR_LAYERS: tuple[type, ...] = tuple(SR_CLASSES.values())
 _BASE: dict[type, type] = {sr: base for base, sr in SR_CLASSES.items()}
+_DENSE_CLASS = "nrfx_dense_class"  # an S/R layer made from a subclass of a plain layer keeps that class here
 
 
 def block_names(layer: nn.Module, attr: str) -> tuple[str, ...]:
@@ -264,14 +267,23 @@ def _stored_shape(layer: _SRMixin, name: str, block: torch.Tensor) -> torch.Tens
     return block.reshape(layer._bias_shape()) if name == "bias_all" else block
 
 
+def sr_class(layer: nn.Module) -> type | None:
+    """The S/R class of a plain conv/linear, or of a subclass that computes what its base does (``keeps_behaviour``:
+    a ``Conv2d`` with its own ``__init__``); None for any other module."""
+    base = next((b for b in type(layer).__mro__ if b in SR_CLASSES), None)
+    return SR_CLASSES[base] if base is not None and keeps_behaviour(type(layer), base, layer) else None
+
+
 def make_sr(layer: nn.Module, scheme: str, s_in: int, s_out: int) -> nn.Module:
-    """The S/R form of a plain conv/linear (or a re-split S/R layer): its blocks copied, the rest of it kept."""
+    """The S/R form of a plain conv/linear (or a re-split S/R layer): its blocks copied, the rest of it kept (a
+    subclass's class too: ``to_dense`` gives it back)."""
     dense = to_dense(layer)
-    cls = SR_CLASSES[type(dense)]
-    new = _shell(dense, cls)
+    new = _shell(dense, sr_class(dense))
     new.__dict__.update(scheme=scheme, s_in=int(s_in), s_out=int(s_out))
+    if type(dense) not in SR_CLASSES:
+        new.__dict__[_DENSE_CLASS] = type(dense)
     weight, bias = dense._parameters["weight"], dense._parameters.get("bias")
-    new._parameters = {}
+    new._parameters = {k: v for k, v in dense._parameters.items() if k not in ("weight", "bias")}  # a subclass's own
     for attr, tensor in (("weight", weight), ("bias", bias)):
         if tensor is None:
             continue
@@ -291,13 +303,15 @@ def to_dense(layer: nn.Module) -> nn.Module:
         return layer
     weight, bias = layer.weight.detach(), layer.bias
     requires_grad = next(iter(layer.parameters())).requires_grad
-    dense = _shell(layer, _BASE[type(layer)])
-    for key in ("scheme", "s_in", "s_out"):
+    dense = _shell(layer, layer.__dict__.get(_DENSE_CLASS, _BASE[type(layer)]))
+    for key in ("scheme", "s_in", "s_out", _DENSE_CLASS):
         dense.__dict__.pop(key, None)
     dense._buffers.pop("s_rows", None)
     dense._non_persistent_buffers_set.discard("s_rows")
+    blocks = {name for name, _, _ in layer._specs()}
     dense._parameters = {"weight": nn.Parameter(weight.clone(), requires_grad=requires_grad),
-                         "bias": None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad)}
+                         "bias": None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad),
+                         **{k: v for k, v in layer._parameters.items() if k not in blocks}}  # a subclass's own
     return dense
 
 

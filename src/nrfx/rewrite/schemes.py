@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nrfx.capture.guards import tied_names
-from nrfx.layers.srlayers import SR_CLASSES, SR_LAYERS, SRConv1d, SRConv2d, SRConv3d, SRLinear, make_sr, to_dense
+from nrfx.layers.srlayers import SR_LAYERS, SRConv1d, SRConv2d, SRConv3d, SRLinear, make_sr, sr_class, to_dense
 
 __all__ = ["apply_scheme", "densify", "SRConv1d", "SRConv2d", "SRConv3d", "SRLinear"]
 
@@ -66,7 +66,7 @@ def apply_scheme(gm, analysis, plan, maps) -> list[str]:
         if name is None:
             continue
         module = gm.get_submodule(name)
-        if type(module) not in SR_CLASSES or getattr(module, "groups", 1) != 1:
+        if sr_class(module) is None or getattr(module, "groups", 1) != 1:
             continue
         if name in tied:
             if plan.scheme != "nr":

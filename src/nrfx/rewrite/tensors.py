@@ -83,14 +83,15 @@ def _outer(indices: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 def _fresh_tensors(module: nn.Module, shapes: dict[str, tuple[int, ...]],
                    gamma0: float | None) -> dict[str, torch.Tensor]:
-    """The layer's own initial values at the new shapes (reset_parameters on a detached copy)."""
+    """The layer's own initial values at the new shapes (reset_parameters on a detached copy); what neither sets (a
+    subclass's own parameter) starts at zero."""
     clone = copy.copy(module)
     clone._parameters = {k: None if v is None else nn.Parameter(torch.empty_like(v, device="cpu"), v.requires_grad)
                          for k, v in module._parameters.items()}
     clone._buffers = {k: None if v is None else torch.empty_like(v, device="cpu") for k, v in module._buffers.items()}
     for attr, shape in shapes.items():
         old = getattr(module, attr)
-        tensor = torch.empty(shape, dtype=old.dtype, device="cpu")
+        tensor = torch.zeros(shape, dtype=old.dtype, device="cpu")
         if attr in clone._parameters:
             clone._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
         else:

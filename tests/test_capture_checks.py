@@ -491,3 +491,27 @@ def test_an_example_of_zeros_still_shows_a_size_the_graph_fixed():
     assert any("fixed the input size 16 (x[2], x[3])" in note for note in analysis.capture_notes)
     with pytest.raises(AssertionError, match="fixed dim 2 of input 'x' at 16"):
         analysis.gm(torch.randn(2, 3, 24, 24, dtype=torch.float64))  # before: the mean divided by 256, silently
+
+
+class _Conditioned(nn.Module):
+    """An image and a conditioning vector whose width merely equals the image's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc, self.cond = nn.Linear(8, 4), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1)) + \
+            self.cond(v)
+
+
+def test_inputs_that_merely_share_a_size_are_probed_input_by_input():
+    model = _Conditioned().double().eval()
+    x, v = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    analysis = nrfx.analyze(model, (x, v), capture="export")
+    for size in (12, 24):  # before: the image's size was asserted (the model takes no 12-wide vector)
+        other = torch.randn(2, 3, size, size, dtype=torch.float64)
+        torch.testing.assert_close(analysis.gm(other, v), model(other, v))
+    with pytest.raises(AssertionError, match="fixed dim 1 of input 'v' at 16"):
+        analysis.gm(x, torch.randn(2, 17, dtype=torch.float64))

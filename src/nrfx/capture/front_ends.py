@@ -38,7 +38,15 @@ from torch import nn
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
 from nrfx.capture.contexts import inline_context_regions
-from nrfx.capture.fixed_sizes import fixed_dims, guard_sizes, probe_sizes, resized_example, unflatten_like
+from nrfx.capture.fixed_sizes import (
+    GUARD,
+    by_input,
+    fixed_dims,
+    guard_sizes,
+    probe_sizes,
+    resized_example,
+    unflatten_like,
+)
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, in_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
 from nrfx.capture.modes import follow_the_flag, node_keys
@@ -294,16 +302,27 @@ def _checked_export(model: nn.Module, example: Example, raisable, reference: _Re
 
 def _check_fixed_sizes(captured: Captured, example: Example, reference: _Reference) -> None:
     """Rule (``nrfx.capture.fixed_sizes``): each group of input dims torch.export fixed (one example size) is probed
-    at half that size (double where the model does not take half); where the graph fails or differs from the model
-    there, the graph asserts the size and a note says so; where the model takes neither size, the graph asserts it."""
+    at a smaller and a larger size; where the graph fails or differs from the model at one the model takes, the graph
+    asserts the size and a note says so; where the model takes neither, the graph asserts it."""
     placeholders = list(captured.gm.graph.find_nodes(op="placeholder"))
-    for size, dims in fixed_dims(captured.gm, example.flat()).items():
-        found = _fixed_size_problem(captured, reference, example, dims, size)
-        if found is None:
-            continue
+    for size, group in fixed_dims(captured.gm, example.flat()).items():
+        found = _fixed_size_problem(captured, reference, example, group, size)
+        parts = by_input(group) if found is not None and found[1].startswith(_MODEL_RAISES) else []
+        if len(parts) > 1:  # inputs that merely share a size: each one's dims on their own
+            for dims in parts:
+                _guard_fixed_size(captured, placeholders, dims, size,
+                                  _fixed_size_problem(captured, reference, example, dims, size))
+        else:
+            _guard_fixed_size(captured, placeholders, group, size, found)
+
+
+def _guard_fixed_size(captured: Captured, placeholders: list[torch.fx.Node], dims: list[tuple[int, int]], size: int,
+                      found: tuple[int, str] | None) -> None:
+    """The size assert and the note for one group whose probe found a problem (``_fixed_size_problem``)."""
+    if found is not None:
         at = "at {} {}".format(*found)
-        guard_sizes(captured.gm, dims, size, lambda name, dim, at=at, size=size: (
-            f"nrfx: torch.export fixed dim {dim} of input '{name}' at {size} (the example's) and this graph runs at "
+        guard_sizes(captured.gm, dims, size, lambda name, dim: (
+            f"{GUARD} dim {dim} of input '{name}' at {size} (the example's) and this graph runs at "
             f"that size only ({at}). Capture at the size you will run (example_inputs), rejuvenate with inplace=True "
             "(your model keeps its own forward, which runs at any size), or capture='fx' where the model traces"))
         if not found[1].startswith(_MODEL_RAISES):  # else the model takes no other size either (an image's channels)
@@ -314,14 +333,20 @@ def _check_fixed_sizes(captured: Captured, example: Example, reference: _Referen
 
 def _fixed_size_problem(captured: Captured, reference: _Reference, example: Example, dims: list[tuple[int, int]],
                         size: int) -> tuple[int, str] | None:
-    """(probe size, what goes wrong there) at the first probe size the model takes (or the last one), else None."""
+    """(probe size, what goes wrong there): the graph failing or differing at a probe size the model takes, or the
+    model taking none of them; None when the graph matches the model wherever the model runs."""
     leaves = example.flat()
+    taken, refusal = False, None
     for probe in probe_sizes(size):
         resized = unflatten_like(resized_example(leaves, dims, size, probe), example.args, example.kwargs)
         problem = _probe_problem(captured, reference, Example(*resized))
-        if problem is None or not problem.startswith(_MODEL_RAISES):
-            break
-    return None if problem is None else (probe, problem)
+        if problem is None:
+            taken = True
+        elif problem.startswith(_MODEL_RAISES):
+            refusal = refusal or (probe, problem)
+        else:
+            return probe, problem
+    return None if taken else refusal
 
 
 _MODEL_RAISES = "the model itself raises"

@@ -31,8 +31,10 @@ layer that reads it.  The exact rule nrfx follows:
   (``_input_dependent``: a run on NaN inputs in which norms and gates with γ = 0, and conv/linear modules with
   an all-zero row, emit their constants, and an exact 0 absorbs (``plan/taint``); a model that cannot run
   on NaN warns and the example decides alone): a gate saturated on every example (a hard sigmoid at 1 or 0)
-  cannot make it look constant.  A small γ that is not zero thus folds f(β), and the rest stays the paper's
-  approximation, not reported; an input that varies there cannot be folded.
+  cannot make it look constant; *or* depends on the input size (``_size_dependent``: a run on the example
+  resized in one group of its dims at a time, as ``nrfx.capture.fixed_sizes`` probes): a sum over positions
+  (``y.sum((2, 3))`` before a linear), padding to a multiple.  A small γ that is not zero thus folds f(β), and the
+  rest stays the paper's approximation, not reported; an input that varies there cannot be folded.
 * **Only where it reaches a survivor.**  A removed input that feeds only removed outputs (its
   group of a grouped conv, whose blocks are tied; a depthwise conv's own channel) changes nothing
   the rewrite keeps: it is neither folded nor warned about, and what the removed outputs carry is
@@ -59,6 +61,7 @@ exact).
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,6 +73,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from nrfx.analysis.records import SumRecord
+from nrfx.capture.fixed_sizes import (
+    by_input,
+    probe_sizes,
+    resized_example,
+    size_groups,
+    sizes_unchecked,
+    unflatten_like,
+)
+from nrfx.capture.front_ends import Example
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
 from nrfx.errors import NrfxWarning
 from nrfx.layers.gates import Gate
@@ -292,13 +304,61 @@ def _assumed_params(gm: torch.fx.GraphModule, analysis, plan, masks) -> dict[str
 
 def _measure(gm: torch.fx.GraphModule, analysis, names, example, params: dict[str, torch.Tensor]) -> Constants:
     """Min/max of the named consumers' input features in the assumed model (``params``) and which of them vary
-    there: differ on the example, or depend on the inputs (``_input_dependent``: a gate that happens to saturate
-    on the example still varies).  Two eval runs; the model's own parameters are not touched."""
+    there: differ on the example, depend on the inputs (``_input_dependent``: a gate that happens to saturate
+    on the example still varies) or on their size (``_size_dependent``: a sum over positions).  Eval runs; the
+    model's own parameters are not touched."""
     dims = {name: dim for name, dim in _input_dims(analysis).items() if name in names}
     stats = _min_max(gm, dims, example, params)
     tainted = _input_dependent(gm, analysis, dims, example, params)
-    stats.varying = {n: (stats.low[n] != stats.high[n]) | tainted.get(n, False) for n in stats.low}
+    resized = _size_dependent(gm, dims, example, params, stats)
+    stats.varying = {n: (stats.low[n] != stats.high[n]) | tainted.get(n, False) | resized.get(n, False)
+                     for n in stats.low}
     return stats
+
+
+def _size_dependent(gm: torch.fx.GraphModule, dims: dict[str, int], example, params: dict[str, torch.Tensor],
+                    stats: Constants) -> dict[str, torch.Tensor]:
+    """Rule: a consumer's input feature depends on the input size where it takes other values when one group of
+    the input dims (one example size: an image's height and width, a sequence) is resized, to half plus one (cheap)
+    or else to 1.5 times plus one (``nrfx.capture.fixed_sizes``; the graph's own size asserts pass, the in-place
+    result runs the model's forward at any size): a sum over positions, padding to a multiple.  A group the graph runs
+    at neither size (an image's channels) tells nothing and is skipped; one spanning several inputs that merely share
+    a size is measured input by input."""
+    moved: dict[str, torch.Tensor] = {}
+    leaves = example.flat()
+    for size, group in size_groups(leaves).items():
+        measured = [_resized_stats(gm, dims, example, params, group, size)]
+        if measured[0] is None and len(by_input(group)) > 1:  # inputs that merely share a size: each on its own
+            measured = [_resized_stats(gm, dims, example, params, part, size) for part in by_input(group)]
+        for other in (m for m in measured if m is not None):
+            for name in stats.low.keys() & other.low.keys():
+                differs = _differs(other.low[name], stats.low[name]) | _differs(other.high[name], stats.high[name])
+                moved[name] = moved[name] | differs if name in moved else differs
+    return moved
+
+
+def _resized_stats(gm: torch.fx.GraphModule, dims: dict[str, int], example, params: dict[str, torch.Tensor],
+                   group: list, size: int) -> Constants | None:
+    """``_min_max`` on the example with ``group`` resized to the first probe size the graph runs at (its own size
+    asserts passing: ``sizes_unchecked``), None where it runs at neither."""
+    leaves = example.flat()
+    for probe in probe_sizes(size):
+        resized = Example(*unflatten_like(resized_example(leaves, group, size, probe), example.args, example.kwargs))
+        try:
+            with sizes_unchecked(), contextlib.redirect_stderr(io.StringIO()):  # fx prints a failing graph's code
+                return _min_max(gm, dims, resized, params)
+        except Exception:  # the model takes no input of this size
+            continue
+    return None
+
+
+_SAME_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}  # else 1e-2: a mean over 16 or 36 copies of v rounds
+
+
+def _differs(other: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """Per feature, whether two measurements differ by more than rounding (relative, the dtype's tolerance)."""
+    rtol = _SAME_TOLERANCE.get(example.dtype, 1e-2)
+    return ~torch.isclose(other, example, rtol=rtol, atol=rtol * float(example.abs().max().clamp_min(1e-30)))
 
 
 # -- which features depend on the inputs (the taint run) ------------------------------------------------------------
@@ -538,7 +598,8 @@ def probe_constants(analysis, plan, masks: dict[str, torch.Tensor] | None = None
     return _measure(gm, analysis, [name for name, _ in _consumers(analysis)], analysis.example, params)
 
 
-_VARIES = "its input varies though the channel is dead (a gate multiplies it, or zero padding before this layer)"
+_VARIES = ("its input varies though the channel is dead (a gate multiplies it, zero padding before this layer, or "
+           "it follows the input size: a sum over positions)")
 
 
 def split_folds(gm: torch.fx.GraphModule, analysis, plan, constants: Constants) -> tuple[dict, dict]:

@@ -34,16 +34,14 @@ FixedDim = tuple[int, int]  # (index of the input leaf, dim)
 
 def fixed_dims(gm: torch.fx.GraphModule, leaves: tuple) -> dict[int, list[FixedDim]]:
     """Rule: input dims past dim 0 whose placeholder value keeps an int size (export fixed it), grouped by size."""
-    groups: dict[int, list[FixedDim]] = {}
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    for index, (node, leaf) in enumerate(zip(placeholders, leaves, strict=False)):
-        val = node.meta.get("val")
-        if not isinstance(leaf, torch.Tensor) or not isinstance(val, torch.Tensor) or val.dim() != leaf.dim():
-            continue
-        for dim in range(1, leaf.dim()):
-            if isinstance(val.shape[dim], int):
-                groups.setdefault(int(leaf.shape[dim]), []).append((index, dim))
-    return groups
+
+    def fixed(index: int, dim: int) -> bool:
+        val = placeholders[index].meta.get("val") if index < len(placeholders) else None
+        return isinstance(val, torch.Tensor) and val.dim() == leaves[index].dim() and isinstance(val.shape[dim], int)
+
+    groups = {size: [d for d in dims if fixed(*d)] for size, dims in size_groups(leaves).items()}
+    return {size: dims for size, dims in groups.items() if dims}
 
 
 def size_groups(leaves: tuple) -> dict[int, list[FixedDim]]:

@@ -263,3 +263,12 @@ def test_the_region_calls_do_not_break_torch_compile():
         counts.append((explained.graph_count, explained.graph_break_count))
     torch._dynamo.reset()
     assert counts[0] == counts[1] == (1, 0)
+
+
+@pytest.mark.parametrize("name", ["decorated", "nested"])
+def test_nrfx_runs_that_fail_inside_a_region_leave_the_callers_autocast_and_grad_mode(name):
+    model = _dead(BUILDS[name]())
+    for capture in ("auto", "export"):  # the checks and probes run the graph at sizes it may fail at, in a region
+        nrfx.rejuvenate(model, None, None, example_inputs=X, align=1, constants="keep", capture=capture)
+        assert not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()  # before: bf16 autocast left on
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # torch's default, untouched

@@ -44,7 +44,7 @@ from nrfx.capture.modes import retraceable_call
 from nrfx.errors import NrfxWarning, TraceError, frame_line, live_frames, node_location, user_frame
 
 __all__ = ["inline_context_regions", "switches_seen", "Switch", "enter_autocast", "exit_autocast",
-           "enter_grad_mode", "exit_grad_mode", "REGION_CALLS"]
+           "enter_grad_mode", "exit_grad_mode", "REGION_CALLS", "regions_restored"]
 
 
 @torch.fx.node.has_side_effect
@@ -79,6 +79,35 @@ def enter_grad_mode(anchor: Any, enabled: bool) -> bool:
 def exit_grad_mode(previous: bool) -> None:
     """Give the caller's grad mode back."""
     torch._C._set_grad_enabled(previous)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_nesting() -> int:
+    """How many autocast regions are open (read by stepping the counter up and back)."""
+    torch.autocast_increment_nesting()
+    return torch.autocast_decrement_nesting()
+
+
+@contextmanager
+def regions_restored() -> Iterator[None]:
+    """Rule: a graph run that raises inside one of its own autocast or grad-mode regions (``enter_autocast`` with no
+    ``exit_autocast`` after it) leaves the caller's autocast state and grad mode as they were: nrfx's own runs of a
+    graph (checks, probes at other sizes, measurements) put them back whatever happens."""
+    saved = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+    cache, grad, nesting = torch.is_autocast_cache_enabled(), torch.is_grad_enabled(), _autocast_nesting()
+    try:
+        yield
+    finally:
+        for device, enabled, dtype in saved:
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, dtype)
+        torch.set_autocast_cache_enabled(cache)
+        while _autocast_nesting() > nesting:
+            if torch.autocast_decrement_nesting() == 0:
+                torch.clear_autocast_cache()
+        torch._C._set_grad_enabled(grad)
 
 
 for _call in (enter_autocast, exit_autocast, enter_grad_mode, exit_grad_mode):

@@ -37,7 +37,7 @@ from torch import nn
 
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
-from nrfx.capture.contexts import inline_context_regions
+from nrfx.capture.contexts import inline_context_regions, regions_restored
 from nrfx.capture.fixed_sizes import (
     GUARD,
     by_input,
@@ -706,8 +706,8 @@ class _Reference:
         hooks, with every module in train or eval mode (None: as they are); the models and the caller's RNG state put
         back (a forward that writes into its inputs writes into the copy)."""
         kept = untouched(graph) if graph is not None else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=self.devices), torch.no_grad(), untouched(self.model), kept, \
-                hooks_silenced(self.model), contextlib.ExitStack() as modes:
+        with regions_restored(), torch.random.fork_rng(devices=self.devices), torch.no_grad(), untouched(self.model), \
+                kept, hooks_silenced(self.model), contextlib.ExitStack() as modes:
             for module in (self.model, graph) if training is not None else ():
                 if module is not None:  # the graph's own holders of traced-through modules carry flags it reads too
                     modes.enter_context(in_mode(module, training))

@@ -73,6 +73,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from nrfx.analysis.records import SumRecord
+from nrfx.capture.contexts import regions_restored
 from nrfx.capture.fixed_sizes import (
     by_input,
     probe_sizes,
@@ -178,7 +179,7 @@ def _run(gm: torch.fx.GraphModule, example, hooks: dict, params: dict | None = N
     optionally other parameters (functional: the model's own are not touched), leaving no trace; the float output
     leaves."""
     taps = {n[len(NODE_PREFIX):]: h for n, h in hooks.items() if n.startswith(NODE_PREFIX)}
-    with hooks_silenced(gm), _node_taps(gm, taps):
+    with regions_restored(), hooks_silenced(gm), _node_taps(gm, taps):
         for name, hook in hooks.items():  # the user's own hooks do not fire; ours go with the swapped-in hook dicts
             if not name.startswith(NODE_PREFIX):
                 gm.get_submodule(name).register_forward_pre_hook(hook)

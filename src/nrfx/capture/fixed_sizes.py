@@ -26,8 +26,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-__all__ = ["FixedDim", "GUARD", "fixed_dims", "size_groups", "by_input", "probe_sizes", "resized_example",
-           "guard_sizes", "sizes_unchecked", "unflatten_like"]
+__all__ = ["FixedDim", "GUARD", "fixed_dims", "size_groups", "by_input", "probe_sizes", "resized_inputs",
+           "guard_sizes", "sizes_unchecked"]
 
 FixedDim = tuple[int, int]  # (index of the input leaf, dim)
 
@@ -71,7 +71,16 @@ def probe_sizes(size: int) -> tuple[int, int]:
     return (1 if size > 1 else 2), 2 * size + 1
 
 
-def resized_example(leaves: tuple, dims: list[FixedDim], size: int, probe: int) -> tuple:
+def resized_inputs(args: tuple, kwargs: dict, dims: list[FixedDim], size: int) -> Iterator[tuple[int, tuple, dict]]:
+    """(probe size, args, kwargs) at each of ``probe_sizes(size)``, smaller first: the inputs with every dim in
+    ``dims`` resized from ``size`` to the probe size (``_resized_leaves``)."""
+    leaves = tuple(pytree.tree_leaves((args, kwargs)))  # the order of a captured graph's placeholders
+    spec = pytree.tree_structure((args, kwargs))
+    for probe in probe_sizes(size):
+        yield probe, *pytree.tree_unflatten(list(_resized_leaves(leaves, dims, size, probe)), spec)
+
+
+def _resized_leaves(leaves: tuple, dims: list[FixedDim], size: int, probe: int) -> tuple:
     """The leaves with every dim in ``dims`` resized from ``size`` to ``probe`` by repeating its first entries
     (real values: token ids stay ids, masks stay masks); a float leaf that holds one value throughout (the zeros
     ``apply_plan`` replays on) is drawn at random instead, or a fixed pooling window could not show."""
@@ -111,12 +120,6 @@ def guard_sizes(gm: torch.fx.GraphModule, dims: list[FixedDim], size: int, why: 
             anchor = graph.call_function(torch._assert, (same, why(node.name, dim)))
     graph.lint()
     gm.recompile()
-
-
-def unflatten_like(leaves: tuple, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` with their leaves replaced by ``leaves`` (the order of ``Example.flat``)."""
-    spec = pytree.tree_structure((args, kwargs))
-    return pytree.tree_unflatten(list(leaves), spec)
 
 
 @contextlib.contextmanager

@@ -38,15 +38,7 @@ from torch import nn
 from nrfx.capture.aten import to_torch_level
 from nrfx.capture.caches import register_cache_pytrees
 from nrfx.capture.contexts import inline_context_regions, regions_restored
-from nrfx.capture.fixed_sizes import (
-    GUARD,
-    by_input,
-    fixed_dims,
-    guard_sizes,
-    probe_sizes,
-    resized_example,
-    unflatten_like,
-)
+from nrfx.capture.fixed_sizes import GUARD, by_input, fixed_dims, guard_sizes, resized_inputs
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, in_mode, untouched
 from nrfx.capture.mha import heads_exposed, keep_opened_modules
 from nrfx.capture.modes import follow_the_flag, node_keys
@@ -335,10 +327,8 @@ def _fixed_size_problem(captured: Captured, reference: _Reference, example: Exam
                         size: int) -> tuple[int, str] | None:
     """(probe size, what goes wrong there): the graph failing or differing at a probe size the model takes, or the
     model taking none of them; None when the graph matches the model wherever the model runs."""
-    leaves = example.flat()
     taken, refusal = False, None
-    for probe in probe_sizes(size):
-        resized = unflatten_like(resized_example(leaves, dims, size, probe), example.args, example.kwargs)
+    for probe, *resized in resized_inputs(example.args, example.kwargs, dims, size):
         problem = _probe_problem(captured, reference, Example(*resized))
         if problem is None:
             taken = True

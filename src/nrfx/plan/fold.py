@@ -74,14 +74,7 @@ from torch.utils import _pytree as pytree
 
 from nrfx.analysis.records import SumRecord
 from nrfx.capture.contexts import regions_restored
-from nrfx.capture.fixed_sizes import (
-    by_input,
-    probe_sizes,
-    resized_example,
-    size_groups,
-    sizes_unchecked,
-    unflatten_like,
-)
+from nrfx.capture.fixed_sizes import by_input, resized_inputs, size_groups, sizes_unchecked
 from nrfx.capture.front_ends import Example
 from nrfx.capture.guards import hooks_silenced, in_eval_mode, untouched
 from nrfx.errors import NrfxWarning
@@ -342,12 +335,10 @@ def _resized_stats(gm: torch.fx.GraphModule, dims: dict[str, int], example, para
                    group: list, size: int) -> Constants | None:
     """``_min_max`` on the example with ``group`` resized to the first probe size the graph runs at (its own size
     asserts passing: ``sizes_unchecked``), None where it runs at neither."""
-    leaves = example.flat()
-    for probe in probe_sizes(size):
-        resized = Example(*unflatten_like(resized_example(leaves, group, size, probe), example.args, example.kwargs))
+    for _, *resized in resized_inputs(example.args, example.kwargs, group, size):
         try:
             with sizes_unchecked(), contextlib.redirect_stderr(io.StringIO()):  # fx prints a failing graph's code
-                return _min_max(gm, dims, resized, params)
+                return _min_max(gm, dims, Example(*resized), params)
         except Exception:  # the model takes no input of this size
             continue
     return None
